@@ -1,0 +1,394 @@
+//! Classification: (route, headers, body) → what the request is and what it costs.
+//!
+//! Pure rules, no I/O. [`Rules`] is compiled from the config once per (re)load; the request path
+//! asks [`Rules::route`] for the first matching route and, for a priced one, [`Operation::price`]
+//! for the cost. The body is needed only by rules that read it ([`Operation::needs_body`]), so a
+//! chat request with an `x-ai-tier` header is priced without being buffered.
+
+pub mod json;
+
+use std::sync::Arc;
+
+use http::{HeaderMap, Method};
+
+use crate::config::{Config, OnEmpty, OperationConfig};
+use crate::ledger::Role;
+use json::Field;
+
+/// Header naming a chat tier; wins over the body's `tier` field.
+pub const TIER_HEADER: &str = "x-ai-tier";
+/// Header marking an automatic (system-triggered) refresh.
+pub const TRIGGER_HEADER: &str = "x-trigger";
+
+/// A request the classifier refuses (always a 400 `bad_request`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ClassifyError(pub String);
+
+/// How a route's path is matched.
+#[derive(Debug, Clone)]
+enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+/// One compiled `[[routes]]` entry.
+#[derive(Debug, Clone)]
+pub struct Route {
+    method: Option<Method>,
+    path: PathMatch,
+    /// Upstream name.
+    pub upstream: Arc<str>,
+    /// Index into [`Rules::operations`], `None` for a free route.
+    pub operation: Option<usize>,
+}
+
+/// How an operation is priced.
+#[derive(Debug, Clone)]
+enum Pricing {
+    Fixed(u64),
+    Tiers { costs: Vec<(String, u64)>, default: usize, upstreams: Vec<Option<Arc<str>>> },
+    PerItem { per_item: u64, field: String },
+    Campaign { base: u64, per_step: u64, per_variant: u64, per_channel: u64, min: u64, max: u64 },
+}
+
+/// One compiled `[operations.NAME]` entry.
+#[derive(Debug, Clone)]
+pub struct Operation {
+    /// Operation name, e.g. `ai_chat`.
+    pub name: Arc<str>,
+    /// Usage category, e.g. `AI Chat`.
+    pub category: Arc<str>,
+    /// Behaviour at zero credits.
+    pub on_empty: OnEmpty,
+    automatic_free: bool,
+    pricing: Pricing,
+}
+
+/// The price of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Price {
+    /// Credits; 0 means the request is free (an automatic refresh).
+    pub cost: u64,
+    /// The tier, for tiered operations.
+    pub tier: Option<String>,
+    /// Upstream override for the tier, if configured.
+    pub upstream: Option<Arc<str>>,
+}
+
+/// The compiled route table and price list.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    routes: Vec<Route>,
+    /// Operations referenced by [`Route::operation`].
+    pub operations: Vec<Operation>,
+}
+
+impl Rules {
+    /// Compiles a validated config.
+    pub fn new(config: &Config) -> Self {
+        let names: Vec<&String> = config.operations.keys().collect();
+        let operations = config.operations.iter().map(|(name, op)| Operation::new(name, op)).collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                method: r.method.as_deref().map(|m| Method::from_bytes(m.as_bytes()).expect("validated")),
+                path: match (&r.path, &r.path_prefix) {
+                    (Some(p), _) => PathMatch::Exact(p.clone()),
+                    (None, Some(p)) => PathMatch::Prefix(p.clone()),
+                    (None, None) => unreachable!("validated"),
+                },
+                upstream: r.upstream.as_str().into(),
+                operation: r.operation.as_ref().map(|o| names.iter().position(|n| *n == o).expect("validated")),
+            })
+            .collect();
+        Rules { routes, operations }
+    }
+
+    /// The first route matching `method` and `path`.
+    pub fn route(&self, method: &Method, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            r.method.as_ref().is_none_or(|m| m == method)
+                && match &r.path {
+                    PathMatch::Exact(p) => p == path,
+                    PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+                }
+        })
+    }
+
+    /// The operation a route prices, if any.
+    pub fn operation(&self, route: &Route) -> Option<&Operation> {
+        route.operation.map(|i| &self.operations[i])
+    }
+
+    /// Every route with its operation and a human description of its cost (for `creditgate check`).
+    pub fn table(&self) -> Vec<(String, String, String)> {
+        self.routes
+            .iter()
+            .map(|r| {
+                let method = r.method.as_ref().map_or("*", Method::as_str);
+                let path = match &r.path {
+                    PathMatch::Exact(p) => p.clone(),
+                    PathMatch::Prefix(p) => format!("{p}*"),
+                };
+                let (op, cost) = match self.operation(r) {
+                    Some(op) => (op.name.to_string(), op.describe()),
+                    None => ("-".to_owned(), "free".to_owned()),
+                };
+                (format!("{method} {path} → {}", r.upstream), op, cost)
+            })
+            .collect()
+    }
+}
+
+impl Operation {
+    fn new(name: &str, c: &OperationConfig) -> Self {
+        let pricing = if let Some(cost) = c.cost {
+            Pricing::Fixed(cost)
+        } else if let Some(tiers) = &c.tiers {
+            let costs: Vec<(String, u64)> = tiers.iter().map(|(t, c)| (t.clone(), *c)).collect();
+            let default = costs.iter().position(|(t, _)| Some(t) == c.default_tier.as_ref()).expect("validated");
+            let upstreams = costs.iter().map(|(t, _)| c.tier_upstreams.get(t).map(|u| u.as_str().into())).collect();
+            Pricing::Tiers { costs, default, upstreams }
+        } else if let (Some(per_item), Some(field)) = (c.per_item, &c.items) {
+            Pricing::PerItem { per_item, field: field.clone() }
+        } else {
+            Pricing::Campaign {
+                base: c.base.unwrap_or(0),
+                per_step: c.per_step.unwrap_or(0),
+                per_variant: c.per_variant.unwrap_or(0),
+                per_channel: c.per_channel.unwrap_or(0),
+                min: c.min.expect("validated"),
+                max: c.max.expect("validated"),
+            }
+        };
+        Operation {
+            name: name.into(),
+            category: c.category.as_str().into(),
+            on_empty: c.on_empty,
+            automatic_free: c.automatic_free,
+            pricing,
+        }
+    }
+
+    fn is_free_automatic(&self, headers: &HeaderMap, role: Role) -> bool {
+        self.automatic_free
+            && role == Role::System
+            && headers.get(TRIGGER_HEADER).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"automatic"))
+    }
+
+    /// Whether pricing this request needs its JSON body.
+    pub fn needs_body(&self, headers: &HeaderMap, role: Role) -> bool {
+        if self.is_free_automatic(headers, role) {
+            return false;
+        }
+        match &self.pricing {
+            Pricing::Fixed(_) => false,
+            Pricing::Tiers { .. } => !headers.contains_key(TIER_HEADER),
+            Pricing::PerItem { .. } | Pricing::Campaign { .. } => true,
+        }
+    }
+
+    /// Prices a request; `body` is `Some` whenever [`Self::needs_body`] said so.
+    pub fn price(&self, headers: &HeaderMap, role: Role, body: Option<&[u8]>) -> Result<Price, ClassifyError> {
+        if self.is_free_automatic(headers, role) {
+            return Ok(Price { cost: 0, tier: None, upstream: None });
+        }
+        let fixed = |cost| Ok(Price { cost, tier: None, upstream: None });
+        match &self.pricing {
+            Pricing::Fixed(cost) => fixed(*cost),
+            Pricing::Tiers { costs, default, upstreams } => {
+                let index = match headers.get(TIER_HEADER) {
+                    Some(v) => {
+                        let name = v.to_str().map_err(|_| ClassifyError("The x-ai-tier header is not text.".into()))?;
+                        self.tier_index(costs, name.trim())?
+                    }
+                    None => match json::probe(body.unwrap_or_default(), ["tier"]).map_err(ClassifyError)? {
+                        [Field::Missing] => *default,
+                        [Field::Str(name)] => self.tier_index(costs, &name)?,
+                        [_] => return Err(ClassifyError("The body field \"tier\" must be a string.".into())),
+                    },
+                };
+                let (tier, cost) = &costs[index];
+                Ok(Price { cost: *cost, tier: Some(tier.clone()), upstream: upstreams[index].clone() })
+            }
+            Pricing::PerItem { per_item, field } => {
+                let [items] = json::probe(body.unwrap_or_default(), [field.as_str()]).map_err(ClassifyError)?;
+                match items {
+                    Field::Array(n) if n > 0 => fixed(n.saturating_mul(*per_item)),
+                    Field::Array(_) => Err(ClassifyError(format!("The body field \"{field}\" is an empty list."))),
+                    Field::Missing => Err(ClassifyError(format!("The body needs a field \"{field}\" with a list."))),
+                    _ => Err(ClassifyError(format!("The body field \"{field}\" must be a list."))),
+                }
+            }
+            Pricing::Campaign { base, per_step, per_variant, per_channel, min, max } => {
+                let counts =
+                    json::probe(body.unwrap_or_default(), ["steps", "variants", "channels"]).map_err(ClassifyError)?;
+                let mut n = [0u64; 3];
+                for (i, (field, name)) in counts.iter().zip(["steps", "variants", "channels"]).enumerate() {
+                    n[i] = match field {
+                        Field::Missing => 0,
+                        f => f.count().ok_or_else(|| {
+                            ClassifyError(format!("The body field \"{name}\" must be a list or a whole number."))
+                        })?,
+                    };
+                }
+                let raw = base
+                    .saturating_add(per_step.saturating_mul(n[0]))
+                    .saturating_add(per_variant.saturating_mul(n[1]))
+                    .saturating_add(per_channel.saturating_mul(n[2]));
+                fixed(raw.clamp(*min, *max))
+            }
+        }
+    }
+
+    fn tier_index(&self, costs: &[(String, u64)], name: &str) -> Result<usize, ClassifyError> {
+        costs.iter().position(|(t, _)| t == name).ok_or_else(|| {
+            let known: Vec<&str> = costs.iter().map(|(t, _)| t.as_str()).collect();
+            ClassifyError(format!("Unknown tier \"{name}\" for {}; use one of: {}.", self.name, known.join(", ")))
+        })
+    }
+
+    /// Human description of the pricing rule.
+    pub fn describe(&self) -> String {
+        let mut s = match &self.pricing {
+            Pricing::Fixed(c) => format!("{c}"),
+            Pricing::Tiers { costs, default, .. } => costs
+                .iter()
+                .enumerate()
+                .map(|(i, (t, c))| format!("{t}={c}{}", if i == *default { " (default)" } else { "" }))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Pricing::PerItem { per_item, field } => format!("{per_item} per item in `{field}`"),
+            Pricing::Campaign { base, per_step, per_variant, per_channel, min, max } => format!(
+                "clamp({base} + {per_step}·steps + {per_variant}·variants + {per_channel}·channels, {min}, {max})"
+            ),
+        };
+        if self.automatic_free {
+            s.push_str("; automatic refresh by a system key free");
+        }
+        if self.on_empty == OnEmpty::Queue {
+            s.push_str("; queued when out of credits");
+        }
+        s
+    }
+
+    /// Cost of each tier (`messages_left` in `GET /v1/credits`); empty for untiered operations.
+    pub fn tier_costs(&self) -> &[(String, u64)] {
+        match &self.pricing {
+            Pricing::Tiers { costs, .. } => costs,
+            _ => &[],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Rules {
+        Rules::new(&Config::parse(include_str!("../../config/gateway.toml")).unwrap())
+    }
+
+    fn price_of(
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        role: Role,
+        body: &str,
+    ) -> Result<Price, ClassifyError> {
+        let rules = rules();
+        let route = rules.route(&Method::from_bytes(method.as_bytes()).unwrap(), path).unwrap();
+        let op = rules.operation(route).expect("metered route");
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        let body = op.needs_body(&h, role).then_some(body.as_bytes());
+        op.price(&h, role, body)
+    }
+
+    fn cost(path: &str, headers: &[(&str, &str)], body: &str) -> u64 {
+        price_of("POST", path, headers, Role::User, body).unwrap().cost
+    }
+
+    #[test]
+    fn chat_tiers_and_precedence() {
+        let p = "/v1/chat/completions";
+        assert_eq!(cost(p, &[], "{}"), 3);
+        assert_eq!(cost(p, &[], r#"{"tier":"fast"}"#), 1);
+        assert_eq!(cost(p, &[], r#"{"tier":"powerful"}"#), 5);
+        assert_eq!(cost(p, &[("x-ai-tier", "powerful")], r#"{"tier":"fast"}"#), 5, "header wins over body");
+        assert_eq!(cost(p, &[("x-ai-tier", "fast")], "not json at all"), 1, "header needs no body");
+        let tier = price_of("POST", p, &[], Role::User, "{}").unwrap().tier;
+        assert_eq!(tier.as_deref(), Some("balanced"));
+    }
+
+    #[test]
+    fn unknown_tier_is_an_error_not_a_default() {
+        let p = "/v1/chat/completions";
+        let e = price_of("POST", p, &[("x-ai-tier", "turbo")], Role::User, "{}").unwrap_err();
+        assert!(e.0.contains("\"turbo\"") && e.0.contains("fast, balanced, powerful") || e.0.contains("balanced"));
+        assert!(price_of("POST", p, &[], Role::User, r#"{"tier":"turbo"}"#).is_err());
+        assert!(price_of("POST", p, &[], Role::User, r#"{"tier":3}"#).is_err());
+        assert!(price_of("POST", p, &[], Role::User, "{bad json").is_err());
+    }
+
+    #[test]
+    fn per_item_counts_leads() {
+        assert_eq!(cost("/v1/leads/enrich", &[], r#"{"leads":[1,2,3,4]}"#), 4);
+        assert_eq!(cost("/v1/icebreakers", &[], r#"{"leads":[{"id":1},{"id":2}]}"#), 2);
+        for body in [r#"{"leads":[]}"#, r#"{}"#, r#"{"leads":"x"}"#, "[]"] {
+            let e = price_of("POST", "/v1/leads/enrich", &[], Role::User, body).unwrap_err();
+            assert!(e.0.contains("leads") || e.0.contains("JSON"), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn campaign_formula_is_clamped() {
+        let p = "/v1/campaigns/generate";
+        assert_eq!(cost(p, &[], "{}"), 3, "clamped up to min");
+        assert_eq!(cost(p, &[], r#"{"steps":2,"variants":2,"channels":1}"#), 5);
+        assert_eq!(cost(p, &[], r#"{"steps":["a","b","c"],"variants":[1,2],"channels":["email"]}"#), 6);
+        assert_eq!(cost(p, &[], r#"{"steps":20,"variants":3,"channels":3}"#), 10, "clamped down to max");
+        assert!(price_of("POST", p, &[], Role::User, r#"{"steps":-1}"#).is_err());
+    }
+
+    #[test]
+    fn fixed_costs() {
+        assert_eq!(cost("/v1/calls/transcribe", &[], ""), 2);
+        assert_eq!(cost("/v1/insights/position", &[], ""), 5);
+        assert_eq!(cost("/v1/insights/competitive", &[], ""), 5);
+        assert_eq!(cost("/v1/sentiment", &[], ""), 1);
+    }
+
+    #[test]
+    fn automatic_scoring_is_free_only_for_system_keys() {
+        let p = "/v1/leads/score";
+        let body = r#"{"leads":[1,2,3]}"#;
+        let auto = [("x-trigger", "automatic")];
+        assert_eq!(price_of("POST", p, &auto, Role::System, body).unwrap().cost, 0);
+        assert_eq!(price_of("POST", p, &auto, Role::User, body).unwrap().cost, 3);
+        assert_eq!(price_of("POST", p, &[], Role::System, body).unwrap().cost, 3);
+    }
+
+    #[test]
+    fn routes_first_match_wins_and_methods_matter() {
+        let r = rules();
+        let chat = r.route(&Method::POST, "/v1/chat/completions").unwrap();
+        assert_eq!(r.operation(chat).unwrap().name.as_ref(), "ai_chat");
+        let get = r.route(&Method::GET, "/v1/chat/completions").unwrap();
+        assert!(r.operation(get).is_none(), "GET falls through to the free catch-all");
+        let deals = r.route(&Method::POST, "/v1/deals").unwrap();
+        assert!(r.operation(deals).is_none());
+        assert_eq!(deals.upstream.as_ref(), "app");
+    }
+
+    #[test]
+    fn table_lists_every_route() {
+        let t = rules().table();
+        assert_eq!(t.len(), 10);
+        assert!(t[0].2.contains("balanced=3 (default)"));
+    }
+}

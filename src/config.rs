@@ -1,0 +1,700 @@
+//! The typed configuration tree (SPEC §3): defaults, `deny_unknown_fields`, and
+//! `load = read → parse → validate`.
+//!
+//! Every validation failure names the key path and the reason in one line, e.g.
+//! `routes[2].upstream: unknown upstream "aii" (known: ai, app)`, so that `creditgate check`
+//! and a refused start-up tell the operator exactly what to fix.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// A configuration problem: the dotted key path and a sentence saying what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where the problem is, e.g. `operations.ai_chat.default_tier`.
+    pub key: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.into(), reason: reason.into() }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners, limits and timeouts.
+    pub server: ServerConfig,
+    /// Where balances live.
+    pub store: StoreConfig,
+    /// Named upstream pools that routes forward to.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Route table; the first matching route wins.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Priced operations, by name.
+    #[serde(default)]
+    pub operations: BTreeMap<String, OperationConfig>,
+    /// Plans with their monthly allocation.
+    #[serde(default)]
+    pub plans: BTreeMap<String, PlanConfig>,
+    /// Top-up packages, by name (e.g. `"200"`).
+    #[serde(default)]
+    pub topup_packages: BTreeMap<String, PackageConfig>,
+    /// Low-credit warnings and event delivery.
+    #[serde(default)]
+    pub notifications: NotificationsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Public listener: AI traffic, customer API, dashboard.
+    pub listen: String,
+    /// Admin listener: admin API, metrics, health.
+    pub admin_listen: Option<String>,
+    /// Name of the environment variable holding the admin token.
+    #[serde(default = "default_admin_token_env")]
+    pub admin_token_env: String,
+    /// Largest request body the gateway accepts (413 above it).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// How long to wait for an upstream's response head before answering 504.
+    #[serde(default = "default_upstream_timeout_ms")]
+    pub upstream_timeout_ms: u64,
+    /// How long to wait for a TCP connection to an upstream before answering 502.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_admin_token_env() -> String {
+    "CREDITGATE_ADMIN_TOKEN".to_owned()
+}
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+fn default_upstream_timeout_ms() -> u64 {
+    120_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+
+/// Which ledger implementation backs the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    /// Embedded, in-process; for the demo and unit tests.
+    Memory,
+    /// One Redis server.
+    Redis,
+    /// A Redis Cluster.
+    RedisCluster,
+}
+
+/// What metered routes do when the store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    /// Answer 503 `store_unavailable` (default: never give away credits).
+    #[default]
+    FailClosed,
+    /// Forward uncharged; log and count it.
+    FailOpen,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `memory`, `redis` or `redis-cluster`.
+    pub kind: StoreKind,
+    /// Redis URL, for `kind = "redis"`.
+    pub url: Option<String>,
+    /// Cluster seed nodes, for `kind = "redis-cluster"`.
+    pub nodes: Option<Vec<String>>,
+    /// Behaviour of metered routes when the store is down.
+    #[serde(default)]
+    pub on_error: OnStoreError,
+}
+
+/// `[upstreams.NAME]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URLs (`http://host:port`); several are used round robin.
+    pub urls: Vec<String>,
+    /// Headers set on every forwarded request; a value `env:NAME` reads the variable.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// `[[routes]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// HTTP method to match; any method when absent.
+    pub method: Option<String>,
+    /// Exact path to match.
+    pub path: Option<String>,
+    /// Path prefix to match (when `path` is absent).
+    pub path_prefix: Option<String>,
+    /// Upstream name the request is forwarded to.
+    pub upstream: String,
+    /// Priced operation; a route without one is free.
+    pub operation: Option<String>,
+}
+
+/// What an operation does when the account cannot pay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnEmpty {
+    /// 402 `no_credits` / `insufficient_credits`.
+    #[default]
+    Reject,
+    /// Accept as a queued job (202) that runs once the account can pay.
+    Queue,
+}
+
+/// `[operations.NAME]`: exactly one pricing rule (`cost`, `tiers`, `per_item`, or the campaign
+/// formula `base`/`per_step`/`per_variant`/`per_channel` with `min`/`max`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperationConfig {
+    /// Usage category shown to users (e.g. "AI Chat").
+    pub category: String,
+    /// Fixed cost in credits.
+    pub cost: Option<u64>,
+    /// Cost per tier.
+    pub tiers: Option<BTreeMap<String, u64>>,
+    /// Tier used when the request names none.
+    pub default_tier: Option<String>,
+    /// Optional upstream per tier.
+    #[serde(default)]
+    pub tier_upstreams: BTreeMap<String, String>,
+    /// Cost per item of the JSON array field named by `items`.
+    pub per_item: Option<u64>,
+    /// JSON body field holding the items.
+    pub items: Option<String>,
+    /// When true, `x-trigger: automatic` from a `system` key is free.
+    #[serde(default)]
+    pub automatic_free: bool,
+    /// Campaign formula: constant part.
+    pub base: Option<u64>,
+    /// Campaign formula: credits per step.
+    pub per_step: Option<u64>,
+    /// Campaign formula: credits per variant.
+    pub per_variant: Option<u64>,
+    /// Campaign formula: credits per channel.
+    pub per_channel: Option<u64>,
+    /// Campaign formula: lower clamp.
+    pub min: Option<u64>,
+    /// Campaign formula: upper clamp.
+    pub max: Option<u64>,
+    /// What happens when the account cannot pay.
+    #[serde(default)]
+    pub on_empty: OnEmpty,
+}
+
+/// `[plans.NAME]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    /// Credits granted at each renewal.
+    pub monthly_credits: u64,
+    /// Monthly price, for display.
+    #[serde(default)]
+    pub price_eur: f64,
+    /// Requests per second per account (enforced by the rate-limit layer once present).
+    pub rate_limit_per_second: Option<u32>,
+}
+
+/// `[topup_packages.NAME]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageConfig {
+    /// Credits the package adds to the top-up bucket.
+    pub credits: u64,
+    /// Price, for display and invoicing.
+    pub price_eur: f64,
+}
+
+/// `[notifications]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationsConfig {
+    /// Remaining-credit thresholds (percent of the allocation) that raise events.
+    #[serde(default = "default_thresholds")]
+    pub thresholds_percent: Vec<u8>,
+    /// Where events are POSTed.
+    pub webhook_url: Option<String>,
+    /// Environment variable with the HMAC key for `x-creditgate-signature`.
+    pub webhook_secret_env: Option<String>,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        Self { thresholds_percent: default_thresholds(), webhook_url: None, webhook_secret_env: None }
+    }
+}
+
+fn default_thresholds() -> Vec<u8> {
+    vec![20, 10, 0]
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `creditgate=debug` (`RUST_LOG` overrides it).
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::default(), level: default_log_level() }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+/// Upstream URL parts the proxy needs, parsed once at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// `http`
+    pub scheme: http::uri::Scheme,
+    /// `host:port`
+    pub authority: http::uri::Authority,
+    /// Path prefix prepended to the request path (no trailing slash); usually empty.
+    pub base_path: String,
+}
+
+/// Parses an upstream base URL; only `http://` is supported (TLS belongs to a sidecar).
+pub fn parse_upstream_url(raw: &str) -> Result<UpstreamUrl, String> {
+    let uri: http::Uri = raw.parse().map_err(|e| format!("not a URL ({e})"))?;
+    let scheme = uri.scheme().cloned().ok_or("missing scheme (write http://host:port)")?;
+    if scheme != http::uri::Scheme::HTTP {
+        return Err(format!("scheme {scheme} is not supported (only http://)"));
+    }
+    let authority = uri.authority().cloned().ok_or("missing host")?;
+    if uri.query().is_some() {
+        return Err("a query string is not allowed in an upstream URL".into());
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    Ok(UpstreamUrl { scheme, authority, base_path })
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(path.display().to_string(), format!("cannot read file: {e}")))?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(toml_error)?;
+        config.validate()
+    }
+
+    /// Checks every cross-reference and range; returns the config unchanged when it is sound.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        let s = &self.server;
+        parse_addr("server.listen", &s.listen)?;
+        if let Some(admin) = &s.admin_listen {
+            parse_addr("server.admin_listen", admin)?;
+        }
+        if s.max_body_bytes == 0 {
+            return Err(bad("server.max_body_bytes", "must be greater than 0"));
+        }
+        if s.upstream_timeout_ms == 0 {
+            return Err(bad("server.upstream_timeout_ms", "must be greater than 0"));
+        }
+        if s.connect_timeout_ms == 0 {
+            return Err(bad("server.connect_timeout_ms", "must be greater than 0"));
+        }
+        self.validate_store()?;
+        for (name, up) in &self.upstreams {
+            let key = format!("upstreams.{name}");
+            if up.urls.is_empty() {
+                return Err(bad(format!("{key}.urls"), "needs at least one URL"));
+            }
+            for (i, url) in up.urls.iter().enumerate() {
+                parse_upstream_url(url).map_err(|r| bad(format!("{key}.urls[{i}]"), r))?;
+            }
+            for (h, v) in &up.headers {
+                let hkey = format!("{key}.headers.{h}");
+                http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| bad(&hkey, "not a valid header name"))?;
+                if v.strip_prefix("env:").is_none() {
+                    http::HeaderValue::from_str(v).map_err(|_| bad(&hkey, "not a valid header value"))?;
+                }
+            }
+        }
+        if self.routes.is_empty() {
+            return Err(bad("routes", "at least one route is required"));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            match (&r.path, &r.path_prefix) {
+                (Some(_), Some(_)) => return Err(bad(&key, "set either path or path_prefix, not both")),
+                (None, None) => return Err(bad(&key, "needs path or path_prefix")),
+                (Some(p), None) | (None, Some(p)) if !p.starts_with('/') => {
+                    return Err(bad(&key, format!("path {p:?} must start with /")));
+                }
+                _ => {}
+            }
+            if let Some(m) = &r.method {
+                http::Method::from_bytes(m.as_bytes())
+                    .map_err(|_| bad(format!("{key}.method"), format!("{m:?} is not an HTTP method")))?;
+            }
+            if !self.upstreams.contains_key(&r.upstream) {
+                return Err(bad(
+                    format!("{key}.upstream"),
+                    format!("unknown upstream {:?} (known: {})", r.upstream, names(&self.upstreams)),
+                ));
+            }
+            if let Some(op) = &r.operation
+                && !self.operations.contains_key(op)
+            {
+                return Err(bad(
+                    format!("{key}.operation"),
+                    format!("unknown operation {op:?} (known: {})", names(&self.operations)),
+                ));
+            }
+        }
+        for (name, op) in &self.operations {
+            op.validate(&format!("operations.{name}"), &self.upstreams)?;
+        }
+        if self.plans.is_empty() {
+            return Err(bad("plans", "at least one plan is required"));
+        }
+        for (name, plan) in &self.plans {
+            let key = format!("plans.{name}");
+            check_name(&key, name)?;
+            if plan.monthly_credits == 0 {
+                return Err(bad(format!("{key}.monthly_credits"), "must be greater than 0"));
+            }
+            check_price(&format!("{key}.price_eur"), plan.price_eur)?;
+            if plan.rate_limit_per_second == Some(0) {
+                return Err(bad(format!("{key}.rate_limit_per_second"), "must be greater than 0"));
+            }
+        }
+        for (name, p) in &self.topup_packages {
+            let key = format!("topup_packages.{name}");
+            if p.credits == 0 {
+                return Err(bad(format!("{key}.credits"), "must be greater than 0"));
+            }
+            check_price(&format!("{key}.price_eur"), p.price_eur)?;
+        }
+        for (i, t) in self.notifications.thresholds_percent.iter().enumerate() {
+            if *t > 100 {
+                return Err(bad(format!("notifications.thresholds_percent[{i}]"), "must be 0..=100"));
+            }
+        }
+        if let Some(url) = &self.notifications.webhook_url {
+            parse_upstream_url(url).map_err(|r| bad("notifications.webhook_url", r))?;
+        }
+        Ok(self)
+    }
+
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let st = &self.store;
+        match st.kind {
+            StoreKind::Memory => {
+                if st.url.is_some() {
+                    return Err(bad("store.url", "not used with kind = \"memory\"; remove it"));
+                }
+                if st.nodes.is_some() {
+                    return Err(bad("store.nodes", "not used with kind = \"memory\"; remove it"));
+                }
+            }
+            StoreKind::Redis => {
+                let url = st.url.as_deref().ok_or_else(|| bad("store.url", "required with kind = \"redis\""))?;
+                check_redis_url("store.url", url)?;
+                if st.nodes.is_some() {
+                    return Err(bad("store.nodes", "only for kind = \"redis-cluster\"; use store.url"));
+                }
+            }
+            StoreKind::RedisCluster => {
+                let nodes =
+                    st.nodes.as_deref().ok_or_else(|| bad("store.nodes", "required with kind = \"redis-cluster\""))?;
+                if nodes.is_empty() {
+                    return Err(bad("store.nodes", "needs at least one node URL"));
+                }
+                for (i, n) in nodes.iter().enumerate() {
+                    check_redis_url(&format!("store.nodes[{i}]"), n)?;
+                }
+                if st.url.is_some() {
+                    return Err(bad("store.url", "only for kind = \"redis\"; use store.nodes"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The public listener address.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server.listen.parse().expect("validated at load")
+    }
+
+    /// The admin listener address, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.server.admin_listen.as_ref().map(|a| a.parse().expect("validated at load"))
+    }
+}
+
+impl OperationConfig {
+    fn validate(&self, key: &str, upstreams: &BTreeMap<String, UpstreamConfig>) -> Result<(), ConfigError> {
+        if self.category.trim().is_empty() {
+            return Err(bad(format!("{key}.category"), "must not be empty"));
+        }
+        let campaign = [self.base, self.per_step, self.per_variant, self.per_channel, self.min, self.max];
+        let is_campaign = campaign.iter().any(Option::is_some);
+        let rules = [self.cost.is_some(), self.tiers.is_some(), self.per_item.is_some(), is_campaign];
+        match rules.iter().filter(|r| **r).count() {
+            0 => {
+                return Err(bad(
+                    key,
+                    "needs a pricing rule: cost, tiers, per_item + items, or base/per_step/per_variant/per_channel + min/max",
+                ));
+            }
+            1 => {}
+            _ => return Err(bad(key, "set only one pricing rule (cost, tiers, per_item, or the campaign formula)")),
+        }
+        if let Some(c) = self.cost {
+            positive(&format!("{key}.cost"), c)?;
+        }
+        if let Some(tiers) = &self.tiers {
+            if tiers.is_empty() {
+                return Err(bad(format!("{key}.tiers"), "needs at least one tier"));
+            }
+            for (t, c) in tiers {
+                positive(&format!("{key}.tiers.{t}"), *c)?;
+            }
+            let d = self
+                .default_tier
+                .as_deref()
+                .ok_or_else(|| bad(format!("{key}.default_tier"), "required with tiers"))?;
+            if !tiers.contains_key(d) {
+                return Err(bad(
+                    format!("{key}.default_tier"),
+                    format!("{d:?} is not one of the tiers ({})", names(tiers)),
+                ));
+            }
+            for (t, up) in &self.tier_upstreams {
+                let k = format!("{key}.tier_upstreams.{t}");
+                if !tiers.contains_key(t) {
+                    return Err(bad(k, format!("{t:?} is not one of the tiers ({})", names(tiers))));
+                }
+                if !upstreams.contains_key(up) {
+                    return Err(bad(k, format!("unknown upstream {up:?} (known: {})", names(upstreams))));
+                }
+            }
+        } else {
+            if self.default_tier.is_some() {
+                return Err(bad(format!("{key}.default_tier"), "only allowed with tiers"));
+            }
+            if !self.tier_upstreams.is_empty() {
+                return Err(bad(format!("{key}.tier_upstreams"), "only allowed with tiers"));
+            }
+        }
+        match (self.per_item, &self.items) {
+            (Some(c), Some(field)) => {
+                positive(&format!("{key}.per_item"), c)?;
+                if field.is_empty() {
+                    return Err(bad(format!("{key}.items"), "must name a JSON body field"));
+                }
+            }
+            (Some(_), None) => return Err(bad(format!("{key}.items"), "required with per_item")),
+            (None, Some(_)) => return Err(bad(format!("{key}.items"), "only allowed with per_item")),
+            (None, None) => {}
+        }
+        if self.automatic_free && self.per_item.is_none() && self.cost.is_none() {
+            return Err(bad(format!("{key}.automatic_free"), "only allowed with cost or per_item"));
+        }
+        if is_campaign {
+            let min = self.min.ok_or_else(|| bad(format!("{key}.min"), "required with the campaign formula"))?;
+            let max = self.max.ok_or_else(|| bad(format!("{key}.max"), "required with the campaign formula"))?;
+            positive(&format!("{key}.min"), min)?;
+            if min > max {
+                return Err(bad(format!("{key}.min"), format!("{min} is greater than max ({max})")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn toml_error(e: toml::de::Error) -> ConfigError {
+    // toml's message already names the offending key for unknown fields and type errors; keep
+    // it on one line so the refusal is a single log line.
+    let msg = e.message().replace('\n', " ");
+    let key = match e.span() {
+        Some(span) => format!("toml (bytes {}..{})", span.start, span.end),
+        None => "toml".to_owned(),
+    };
+    bad(key, msg)
+}
+
+fn parse_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse().map_err(|_| bad(key, format!("{v:?} is not an address like 127.0.0.1:8080")))
+}
+
+fn check_redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
+        Ok(())
+    } else {
+        Err(bad(key, format!("{url:?} is not a redis:// URL")))
+    }
+}
+
+fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
+    if v == 0 { Err(bad(key, "must be a positive integer")) } else { Ok(()) }
+}
+
+fn check_price(key: &str, v: f64) -> Result<(), ConfigError> {
+    if v.is_finite() && v >= 0.0 { Ok(()) } else { Err(bad(key, "must be a number >= 0")) }
+}
+
+fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        Ok(())
+    } else {
+        Err(bad(key, "names use only letters, digits, _ and -"))
+    }
+}
+
+fn names<V>(map: &BTreeMap<String, V>) -> String {
+    map.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../config/gateway.toml");
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let c = Config::parse(SHIPPED).expect("shipped config validates");
+        assert_eq!(c.plans["pro"].monthly_credits, 2000);
+        assert_eq!(c.topup_packages["1500"].credits, 1500);
+        assert_eq!(c.operations["ai_chat"].tiers.as_ref().unwrap()["powerful"], 5);
+    }
+
+    fn with(replace: &str, by: &str) -> Result<Config, ConfigError> {
+        assert!(SHIPPED.contains(replace), "fixture text {replace:?} missing");
+        Config::parse(&SHIPPED.replacen(replace, by, 1))
+    }
+
+    #[test]
+    fn unknown_upstream_names_the_route() {
+        let e = with("upstream = \"ai\"\noperation = \"ai_chat\"", "upstream = \"aii\"\noperation = \"ai_chat\"")
+            .unwrap_err();
+        assert_eq!(e.key, "routes[0].upstream");
+        assert!(e.reason.contains("unknown upstream \"aii\""), "{e}");
+    }
+
+    #[test]
+    fn unknown_operation_is_rejected() {
+        let e = with("operation = \"ai_chat\"", "operation = \"ai_chatt\"").unwrap_err();
+        assert_eq!(e.key, "routes[0].operation");
+    }
+
+    #[test]
+    fn default_tier_must_be_a_tier() {
+        let e = with("default_tier = \"balanced\"", "default_tier = \"turbo\"").unwrap_err();
+        assert_eq!(e.key, "operations.ai_chat.default_tier");
+    }
+
+    #[test]
+    fn zero_cost_is_rejected() {
+        let e = with("fast = 1", "fast = 0").unwrap_err();
+        assert_eq!(e.key, "operations.ai_chat.tiers.fast");
+    }
+
+    #[test]
+    fn negative_cost_is_a_type_error_naming_the_key() {
+        let e = with("fast = 1", "fast = -1").unwrap_err();
+        assert!(e.to_string().contains("fast") || e.to_string().contains("invalid value"), "{e}");
+    }
+
+    #[test]
+    fn min_above_max_is_rejected() {
+        let e = with("min = 3", "min = 30").unwrap_err();
+        assert_eq!(e.key, "operations.campaign_generation.min");
+    }
+
+    #[test]
+    fn bad_listen_address_is_rejected() {
+        let e = with("listen = \"127.0.0.1:8080\"", "listen = \"localhost\"").unwrap_err();
+        assert_eq!(e.key, "server.listen");
+    }
+
+    #[test]
+    fn store_section_must_fit_kind() {
+        let e = with("kind = \"redis\"", "kind = \"memory\"").unwrap_err();
+        assert_eq!(e.key, "store.url");
+        let e = with("kind = \"redis\"", "kind = \"redis-cluster\"").unwrap_err();
+        assert_eq!(e.key, "store.nodes");
+        let e = with("url = \"redis://127.0.0.1:6379\"", "url = \"http://127.0.0.1:6379\"").unwrap_err();
+        assert_eq!(e.key, "store.url");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = with("[server]", "[server]\nlisten_port = 1").unwrap_err();
+        assert!(e.reason.contains("listen_port"), "{e}");
+    }
+
+    #[test]
+    fn two_pricing_rules_are_refused() {
+        let e = with("cost = 5", "cost = 5\nper_item = 1\nitems = \"leads\"").unwrap_err();
+        assert!(e.reason.contains("only one pricing rule"), "{e}");
+    }
+
+    #[test]
+    fn upstream_url_needs_http_scheme() {
+        assert!(parse_upstream_url("https://x:1").is_err());
+        assert!(parse_upstream_url("127.0.0.1:1").is_err());
+        let u = parse_upstream_url("http://127.0.0.1:8000/base/").unwrap();
+        assert_eq!(u.base_path, "/base");
+        assert_eq!(u.authority.as_str(), "127.0.0.1:8000");
+    }
+}

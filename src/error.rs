@@ -1,0 +1,209 @@
+//! `GatewayError`: every way a request can be refused, and the ONE place that turns it into an
+//! HTTP answer (SPEC §6): `{"error": {"type", "message", ...fields}}` with the matching status.
+//!
+//! Each variant records where the failure came from (the client, the store, an upstream), which
+//! decides the status; messages are sentences a person can read as they are and never carry
+//! internals (store errors are logged, not shown).
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde_json::{Map, Value, json};
+
+use crate::calendar::{human_date, rfc3339};
+
+/// A refused or failed request.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// Malformed input: bad JSON, unknown tier, missing field (client).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Missing or unknown credentials (client).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Zero credits left (account).
+    #[error("no credits")]
+    NoCredits {
+        /// Next renewal, Unix seconds.
+        renews_at: i64,
+    },
+    /// Some credits, fewer than the cost (account).
+    #[error("insufficient credits")]
+    InsufficientCredits {
+        /// Cost of the request.
+        required: u64,
+        /// What the account has.
+        remaining: u64,
+        /// Next renewal, Unix seconds.
+        renews_at: i64,
+    },
+    /// Authenticated but not allowed (client).
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such thing (client).
+    #[error("{0}")]
+    NotFound(String),
+    /// A resource with that id exists already (client).
+    #[error("{0}")]
+    Conflict(String),
+    /// The idempotency key was used for a different request (client).
+    #[error("idempotency conflict")]
+    IdempotencyConflict,
+    /// The body is larger than `server.max_body_bytes` (client).
+    #[error("payload too large")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// Too many requests (client).
+    #[error("rate limited")]
+    RateLimited {
+        /// Seconds until a retry may succeed.
+        retry_after_secs: u64,
+    },
+    /// The upstream could not be reached or broke the connection (upstream).
+    #[error("upstream unavailable: {0}")]
+    UpstreamUnavailable(String),
+    /// The upstream did not answer in time (upstream).
+    #[error("upstream timeout")]
+    UpstreamTimeout,
+    /// The store could not be reached (store).
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(String),
+}
+
+impl From<crate::ledger::LedgerError> for GatewayError {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        GatewayError::StoreUnavailable(e.0)
+    }
+}
+
+impl From<crate::classify::ClassifyError> for GatewayError {
+    fn from(e: crate::classify::ClassifyError) -> Self {
+        GatewayError::BadRequest(e.0)
+    }
+}
+
+impl GatewayError {
+    /// HTTP status and the `error.type` string.
+    pub fn status_and_type(&self) -> (StatusCode, &'static str) {
+        use GatewayError::*;
+        match self {
+            BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            NoCredits { .. } => (StatusCode::PAYMENT_REQUIRED, "no_credits"),
+            InsufficientCredits { .. } => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits"),
+            Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            IdempotencyConflict => (StatusCode::CONFLICT, "idempotency_conflict"),
+            PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            UpstreamUnavailable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
+            UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+        }
+    }
+
+    /// The person-readable sentence and the extra fields of the error object.
+    fn message_and_fields(&self) -> (String, Map<String, Value>) {
+        use GatewayError::*;
+        let mut fields = Map::new();
+        let message = match self {
+            BadRequest(m) | Unauthorized(m) | Forbidden(m) | NotFound(m) | Conflict(m) => m.clone(),
+            NoCredits { renews_at } => {
+                fields.insert("remaining".into(), json!(0));
+                fields.insert("renews_at".into(), json!(rfc3339(*renews_at)));
+                format!("You're out of AI credits. They renew on {} — or buy a top-up.", human_date(*renews_at))
+            }
+            InsufficientCredits { required, remaining, renews_at } => {
+                fields.insert("required".into(), json!(required));
+                fields.insert("remaining".into(), json!(remaining));
+                fields.insert("renews_at".into(), json!(rfc3339(*renews_at)));
+                format!(
+                    "This request needs {required} credits but only {remaining} remain. Credits renew on {} — or buy a top-up.",
+                    human_date(*renews_at)
+                )
+            }
+            IdempotencyConflict => {
+                "This Idempotency-Key was already used for a different request (method, path or body).".into()
+            }
+            PayloadTooLarge { limit } => {
+                fields.insert("limit_bytes".into(), json!(limit));
+                format!("The request body is larger than the limit of {limit} bytes.")
+            }
+            RateLimited { retry_after_secs } => {
+                fields.insert("retry_after".into(), json!(retry_after_secs));
+                format!("Too many requests; retry in {retry_after_secs} s.")
+            }
+            UpstreamUnavailable(_) => "The AI backend could not be reached. You were not charged.".into(),
+            UpstreamTimeout => "The AI backend did not answer in time. You were not charged.".into(),
+            StoreUnavailable(_) => "The credit store is unavailable right now; please retry shortly.".into(),
+        };
+        (message, fields)
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let (status, kind) = self.status_and_type();
+        let (message, mut fields) = self.message_and_fields();
+        fields.insert("type".into(), json!(kind));
+        fields.insert("message".into(), json!(message));
+        let body = serde_json::to_vec(&json!({ "error": fields })).unwrap_or_default();
+        let mut res = Response::new(Body::from(body));
+        *res.status_mut() = status;
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let GatewayError::RateLimited { retry_after_secs } = self {
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn json_of(e: GatewayError) -> (StatusCode, Value) {
+        let res = e.into_response();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn insufficient_credits_carries_spec_fields_inside_error() {
+        let renews = crate::calendar::parse_rfc3339("2026-12-15T00:00:00Z").unwrap();
+        let (s, v) = json_of(GatewayError::InsufficientCredits { required: 5, remaining: 2, renews_at: renews }).await;
+        assert_eq!(s, 402);
+        assert_eq!(v["error"]["type"], "insufficient_credits");
+        assert_eq!(v["error"]["required"], 5);
+        assert_eq!(v["error"]["remaining"], 2);
+        assert_eq!(v["error"]["renews_at"], "2026-12-15T00:00:00Z");
+        assert!(v["error"]["message"].as_str().unwrap().contains("15 Dec 2026"));
+    }
+
+    #[tokio::test]
+    async fn no_credits_message_is_readable() {
+        let renews = crate::calendar::parse_rfc3339("2026-12-15T00:00:00Z").unwrap();
+        let (s, v) = json_of(GatewayError::NoCredits { renews_at: renews }).await;
+        assert_eq!(s, 402);
+        assert_eq!(v["error"]["message"], "You're out of AI credits. They renew on 15 Dec 2026 — or buy a top-up.");
+    }
+
+    #[tokio::test]
+    async fn store_errors_do_not_leak_internals() {
+        let (s, v) = json_of(GatewayError::StoreUnavailable("redis://secret@10.0.0.1 refused".into())).await;
+        assert_eq!(s, 503);
+        assert!(!v.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn rate_limited_sets_retry_after() {
+        let res = GatewayError::RateLimited { retry_after_secs: 2 }.into_response();
+        assert_eq!(res.status(), 429);
+        assert_eq!(res.headers()[header::RETRY_AFTER], "2");
+    }
+}

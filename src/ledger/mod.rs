@@ -1,0 +1,290 @@
+//! The ledger: every balance an account has, and every change to it.
+//!
+//! [`Ledger`] is the seam between the gateway and its store. Each method is ONE atomic step in
+//! the store — one critical section in [`memory`], one Lua script call in Redis — so no balance
+//! is ever read in Rust, changed and written back. `charge` returns everything a metered response
+//! needs (split, balances after, renewal date), so the happy path of a metered request costs one
+//! store round trip; `refund` is a second one, only when the upstream failed.
+//!
+//! Renewal is lazy: every step first moves the account into the period that contains "now"
+//! (resetting the monthly bucket to the allocation, applying a pending downgrade), so reads show
+//! the new period even before the first charge in it.
+
+pub mod memory;
+
+use std::future::Future;
+
+use serde::Serialize;
+
+pub use memory::MemoryLedger;
+
+/// The store could not be reached or answered nonsense; the step may not have happened.
+#[derive(Debug, thiserror::Error)]
+#[error("store unavailable: {0}")]
+pub struct LedgerError(pub String);
+
+/// Result of a ledger step.
+pub type LedgerResult<T> = Result<T, LedgerError>;
+
+/// A new account as the admin API creates it.
+#[derive(Debug, Clone)]
+pub struct NewAccount {
+    /// Account id (validated by the caller).
+    pub id: String,
+    /// Plan name.
+    pub plan: String,
+    /// The plan's monthly credits, copied into the account.
+    pub allocation: u64,
+    /// Billing anchor, Unix seconds.
+    pub anchor: i64,
+    /// Contact e-mail.
+    pub email: Option<String>,
+}
+
+/// An account's state as of now (after any due renewal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccountView {
+    /// Account id.
+    pub id: String,
+    /// Current plan.
+    pub plan: String,
+    /// Credits granted at each renewal.
+    pub allocation: u64,
+    /// Plan that takes effect at the next renewal (a downgrade).
+    pub pending_plan: Option<String>,
+    /// Monthly bucket.
+    pub monthly_remaining: u64,
+    /// Top-up bucket.
+    pub topup_remaining: u64,
+    /// Credits charged this period (net of refunds).
+    pub used_this_period: u64,
+    /// Start of the current period, Unix seconds.
+    pub period_start: i64,
+    /// Next renewal, Unix seconds.
+    pub renews_at: i64,
+    /// Contact e-mail.
+    pub email: Option<String>,
+}
+
+impl AccountView {
+    /// Monthly plus top-up.
+    pub fn remaining(&self) -> u64 {
+        self.monthly_remaining + self.topup_remaining
+    }
+}
+
+/// The idempotency part of a charge: a client key and what it was used for.
+#[derive(Debug, Clone, Copy)]
+pub struct Idempotency<'a> {
+    /// The client's `Idempotency-Key`.
+    pub key: &'a str,
+    /// Hex SHA-256 over method, path and body; a different one under the same key is a conflict.
+    pub fingerprint: &'a str,
+}
+
+/// One metered request's charge.
+#[derive(Debug, Clone, Copy)]
+pub struct ChargeRequest<'a> {
+    /// Paying account.
+    pub account: &'a str,
+    /// Unique id of this charge; a re-sent step with the same id is not applied again.
+    pub charge_id: &'a str,
+    /// Credits to take, all or nothing.
+    pub cost: u64,
+    /// Operation name (usage and history).
+    pub operation: &'a str,
+    /// Category name (usage and history).
+    pub category: &'a str,
+    /// Request id, for the history.
+    pub request_id: &'a str,
+    /// Optional client idempotency key.
+    pub idempotency: Option<Idempotency<'a>>,
+}
+
+/// What a charge took and what is left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// Charge id (the original one on an idempotent replay).
+    pub charge_id: String,
+    /// Credits charged by the original request.
+    pub cost: u64,
+    /// Part taken from the monthly bucket.
+    pub from_monthly: u64,
+    /// Part taken from the top-up bucket.
+    pub from_topup: u64,
+    /// Monthly bucket after the step.
+    pub monthly_remaining: u64,
+    /// Top-up bucket after the step.
+    pub topup_remaining: u64,
+    /// The account's allocation (for the low-credit flag).
+    pub allocation: u64,
+    /// Next renewal, Unix seconds.
+    pub renews_at: i64,
+}
+
+impl Receipt {
+    /// Monthly plus top-up after the step.
+    pub fn remaining(&self) -> u64 {
+        self.monthly_remaining + self.topup_remaining
+    }
+}
+
+/// How a charge ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    /// Debited now.
+    Charged(Receipt),
+    /// The idempotency key was already charged: nothing debited now; the original receipt with
+    /// today's balances.
+    Replayed(Receipt),
+    /// Not enough credits; nothing debited.
+    Refused {
+        /// Monthly plus top-up now.
+        remaining: u64,
+        /// Next renewal, Unix seconds.
+        renews_at: i64,
+    },
+    /// The idempotency key was used for a different request.
+    Conflict,
+    /// No such account.
+    NoAccount,
+}
+
+/// How a refund ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundOutcome {
+    /// Credits returned.
+    Refunded {
+        /// Returned to the monthly bucket (0 when the period renewed since the charge).
+        to_monthly: u64,
+        /// Returned to the top-up bucket.
+        to_topup: u64,
+        /// Monthly bucket after the step.
+        monthly_remaining: u64,
+        /// Top-up bucket after the step.
+        topup_remaining: u64,
+    },
+    /// Refunded before; nothing changed.
+    AlreadyRefunded,
+    /// No such charge (never made, or expired from the store).
+    UnknownCharge,
+}
+
+/// A top-up purchase or grant.
+#[derive(Debug, Clone, Copy)]
+pub struct TopupRequest<'a> {
+    /// Account credited.
+    pub account: &'a str,
+    /// Credits added to the top-up bucket.
+    pub credits: u64,
+    /// Payment reference; the same one credits once.
+    pub payment_ref: &'a str,
+    /// Package name, when bought as a package.
+    pub package: Option<&'a str>,
+}
+
+/// A recorded top-up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TopupReceipt {
+    /// Payment reference.
+    pub payment_ref: String,
+    /// Credits added.
+    pub credits: u64,
+    /// Package name, if any.
+    pub package: Option<String>,
+    /// Top-up bucket right after this top-up.
+    pub topup_remaining: u64,
+    /// When it was credited, Unix seconds.
+    pub created_at: i64,
+}
+
+/// How a top-up ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopupOutcome {
+    /// Credited now.
+    Created(TopupReceipt),
+    /// That payment reference was credited before: the original receipt, nothing added.
+    Duplicate(TopupReceipt),
+    /// No such account.
+    NoAccount,
+}
+
+/// Role of an API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A customer's user or app.
+    User,
+    /// The customer's own automation (may trigger free automatic refreshes).
+    System,
+}
+
+impl Role {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::System => "system",
+        }
+    }
+}
+
+/// A stored API key (never the plaintext).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Public id used to revoke it.
+    pub key_id: String,
+    /// Owning account.
+    pub account: String,
+    /// Role.
+    pub role: Role,
+    /// Hex SHA-256 of the plaintext key.
+    pub hash: String,
+    /// First characters of the key, for lists.
+    pub prefix: String,
+    /// Creation time, Unix seconds.
+    pub created_at: i64,
+}
+
+/// Every store the gateway can run on implements this; each method is one atomic step.
+pub trait Ledger: Send + Sync + 'static {
+    /// Creates an account; `Ok(false)` when the id exists already.
+    fn create_account(&self, account: NewAccount) -> impl Future<Output = LedgerResult<bool>> + Send;
+
+    /// The account as of now, renewing it first if a period boundary has passed.
+    fn account(&self, id: &str) -> impl Future<Output = LedgerResult<Option<AccountView>>> + Send;
+
+    /// Debits `cost` all-or-nothing: monthly bucket first, then top-ups.
+    fn charge(&self, req: ChargeRequest<'_>) -> impl Future<Output = LedgerResult<ChargeOutcome>> + Send;
+
+    /// Returns a charge to the buckets it came from (monthly part only within the same period).
+    fn refund(&self, account: &str, charge_id: &str) -> impl Future<Output = LedgerResult<RefundOutcome>> + Send;
+
+    /// Adds top-up credits, once per payment reference.
+    fn topup(&self, req: TopupRequest<'_>) -> impl Future<Output = LedgerResult<TopupOutcome>> + Send;
+
+    /// Stores a new API key; `Ok(false)` when the account does not exist.
+    fn create_key(&self, key: KeyRecord) -> impl Future<Output = LedgerResult<bool>> + Send;
+
+    /// Finds a live key by the hash of its plaintext.
+    fn find_key(&self, hash: &str) -> impl Future<Output = LedgerResult<Option<KeyRecord>>> + Send;
+
+    /// A real round trip through the store (readiness).
+    fn ping(&self) -> impl Future<Output = LedgerResult<()>> + Send;
+}
+
+/// The low-credit flag of SPEC §4: remaining below 10 % of the allocation.
+pub fn is_low(remaining: u64, allocation: u64) -> bool {
+    remaining.saturating_mul(10) < allocation
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn low_is_strictly_below_ten_percent() {
+        assert!(!super::is_low(200, 2000));
+        assert!(super::is_low(199, 2000));
+        assert!(super::is_low(0, 50));
+        assert!(!super::is_low(5, 50));
+    }
+}
