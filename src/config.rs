@@ -62,6 +62,29 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Demo mode: a built-in fake AI backend and a seeded account (see `config/demo.toml`).
+    pub demo: Option<DemoConfig>,
+}
+
+/// `[demo]`: makes `serve` start the built-in fake AI backend and create a demo account and key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoConfig {
+    /// Where the fake backend listens; upstream URLs should point here.
+    pub backend_listen: String,
+    /// Id of the demo account.
+    #[serde(default = "default_demo_account")]
+    pub account: String,
+    /// Plan of the demo account.
+    #[serde(default = "default_demo_plan")]
+    pub plan: String,
+}
+
+fn default_demo_account() -> String {
+    "demo".to_owned()
+}
+fn default_demo_plan() -> String {
+    "pro".to_owned()
 }
 
 /// `[server]`
@@ -426,6 +449,12 @@ impl Config {
         for (i, t) in self.notifications.thresholds_percent.iter().enumerate() {
             if *t > 100 {
                 return Err(bad(format!("notifications.thresholds_percent[{i}]"), "must be 0..=100"));
+            }
+        }
+        if let Some(demo) = &self.demo {
+            parse_addr("demo.backend_listen", &demo.backend_listen)?;
+            if !self.plans.contains_key(&demo.plan) {
+                return Err(bad("demo.plan", format!("unknown plan {:?} (known: {})", demo.plan, names(&self.plans))));
             }
         }
         if let Some(url) = &self.notifications.webhook_url {

@@ -1,15 +1,41 @@
 //! creditgate: a reverse-proxy metering gateway for AI backends.
 //!
+//! It works out what each request is, debits prepaid credits atomically in the store, forwards
+//! the request, streams the answer back, and refunds when the backend fails.
+//!
 //! # Layout
 //!
-//! * [`config`] — the typed TOML configuration, validated at load.
+//! The request path, in order (assembled in [`stack`], which documents every step):
+//!
+//! * [`auth`] — `Authorization: Bearer` API key → [`auth::Principal`]; hashed keys, cached lookups.
+//! * [`classify`] — route + headers + body → operation and cost; pure rules.
+//! * [`meter`] — one ledger step per request; refunds on upstream failure ([`meter::MeteredBody`]).
+//! * [`proxy`] — pooled hyper client, streaming both ways, hop-by-hop header rules.
+//!
+//! Around it:
+//!
+//! * [`config`] — the typed TOML configuration, validated at load; [`state`] holds the current
+//!   generation, swapped atomically on reload.
+//! * [`ledger`] — the [`ledger::Ledger`] seam and its stores; [`store`] picks one from the config.
 //! * [`calendar`] — billing-anchor arithmetic (periods, month-end clamping).
-//! * [`ledger`] — the [`ledger::Ledger`] seam and its stores; every balance change is one atomic step.
+//! * [`error`] — `GatewayError` and the one mapping to HTTP answers (SPEC §6).
+//! * [`api`] — the customer API (`/v1/credits…`); [`admin`] — the admin listener.
+//! * [`server`] — listeners, graceful shutdown, config reload; [`demo`] — the fake backend and tour.
 #![warn(missing_docs)]
 
+pub mod admin;
+pub mod api;
 pub mod auth;
 pub mod calendar;
 pub mod classify;
 pub mod config;
+pub mod demo;
 pub mod error;
+pub mod extract;
 pub mod ledger;
+pub mod meter;
+pub mod proxy;
+pub mod server;
+pub mod stack;
+pub mod state;
+pub mod store;

@@ -1,3 +1,161 @@
-fn main() {
-    println!("Hello, world!");
+//! The `creditgate` command: `demo`, `serve --config FILE`, `check --config FILE`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use creditgate::config::{Config, LogFormat};
+use creditgate::server::{self, StartOptions};
+use creditgate::{auth, demo};
+
+/// creditgate: a metering reverse proxy for AI backends.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One-command tour: fake AI backend, gateway on the embedded store, a demo key and curl examples.
+    Demo,
+    /// Run the gateway.
+    Serve {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config and print the route → operation → cost table.
+    Check {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { config } => return check(&config),
+        Command::Serve { config } => {
+            Config::load(&config).map_err(|e| format!("invalid config: {e}")).and_then(|c| run(c, Some(config), false))
+        }
+        Command::Demo => {
+            Config::parse(DEMO_CONFIG).map_err(|e| format!("invalid demo config: {e}")).and_then(|mut c| {
+                // Free ports unless the usual ones are free; the backend always on a free port.
+                c.server.listen = free_or_zero("127.0.0.1:8080");
+                c.server.admin_listen = Some(free_or_zero("127.0.0.1:9090"));
+                if let Some(d) = c.demo.as_mut() {
+                    d.backend_listen = "127.0.0.1:0".into();
+                }
+                run(c, None, true)
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("creditgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn free_or_zero(addr: &str) -> String {
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => addr.to_owned(),
+        Err(_) => "127.0.0.1:0".to_owned(),
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("creditgate: invalid config: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rules = creditgate::classify::Rules::new(&config);
+    let table = rules.table();
+    let w0 = table.iter().map(|r| r.0.chars().count()).max().unwrap_or(5).max(5);
+    let w1 = table.iter().map(|r| r.1.len()).max().unwrap_or(9).max(9);
+    println!("{:<w0$}  {:<w1$}  cost (credits)", "route", "operation");
+    for (route, op, cost) in &table {
+        println!("{route:<w0$}  {op:<w1$}  {cost}");
+    }
+    if let Err(e) = creditgate::state::Runtime::new(config) {
+        println!("note: {e} (set it before `creditgate serve`)");
+    }
+    println!("config OK: {}", path.display());
+    ExitCode::SUCCESS
+}
+
+fn run(config: Config, path: Option<PathBuf>, tour: bool) -> Result<(), String> {
+    init_logging(&config);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let mut admin_token = std::env::var(&config.server.admin_token_env).ok().filter(|t| !t.is_empty());
+        if config.demo.is_some() && admin_token.is_none() {
+            admin_token = Some(format!("adm_{}", auth::keys::random_alnum(32)));
+        }
+        let mut config = config;
+        let demo = config.demo.clone();
+        if let Some(d) = &demo {
+            let addr: SocketAddr = d.backend_listen.parse().map_err(|e| format!("demo.backend_listen: {e}"))?;
+            let bound = demo::start_backend(addr).await.map_err(|e| format!("demo backend on {addr}: {e}"))?;
+            if addr.port() == 0 {
+                for up in config.upstreams.values_mut() {
+                    up.urls = vec![format!("http://{bound}")];
+                }
+            }
+            tracing::info!(%bound, "demo backend listening");
+        }
+        let opts = StartOptions { admin_token: admin_token.clone(), config_path: path, store: None };
+        let gateway = server::start(config, opts).await.map_err(|e| e.to_string())?;
+        if let Some(d) = &demo {
+            let key = demo::seed(&gateway.state, &d.account, &d.plan).await.map_err(|e| e.to_string())?;
+            println!(
+                "{}",
+                demo::banner(
+                    gateway.public_addr,
+                    gateway.admin_addr,
+                    admin_token.as_deref().unwrap_or(""),
+                    &key,
+                    &d.account
+                )
+            );
+        } else if tour {
+            unreachable!("the demo config has a [demo] section");
+        }
+        let reloader = server::spawn_reloader(gateway.state.clone());
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        reloader.abort();
+        gateway.shutdown(Duration::from_secs(30)).await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
 }

@@ -1,0 +1,152 @@
+//! The forwarding half of the gateway: a pooled keep-alive hyper client, round-robin upstream
+//! pools, URI rewrite and the header rules of RFC 9110 §7.6.1 (hop-by-hop fields are not
+//! forwarded, in either direction). Bodies stream both ways; nothing here buffers them.
+
+pub mod headers;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use http::uri::PathAndQuery;
+use http::{HeaderName, HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{Config, ConfigError, UpstreamUrl, parse_upstream_url};
+use crate::error::GatewayError;
+
+/// The shared upstream client: one connection pool for every upstream, kept across reloads.
+pub type Client = HyperClient<HttpConnector, Body>;
+
+/// Builds the upstream client.
+pub fn client(connect_timeout: Duration) -> Client {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    HyperClient::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(512)
+        .build(connector)
+}
+
+/// One named upstream pool.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Name from the config.
+    pub name: Arc<str>,
+    urls: Vec<UpstreamUrl>,
+    next: AtomicUsize,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Every upstream of one config generation.
+#[derive(Debug, Default)]
+pub struct Upstreams {
+    map: HashMap<Arc<str>, Arc<Upstream>>,
+}
+
+impl Upstreams {
+    /// Builds the pools, resolving `env:NAME` header values now (a missing variable is a config error).
+    pub fn new(config: &Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut map = HashMap::new();
+        for (name, up) in &config.upstreams {
+            let mut headers = Vec::new();
+            for (h, v) in &up.headers {
+                let key = format!("upstreams.{name}.headers.{h}");
+                let value = match v.strip_prefix("env:") {
+                    Some(var) => env(var).ok_or_else(|| ConfigError {
+                        key: key.clone(),
+                        reason: format!("environment variable {var} is not set"),
+                    })?,
+                    None => v.clone(),
+                };
+                let value = HeaderValue::from_str(&value)
+                    .map_err(|_| ConfigError { key: key.clone(), reason: "not a valid header value".into() })?;
+                headers.push((HeaderName::from_bytes(h.as_bytes()).expect("validated"), value));
+            }
+            let urls = up.urls.iter().map(|u| parse_upstream_url(u).expect("validated")).collect();
+            let name: Arc<str> = name.as_str().into();
+            map.insert(name.clone(), Arc::new(Upstream { name, urls, next: AtomicUsize::new(0), headers }));
+        }
+        Ok(Upstreams { map })
+    }
+
+    /// The pool with that name.
+    pub fn get(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.map.get(name)
+    }
+}
+
+impl Upstream {
+    /// The next base URL, round robin.
+    fn pick(&self) -> &UpstreamUrl {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.urls[i % self.urls.len()]
+    }
+}
+
+/// Who the request is for, told to the upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded<'a> {
+    /// `x-request-id`.
+    pub request_id: &'a str,
+    /// Authenticated account, when there is one.
+    pub account: Option<&'a str>,
+    /// The client's address (`x-forwarded-for`).
+    pub client_addr: Option<SocketAddr>,
+}
+
+/// Sends a request to `upstream` and returns its response head with the body still streaming.
+pub async fn forward(
+    client: &Client,
+    upstream: &Upstream,
+    req: Request<Body>,
+    fwd: Forwarded<'_>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, GatewayError> {
+    let (mut parts, body) = req.into_parts();
+    let base = upstream.pick();
+    let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let pq = if base.base_path.is_empty() {
+        pq
+    } else {
+        PathAndQuery::try_from(format!("{}{}", base.base_path, pq.as_str()))
+            .map_err(|_| GatewayError::BadRequest("The request path is not valid.".into()))?
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(base.scheme.clone());
+    uri.authority = Some(base.authority.clone());
+    uri.path_and_query = Some(pq);
+    parts.uri = Uri::from_parts(uri).expect("scheme, authority and path are set");
+    headers::prepare_request(&mut parts.headers, &upstream.headers, fwd);
+    parts.version = http::Version::HTTP_11;
+
+    match tokio::time::timeout(timeout, client.request(Request::from_parts(parts, body))).await {
+        Err(_) => Err(GatewayError::UpstreamTimeout),
+        Ok(Err(e)) => Err(classify_error(&upstream.name, e)),
+        Ok(Ok(mut res)) => {
+            headers::strip_hop_by_hop(res.headers_mut());
+            Ok(res)
+        }
+    }
+}
+
+fn classify_error(upstream: &str, e: hyper_util::client::legacy::Error) -> GatewayError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(s) = source {
+        if s.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            return GatewayError::PayloadTooLarge { limit: 0 };
+        }
+        source = s.source();
+    }
+    let detail = if e.is_connect() { "connect failed" } else { "connection error" };
+    tracing::warn!(upstream, error = ?e, "upstream request failed: {detail}");
+    GatewayError::UpstreamUnavailable(format!("{upstream}: {detail}"))
+}

@@ -1,0 +1,170 @@
+//! Starting and stopping a gateway: binds both listeners (port 0 works, so tests can start one
+//! on a free port), serves the public and admin routers, drains gracefully, reloads the config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::auth::KeyCache;
+use crate::config::{Config, ConfigError};
+use crate::state::{AppState, IdGen, Runtime, Shared};
+use crate::store::Store;
+
+/// Why a gateway could not start; one line naming what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config is invalid (or names an unset environment variable).
+    #[error("invalid config: {0}")]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] crate::ledger::LedgerError),
+}
+
+/// Options besides the config.
+#[derive(Default)]
+pub struct StartOptions {
+    /// Admin token; `None` reads the variable `server.admin_token_env` names.
+    pub admin_token: Option<String>,
+    /// Config file, for reloads.
+    pub config_path: Option<PathBuf>,
+    /// A store to use instead of opening the configured one (tests, demo).
+    pub store: Option<Store>,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// Bound public address.
+    pub public_addr: SocketAddr,
+    /// Bound admin address.
+    pub admin_addr: Option<SocketAddr>,
+    /// Shared state (store, config generation).
+    pub state: AppState,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Binds the listeners and starts serving.
+pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartError> {
+    let admin_token = match opts.admin_token {
+        Some(t) => Some(t),
+        None => std::env::var(&config.server.admin_token_env).ok(),
+    }
+    .filter(|t| !t.is_empty());
+    if config.server.admin_listen.is_some() && admin_token.is_none() {
+        return Err(ConfigError {
+            key: "server.admin_token_env".into(),
+            reason: format!(
+                "environment variable {} is not set; the admin listener needs a token",
+                config.server.admin_token_env
+            ),
+        }
+        .into());
+    }
+    let runtime = Runtime::new(config.clone())?;
+    let store = match opts.store {
+        Some(s) => s,
+        None => Store::open(&config.store).await?,
+    };
+    let state = AppState(Arc::new(Shared {
+        runtime: ArcSwap::from_pointee(runtime),
+        ledger: Arc::new(store),
+        keys: KeyCache::default(),
+        client: crate::proxy::client(Duration::from_millis(config.server.connect_timeout_ms)),
+        ids: IdGen::default(),
+        admin_token,
+        config_path: opts.config_path,
+    }));
+
+    let (shutdown, _) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let public_addr = config.listen_addr();
+    let (public_addr, task) = serve(public_addr, crate::stack::public_router(state.clone()), &shutdown).await?;
+    tasks.push(task);
+    let admin_addr = match config.admin_addr() {
+        Some(addr) => {
+            let (addr, task) = serve(addr, crate::admin::router(state.clone()), &shutdown).await?;
+            tasks.push(task);
+            Some(addr)
+        }
+        None => None,
+    };
+    tracing::info!(%public_addr, ?admin_addr, store = state.ledger.kind(), "creditgate listening");
+    Ok(Gateway { public_addr, admin_addr, state, shutdown, tasks })
+}
+
+async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: &watch::Sender<bool>,
+) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
+    let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let mut rx = shutdown.subscribe();
+    let app = router.into_make_service_with_connect_info::<SocketAddr>();
+    let task = tokio::spawn(async move {
+        let signal = async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(signal).await {
+            tracing::error!(error = %e, %bound, "listener failed");
+        }
+    });
+    Ok((bound, task))
+}
+
+impl Gateway {
+    /// Stops accepting, lets in-flight requests finish (up to `grace`), then returns.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let all = futures_util::future::join_all(self.tasks);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("shutdown grace period over; dropping remaining connections");
+        }
+    }
+}
+
+/// Reloads the config on SIGHUP and when the file's modification time changes.
+pub fn spawn_reloader(state: AppState) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(path) = state.config_path.clone() else { return };
+        let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut last: Option<SystemTime> = mtime(&path);
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let by_signal = tokio::select! {
+                _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
+                _ = tick.tick() => false,
+            };
+            let now = mtime(&path);
+            if !by_signal && now == last {
+                continue;
+            }
+            last = now;
+            match state.reload() {
+                Ok(()) => tracing::info!(path = %path.display(), "config reloaded"),
+                Err(e) => tracing::error!(error = %e, "config reload rejected; the previous config stays in force"),
+            }
+        }
+    })
+}

@@ -1,0 +1,238 @@
+//! The ONE place the public request path is assembled.
+//!
+//! ```text
+//! public listener (axum Router)
+//! ├── /v1/credits…, /v1/jobs/…     customer API (api.rs); auth via the `Principal` extractor
+//! ├── /dashboard                   static page
+//! └── fallback → proxy_handler     the metered proxy, in this order:
+//!       1. request id      x-request-id kept (if sane) or generated; a tracing span carries it
+//!       2. auth            Bearer key → Principal {account, role}        (auth/, cached)
+//!       3. route           method + path → Route (first match wins)      (classify/)
+//!       4. body limit      Content-Length > max_body_bytes → 413; streamed bodies capped
+//!       5. classify        Operation::price(headers, role, body?) → cost (classify/)
+//!                          body buffered only if the rule or Idempotency-Key needs it
+//!       6. meter           one ledger step: charge (or 402/409/503)      (meter/)
+//!       7. proxy           hyper client, streaming both ways             (proxy/)
+//!       8. settle/refund   status ≥ 500, transport error, timeout → refund; MeteredBody
+//!                          refunds if the body breaks off mid-stream
+//! ```
+//! Free routes skip 5, 6 and 8 and never touch the store beyond the cached key lookup.
+//! Everything a step hands to the next is typed (`Principal`, `Price`, `Charge`), never a header.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderValue, header};
+use sha2::{Digest, Sha256};
+use tracing::Instrument;
+
+use crate::auth::Principal;
+use crate::error::GatewayError;
+use crate::ledger::{ChargeRequest, Idempotency};
+use crate::meter::{self, MeteredBody};
+use crate::proxy::{self, Forwarded, headers::REQUEST_ID};
+use crate::state::AppState;
+
+/// Most characters an `Idempotency-Key` may have.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The public router: customer API, dashboard, and the proxy as fallback.
+pub fn public_router(state: AppState) -> Router {
+    crate::api::router().fallback(proxy_handler).with_state(state)
+}
+
+/// Steps 1–8 above, for every request no other public route claimed.
+pub async fn proxy_handler(State(state): State<AppState>, req: Request) -> Response {
+    let started = Instant::now();
+    let request_id = request_id(req.headers()).map_or_else(|| state.ids.next(), str::to_owned);
+    let span = tracing::info_span!("request", id = %request_id, method = %req.method(), path = %req.uri().path());
+    async move {
+        let client_addr = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        let mut res = match handle(&state, req, &request_id, client_addr).await {
+            Ok(res) => res,
+            Err(e) => {
+                tracing::info!(error = %e, "refused");
+                e.into_response()
+            }
+        };
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            res.headers_mut().insert(REQUEST_ID, v);
+        }
+        tracing::debug!(status = res.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "done");
+        res
+    }
+    .instrument(span)
+    .await
+}
+
+/// A client-supplied request id, if it is short printable ASCII.
+fn request_id(headers: &http::HeaderMap) -> Option<&str> {
+    let v = headers.get(REQUEST_ID)?.to_str().ok()?;
+    (!v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic())).then_some(v)
+}
+
+async fn handle(
+    state: &AppState,
+    req: Request,
+    request_id: &str,
+    client_addr: Option<SocketAddr>,
+) -> Result<Response, GatewayError> {
+    let rt = state.runtime.load_full();
+    let principal = state.keys.authenticate(req.headers(), &*state.ledger).await?;
+    let route = rt
+        .rules
+        .route(req.method(), req.uri().path())
+        .ok_or_else(|| GatewayError::NotFound("No route matches this request.".into()))?;
+    let max_body = rt.config.server.max_body_bytes;
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body as u64) {
+        return Err(GatewayError::PayloadTooLarge { limit: max_body });
+    }
+    let fwd = Forwarded { request_id, account: Some(&principal.account), client_addr };
+    let upstream_of = |name: &str| {
+        rt.upstreams.get(name).ok_or_else(|| GatewayError::UpstreamUnavailable(format!("no upstream {name}")))
+    };
+
+    let Some(op) = rt.rules.operation(route) else {
+        let req =
+            if declared.is_some() { req } else { req.map(|b| Body::new(http_body_util::Limited::new(b, max_body))) };
+        let res = proxy::forward(&state.client, upstream_of(&route.upstream)?, req, fwd, rt.upstream_timeout).await;
+        return free_response(res, max_body);
+    };
+
+    let idempotency_key = idempotency_key(req.headers())?.map(str::to_owned);
+    let (parts, body) = req.into_parts();
+    let buffered = if op.needs_body(&parts.headers, principal.role) || idempotency_key.is_some() {
+        Some(read_body(body, max_body).await?)
+    } else {
+        // Not needed for pricing: stream it on untouched.
+        let req = Request::from_parts(parts, body);
+        return metered(state, &rt, &principal, op, &route.upstream, req, None, None, fwd).await;
+    };
+    let body_bytes = buffered.expect("set above");
+    let fingerprint = idempotency_key.as_ref().map(|_| fingerprint(&parts.method, &parts.uri, &body_bytes));
+    let idem =
+        idempotency_key.as_deref().zip(fingerprint.as_deref()).map(|(key, fp)| Idempotency { key, fingerprint: fp });
+    let req = Request::from_parts(parts, Body::empty());
+    metered(state, &rt, &principal, op, &route.upstream, req, Some(body_bytes), idem, fwd).await
+}
+
+/// Steps 5–8 for a priced route. `body` is `Some` when it was buffered for pricing; otherwise the
+/// request still carries its streaming body.
+#[allow(clippy::too_many_arguments)]
+async fn metered(
+    state: &AppState,
+    rt: &crate::state::Runtime,
+    principal: &Principal,
+    op: &crate::classify::Operation,
+    route_upstream: &std::sync::Arc<str>,
+    req: Request,
+    body: Option<Bytes>,
+    idem: Option<Idempotency<'_>>,
+    fwd: Forwarded<'_>,
+) -> Result<Response, GatewayError> {
+    let price = op.price(req.headers(), principal.role, body.as_deref())?;
+    let req = match body {
+        Some(b) => req.map(|_| Body::from(b)),
+        None => req,
+    };
+    let upstream_name = price.upstream.as_ref().unwrap_or(route_upstream);
+    let upstream = rt
+        .upstreams
+        .get(upstream_name)
+        .ok_or_else(|| GatewayError::UpstreamUnavailable(format!("no upstream {upstream_name}")))?;
+    if price.cost == 0 {
+        let res = proxy::forward(&state.client, &upstream, req, fwd, rt.upstream_timeout).await?;
+        return Ok(res.map(Body::new));
+    }
+    let charge_id = state.ids.next();
+    let charge_req = ChargeRequest {
+        account: &principal.account,
+        charge_id: &charge_id,
+        cost: price.cost,
+        operation: &op.name,
+        category: &op.category,
+        request_id: fwd.request_id,
+        idempotency: idem,
+    };
+    let charge = meter::charge(&state.ledger, rt.config.store.on_error, &principal.account, charge_req).await?;
+    tracing::debug!(operation = %op.name, tier = ?price.tier, cost = price.cost, "charged");
+    let result = proxy::forward(&state.client, &upstream, req, fwd, rt.upstream_timeout).await;
+    let Some(charge) = charge else {
+        // fail_open: forwarded uncharged.
+        let mut res = result?.map(Body::new);
+        meter::write_headers(res.headers_mut(), 0, 0, 0);
+        res.headers_mut().remove(meter::REMAINING);
+        res.headers_mut().remove(meter::LOW);
+        return Ok(res);
+    };
+    match result {
+        Err(e) => {
+            meter::refund(&state.ledger, &charge).await;
+            Err(e)
+        }
+        Ok(res) if res.status().is_server_error() => {
+            let remaining = meter::refund(&state.ledger, &charge).await;
+            let mut res = res.map(Body::new);
+            let remaining = remaining.unwrap_or(charge.receipt.remaining());
+            meter::write_headers(res.headers_mut(), 0, remaining, charge.receipt.allocation);
+            Ok(res)
+        }
+        Ok(res) => {
+            let mut res = res.map(|b| Body::new(MeteredBody::new(b, state.ledger.clone(), charge.clone())));
+            charge.write_headers(res.headers_mut());
+            Ok(res)
+        }
+    }
+}
+
+fn free_response(
+    res: Result<http::Response<hyper::body::Incoming>, GatewayError>,
+    max_body: usize,
+) -> Result<Response, GatewayError> {
+    match res {
+        Ok(res) => Ok(res.map(Body::new)),
+        Err(GatewayError::PayloadTooLarge { .. }) => Err(GatewayError::PayloadTooLarge { limit: max_body }),
+        Err(e) => Err(e),
+    }
+}
+
+fn idempotency_key(headers: &http::HeaderMap) -> Result<Option<&str>, GatewayError> {
+    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY);
+    key.map(Some).ok_or_else(|| {
+        GatewayError::BadRequest(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters."
+        ))
+    })
+}
+
+/// Reads a whole body, refusing more than `limit` bytes.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = source {
+            if s.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                return GatewayError::PayloadTooLarge { limit };
+            }
+            source = s.source();
+        }
+        GatewayError::BadRequest("The request body could not be read.".into())
+    })
+}
+
+/// Hex SHA-256 over method, path with query, and body: what an idempotency key is bound to.
+fn fingerprint(method: &http::Method, uri: &http::Uri, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(method.as_str().as_bytes());
+    h.update([0]);
+    h.update(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    h.update([0]);
+    h.update(body);
+    hex::encode(h.finalize())
+}

@@ -1,0 +1,119 @@
+//! Shared state: the current config generation ([`Runtime`], swapped atomically on reload), the
+//! store, the key cache, the upstream client and id generation.
+
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::auth::KeyCache;
+use crate::classify::Rules;
+use crate::config::{Config, ConfigError};
+use crate::proxy::{self, Upstreams};
+use crate::store::Store;
+
+/// One config generation, compiled for the request path.
+pub struct Runtime {
+    /// The validated config.
+    pub config: Config,
+    /// Route table and prices.
+    pub rules: Rules,
+    /// Upstream pools with resolved credentials.
+    pub upstreams: Upstreams,
+    /// `server.upstream_timeout_ms`.
+    pub upstream_timeout: Duration,
+}
+
+impl Runtime {
+    /// Compiles a config; fails when an `env:` header names an unset variable.
+    pub fn new(config: Config) -> Result<Self, ConfigError> {
+        Self::with_env(config, |v| std::env::var(v).ok())
+    }
+
+    /// Like [`Runtime::new`] with an explicit environment lookup.
+    pub fn with_env(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let upstreams = Upstreams::new(&config, env)?;
+        Ok(Runtime {
+            rules: Rules::new(&config),
+            upstream_timeout: Duration::from_millis(config.server.upstream_timeout_ms),
+            upstreams,
+            config,
+        })
+    }
+}
+
+/// Unique ids for requests and charges: a random per-process prefix and a counter.
+pub struct IdGen {
+    prefix: String,
+    counter: AtomicU64,
+}
+
+impl Default for IdGen {
+    fn default() -> Self {
+        Self { prefix: crate::auth::keys::random_alnum(10), counter: AtomicU64::new(0) }
+    }
+}
+
+impl IdGen {
+    /// A new id, unique across processes with overwhelming probability.
+    pub fn next(&self) -> String {
+        format!("{}{:x}", self.prefix, self.counter.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// What every handler shares.
+pub struct Shared {
+    /// Current config generation.
+    pub runtime: ArcSwap<Runtime>,
+    /// The ledger.
+    pub ledger: Arc<Store>,
+    /// API-key cache.
+    pub keys: KeyCache,
+    /// Upstream client (one pool for all generations).
+    pub client: proxy::Client,
+    /// Request and charge ids.
+    pub ids: IdGen,
+    /// Admin bearer token.
+    pub admin_token: Option<String>,
+    /// Config file, for reloads.
+    pub config_path: Option<PathBuf>,
+}
+
+/// Cheap-to-clone handle on [`Shared`].
+#[derive(Clone)]
+pub struct AppState(pub Arc<Shared>);
+
+impl Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Re-reads the config file and swaps it in; on any error the old config stays in force.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let path = self.config_path.as_ref().ok_or_else(|| ConfigError {
+            key: "config".into(),
+            reason: "started without a config file; nothing to reload".into(),
+        })?;
+        let config = Config::load(path)?;
+        let current = self.runtime.load();
+        let old = &current.config;
+        if config.server.listen != old.server.listen || config.server.admin_listen != old.server.admin_listen {
+            tracing::warn!("listener addresses changed in the config; they apply only after a restart");
+        }
+        if config.store.kind != old.store.kind
+            || config.store.url != old.store.url
+            || config.store.nodes != old.store.nodes
+        {
+            tracing::warn!("store settings changed in the config; they apply only after a restart");
+        }
+        let runtime = Runtime::new(config)?;
+        self.runtime.store(Arc::new(runtime));
+        Ok(())
+    }
+}

@@ -1,0 +1,64 @@
+//! `Store`: the ledger chosen by `[store] kind`, dispatched without boxing.
+
+use crate::config::{StoreConfig, StoreKind};
+use crate::ledger::*;
+
+/// The configured ledger.
+pub enum Store {
+    /// `kind = "memory"`
+    Memory(MemoryLedger),
+}
+
+impl Store {
+    /// Opens the store a config names.
+    pub async fn open(config: &StoreConfig) -> LedgerResult<Self> {
+        match config.kind {
+            StoreKind::Memory => Ok(Store::Memory(MemoryLedger::new())),
+            StoreKind::Redis | StoreKind::RedisCluster => {
+                Err(LedgerError("the Redis stores are not built into this binary yet".into()))
+            }
+        }
+    }
+
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Memory(_) => "memory",
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $l:ident => $call:expr) => {
+        match $self {
+            Store::Memory($l) => $call.await,
+        }
+    };
+}
+
+impl Ledger for Store {
+    async fn create_account(&self, account: NewAccount) -> LedgerResult<bool> {
+        dispatch!(self, l => l.create_account(account))
+    }
+    async fn account(&self, id: &str) -> LedgerResult<Option<AccountView>> {
+        dispatch!(self, l => l.account(id))
+    }
+    async fn charge(&self, req: ChargeRequest<'_>) -> LedgerResult<ChargeOutcome> {
+        dispatch!(self, l => l.charge(req))
+    }
+    async fn refund(&self, account: &str, charge_id: &str) -> LedgerResult<RefundOutcome> {
+        dispatch!(self, l => l.refund(account, charge_id))
+    }
+    async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {
+        dispatch!(self, l => l.topup(req))
+    }
+    async fn create_key(&self, key: KeyRecord) -> LedgerResult<bool> {
+        dispatch!(self, l => l.create_key(key))
+    }
+    async fn find_key(&self, hash: &str) -> LedgerResult<Option<KeyRecord>> {
+        dispatch!(self, l => l.find_key(hash))
+    }
+    async fn ping(&self) -> LedgerResult<()> {
+        dispatch!(self, l => l.ping())
+    }
+}
