@@ -98,11 +98,12 @@ async fn handle(
         rt.upstreams.get(name).ok_or_else(|| GatewayError::UpstreamUnavailable(format!("no upstream {name}")))
     };
 
+    // A body without Content-Length (chunked) is capped as it streams.
+    let req = if declared.is_some() { req } else { req.map(|b| Body::new(http_body_util::Limited::new(b, max_body))) };
+
     let Some(op) = rt.rules.operation(route) else {
-        let req =
-            if declared.is_some() { req } else { req.map(|b| Body::new(http_body_util::Limited::new(b, max_body))) };
         let res = proxy::forward(&state.client, upstream_of(&route.upstream)?, req, fwd, rt.upstream_timeout).await;
-        return free_response(res, max_body);
+        return with_limit(res.map(|r| r.map(Body::new)), max_body);
     };
 
     let idempotency_key = idempotency_key(req.headers())?.map(str::to_owned);
@@ -112,7 +113,8 @@ async fn handle(
     } else {
         // Not needed for pricing: stream it on untouched.
         let req = Request::from_parts(parts, body);
-        return metered(state, &rt, &principal, op, &route.upstream, req, None, None, fwd).await;
+        let res = metered(state, &rt, &principal, op, &route.upstream, req, None, None, fwd).await;
+        return with_limit(res, max_body);
     };
     let body_bytes = buffered.expect("set above");
     let fingerprint = idempotency_key.as_ref().map(|_| fingerprint(&parts.method, &parts.uri, &body_bytes));
@@ -191,14 +193,11 @@ async fn metered(
     }
 }
 
-fn free_response(
-    res: Result<http::Response<hyper::body::Incoming>, GatewayError>,
-    max_body: usize,
-) -> Result<Response, GatewayError> {
+/// Names the configured limit in a 413 that the proxy detected while streaming the body.
+fn with_limit(res: Result<Response, GatewayError>, max_body: usize) -> Result<Response, GatewayError> {
     match res {
-        Ok(res) => Ok(res.map(Body::new)),
         Err(GatewayError::PayloadTooLarge { .. }) => Err(GatewayError::PayloadTooLarge { limit: max_body }),
-        Err(e) => Err(e),
+        other => other,
     }
 }
 
