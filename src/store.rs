@@ -7,6 +7,8 @@ use crate::ledger::*;
 pub enum Store {
     /// `kind = "memory"`
     Memory(MemoryLedger),
+    /// `kind = "redis"` or `"redis-cluster"`
+    Redis(RedisLedger),
 }
 
 impl Store {
@@ -14,8 +16,17 @@ impl Store {
     pub async fn open(config: &StoreConfig) -> LedgerResult<Self> {
         match config.kind {
             StoreKind::Memory => Ok(Store::Memory(MemoryLedger::new())),
-            StoreKind::Redis | StoreKind::RedisCluster => {
-                Err(LedgerError("the Redis stores are not built into this binary yet".into()))
+            StoreKind::Redis => {
+                let url = config.url.as_deref().expect("validated: url set for kind = redis");
+                let ledger = RedisLedger::connect_standalone(url).await?;
+                ledger.check_server_settings().await;
+                Ok(Store::Redis(ledger))
+            }
+            StoreKind::RedisCluster => {
+                let nodes = config.nodes.as_deref().expect("validated: nodes set for kind = redis-cluster");
+                let ledger = RedisLedger::connect_cluster(nodes).await?;
+                ledger.check_server_settings().await;
+                Ok(Store::Redis(ledger))
             }
         }
     }
@@ -24,6 +35,7 @@ impl Store {
     pub fn kind(&self) -> &'static str {
         match self {
             Store::Memory(_) => "memory",
+            Store::Redis(_) => "redis",
         }
     }
 }
@@ -32,6 +44,7 @@ macro_rules! dispatch {
     ($self:ident, $l:ident => $call:expr) => {
         match $self {
             Store::Memory($l) => $call.await,
+            Store::Redis($l) => $call.await,
         }
     };
 }

@@ -10,13 +10,16 @@
 //! (resetting the monthly bucket to the allocation, applying a pending downgrade), so reads show
 //! the new period even before the first charge in it.
 
+pub mod keys;
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 
 use serde::Serialize;
 
 pub use memory::MemoryLedger;
+pub use redis::RedisLedger;
 
 /// The store could not be reached or answered nonsense; the step may not have happened.
 #[derive(Debug, thiserror::Error)]
