@@ -2,21 +2,24 @@
 //! token-free probes `/healthz` and `/readyz`.
 
 use axum::Router;
+use axum::extract::Query;
 use axum::extract::{Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use crate::api::credits_json;
+use crate::api::{AutoTopupBody, EARLIER_PERIODS, credits_json, topup_history, usage_json};
 use crate::auth::{bearer, generate_key};
-use crate::calendar::{parse_rfc3339, rfc3339};
+use crate::calendar::{now, parse_rfc3339, rfc3339};
 use crate::error::GatewayError;
 use crate::extract::JsonBody;
-use crate::ledger::{KeyRecord, Ledger, NewAccount, Role, TopupOutcome, TopupReceipt, TopupRequest};
+use crate::ledger::{
+    KeyRecord, Ledger, NewAccount, PlanChange, PlanOutcome, Role, TopupOutcome, TopupReceipt, TopupRequest,
+};
 use crate::state::AppState;
 
 type Json = axum::Json<Value>;
@@ -25,13 +28,18 @@ type Json = axum::Json<Value>;
 pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/admin/v1/accounts", post(create_account))
-        .route("/admin/v1/accounts/{id}", get(read_account))
-        .route("/admin/v1/accounts/{id}/keys", post(create_key))
-        .route("/admin/v1/accounts/{id}/topups", post(create_topup))
+        .route("/admin/v1/accounts/{id}", get(read_account).patch(update_account))
+        .route("/admin/v1/accounts/{id}/keys", post(create_key).get(list_keys))
+        .route("/admin/v1/keys/{key_id}", delete(revoke_key))
+        .route("/admin/v1/accounts/{id}/topups", post(create_topup).get(list_topups))
+        .route("/admin/v1/accounts/{id}/auto-topup", put(set_auto_topup))
+        .route("/admin/v1/accounts/{id}/ledger", get(ledger))
+        .route("/admin/v1/accounts/{id}/usage", get(usage))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .merge(admin)
         .fallback(|| async { GatewayError::NotFound("No such admin route.".into()) })
         .with_state(state)
@@ -84,14 +92,7 @@ async fn create_account(
             "Account ids are 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'.".into(),
         ));
     }
-    let allocation = {
-        let rt = state.runtime.load();
-        let plan = rt.config.plans.get(&body.plan).ok_or_else(|| {
-            let known: Vec<&str> = rt.config.plans.keys().map(String::as_str).collect();
-            GatewayError::BadRequest(format!("Unknown plan \"{}\"; use one of: {}.", body.plan, known.join(", ")))
-        })?;
-        plan.monthly_credits
-    };
+    let allocation = plan_allocation(&state, &body.plan)?;
     let anchor = match &body.billing_anchor {
         Some(text) => parse_rfc3339(text).ok_or_else(|| {
             GatewayError::BadRequest(format!(
@@ -100,10 +101,8 @@ async fn create_account(
         })?,
         None => now(),
     };
-    if let Some(email) = &body.email
-        && (!email.contains('@') || email.len() > 254)
-    {
-        return Err(GatewayError::BadRequest(format!("{email:?} is not an e-mail address.")));
+    if let Some(email) = &body.email {
+        check_email(email)?;
     }
     let new = NewAccount { id: body.id.clone(), plan: body.plan, allocation, anchor, email: body.email };
     if !state.ledger.create_account(new).await? {
@@ -209,7 +208,128 @@ fn topup_json(account: &str, r: &TopupReceipt) -> Json {
     }))
 }
 
-/// Now, Unix seconds.
-pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateAccount {
+    plan: Option<String>,
+    email: Option<String>,
+}
+
+async fn update_account(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<UpdateAccount>,
+) -> Result<Json, GatewayError> {
+    if let Some(email) = &body.email {
+        check_email(email)?;
+    }
+    let allocation = match &body.plan {
+        Some(plan) => Some(plan_allocation(&state, plan)?),
+        None => None,
+    };
+    let change = body.plan.as_deref().zip(allocation).map(|(plan, allocation)| PlanChange { plan, allocation });
+    let outcome =
+        state.ledger.update_account(&id, change, body.email.as_deref()).await?.ok_or_else(|| no_account(&id))?;
+    let mut v = account_json(&state, &id).await?;
+    let outcome = match (change, outcome) {
+        (None, _) => None,
+        (Some(_), PlanOutcome::Upgraded) => Some("upgraded"),
+        (Some(_), PlanOutcome::DowngradeScheduled) => Some("downgrade_scheduled"),
+        (Some(_), PlanOutcome::Unchanged) => Some("unchanged"),
+    };
+    tracing::info!(account = %id, plan = ?body.plan, outcome, "account updated");
+    v.0["plan_change"] = json!(outcome);
+    Ok(v)
+}
+
+async fn list_keys(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json, GatewayError> {
+    state.ledger.account(&id).await?.ok_or_else(|| no_account(&id))?;
+    let keys: Vec<Value> = state
+        .ledger
+        .list_keys(&id)
+        .await?
+        .into_iter()
+        .map(|k| json!({"key_id": k.key_id, "prefix": k.prefix, "role": k.role, "created_at": rfc3339(k.created_at)}))
+        .collect();
+    Ok(axum::Json(json!({ "keys": keys })))
+}
+
+async fn revoke_key(State(state): State<AppState>, Path(key_id): Path<String>) -> Result<Json, GatewayError> {
+    let record = state
+        .ledger
+        .revoke_key(&key_id)
+        .await?
+        .ok_or_else(|| GatewayError::NotFound(format!("No key with id \"{key_id}\".")))?;
+    state.keys.forget_key_id(&key_id);
+    tracing::info!(account = %record.account, key_id = %key_id, "API key revoked");
+    Ok(axum::Json(json!({"key_id": key_id, "account_id": record.account, "revoked": true})))
+}
+
+async fn list_topups(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json, GatewayError> {
+    Ok(axum::Json(json!({ "topups": topup_history(&state, &id).await? })))
+}
+
+async fn set_auto_topup(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<AutoTopupBody>,
+) -> Result<Json, GatewayError> {
+    let setting = body.into_setting(&state.runtime.load())?;
+    if !state.ledger.set_auto_topup(&id, &setting).await? {
+        return Err(no_account(&id));
+    }
+    account_json(&state, &id).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    before: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Most history entries one page returns.
+const MAX_PAGE: usize = 500;
+
+async fn ledger(State(state): State<AppState>, Path(id): Path<String>, uri: http::Uri) -> Result<Json, GatewayError> {
+    let Query(page) = Query::<Page>::try_from_uri(&uri)
+        .map_err(|_| GatewayError::BadRequest("Use ?limit=N (1 to 500) and ?before=SEQ, whole numbers.".into()))?;
+    let limit = page.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let entries = state.ledger.history(&id, page.before, limit).await?.ok_or_else(|| no_account(&id))?;
+    let next = entries.last().filter(|e| entries.len() == limit && e.seq > 1).map(|e| e.seq);
+    let list: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let mut v = serde_json::to_value(e).unwrap_or_default();
+            v["at"] = json!(rfc3339(e.at));
+            v
+        })
+        .collect();
+    Ok(axum::Json(json!({"account_id": id, "entries": list, "next_before": next})))
+}
+
+async fn usage(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json, GatewayError> {
+    let usage = state.ledger.usage(&id, EARLIER_PERIODS).await?.ok_or_else(|| no_account(&id))?;
+    Ok(axum::Json(usage_json(&usage, &state.runtime.load())))
+}
+
+fn plan_allocation(state: &AppState, plan: &str) -> Result<u64, GatewayError> {
+    let rt = state.runtime.load();
+    rt.config.plans.get(plan).map(|p| p.monthly_credits).ok_or_else(|| {
+        let known: Vec<&str> = rt.config.plans.keys().map(String::as_str).collect();
+        GatewayError::BadRequest(format!("Unknown plan \"{plan}\"; use one of: {}.", known.join(", ")))
+    })
+}
+
+fn check_email(email: &str) -> Result<(), GatewayError> {
+    if email.contains('@') && email.len() <= 254 && !email.chars().any(char::is_whitespace) {
+        Ok(())
+    } else {
+        Err(GatewayError::BadRequest(format!("{email:?} is not an e-mail address.")))
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let body = state.metrics.render();
+    ([(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
 }

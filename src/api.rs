@@ -1,23 +1,40 @@
-//! The customer API on the public listener (SPEC §4): balances and packages for the caller's
-//! own account. Every handler authenticates through the [`Principal`] extractor.
+//! The customer API on the public listener (SPEC §4): balance, usage, packages, top-ups and the
+//! auto top-up setting of the caller's own account, and the dashboard page. Every JSON handler
+//! authenticates through the [`Principal`] extractor; no handler takes an account id from the
+//! request, so a key can only ever see its own account.
 
 use axum::Json;
 use axum::Router;
 use axum::extract::{FromRequestParts, State};
-use axum::routing::get;
+use axum::response::Html;
+use axum::routing::{get, put};
 use http::request::Parts;
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::auth::Principal;
-use crate::calendar::rfc3339;
+use crate::calendar::{civil_from_days, rfc3339};
 use crate::error::GatewayError;
-use crate::ledger::{AccountView, Ledger, is_low};
+use crate::extract::JsonBody;
+use crate::ledger::{AccountView, AutoTopup, Ledger, Usage, is_low};
 use crate::state::{AppState, Runtime};
+
+/// How many earlier periods `GET /v1/credits/usage` reports.
+pub const EARLIER_PERIODS: usize = 6;
 
 /// Routes of the customer API.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/credits", get(credits)).route("/v1/credits/packages", get(packages))
+    Router::new()
+        .route("/v1/credits", get(credits))
+        .route("/v1/credits/packages", get(packages))
+        .route("/v1/credits/usage", get(usage))
+        .route("/v1/credits/topups", get(topups))
+        .route("/v1/credits/auto-topup", put(set_auto_topup))
+        .route("/dashboard", get(|| async { Html(DASHBOARD) }))
 }
+
+/// The dashboard page: one self-contained file (inline CSS and JS), embedded in the binary.
+const DASHBOARD: &str = include_str!("dashboard/index.html");
 
 impl FromRequestParts<AppState> for Principal {
     type Rejection = GatewayError;
@@ -28,11 +45,7 @@ impl FromRequestParts<AppState> for Principal {
 }
 
 async fn credits(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, GatewayError> {
-    let view = state
-        .ledger
-        .account(&principal.account)
-        .await?
-        .ok_or_else(|| GatewayError::NotFound("The account of this API key no longer exists.".into()))?;
+    let view = account_of(&state, &principal).await?;
     Ok(Json(Value::Object(credits_json(&view, &state.runtime.load()))))
 }
 
@@ -55,7 +68,7 @@ pub fn credits_json(view: &AccountView, rt: &Runtime) -> Map<String, Value> {
         "period_start": rfc3339(view.period_start),
         "renews_at": rfc3339(view.renews_at),
         "low": is_low(remaining, view.allocation),
-        "auto_topup": { "enabled": false, "threshold": null, "package": null },
+        "auto_topup": auto_topup_json(view.auto_topup.as_ref()),
         "messages_left": messages_left,
     });
     match fields {
@@ -81,4 +94,143 @@ async fn packages(State(state): State<AppState>, _principal: Principal) -> Json<
         .collect();
     list.sort_by_key(|p| p["credits"].as_u64());
     Json(json!({ "packages": list }))
+}
+
+fn auto_topup_json(a: Option<&AutoTopup>) -> Value {
+    match a {
+        Some(a) => json!({"enabled": a.enabled, "threshold": a.threshold, "package": a.package, "credits": a.credits}),
+        None => json!({"enabled": false, "threshold": null, "package": null, "credits": null}),
+    }
+}
+
+async fn account_of(state: &AppState, principal: &Principal) -> Result<AccountView, GatewayError> {
+    state
+        .ledger
+        .account(&principal.account)
+        .await?
+        .ok_or_else(|| GatewayError::NotFound("The account of this API key no longer exists.".into()))
+}
+
+async fn usage(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, GatewayError> {
+    let usage = state
+        .ledger
+        .usage(&principal.account, EARLIER_PERIODS)
+        .await?
+        .ok_or_else(|| GatewayError::NotFound("The account of this API key no longer exists.".into()))?;
+    Ok(Json(usage_json(&usage, &state.runtime.load())))
+}
+
+/// `GET /v1/credits/usage`: this period by category (every configured category, 0 when unused) and
+/// operation, a daily series over the whole period (days without use are 0), earlier periods' totals.
+pub fn usage_json(usage: &Usage, rt: &Runtime) -> Value {
+    let cur = &usage.current;
+    let mut by_category = Map::new();
+    for op in rt.config.operations.values() {
+        by_category.insert(op.category.clone(), json!(0));
+    }
+    for (c, n) in &cur.by_category {
+        by_category.insert(c.clone(), json!(n));
+    }
+    let mut by_operation = Map::new();
+    for name in rt.config.operations.keys() {
+        by_operation.insert(name.clone(), json!(0));
+    }
+    for (o, n) in &cur.by_operation {
+        by_operation.insert(o.clone(), json!(n));
+    }
+    let first = cur.period_start.div_euclid(86_400);
+    let last = (cur.period_end - 1).div_euclid(86_400);
+    let daily: Vec<Value> = (first..=last)
+        .map(|day| {
+            let (y, m, d) = civil_from_days(day);
+            json!({"date": format!("{y:04}-{m:02}-{d:02}"), "credits": cur.by_day.get(&day).copied().unwrap_or(0)})
+        })
+        .collect();
+    let earlier: Vec<Value> = usage
+        .earlier
+        .iter()
+        .map(|p| json!({"period_start": rfc3339(p.period_start), "period_end": rfc3339(p.period_end), "credits": p.total}))
+        .collect();
+    json!({
+        "period_start": rfc3339(cur.period_start),
+        "renews_at": rfc3339(cur.period_end),
+        "total": cur.total,
+        "by_category": by_category,
+        "by_operation": by_operation,
+        "daily": daily,
+        "earlier_periods": earlier,
+    })
+}
+
+async fn topups(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, GatewayError> {
+    let list = topup_history(&state, &principal.account).await?;
+    Ok(Json(json!({ "topups": list })))
+}
+
+/// Top-ups and auto top-ups of an account, newest first (from its history).
+pub async fn topup_history(state: &AppState, account: &str) -> Result<Vec<Value>, GatewayError> {
+    let history = state
+        .ledger
+        .history(account, None, usize::MAX)
+        .await?
+        .ok_or_else(|| GatewayError::NotFound(format!("No account with id \"{account}\".")))?;
+    Ok(history
+        .iter()
+        .filter(|e| e.kind == "topup" || e.kind == "auto_topup")
+        .map(|e| {
+            json!({"kind": e.kind, "credits": e.topup_delta, "package": e.package, "payment_ref": e.payment_ref,
+                "created_at": rfc3339(e.at), "topup_remaining": e.topup_after})
+        })
+        .collect())
+}
+
+/// Body of `PUT /v1/credits/auto-topup` (and the admin equivalent).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoTopupBody {
+    enabled: bool,
+    threshold: Option<u64>,
+    package: Option<String>,
+}
+
+impl AutoTopupBody {
+    /// Validates against the config's packages.
+    pub fn into_setting(self, rt: &Runtime) -> Result<AutoTopup, GatewayError> {
+        let packages = &rt.config.topup_packages;
+        let known = || packages.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
+        let (threshold, package) = match (self.threshold, self.package) {
+            (Some(t), Some(p)) if t > 0 => (t, p),
+            (t, p) if !self.enabled => (t.unwrap_or(0), p.unwrap_or_default()),
+            _ => {
+                return Err(GatewayError::BadRequest(format!(
+                    "To enable auto top-up send a threshold (> 0) and a package ({}).",
+                    known()
+                )));
+            }
+        };
+        let (credits, price_eur) = match packages.get(&package) {
+            Some(p) => (p.credits, p.price_eur),
+            None if !self.enabled && package.is_empty() => (0, 0.0),
+            None => {
+                return Err(GatewayError::BadRequest(format!(
+                    "Unknown package \"{package}\"; use one of: {}.",
+                    known()
+                )));
+            }
+        };
+        Ok(AutoTopup { enabled: self.enabled, threshold, package, credits, price_eur })
+    }
+}
+
+async fn set_auto_topup(
+    State(state): State<AppState>,
+    principal: Principal,
+    JsonBody(body): JsonBody<AutoTopupBody>,
+) -> Result<Json<Value>, GatewayError> {
+    let setting = body.into_setting(&state.runtime.load())?;
+    if !state.ledger.set_auto_topup(&principal.account, &setting).await? {
+        return Err(GatewayError::NotFound("The account of this API key no longer exists.".into()));
+    }
+    let view = account_of(&state, &principal).await?;
+    Ok(Json(auto_topup_json(view.auto_topup.as_ref())))
 }

@@ -89,6 +89,11 @@ pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// Now, Unix seconds (the system clock).
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
 /// RFC 3339 text of a Unix time, UTC, whole seconds (`2026-12-15T09:30:00Z`).
 pub fn rfc3339(ts: i64) -> String {
     let (y, m, d) = civil_from_days(ts.div_euclid(86_400));

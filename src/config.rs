@@ -59,6 +59,9 @@ pub struct Config {
     /// Low-credit warnings and event delivery.
     #[serde(default)]
     pub notifications: NotificationsConfig,
+    /// Auto top-up limits.
+    #[serde(default)]
+    pub auto_topup: AutoTopupConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -272,16 +275,78 @@ pub struct NotificationsConfig {
     pub webhook_url: Option<String>,
     /// Environment variable with the HMAC key for `x-creditgate-signature`.
     pub webhook_secret_env: Option<String>,
+    /// Events undelivered for this long are dropped (logged).
+    #[serde(default = "default_event_ttl_hours")]
+    pub event_ttl_hours: u64,
+    /// Longest wait between delivery attempts.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    /// E-mail delivery over SMTP.
+    pub smtp: Option<SmtpConfig>,
 }
 
 impl Default for NotificationsConfig {
     fn default() -> Self {
-        Self { thresholds_percent: default_thresholds(), webhook_url: None, webhook_secret_env: None }
+        Self {
+            thresholds_percent: default_thresholds(),
+            webhook_url: None,
+            webhook_secret_env: None,
+            event_ttl_hours: default_event_ttl_hours(),
+            max_backoff_ms: default_max_backoff_ms(),
+            smtp: None,
+        }
     }
+}
+
+fn default_event_ttl_hours() -> u64 {
+    72
+}
+fn default_max_backoff_ms() -> u64 {
+    60_000
+}
+
+/// `[notifications.smtp]`: plain SMTP to a relay (a local MTA or a loopback smarthost).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// Relay host.
+    pub host: String,
+    /// Relay port.
+    #[serde(default = "default_smtp_port")]
+    pub port: u16,
+    /// Sender, e.g. `creditgate <billing@example.com>`.
+    pub from: String,
+    /// Environment variable with the SMTP user name (AUTH PLAIN when set).
+    pub username_env: Option<String>,
+    /// Environment variable with the SMTP password.
+    pub password_env: Option<String>,
+}
+
+fn default_smtp_port() -> u16 {
+    25
 }
 
 fn default_thresholds() -> Vec<u8> {
     vec![20, 10, 0]
+}
+
+/// `[auto_topup]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoTopupConfig {
+    /// Most automatic purchases per account per billing period.
+    #[serde(default = "default_max_per_period")]
+    pub max_per_period: u64,
+}
+
+impl Default for AutoTopupConfig {
+    fn default() -> Self {
+        Self { max_per_period: default_max_per_period() }
+    }
+}
+
+fn default_max_per_period() -> u64 {
+    5
 }
 
 /// Log output format.
@@ -446,6 +511,9 @@ impl Config {
             }
             check_price(&format!("{key}.price_eur"), p.price_eur)?;
         }
+        if self.auto_topup.max_per_period == 0 {
+            return Err(bad("auto_topup.max_per_period", "must be greater than 0"));
+        }
         for (i, t) in self.notifications.thresholds_percent.iter().enumerate() {
             if *t > 100 {
                 return Err(bad(format!("notifications.thresholds_percent[{i}]"), "must be 0..=100"));
@@ -459,6 +527,20 @@ impl Config {
         }
         if let Some(url) = &self.notifications.webhook_url {
             parse_upstream_url(url).map_err(|r| bad("notifications.webhook_url", r))?;
+        }
+        if self.notifications.event_ttl_hours == 0 {
+            return Err(bad("notifications.event_ttl_hours", "must be greater than 0"));
+        }
+        if let Some(smtp) = &self.notifications.smtp {
+            if smtp.host.is_empty() {
+                return Err(bad("notifications.smtp.host", "must not be empty"));
+            }
+            if smtp.from.parse::<lettre::message::Mailbox>().is_err() {
+                return Err(bad(
+                    "notifications.smtp.from",
+                    format!("{:?} is not a mailbox like Name <a@b.c>", smtp.from),
+                ));
+            }
         }
         Ok(self)
     }

@@ -75,7 +75,7 @@ async fn echo(req: Request) -> Response {
 /// Creates the demo account (if missing) and a fresh `user` key; returns the plaintext key.
 pub async fn seed(state: &AppState, account: &str, plan: &str) -> Result<String, crate::ledger::LedgerError> {
     let allocation = state.runtime.load().config.plans.get(plan).map_or(0, |p| p.monthly_credits);
-    let now = crate::admin::now();
+    let now = crate::calendar::now();
     let new = NewAccount { id: account.to_owned(), plan: plan.to_owned(), allocation, anchor: now, email: None };
     state.ledger.create_account(new).await?;
     let k = generate_key();

@@ -20,6 +20,7 @@
 //! * [`calendar`] — billing-anchor arithmetic (periods, month-end clamping).
 //! * [`error`] — `GatewayError` and the one mapping to HTTP answers (SPEC §6).
 //! * [`api`] — the customer API (`/v1/credits…`); [`admin`] — the admin listener.
+//! * [`notify`] — delivers outbox events (webhook, e-mail); [`metrics`] — Prometheus metrics.
 //! * [`server`] — listeners, graceful shutdown, config reload; [`demo`] — the fake backend and tour.
 #![warn(missing_docs)]
 
@@ -34,6 +35,8 @@ pub mod error;
 pub mod extract;
 pub mod ledger;
 pub mod meter;
+pub mod metrics;
+pub mod notify;
 pub mod proxy;
 pub mod server;
 pub mod stack;

@@ -90,6 +90,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
         ids: IdGen::default(),
         admin_token,
         config_path: opts.config_path,
+        metrics: crate::metrics::Metrics::default(),
     }));
 
     let (shutdown, _) = watch::channel(false);
@@ -105,6 +106,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
         }
         None => None,
     };
+    tasks.push(crate::notify::spawn(state.clone(), shutdown.subscribe()));
     tracing::info!(%public_addr, ?admin_addr, store = state.ledger.kind(), "creditgate listening");
     Ok(Gateway { public_addr, admin_addr, state, shutdown, tasks })
 }

@@ -53,7 +53,8 @@ pub async fn proxy_handler(State(state): State<AppState>, req: Request) -> Respo
     let span = tracing::info_span!("request", id = %request_id, method = %req.method(), path = %req.uri().path());
     async move {
         let client_addr = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-        let mut res = match handle(&state, req, &request_id, client_addr).await {
+        let mut label = Label::None;
+        let mut res = match handle(&state, req, &request_id, client_addr, &mut label).await {
             Ok(res) => res,
             Err(e) => {
                 tracing::info!(error = %e, "refused");
@@ -63,11 +64,38 @@ pub async fn proxy_handler(State(state): State<AppState>, req: Request) -> Respo
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             res.headers_mut().insert(REQUEST_ID, v);
         }
-        tracing::debug!(status = res.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "done");
+        let status = res.status().as_u16();
+        match &label {
+            Label::None => state.metrics.request("none", status),
+            Label::Free => state.metrics.request("free", status),
+            Label::Operation(op) => state.metrics.request(op, status),
+        }
+        tracing::debug!(status, elapsed_us = started.elapsed().as_micros() as u64, "done");
         res
     }
     .instrument(span)
     .await
+}
+
+/// What a request was, for the request counter.
+enum Label {
+    None,
+    Free,
+    Operation(std::sync::Arc<str>),
+}
+
+/// Forwards and records the time to the upstream's response head.
+async fn forward(
+    state: &AppState,
+    upstream: &proxy::Upstream,
+    req: Request,
+    fwd: Forwarded<'_>,
+    timeout: std::time::Duration,
+) -> Result<http::Response<hyper::body::Incoming>, GatewayError> {
+    let started = Instant::now();
+    let res = proxy::forward(&state.client, upstream, req, fwd, timeout).await;
+    state.metrics.upstream_time(started.elapsed());
+    res
 }
 
 /// A client-supplied request id, if it is short printable ASCII.
@@ -81,6 +109,7 @@ async fn handle(
     req: Request,
     request_id: &str,
     client_addr: Option<SocketAddr>,
+    label: &mut Label,
 ) -> Result<Response, GatewayError> {
     let rt = state.runtime.load_full();
     let principal = state.keys.authenticate(req.headers(), &*state.ledger).await?;
@@ -102,10 +131,12 @@ async fn handle(
     let req = if declared.is_some() { req } else { req.map(|b| Body::new(http_body_util::Limited::new(b, max_body))) };
 
     let Some(op) = rt.rules.operation(route) else {
-        let res = proxy::forward(&state.client, upstream_of(&route.upstream)?, req, fwd, rt.upstream_timeout).await;
+        *label = Label::Free;
+        let res = forward(state, upstream_of(&route.upstream)?, req, fwd, rt.upstream_timeout).await;
         return with_limit(res.map(|r| r.map(Body::new)), max_body);
     };
 
+    *label = Label::Operation(op.name.clone());
     let idempotency_key = idempotency_key(req.headers())?.map(str::to_owned);
     let (parts, body) = req.into_parts();
     let buffered = if op.needs_body(&parts.headers, principal.role) || idempotency_key.is_some() {
@@ -149,7 +180,7 @@ async fn metered(
         .get(upstream_name)
         .ok_or_else(|| GatewayError::UpstreamUnavailable(format!("no upstream {upstream_name}")))?;
     if price.cost == 0 {
-        let res = proxy::forward(&state.client, &upstream, req, fwd, rt.upstream_timeout).await?;
+        let res = forward(state, upstream, req, fwd, rt.upstream_timeout).await?;
         return Ok(res.map(Body::new));
     }
     let charge_id = state.ids.next();
@@ -161,10 +192,14 @@ async fn metered(
         category: &op.category,
         request_id: fwd.request_id,
         idempotency: idem,
+        thresholds: &rt.config.notifications.thresholds_percent,
+        auto_topup_max_per_period: rt.config.auto_topup.max_per_period,
     };
-    let charge = meter::charge(&state.ledger, rt.config.store.on_error, &principal.account, charge_req).await?;
+    let on_error = rt.config.store.on_error;
+    let charge =
+        meter::charge(&state.ledger, &state.metrics, on_error, &principal.account, &op.category, charge_req).await?;
     tracing::debug!(operation = %op.name, tier = ?price.tier, cost = price.cost, "charged");
-    let result = proxy::forward(&state.client, &upstream, req, fwd, rt.upstream_timeout).await;
+    let result = forward(state, upstream, req, fwd, rt.upstream_timeout).await;
     let Some(charge) = charge else {
         // fail_open: forwarded uncharged.
         let mut res = result?.map(Body::new);
@@ -175,18 +210,18 @@ async fn metered(
     };
     match result {
         Err(e) => {
-            meter::refund(&state.ledger, &charge).await;
+            meter::refund(&state.ledger, &state.metrics, &charge).await;
             Err(e)
         }
         Ok(res) if res.status().is_server_error() => {
-            let remaining = meter::refund(&state.ledger, &charge).await;
+            let remaining = meter::refund(&state.ledger, &state.metrics, &charge).await;
             let mut res = res.map(Body::new);
             let remaining = remaining.unwrap_or(charge.receipt.remaining());
             meter::write_headers(res.headers_mut(), 0, remaining, charge.receipt.allocation);
             Ok(res)
         }
         Ok(res) => {
-            let mut res = res.map(|b| Body::new(MeteredBody::new(b, state.ledger.clone(), charge.clone())));
+            let mut res = res.map(|b| Body::new(MeteredBody::new(b, state.clone(), charge.clone())));
             charge.write_headers(res.headers_mut());
             Ok(res)
         }

@@ -80,6 +80,8 @@ pub struct Shared {
     pub admin_token: Option<String>,
     /// Config file, for reloads.
     pub config_path: Option<PathBuf>,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Cheap-to-clone handle on [`Shared`].

@@ -74,4 +74,41 @@ impl Ledger for Store {
     async fn ping(&self) -> LedgerResult<()> {
         dispatch!(self, l => l.ping())
     }
+    async fn update_account(
+        &self,
+        id: &str,
+        plan: Option<PlanChange<'_>>,
+        email: Option<&str>,
+    ) -> LedgerResult<Option<PlanOutcome>> {
+        dispatch!(self, l => l.update_account(id, plan, email))
+    }
+    async fn set_auto_topup(&self, id: &str, setting: &AutoTopup) -> LedgerResult<bool> {
+        dispatch!(self, l => l.set_auto_topup(id, setting))
+    }
+    async fn list_keys(&self, account: &str) -> LedgerResult<Vec<KeyRecord>> {
+        dispatch!(self, l => l.list_keys(account))
+    }
+    async fn revoke_key(&self, key_id: &str) -> LedgerResult<Option<KeyRecord>> {
+        dispatch!(self, l => l.revoke_key(key_id))
+    }
+    async fn history(
+        &self,
+        account: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> LedgerResult<Option<Vec<HistoryEntry>>> {
+        dispatch!(self, l => l.history(account, before, limit))
+    }
+    async fn usage(&self, account: &str, earlier: usize) -> LedgerResult<Option<Usage>> {
+        dispatch!(self, l => l.usage(account, earlier))
+    }
+    async fn event_accounts(&self) -> LedgerResult<Vec<String>> {
+        dispatch!(self, l => l.event_accounts())
+    }
+    async fn pending_events(&self, account: &str, max: usize) -> LedgerResult<Vec<Event>> {
+        dispatch!(self, l => l.pending_events(account, max))
+    }
+    async fn ack_events(&self, account: &str, ids: &[String]) -> LedgerResult<()> {
+        dispatch!(self, l => l.ack_events(account, ids))
+    }
 }

@@ -3,25 +3,28 @@
 //! Each account sits behind its own mutex, and every [`Ledger`] step is one critical section on
 //! that one account, so accounts never wait for each other and a step is as atomic as a Lua
 //! script is in Redis. The account map itself is behind an `RwLock` taken for writing only when
-//! an account is created.
+//! an account is created. The semantics are those of the Redis scripts in `lua/`, step for step;
+//! `tests/conformance.rs` runs one suite against both.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use serde_json::json;
 
 use super::*;
-use crate::calendar::Anchor;
+use crate::calendar::{Anchor, rfc3339};
 
 /// How long charge records (for refunds and re-sent steps) and idempotency keys are kept.
 const RETENTION_SECS: i64 = 24 * 3600;
+/// How many periods of usage are kept.
+const USAGE_PERIODS: i64 = 13;
 
 /// Source of "now" in Unix seconds; tests move it by hand.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 /// The system clock.
 pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-    })
+    Arc::new(crate::calendar::now)
 }
 
 /// The embedded ledger.
@@ -42,11 +45,19 @@ struct Account {
     topup: u64,
     used: u64,
     email: Option<String>,
+    auto: Option<AutoTopup>,
+    auto_count: u64,
+    /// Threshold → period in which it last fired.
+    fired: HashMap<u8, i64>,
     charges: HashMap<String, ChargeRecord>,
     idempotency: HashMap<String, (String, String)>,
-    /// (expiry, charge id, idempotency key) in charge order, to forget old records.
-    expiries: VecDeque<(i64, String, Option<String>)>,
+    /// (expiry, charge id) in charge order, to forget old records.
+    expiries: VecDeque<(i64, String)>,
     topups: HashMap<String, TopupReceipt>,
+    history: Vec<HistoryEntry>,
+    usage: BTreeMap<i64, PeriodUsage>,
+    outbox: VecDeque<Event>,
+    event_seq: u64,
 }
 
 struct ChargeRecord {
@@ -54,8 +65,17 @@ struct ChargeRecord {
     from_monthly: u64,
     from_topup: u64,
     period: i64,
+    day: i64,
+    operation: String,
+    category: String,
     idempotency_key: Option<String>,
     refunded: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic inside a step cannot leave a half-applied change behind (every step checks before
+    // it writes), so a poisoned lock is safe to take over.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl MemoryLedger {
@@ -69,9 +89,13 @@ impl MemoryLedger {
         Self { accounts: RwLock::default(), keys: RwLock::default(), clock }
     }
 
+    fn get(&self, id: &str) -> Option<Arc<Mutex<Account>>> {
+        self.accounts.read().unwrap_or_else(PoisonError::into_inner).get(id).cloned()
+    }
+
     fn with_account<T>(&self, id: &str, f: impl FnOnce(&mut Account, i64) -> T) -> Option<T> {
-        let acct = self.accounts.read().expect("lock").get(id).cloned()?;
-        let mut a = acct.lock().expect("lock");
+        let acct = self.get(id)?;
+        let mut a = lock(&acct);
         let now = (self.clock)();
         a.renew(now);
         a.forget_expired(now);
@@ -85,29 +109,44 @@ impl Default for MemoryLedger {
     }
 }
 
+// === impl Account ===
+
 impl Account {
     /// Moves into the period containing `now`; never backwards, never twice for one period.
     fn renew(&mut self, now: i64) {
         let k = self.anchor.period_at(now);
-        if k > self.period {
-            if let Some((plan, allocation)) = self.pending.take() {
-                self.plan = plan;
-                self.allocation = allocation;
-            }
-            self.period = k;
-            self.monthly = self.allocation;
-            self.used = 0;
+        if k <= self.period {
+            return;
         }
+        if let Some((plan, allocation)) = self.pending.take() {
+            self.plan = plan;
+            self.allocation = allocation;
+        }
+        let expired = self.monthly;
+        self.period = k;
+        self.monthly = self.allocation;
+        self.used = 0;
+        self.auto_count = 0;
+        self.usage.retain(|p, _| *p > k - USAGE_PERIODS);
+        let mut e = self.entry("renewal", now, self.allocation as i64 - expired as i64, 0);
+        e.plan = Some(self.plan.clone());
+        self.history.push(e);
+        let data = json!({
+            "plan": self.plan, "allocation": self.allocation, "expired_monthly": expired,
+            "topup_remaining": self.topup, "period_start": rfc3339(self.anchor.period_start(k)),
+            "renews_at": rfc3339(self.renews_at()),
+        });
+        self.event("credits.renewed", now, data);
     }
 
     fn forget_expired(&mut self, now: i64) {
-        while let Some((expiry, _, _)) = self.expiries.front() {
+        while let Some((expiry, _)) = self.expiries.front() {
             if *expiry > now {
                 break;
             }
-            let (_, charge_id, idem) = self.expiries.pop_front().expect("front exists");
-            self.charges.remove(&charge_id);
-            if let Some(key) = idem
+            let (_, charge_id) = self.expiries.pop_front().expect("front exists");
+            if let Some(c) = self.charges.remove(&charge_id)
+                && let Some(key) = c.idempotency_key
                 && self.idempotency.get(&key).is_some_and(|(_, id)| *id == charge_id)
             {
                 self.idempotency.remove(&key);
@@ -115,7 +154,37 @@ impl Account {
         }
     }
 
-    fn receipt(&self, charge_id: &str, c: &ChargeRecord) -> Receipt {
+    fn entry(&self, kind: &str, at: i64, monthly_delta: i64, topup_delta: i64) -> HistoryEntry {
+        HistoryEntry {
+            seq: self.history.len() as u64 + 1,
+            kind: kind.to_owned(),
+            at,
+            monthly_delta,
+            topup_delta,
+            monthly_after: self.monthly,
+            topup_after: self.topup,
+            operation: None,
+            category: None,
+            request_id: None,
+            charge_id: None,
+            payment_ref: None,
+            package: None,
+            plan: None,
+        }
+    }
+
+    fn event(&mut self, kind: &str, at: i64, data: serde_json::Value) {
+        self.event_seq += 1;
+        self.outbox.push_back(Event {
+            id: format!("evt_{}_{}", self.id, self.event_seq),
+            kind: kind.to_owned(),
+            account_id: self.id.clone(),
+            created_at: at,
+            data,
+        });
+    }
+
+    fn receipt(&self, charge_id: &str, c: &ChargeRecord, auto_topup: Option<u64>) -> Receipt {
         Receipt {
             charge_id: charge_id.to_owned(),
             cost: c.cost,
@@ -125,6 +194,7 @@ impl Account {
             topup_remaining: self.topup,
             allocation: self.allocation,
             renews_at: self.renews_at(),
+            auto_topup,
         }
     }
 
@@ -144,13 +214,24 @@ impl Account {
             period_start: self.anchor.period_start(self.period),
             renews_at: self.renews_at(),
             email: self.email.clone(),
+            auto_topup: self.auto.clone(),
+            auto_topups_this_period: self.auto_count,
         }
+    }
+
+    fn add_usage(&mut self, period: i64, day: i64, category: &str, operation: &str, credits: u64, sub: bool) {
+        let u = self.usage.entry(period).or_default();
+        let apply = |v: &mut u64| *v = if sub { v.saturating_sub(credits) } else { *v + credits };
+        apply(&mut u.total);
+        apply(u.by_category.entry(category.to_owned()).or_default());
+        apply(u.by_operation.entry(operation.to_owned()).or_default());
+        apply(u.by_day.entry(day).or_default());
     }
 
     fn charge(&mut self, req: &ChargeRequest<'_>, now: i64) -> ChargeOutcome {
         // A re-sent step (same charge id) returns what the first one did.
         if let Some(c) = self.charges.get(req.charge_id) {
-            return ChargeOutcome::Charged(self.receipt(req.charge_id, c));
+            return ChargeOutcome::Charged(self.receipt(req.charge_id, c, None));
         }
         if let Some(idem) = req.idempotency
             && let Some((fingerprint, charge_id)) = self.idempotency.get(idem.key)
@@ -159,12 +240,12 @@ impl Account {
                 return ChargeOutcome::Conflict;
             }
             if let Some(c) = self.charges.get(charge_id) {
-                return ChargeOutcome::Replayed(self.receipt(charge_id, c));
+                return ChargeOutcome::Replayed(self.receipt(charge_id, c, None));
             }
         }
-        let remaining = self.monthly + self.topup;
-        if remaining < req.cost {
-            return ChargeOutcome::Refused { remaining, renews_at: self.renews_at() };
+        let before = self.monthly + self.topup;
+        if before < req.cost {
+            return ChargeOutcome::Refused { remaining: before, renews_at: self.renews_at() };
         }
         let from_monthly = req.cost.min(self.monthly);
         let from_topup = req.cost - from_monthly;
@@ -175,69 +256,202 @@ impl Account {
             self.idempotency.insert(i.key.to_owned(), (i.fingerprint.to_owned(), req.charge_id.to_owned()));
             i.key.to_owned()
         });
+        let day = now.div_euclid(86_400);
+        self.add_usage(self.period, day, req.category, req.operation, req.cost, false);
+        let mut e = self.entry("charge", now, -(from_monthly as i64), -(from_topup as i64));
+        e.operation = Some(req.operation.to_owned());
+        e.category = Some(req.category.to_owned());
+        e.request_id = Some(req.request_id.to_owned());
+        e.charge_id = Some(req.charge_id.to_owned());
+        self.history.push(e);
         let record = ChargeRecord {
             cost: req.cost,
             from_monthly,
             from_topup,
             period: self.period,
-            idempotency_key: idempotency_key.clone(),
+            day,
+            operation: req.operation.to_owned(),
+            category: req.category.to_owned(),
+            idempotency_key,
             refunded: false,
         };
-        let receipt = self.receipt(req.charge_id, &record);
+        let auto_topup = self.auto_topup(before, req, now);
+        self.thresholds(req.thresholds, now);
+        let receipt = self.receipt(req.charge_id, &record, auto_topup);
         self.charges.insert(req.charge_id.to_owned(), record);
-        self.expiries.push_back((now + RETENTION_SECS, req.charge_id.to_owned(), idempotency_key));
+        self.expiries.push_back((now + RETENTION_SECS, req.charge_id.to_owned()));
         ChargeOutcome::Charged(receipt)
     }
 
-    fn refund(&mut self, charge_id: &str) -> RefundOutcome {
+    /// Buys the auto top-up package when this charge crossed the threshold (at most once per
+    /// crossing: only the charge that goes from at-or-above to below buys).
+    fn auto_topup(&mut self, before: u64, req: &ChargeRequest<'_>, now: i64) -> Option<u64> {
+        let auto = self.auto.as_ref().filter(|a| a.enabled)?;
+        let after = self.monthly + self.topup;
+        if !(before >= auto.threshold && after < auto.threshold) || self.auto_count >= req.auto_topup_max_per_period {
+            return None;
+        }
+        let (credits, package, price) = (auto.credits, auto.package.clone(), auto.price_eur);
+        let payment_ref = format!("auto:{}", req.charge_id);
+        self.topup += credits;
+        self.auto_count += 1;
+        let mut e = self.entry("auto_topup", now, 0, credits as i64);
+        e.payment_ref = Some(payment_ref.clone());
+        e.package = Some(package.clone());
+        self.history.push(e);
+        let data = json!({
+            "package": package, "credits": credits, "price_eur": price, "payment_ref": payment_ref,
+            "topup_remaining": self.topup, "purchases_this_period": self.auto_count,
+        });
+        self.event("auto_topup.purchased", now, data);
+        Some(credits)
+    }
+
+    /// Raises `credits.low` / `credits.exhausted` for thresholds reached, once per period each.
+    fn thresholds(&mut self, thresholds: &[u8], now: i64) {
+        let remaining = self.monthly + self.topup;
+        for &t in thresholds {
+            let reached = if t == 0 { remaining == 0 } else { remaining * 100 <= self.allocation * t as u64 };
+            if !reached || self.fired.get(&t) == Some(&self.period) {
+                continue;
+            }
+            self.fired.insert(t, self.period);
+            let kind = if t == 0 { "credits.exhausted" } else { "credits.low" };
+            let data = json!({
+                "threshold": t, "remaining": remaining, "allocation": self.allocation,
+                "renews_at": rfc3339(self.renews_at()),
+            });
+            self.event(kind, now, data);
+        }
+    }
+
+    fn refund(&mut self, charge_id: &str, now: i64) -> RefundOutcome {
         let period = self.period;
         let Some(c) = self.charges.get_mut(charge_id) else { return RefundOutcome::UnknownCharge };
         if c.refunded {
             return RefundOutcome::AlreadyRefunded;
         }
         c.refunded = true;
-        let to_monthly = if c.period == period { c.from_monthly } else { 0 };
+        let same_period = c.period == period;
+        let to_monthly = if same_period { c.from_monthly } else { 0 };
         let to_topup = c.from_topup;
-        if c.period == period {
-            self.used -= c.cost;
-        }
-        self.monthly += to_monthly;
-        self.topup += to_topup;
+        let (cost, charge_period, day) = (c.cost, c.period, c.day);
+        let (operation, category) = (c.operation.clone(), c.category.clone());
         // A refunded request was not served: a retry under the same idempotency key pays anew.
         if let Some(key) = c.idempotency_key.take()
             && self.idempotency.get(&key).is_some_and(|(_, id)| id == charge_id)
         {
             self.idempotency.remove(&key);
         }
+        if same_period {
+            self.used = self.used.saturating_sub(cost);
+        }
+        self.monthly += to_monthly;
+        self.topup += to_topup;
+        self.add_usage(charge_period, day, &category, &operation, cost, true);
+        let mut e = self.entry("refund", now, to_monthly as i64, to_topup as i64);
+        e.operation = Some(operation);
+        e.category = Some(category);
+        e.charge_id = Some(charge_id.to_owned());
+        self.history.push(e);
         RefundOutcome::Refunded { to_monthly, to_topup, monthly_remaining: self.monthly, topup_remaining: self.topup }
     }
+
+    fn topup(&mut self, req: &TopupRequest<'_>, now: i64) -> TopupOutcome {
+        if let Some(r) = self.topups.get(req.payment_ref) {
+            return TopupOutcome::Duplicate(r.clone());
+        }
+        self.topup += req.credits;
+        let receipt = TopupReceipt {
+            payment_ref: req.payment_ref.to_owned(),
+            credits: req.credits,
+            package: req.package.map(str::to_owned),
+            topup_remaining: self.topup,
+            created_at: now,
+        };
+        self.topups.insert(req.payment_ref.to_owned(), receipt.clone());
+        let mut e = self.entry("topup", now, 0, req.credits as i64);
+        e.payment_ref = Some(req.payment_ref.to_owned());
+        e.package = req.package.map(str::to_owned);
+        self.history.push(e);
+        let data = json!({
+            "payment_ref": req.payment_ref, "credits": req.credits, "package": req.package,
+            "topup_remaining": self.topup,
+        });
+        self.event("topup.completed", now, data);
+        TopupOutcome::Created(receipt)
+    }
+
+    fn change_plan(&mut self, change: PlanChange<'_>, now: i64) -> PlanOutcome {
+        if change.plan == self.plan {
+            self.pending = None;
+            return PlanOutcome::Unchanged;
+        }
+        if change.allocation < self.allocation {
+            self.pending = Some((change.plan.to_owned(), change.allocation));
+            let mut e = self.entry("plan_change", now, 0, 0);
+            e.plan = Some(change.plan.to_owned());
+            self.history.push(e);
+            return PlanOutcome::DowngradeScheduled;
+        }
+        let grow = change.allocation - self.allocation;
+        self.plan = change.plan.to_owned();
+        self.allocation = change.allocation;
+        self.pending = None;
+        self.monthly += grow;
+        let mut e = self.entry("plan_change", now, grow as i64, 0);
+        e.plan = Some(change.plan.to_owned());
+        self.history.push(e);
+        PlanOutcome::Upgraded
+    }
+
+    fn usage(&self, earlier: usize) -> Usage {
+        let period = |k: i64| {
+            let mut u = self.usage.get(&k).cloned().unwrap_or_default();
+            u.period_start = self.anchor.period_start(k);
+            u.period_end = self.anchor.period_start(k + 1);
+            u
+        };
+        Usage { current: period(self.period), earlier: (1..=earlier as i64).map(|i| period(self.period - i)).collect() }
+    }
 }
+
+// === impl Ledger for MemoryLedger ===
 
 impl Ledger for MemoryLedger {
     async fn create_account(&self, new: NewAccount) -> LedgerResult<bool> {
         let now = (self.clock)();
         let anchor = Anchor::from_unix(new.anchor);
-        let period = anchor.period_at(now);
-        let mut accounts = self.accounts.write().expect("lock");
+        let mut accounts = self.accounts.write().unwrap_or_else(PoisonError::into_inner);
         if accounts.contains_key(&new.id) {
             return Ok(false);
         }
-        let account = Account {
+        let mut account = Account {
             id: new.id.clone(),
             plan: new.plan,
             allocation: new.allocation,
             pending: None,
             anchor,
-            period,
+            period: anchor.period_at(now),
             monthly: new.allocation,
             topup: 0,
             used: 0,
             email: new.email,
+            auto: None,
+            auto_count: 0,
+            fired: HashMap::new(),
             charges: HashMap::new(),
             idempotency: HashMap::new(),
             expiries: VecDeque::new(),
             topups: HashMap::new(),
+            history: Vec::new(),
+            usage: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            event_seq: 0,
         };
+        let mut e = account.entry("created", now, new.allocation as i64, 0);
+        e.plan = Some(account.plan.clone());
+        account.history.push(e);
         accounts.insert(new.id, Arc::new(Mutex::new(account)));
         Ok(true)
     }
@@ -251,41 +465,87 @@ impl Ledger for MemoryLedger {
     }
 
     async fn refund(&self, account: &str, charge_id: &str) -> LedgerResult<RefundOutcome> {
-        Ok(self.with_account(account, |a, _| a.refund(charge_id)).unwrap_or(RefundOutcome::UnknownCharge))
+        Ok(self.with_account(account, |a, now| a.refund(charge_id, now)).unwrap_or(RefundOutcome::UnknownCharge))
     }
 
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {
-        let outcome = self.with_account(req.account, |a, now| {
-            if let Some(r) = a.topups.get(req.payment_ref) {
-                return TopupOutcome::Duplicate(r.clone());
-            }
-            a.topup += req.credits;
-            let receipt = TopupReceipt {
-                payment_ref: req.payment_ref.to_owned(),
-                credits: req.credits,
-                package: req.package.map(str::to_owned),
-                topup_remaining: a.topup,
-                created_at: now,
-            };
-            a.topups.insert(req.payment_ref.to_owned(), receipt.clone());
-            TopupOutcome::Created(receipt)
-        });
-        Ok(outcome.unwrap_or(TopupOutcome::NoAccount))
+        Ok(self.with_account(req.account, |a, now| a.topup(&req, now)).unwrap_or(TopupOutcome::NoAccount))
     }
 
     async fn create_key(&self, key: KeyRecord) -> LedgerResult<bool> {
-        if !self.accounts.read().expect("lock").contains_key(&key.account) {
+        if self.get(&key.account).is_none() {
             return Ok(false);
         }
-        self.keys.write().expect("lock").insert(key.hash.clone(), key);
+        self.keys.write().unwrap_or_else(PoisonError::into_inner).insert(key.hash.clone(), key);
         Ok(true)
     }
 
     async fn find_key(&self, hash: &str) -> LedgerResult<Option<KeyRecord>> {
-        Ok(self.keys.read().expect("lock").get(hash).cloned())
+        Ok(self.keys.read().unwrap_or_else(PoisonError::into_inner).get(hash).cloned())
     }
 
     async fn ping(&self) -> LedgerResult<()> {
+        Ok(())
+    }
+
+    async fn update_account(
+        &self,
+        id: &str,
+        plan: Option<PlanChange<'_>>,
+        email: Option<&str>,
+    ) -> LedgerResult<Option<PlanOutcome>> {
+        Ok(self.with_account(id, |a, now| {
+            if let Some(email) = email {
+                a.email = Some(email.to_owned());
+            }
+            plan.map_or(PlanOutcome::Unchanged, |p| a.change_plan(p, now))
+        }))
+    }
+
+    async fn set_auto_topup(&self, id: &str, setting: &AutoTopup) -> LedgerResult<bool> {
+        Ok(self.with_account(id, |a, _| a.auto = Some(setting.clone())).is_some())
+    }
+
+    async fn list_keys(&self, account: &str) -> LedgerResult<Vec<KeyRecord>> {
+        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        let mut list: Vec<KeyRecord> = keys.values().filter(|k| k.account == account).cloned().collect();
+        list.sort_by(|a, b| (a.created_at, &a.key_id).cmp(&(b.created_at, &b.key_id)));
+        Ok(list)
+    }
+
+    async fn revoke_key(&self, key_id: &str) -> LedgerResult<Option<KeyRecord>> {
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        let hash = keys.values().find(|k| k.key_id == key_id).map(|k| k.hash.clone());
+        Ok(hash.and_then(|h| keys.remove(&h)))
+    }
+
+    async fn history(
+        &self,
+        account: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> LedgerResult<Option<Vec<HistoryEntry>>> {
+        Ok(self.with_account(account, |a, _| {
+            let end = before.map_or(a.history.len(), |b| (b.saturating_sub(1) as usize).min(a.history.len()));
+            a.history[..end].iter().rev().take(limit).cloned().collect()
+        }))
+    }
+
+    async fn usage(&self, account: &str, earlier: usize) -> LedgerResult<Option<Usage>> {
+        Ok(self.with_account(account, |a, _| a.usage(earlier)))
+    }
+
+    async fn event_accounts(&self) -> LedgerResult<Vec<String>> {
+        let accounts: Vec<_> = self.accounts.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+        Ok(accounts.iter().map(|a| lock(a)).filter(|a| !a.outbox.is_empty()).map(|a| a.id.clone()).collect())
+    }
+
+    async fn pending_events(&self, account: &str, max: usize) -> LedgerResult<Vec<Event>> {
+        Ok(self.with_account(account, |a, _| a.outbox.iter().take(max).cloned().collect()).unwrap_or_default())
+    }
+
+    async fn ack_events(&self, account: &str, ids: &[String]) -> LedgerResult<()> {
+        self.with_account(account, |a, _| a.outbox.retain(|e| !ids.contains(&e.id)));
         Ok(())
     }
 }

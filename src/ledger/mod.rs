@@ -45,7 +45,7 @@ pub struct NewAccount {
 }
 
 /// An account's state as of now (after any due renewal).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AccountView {
     /// Account id.
     pub id: String,
@@ -67,6 +67,10 @@ pub struct AccountView {
     pub renews_at: i64,
     /// Contact e-mail.
     pub email: Option<String>,
+    /// Auto top-up setting, if one was ever made.
+    pub auto_topup: Option<AutoTopup>,
+    /// Auto top-ups bought in the current period.
+    pub auto_topups_this_period: u64,
 }
 
 impl AccountView {
@@ -102,6 +106,10 @@ pub struct ChargeRequest<'a> {
     pub request_id: &'a str,
     /// Optional client idempotency key.
     pub idempotency: Option<Idempotency<'a>>,
+    /// Remaining-credit thresholds, percent of the allocation, that raise an event when crossed.
+    pub thresholds: &'a [u8],
+    /// Most auto top-ups per billing period.
+    pub auto_topup_max_per_period: u64,
 }
 
 /// What a charge took and what is left.
@@ -123,6 +131,8 @@ pub struct Receipt {
     pub allocation: u64,
     /// Next renewal, Unix seconds.
     pub renews_at: i64,
+    /// Credits an auto top-up added in this very step.
+    pub auto_topup: Option<u64>,
 }
 
 impl Receipt {
@@ -212,6 +222,123 @@ pub enum TopupOutcome {
     NoAccount,
 }
 
+/// An account's auto top-up setting.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AutoTopup {
+    /// Whether it buys at all.
+    pub enabled: bool,
+    /// Buy when a charge takes the total remaining below this.
+    pub threshold: u64,
+    /// Package bought.
+    pub package: String,
+    /// Credits of that package (copied when the setting is made).
+    pub credits: u64,
+    /// Price of that package in euros (for the purchase event and invoicing).
+    pub price_eur: f64,
+}
+
+/// A plan change.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanChange<'a> {
+    /// New plan.
+    pub plan: &'a str,
+    /// Its monthly credits.
+    pub allocation: u64,
+}
+
+/// What a plan change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanOutcome {
+    /// Higher allocation: in force now, the monthly bucket grew by the difference.
+    Upgraded,
+    /// Lower allocation: takes effect at the next renewal (`pending_plan`).
+    DowngradeScheduled,
+    /// Same plan (a pending downgrade, if any, is cancelled).
+    Unchanged,
+}
+
+/// One balance change in an account's history.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct HistoryEntry {
+    /// Position in the account's history, from 1.
+    pub seq: u64,
+    /// `created`, `charge`, `refund`, `topup`, `auto_topup`, `renewal` or `plan_change`.
+    pub kind: String,
+    /// When, Unix seconds.
+    pub at: i64,
+    /// Change of the monthly bucket (negative for a charge, or for unused credits expiring at renewal).
+    pub monthly_delta: i64,
+    /// Change of the top-up bucket.
+    pub topup_delta: i64,
+    /// Monthly bucket after the change.
+    pub monthly_after: u64,
+    /// Top-up bucket after the change.
+    pub topup_after: u64,
+    /// Operation, for charges and refunds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// Category, for charges and refunds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// Request id, for charges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Charge id, for charges and refunds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charge_id: Option<String>,
+    /// Payment reference, for top-ups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_ref: Option<String>,
+    /// Package, for top-ups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package: Option<String>,
+    /// Plan after the change, for created / renewal / plan_change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+}
+
+/// Credits used in one period.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PeriodUsage {
+    /// Period start, Unix seconds.
+    pub period_start: i64,
+    /// Period end (next renewal), Unix seconds.
+    pub period_end: i64,
+    /// Net credits charged (refunds subtract).
+    pub total: u64,
+    /// By category.
+    pub by_category: std::collections::BTreeMap<String, u64>,
+    /// By operation.
+    pub by_operation: std::collections::BTreeMap<String, u64>,
+    /// By UTC day (days since 1970-01-01), only days with use.
+    pub by_day: std::collections::BTreeMap<i64, u64>,
+}
+
+/// The current period's usage and the totals of earlier periods (newest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    /// The period in progress.
+    pub current: PeriodUsage,
+    /// Earlier periods, newest first; periods with no record count 0.
+    pub earlier: Vec<PeriodUsage>,
+}
+
+/// An outbox event (SPEC §7), written in the same atomic step as the change it reports.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Event {
+    /// Unique id; receivers dedupe by it.
+    pub id: String,
+    /// `credits.low`, `credits.exhausted`, `credits.renewed`, `topup.completed`, `auto_topup.purchased`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Account.
+    pub account_id: String,
+    /// When, Unix seconds.
+    pub created_at: i64,
+    /// Type-specific fields.
+    pub data: serde_json::Value,
+}
+
 /// Role of an API key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -274,6 +401,44 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// A real round trip through the store (readiness).
     fn ping(&self) -> impl Future<Output = LedgerResult<()>> + Send;
+
+    /// Changes the plan (upgrade now, downgrade at renewal) and/or the e-mail; `None`: no account.
+    fn update_account(
+        &self,
+        id: &str,
+        plan: Option<PlanChange<'_>>,
+        email: Option<&str>,
+    ) -> impl Future<Output = LedgerResult<Option<PlanOutcome>>> + Send;
+
+    /// Sets the auto top-up setting; `false`: no account.
+    fn set_auto_topup(&self, id: &str, setting: &AutoTopup) -> impl Future<Output = LedgerResult<bool>> + Send;
+
+    /// The live keys of an account, oldest first.
+    fn list_keys(&self, account: &str) -> impl Future<Output = LedgerResult<Vec<KeyRecord>>> + Send;
+
+    /// Revokes a key by its public id; the record it had, or `None` when unknown.
+    fn revoke_key(&self, key_id: &str) -> impl Future<Output = LedgerResult<Option<KeyRecord>>> + Send;
+
+    /// History entries, newest first, with `seq < before` (all when `None`), at most `limit`.
+    /// `None`: no account.
+    fn history(
+        &self,
+        account: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> impl Future<Output = LedgerResult<Option<Vec<HistoryEntry>>>> + Send;
+
+    /// Usage of the current period and of `earlier` periods before it; `None`: no account.
+    fn usage(&self, account: &str, earlier: usize) -> impl Future<Output = LedgerResult<Option<Usage>>> + Send;
+
+    /// Accounts that may have undelivered events.
+    fn event_accounts(&self) -> impl Future<Output = LedgerResult<Vec<String>>> + Send;
+
+    /// The oldest undelivered events of an account (at most `max`), in order.
+    fn pending_events(&self, account: &str, max: usize) -> impl Future<Output = LedgerResult<Vec<Event>>> + Send;
+
+    /// Removes delivered (or expired) events from the account's outbox.
+    fn ack_events(&self, account: &str, ids: &[String]) -> impl Future<Output = LedgerResult<()>> + Send;
 }
 
 /// The low-credit flag of SPEC §4: remaining below 10 % of the allocation.

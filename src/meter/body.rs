@@ -6,7 +6,6 @@
 //! its end means the client went away: the charge stands.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -14,21 +13,21 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use super::Charge;
-use crate::store::Store;
+use crate::state::AppState;
 
 pin_project! {
     /// Wraps an upstream body; see the module docs.
     pub struct MeteredBody<B> {
         #[pin]
         inner: B,
-        pending: Option<(Arc<Store>, Charge)>,
+        pending: Option<(AppState, Charge)>,
     }
 }
 
 impl<B> MeteredBody<B> {
     /// Wraps `inner`; `charge` is refunded if `inner` fails.
-    pub fn new(inner: B, ledger: Arc<Store>, charge: Charge) -> Self {
-        Self { inner, pending: Some((ledger, charge)) }
+    pub fn new(inner: B, state: AppState, charge: Charge) -> Self {
+        Self { inner, pending: Some((state, charge)) }
     }
 }
 
@@ -46,9 +45,9 @@ where
         match &polled {
             Poll::Ready(None) => *this.pending = None,
             Poll::Ready(Some(Err(e))) => {
-                if let Some((ledger, charge)) = this.pending.take() {
+                if let Some((state, charge)) = this.pending.take() {
                     tracing::warn!(error = %e, charge_id = %charge.receipt.charge_id, "upstream body failed mid-stream; refunding");
-                    tokio::spawn(async move { super::refund(&ledger, &charge).await });
+                    tokio::spawn(async move { super::refund(&state.ledger, &state.metrics, &charge).await });
                 }
             }
             _ => {}

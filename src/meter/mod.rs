@@ -8,12 +8,14 @@
 pub mod body;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::OnStoreError;
 use crate::error::GatewayError;
 use crate::ledger::{ChargeOutcome, ChargeRequest, Ledger, Receipt, RefundOutcome, is_low};
+use crate::metrics::{CategoryLabels, Metrics, OperationLabels};
 use crate::store::Store;
 
 pub use body::MeteredBody;
@@ -24,6 +26,8 @@ pub const CHARGED: HeaderName = HeaderName::from_static("x-credits-charged");
 pub const REMAINING: HeaderName = HeaderName::from_static("x-credits-remaining");
 /// `x-credits-low`
 pub const LOW: HeaderName = HeaderName::from_static("x-credits-low");
+/// `x-credits-auto-topup`: credits an auto top-up added during this request.
+pub const AUTO_TOPUP: HeaderName = HeaderName::from_static("x-credits-auto-topup");
 /// `x-idempotent-replay`: set when an idempotency key was charged before.
 pub const REPLAY: HeaderName = HeaderName::from_static("x-idempotent-replay");
 
@@ -32,6 +36,8 @@ pub const REPLAY: HeaderName = HeaderName::from_static("x-idempotent-replay");
 pub struct Charge {
     /// Paying account.
     pub account: Arc<str>,
+    /// Usage category (metrics).
+    pub category: Arc<str>,
     /// What the ledger answered.
     pub receipt: Receipt,
     /// True when an earlier request with the same idempotency key paid; nothing was debited now.
@@ -50,6 +56,9 @@ impl Charge {
         if self.replayed {
             headers.insert(REPLAY, HeaderValue::from_static("true"));
         }
+        if let Some(credits) = self.receipt.auto_topup {
+            headers.insert(AUTO_TOPUP, HeaderValue::from(credits));
+        }
     }
 }
 
@@ -66,13 +75,19 @@ pub fn write_headers(headers: &mut HeaderMap, charged: u64, remaining: u64, allo
 /// so the request goes through uncharged.
 pub async fn charge(
     ledger: &Store,
+    metrics: &Metrics,
     on_error: OnStoreError,
     account: &Arc<str>,
+    category: &Arc<str>,
     req: ChargeRequest<'_>,
 ) -> Result<Option<Charge>, GatewayError> {
-    let outcome = match ledger.charge(req).await {
+    let started = Instant::now();
+    let outcome = ledger.charge(req).await;
+    metrics.store_time(started.elapsed());
+    let outcome = match outcome {
         Ok(o) => o,
         Err(e) if on_error == OnStoreError::FailOpen => {
+            metrics.fail_open.inc();
             tracing::error!(error = %e, operation = req.operation, cost = req.cost, "store unavailable; fail_open: forwarding uncharged");
             return Ok(None);
         }
@@ -81,12 +96,20 @@ pub async fn charge(
             return Err(e.into());
         }
     };
+    let charge = |receipt, replayed| Charge { account: account.clone(), category: category.clone(), receipt, replayed };
     match outcome {
-        ChargeOutcome::Charged(receipt) => Ok(Some(Charge { account: account.clone(), receipt, replayed: false })),
-        ChargeOutcome::Replayed(receipt) => Ok(Some(Charge { account: account.clone(), receipt, replayed: true })),
-        ChargeOutcome::Refused { remaining: 0, renews_at } => Err(GatewayError::NoCredits { renews_at }),
+        ChargeOutcome::Charged(receipt) => {
+            metrics.credits_charged.get_or_create(&CategoryLabels { category: category.to_string() }).inc_by(req.cost);
+            Ok(Some(charge(receipt, false)))
+        }
+        ChargeOutcome::Replayed(receipt) => Ok(Some(charge(receipt, true))),
         ChargeOutcome::Refused { remaining, renews_at } => {
-            Err(GatewayError::InsufficientCredits { required: req.cost, remaining, renews_at })
+            metrics.payment_required.get_or_create(&OperationLabels { operation: req.operation.to_owned() }).inc();
+            Err(if remaining == 0 {
+                GatewayError::NoCredits { renews_at }
+            } else {
+                GatewayError::InsufficientCredits { required: req.cost, remaining, renews_at }
+            })
         }
         ChargeOutcome::Conflict => Err(GatewayError::IdempotencyConflict),
         ChargeOutcome::NoAccount => {
@@ -97,12 +120,17 @@ pub async fn charge(
 
 /// Returns a charge after an upstream failure; the remaining balance after it when known.
 /// Never fails the request: a refund that cannot be written is logged loudly for reconciliation.
-pub async fn refund(ledger: &Store, charge: &Charge) -> Option<u64> {
+pub async fn refund(ledger: &Store, metrics: &Metrics, charge: &Charge) -> Option<u64> {
     if charge.replayed {
         return None;
     }
-    match ledger.refund(&charge.account, &charge.receipt.charge_id).await {
+    let started = Instant::now();
+    let outcome = ledger.refund(&charge.account, &charge.receipt.charge_id).await;
+    metrics.store_time(started.elapsed());
+    match outcome {
         Ok(RefundOutcome::Refunded { to_monthly, to_topup, monthly_remaining, topup_remaining }) => {
+            let labels = CategoryLabels { category: charge.category.to_string() };
+            metrics.credits_refunded.get_or_create(&labels).inc_by(to_monthly + to_topup);
             tracing::info!(charge_id = %charge.receipt.charge_id, to_monthly, to_topup, "refunded");
             Some(monthly_remaining + topup_remaining)
         }
