@@ -7,7 +7,8 @@
 //! └── fallback → proxy_handler     the metered proxy, in this order:
 //!       1. request id      x-request-id kept (if sane) or generated; a tracing span carries it
 //!       2. auth            Bearer key → Principal {account, role}        (auth/, cached)
-//!       3. route           method + path → Route (first match wins)      (classify/)
+//!       3. route           path normalised (classify/path.rs), then
+//!                          method + path → Route (first match wins)      (classify/)
 //!       4. body limit      Content-Length > max_body_bytes → 413; streamed bodies capped
 //!       5. classify        Operation::price(headers, role, body?) → cost (classify/)
 //!                          body buffered only if the rule or Idempotency-Key needs it
@@ -98,6 +99,21 @@ async fn forward(
     res
 }
 
+/// Rewrites the request path to its normal form (see [`crate::classify::path`]).
+fn normalize_uri(req: &mut Request) -> Result<(), GatewayError> {
+    let uri = req.uri();
+    let std::borrow::Cow::Owned(path) = crate::classify::path::normalize(uri.path()) else { return Ok(()) };
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query =
+        Some(pq.parse().map_err(|_| GatewayError::BadRequest("The request path is not valid.".into()))?);
+    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("The request path is not valid.".into()))?;
+    Ok(())
+}
+
 /// A client-supplied request id, if it is short printable ASCII.
 fn request_id(headers: &http::HeaderMap) -> Option<&str> {
     let v = headers.get(REQUEST_ID)?.to_str().ok()?;
@@ -113,6 +129,8 @@ async fn handle(
 ) -> Result<Response, GatewayError> {
     let rt = state.runtime.load_full();
     let principal = state.keys.authenticate(req.headers(), &*state.ledger).await?;
+    let mut req = req;
+    normalize_uri(&mut req)?;
     let route = rt
         .rules
         .route(req.method(), req.uri().path())

@@ -6,6 +6,7 @@
 //! chat request with an `x-ai-tier` header is priced without being buffered.
 
 pub mod json;
+pub mod path;
 
 use std::sync::Arc;
 

@@ -46,6 +46,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Drops headers only the gateway may set (`x-credits-*`, `x-idempotent-replay`) from an upstream
+/// answer, so a backend can never show a client a balance or a charge.
+pub fn strip_gateway_owned(headers: &mut HeaderMap) {
+    let owned = |n: &HeaderName| n.as_str().starts_with("x-credits-") || n.as_str() == "x-idempotent-replay";
+    if headers.keys().any(owned) {
+        let names: Vec<HeaderName> = headers.keys().filter(|n| owned(n)).cloned().collect();
+        for n in names {
+            headers.remove(n);
+        }
+    }
+}
+
 /// Prepares a client request's headers for an upstream.
 pub fn prepare_request(headers: &mut HeaderMap, upstream_headers: &[(HeaderName, HeaderValue)], fwd: Forwarded<'_>) {
     strip_hop_by_hop(headers);
@@ -90,6 +102,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn gateway_owned_headers_are_dropped_from_upstream_answers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-credits-low", "true".parse().unwrap());
+        h.insert("x-credits-remaining", "99".parse().unwrap());
+        h.insert("x-idempotent-replay", "true".parse().unwrap());
+        h.insert("x-credit-note", "kept".parse().unwrap());
+        strip_gateway_owned(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-credit-note"));
     }
 
     #[test]

@@ -133,6 +133,7 @@ pub async fn forward(
         Ok(Err(e)) => Err(classify_error(&upstream.name, e)),
         Ok(Ok(mut res)) => {
             headers::strip_hop_by_hop(res.headers_mut());
+            headers::strip_gateway_owned(res.headers_mut());
             Ok(res)
         }
     }

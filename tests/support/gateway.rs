@@ -1,0 +1,224 @@
+//! A real gateway on loopback port 0 for black-box tests, plus a builder for its config.
+//!
+//! [`ConfigBuilder`] starts from the shipped `config/gateway.toml` (so the tests price requests
+//! with exactly the table users get) and changes only what a test needs: the embedded store,
+//! port-0 listeners, recording upstreams and literal upstream credentials.
+
+use std::time::Duration;
+
+use creditgate::config::Config;
+use creditgate::server::{self, Gateway, StartOptions};
+use serde_json::{Value, json};
+
+use super::http::{self, Response};
+
+/// The admin token every test gateway uses.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// The credentials the `ai` upstream is configured to receive.
+pub const BACKEND_AUTH: &str = "Bearer backend-secret";
+
+/// The shipped price table, plans and packages.
+pub const SHIPPED: &str = include_str!("../../config/gateway.toml");
+
+/// Builds a test config from the shipped one.
+#[derive(Debug, Clone)]
+pub struct ConfigBuilder {
+    ai: String,
+    app: String,
+    upstream_timeout_ms: Option<u64>,
+    max_body_bytes: Option<usize>,
+}
+
+impl ConfigBuilder {
+    /// Both upstreams at `url`.
+    pub fn new(url: &str) -> Self {
+        ConfigBuilder { ai: url.to_owned(), app: url.to_owned(), upstream_timeout_ms: None, max_body_bytes: None }
+    }
+
+    /// The `ai` upstream (metered routes).
+    pub fn ai(mut self, url: &str) -> Self {
+        self.ai = url.to_owned();
+        self
+    }
+
+    /// The `app` upstream (the free catch-all route).
+    pub fn app(mut self, url: &str) -> Self {
+        self.app = url.to_owned();
+        self
+    }
+
+    /// `server.upstream_timeout_ms`.
+    pub fn upstream_timeout_ms(mut self, ms: u64) -> Self {
+        self.upstream_timeout_ms = Some(ms);
+        self
+    }
+
+    /// `server.max_body_bytes`.
+    pub fn max_body_bytes(mut self, n: usize) -> Self {
+        self.max_body_bytes = Some(n);
+        self
+    }
+
+    /// The config text.
+    ///
+    /// Adds two plans with no practical rate limit, so that bursts of test traffic measure the
+    /// credits and nothing else: `fifty` (50 monthly credits, like `free`) and `big` (10,000).
+    pub fn build(&self) -> String {
+        let mut text = String::new();
+        let mut seen = [false; 7];
+        for line in SHIPPED.lines() {
+            let t = line.trim_start();
+            let out = if t.starts_with("listen = ") {
+                seen[0] = true;
+                "listen = \"127.0.0.1:0\"".to_owned()
+            } else if t.starts_with("admin_listen = ") {
+                seen[1] = true;
+                "admin_listen = \"127.0.0.1:0\"".to_owned()
+            } else if t.starts_with("kind = \"redis\"") {
+                seen[2] = true;
+                "kind = \"memory\"".to_owned()
+            } else if t.starts_with("url = \"redis://") {
+                seen[3] = true;
+                continue;
+            } else if t.starts_with("urls = [\"http://127.0.0.1:8000\"]") {
+                seen[4] = true;
+                format!("urls = [\"{}\"]", self.ai)
+            } else if t.starts_with("urls = [\"http://127.0.0.1:8001\"]") {
+                seen[5] = true;
+                format!("urls = [\"{}\"]", self.app)
+            } else if t.starts_with("headers = { authorization = \"env:AI_BACKEND_KEY\" }") {
+                seen[6] = true;
+                format!("headers = {{ authorization = \"{BACKEND_AUTH}\" }}")
+            } else if t.starts_with("upstream_timeout_ms = ")
+                && let Some(ms) = self.upstream_timeout_ms
+            {
+                format!("upstream_timeout_ms = {ms}")
+            } else if t.starts_with("max_body_bytes = ")
+                && let Some(n) = self.max_body_bytes
+            {
+                format!("max_body_bytes = {n}")
+            } else {
+                line.to_owned()
+            };
+            text.push_str(&out);
+            text.push('\n');
+        }
+        assert!(seen.iter().all(|s| *s), "config/gateway.toml changed shape; update the test builder ({seen:?})");
+        text.push_str(
+            "\n[plans.fifty]\nmonthly_credits = 50\nrate_limit_per_second = 1000000\n\
+             \n[plans.big]\nmonthly_credits = 10000\nrate_limit_per_second = 1000000\n",
+        );
+        text
+    }
+}
+
+/// A running gateway with its base URLs.
+pub struct TestGateway {
+    /// The gateway itself (shut down on drop of the test runtime).
+    pub gateway: Gateway,
+    /// `http://127.0.0.1:PORT` of the public listener.
+    pub public: String,
+    /// `http://127.0.0.1:PORT` of the admin listener.
+    pub admin: String,
+}
+
+impl TestGateway {
+    /// Parses `config_toml` and starts a gateway on it with the test admin token.
+    pub async fn start(config_toml: &str) -> Self {
+        let config = Config::parse(config_toml).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+        let opts = StartOptions { admin_token: Some(ADMIN_TOKEN.into()), ..Default::default() };
+        let gateway = server::start(config, opts).await.unwrap_or_else(|e| panic!("gateway did not start: {e}"));
+        let public = format!("http://{}", gateway.public_addr);
+        let admin = format!("http://{}", gateway.admin_addr.expect("admin listener configured"));
+        TestGateway { gateway, public, admin }
+    }
+
+    /// Starts a gateway whose upstreams both point at `url`.
+    pub async fn with_upstream(url: &str) -> Self {
+        Self::start(&ConfigBuilder::new(url).build()).await
+    }
+
+    /// A public URL for `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.public)
+    }
+
+    /// An admin request with the admin token.
+    pub async fn admin_call(&self, method: &str, path: &str, body: Option<Value>) -> Response {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let url = format!("{}{path}", self.admin);
+        match body {
+            Some(b) => {
+                let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+                http::send(method, &url, &headers, b.to_string()).await
+            }
+            None => http::send(method, &url, &[("authorization", auth.as_str())], "").await,
+        }
+    }
+
+    /// Creates an account; panics unless the answer is 201.
+    pub async fn create_account(&self, id: &str, plan: &str) -> Value {
+        let res = self.admin_call("POST", "/admin/v1/accounts", Some(json!({"id": id, "plan": plan}))).await;
+        assert_eq!(res.status, 201, "create account {id}: {}", res.text());
+        res.json()
+    }
+
+    /// Creates an API key with `role` (`user` or `system`); returns the plaintext key.
+    pub async fn create_key(&self, account: &str, role: &str) -> String {
+        let path = format!("/admin/v1/accounts/{account}/keys");
+        let res = self.admin_call("POST", &path, Some(json!({"role": role}))).await;
+        assert_eq!(res.status, 201, "create key for {account}: {}", res.text());
+        res.json()["key"].as_str().expect("key in answer").to_owned()
+    }
+
+    /// An account on `plan` and a `user` key for it.
+    pub async fn account_with_key(&self, id: &str, plan: &str) -> String {
+        self.create_account(id, plan).await;
+        self.create_key(id, "user").await
+    }
+
+    /// Adds `credits` top-up credits under `payment_ref`; returns the raw answer.
+    pub async fn topup(&self, account: &str, credits: u64, payment_ref: &str) -> Response {
+        let path = format!("/admin/v1/accounts/{account}/topups");
+        self.admin_call("POST", &path, Some(json!({"credits": credits, "payment_ref": payment_ref}))).await
+    }
+
+    /// `GET /v1/credits` for the key's account; panics unless 200.
+    pub async fn credits(&self, key: &str) -> Value {
+        let auth = format!("Bearer {key}");
+        let res = http::send("GET", &self.url("/v1/credits"), &[("authorization", &auth)], "").await;
+        assert_eq!(res.status, 200, "GET /v1/credits: {}", res.text());
+        res.json()
+    }
+
+    /// Total remaining credits of the key's account.
+    pub async fn remaining(&self, key: &str) -> u64 {
+        self.credits(key).await["remaining"].as_u64().expect("remaining is a number")
+    }
+
+    /// Polls the balance until it equals `expected`, at most `tries` × 50 ms; returns the last value.
+    pub async fn wait_for_remaining(&self, key: &str, expected: u64, tries: usize) -> u64 {
+        let mut last = self.remaining(key).await;
+        for _ in 0..tries {
+            if last == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            last = self.remaining(key).await;
+        }
+        last
+    }
+
+    /// A public request authenticated with `key`, plus extra headers.
+    pub async fn call(&self, key: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Response {
+        let auth = format!("Bearer {key}");
+        let mut all: Vec<(&str, &str)> = vec![("authorization", &auth), ("content-type", "application/json")];
+        all.extend_from_slice(headers);
+        http::send(method, &self.url(path), &all, body.to_owned()).await
+    }
+
+    /// `POST path` with `key` and a JSON body.
+    pub async fn post(&self, key: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Response {
+        self.call(key, "POST", path, headers, body).await
+    }
+}
