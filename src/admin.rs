@@ -17,6 +17,7 @@ use crate::auth::{bearer, generate_key};
 use crate::calendar::{now, parse_rfc3339, rfc3339};
 use crate::error::GatewayError;
 use crate::extract::JsonBody;
+use crate::ledger::jobs::JobStore;
 use crate::ledger::{
     KeyRecord, Ledger, NewAccount, PlanChange, PlanOutcome, Role, TopupOutcome, TopupReceipt, TopupRequest,
 };
@@ -122,7 +123,7 @@ async fn account_json(state: &AppState, id: &str) -> Result<Json, GatewayError> 
     m.insert("id".into(), json!(view.id));
     m.insert("email".into(), json!(view.email));
     m.insert("pending_plan".into(), json!(view.pending_plan));
-    m.insert("queue_depth".into(), json!(0));
+    m.insert("queue_depth".into(), json!(state.ledger.queue_depth(id).await?));
     Ok(axum::Json(Value::Object(m)))
 }
 
@@ -190,6 +191,7 @@ async fn create_topup(
     match state.ledger.topup(req).await? {
         TopupOutcome::Created(r) => {
             tracing::info!(account = %id, credits, payment_ref = %r.payment_ref, "top-up credited");
+            crate::jobs::wake(&state);
             Ok((StatusCode::CREATED, topup_json(&id, &r)))
         }
         TopupOutcome::Duplicate(r) => Ok((StatusCode::OK, topup_json(&id, &r))),

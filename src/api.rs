@@ -5,7 +5,7 @@
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{FromRequestParts, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::response::Html;
 use axum::routing::{get, put};
 use http::request::Parts;
@@ -16,6 +16,7 @@ use crate::auth::Principal;
 use crate::calendar::{civil_from_days, rfc3339};
 use crate::error::GatewayError;
 use crate::extract::JsonBody;
+use crate::ledger::jobs::JobStore;
 use crate::ledger::{AccountView, AutoTopup, Ledger, Usage, is_low};
 use crate::state::{AppState, Runtime};
 
@@ -30,6 +31,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/credits/usage", get(usage))
         .route("/v1/credits/topups", get(topups))
         .route("/v1/credits/auto-topup", put(set_auto_topup))
+        .route("/v1/jobs/{id}", get(job))
         .route("/dashboard", get(|| async { Html(DASHBOARD) }))
 }
 
@@ -233,4 +235,35 @@ async fn set_auto_topup(
     }
     let view = account_of(&state, &principal).await?;
     Ok(Json(auto_topup_json(view.auto_topup.as_ref())))
+}
+
+/// `GET /v1/jobs/{id}`: a queued job of the caller's account; another account's job is a 404.
+async fn job(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, GatewayError> {
+    let job = state
+        .ledger
+        .job(&principal.account, &id)
+        .await?
+        .ok_or_else(|| GatewayError::NotFound(format!("No job with id \"{id}\" on this account.")))?;
+    let mut v = json!({
+        "job_id": job.id,
+        "status": job.status,
+        "operation": job.operation,
+        "cost": job.cost,
+        "attempts": job.attempts,
+        "created_at": rfc3339(job.created_at),
+        "updated_at": rfc3339(job.updated_at),
+        "error": job.error,
+    });
+    if let (Some(status), Some(body)) = (job.result_status, &job.result_body) {
+        let headers: Map<String, Value> = job.result_headers.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        // JSON bodies are embedded as JSON, text as a string, anything else base64-free as lossy text.
+        let body_value = serde_json::from_slice::<Value>(body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
+        v["result"] = json!({"status": status, "headers": headers, "body": body_value});
+    }
+    Ok(Json(v))
 }

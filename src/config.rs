@@ -62,6 +62,9 @@ pub struct Config {
     /// Auto top-up limits.
     #[serde(default)]
     pub auto_topup: AutoTopupConfig,
+    /// The queue of requests waiting for credits (`on_empty = "queue"`).
+    #[serde(default)]
+    pub jobs: JobsConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -349,6 +352,62 @@ fn default_max_per_period() -> u64 {
     5
 }
 
+/// `[jobs]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Most jobs one account may have waiting (429 beyond).
+    #[serde(default = "default_max_queued")]
+    pub max_queued_per_account: u64,
+    /// How long a finished job's result stays readable.
+    #[serde(default = "default_retention_hours")]
+    pub result_retention_hours: u64,
+    /// Largest upstream body kept as a job result (longer ones are cut and marked).
+    #[serde(default = "default_max_result_bytes")]
+    pub max_result_bytes: usize,
+    /// Attempts before a job is `failed`.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt.
+    #[serde(default = "default_retry_base_ms")]
+    pub retry_base_ms: u64,
+    /// Jobs run at the same time by one gateway instance.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            max_queued_per_account: default_max_queued(),
+            result_retention_hours: default_retention_hours(),
+            max_result_bytes: default_max_result_bytes(),
+            max_attempts: default_max_attempts(),
+            retry_base_ms: default_retry_base_ms(),
+            concurrency: default_concurrency(),
+        }
+    }
+}
+
+fn default_max_queued() -> u64 {
+    1000
+}
+fn default_retention_hours() -> u64 {
+    7 * 24
+}
+fn default_max_result_bytes() -> usize {
+    1024 * 1024
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_retry_base_ms() -> u64 {
+    1000
+}
+fn default_concurrency() -> usize {
+    8
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -510,6 +569,16 @@ impl Config {
                 return Err(bad(format!("{key}.credits"), "must be greater than 0"));
             }
             check_price(&format!("{key}.price_eur"), p.price_eur)?;
+        }
+        let j = &self.jobs;
+        for (key, v) in [
+            ("jobs.max_queued_per_account", j.max_queued_per_account),
+            ("jobs.result_retention_hours", j.result_retention_hours),
+            ("jobs.max_result_bytes", j.max_result_bytes as u64),
+            ("jobs.max_attempts", j.max_attempts as u64),
+            ("jobs.concurrency", j.concurrency as u64),
+        ] {
+            positive(key, v)?;
         }
         if self.auto_topup.max_per_period == 0 {
             return Err(bad("auto_topup.max_per_period", "must be greater than 0"));

@@ -61,6 +61,12 @@ pub enum GatewayError {
         /// Seconds until a retry may succeed.
         retry_after_secs: u64,
     },
+    /// The account's job queue is full (account).
+    #[error("queue full")]
+    QueueFull {
+        /// Most jobs an account may have waiting.
+        limit: u64,
+    },
     /// The upstream could not be reached or broke the connection (upstream).
     #[error("upstream unavailable: {0}")]
     UpstreamUnavailable(String),
@@ -98,7 +104,7 @@ impl GatewayError {
             Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             IdempotencyConflict => (StatusCode::CONFLICT, "idempotency_conflict"),
             PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            RateLimited { .. } | QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             UpstreamUnavailable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
@@ -136,6 +142,10 @@ impl GatewayError {
                 fields.insert("retry_after".into(), json!(retry_after_secs));
                 format!("Too many requests; retry in {retry_after_secs} s.")
             }
+            QueueFull { limit } => {
+                fields.insert("queue_limit".into(), json!(limit));
+                format!("You already have {limit} requests waiting for credits; wait for them to run or buy a top-up.")
+            }
             UpstreamUnavailable(_) => "The AI backend could not be reached. You were not charged.".into(),
             UpstreamTimeout => "The AI backend did not answer in time. You were not charged.".into(),
             StoreUnavailable(_) => "The credit store is unavailable right now; please retry shortly.".into(),
@@ -154,8 +164,14 @@ impl IntoResponse for GatewayError {
         let mut res = Response::new(Body::from(body));
         *res.status_mut() = status;
         res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let GatewayError::RateLimited { retry_after_secs } = self {
-            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        match self {
+            GatewayError::RateLimited { retry_after_secs } => {
+                res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            GatewayError::QueueFull { .. } => {
+                res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+            }
+            _ => {}
         }
         res
     }

@@ -20,6 +20,7 @@
 //! * [`calendar`] — billing-anchor arithmetic (periods, month-end clamping).
 //! * [`error`] — `GatewayError` and the one mapping to HTTP answers (SPEC §6).
 //! * [`api`] — the customer API (`/v1/credits…`); [`admin`] — the admin listener.
+//! * [`jobs`] — runs queued requests once their account can pay.
 //! * [`notify`] — delivers outbox events (webhook, e-mail); [`metrics`] — Prometheus metrics.
 //! * [`server`] — listeners, graceful shutdown, config reload; [`demo`] — the fake backend and tour.
 #![warn(missing_docs)]
@@ -33,6 +34,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod extract;
+pub mod jobs;
 pub mod ledger;
 pub mod meter;
 pub mod metrics;

@@ -91,6 +91,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
         admin_token,
         config_path: opts.config_path,
         metrics: crate::metrics::Metrics::default(),
+        jobs_wake: tokio::sync::Notify::new(),
     }));
 
     let (shutdown, _) = watch::channel(false);
@@ -107,6 +108,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
         None => None,
     };
     tasks.push(crate::notify::spawn(state.clone(), shutdown.subscribe()));
+    tasks.push(crate::jobs::spawn(state.clone(), shutdown.subscribe()));
     tracing::info!(%public_addr, ?admin_addr, store = state.ledger.kind(), "creditgate listening");
     Ok(Gateway { public_addr, admin_addr, state, shutdown, tasks })
 }

@@ -33,7 +33,9 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use crate::auth::Principal;
+use crate::config::OnEmpty;
 use crate::error::GatewayError;
+use crate::ledger::jobs::{EnqueueOutcome, JobStore, NewJob};
 use crate::ledger::{ChargeRequest, Idempotency};
 use crate::meter::{self, MeteredBody};
 use crate::proxy::{self, Forwarded, headers::REQUEST_ID};
@@ -110,7 +112,8 @@ fn normalize_uri(req: &mut Request) -> Result<(), GatewayError> {
     let mut parts = uri.clone().into_parts();
     parts.path_and_query =
         Some(pq.parse().map_err(|_| GatewayError::BadRequest("The request path is not valid.".into()))?);
-    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("The request path is not valid.".into()))?;
+    *req.uri_mut() =
+        http::Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("The request path is not valid.".into()))?;
     Ok(())
 }
 
@@ -157,7 +160,9 @@ async fn handle(
     *label = Label::Operation(op.name.clone());
     let idempotency_key = idempotency_key(req.headers())?.map(str::to_owned);
     let (parts, body) = req.into_parts();
-    let buffered = if op.needs_body(&parts.headers, principal.role) || idempotency_key.is_some() {
+    // A queueing operation keeps the body: it is stored with the job when the account cannot pay.
+    let queues = op.on_empty == OnEmpty::Queue;
+    let buffered = if op.needs_body(&parts.headers, principal.role) || idempotency_key.is_some() || queues {
         Some(read_body(body, max_body).await?)
     } else {
         // Not needed for pricing: stream it on untouched.
@@ -214,8 +219,26 @@ async fn metered(
         auto_topup_max_per_period: rt.config.auto_topup.max_per_period,
     };
     let on_error = rt.config.store.on_error;
-    let charge =
-        meter::charge(&state.ledger, &state.metrics, on_error, &principal.account, &op.category, charge_req).await?;
+    let charge = match meter::charge(
+        &state.ledger,
+        &state.metrics,
+        on_error,
+        &principal.account,
+        &op.category,
+        charge_req,
+    )
+    .await
+    {
+        Err(GatewayError::NoCredits { .. } | GatewayError::InsufficientCredits { .. })
+            if op.on_empty == OnEmpty::Queue =>
+        {
+            return enqueue(state, rt, principal, op, upstream_name, req, price.cost, fwd.request_id).await;
+        }
+        other => other?,
+    };
+    if charge.as_ref().is_some_and(|c| c.receipt.auto_topup.is_some()) {
+        crate::jobs::wake(state);
+    }
     tracing::debug!(operation = %op.name, tier = ?price.tier, cost = price.cost, "charged");
     let result = forward(state, upstream, req, fwd, rt.upstream_timeout).await;
     let Some(charge) = charge else {
@@ -242,6 +265,62 @@ async fn metered(
             let mut res = res.map(|b| Body::new(MeteredBody::new(b, state.clone(), charge.clone())));
             charge.write_headers(res.headers_mut());
             Ok(res)
+        }
+    }
+}
+
+/// Queues a request its account cannot pay for yet: 202 with the job id and its `Location`.
+#[allow(clippy::too_many_arguments)]
+async fn enqueue(
+    state: &AppState,
+    rt: &crate::state::Runtime,
+    principal: &Principal,
+    op: &crate::classify::Operation,
+    upstream: &str,
+    req: Request,
+    cost: u64,
+    request_id: &str,
+) -> Result<Response, GatewayError> {
+    let (parts, body) = req.into_parts();
+    // The body was buffered above (queueing operations always are); this only unwraps it.
+    let body = read_body(body, rt.config.server.max_body_bytes).await?;
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "authorization" | "host" | "content-length" | "idempotency-key"))
+        .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
+        .collect();
+    let job_id = format!("job_{}", crate::auth::keys::random_alnum(20));
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let new = NewJob {
+        id: &job_id,
+        account: &principal.account,
+        operation: &op.name,
+        category: &op.category,
+        cost,
+        upstream,
+        method: parts.method.as_str(),
+        path,
+        headers: &headers,
+        body: &body,
+        request_id,
+        max_queued: rt.config.jobs.max_queued_per_account,
+    };
+    match state.ledger.enqueue_job(new).await? {
+        EnqueueOutcome::Queued { depth } => {
+            tracing::info!(job_id, depth, operation = %op.name, "queued until the account can pay");
+            let body = serde_json::json!({"job_id": job_id, "status": "queued", "queue_depth": depth});
+            let mut res = (http::StatusCode::ACCEPTED, axum::Json(body)).into_response();
+            let location = format!("/v1/jobs/{job_id}");
+            res.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&location).expect("ascii id"));
+            meter::write_headers(res.headers_mut(), 0, 0, 0);
+            res.headers_mut().remove(meter::REMAINING);
+            res.headers_mut().remove(meter::LOW);
+            Ok(res)
+        }
+        EnqueueOutcome::Full => Err(GatewayError::QueueFull { limit: rt.config.jobs.max_queued_per_account }),
+        EnqueueOutcome::NoAccount => {
+            Err(GatewayError::Unauthorized("The account of this API key no longer exists.".into()))
         }
     }
 }

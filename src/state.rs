@@ -82,6 +82,8 @@ pub struct Shared {
     pub config_path: Option<PathBuf>,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
+    /// Wakes the job runner (top-ups).
+    pub jobs_wake: tokio::sync::Notify,
 }
 
 /// Cheap-to-clone handle on [`Shared`].

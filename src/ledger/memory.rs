@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use serde_json::json;
 
+use super::jobs::*;
 use super::*;
 use crate::calendar::{Anchor, rfc3339};
 
@@ -58,6 +59,21 @@ struct Account {
     usage: BTreeMap<i64, PeriodUsage>,
     outbox: VecDeque<Event>,
     event_seq: u64,
+    jobs: HashMap<String, JobRecord>,
+    /// Ids of queued and running jobs, oldest first.
+    queue: VecDeque<String>,
+}
+
+struct JobRecord {
+    job: Job,
+    status: &'static str,
+    lease: Option<(String, i64)>,
+    not_before: i64,
+    updated_at: i64,
+    result: Option<(u16, Vec<(String, String)>, Vec<u8>)>,
+    error: Option<String>,
+    /// Finished records are forgotten after this time.
+    expires_at: Option<i64>,
 }
 
 struct ChargeRecord {
@@ -140,6 +156,7 @@ impl Account {
     }
 
     fn forget_expired(&mut self, now: i64) {
+        self.jobs.retain(|_, j| j.expires_at.is_none_or(|t| t > now));
         while let Some((expiry, _)) = self.expiries.front() {
             if *expiry > now {
                 break;
@@ -448,6 +465,8 @@ impl Ledger for MemoryLedger {
             usage: BTreeMap::new(),
             outbox: VecDeque::new(),
             event_seq: 0,
+            jobs: HashMap::new(),
+            queue: VecDeque::new(),
         };
         let mut e = account.entry("created", now, new.allocation as i64, 0);
         e.plan = Some(account.plan.clone());
@@ -547,5 +566,139 @@ impl Ledger for MemoryLedger {
     async fn ack_events(&self, account: &str, ids: &[String]) -> LedgerResult<()> {
         self.with_account(account, |a, _| a.outbox.retain(|e| !ids.contains(&e.id)));
         Ok(())
+    }
+}
+
+// === impl JobStore for MemoryLedger ===
+
+impl JobStore for MemoryLedger {
+    async fn enqueue_job(&self, new: NewJob<'_>) -> LedgerResult<EnqueueOutcome> {
+        let outcome = self.with_account(new.account, |a, now| {
+            if a.queue.len() as u64 >= new.max_queued {
+                return EnqueueOutcome::Full;
+            }
+            let job = Job {
+                id: new.id.to_owned(),
+                account: new.account.to_owned(),
+                operation: new.operation.to_owned(),
+                category: new.category.to_owned(),
+                cost: new.cost,
+                upstream: new.upstream.to_owned(),
+                method: new.method.to_owned(),
+                path: new.path.to_owned(),
+                headers: new.headers.to_vec(),
+                body: new.body.to_vec(),
+                request_id: new.request_id.to_owned(),
+                attempts: 0,
+                created_at: now,
+            };
+            let record = JobRecord {
+                job,
+                status: "queued",
+                lease: None,
+                not_before: now,
+                updated_at: now,
+                result: None,
+                error: None,
+                expires_at: None,
+            };
+            a.jobs.insert(new.id.to_owned(), record);
+            a.queue.push_back(new.id.to_owned());
+            EnqueueOutcome::Queued { depth: a.queue.len() as u64 }
+        });
+        Ok(outcome.unwrap_or(EnqueueOutcome::NoAccount))
+    }
+
+    async fn claim_job(&self, account: &str, runner: &str, lease_secs: i64) -> LedgerResult<Option<Job>> {
+        Ok(self
+            .with_account(account, |a, now| {
+                let Account { queue, jobs, .. } = a;
+                for id in queue.iter() {
+                    let j = jobs.get_mut(id).expect("queued ids have records");
+                    let leased = j.lease.as_ref().is_some_and(|(_, until)| *until > now);
+                    if leased || j.not_before > now {
+                        continue;
+                    }
+                    j.lease = Some((runner.to_owned(), now + lease_secs));
+                    j.status = "running";
+                    j.updated_at = now;
+                    return Some(j.job.clone());
+                }
+                None
+            })
+            .flatten())
+    }
+
+    async fn finish_job(&self, account: &str, job_id: &str, runner: &str, finish: JobFinish) -> LedgerResult<bool> {
+        Ok(self
+            .with_account(account, |a, now| {
+                let Some(j) = a.jobs.get_mut(job_id) else { return false };
+                if j.lease.as_ref().is_none_or(|(r, _)| r != runner) {
+                    return false;
+                }
+                j.lease = None;
+                j.updated_at = now;
+                let finished = match finish {
+                    JobFinish::Done { status, headers, body, retention_secs } => {
+                        j.status = "done";
+                        j.result = Some((status, headers, body));
+                        j.expires_at = Some(now + retention_secs);
+                        true
+                    }
+                    JobFinish::Failed { reason, retention_secs } => {
+                        j.status = "failed";
+                        j.job.attempts += 1;
+                        j.error = Some(reason);
+                        j.expires_at = Some(now + retention_secs);
+                        true
+                    }
+                    JobFinish::Retry { reason, delay_secs } => {
+                        j.status = "queued";
+                        j.job.attempts += 1;
+                        j.error = Some(reason);
+                        j.not_before = now + delay_secs;
+                        false
+                    }
+                    JobFinish::Release => {
+                        j.status = "queued";
+                        false
+                    }
+                };
+                if finished {
+                    j.job.body = Vec::new();
+                    a.queue.retain(|id| id != job_id);
+                }
+                true
+            })
+            .unwrap_or(false))
+    }
+
+    async fn job(&self, account: &str, job_id: &str) -> LedgerResult<Option<JobView>> {
+        Ok(self
+            .with_account(account, |a, _| {
+                a.jobs.get(job_id).map(|j| JobView {
+                    id: j.job.id.clone(),
+                    status: j.status.to_owned(),
+                    operation: j.job.operation.clone(),
+                    cost: j.job.cost,
+                    attempts: j.job.attempts,
+                    created_at: j.job.created_at,
+                    updated_at: j.updated_at,
+                    result_status: j.result.as_ref().map(|r| r.0),
+                    result_headers: j.result.as_ref().map(|r| r.1.clone()).unwrap_or_default(),
+                    result_body: j.result.as_ref().map(|r| r.2.clone()),
+                    error: j.error.clone(),
+                })
+            })
+            .flatten())
+    }
+
+    async fn queue_depth(&self, account: &str) -> LedgerResult<u64> {
+        Ok(self.with_account(account, |a, _| a.queue.len() as u64).unwrap_or(0))
+    }
+
+    async fn job_accounts(&self) -> LedgerResult<Vec<String>> {
+        let accounts: Vec<_> = self.accounts.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+        Ok(accounts.iter().map(|a| lock(a)).filter(|a| !a.queue.is_empty()).map(|a| a.id.clone()).collect())
     }
 }

@@ -10,6 +10,7 @@
 //! (resetting the monthly bucket to the allocation, applying a pending downgrade), so reads show
 //! the new period even before the first charge in it.
 
+pub mod jobs;
 pub mod keys;
 pub mod memory;
 pub mod redis;

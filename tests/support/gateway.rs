@@ -27,12 +27,23 @@ pub struct ConfigBuilder {
     app: String,
     upstream_timeout_ms: Option<u64>,
     max_body_bytes: Option<usize>,
+    store: Option<String>,
+    notifications: Vec<String>,
+    extra: String,
 }
 
 impl ConfigBuilder {
     /// Both upstreams at `url`.
     pub fn new(url: &str) -> Self {
-        ConfigBuilder { ai: url.to_owned(), app: url.to_owned(), upstream_timeout_ms: None, max_body_bytes: None }
+        ConfigBuilder {
+            ai: url.to_owned(),
+            app: url.to_owned(),
+            upstream_timeout_ms: None,
+            max_body_bytes: None,
+            store: None,
+            notifications: Vec::new(),
+            extra: String::new(),
+        }
     }
 
     /// The `ai` upstream (metered routes).
@@ -59,6 +70,26 @@ impl ConfigBuilder {
         self
     }
 
+    /// The `[store]` lines after `kind` (e.g. `kind = "redis"\nurl = "redis://…"`), instead of memory.
+    pub fn store(mut self, lines: &str) -> Self {
+        self.store = Some(lines.to_owned());
+        self
+    }
+
+    /// A line added to `[notifications]`.
+    pub fn notification(mut self, line: &str) -> Self {
+        self.notifications.push(line.to_owned());
+        self
+    }
+
+    /// TOML appended at the end (new tables only, e.g. `[jobs]`).
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push('\n');
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
     /// The config text.
     ///
     /// Adds two plans with no practical rate limit, so that bursts of test traffic measure the
@@ -76,7 +107,7 @@ impl ConfigBuilder {
                 "admin_listen = \"127.0.0.1:0\"".to_owned()
             } else if t.starts_with("kind = \"redis\"") {
                 seen[2] = true;
-                "kind = \"memory\"".to_owned()
+                self.store.clone().unwrap_or_else(|| "kind = \"memory\"".to_owned())
             } else if t.starts_with("url = \"redis://") {
                 seen[3] = true;
                 continue;
@@ -97,6 +128,13 @@ impl ConfigBuilder {
                 && let Some(n) = self.max_body_bytes
             {
                 format!("max_body_bytes = {n}")
+            } else if t == "[notifications]" {
+                let mut out = line.to_owned();
+                for l in &self.notifications {
+                    out.push('\n');
+                    out.push_str(l);
+                }
+                out
             } else {
                 line.to_owned()
             };
@@ -108,6 +146,7 @@ impl ConfigBuilder {
             "\n[plans.fifty]\nmonthly_credits = 50\nrate_limit_per_second = 1000000\n\
              \n[plans.big]\nmonthly_credits = 10000\nrate_limit_per_second = 1000000\n",
         );
+        text.push_str(&self.extra);
         text
     }
 }

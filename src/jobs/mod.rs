@@ -1,0 +1,222 @@
+//! The job runner: queued requests run, oldest first per account, as soon as the account can pay.
+//!
+//! Each gateway instance runs one runner. A round looks at the accounts with queued jobs (idle
+//! accounts cost nothing) and drains each in its own task: claim the oldest due job (a lease in
+//! the store, so one instance runs it), charge it through the normal ledger step (charge id
+//! `job-<id>-<attempt>`: a job re-claimed after a crash re-sends the same charge id and is not
+//! charged twice), forward it, store the answer. When the account cannot pay, the job goes back
+//! and the account rests until its renewal — or until a top-up on this instance wakes the runner
+//! ([`wake`]). An upstream failure refunds the charge and retries with exponential backoff up to
+//! `jobs.max_attempts`, then marks the job `failed`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use http::{HeaderName, HeaderValue, Method, Request};
+use http_body_util::BodyExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::calendar::now;
+use crate::ledger::jobs::{Job, JobFinish, JobStore};
+use crate::ledger::{ChargeOutcome, ChargeRequest, Ledger};
+use crate::proxy::{self, Forwarded};
+use crate::state::AppState;
+
+/// How often accounts with queued jobs are looked at without a wake-up.
+pub const POLL: Duration = Duration::from_secs(1);
+/// Longest rest of an account that could not pay (a top-up elsewhere is seen by then).
+const MAX_REST_SECS: i64 = 30;
+
+/// Wakes this instance's runner (after a top-up or an auto top-up).
+pub fn wake(state: &AppState) {
+    state.jobs_wake.notify_one();
+}
+
+/// Starts the runner; it ends when `shutdown` turns true.
+pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let runner_id = format!("runner-{}", crate::auth::keys::random_alnum(12));
+        let resting: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
+        let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let slots = Arc::new(Semaphore::new(state.runtime.load().config.jobs.concurrency));
+        loop {
+            let woken = tokio::select! {
+                _ = state.jobs_wake.notified() => true,
+                _ = tokio::time::sleep(POLL) => false,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            if woken {
+                resting.lock().expect("lock").clear();
+            }
+            let accounts = match state.ledger.job_accounts().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "job runner: cannot list queued accounts");
+                    continue;
+                }
+            };
+            let mut queued = 0;
+            for account in accounts {
+                queued += state.ledger.queue_depth(&account).await.unwrap_or(0);
+                let t = now();
+                if resting.lock().expect("lock").get(&account).is_some_and(|until| *until > t) {
+                    continue;
+                }
+                if !busy.lock().expect("lock").insert(account.clone()) {
+                    continue;
+                }
+                let (state, runner_id, resting, busy, slots) =
+                    (state.clone(), runner_id.clone(), resting.clone(), busy.clone(), slots.clone());
+                tokio::spawn(async move {
+                    if let Some(until) = drain(&state, &account, &runner_id, &slots).await {
+                        resting.lock().expect("lock").insert(account.clone(), until);
+                    }
+                    busy.lock().expect("lock").remove(&account);
+                });
+            }
+            state.metrics.jobs_queued.set(queued as i64);
+        }
+    })
+}
+
+/// Runs an account's due jobs; `Some(until)` when the account cannot pay and should rest.
+async fn drain(state: &AppState, account: &str, runner: &str, slots: &Semaphore) -> Option<i64> {
+    loop {
+        let _slot = slots.acquire().await.ok()?;
+        let rt = state.runtime.load_full();
+        let lease = (rt.upstream_timeout.as_secs() as i64) + 60;
+        let job = match state.ledger.claim_job(account, runner, lease).await {
+            Ok(Some(job)) => job,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, account, "job runner: claim failed");
+                return None;
+            }
+        };
+        let charge_id = job.charge_id();
+        let req = ChargeRequest {
+            account,
+            charge_id: &charge_id,
+            cost: job.cost,
+            operation: &job.operation,
+            category: &job.category,
+            request_id: &job.request_id,
+            idempotency: None,
+            thresholds: &rt.config.notifications.thresholds_percent,
+            auto_topup_max_per_period: rt.config.auto_topup.max_per_period,
+        };
+        match state.ledger.charge(req).await {
+            Ok(ChargeOutcome::Charged(receipt)) => {
+                tracing::info!(job_id = %job.id, account, cost = receipt.cost, "job charged; running");
+                state.metrics.jobs_running.inc();
+                run(state, &rt, &job, runner, &charge_id).await;
+                state.metrics.jobs_running.dec();
+            }
+            Ok(ChargeOutcome::Refused { renews_at, .. }) => {
+                let _ = state.ledger.finish_job(account, &job.id, runner, JobFinish::Release).await;
+                return Some(renews_at.min(now() + MAX_REST_SECS));
+            }
+            Ok(other) => {
+                tracing::error!(job_id = %job.id, outcome = ?other, "job runner: unexpected charge outcome");
+                let finish =
+                    JobFinish::Failed { reason: format!("cannot charge: {other:?}"), retention_secs: retention(&rt) };
+                let _ = state.ledger.finish_job(account, &job.id, runner, finish).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, job_id = %job.id, "job runner: store unavailable; job released");
+                let _ = state.ledger.finish_job(account, &job.id, runner, JobFinish::Release).await;
+                return Some(now() + 5);
+            }
+        }
+    }
+}
+
+fn retention(rt: &crate::state::Runtime) -> i64 {
+    rt.config.jobs.result_retention_hours as i64 * 3600
+}
+
+/// Sends a charged job upstream and records the outcome (refunding on failure).
+async fn run(state: &AppState, rt: &crate::state::Runtime, job: &Job, runner: &str, charge_id: &str) {
+    let cfg = &rt.config.jobs;
+    let outcome = match send(state, rt, job).await {
+        Ok((status, headers, body)) => Ok(JobFinish::Done { status, headers, body, retention_secs: retention(rt) }),
+        Err(reason) => Err(reason),
+    };
+    let finish = match outcome {
+        Ok(done) => done,
+        Err(reason) => {
+            match state.ledger.refund(&job.account, charge_id).await {
+                Ok(r) => tracing::info!(job_id = %job.id, outcome = ?r, "job attempt failed; refunded"),
+                Err(e) => {
+                    tracing::error!(job_id = %job.id, charge_id, error = %e, "REFUND FAILED for a job; reconcile")
+                }
+            }
+            if job.attempts + 1 >= cfg.max_attempts {
+                JobFinish::Failed { reason, retention_secs: retention(rt) }
+            } else {
+                let delay_ms = cfg.retry_base_ms.saturating_mul(1 << job.attempts.min(16));
+                JobFinish::Retry { reason, delay_secs: (delay_ms / 1000).max(1) as i64 }
+            }
+        }
+    };
+    let kind = match &finish {
+        JobFinish::Done { .. } => "done",
+        JobFinish::Failed { .. } => "failed",
+        _ => "retry",
+    };
+    match state.ledger.finish_job(&job.account, &job.id, runner, finish).await {
+        Ok(true) => tracing::info!(job_id = %job.id, outcome = kind, "job finished"),
+        Ok(false) => tracing::warn!(job_id = %job.id, "job lease lost before finishing; another runner owns it"),
+        Err(e) => tracing::error!(job_id = %job.id, error = %e, "job result could not be stored; it will run again"),
+    }
+}
+
+/// Headers of an upstream answer kept in a job result.
+const KEPT: [&str; 3] = ["content-type", "content-language", "x-request-id"];
+
+type Answer = (u16, Vec<(String, String)>, Vec<u8>);
+
+async fn send(state: &AppState, rt: &crate::state::Runtime, job: &Job) -> Result<Answer, String> {
+    let upstream = rt.upstreams.get(&job.upstream).ok_or_else(|| format!("unknown upstream {}", job.upstream))?;
+    let method = Method::from_bytes(job.method.as_bytes()).map_err(|e| e.to_string())?;
+    let mut req = Request::builder().method(method).uri(&job.path);
+    for (k, v) in &job.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            req = req.header(k, v);
+        }
+    }
+    // The job id lets an idempotent upstream recognise a re-run after a runner crash.
+    req = req.header("idempotency-key", format!("job-{}", job.id));
+    let req = req.body(Body::from(job.body.clone())).map_err(|e| e.to_string())?;
+    let fwd = Forwarded { request_id: &job.request_id, account: Some(&job.account), client_addr: None };
+    let res =
+        proxy::forward(&state.client, upstream, req, fwd, rt.upstream_timeout).await.map_err(|e| e.to_string())?;
+    let status = res.status().as_u16();
+    if status >= 500 {
+        return Err(format!("upstream answered {status}"));
+    }
+    let mut headers: Vec<(String, String)> = res
+        .headers()
+        .iter()
+        .filter(|(k, _)| KEPT.contains(&k.as_str()))
+        .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
+        .collect();
+    let cap = rt.config.jobs.max_result_bytes;
+    let mut body = Vec::new();
+    let mut incoming = res.into_body();
+    while let Some(frame) = incoming.frame().await {
+        let frame = frame.map_err(|e| format!("upstream body failed: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            let room = cap - body.len();
+            body.extend_from_slice(&data[..data.len().min(room)]);
+            if data.len() > room {
+                headers.push(("x-creditgate-truncated".into(), "true".into()));
+                break;
+            }
+        }
+    }
+    Ok((status, headers, body))
+}
