@@ -1,4 +1,5 @@
--- charge.lua: debits a cost all-or-nothing, monthly bucket first, then top-ups.
+-- charge.lua: debits a cost all-or-nothing, monthly bucket first, then top-ups; records usage
+-- and history, buys the auto top-up on a threshold crossing, raises low-credit events.
 --
 -- KEYS[1]  account hash            cg:{acct:<id>}
 -- KEYS[2]  charge record           cg:{acct:<id>}:charge:<charge id>
@@ -12,61 +13,131 @@
 -- ARGV[6]  idempotency key (ignored without KEYS[3])
 -- ARGV[7]  request fingerprint (ignored without KEYS[3])
 -- ARGV[8]  retention of charge and idempotency records, seconds
+-- ARGV[9]  most auto top-ups per billing period
+-- ARGV[10...]  low-credit thresholds, percent of the allocation (0: exhausted)
 --
--- Reply, first element the outcome:
---   { "charged" | "replayed", charge_id, cost, from_monthly, from_topup,
---     monthly_remaining, topup_remaining, allocation, renews_at }
---   { "refused", remaining, renews_at }
---   { "conflict" }
---   { "noaccount" }
+-- Reply, first the number of outbox events appended, then the outcome:
+--   { events, "charged" | "replayed", charge_id, cost, from_monthly, from_topup,
+--     monthly_remaining, topup_remaining, allocation, renews_at, auto_topup_credits | nil }
+--   { events, "refused", remaining, renews_at }
+--   { events, "conflict" }
+--   { 0, "noaccount" }
+-- (events other than 0 on a non-charging outcome: the step renewed the account.)
 --
 -- "charged" with an existing charge record is a re-sent step (a client library retrying after a
 -- lost reply): the original split, nothing debited again. "replayed" is the client re-sending
 -- under the same idempotency key; the idempotency record carries a copy of the split, so this
--- script reads only the keys it declares.
+-- script reads only the keys it declares, plus keys named from KEYS[1] (same hash tag, same
+-- slot; see src/ledger/keys.rs): the usage hash of the current period, history and outbox.
+--
+-- Same steps as memory.rs `Account::charge`, `auto_topup` and `thresholds`.
 
 local a = load_account(KEYS[1])
-if not a then return { 'noaccount' } end
+if not a then return { 0, 'noaccount' } end
 
 local charge_id, cost = ARGV[1], tonumber(ARGV[2])
+local operation, category, request_id = ARGV[3], ARGV[4], ARGV[5]
 local idem_key = false
 if #KEYS == 3 then idem_key = ARGV[6] end
 
-local function receipt(outcome, id, c, from_monthly, from_topup)
-  return { outcome, id, c, from_monthly, from_topup, a.monthly, a.topup, a.allocation, renews_at(a) }
+local function receipt(events, outcome, id, c, from_monthly, from_topup, auto_credits)
+  return { events, outcome, id, c, from_monthly, from_topup, a.monthly, a.topup, a.allocation,
+    renews_at(a), auto_credits }
 end
 
 -- Reads and checks.
 local prior = redis.call('HMGET', KEYS[2], 'cost', 'from_monthly', 'from_topup')
 if prior[1] then
-  save_if_renewed(KEYS[1], a)
-  return receipt('charged', charge_id, tonumber(prior[1]), tonumber(prior[2]), tonumber(prior[3]))
+  return receipt(save_if_renewed(a), 'charged', charge_id, tonumber(prior[1]), tonumber(prior[2]),
+    tonumber(prior[3]), false)
 end
 if idem_key then
   local idem = redis.call('HMGET', KEYS[3], 'fingerprint', 'charge_id', 'cost', 'from_monthly', 'from_topup')
   if idem[1] then
-    save_if_renewed(KEYS[1], a)
-    if idem[1] ~= ARGV[7] then return { 'conflict' } end
-    return receipt('replayed', idem[2], tonumber(idem[3]), tonumber(idem[4]), tonumber(idem[5]))
+    local events = save_if_renewed(a)
+    if idem[1] ~= ARGV[7] then return { events, 'conflict' } end
+    return receipt(events, 'replayed', idem[2], tonumber(idem[3]), tonumber(idem[4]), tonumber(idem[5]), false)
   end
 end
-if a.monthly + a.topup < cost then
-  save_if_renewed(KEYS[1], a)
-  return { 'refused', a.monthly + a.topup, renews_at(a) }
+local before = a.monthly + a.topup
+if before < cost then
+  return { save_if_renewed(a), 'refused', before, renews_at(a) }
+end
+local thresholds, fired_fields = {}, {}
+for i = 10, #ARGV do
+  thresholds[#thresholds + 1] = tonumber(ARGV[i])
+  fired_fields[#fired_fields + 1] = 'fired:' .. ARGV[i]
+end
+-- Threshold -> period in which it last fired.
+local fired = {}
+if #fired_fields > 0 then
+  local v = redis.call('HMGET', KEYS[1], unpack(fired_fields))
+  for i, t in ipairs(thresholds) do fired[t] = tonumber(v[i]) end
 end
 
--- Writes.
+-- The step, in memory.
 local from_monthly = math.min(cost, a.monthly)
 local from_topup = cost - from_monthly
 a.monthly = a.monthly - from_monthly
 a.topup = a.topup - from_topup
 a.used = a.used + cost
-save(KEYS[1], a)
+local day = div(a.now, 86400)
+add_entry(a, 'charge', -from_monthly, -from_topup,
+  { operation = operation, category = category, request_id = request_id, charge_id = charge_id })
+
+-- Auto top-up: only the charge that takes the total from at-or-above the threshold to below it
+-- buys, at most ARGV[9] times per period.
+local auto_credits = false
+local auto = a.auto
+if auto and auto.enabled and before >= auto.threshold and a.monthly + a.topup < auto.threshold
+    and a.auto_count < tonumber(ARGV[9]) then
+  local payment_ref = 'auto:' .. charge_id
+  a.topup = a.topup + auto.credits
+  a.auto_count = a.auto_count + 1
+  auto_credits = auto.credits
+  add_entry(a, 'auto_topup', 0, auto.credits, { payment_ref = payment_ref, package = auto.package })
+  add_event(a, 'auto_topup.purchased', json_object('package', auto.package, 'credits', auto.credits,
+    'price_eur', { raw = auto.price_json }, 'payment_ref', payment_ref, 'topup_remaining', a.topup,
+    'purchases_this_period', a.auto_count))
+end
+
+-- Whether remaining * 100 <= allocation * t, exactly: with allocation = 100 q + r this is
+-- remaining - floor(r t / 100) <= q t, whose sides stay exact doubles for amounts below 2^53.
+local function at_or_below(remaining, allocation, t)
+  local q, r = div(allocation, 100)
+  return remaining - div(r * t, 100) <= q * t
+end
+
+-- Thresholds reached, each at most once per period.
+local newly_fired = {}
+local remaining = a.monthly + a.topup
+for _, t in ipairs(thresholds) do
+  local reached
+  if t == 0 then reached = remaining == 0 else reached = at_or_below(remaining, a.allocation, t) end
+  if reached and fired[t] ~= a.period then
+    fired[t] = a.period
+    newly_fired[#newly_fired + 1] = 'fired:' .. n(t)
+    newly_fired[#newly_fired + 1] = n(a.period)
+    local kind = 'credits.low'
+    if t == 0 then kind = 'credits.exhausted' end
+    add_event(a, kind, json_object('threshold', t, 'remaining', remaining, 'allocation', a.allocation,
+      'renews_at', rfc3339(renews_at(a))))
+  end
+end
+
+-- Writes.
+local events = save(a)
+if #newly_fired > 0 then redis.call('HSET', KEYS[1], unpack(newly_fired)) end
+local usage = sub_key(a, 'usage:' .. n(a.period))
+redis.call('HINCRBY', usage, 't', n(cost))
+redis.call('HINCRBY', usage, 'c:' .. category, n(cost))
+redis.call('HINCRBY', usage, 'o:' .. operation, n(cost))
+redis.call('HINCRBY', usage, 'd:' .. n(day), n(cost))
 
 local ttl = ARGV[8]
 redis.call('HSET', KEYS[2], 'cost', n(cost), 'from_monthly', n(from_monthly), 'from_topup', n(from_topup),
-  'period', n(a.period), 'refunded', '0', 'operation', ARGV[3], 'category', ARGV[4],
-  'request_id', ARGV[5], 'at', n(a.now))
+  'period', n(a.period), 'refunded', '0', 'operation', operation, 'category', category,
+  'request_id', request_id, 'at', n(a.now), 'day', n(day))
 redis.call('EXPIRE', KEYS[2], ttl)
 if idem_key then
   redis.call('HSET', KEYS[2], 'idem', idem_key)
@@ -74,4 +145,4 @@ if idem_key then
     'from_monthly', n(from_monthly), 'from_topup', n(from_topup))
   redis.call('EXPIRE', KEYS[3], ttl)
 end
-return receipt('charged', charge_id, cost, from_monthly, from_topup)
+return receipt(events, 'charged', charge_id, cost, from_monthly, from_topup, auto_credits)

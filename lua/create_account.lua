@@ -7,9 +7,10 @@
 -- ARGV[4]  "1" when an e-mail is given, else "0"
 -- ARGV[5]  e-mail (ignored when ARGV[4] is "0")
 --
--- Reply: 1 created, 0 the account exists.
+-- Reply: { events appended (always 0), 1 created | 0 the account exists }
+-- Also writes history entry 1, kind `created` (cg:{acct:<id>}:history, named from KEYS[1]).
 
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return { 0, 0 } end
 
 local allocation = tonumber(ARGV[2])
 local anchor = tonumber(ARGV[3])
@@ -19,6 +20,9 @@ local period = period_at(anchor_from_unix(anchor), now)
 
 redis.call('HSET', KEYS[1], 'plan', ARGV[1], 'allocation', n(allocation), 'anchor', n(anchor),
   'period', n(period), 'monthly', n(allocation), 'topup', '0', 'used', '0', 'now', n(now),
-  'created_at', n(now))
+  'created_at', n(now), 'hist', '1', 'evt', '0', 'auto_count', '0')
 if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'email', ARGV[5]) end
-return 1
+redis.call('RPUSH', KEYS[1] .. ':history', json_object('seq', 1, 'kind', 'created', 'at', now,
+  'monthly_delta', allocation, 'topup_delta', 0, 'monthly_after', allocation, 'topup_after', 0,
+  'plan', ARGV[1]))
+return { 0, 1 }

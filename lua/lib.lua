@@ -1,7 +1,11 @@
 -- lib.lua: the prelude every ledger script starts with (src/ledger/redis.rs prepends it).
 --
--- KEYS, ARGV: none of its own; it only defines local functions.
--- Reply: none (the script appended after it replies).
+-- KEYS, ARGV: none of its own; it only defines locals: the calendar, the clock, a JSON writer,
+-- and the account's load / renew / save, which also write its history entries and outbox
+-- events (src/ledger/keys.rs has the key schema).
+-- Reply: none (the script appended after it replies). Every ledger script's reply starts with
+-- the number of outbox events it appended (`save` returns it), which src/ledger/redis.rs uses
+-- to index the outbox.
 --
 -- Numbers: Redis Lua has only doubles. Unix seconds, day counts and credit amounts stay far below
 -- 2^53, where doubles are exact integers; `div` floors with math.fmod, which is exact, instead of
@@ -86,6 +90,13 @@ local function period_at(a, now)
   return k
 end
 
+-- RFC 3339 text of a Unix time, UTC, whole seconds (src/calendar.rs `rfc3339`).
+local function rfc3339(ts)
+  local days, s = div(ts, 86400)
+  local y, m, d = civil_from_days(days)
+  return string.format('%04d-%02d-%02dT%02d:%02d:%02dZ', y, m, d, div(s, 3600), div(s, 60) % 60, s % 60)
+end
+
 -- === clock ===
 
 -- Redis TIME in whole seconds, never before `floor` (the highest "now" this account has seen,
@@ -96,33 +107,115 @@ local function clock(floor)
   return now
 end
 
+-- === JSON (history entries and outbox events) ===
+--
+-- Built by hand rather than with cjson.encode on a table: cjson writes numbers with 14
+-- significant digits (1e+15 for a large balance, which serde reads as a float), and a Lua table
+-- has no member order. Here every integer goes through `n` (exact below 2^53), strings through
+-- cjson.encode (escaping), and members come out in the order given.
+
+-- Marks a member written as `null` (a Lua nil or false member is left out instead).
+local JSON_NULL = {}
+
+-- JSON text of an object from name, value, name, value, ...; a value is an integer, a string,
+-- false (member left out), JSON_NULL, or { raw = <JSON text> } (inserted as is).
+local function json_object(...)
+  local out = {}
+  for i = 1, select('#', ...), 2 do
+    local name, v = select(i, ...)
+    if v ~= nil and v ~= false then
+      local text
+      if type(v) == 'number' then
+        text = n(v)
+      elseif type(v) == 'string' then
+        text = cjson.encode(v)
+      elseif v == JSON_NULL then
+        text = 'null'
+      else
+        text = v.raw
+      end
+      out[#out + 1] = cjson.encode(name) .. ':' .. text
+    end
+  end
+  return '{' .. table.concat(out, ',') .. '}'
+end
+
 -- === the account hash (src/ledger/keys.rs) ===
 
+-- Periods of usage kept: the current one and 12 before it (USAGE_PERIODS in memory.rs).
+local USAGE_PERIODS = 13
+
 local FIELDS = { 'plan', 'allocation', 'pending_plan', 'pending_allocation', 'anchor', 'period',
-  'monthly', 'topup', 'used', 'email', 'now' }
+  'monthly', 'topup', 'used', 'email', 'now', 'hist', 'evt', 'auto_count', 'auto_enabled',
+  'auto_threshold', 'auto_package', 'auto_credits', 'auto_price', 'auto_price_json' }
+
+-- Another key of the same account: `<account key>:<kind>` shares the account's hash tag, hence
+-- its cluster slot, so a script may use it without declaring it in KEYS (src/ledger/keys.rs).
+local function sub_key(a, kind)
+  return a.key .. ':' .. kind
+end
+
+-- Queues a history entry (written by `save`) with the buckets as they are now; the fields of
+-- `extra` (operation, category, request_id, charge_id, payment_ref, package, plan) are optional.
+-- Same members and order as memory.rs `Account::entry` / `HistoryEntry`.
+local function add_entry(a, kind, monthly_delta, topup_delta, extra)
+  a.hist = a.hist + 1
+  a.entries[#a.entries + 1] = json_object('seq', a.hist, 'kind', kind, 'at', a.now,
+    'monthly_delta', monthly_delta, 'topup_delta', topup_delta, 'monthly_after', a.monthly,
+    'topup_after', a.topup, 'operation', extra.operation, 'category', extra.category,
+    'request_id', extra.request_id, 'charge_id', extra.charge_id, 'payment_ref', extra.payment_ref,
+    'package', extra.package, 'plan', extra.plan)
+end
+
+-- Queues an outbox event (written by `save`), `data` being a JSON object text. The id comes from
+-- a per-account counter: `evt_<account>_<n>`, as memory.rs `Account::event`.
+local function add_event(a, kind, data)
+  a.evt = a.evt + 1
+  a.events[#a.events + 1] = json_object('id', 'evt_' .. a.id .. '_' .. n(a.evt), 'type', kind,
+    'account_id', a.id, 'created_at', a.now, 'data', { raw = data })
+end
+
+local function renews_at(a)
+  return period_start(a.anchor, a.period + 1)
+end
 
 -- Reads the account and moves it, in memory only, into the period containing now: the monthly
--- bucket is set to the allocation (no roll-over) and a pending downgrade takes effect. The
--- period index only moves forward, so a renewal never happens twice or backwards. Returns nil
--- when there is no such account. Nothing is written here: callers finish their reads and
--- checks first, then call `save`.
+-- bucket is set to the allocation (no roll-over), a pending downgrade takes effect, the count of
+-- auto top-ups restarts, and a `renewal` history entry and a `credits.renewed` event are queued.
+-- The period index only moves forward, so a renewal never happens twice or backwards. Returns
+-- nil when there is no such account. Nothing is written here: callers finish their reads and
+-- checks first, then call `save`, which writes the account and everything queued.
 local function load_account(key)
   local v = redis.call('HMGET', key, unpack(FIELDS))
   if not v[1] then return nil end
   local a = {
+    key = key,
+    id = string.match(key, '^cg:{acct:(.*)}$'),
     plan = v[1],
     allocation = tonumber(v[2]),
     pending_plan = v[3],
     pending_allocation = tonumber(v[4]),
     anchor = anchor_from_unix(tonumber(v[5])),
+    anchor_unix = tonumber(v[5]),
     period = tonumber(v[6]),
     monthly = tonumber(v[7]),
     topup = tonumber(v[8]),
     used = tonumber(v[9]),
     email = v[10],
+    -- Accounts created before history, events and auto top-up start their counts at 0.
+    hist = tonumber(v[12]) or 0,
+    evt = tonumber(v[13]) or 0,
+    auto_count = tonumber(v[14]) or 0,
+    auto = false,
     renewed = false,
-    pending_applied = false,
+    pending_changed = false,
+    entries = {},
+    events = {},
   }
+  if v[17] then
+    a.auto = { enabled = v[15] == '1', threshold = tonumber(v[16]), package = v[17],
+      credits = tonumber(v[18]), price = v[19], price_json = v[20] }
+  end
   a.now = clock(tonumber(v[11]))
   local k = period_at(a.anchor, a.now)
   if k > a.period then
@@ -130,33 +223,59 @@ local function load_account(key)
       a.plan = a.pending_plan
       a.allocation = a.pending_allocation
       a.pending_plan = false
-      a.pending_applied = true
+      a.pending_changed = true
     end
+    local expired = a.monthly
+    a.renewed_from = a.period
     a.period = k
     a.monthly = a.allocation
     a.used = 0
+    a.auto_count = 0
     a.renewed = true
+    add_entry(a, 'renewal', a.allocation - expired, 0, { plan = a.plan })
+    add_event(a, 'credits.renewed', json_object('plan', a.plan, 'allocation', a.allocation,
+      'expired_monthly', expired, 'topup_remaining', a.topup,
+      'period_start', rfc3339(period_start(a.anchor, k)), 'renews_at', rfc3339(renews_at(a))))
   end
   return a
 end
 
--- Writes every field a step may change, and the clock high-water mark.
-local function save(key, a)
-  redis.call('HSET', key, 'plan', a.plan, 'allocation', n(a.allocation), 'period', n(a.period),
-    'monthly', n(a.monthly), 'topup', n(a.topup), 'used', n(a.used), 'now', n(a.now))
-  if a.pending_applied then
-    redis.call('HDEL', key, 'pending_plan', 'pending_allocation')
+-- Writes every account field a step may change, the clock high-water mark, the queued history
+-- entries (RPUSH onto `:history`) and events (RPUSH onto `:outbox`); after a renewal it also
+-- drops the usage of periods that fell out of the kept window (at most USAGE_PERIODS keys: only
+-- the window before the renewal can hold any). Returns how many events it appended, which every
+-- script passes on as the first element of its reply (src/ledger/redis.rs indexes the outbox).
+local function save(a)
+  redis.call('HSET', a.key, 'plan', a.plan, 'allocation', n(a.allocation), 'period', n(a.period),
+    'monthly', n(a.monthly), 'topup', n(a.topup), 'used', n(a.used), 'now', n(a.now),
+    'hist', n(a.hist), 'evt', n(a.evt), 'auto_count', n(a.auto_count))
+  if a.pending_changed then
+    if a.pending_plan then
+      redis.call('HSET', a.key, 'pending_plan', a.pending_plan, 'pending_allocation', n(a.pending_allocation))
+    else
+      redis.call('HDEL', a.key, 'pending_plan', 'pending_allocation')
+    end
   end
+  if #a.entries > 0 then redis.call('RPUSH', sub_key(a, 'history'), unpack(a.entries)) end
+  if #a.events > 0 then redis.call('RPUSH', sub_key(a, 'outbox'), unpack(a.events)) end
+  if a.renewed then
+    local old = {}
+    for j = a.renewed_from - USAGE_PERIODS + 1, math.min(a.renewed_from, a.period - USAGE_PERIODS) do
+      old[#old + 1] = sub_key(a, 'usage:' .. n(j))
+    end
+    if #old > 0 then redis.call('DEL', unpack(old)) end
+  end
+  local events = #a.events
+  a.entries, a.events = {}, {}
+  return events
 end
 
 -- For steps that end without a balance change: persist a renewal if one happened (a read
--- shows the new period, so the store must hold it too); otherwise write nothing.
-local function save_if_renewed(key, a)
-  if a.renewed then save(key, a) end
-end
-
-local function renews_at(a)
-  return period_start(a.anchor, a.period + 1)
+-- shows the new period, so the store must hold it too); otherwise write nothing. Returns how
+-- many events it appended.
+local function save_if_renewed(a)
+  if a.renewed then return save(a) end
+  return 0
 end
 
 -- ===== end of lib.lua =====

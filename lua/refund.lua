@@ -4,39 +4,43 @@
 -- KEYS[2]  charge record           cg:{acct:<id>}:charge:<charge id>
 -- ARGV[1]  charge id
 --
--- Reply:
---   { "refunded", to_monthly, to_topup, monthly_remaining, topup_remaining }
---   { "already" }   refunded before; nothing changed
---   { "unknown" }   no such account or charge (never made, or expired)
+-- Reply, first the number of outbox events appended (a renewal's), then the outcome:
+--   { events, "refunded", to_monthly, to_topup, monthly_remaining, topup_remaining }
+--   { events, "already" }   refunded before; nothing changed
+--   { events, "unknown" }   no such account or charge (never made, or expired)
 --
 -- The monthly part goes back only if the account is still in the charge's period (the bucket
--- was reset since); the top-up part always does. A refunded request was not served, so the
--- idempotency record pointing at this charge is deleted and a retry under that key pays anew.
--- Its name comes from the charge record, so it cannot be declared in KEYS; it is built from
--- KEYS[1] and shares its hash tag, hence its slot (src/ledger/keys.rs), which Redis Cluster
--- accepts for scripts.
+-- was reset since); the top-up part always does. The usage of the charge's own period, day,
+-- category and operation goes down by the cost (never below 0), and a `refund` history entry is
+-- written. A refunded request was not served, so the idempotency record pointing at this charge
+-- is deleted and a retry under that key pays anew. The names of the idempotency record (from the
+-- charge record) and of the usage hash (from the charge's period) cannot be declared in KEYS;
+-- they are built from KEYS[1] and share its hash tag, hence its slot (src/ledger/keys.rs), which
+-- Redis Cluster accepts for scripts. Same steps as memory.rs `Account::refund`.
 
 local a = load_account(KEYS[1])
-if not a then return { 'unknown' } end
+if not a then return { 0, 'unknown' } end
 
 -- Reads and checks.
-local c = redis.call('HMGET', KEYS[2], 'cost', 'from_monthly', 'from_topup', 'period', 'idem', 'refunded')
-if not c[1] then
-  save_if_renewed(KEYS[1], a)
-  return { 'unknown' }
-end
-if c[6] == '1' then
-  save_if_renewed(KEYS[1], a)
-  return { 'already' }
-end
+local c = redis.call('HMGET', KEYS[2], 'cost', 'from_monthly', 'from_topup', 'period', 'idem', 'refunded',
+  'operation', 'category', 'day', 'at')
+if not c[1] then return { save_if_renewed(a), 'unknown' } end
+if c[6] == '1' then return { save_if_renewed(a), 'already' } end
 local idem_record = false
 if c[5] then
   local key = KEYS[1] .. ':idem:' .. c[5]
   if redis.call('HGET', key, 'charge_id') == ARGV[1] then idem_record = key end
 end
+local cost, charge_period = tonumber(c[1]), tonumber(c[4])
+local operation, category = c[7] or '', c[8] or ''
+-- Charge records written before usage was recorded lack `day`; their `at` gives it.
+local day = tonumber(c[9]) or div(tonumber(c[10]) or a.now, 86400)
+local usage = sub_key(a, 'usage:' .. n(charge_period))
+local usage_fields = { 't', 'c:' .. category, 'o:' .. operation, 'd:' .. n(day) }
+local used = redis.call('HMGET', usage, unpack(usage_fields))
 
--- Writes.
-local cost, same_period = tonumber(c[1]), tonumber(c[4]) == a.period
+-- The step, in memory.
+local same_period = charge_period == a.period
 local to_monthly, to_topup = 0, tonumber(c[3])
 if same_period then
   to_monthly = tonumber(c[2])
@@ -44,8 +48,17 @@ if same_period then
 end
 a.monthly = a.monthly + to_monthly
 a.topup = a.topup + to_topup
-save(KEYS[1], a)
+add_entry(a, 'refund', to_monthly, to_topup, { operation = operation, category = category, charge_id = ARGV[1] })
+
+-- Writes.
+local events = save(a)
+local usage_after = {}
+for i, field in ipairs(usage_fields) do
+  usage_after[#usage_after + 1] = field
+  usage_after[#usage_after + 1] = n(math.max((tonumber(used[i]) or 0) - cost, 0))
+end
+redis.call('HSET', usage, unpack(usage_after))
 redis.call('HSET', KEYS[2], 'refunded', '1')
 redis.call('HDEL', KEYS[2], 'idem')
 if idem_record then redis.call('DEL', idem_record) end
-return { 'refunded', to_monthly, to_topup, a.monthly, a.topup }
+return { events, 'refunded', to_monthly, to_topup, a.monthly, a.topup }

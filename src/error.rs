@@ -156,6 +156,10 @@ impl GatewayError {
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
+        if let GatewayError::StoreUnavailable(detail) = &self {
+            // The client gets a plain sentence; the operator gets the cause.
+            tracing::error!(detail = %detail, "store unavailable");
+        }
         let (status, kind) = self.status_and_type();
         let (message, mut fields) = self.message_and_fields();
         fields.insert("type".into(), json!(kind));

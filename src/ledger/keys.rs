@@ -8,15 +8,25 @@
 //!
 //! | key | type | TTL | holds |
 //! |---|---|---|---|
-//! | `cg:{acct:<id>}` | hash | none | `plan`, `allocation`, `pending_plan`, `pending_allocation`, `anchor`, `period` (index from the anchor), `monthly`, `topup`, `used`, `email`, `now` (highest clock seen), `created_at` |
-//! | `cg:{acct:<id>}:charge:<charge id>` | hash | 24 h | `cost`, `from_monthly`, `from_topup`, `period`, `idem`, `refunded`, `operation`, `category`, `request_id`, `at` |
+//! | `cg:{acct:<id>}` | hash | none | `plan`, `allocation`, `pending_plan`, `pending_allocation`, `anchor`, `period` (index from the anchor), `monthly`, `topup`, `used`, `email`, `now` (highest clock seen), `created_at`, `hist` (history entries so far), `evt` (events so far, for ids), `auto_count` (auto top-ups this period), `auto_enabled`, `auto_threshold`, `auto_package`, `auto_credits`, `auto_price` (Rust f64 text), `auto_price_json`, `fired:<threshold>` (period in which that low-credit threshold last fired) |
+//! | `cg:{acct:<id>}:charge:<charge id>` | hash | 24 h | `cost`, `from_monthly`, `from_topup`, `period`, `day` (UTC day number), `idem`, `refunded`, `operation`, `category`, `request_id`, `at` |
 //! | `cg:{acct:<id>}:idem:<idempotency key>` | hash | 24 h | `fingerprint`, `charge_id` and a copy of the split (`cost`, `from_monthly`, `from_topup`) |
 //! | `cg:{acct:<id>}:topup:<payment ref>` | hash | none | `credits`, `package`, `topup_remaining`, `created_at` |
+//! | `cg:{acct:<id>}:history` | list | none | history entries as JSON ([`super::HistoryEntry`]), oldest first; entry `seq` at index `seq - 1` |
+//! | `cg:{acct:<id>}:usage:<period index>` | hash | none, deleted at the renewal that takes it out of the 13 kept periods | net credits: `t` total, `c:<category>`, `o:<operation>`, `d:<UTC day number>` |
+//! | `cg:{acct:<id>}:outbox` | list | none | undelivered events as JSON ([`super::Event`]), oldest first |
+//! | `cg:{acct:<id>}:keys` | hash | none | key id → JSON of the key's public fields (`key_id`, `role`, `prefix`, `created_at`, `hash`), for listing an account's keys |
 //! | `cg:key:<sha-256 hex>` | hash | none | `key_id`, `account`, `role`, `hash`, `prefix`, `created_at` |
 //! | `cg:keyid:<key id>` | string | none | the key's hash, so a key can be revoked by its public id |
+//! | `cg:outbox:index:<0..15>` | set | none | ids of accounts whose outbox may hold events, sharded by a hash of the id |
 //!
 //! API-key records are looked up by hash before the account is known, so they carry no account
-//! tag; each is its own slot, which spreads them over the cluster. Nothing else is global.
+//! tag; each is its own slot, which spreads them over the cluster. The outbox index is the only
+//! other global data: the event dispatcher must find the accounts with events without scanning
+//! the keyspace, and a script touching an account's slot cannot also write a global set, so the
+//! Rust side adds the account after the script (see [`super::redis`]). It is split in
+//! [`OUTBOX_SHARDS`] sets without a hash tag, so the shards spread over the cluster instead of
+//! making one node hold (and serve) the whole index.
 
 /// Prefix of every key creditgate writes.
 const PREFIX: &str = "cg";
@@ -51,6 +61,48 @@ pub fn api_key_id(key_id: &str) -> String {
     format!("{PREFIX}:keyid:{key_id}")
 }
 
+/// An account's history entries (list, oldest first).
+pub fn history(account_id: &str) -> String {
+    format!("{}:history", account(account_id))
+}
+
+/// An account's usage in one period (by period index from the anchor).
+pub fn usage(account_id: &str, period: i64) -> String {
+    format!("{}:usage:{period}", account(account_id))
+}
+
+/// An account's outbox of undelivered events (list, oldest first).
+pub fn outbox(account_id: &str) -> String {
+    format!("{}:outbox", account(account_id))
+}
+
+/// The public fields of an account's API keys, by key id.
+pub fn account_keys(account_id: &str) -> String {
+    format!("{}:keys", account(account_id))
+}
+
+/// How many sets the outbox index is split into.
+pub const OUTBOX_SHARDS: u32 = 16;
+
+/// One shard of the outbox index (`shard` < [`OUTBOX_SHARDS`]).
+pub fn outbox_index_shard(shard: u32) -> String {
+    format!("{PREFIX}:outbox:index:{shard}")
+}
+
+/// The outbox index shard an account belongs to: FNV-1a of its id, a hash fixed here (not
+/// `std`'s, which may change between Rust releases) so every gateway version agrees.
+pub fn outbox_index(account_id: &str) -> String {
+    let hash = account_id.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    outbox_index_shard(hash % OUTBOX_SHARDS)
+}
+
+/// The account id of an outbox key, `None` for any other key (an id never holds `}`, which would
+/// end the hash tag early, so `cg:{acct:a}:topup:x}:outbox` is a top-up record, not an outbox).
+pub fn account_of_outbox(key: &str) -> Option<&str> {
+    let id = key.strip_prefix("cg:{acct:")?.strip_suffix("}:outbox")?;
+    (!id.is_empty() && !id.contains('}')).then_some(id)
+}
+
 /// A key outside every account's namespace (no `{acct:` tag): the readiness probe runs the real
 /// account script on it, which finds no account and writes nothing.
 pub const READINESS_PROBE: &str = "cg:readyz";
@@ -68,9 +120,33 @@ mod tests {
     fn every_key_of_an_account_shares_its_tag() {
         let a = super::account("acme");
         assert_eq!(tag(&a), "acct:acme");
-        for key in [super::charge("acme", "c1"), super::idempotency("acme", "k{}"), super::topup("acme", "p1")] {
+        for key in [
+            super::charge("acme", "c1"),
+            super::idempotency("acme", "k{}"),
+            super::topup("acme", "p1"),
+            super::history("acme"),
+            super::usage("acme", -1),
+            super::outbox("acme"),
+            super::account_keys("acme"),
+        ] {
             assert!(key.starts_with(&format!("{a}:")), "{key}");
             assert_eq!(tag(&key), tag(&a), "{key}");
         }
+    }
+
+    #[test]
+    fn outbox_index_shards_are_stable_and_untagged() {
+        let shards: std::collections::HashSet<String> =
+            (0..1000).map(|i| super::outbox_index(&format!("acct-{i}"))).collect();
+        assert_eq!(shards.len(), super::OUTBOX_SHARDS as usize, "every shard used");
+        assert!(shards.iter().all(|s| !s.contains('{')), "no hash tag: shards spread over the cluster");
+        assert_eq!(super::outbox_index("acme"), super::outbox_index("acme"));
+    }
+
+    #[test]
+    fn outbox_keys_name_their_account() {
+        assert_eq!(super::account_of_outbox(&super::outbox("acme")), Some("acme"));
+        assert_eq!(super::account_of_outbox(&super::charge("acme", "x:outbox")), None);
+        assert_eq!(super::account_of_outbox(&super::topup("acme", "p}:outbox")), None);
     }
 }

@@ -1,11 +1,13 @@
 //! The production store: balances in Redis, standalone or Redis Cluster, every step one Lua script.
 //!
-//! Each [`Ledger`] method is one script in `lua/` (prefixed by the shared `lua/lib.lua`), run with
-//! EVALSHA on the keys of one account, which all share the hash tag `{acct:<id>}` (see [`keys`]),
-//! so the same scripts run on standalone Redis and on Redis Cluster. A charge is exactly one
-//! EVALSHA round trip whose reply carries the whole [`Receipt`]. Every script
-//! does all its reads and checks before its first write: Redis does not roll back a script that
-//! fails half-way, so a failing check must leave nothing behind.
+//! Each [`Ledger`] step on an account is one script in `lua/` (prefixed by the shared
+//! `lua/lib.lua`), run with EVALSHA on the keys of one account, which all share the hash tag
+//! `{acct:<id>}` (see [`keys`]), so the same scripts run on standalone Redis and on Redis Cluster.
+//! A charge is exactly one EVALSHA round trip whose reply carries the whole [`Receipt`] (plus one
+//! `SADD` when it wrote an event, see below). Every script does all its reads and checks before
+//! its first write: Redis does not roll back a script that fails half-way, so a failing check
+//! must leave nothing behind. API keys and the outbox index live outside the accounts' slots and
+//! are handled with plain commands; their methods document the order of their writes.
 //!
 //! # Whose clock
 //!
@@ -45,24 +47,59 @@
 //! a replica) by loading the script and retrying once, so an emptied cache costs one extra round
 //! trip and nothing else.
 //!
+//! # History, usage and events
+//!
+//! Every balance change appends a JSON [`HistoryEntry`] to the account's `:history` list, every
+//! charge adds to the `:usage:<period>` hash of its period (a refund subtracts from the charge's
+//! own period), and every event ([`Event`], SPEC §7) is appended to the account's `:outbox`
+//! list, each in the same script as the change it reports: they live under the account's hash
+//! tag, so they commit together with the balances. Renewal (in `lua/lib.lua`) queues its history
+//! entry and `credits.renewed` event while loading the account, and `save` writes them with the
+//! account, so "all reads and checks before the first write" still holds.
+//!
+//! The event dispatcher must find the accounts with events without scanning, but a script may
+//! only touch its account's slot. So every script's reply starts with the number of events it
+//! appended, and when that is above 0 [`RedisLedger`] adds the account to its shard of the
+//! outbox index ([`keys::outbox_index`]): one extra round trip, only when an event was written
+//! (renewals, top-ups, auto top-ups, low-credit thresholds; a plain charge stays one EVALSHA).
+//! Two windows remain, both closed:
+//!
+//! - the process dies (or Redis fails) between the script and the `SADD`: the event is durable
+//!   but unindexed until the account's next event. [`RedisLedger::sweep_outboxes`], which the
+//!   dispatcher runs at start-up, scans every primary for outboxes and re-indexes them. A failed
+//!   `SADD` is logged, not returned, since the step itself did happen.
+//! - an acknowledgement empties an outbox while a step appends to it: `ack_events` removes the
+//!   account from the index (`SREM`) only after its script saw the outbox empty, and then reads
+//!   the outbox length again and re-adds the account if an event arrived meanwhile. An event
+//!   appended before that re-read is seen by it; one appended after is followed by its own
+//!   `SADD`, which then comes after the `SREM`. So an account with events is never left out.
+//!
+//! A stale index entry (an account with an empty outbox, e.g. after a crash between an
+//! acknowledgement and its `SREM`) is harmless: [`Ledger::pending_events`] answers nothing for
+//! it and removes it the same way.
+//!
 //! # Numbers
 //!
 //! Lua in Redis computes with doubles, exact for integers below 2^53; amounts above
 //! [`MAX_AMOUNT`] are refused before they reach a script.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Script, ScriptInvocation, Value};
+use serde::{Deserialize, Serialize};
 
 use super::{
-    AccountView, ChargeOutcome, ChargeRequest, KeyRecord, Ledger, LedgerError, LedgerResult, NewAccount, Receipt,
-    RefundOutcome, Role, TopupOutcome, TopupReceipt, TopupRequest, keys,
+    AccountView, AutoTopup, ChargeOutcome, ChargeRequest, Event, HistoryEntry, KeyRecord, Ledger, LedgerError,
+    LedgerResult, NewAccount, PeriodUsage, PlanChange, PlanOutcome, Receipt, RefundOutcome, Role, TopupOutcome,
+    TopupReceipt, TopupRequest, Usage, keys,
 };
+use crate::calendar::Anchor;
 
 /// How long charge records (for refunds and re-sent steps) and idempotency keys are kept.
 const RETENTION_SECS: i64 = 24 * 3600;
@@ -87,6 +124,30 @@ struct Scripts {
     charge: Script,
     refund: Script,
     topup: Script,
+    update_account: Script,
+    set_auto_topup: Script,
+    history: Script,
+    usage: Script,
+    pending_events: Script,
+    ack_events: Script,
+}
+
+impl Scripts {
+    fn all(&self) -> [&Script; 11] {
+        [
+            &self.create_account,
+            &self.account,
+            &self.charge,
+            &self.refund,
+            &self.topup,
+            &self.update_account,
+            &self.set_auto_topup,
+            &self.history,
+            &self.usage,
+            &self.pending_events,
+            &self.ack_events,
+        ]
+    }
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
@@ -97,6 +158,12 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         charge: script(include_str!("../../lua/charge.lua")),
         refund: script(include_str!("../../lua/refund.lua")),
         topup: script(include_str!("../../lua/topup.lua")),
+        update_account: script(include_str!("../../lua/update_account.lua")),
+        set_auto_topup: script(include_str!("../../lua/set_auto_topup.lua")),
+        history: script(include_str!("../../lua/history.lua")),
+        usage: script(include_str!("../../lua/usage.lua")),
+        pending_events: script(include_str!("../../lua/pending_events.lua")),
+        ack_events: script(include_str!("../../lua/ack_events.lua")),
     }
 });
 
@@ -172,8 +239,7 @@ impl RedisLedger {
     }
 
     async fn with_scripts(mut conn: Connection) -> LedgerResult<Self> {
-        let s = &*SCRIPTS;
-        for script in [&s.create_account, &s.account, &s.charge, &s.refund, &s.topup] {
+        for script in SCRIPTS.all() {
             script.load_async(&mut conn).await.map_err(store_error)?;
         }
         Ok(Self { conn })
@@ -187,6 +253,103 @@ impl RedisLedger {
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> LedgerResult<T> {
         cmd.query_async(&mut self.conn.clone()).await.map_err(store_error)
     }
+
+    /// Runs one step on `account`: a script whose reply starts with the number of outbox events
+    /// it appended, followed by the outcome. Indexes the outbox when that number is above 0 (see
+    /// the module docs) and returns the rest of the reply.
+    async fn step(&self, account: &str, invocation: &ScriptInvocation<'_>) -> LedgerResult<Reply> {
+        let mut reply = Reply::new(self.run(invocation).await?)?;
+        let appended: u64 = reply.next()?;
+        if appended > 0 {
+            self.index_outbox(account).await;
+        }
+        Ok(reply)
+    }
+
+    /// Adds an account to its outbox index shard. A failure is logged, not returned: the step
+    /// that wrote the event did happen, and the account's next event or the next
+    /// [`RedisLedger::sweep_outboxes`] indexes it.
+    async fn index_outbox(&self, account: &str) {
+        let sadd = redis::cmd("SADD").arg(keys::outbox_index(account)).arg(account).to_owned();
+        if let Err(e) = self.query::<()>(&sadd).await {
+            tracing::warn!(
+                account,
+                error = %e,
+                "event written but the outbox index not updated; it is found at the account's next event or outbox sweep"
+            );
+        }
+    }
+
+    /// Removes an account whose outbox was seen empty from the index, then re-adds it if an event
+    /// arrived meanwhile (the module docs explain why this order never loses an account).
+    async fn unindex_if_empty(&self, account: &str) {
+        let srem = redis::cmd("SREM").arg(keys::outbox_index(account)).arg(account).to_owned();
+        let queued = async {
+            self.query::<()>(&srem).await?;
+            self.query::<u64>(redis::cmd("LLEN").arg(keys::outbox(account))).await
+        };
+        match queued.await {
+            Ok(0) => {}
+            Ok(_) => self.index_outbox(account).await,
+            Err(e) => tracing::warn!(account, error = %e, "could not update the outbox index of an emptied outbox"),
+        }
+    }
+
+    /// Re-indexes every account with undelivered events by scanning the keyspace of every primary
+    /// (the standalone server, or each cluster primary) for outboxes: recovers events whose index
+    /// update was lost (the process died between a step and its `SADD`). O(keys), so the event
+    /// dispatcher runs it once at start-up, not per round. Returns how many outboxes it found.
+    pub async fn sweep_outboxes(&self) -> LedgerResult<usize> {
+        let mut found = BTreeSet::new();
+        match &self.conn {
+            Connection::Standalone(_) => self.scan_outboxes(None, &mut found).await?,
+            Connection::Cluster(c) => {
+                let all_primaries = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                let reply = c.clone().route_command(redis::cmd("PING"), all_primaries).await.map_err(store_error)?;
+                let Value::Map(primaries) = reply else {
+                    return Err(LedgerError(format!("unexpected reply listing the cluster primaries: {reply:?}")));
+                };
+                for (address, answer) in primaries {
+                    if let Value::ServerError(e) = answer {
+                        return Err(LedgerError(format!("a primary cannot be swept for outboxes: {e:?}")));
+                    }
+                    let address: String = Reply::value(address)?;
+                    let node = address
+                        .rsplit_once(':')
+                        .and_then(|(host, port)| Some((host.to_owned(), port.parse().ok()?)))
+                        .ok_or_else(|| LedgerError(format!("unexpected cluster node address {address:?}")))?;
+                    self.scan_outboxes(Some(node), &mut found).await?;
+                }
+            }
+        }
+        // Redis deletes a list when it becomes empty, so every outbox found holds events.
+        for account in &found {
+            self.index_outbox(account).await;
+        }
+        Ok(found.len())
+    }
+
+    /// SCANs one node (the standalone server, or the cluster primary at `node`) for outboxes.
+    async fn scan_outboxes(&self, node: Option<(String, u16)>, found: &mut BTreeSet<String>) -> LedgerResult<()> {
+        let mut cursor = 0_u64;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor).arg("MATCH").arg("cg:{acct:*}:outbox").arg("COUNT").arg(1000).arg("TYPE").arg("list");
+            let (next, names): (u64, Vec<String>) = match (&self.conn, &node) {
+                (Connection::Cluster(c), Some((host, port))) => {
+                    let routing =
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port });
+                    Reply::value(c.clone().route_command(scan, routing).await.map_err(store_error)?)?
+                }
+                _ => self.query(&scan).await?,
+            };
+            found.extend(names.iter().filter_map(|name| keys::account_of_outbox(name)).map(str::to_owned));
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
 }
 
 impl Ledger for RedisLedger {
@@ -198,17 +361,19 @@ impl Ledger for RedisLedger {
             Some(email) => inv.arg("1").arg(email),
             None => inv.arg("0").arg(""),
         };
-        let created: i64 = Reply::value(self.run(&inv).await?)?;
+        let created: i64 = self.step(&new.id, &inv).await?.next()?;
         Ok(created == 1)
     }
 
     async fn account(&self, id: &str) -> LedgerResult<Option<AccountView>> {
-        let reply = self.run(&SCRIPTS.account.key(keys::account(id))).await?;
-        if reply == Value::Nil {
-            return Ok(None);
+        let mut r = self.step(id, &SCRIPTS.account.key(keys::account(id))).await?;
+        let outcome: String = r.next()?;
+        match outcome.as_str() {
+            "found" => {}
+            "noaccount" => return Ok(None),
+            other => return Err(unexpected("account", other)),
         }
-        let mut r = Reply::new(reply)?;
-        Ok(Some(AccountView {
+        let mut view = AccountView {
             id: id.to_owned(),
             plan: r.next()?,
             allocation: r.next()?,
@@ -219,7 +384,19 @@ impl Ledger for RedisLedger {
             period_start: r.next()?,
             renews_at: r.next()?,
             email: r.next()?,
-        }))
+            auto_topup: None,
+            auto_topups_this_period: 0,
+        };
+        let package: Option<String> = r.next()?;
+        let (enabled, threshold, credits, price): (String, u64, u64, String) =
+            (r.next()?, r.next()?, r.next()?, r.next()?);
+        view.auto_topups_this_period = r.next()?;
+        if let Some(package) = package {
+            let price_eur =
+                price.parse().map_err(|_| LedgerError(format!("account {id}: unreadable auto_price {price:?}")))?;
+            view.auto_topup = Some(AutoTopup { enabled: enabled == "1", threshold, package, credits, price_eur });
+        }
+        Ok(Some(view))
     }
 
     async fn charge(&self, req: ChargeRequest<'_>) -> LedgerResult<ChargeOutcome> {
@@ -241,8 +418,13 @@ impl Ledger for RedisLedger {
             .arg(req.request_id)
             .arg(idem_key)
             .arg(fingerprint)
-            .arg(RETENTION_SECS);
-        let mut r = Reply::new(self.run(&inv).await?)?;
+            .arg(RETENTION_SECS)
+            .arg(req.auto_topup_max_per_period);
+        for &threshold in req.thresholds {
+            // As a number: a `u8` argument would be sent as a raw byte.
+            inv.arg(u32::from(threshold));
+        }
+        let mut r = self.step(req.account, &inv).await?;
         let outcome: String = r.next()?;
         Ok(match outcome.as_str() {
             "charged" => ChargeOutcome::Charged(r.receipt()?),
@@ -257,7 +439,7 @@ impl Ledger for RedisLedger {
     async fn refund(&self, account: &str, charge_id: &str) -> LedgerResult<RefundOutcome> {
         let mut inv = SCRIPTS.refund.key(keys::account(account));
         inv.key(keys::charge(account, charge_id)).arg(charge_id);
-        let mut r = Reply::new(self.run(&inv).await?)?;
+        let mut r = self.step(account, &inv).await?;
         let outcome: String = r.next()?;
         Ok(match outcome.as_str() {
             "refunded" => RefundOutcome::Refunded {
@@ -280,7 +462,7 @@ impl Ledger for RedisLedger {
             Some(package) => inv.arg("1").arg(package),
             None => inv.arg("0").arg(""),
         };
-        let mut r = Reply::new(self.run(&inv).await?)?;
+        let mut r = self.step(req.account, &inv).await?;
         let outcome: String = r.next()?;
         let mut receipt = || -> LedgerResult<TopupReceipt> {
             Ok(TopupReceipt {
@@ -299,10 +481,13 @@ impl Ledger for RedisLedger {
         })
     }
 
-    /// Two steps, because the key record and the account live in different slots: check that the
-    /// account exists, then write the record. Accounts are never deleted, so the check cannot go
-    /// stale in between. The id → hash index is written first: a crash in between leaves an
-    /// index entry pointing at nothing, never a live key that cannot be revoked by id.
+    /// Separate commands, because the key record, its id index and the account live in different
+    /// slots: check that the account exists, then write the id → hash index, the record, and the
+    /// account's list entry, in that order. Accounts are never deleted, so the check cannot go
+    /// stale in between. A crash part-way leaves, at worst, an index entry pointing at nothing or a
+    /// live key missing from the account's list — never a live key that cannot be revoked by id —
+    /// and the plaintext (with the key id) is only handed out after the last write, so nobody
+    /// holds such a half-made key.
     async fn create_key(&self, key: KeyRecord) -> LedgerResult<bool> {
         let exists: bool = self.query(redis::cmd("EXISTS").arg(keys::account(&key.account))).await?;
         if !exists {
@@ -325,6 +510,8 @@ impl Ledger for RedisLedger {
             .arg(key.created_at)
             .to_owned();
         self.query::<()>(&record).await?;
+        let listed = serde_json::to_string(&ListedKey::from(&key)).map_err(|e| LedgerError(e.to_string()))?;
+        self.query::<()>(redis::cmd("HSET").arg(keys::account_keys(&key.account)).arg(&key.key_id).arg(listed)).await?;
         Ok(true)
     }
 
@@ -353,15 +540,250 @@ impl Ledger for RedisLedger {
     /// Runs the real account script (loading it if the cache was emptied) on a key no account
     /// has; on a cluster also PINGs every primary, since any of them may hold a given account.
     async fn ping(&self) -> LedgerResult<()> {
-        let reply = self.run(&SCRIPTS.account.key(keys::READINESS_PROBE)).await?;
-        if reply != Value::Nil {
-            return Err(LedgerError(format!("readiness probe answered {reply:?}")));
+        let mut r = Reply::new(self.run(&SCRIPTS.account.key(keys::READINESS_PROBE)).await?)?;
+        let (appended, outcome): (u64, String) = (r.next()?, r.next()?);
+        if (appended, outcome.as_str()) != (0, "noaccount") {
+            return Err(LedgerError(format!("readiness probe answered {appended} {outcome:?}")));
         }
         if let Connection::Cluster(_) = self.conn {
             self.query::<()>(&redis::cmd("PING")).await?;
         }
         Ok(())
     }
+
+    async fn update_account(
+        &self,
+        id: &str,
+        plan: Option<PlanChange<'_>>,
+        email: Option<&str>,
+    ) -> LedgerResult<Option<PlanOutcome>> {
+        let mut inv = SCRIPTS.update_account.key(keys::account(id));
+        match plan {
+            Some(change) => {
+                check_amount(change.allocation)?;
+                inv.arg("1").arg(change.plan).arg(change.allocation)
+            }
+            None => inv.arg("0").arg("").arg(0),
+        };
+        match email {
+            Some(email) => inv.arg("1").arg(email),
+            None => inv.arg("0").arg(""),
+        };
+        let mut r = self.step(id, &inv).await?;
+        let outcome: String = r.next()?;
+        Ok(Some(match outcome.as_str() {
+            "upgraded" => PlanOutcome::Upgraded,
+            "downgrade_scheduled" => PlanOutcome::DowngradeScheduled,
+            "unchanged" => PlanOutcome::Unchanged,
+            "noaccount" => return Ok(None),
+            other => return Err(unexpected("update_account", other)),
+        }))
+    }
+
+    async fn set_auto_topup(&self, id: &str, setting: &AutoTopup) -> LedgerResult<bool> {
+        check_amount(setting.threshold)?;
+        check_amount(setting.credits)?;
+        let mut inv = SCRIPTS.set_auto_topup.key(keys::account(id));
+        inv.arg(if setting.enabled { "1" } else { "0" })
+            .arg(setting.threshold)
+            .arg(&setting.package)
+            .arg(setting.credits)
+            // Rust's shortest text that reads back as the same f64, for the account view; and the
+            // JSON that `serde_json::json!` writes (`null` when not finite), for the events.
+            .arg(setting.price_eur.to_string())
+            .arg(serde_json::Value::from(setting.price_eur).to_string());
+        let mut r = self.step(id, &inv).await?;
+        let outcome: String = r.next()?;
+        match outcome.as_str() {
+            "set" => Ok(true),
+            "noaccount" => Ok(false),
+            other => Err(unexpected("set_auto_topup", other)),
+        }
+    }
+
+    /// One HVALS of the account's key list (the public fields are copied there when a key is
+    /// created, so listing never visits the key records in their own slots).
+    async fn list_keys(&self, account: &str) -> LedgerResult<Vec<KeyRecord>> {
+        let listed: Vec<String> = self.query(redis::cmd("HVALS").arg(keys::account_keys(account))).await?;
+        let mut list = listed
+            .iter()
+            .map(|text| {
+                let k: ListedKey = serde_json::from_str(text)
+                    .map_err(|e| LedgerError(format!("unreadable key list entry of {account}: {e}")))?;
+                Ok(KeyRecord {
+                    key_id: k.key_id,
+                    account: account.to_owned(),
+                    role: k.role,
+                    hash: k.hash,
+                    prefix: k.prefix,
+                    created_at: k.created_at,
+                })
+            })
+            .collect::<LedgerResult<Vec<_>>>()?;
+        list.sort_by(|a, b| (a.created_at, &a.key_id).cmp(&(b.created_at, &b.key_id)));
+        Ok(list)
+    }
+
+    /// Separate commands (id index, record and the account's list are in different slots): read
+    /// the record through the id index, then delete the account's list entry, the record (from
+    /// here on the key no longer authenticates) and the id index, in that order. A crash part-way
+    /// leaves either a live key still revocable by id (a retry finishes the job) or an id index
+    /// entry pointing at nothing (a retry answers `None` and deletes it). Of two concurrent
+    /// revocations only the one whose DEL removed the record answers with it.
+    async fn revoke_key(&self, key_id: &str) -> LedgerResult<Option<KeyRecord>> {
+        let index = keys::api_key_id(key_id);
+        let Some(hash) = self.query::<Option<String>>(redis::cmd("GET").arg(&index)).await? else {
+            return Ok(None);
+        };
+        let record = self.find_key(&hash).await?;
+        if let Some(record) = &record {
+            self.query::<()>(redis::cmd("HDEL").arg(keys::account_keys(&record.account)).arg(key_id)).await?;
+        }
+        let deleted: u64 = self.query(redis::cmd("DEL").arg(keys::api_key(&hash))).await?;
+        self.query::<()>(redis::cmd("DEL").arg(&index)).await?;
+        Ok(record.filter(|_| deleted == 1))
+    }
+
+    async fn history(
+        &self,
+        account: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> LedgerResult<Option<Vec<HistoryEntry>>> {
+        let mut inv = SCRIPTS.history.key(keys::account(account));
+        match before {
+            Some(before) => inv.arg(before.min(MAX_AMOUNT)),
+            None => inv.arg(""),
+        };
+        inv.arg((limit as u64).min(MAX_AMOUNT));
+        let mut r = self.step(account, &inv).await?;
+        let outcome: String = r.next()?;
+        match outcome.as_str() {
+            "found" => Ok(Some(r.json_rest()?)),
+            "noaccount" => Ok(None),
+            other => Err(unexpected("history", other)),
+        }
+    }
+
+    async fn usage(&self, account: &str, earlier: usize) -> LedgerResult<Option<Usage>> {
+        let mut inv = SCRIPTS.usage.key(keys::account(account));
+        inv.arg((earlier as u64).min(MAX_AMOUNT));
+        let mut r = self.step(account, &inv).await?;
+        let outcome: String = r.next()?;
+        match outcome.as_str() {
+            "found" => {}
+            "noaccount" => return Ok(None),
+            other => return Err(unexpected("usage", other)),
+        }
+        let (anchor, current): (i64, i64) = (r.next()?, r.next()?);
+        let anchor = Anchor::from_unix(anchor);
+        // The kept periods, newest first, then the older ones: nothing recorded, 0.
+        let mut period = |k: i64| -> LedgerResult<PeriodUsage> {
+            let fields: HashMap<String, u64> = match r.0.next() {
+                Some(fields) => Reply::value(fields)?,
+                None => HashMap::new(),
+            };
+            period_usage(anchor.period_start(k), anchor.period_start(k + 1), fields)
+        };
+        let current_usage = period(current)?;
+        let earlier = (1..=earlier as i64).map(|i| period(current - i)).collect::<LedgerResult<Vec<_>>>()?;
+        Ok(Some(Usage { current: current_usage, earlier }))
+    }
+
+    /// SMEMBERS of every index shard, at once (on a cluster each goes to the node holding it). May
+    /// name accounts whose outbox was emptied meanwhile (see the module docs).
+    async fn event_accounts(&self) -> LedgerResult<Vec<String>> {
+        let shards = (0..keys::OUTBOX_SHARDS).map(|shard| async move {
+            self.query::<Vec<String>>(redis::cmd("SMEMBERS").arg(keys::outbox_index_shard(shard))).await
+        });
+        let mut accounts = BTreeSet::new();
+        for members in futures_util::future::join_all(shards).await {
+            accounts.extend(members?);
+        }
+        Ok(accounts.into_iter().collect())
+    }
+
+    async fn pending_events(&self, account: &str, max: usize) -> LedgerResult<Vec<Event>> {
+        let mut inv = SCRIPTS.pending_events.key(keys::account(account));
+        inv.arg((max as u64).min(MAX_AMOUNT));
+        let mut r = self.step(account, &inv).await?;
+        let outcome: String = r.next()?;
+        match outcome.as_str() {
+            "found" => {}
+            "noaccount" => return Ok(Vec::new()),
+            other => return Err(unexpected("pending_events", other)),
+        }
+        let queued: u64 = r.next()?;
+        if queued == 0 {
+            // A stale index entry, or none: make sure the dispatcher stops visiting.
+            self.unindex_if_empty(account).await;
+        }
+        r.json_rest()
+    }
+
+    async fn ack_events(&self, account: &str, ids: &[String]) -> LedgerResult<()> {
+        let mut inv = SCRIPTS.ack_events.key(keys::account(account));
+        inv.arg(ids);
+        let mut r = self.step(account, &inv).await?;
+        let outcome: String = r.next()?;
+        match outcome.as_str() {
+            "acked" => {}
+            "noaccount" => return Ok(()),
+            other => return Err(unexpected("ack_events", other)),
+        }
+        let left: u64 = r.next()?;
+        if left == 0 {
+            self.unindex_if_empty(account).await;
+        }
+        Ok(())
+    }
+}
+
+/// The public fields of an API key, as the account's key list stores them (JSON).
+#[derive(Serialize, Deserialize)]
+struct ListedKey {
+    key_id: String,
+    role: Role,
+    prefix: String,
+    created_at: i64,
+    hash: String,
+}
+
+impl From<&KeyRecord> for ListedKey {
+    fn from(k: &KeyRecord) -> Self {
+        ListedKey {
+            key_id: k.key_id.clone(),
+            role: k.role,
+            prefix: k.prefix.clone(),
+            created_at: k.created_at,
+            hash: k.hash.clone(),
+        }
+    }
+}
+
+/// A period's usage from the fields of its usage hash (`t`, `c:<category>`, `o:<operation>`,
+/// `d:<day>`).
+fn period_usage(period_start: i64, period_end: i64, fields: HashMap<String, u64>) -> LedgerResult<PeriodUsage> {
+    let mut u = PeriodUsage { period_start, period_end, ..PeriodUsage::default() };
+    let (mut by_category, mut by_operation, mut by_day) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    for (field, credits) in fields {
+        match field.split_once(':') {
+            None if field == "t" => u.total = credits,
+            Some(("c", category)) => {
+                by_category.insert(category.to_owned(), credits);
+            }
+            Some(("o", operation)) => {
+                by_operation.insert(operation.to_owned(), credits);
+            }
+            Some(("d", day)) => {
+                let day = day.parse().map_err(|_| LedgerError(format!("usage hash has day field {field:?}")))?;
+                by_day.insert(day, credits);
+            }
+            _ => return Err(LedgerError(format!("usage hash has unknown field {field:?}"))),
+        }
+    }
+    (u.by_category, u.by_operation, u.by_day) = (by_category, by_operation, by_day);
+    Ok(u)
 }
 
 // === impl Connection ===
@@ -415,6 +837,17 @@ impl Reply {
         Self::value(self.0.next().ok_or_else(|| LedgerError("script reply too short".to_owned()))?)
     }
 
+    /// The rest of the reply, each element the JSON text of a `T`.
+    fn json_rest<T: serde::de::DeserializeOwned>(self) -> LedgerResult<Vec<T>> {
+        self.0
+            .map(|v| {
+                let text: String = Self::value(v)?;
+                serde_json::from_str(&text)
+                    .map_err(|e| LedgerError(format!("unreadable JSON in the store ({e}): {text}")))
+            })
+            .collect()
+    }
+
     /// The rest of a `charged` / `replayed` reply.
     fn receipt(&mut self) -> LedgerResult<Receipt> {
         Ok(Receipt {
@@ -426,6 +859,7 @@ impl Reply {
             topup_remaining: self.next()?,
             allocation: self.next()?,
             renews_at: self.next()?,
+            auto_topup: self.next()?,
         })
     }
 }

@@ -91,10 +91,8 @@ pub async fn charge(
             tracing::error!(error = %e, operation = req.operation, cost = req.cost, "store unavailable; fail_open: forwarding uncharged");
             return Ok(None);
         }
-        Err(e) => {
-            tracing::error!(error = %e, "store unavailable; fail_closed: refusing metered request");
-            return Err(e.into());
-        }
+        // fail_closed: the error response logs the cause.
+        Err(e) => return Err(e.into()),
     };
     let charge = |receipt, replayed| Charge { account: account.clone(), category: category.clone(), receipt, replayed };
     match outcome {

@@ -43,6 +43,14 @@ pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
     tokio::spawn(async move {
         let mut backoff: HashMap<String, Backoff> = HashMap::new();
         let mut mailer: Option<(String, email::Mailer)> = None;
+        // Accounts whose event was written but whose index entry was lost (a crash in between).
+        if let crate::store::Store::Redis(r) = &*state.ledger {
+            match r.sweep_outboxes().await {
+                Ok(n) if n > 0 => tracing::info!(accounts = n, "notifier: re-indexed outboxes"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "notifier: outbox sweep failed"),
+            }
+        }
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}

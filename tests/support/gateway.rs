@@ -120,6 +120,8 @@ impl ConfigBuilder {
             } else if t.starts_with("headers = { authorization = \"env:AI_BACKEND_KEY\" }") {
                 seen[6] = true;
                 format!("headers = {{ authorization = \"{BACKEND_AUTH}\" }}")
+            } else if t.starts_with("on_error = ") && self.store.as_deref().is_some_and(|l| l.contains("on_error")) {
+                continue;
             } else if t.starts_with("upstream_timeout_ms = ")
                 && let Some(ms) = self.upstream_timeout_ms
             {

@@ -1,5 +1,7 @@
 #![allow(dead_code)]
 pub mod gateway;
 pub mod http;
+pub mod process;
+pub mod receivers;
 pub mod redis;
 pub mod upstream;

@@ -1,0 +1,20 @@
+-- set_auto_topup.lua: stores the account's auto top-up setting.
+--
+-- KEYS[1]  account hash            cg:{acct:<id>}
+-- ARGV[1]  "1" enabled, "0" disabled
+-- ARGV[2]  threshold (buy when a charge takes the total remaining below it)
+-- ARGV[3]  package name
+-- ARGV[4]  credits of the package
+-- ARGV[5]  price in euros, as Rust writes the f64 (read back exactly for the account view)
+-- ARGV[6]  the same price as JSON (inserted as is into `auto_topup.purchased` events)
+--
+-- Reply: { events appended (a renewal's), "set" } or { 0, "noaccount" }
+
+local a = load_account(KEYS[1])
+if not a then return { 0, 'noaccount' } end
+
+-- Writes.
+local events = save_if_renewed(a)
+redis.call('HSET', KEYS[1], 'auto_enabled', ARGV[1], 'auto_threshold', ARGV[2], 'auto_package', ARGV[3],
+  'auto_credits', ARGV[4], 'auto_price', ARGV[5], 'auto_price_json', ARGV[6])
+return { events, 'set' }

@@ -1,0 +1,1120 @@
+//! One ledger conformance suite, run against every store: the embedded `memory` ledger, Redis
+//! standalone and a 3-master Redis Cluster. Whatever the store, a user sees the same balances.
+//!
+//! Each store gets one test that starts its server, then runs [`suite`]; every check creates its
+//! own uniquely named accounts, so the checks share one server and run one after the other while
+//! the renewal checks (which wait 2–3 s for a real period boundary) run alongside them.
+//! Redis-only behaviour (script cache flush, clock high-water mark, outbox index recovery, the Lua
+//! calendar against `creditgate::calendar`) follows in the Redis tests, and so does a step-by-step
+//! comparison of a Redis store with a memory store fed the same steps.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use creditgate::calendar::{Anchor, parse_rfc3339, rfc3339};
+use creditgate::ledger::redis::{LUA_PRELUDE, RedisLedger};
+use creditgate::ledger::{
+    AutoTopup, ChargeOutcome, ChargeRequest, Event, HistoryEntry, Idempotency, KeyRecord, Ledger, MemoryLedger,
+    NewAccount, PlanChange, PlanOutcome, Receipt, RefundOutcome, Role, TopupOutcome, TopupRequest, keys,
+};
+use serde_json::json;
+use support::redis::{RedisCluster, RedisServer};
+
+// === the stores ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory() {
+    suite(Arc::new(MemoryLedger::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_standalone() {
+    let server = RedisServer::start();
+    let ledger = Arc::new(RedisLedger::connect_standalone(&server.url()).await.expect("connect"));
+    tokio::join!(suite(ledger.clone()), same_steps_as_memory(&ledger));
+    let redis = |args: &[&str]| {
+        server.command(args);
+    };
+    clock_never_goes_back(&ledger, redis).await;
+    outbox_index_recovers(&ledger, redis).await;
+    survives_script_cache_flush(&ledger, || {
+        server.command(&["SCRIPT", "FLUSH"]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster() {
+    let cluster = RedisCluster::start();
+    let ledger = Arc::new(RedisLedger::connect_cluster(&cluster.urls()).await.expect("connect"));
+    // Raw commands go to the node serving the key's slot (the others answer MOVED).
+    let on_owner = |args: &[&str]| {
+        let slot: u32 = cluster.nodes()[0].command(&["CLUSTER", "KEYSLOT", args[1]]).parse().unwrap();
+        let owner = cluster.nodes().iter().find(|n| serves_slot(n, slot)).expect("some node serves the slot");
+        owner.command(args);
+    };
+    tokio::join!(suite(ledger.clone()), same_steps_as_memory(&ledger));
+    let holding = cluster.nodes().iter().filter(|n| n.command(&["DBSIZE"]) != "0").count();
+    assert!(holding >= 2, "the accounts should spread over the shards, {holding} of 3 hold keys");
+    clock_never_goes_back(&ledger, on_owner).await;
+    outbox_index_recovers(&ledger, on_owner).await;
+    survives_script_cache_flush(&ledger, || {
+        for node in cluster.nodes() {
+            node.command(&["SCRIPT", "FLUSH"]);
+        }
+    })
+    .await;
+}
+
+/// Whether a cluster node serves `slot`, from the slot ranges on its own `CLUSTER NODES` line.
+fn serves_slot(node: &RedisServer, slot: u32) -> bool {
+    let nodes = node.command(&["CLUSTER", "NODES"]);
+    let myself = nodes.lines().find(|l| l.contains("myself")).expect("a myself line");
+    myself.split_whitespace().skip(8).any(|range| match range.split_once('-') {
+        Some((a, b)) => (a.parse::<u32>().unwrap()..=b.parse().unwrap()).contains(&slot),
+        None => range.parse::<u32>() == Ok(slot),
+    })
+}
+
+// === the suite ===
+
+/// Every check of the ledger contract, against one store.
+async fn suite<L: Ledger>(l: Arc<L>) {
+    tokio::join!(renewal_at_the_anchor(&*l), downgrade_at_renewal_with_entry_and_event(&*l), async {
+        all_or_nothing(&*l).await;
+        monthly_first_then_topup_and_refund_per_bucket(&*l).await;
+        refund_never_twice(&*l).await;
+        resent_charge_id_applies_once(&*l).await;
+        idempotency_replay_conflict_and_retry_after_refund(&*l).await;
+        duplicate_topup(&*l).await;
+        unknown_accounts(&*l).await;
+        api_keys(&*l).await;
+        list_and_revoke_keys(&*l).await;
+        history_sums_to_the_balances(&*l).await;
+        history_pages(&*l).await;
+        plan_upgrade_now(&*l).await;
+        auto_topup_once_per_crossing_and_capped(&*l).await;
+        usage_by_category_operation_and_day(&*l).await;
+        events_listed_and_acknowledged(&*l).await;
+        concurrent_duplicate_topups(l.clone()).await;
+        concurrent_charges_never_overdraw(l.clone()).await;
+        concurrent_idempotent_copies_charge_once(l.clone()).await;
+        concurrent_crossing_buys_one_auto_topup(l.clone()).await;
+        concurrent_thresholds_fire_once_each(l.clone()).await;
+    });
+}
+
+async fn all_or_nothing(l: &impl Ledger) {
+    let acct = account(l, 10).await;
+    topup(l, &acct, 5).await;
+    let renews_at = view(l, &acct).await.renews_at;
+    assert_eq!(
+        l.charge(charge(&acct, &unique("c"), 16)).await.unwrap(),
+        ChargeOutcome::Refused { remaining: 15, renews_at }
+    );
+    let v = view(l, &acct).await;
+    assert_eq!((v.monthly_remaining, v.topup_remaining, v.used_this_period), (10, 5, 0), "nothing debited");
+    let r = charged(l.charge(charge(&acct, &unique("c"), 15)).await.unwrap());
+    assert_eq!((r.from_monthly, r.from_topup, r.remaining()), (10, 5, 0));
+    assert_eq!(
+        l.charge(charge(&acct, &unique("c"), 1)).await.unwrap(),
+        ChargeOutcome::Refused { remaining: 0, renews_at }
+    );
+}
+
+async fn monthly_first_then_topup_and_refund_per_bucket(l: &impl Ledger) {
+    let acct = account(l, 10).await;
+    topup(l, &acct, 20).await;
+    let r = charged(l.charge(charge(&acct, &unique("c"), 4)).await.unwrap());
+    assert_eq!((r.from_monthly, r.from_topup, r.monthly_remaining, r.topup_remaining), (4, 0, 6, 20));
+    let spanning = unique("c");
+    let r = charged(l.charge(charge(&acct, &spanning, 10)).await.unwrap());
+    assert_eq!((r.cost, r.from_monthly, r.from_topup, r.monthly_remaining, r.topup_remaining), (10, 6, 4, 0, 16));
+    assert_eq!((r.charge_id.as_str(), r.allocation, r.remaining()), (spanning.as_str(), 10, 16));
+    let r = charged(l.charge(charge(&acct, &unique("c"), 3)).await.unwrap());
+    assert_eq!((r.from_monthly, r.from_topup, r.topup_remaining), (0, 3, 13), "top-ups only once monthly is empty");
+    assert_eq!(
+        l.refund(&acct, &spanning).await.unwrap(),
+        RefundOutcome::Refunded { to_monthly: 6, to_topup: 4, monthly_remaining: 6, topup_remaining: 17 }
+    );
+    let v = view(l, &acct).await;
+    assert_eq!((v.monthly_remaining, v.topup_remaining, v.used_this_period), (6, 17, 7));
+}
+
+async fn refund_never_twice(l: &impl Ledger) {
+    let acct = account(l, 10).await;
+    let id = unique("c");
+    charged(l.charge(charge(&acct, &id, 5)).await.unwrap());
+    assert!(matches!(l.refund(&acct, &id).await.unwrap(), RefundOutcome::Refunded { to_monthly: 5, .. }));
+    assert_eq!(l.refund(&acct, &id).await.unwrap(), RefundOutcome::AlreadyRefunded);
+    let v = view(l, &acct).await;
+    assert_eq!((v.monthly_remaining, v.used_this_period), (10, 0), "refunded once");
+    assert_eq!(l.refund(&acct, "never-made").await.unwrap(), RefundOutcome::UnknownCharge);
+    assert_eq!(l.refund(&unique("nobody"), &id).await.unwrap(), RefundOutcome::UnknownCharge);
+}
+
+async fn resent_charge_id_applies_once(l: &impl Ledger) {
+    let acct = account(l, 10).await;
+    let id = unique("c");
+    let first = charged(l.charge(charge(&acct, &id, 3)).await.unwrap());
+    let again = charged(l.charge(charge(&acct, &id, 3)).await.unwrap());
+    assert_eq!(again, first, "same receipt, nothing debited again");
+    assert_eq!(view(l, &acct).await.monthly_remaining, 7);
+    // Even after a refund, a late copy of the step does not charge.
+    l.refund(&acct, &id).await.unwrap();
+    let late = charged(l.charge(charge(&acct, &id, 3)).await.unwrap());
+    assert_eq!((late.charge_id, late.cost, late.monthly_remaining), (id, 3, 10));
+    assert_eq!(view(l, &acct).await.used_this_period, 0);
+}
+
+async fn idempotency_replay_conflict_and_retry_after_refund(l: &impl Ledger) {
+    let acct = account(l, 10).await;
+    let key = unique("idem");
+    let same = Idempotency { key: &key, fingerprint: "f1" };
+    let other = Idempotency { key: &key, fingerprint: "f2" };
+    let first_id = unique("c");
+    let first =
+        charged(l.charge(ChargeRequest { idempotency: Some(same), ..charge(&acct, &first_id, 2) }).await.unwrap());
+    let replay = l.charge(ChargeRequest { idempotency: Some(same), ..charge(&acct, &unique("c"), 2) }).await.unwrap();
+    assert_eq!(replay, ChargeOutcome::Replayed(first.clone()), "original receipt, today's balances");
+    let conflict = l.charge(ChargeRequest { idempotency: Some(other), ..charge(&acct, &unique("c"), 2) }).await;
+    assert_eq!(conflict.unwrap(), ChargeOutcome::Conflict);
+    assert_eq!(view(l, &acct).await.monthly_remaining, 8, "charged once");
+
+    // A refunded request was not served: a retry under the same key pays anew.
+    l.refund(&acct, &first_id).await.unwrap();
+    let retry_id = unique("c");
+    let retry =
+        charged(l.charge(ChargeRequest { idempotency: Some(same), ..charge(&acct, &retry_id, 2) }).await.unwrap());
+    assert_eq!((retry.charge_id.as_str(), retry.monthly_remaining), (retry_id.as_str(), 8));
+    let replay = l.charge(ChargeRequest { idempotency: Some(same), ..charge(&acct, &unique("c"), 2) }).await.unwrap();
+    assert_eq!(replay, ChargeOutcome::Replayed(retry));
+}
+
+async fn duplicate_topup(l: &impl Ledger) {
+    let acct = account(l, 10).await;
+    let payment = unique("pay");
+    let req = TopupRequest { account: &acct, credits: 200, payment_ref: &payment, package: Some("200") };
+    let TopupOutcome::Created(first) = l.topup(req).await.unwrap() else { panic!("first top-up not created") };
+    assert_eq!((first.credits, first.package.as_deref(), first.topup_remaining), (200, Some("200"), 200));
+    assert!(first.created_at.abs_diff(now()) <= 2, "created_at is now");
+    assert_eq!(l.topup(req).await.unwrap(), TopupOutcome::Duplicate(first.clone()));
+    assert_eq!(view(l, &acct).await.topup_remaining, 200, "credited once");
+    let grant = TopupRequest { account: &acct, credits: 50, payment_ref: &unique("pay"), package: None };
+    let TopupOutcome::Created(second) = l.topup(grant).await.unwrap() else { panic!("second top-up not created") };
+    assert_eq!((second.package, second.topup_remaining), (None, 250));
+}
+
+async fn unknown_accounts(l: &impl Ledger) {
+    let nobody = unique("nobody");
+    assert_eq!(l.account(&nobody).await.unwrap(), None);
+    assert_eq!(l.charge(charge(&nobody, "c", 1)).await.unwrap(), ChargeOutcome::NoAccount);
+    let req = TopupRequest { account: &nobody, credits: 1, payment_ref: "p", package: None };
+    assert_eq!(l.topup(req).await.unwrap(), TopupOutcome::NoAccount);
+    assert_eq!(l.account(&nobody).await.unwrap(), None, "nothing created on the way");
+
+    let acct = account(l, 10).await;
+    let again = NewAccount { id: acct.clone(), plan: "pro".into(), allocation: 2000, anchor: now(), email: None };
+    assert!(!l.create_account(again).await.unwrap(), "an id is created once");
+    let v = view(l, &acct).await;
+    assert_eq!((v.plan.as_str(), v.allocation, v.email.as_deref()), ("test", 10, Some("ops@example.com")));
+}
+
+async fn api_keys(l: &impl Ledger) {
+    let acct = account(l, 10).await;
+    let record = KeyRecord {
+        key_id: unique("key"),
+        account: acct.clone(),
+        role: Role::System,
+        hash: unique("hash"),
+        prefix: "cg_abcd".into(),
+        created_at: now(),
+    };
+    assert!(l.create_key(record.clone()).await.unwrap());
+    assert_eq!(l.find_key(&record.hash).await.unwrap(), Some(record.clone()));
+    assert_eq!(l.find_key(&unique("hash")).await.unwrap(), None);
+    let orphan = KeyRecord { account: unique("nobody"), hash: unique("hash"), ..record };
+    assert!(!l.create_key(orphan.clone()).await.unwrap(), "no key without an account");
+    assert_eq!(l.find_key(&orphan.hash).await.unwrap(), None);
+    l.ping().await.unwrap();
+}
+
+async fn concurrent_duplicate_topups<L: Ledger>(l: Arc<L>) {
+    let acct = account(&*l, 10).await;
+    let payment = unique("pay");
+    let outcomes = concurrently(20, |_| {
+        let (l, acct, payment) = (l.clone(), acct.clone(), payment.clone());
+        async move {
+            let req = TopupRequest { account: &acct, credits: 100, payment_ref: &payment, package: None };
+            l.topup(req).await.unwrap()
+        }
+    })
+    .await;
+    let created: Vec<_> =
+        outcomes.iter().filter_map(|o| if let TopupOutcome::Created(r) = o { Some(r) } else { None }).collect();
+    assert_eq!(created.len(), 1, "one payment credits once: {outcomes:?}");
+    for o in &outcomes {
+        if let TopupOutcome::Duplicate(r) = o {
+            assert_eq!(r, created[0], "duplicates return the original receipt");
+        }
+    }
+    assert_eq!(view(&*l, &acct).await.topup_remaining, 100);
+}
+
+async fn concurrent_charges_never_overdraw<L: Ledger>(l: Arc<L>) {
+    let acct = account(&*l, 50).await;
+    let outcomes = concurrently(200, |i| {
+        let (l, acct) = (l.clone(), acct.clone());
+        async move { l.charge(charge(&acct, &format!("c{i}"), 1)).await.unwrap() }
+    })
+    .await;
+    let remaining: HashSet<u64> = outcomes
+        .iter()
+        .filter_map(|o| if let ChargeOutcome::Charged(r) = o { Some(r.remaining()) } else { None })
+        .collect();
+    let refused = outcomes.iter().filter(|o| matches!(o, ChargeOutcome::Refused { remaining: 0, .. })).count();
+    assert_eq!((remaining.len(), refused), (50, 150), "exactly 50 charged, each seeing its own balance");
+    assert_eq!(remaining, (0..50).collect());
+    let v = view(&*l, &acct).await;
+    assert_eq!((v.remaining(), v.used_this_period), (0, 50));
+}
+
+async fn concurrent_idempotent_copies_charge_once<L: Ledger>(l: Arc<L>) {
+    let acct = account(&*l, 50).await;
+    let key = unique("idem");
+    let outcomes = concurrently(20, |i| {
+        let (l, acct, key) = (l.clone(), acct.clone(), key.clone());
+        async move {
+            let idempotency = Some(Idempotency { key: &key, fingerprint: "f" });
+            l.charge(ChargeRequest { idempotency, ..charge(&acct, &format!("c{i}"), 3) }).await.unwrap()
+        }
+    })
+    .await;
+    let charged = outcomes.iter().filter(|o| matches!(o, ChargeOutcome::Charged(_))).count();
+    let replayed = outcomes.iter().filter(|o| matches!(o, ChargeOutcome::Replayed(_))).count();
+    assert_eq!((charged, replayed), (1, 19), "{outcomes:?}");
+    assert_eq!(view(&*l, &acct).await.monthly_remaining, 47);
+}
+
+/// An account whose next period starts 2–3 s from now: spend into top-ups, cross the boundary,
+/// see the monthly bucket reset (no roll-over), top-ups kept, and a refund from the old period
+/// return only its top-up part.
+async fn renewal_at_the_anchor(l: &impl Ledger) {
+    let anchor = now() + 3; // whole seconds: 2 to 3 s from now
+    let acct = unique("acct");
+    let new = NewAccount { id: acct.clone(), plan: "free".into(), allocation: 50, anchor, email: None };
+    assert!(l.create_account(new).await.unwrap());
+    let a = Anchor::from_unix(anchor);
+    let v = view(l, &acct).await;
+    assert_eq!(
+        (v.period_start, v.renews_at),
+        (a.period_start(-1), anchor),
+        "created in the period ending at the anchor"
+    );
+    topup(l, &acct, 30).await;
+    let small = unique("c");
+    charged(l.charge(charge(&acct, &small, 10)).await.unwrap());
+    let spanning = unique("c");
+    let r = charged(l.charge(charge(&acct, &spanning, 45)).await.unwrap());
+    assert_eq!(
+        (r.from_monthly, r.from_topup, r.monthly_remaining, r.topup_remaining, r.renews_at),
+        (40, 5, 0, 25, anchor)
+    );
+    assert!(now() < anchor, "the setup took too long to test a renewal");
+
+    sleep_until(anchor).await;
+    let v = view(l, &acct).await;
+    assert_eq!((v.monthly_remaining, v.topup_remaining, v.used_this_period), (50, 25, 0), "reset, no roll-over");
+    assert_eq!((v.period_start, v.renews_at), (anchor, a.period_start(1)));
+    assert_eq!(
+        l.refund(&acct, &spanning).await.unwrap(),
+        RefundOutcome::Refunded { to_monthly: 0, to_topup: 5, monthly_remaining: 50, topup_remaining: 30 }
+    );
+    assert!(matches!(
+        l.refund(&acct, &small).await.unwrap(),
+        RefundOutcome::Refunded { to_monthly: 0, to_topup: 0, .. }
+    ));
+    let r = charged(l.charge(charge(&acct, &unique("c"), 5)).await.unwrap());
+    assert_eq!((r.monthly_remaining, r.renews_at), (45, a.period_start(1)));
+    let v = view(l, &acct).await;
+    assert_eq!((v.monthly_remaining, v.used_this_period), (45, 5), "renewed once, not again");
+}
+
+// === accounts, history, auto top-up, usage, events ===
+
+/// Keys listed oldest first (ties by key id), never across accounts; a revoked key is gone from
+/// the list and from `find_key`, and revoking it again finds nothing.
+async fn list_and_revoke_keys(l: &impl Ledger) {
+    let acct = account(l, 10).await;
+    let other = account(l, 10).await;
+    let t = now();
+    let key = |key_id: &str, created_at: i64, role: Role| KeyRecord {
+        key_id: key_id.to_owned(),
+        account: acct.clone(),
+        role,
+        hash: unique("hash"),
+        prefix: "cg_abcd".into(),
+        created_at,
+    };
+    let (b, a, c) = (
+        key(&unique("kb"), t - 10, Role::User),
+        key(&unique("ka"), t - 20, Role::System),
+        key(&unique("kc"), t - 10, Role::User),
+    );
+    for k in [&b, &a, &c] {
+        assert!(l.create_key(k.clone()).await.unwrap());
+    }
+    assert!(l.create_key(KeyRecord { account: other.clone(), ..key(&unique("kx"), t, Role::User) }).await.unwrap());
+    let mut same_second = [b.clone(), c.clone()];
+    same_second.sort_by(|x, y| x.key_id.cmp(&y.key_id));
+    let want = vec![a.clone(), same_second[0].clone(), same_second[1].clone()];
+    assert_eq!(l.list_keys(&acct).await.unwrap(), want, "oldest first, then by key id");
+
+    assert_eq!(l.revoke_key(&b.key_id).await.unwrap(), Some(b.clone()));
+    assert_eq!(l.find_key(&b.hash).await.unwrap(), None, "a revoked key no longer authenticates");
+    assert_eq!(l.revoke_key(&b.key_id).await.unwrap(), None, "revoked once");
+    assert_eq!(l.revoke_key(&unique("never")).await.unwrap(), None);
+    let left: Vec<String> = l.list_keys(&acct).await.unwrap().into_iter().map(|k| k.key_id).collect();
+    assert_eq!(left, vec![a.key_id.clone(), c.key_id.clone()]);
+    assert_eq!(l.find_key(&a.hash).await.unwrap(), Some(a), "the others still work");
+    assert_eq!(l.list_keys(&other).await.unwrap().len(), 1);
+    assert!(l.list_keys(&unique("nobody")).await.unwrap().is_empty());
+}
+
+/// A seeded random mix of charges (some refused), refunds (some twice), top-ups, plan changes and
+/// auto top-up settings: the history is contiguous from 1, each entry's `*_after` is the running
+/// sum of the deltas, the sums are the balances, and usage agrees with `used_this_period`.
+async fn history_sums_to_the_balances(l: &impl Ledger) {
+    const PLANS: [(&str, u64); 4] = [("free", 50), ("starter", 500), ("test", 100), ("small", 80)];
+    const OPS: [(&str, &str); 3] =
+        [("ai_chat", "AI Chat"), ("lead_enrichment", "Enrichment"), ("icebreaker", "Campaigns")];
+    let acct = account(l, 100).await;
+    let mut rng = Rng(0x5eed_cafe);
+    let mut charges = Vec::new();
+    for _ in 0..300 {
+        match rng.below(12) {
+            0..=5 => {
+                let (operation, category) = OPS[rng.below(3) as usize];
+                let id = unique("c");
+                let req = ChargeRequest {
+                    operation,
+                    category,
+                    thresholds: &[20, 10, 0],
+                    auto_topup_max_per_period: 3,
+                    ..charge(&acct, &id, 1 + rng.below(40))
+                };
+                if let ChargeOutcome::Charged(_) = l.charge(req).await.unwrap() {
+                    charges.push(id);
+                }
+            }
+            6 | 7 if !charges.is_empty() => {
+                let id = &charges[rng.below(charges.len() as u64) as usize];
+                l.refund(&acct, id).await.unwrap();
+            }
+            8 => topup(l, &acct, 1 + rng.below(80)).await,
+            9 | 10 => {
+                let (plan, allocation) = PLANS[rng.below(4) as usize];
+                l.update_account(&acct, Some(PlanChange { plan, allocation }), None).await.unwrap().unwrap();
+            }
+            _ => {
+                let setting = auto_setting(rng.below(4) != 0, 20 + rng.below(60), 50);
+                assert!(l.set_auto_topup(&acct, &setting).await.unwrap());
+            }
+        }
+    }
+    let v = view(l, &acct).await;
+    let mut history = l.history(&acct, None, 10_000).await.unwrap().expect("account exists");
+    history.reverse();
+    let seqs: Vec<u64> = history.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=history.len() as u64).collect::<Vec<_>>(), "seq from 1, contiguous");
+    assert_eq!(
+        (history[0].kind.as_str(), history[0].monthly_delta, history[0].plan.as_deref()),
+        ("created", 100, Some("test"))
+    );
+    let (mut monthly, mut topup) = (0_i64, 0_i64);
+    for e in &history {
+        monthly += e.monthly_delta;
+        topup += e.topup_delta;
+        assert_eq!((monthly, topup), (e.monthly_after as i64, e.topup_after as i64), "running sums at {e:?}");
+    }
+    assert_eq!(
+        (monthly, topup),
+        (v.monthly_remaining as i64, v.topup_remaining as i64),
+        "history sums to the balances"
+    );
+    let kinds: HashSet<&str> = history.iter().map(|e| e.kind.as_str()).collect();
+    for kind in ["created", "charge", "refund", "topup", "auto_topup", "plan_change"] {
+        assert!(kinds.contains(kind), "the mix produced no {kind} entry: {kinds:?}");
+    }
+    let events = l.pending_events(&acct, 10_000).await.unwrap();
+    let count = |kind: &str| events.iter().filter(|e| e.kind == kind).count();
+    let entries = |kind: &str| history.iter().filter(|e| e.kind == kind).count();
+    assert_eq!(count("topup.completed"), entries("topup"));
+    assert_eq!(count("auto_topup.purchased"), entries("auto_topup"));
+
+    let usage = l.usage(&acct, 0).await.unwrap().expect("account exists");
+    let u = &usage.current;
+    assert_eq!(u.total, v.used_this_period, "usage is what the ledger charged, net of refunds");
+    assert_eq!(u.by_category.values().sum::<u64>(), u.total);
+    assert_eq!(u.by_operation.values().sum::<u64>(), u.total);
+    assert_eq!(u.by_day.values().sum::<u64>(), u.total);
+}
+
+/// Pages of `history` (newest first, `seq < before`) put together are the whole history.
+async fn history_pages(l: &impl Ledger) {
+    let acct = account(l, 100).await;
+    for i in 0..9 {
+        charged(l.charge(charge(&acct, &unique("c"), 1 + i)).await.unwrap());
+    }
+    let all = l.history(&acct, None, 100).await.unwrap().unwrap();
+    assert_eq!(all.len(), 10);
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=10).rev().collect::<Vec<_>>(), "newest first");
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = l.history(&acct, before, 3).await.unwrap().unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 3);
+        before = Some(page.last().unwrap().seq);
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+    assert_eq!(l.history(&acct, Some(4), 100).await.unwrap().unwrap(), all[7..].to_vec());
+    assert_eq!(l.history(&acct, Some(1), 100).await.unwrap().unwrap(), vec![]);
+    assert_eq!(l.history(&acct, Some(1000), 2).await.unwrap().unwrap(), all[..2].to_vec());
+    assert_eq!(l.history(&acct, None, 0).await.unwrap().unwrap(), vec![]);
+    assert_eq!(l.history(&unique("nobody"), None, 10).await.unwrap(), None);
+    let newest = &all[0];
+    assert_eq!(
+        (newest.kind.as_str(), newest.monthly_delta, newest.topup_delta, newest.monthly_after),
+        ("charge", -9, 0, 100 - 45)
+    );
+    assert_eq!((newest.operation.as_deref(), newest.category.as_deref()), (Some("ai_chat"), Some("AI Chat")));
+    assert_eq!((newest.request_id.as_deref(), newest.payment_ref.as_deref()), (Some("req"), None));
+    assert!(newest.charge_id.is_some() && newest.at.abs_diff(now()) <= 2);
+}
+
+/// An upgrade is in force at once (the monthly bucket grows by the difference), the same plan
+/// changes nothing, the e-mail changes on its own.
+async fn plan_upgrade_now(l: &impl Ledger) {
+    let acct = unique("acct");
+    let new =
+        NewAccount { id: acct.clone(), plan: "starter".into(), allocation: 500, anchor: now() - 86_400, email: None };
+    assert!(l.create_account(new).await.unwrap());
+    charged(l.charge(charge(&acct, &unique("c"), 100)).await.unwrap());
+    let pro = PlanChange { plan: "pro", allocation: 2000 };
+    assert_eq!(l.update_account(&acct, Some(pro), None).await.unwrap(), Some(PlanOutcome::Upgraded));
+    let v = view(l, &acct).await;
+    assert_eq!((v.plan.as_str(), v.allocation, v.monthly_remaining, v.pending_plan), ("pro", 2000, 1900, None));
+    let e = &l.history(&acct, None, 1).await.unwrap().unwrap()[0];
+    assert_eq!(
+        (e.kind.as_str(), e.monthly_delta, e.monthly_after, e.plan.as_deref()),
+        ("plan_change", 1500, 1900, Some("pro"))
+    );
+    assert_eq!(l.update_account(&acct, Some(pro), None).await.unwrap(), Some(PlanOutcome::Unchanged));
+    assert_eq!(l.update_account(&acct, None, Some("new@example.com")).await.unwrap(), Some(PlanOutcome::Unchanged));
+    let v = view(l, &acct).await;
+    assert_eq!((v.monthly_remaining, v.email.as_deref()), (1900, Some("new@example.com")));
+    assert_eq!(
+        l.history(&acct, None, 10).await.unwrap().unwrap().len(),
+        3,
+        "no entry without a balance or plan change"
+    );
+    // A downgrade waits for the renewal, and going back to the current plan cancels it.
+    let starter = PlanChange { plan: "starter", allocation: 500 };
+    assert_eq!(l.update_account(&acct, Some(starter), None).await.unwrap(), Some(PlanOutcome::DowngradeScheduled));
+    let v = view(l, &acct).await;
+    assert_eq!((v.plan.as_str(), v.pending_plan.as_deref(), v.monthly_remaining), ("pro", Some("starter"), 1900));
+    assert_eq!(l.update_account(&acct, Some(pro), None).await.unwrap(), Some(PlanOutcome::Unchanged));
+    assert_eq!(view(l, &acct).await.pending_plan, None);
+    assert_eq!(l.update_account(&unique("nobody"), Some(pro), None).await.unwrap(), None);
+}
+
+/// A downgrade waits for the renewal; the renewal writes its history entry (the monthly delta is
+/// the allocation minus what was left), a `credits.renewed` event, and restarts the count of
+/// auto top-ups.
+async fn downgrade_at_renewal_with_entry_and_event(l: &impl Ledger) {
+    let anchor = now() + 3; // whole seconds: 2 to 3 s from now
+    let acct = unique("acct");
+    let new = NewAccount { id: acct.clone(), plan: "pro".into(), allocation: 2000, anchor, email: None };
+    assert!(l.create_account(new).await.unwrap());
+    topup(l, &acct, 30).await;
+    assert!(l.set_auto_topup(&acct, &auto_setting(true, 1950, 200)).await.unwrap());
+    let r = charged(l.charge(ChargeRequest { thresholds: &[20], ..charge(&acct, &unique("c"), 100) }).await.unwrap());
+    assert_eq!((r.auto_topup, r.monthly_remaining, r.topup_remaining), (Some(200), 1900, 230));
+    let starter = PlanChange { plan: "starter", allocation: 500 };
+    assert_eq!(l.update_account(&acct, Some(starter), None).await.unwrap(), Some(PlanOutcome::DowngradeScheduled));
+    let v = view(l, &acct).await;
+    assert_eq!(
+        (v.plan.as_str(), v.allocation, v.pending_plan.as_deref(), v.monthly_remaining),
+        ("pro", 2000, Some("starter"), 1900)
+    );
+    assert_eq!(v.auto_topups_this_period, 1);
+    let e = &l.history(&acct, None, 1).await.unwrap().unwrap()[0];
+    assert_eq!(
+        (e.kind.as_str(), e.monthly_delta, e.topup_delta, e.plan.as_deref()),
+        ("plan_change", 0, 0, Some("starter"))
+    );
+    assert!(now() < anchor, "the setup took too long to test a renewal");
+
+    sleep_until(anchor).await;
+    let v = view(l, &acct).await;
+    let in_effect = (v.plan.as_str(), v.allocation, v.pending_plan.as_deref(), v.monthly_remaining, v.topup_remaining);
+    assert_eq!(in_effect, ("starter", 500, None, 500, 230), "the downgrade applies at renewal");
+    assert_eq!(v.auto_topups_this_period, 0, "the count restarts each period");
+    let history = l.history(&acct, None, 100).await.unwrap().unwrap();
+    let renewal = &history[0];
+    assert_eq!(
+        (renewal.kind.as_str(), renewal.monthly_delta, renewal.topup_delta, renewal.monthly_after, renewal.topup_after),
+        ("renewal", 500 - 1900, 0, 500, 230)
+    );
+    assert_eq!(renewal.plan.as_deref(), Some("starter"));
+    assert_eq!(history.iter().filter(|e| e.kind == "renewal").count(), 1, "renewed once");
+    let events = l.pending_events(&acct, 100).await.unwrap();
+    let renewed: Vec<&Event> = events.iter().filter(|e| e.kind == "credits.renewed").collect();
+    assert_eq!(renewed.len(), 1, "{events:?}");
+    let a = Anchor::from_unix(anchor);
+    assert_eq!(
+        renewed[0].data,
+        json!({
+            "plan": "starter", "allocation": 500, "expired_monthly": 1900, "topup_remaining": 230,
+            "period_start": rfc3339(anchor), "renews_at": rfc3339(a.period_start(1)),
+        })
+    );
+    assert_eq!(renewed[0].account_id, acct);
+    assert!(renewed[0].created_at >= anchor);
+    // Still once after more steps in the new period.
+    charged(l.charge(charge(&acct, &unique("c"), 1)).await.unwrap());
+    let events = l.pending_events(&acct, 100).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "credits.renewed").count(), 1);
+}
+
+/// The charge that takes the total from at-or-above the threshold to below it buys one package
+/// (credited at once, history entry, purchase event), at most `max_per_period` times.
+async fn auto_topup_once_per_crossing_and_capped(l: &impl Ledger) {
+    let acct = account(l, 100).await;
+    assert_eq!(view(l, &acct).await.auto_topup, None, "no setting yet");
+    let setting = AutoTopup { enabled: true, threshold: 30, package: "200".into(), credits: 200, price_eur: 9.99 };
+    assert!(l.set_auto_topup(&acct, &setting).await.unwrap());
+    assert!(!l.set_auto_topup(&unique("nobody"), &setting).await.unwrap());
+    assert_eq!(view(l, &acct).await.auto_topup, Some(setting.clone()));
+    let step = async |cost: u64| {
+        let id = unique("c");
+        let req = ChargeRequest { auto_topup_max_per_period: 2, ..charge(&acct, &id, cost) };
+        (id.clone(), charged(l.charge(req).await.unwrap()))
+    };
+    let (_, r) = step(60).await;
+    assert_eq!((r.auto_topup, r.remaining()), (None, 40), "still at or above the threshold");
+    let (crossing, r) = step(15).await;
+    assert_eq!((r.auto_topup, r.monthly_remaining, r.topup_remaining), (Some(200), 25, 200), "crossed: bought once");
+    assert_eq!(view(l, &acct).await.auto_topups_this_period, 1);
+    let again = charged(
+        l.charge(ChargeRequest { auto_topup_max_per_period: 2, ..charge(&acct, &crossing, 15) }).await.unwrap(),
+    );
+    assert_eq!((again.auto_topup, again.remaining()), (None, 225), "a re-sent step buys nothing");
+    let (_, r) = step(5).await;
+    assert_eq!((r.auto_topup, r.remaining()), (None, 220), "no new crossing");
+    let entry = &l.history(&acct, None, 10).await.unwrap().unwrap()[1];
+    assert_eq!(
+        (entry.kind.as_str(), entry.monthly_delta, entry.topup_delta, entry.topup_after),
+        ("auto_topup", 0, 200, 200)
+    );
+    let payment_ref = format!("auto:{crossing}");
+    assert_eq!((entry.payment_ref.as_deref(), entry.package.as_deref()), (Some(payment_ref.as_str()), Some("200")));
+    let (_, r) = step(200).await;
+    assert_eq!((r.auto_topup, r.remaining()), (Some(200), 220), "a second crossing buys again");
+    let (_, r) = step(200).await;
+    assert_eq!((r.auto_topup, r.remaining()), (None, 20), "capped at 2 per period");
+    assert_eq!(view(l, &acct).await.auto_topups_this_period, 2);
+    let purchases: Vec<Event> =
+        l.pending_events(&acct, 100).await.unwrap().into_iter().filter(|e| e.kind == "auto_topup.purchased").collect();
+    assert_eq!(purchases.len(), 2);
+    assert_eq!(
+        purchases[0].data,
+        json!({
+            "package": "200", "credits": 200, "price_eur": 9.99, "payment_ref": payment_ref,
+            "topup_remaining": 200, "purchases_this_period": 1,
+        })
+    );
+    assert_eq!(purchases[1].data["purchases_this_period"], 2);
+    // Disabled: no purchase, the setting kept.
+    let off = AutoTopup { enabled: false, ..setting };
+    assert!(l.set_auto_topup(&acct, &off).await.unwrap());
+    topup(l, &acct, 100).await;
+    let r = charged(l.charge(charge(&acct, &unique("c"), 100)).await.unwrap());
+    assert_eq!((r.auto_topup, r.remaining()), (None, 20));
+    assert_eq!(view(l, &acct).await.auto_topup, Some(off));
+}
+
+/// Usage by category, operation and UTC day, refunds subtracting; earlier periods present as 0.
+async fn usage_by_category_operation_and_day(l: &impl Ledger) {
+    let acct = account(l, 100).await;
+    let day_before = now().div_euclid(86_400);
+    let mut refunded = String::new();
+    for (operation, category, cost) in [
+        ("ai_chat", "AI Chat", 3),
+        ("ai_chat", "AI Chat", 5),
+        ("lead_enrichment", "Enrichment", 4),
+        ("icebreaker", "Campaigns", 2),
+    ] {
+        let id = unique("c");
+        charged(l.charge(ChargeRequest { operation, category, ..charge(&acct, &id, cost) }).await.unwrap());
+        if cost == 5 {
+            refunded = id;
+        }
+    }
+    assert!(matches!(l.refund(&acct, &refunded).await.unwrap(), RefundOutcome::Refunded { .. }));
+    let day_after = now().div_euclid(86_400);
+    let usage = l.usage(&acct, 6).await.unwrap().expect("account exists");
+    let v = view(l, &acct).await;
+    let u = &usage.current;
+    assert_eq!((u.period_start, u.period_end, u.total), (v.period_start, v.renews_at, 9));
+    let map = |pairs: &[(&str, u64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>();
+    assert_eq!(u.by_category, map(&[("AI Chat", 3), ("Enrichment", 4), ("Campaigns", 2)]));
+    assert_eq!(u.by_operation, map(&[("ai_chat", 3), ("lead_enrichment", 4), ("icebreaker", 2)]));
+    assert!(u.by_day.keys().all(|d| (day_before..=day_after).contains(d)), "{:?}", u.by_day);
+    assert_eq!(u.by_day.values().sum::<u64>(), 9);
+    assert_eq!(usage.earlier.len(), 6);
+    let mut end = u.period_start;
+    for p in &usage.earlier {
+        assert_eq!(p.period_end, end, "earlier periods newest first, back to back");
+        assert!(p.period_start < p.period_end);
+        assert_eq!((p.total, p.by_category.len(), p.by_operation.len(), p.by_day.len()), (0, 0, 0, 0));
+        end = p.period_start;
+    }
+    let refund = &l.history(&acct, None, 1).await.unwrap().unwrap()[0];
+    assert_eq!((refund.kind.as_str(), refund.monthly_delta, refund.topup_delta), ("refund", 5, 0));
+    assert_eq!((refund.operation.as_deref(), refund.category.as_deref()), (Some("ai_chat"), Some("AI Chat")));
+    assert_eq!((refund.charge_id.as_deref(), refund.request_id.as_deref()), (Some(refunded.as_str()), None));
+    assert_eq!(l.usage(&unique("nobody"), 6).await.unwrap(), None);
+}
+
+/// Events in order with their ids and data; acknowledged ones (in or out of order) are gone, and
+/// an account with none left is no longer listed.
+async fn events_listed_and_acknowledged(l: &impl Ledger) {
+    let acct = account(l, 10).await;
+    let created = l.history(&acct, None, 10).await.unwrap().unwrap();
+    assert_eq!(created.len(), 1);
+    let e = &created[0];
+    assert_eq!(
+        (e.seq, e.kind.as_str(), e.monthly_delta, e.topup_delta, e.monthly_after, e.topup_after),
+        (1, "created", 10, 0, 10, 0)
+    );
+    assert_eq!(e.plan.as_deref(), Some("test"));
+    assert!(l.pending_events(&acct, 10).await.unwrap().is_empty(), "creating an account raises no event");
+
+    let payments: Vec<String> = (0..3).map(|_| unique("pay")).collect();
+    for (i, payment) in payments.iter().enumerate() {
+        let package = if i == 0 { Some("200") } else { None };
+        let req = TopupRequest { account: &acct, credits: 10 * (i as u64 + 1), payment_ref: payment, package };
+        assert!(matches!(l.topup(req).await.unwrap(), TopupOutcome::Created(_)));
+    }
+    assert!(l.event_accounts().await.unwrap().contains(&acct));
+    let events = l.pending_events(&acct, 2).await.unwrap();
+    let ids: Vec<String> = (1..=3).map(|n| format!("evt_{acct}_{n}")).collect();
+    assert_eq!(
+        events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        [ids[0].as_str(), ids[1].as_str()],
+        "oldest first, at most 2"
+    );
+    let first = &events[0];
+    assert_eq!((first.kind.as_str(), first.account_id.as_str()), ("topup.completed", acct.as_str()));
+    assert!(first.created_at.abs_diff(now()) <= 2);
+    assert_eq!(first.data, json!({"payment_ref": payments[0], "credits": 10, "package": "200", "topup_remaining": 10}));
+    assert_eq!(
+        events[1].data,
+        json!({"payment_ref": payments[1], "credits": 20, "package": null, "topup_remaining": 30})
+    );
+
+    l.ack_events(&acct, &ids[..1]).await.unwrap();
+    let left: Vec<String> = l.pending_events(&acct, 10).await.unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(left, ids[1..].to_vec());
+    l.ack_events(&acct, &[ids[2].clone(), unique("evt")]).await.unwrap();
+    let left: Vec<String> = l.pending_events(&acct, 10).await.unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(left, ids[1..2].to_vec(), "acknowledged out of order");
+    assert!(l.event_accounts().await.unwrap().contains(&acct), "still one to deliver");
+    l.ack_events(&acct, &ids).await.unwrap();
+    assert!(l.pending_events(&acct, 10).await.unwrap().is_empty());
+    assert!(!l.event_accounts().await.unwrap().contains(&acct), "nothing left to deliver");
+    // A later event gets the next id.
+    topup(l, &acct, 1).await;
+    let next: Vec<String> = l.pending_events(&acct, 10).await.unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(next, vec![format!("evt_{acct}_4")]);
+    assert!(l.event_accounts().await.unwrap().contains(&acct));
+    l.ack_events(&acct, &next).await.unwrap();
+    assert!(!l.event_accounts().await.unwrap().contains(&acct));
+    assert!(l.pending_events(&unique("nobody"), 10).await.unwrap().is_empty());
+    l.ack_events(&unique("nobody"), &next).await.unwrap();
+}
+
+/// 50 concurrent charges take the total across the threshold: exactly one buys.
+async fn concurrent_crossing_buys_one_auto_topup<L: Ledger>(l: Arc<L>) {
+    let acct = account(&*l, 100).await;
+    assert!(l.set_auto_topup(&acct, &auto_setting(true, 50, 200)).await.unwrap());
+    let outcomes = concurrently(50, |i| {
+        let (l, acct) = (l.clone(), acct.clone());
+        async move { charged(l.charge(charge(&acct, &format!("c{i}"), 2)).await.unwrap()) }
+    })
+    .await;
+    let bought: Vec<&Receipt> = outcomes.iter().filter(|r| r.auto_topup.is_some()).collect();
+    assert_eq!(bought.len(), 1, "one crossing, one purchase");
+    assert_eq!(bought[0].remaining(), 48 + 200, "bought by the charge that went from 50 to 48");
+    let v = view(&*l, &acct).await;
+    assert_eq!((v.remaining(), v.auto_topups_this_period), (200, 1));
+    let events = l.pending_events(&acct, 100).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "auto_topup.purchased").count(), 1);
+}
+
+/// 200 concurrent charges run an account dry: `credits.low` at 20 % and 10 %, then
+/// `credits.exhausted`, each once, with the remaining at the moment it was reached; not again in
+/// the same period.
+async fn concurrent_thresholds_fire_once_each<L: Ledger>(l: Arc<L>) {
+    let acct = account(&*l, 200).await;
+    let outcomes = concurrently(200, |i| {
+        let (l, acct) = (l.clone(), acct.clone());
+        async move {
+            let id = format!("c{i}");
+            l.charge(ChargeRequest { thresholds: &[20, 10, 0], ..charge(&acct, &id, 1) }).await.unwrap()
+        }
+    })
+    .await;
+    assert!(outcomes.iter().all(|o| matches!(o, ChargeOutcome::Charged(_))));
+    let renews_at = rfc3339(view(&*l, &acct).await.renews_at);
+    let events = l.pending_events(&acct, 100).await.unwrap();
+    let fired: Vec<(&str, serde_json::Value)> = events.iter().map(|e| (e.kind.as_str(), e.data.clone())).collect();
+    assert_eq!(
+        fired,
+        [
+            ("credits.low", json!({"threshold": 20, "remaining": 40, "allocation": 200, "renews_at": renews_at})),
+            ("credits.low", json!({"threshold": 10, "remaining": 20, "allocation": 200, "renews_at": renews_at})),
+            ("credits.exhausted", json!({"threshold": 0, "remaining": 0, "allocation": 200, "renews_at": renews_at})),
+        ]
+    );
+    topup(&*l, &acct, 50).await;
+    for cost in [10, 40] {
+        let id = unique("c");
+        charged(l.charge(ChargeRequest { thresholds: &[20, 10, 0], ..charge(&acct, &id, cost) }).await.unwrap());
+    }
+    let events = l.pending_events(&acct, 100).await.unwrap();
+    assert_eq!(events.len(), 4, "only the top-up's event: once per threshold per period");
+}
+
+// === Redis only ===
+
+/// The scripts use max(Redis TIME, the highest "now" the account has seen).
+async fn clock_never_goes_back(l: &RedisLedger, redis: impl Fn(&[&str])) {
+    let acct = account(l, 10).await;
+    let later = now() + 1000;
+    redis(&["HSET", &keys::account(&acct), "now", &later.to_string()]);
+    let req = TopupRequest { account: &acct, credits: 1, payment_ref: &unique("pay"), package: None };
+    let TopupOutcome::Created(r) = l.topup(req).await.unwrap() else { panic!("top-up not created") };
+    assert_eq!(r.created_at, later);
+}
+
+/// The outbox index lost an account (the process died between a step and its SADD): a sweep
+/// finds the outbox again. A stale entry (no events left) goes away at the next look.
+async fn outbox_index_recovers(l: &RedisLedger, redis: impl Fn(&[&str])) {
+    let acct = account(l, 10).await;
+    topup(l, &acct, 5).await;
+    assert!(l.event_accounts().await.unwrap().contains(&acct));
+    redis(&["SREM", &keys::outbox_index(&acct), &acct]);
+    assert!(!l.event_accounts().await.unwrap().contains(&acct), "index entry lost");
+    assert!(l.sweep_outboxes().await.unwrap() >= 1);
+    assert!(l.event_accounts().await.unwrap().contains(&acct), "found again by the sweep");
+    let events = l.pending_events(&acct, 10).await.unwrap();
+    assert_eq!(events.len(), 1);
+
+    let quiet = account(l, 10).await;
+    redis(&["SADD", &keys::outbox_index(&quiet), &quiet]);
+    assert!(l.event_accounts().await.unwrap().contains(&quiet));
+    assert!(l.pending_events(&quiet, 10).await.unwrap().is_empty());
+    assert!(!l.event_accounts().await.unwrap().contains(&quiet), "a stale entry is dropped");
+    l.ack_events(&acct, &[events[0].id.clone()]).await.unwrap();
+    assert!(!l.event_accounts().await.unwrap().contains(&acct));
+}
+
+/// One sequence of steps on a memory store and on this store, with the same account id and a
+/// renewal (pending downgrade, auto top-up, thresholds, refunds across the boundary) in the
+/// middle: every outcome, view, history entry, event and usage figure agrees, timestamps aside.
+async fn same_steps_as_memory(redis: &RedisLedger) {
+    let acct = unique("same");
+    let anchor = now() + 3; // whole seconds: 2 to 3 s from now
+    let memory = MemoryLedger::new();
+    let (on_memory, on_redis) = tokio::join!(transcript(&memory, &acct, anchor), transcript(redis, &acct, anchor));
+    assert_eq!(on_memory.len(), on_redis.len());
+    for (m, r) in on_memory.iter().zip(&on_redis) {
+        assert_eq!(m, r, "memory and Redis differ");
+    }
+}
+
+/// What `same_steps_as_memory` compares: every answer, with times set to 0.
+async fn transcript(l: &impl Ledger, acct: &str, anchor: i64) -> Vec<String> {
+    let mut out = Vec::new();
+    let new = NewAccount { id: acct.into(), plan: "pro".into(), allocation: 200, anchor, email: Some("a@b.c".into()) };
+    out.push(format!("{:?}", l.create_account(new).await.unwrap()));
+    let setting = AutoTopup { enabled: true, threshold: 60, package: "200".into(), credits: 50, price_eur: 10.0 };
+    out.push(format!("{:?}", l.set_auto_topup(acct, &setting).await.unwrap()));
+    fn step<'a>(acct: &'a str, id: &'a str, cost: u64, operation: &'a str) -> ChargeRequest<'a> {
+        ChargeRequest {
+            operation,
+            category: if operation == "ai_chat" { "AI Chat" } else { "Insights" },
+            thresholds: &[20, 10, 0],
+            auto_topup_max_per_period: 2,
+            ..charge(acct, id, cost)
+        }
+    }
+    for (i, (cost, operation)) in
+        [(50, "ai_chat"), (100, "insights_position"), (30, "ai_chat"), (45, "ai_chat"), (500, "ai_chat")]
+            .into_iter()
+            .enumerate()
+    {
+        out.push(format!("{:?}", l.charge(step(acct, &format!("c{i}"), cost, operation)).await.unwrap()));
+    }
+    out.push(format!("{:?}", l.refund(acct, "c1").await.unwrap()));
+    let req = TopupRequest { account: acct, credits: 40, payment_ref: "p1", package: None };
+    out.push(format!("{:?}", zero_topup_time(l.topup(req).await.unwrap())));
+    out.push(format!(
+        "{:?}",
+        l.update_account(acct, Some(PlanChange { plan: "starter", allocation: 100 }), None).await.unwrap()
+    ));
+    out.push(format!("{:?}", l.charge(step(acct, "c5", 70, "ai_chat")).await.unwrap()));
+    out.push(format!("{:?}", l.account(acct).await.unwrap()));
+    assert!(now() < anchor, "the setup took too long to test a renewal");
+    sleep_until(anchor).await;
+    out.push(format!("{:?}", l.refund(acct, "c2").await.unwrap()));
+    out.push(format!("{:?}", l.refund(acct, "c5").await.unwrap()));
+    out.push(format!(
+        "{:?}",
+        l.update_account(acct, Some(PlanChange { plan: "pro", allocation: 200 }), Some("x@y.z")).await.unwrap()
+    ));
+    for i in 6..10 {
+        out.push(format!("{:?}", l.charge(step(acct, &format!("c{i}"), 60, "insights_position")).await.unwrap()));
+    }
+    // An auto top-up in the new period (the count restarted), then down to 0 without one.
+    out.push(format!("{:?}", l.charge(step(acct, "c10", 20, "ai_chat")).await.unwrap()));
+    out.push(format!("{:?}", l.set_auto_topup(acct, &AutoTopup { enabled: false, ..setting }).await.unwrap()));
+    for (i, cost) in [(11, 65), (12, 20), (13, 20), (14, 1)] {
+        out.push(format!("{:?}", l.charge(step(acct, &format!("c{i}"), cost, "ai_chat")).await.unwrap()));
+    }
+    out.push(format!("{:?}", l.account(acct).await.unwrap()));
+    for e in l.history(acct, None, 1000).await.unwrap().unwrap() {
+        out.push(format!("{:?}", HistoryEntry { at: 0, ..e }));
+    }
+    let events = l.pending_events(acct, 1000).await.unwrap();
+    for e in &events {
+        out.push(format!("{:?}", Event { created_at: 0, ..e.clone() }));
+    }
+    let ids: Vec<String> = events.iter().map(|e| e.id.clone()).step_by(2).collect();
+    l.ack_events(acct, &ids).await.unwrap();
+    out.push(format!(
+        "{:?}",
+        l.pending_events(acct, 1000).await.unwrap().into_iter().map(|e| e.id).collect::<Vec<_>>()
+    ));
+    out.push(format!("{:?}", l.usage(acct, 3).await.unwrap()));
+    out
+}
+
+fn zero_topup_time(outcome: TopupOutcome) -> TopupOutcome {
+    match outcome {
+        TopupOutcome::Created(r) => TopupOutcome::Created(creditgate::ledger::TopupReceipt { created_at: 0, ..r }),
+        other => other,
+    }
+}
+
+/// NOSCRIPT after a flush (restart, failover) reloads the script and retries, invisibly.
+async fn survives_script_cache_flush(l: &RedisLedger, flush: impl Fn()) {
+    let acct = account(l, 10).await;
+    flush();
+    charged(l.charge(charge(&acct, &unique("c"), 1)).await.unwrap());
+    flush();
+    l.ping().await.expect("readiness reloads the script too");
+    assert_eq!(view(l, &acct).await.monthly_remaining, 9);
+}
+
+/// Redis crashes and comes back (with `appendfsync always`): the acknowledged charge is still
+/// there, and the same ledger recovers without being rebuilt (reconnect, script cache reloaded).
+#[tokio::test]
+async fn redis_restart_keeps_acknowledged_charges() {
+    let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let l = RedisLedger::connect_standalone(&server.url()).await.expect("connect");
+    let acct = account(&l, 10).await;
+    charged(l.charge(charge(&acct, &unique("c"), 3)).await.unwrap());
+    server.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        match l.account(&acct).await {
+            Ok(v) => break v.expect("the account survived"),
+            Err(e) => assert!(tokio::time::Instant::now() < deadline, "no recovery: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((v.monthly_remaining, v.used_this_period), (7, 3));
+    charged(l.charge(charge(&acct, &unique("c"), 1)).await.unwrap());
+}
+
+/// The Lua port of the calendar, run on a real Redis, agrees with `creditgate::calendar`.
+#[tokio::test]
+async fn lua_calendar_matches_rust() {
+    const PROBE: &str = r"
+        -- ARGV[1] anchor, ARGV[2] count of k values, then the k values, then instants.
+        -- Reply: { period_start of each k, period_at of each instant }
+        local a = anchor_from_unix(tonumber(ARGV[1]))
+        local nk = tonumber(ARGV[2])
+        local starts, ats = {}, {}
+        for i = 3, 2 + nk do starts[#starts + 1] = period_start(a, tonumber(ARGV[i])) end
+        for i = 3 + nk, #ARGV do ats[#ats + 1] = period_at(a, tonumber(ARGV[i])) end
+        return { starts, ats }
+    ";
+    let server = RedisServer::start();
+    let mut conn = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let probe = redis::Script::new(&format!("{LUA_PRELUDE}\n{PROBE}"));
+    let lua = async |conn: &mut redis::aio::MultiplexedConnection, anchor: i64, ks: &[i64], instants: &[i64]| {
+        let mut inv = probe.arg(anchor);
+        inv.arg(ks.len()).arg(ks).arg(instants);
+        inv.invoke_async::<(Vec<i64>, Vec<i64>)>(conn).await.unwrap()
+    };
+
+    // The month ends of SPEC §1, spelled out.
+    let jan31 = ts("2026-01-31T10:00:00Z");
+    let (starts, _) = lua(&mut conn, jan31, &[0, 1, 2, 3], &[]).await;
+    let starts: Vec<String> = starts.into_iter().map(rfc3339).collect();
+    assert_eq!(
+        starts,
+        ["2026-01-31T10:00:00Z", "2026-02-28T10:00:00Z", "2026-03-31T10:00:00Z", "2026-04-30T10:00:00Z"]
+    );
+    let (starts, _) = lua(&mut conn, ts("2027-12-31T00:00:00Z"), &[2], &[]).await;
+    assert_eq!(rfc3339(starts[0]), "2028-02-29T00:00:00Z", "leap year");
+    let (starts, _) = lua(&mut conn, ts("2099-12-30T00:00:00Z"), &[2], &[]).await;
+    assert_eq!(rfc3339(starts[0]), "2100-02-28T00:00:00Z", "2100 is not leap");
+
+    // And everything else, against the Rust calendar.
+    let anchors = [
+        "2024-01-31T12:00:00Z",
+        "2024-02-29T00:00:00Z",
+        "2025-02-28T00:00:00Z",
+        "2026-03-15T08:30:00Z",
+        "2026-11-30T23:59:59Z",
+        "2026-12-31T23:59:59Z",
+        "2099-12-31T06:00:00Z",
+        "2399-12-29T00:00:00Z",
+        "1969-12-31T23:59:59Z",
+        "1900-01-31T00:00:00Z",
+    ];
+    let ks: Vec<i64> = (-40..=40).collect();
+    for text in anchors {
+        let a = Anchor::from_unix(ts(text));
+        let mut instants = Vec::new();
+        for &k in &ks {
+            let s = a.period_start(k);
+            instants.extend([s - 1, s, s + 1, s + 86_399, s + 14 * 86_400 + 3_601]);
+        }
+        let (starts, ats) = lua(&mut conn, a.unix(), &ks, &instants).await;
+        let want_starts: Vec<i64> = ks.iter().map(|&k| a.period_start(k)).collect();
+        let want_ats: Vec<i64> = instants.iter().map(|&t| a.period_at(t)).collect();
+        assert_eq!(starts, want_starts, "period_start for anchor {text}");
+        assert_eq!(ats, want_ats, "period_at for anchor {text}");
+    }
+}
+
+// === helpers ===
+
+/// A name no other check uses.
+fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn ts(text: &str) -> i64 {
+    parse_rfc3339(text).unwrap()
+}
+
+/// Sleeps until the wall clock (Redis runs on this machine: same clock) has reached `unix`.
+async fn sleep_until(unix: i64) {
+    let target = UNIX_EPOCH + Duration::from_secs(unix as u64) + Duration::from_millis(50);
+    if let Ok(wait) = target.duration_since(SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// A new account on plan "test" with `allocation` credits, anchored days ago (no renewal soon).
+async fn account(l: &impl Ledger, allocation: u64) -> String {
+    let id = unique("acct");
+    let new = NewAccount {
+        id: id.clone(),
+        plan: "test".into(),
+        allocation,
+        anchor: now() - 3 * 86_400,
+        email: Some("ops@example.com".into()),
+    };
+    assert!(l.create_account(new).await.unwrap());
+    id
+}
+
+async fn view(l: &impl Ledger, id: &str) -> creditgate::ledger::AccountView {
+    l.account(id).await.unwrap().expect("account exists")
+}
+
+async fn topup(l: &impl Ledger, acct: &str, credits: u64) {
+    let req = TopupRequest { account: acct, credits, payment_ref: &unique("pay"), package: None };
+    assert!(matches!(l.topup(req).await.unwrap(), TopupOutcome::Created(_)));
+}
+
+fn charge<'a>(account: &'a str, charge_id: &'a str, cost: u64) -> ChargeRequest<'a> {
+    ChargeRequest {
+        account,
+        charge_id,
+        cost,
+        operation: "ai_chat",
+        category: "AI Chat",
+        request_id: "req",
+        idempotency: None,
+        thresholds: &[],
+        auto_topup_max_per_period: 5,
+    }
+}
+
+#[track_caller]
+fn charged(outcome: ChargeOutcome) -> Receipt {
+    match outcome {
+        ChargeOutcome::Charged(r) => r,
+        other => panic!("expected Charged, got {other:?}"),
+    }
+}
+
+/// Runs `n` tasks at once on the multi-threaded runtime and collects their results.
+async fn concurrently<T, F>(n: usize, task: impl Fn(usize) -> F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Future<Output = T> + Send + 'static,
+{
+    let handles: Vec<_> = (0..n).map(|i| tokio::spawn(task(i))).collect();
+    futures_util::future::join_all(handles).await.into_iter().map(|r| r.expect("task panicked")).collect()
+}
+
+/// An auto top-up setting buying package "200" of `credits` credits below `threshold`.
+fn auto_setting(enabled: bool, threshold: u64, credits: u64) -> AutoTopup {
+    AutoTopup { enabled, threshold, package: "200".into(), credits, price_eur: 10.0 }
+}
+
+/// A small seeded generator (SplitMix64), so the random mix is the same on every run and store.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n
+    }
+}

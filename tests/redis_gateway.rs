@@ -1,0 +1,195 @@
+//! The gateway on a real Redis: several gateway processes sharing one balance (standalone and
+//! Redis Cluster), store outages (fail_closed, fail_open, recovery without restart), an emptied
+//! script cache, and no acknowledged charge lost across a Redis restart with `appendonly yes`.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::gateway::{ADMIN_TOKEN, ConfigBuilder, TestGateway};
+use support::http::{self, Response};
+use support::process::GatewayProcess;
+use support::redis::{RedisCluster, RedisServer};
+use support::upstream::Upstream;
+
+const CHAT: &str = "/v1/chat/completions";
+
+async fn admin(base: &str, method: &str, path: &str, body: Option<Value>) -> Response {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    http::send(method, &format!("{base}{path}"), &[("authorization", &auth), ("content-type", "application/json")], body)
+        .await
+}
+
+async fn chat(base: &str, key: &str) -> Response {
+    let auth = format!("Bearer {key}");
+    http::send("POST", &format!("{base}{CHAT}"), &[("authorization", &auth), ("x-ai-tier", "fast")], "{}").await
+}
+
+/// Counts the charge records of `account` on the given Redis nodes.
+fn charge_records(nodes: &[&RedisServer], account: &str) -> usize {
+    let pattern = format!("cg:{{acct:{account}}}:charge:*");
+    let mut total = 0;
+    for node in nodes {
+        let mut cursor = "0".to_owned();
+        for _ in 0..10_000 {
+            let reply = node.command(&["SCAN", &cursor, "MATCH", &pattern, "COUNT", "1000"]);
+            let mut lines = reply.lines();
+            cursor = lines.next().unwrap_or("0").trim().to_owned();
+            total += lines.filter(|l| !l.trim().is_empty()).count();
+            if cursor == "0" {
+                break;
+            }
+        }
+    }
+    total
+}
+
+/// Two `creditgate serve` processes on one store, 400 concurrent cost-1 requests against 50 credits.
+async fn many_gateways_one_balance(store_lines: &str, nodes: &[&RedisServer]) {
+    let up = Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url()).store(store_lines).build();
+    let (a, b) = (GatewayProcess::start(&config).await, GatewayProcess::start(&config).await);
+    let res = admin(&a.admin, "POST", "/admin/v1/accounts", Some(json!({"id": "shared", "plan": "fifty"}))).await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    let res = admin(&b.admin, "POST", "/admin/v1/accounts/shared/keys", Some(json!({"role": "user"}))).await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    let key = res.json()["key"].as_str().unwrap().to_owned();
+
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let base = if i % 2 == 0 { a.public.clone() } else { b.public.clone() };
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move { chat(&base, &key).await.status.as_u16() }));
+    }
+    let mut ok = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            402 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!((ok, refused), (50, 350));
+    for g in [&a, &b] {
+        let credits =
+            http::send("GET", &format!("{}/v1/credits", g.public), &[("authorization", &format!("Bearer {key}"))], "")
+                .await;
+        assert_eq!(credits.json()["remaining"], 0, "{}", credits.text());
+    }
+    assert_eq!(up.count(), 50, "only paid requests reached the upstream");
+    assert_eq!(charge_records(nodes, "shared"), 50, "the store recorded exactly 50 charges");
+    let history = admin(&a.admin, "GET", "/admin/v1/accounts/shared/ledger?limit=500", None).await;
+    assert_eq!(history.status, 200, "{}", history.text());
+    let charged: i64 = history.json()["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "charge")
+        .map(|e| -(e["monthly_delta"].as_i64().unwrap() + e["topup_delta"].as_i64().unwrap()))
+        .sum();
+    assert_eq!(charged, 50, "the history's charges add up to 50");
+}
+
+#[tokio::test]
+async fn two_gateway_processes_share_one_balance_on_redis() {
+    let redis = RedisServer::start();
+    many_gateways_one_balance(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url()), &[&redis]).await;
+}
+
+#[tokio::test]
+async fn two_gateway_processes_share_one_balance_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let lines = format!("kind = \"redis-cluster\"\nnodes = [{}]", nodes.join(", "));
+    let refs: Vec<&RedisServer> = cluster.nodes().iter().collect();
+    many_gateways_one_balance(&lines, &refs).await;
+}
+
+fn shutdown(redis: &RedisServer) {
+    let status = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string(), "shutdown", "nosave"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("redis-cli");
+    // redis-cli reports the dropped connection of a successful SHUTDOWN as an error; either is fine.
+    let _ = status;
+}
+
+async fn readyz(gw: &TestGateway) -> u16 {
+    http::send("GET", &format!("{}/readyz", gw.admin), &[], "").await.status.as_u16()
+}
+
+#[tokio::test]
+async fn redis_outage_fail_closed_then_recovery_without_restart() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let up = Upstream::echo().await;
+    let gw =
+        TestGateway::start(&ConfigBuilder::new(&up.url()).store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url())).build())
+            .await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "powerful")], "{}").await.charged(), 5);
+    assert_eq!(readyz(&gw).await, 200);
+
+    shutdown(&redis);
+    let calls = up.count();
+    let res = gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await;
+    assert_eq!(res.status, 503, "{}", res.text());
+    assert_eq!(res.error_type(), "store_unavailable");
+    assert_eq!(up.count(), calls, "nothing forwarded uncharged");
+    assert_eq!(gw.call(&key, "GET", "/v1/deals", &[], "").await.status, 200, "free routes keep working");
+    assert_eq!(readyz(&gw).await, 503);
+    // Past the key cache's freshness: the recently verified key still opens free routes.
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    assert_eq!(gw.call(&key, "GET", "/v1/deals", &[], "").await.status, 200, "free routes keep working");
+
+    redis.restart();
+    let mut recovered = false;
+    for _ in 0..100 {
+        if gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.status == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "metered routes work again once Redis is back, without a restart");
+    assert_eq!(readyz(&gw).await, 200);
+    // 50 − 5 (before the outage, acknowledged, survived the restart) − 1 (after).
+    assert_eq!(gw.remaining(&key).await, 44);
+}
+
+#[tokio::test]
+async fn redis_outage_fail_open_forwards_uncharged() {
+    let redis = RedisServer::start();
+    let up = Upstream::echo().await;
+    let lines = format!("kind = \"redis\"\nurl = \"{}\"\non_error = \"fail_open\"", redis.url());
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&lines).build()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1);
+    shutdown(&redis);
+    let calls = up.count();
+    let res = gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    assert_eq!(res.charged(), 0);
+    assert_eq!(up.count(), calls + 1);
+    let metrics = http::send("GET", &format!("{}/metrics", gw.admin), &[], "").await.text();
+    assert!(metrics.lines().any(|l| l.starts_with("creditgate_fail_open_total 1")), "counted:\n{metrics}");
+}
+
+#[tokio::test]
+async fn an_emptied_script_cache_is_reloaded_not_hidden() {
+    let redis = RedisServer::start();
+    let up = Upstream::echo().await;
+    let gw =
+        TestGateway::start(&ConfigBuilder::new(&up.url()).store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url())).build())
+            .await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    redis.command(&["SCRIPT", "FLUSH"]);
+    assert_eq!(readyz(&gw).await, 200, "readiness runs a real script (reloading it)");
+    redis.command(&["SCRIPT", "FLUSH"]);
+    assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1);
+    assert_eq!(gw.remaining(&key).await, 49);
+}

@@ -1,0 +1,93 @@
+//! The real `creditgate` binary as a child process (`serve --config FILE`), for tests that need
+//! several gateway processes or a gateway that outlives a store outage.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::gateway::ADMIN_TOKEN;
+
+/// A running `creditgate serve`, killed on drop.
+pub struct GatewayProcess {
+    child: Child,
+    /// `http://127.0.0.1:PORT` of the public listener.
+    pub public: String,
+    /// `http://127.0.0.1:PORT` of the admin listener.
+    pub admin: String,
+    config: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+impl GatewayProcess {
+    /// Starts the binary on `config_toml`, whose `listen`/`admin_listen` lines (port 0) are
+    /// replaced by free ports; waits until `/healthz` answers.
+    pub async fn start(config_toml: &str) -> Self {
+        for _ in 0..5 {
+            let (public, admin) = (free_port(), free_port());
+            let text = config_toml
+                .replace("listen = \"127.0.0.1:0\"\n", &format!("listen = \"127.0.0.1:{public}\"\n"))
+                .replacen("admin_listen = \"127.0.0.1:0\"", &format!("admin_listen = \"127.0.0.1:{admin}\""), 1);
+            let text = text.replacen(
+                &format!("admin_listen = \"127.0.0.1:{public}\""),
+                &format!("admin_listen = \"127.0.0.1:{admin}\""),
+                1,
+            );
+            let config = std::env::temp_dir().join(format!("creditgate-test-{public}-{}.toml", std::process::id()));
+            std::fs::File::create(&config).and_then(|mut f| f.write_all(text.as_bytes())).expect("write config");
+            let child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
+                .args(["serve", "--config"])
+                .arg(&config)
+                .env("CREDITGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn creditgate");
+            let mut p = GatewayProcess {
+                child,
+                public: format!("http://127.0.0.1:{public}"),
+                admin: format!("http://127.0.0.1:{admin}"),
+                config,
+            };
+            if p.wait_healthy().await {
+                return p;
+            }
+        }
+        panic!("creditgate serve did not become healthy");
+    }
+
+    async fn wait_healthy(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            let addr = self.admin.trim_start_matches("http://");
+            if std::net::TcpStream::connect(addr).is_ok() {
+                let url = format!("{}/healthz", self.admin);
+                return super::http::send("GET", &url, &[], "").await.status == 200;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// Kills the process (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
