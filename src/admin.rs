@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(admin)
         .fallback(|| async { GatewayError::NotFound("No such admin route.".into()) })
+        .method_not_allowed_fallback(|| async { GatewayError::MethodNotAllowed })
         .with_state(state)
 }
 

@@ -43,6 +43,9 @@ pub enum GatewayError {
     /// No such thing (client).
     #[error("{0}")]
     NotFound(String),
+    /// The path exists, the method does not (client).
+    #[error("method not allowed")]
+    MethodNotAllowed,
     /// A resource with that id exists already (client).
     #[error("{0}")]
     Conflict(String),
@@ -101,6 +104,7 @@ impl GatewayError {
             InsufficientCredits { .. } => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits"),
             Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             IdempotencyConflict => (StatusCode::CONFLICT, "idempotency_conflict"),
             PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
@@ -131,6 +135,7 @@ impl GatewayError {
                     human_date(*renews_at)
                 )
             }
+            MethodNotAllowed => "This path does not take that method.".into(),
             IdempotencyConflict => {
                 "This Idempotency-Key was already used for a different request (method, path or body).".into()
             }

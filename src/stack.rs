@@ -46,7 +46,10 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 /// The public router: customer API, dashboard, and the proxy as fallback.
 pub fn public_router(state: AppState) -> Router {
-    crate::api::router().fallback(proxy_handler).with_state(state)
+    crate::api::router()
+        .fallback(proxy_handler)
+        .method_not_allowed_fallback(|| async { GatewayError::MethodNotAllowed })
+        .with_state(state)
 }
 
 /// Steps 1–8 above, for every request no other public route claimed.
