@@ -156,7 +156,9 @@ impl Account {
     }
 
     fn forget_expired(&mut self, now: i64) {
-        self.jobs.retain(|_, j| j.expires_at.is_none_or(|t| t > now));
+        if !self.jobs.is_empty() {
+            self.jobs.retain(|_, j| j.expires_at.is_none_or(|t| t > now));
+        }
         while let Some((expiry, _)) = self.expiries.front() {
             if *expiry > now {
                 break;
