@@ -374,6 +374,10 @@ pub struct JobsConfig {
     /// Jobs run at the same time by one gateway instance.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// A claimed job's lease lasts the upstream timeout plus this; a crashed instance's job is
+    /// taken over by another once it runs out.
+    #[serde(default = "default_lease_margin_secs")]
+    pub lease_margin_secs: u64,
 }
 
 impl Default for JobsConfig {
@@ -385,6 +389,7 @@ impl Default for JobsConfig {
             max_attempts: default_max_attempts(),
             retry_base_ms: default_retry_base_ms(),
             concurrency: default_concurrency(),
+            lease_margin_secs: default_lease_margin_secs(),
         }
     }
 }
@@ -406,6 +411,9 @@ fn default_retry_base_ms() -> u64 {
 }
 fn default_concurrency() -> usize {
     8
+}
+fn default_lease_margin_secs() -> u64 {
+    30
 }
 
 /// Log output format.

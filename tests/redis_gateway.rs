@@ -18,8 +18,13 @@ const CHAT: &str = "/v1/chat/completions";
 async fn admin(base: &str, method: &str, path: &str, body: Option<Value>) -> Response {
     let auth = format!("Bearer {ADMIN_TOKEN}");
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    http::send(method, &format!("{base}{path}"), &[("authorization", &auth), ("content-type", "application/json")], body)
-        .await
+    http::send(
+        method,
+        &format!("{base}{path}"),
+        &[("authorization", &auth), ("content-type", "application/json")],
+        body,
+    )
+    .await
 }
 
 async fn chat(base: &str, key: &str) -> Response {
@@ -127,9 +132,10 @@ async fn readyz(gw: &TestGateway) -> u16 {
 async fn redis_outage_fail_closed_then_recovery_without_restart() {
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let up = Upstream::echo().await;
-    let gw =
-        TestGateway::start(&ConfigBuilder::new(&up.url()).store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url())).build())
-            .await;
+    let gw = TestGateway::start(
+        &ConfigBuilder::new(&up.url()).store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url())).build(),
+    )
+    .await;
     let key = gw.account_with_key("acme", "fifty").await;
     assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "powerful")], "{}").await.charged(), 5);
     assert_eq!(readyz(&gw).await, 200);
@@ -183,13 +189,122 @@ async fn redis_outage_fail_open_forwards_uncharged() {
 async fn an_emptied_script_cache_is_reloaded_not_hidden() {
     let redis = RedisServer::start();
     let up = Upstream::echo().await;
-    let gw =
-        TestGateway::start(&ConfigBuilder::new(&up.url()).store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url())).build())
-            .await;
+    let gw = TestGateway::start(
+        &ConfigBuilder::new(&up.url()).store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url())).build(),
+    )
+    .await;
     let key = gw.account_with_key("acme", "fifty").await;
     redis.command(&["SCRIPT", "FLUSH"]);
     assert_eq!(readyz(&gw).await, 200, "readiness runs a real script (reloading it)");
     redis.command(&["SCRIPT", "FLUSH"]);
     assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1);
     assert_eq!(gw.remaining(&key).await, 49);
+}
+
+// === the job queue across instances ===
+
+const TRANSCRIBE: &str = "/v1/calls/transcribe";
+
+async fn post(base: &str, key: &str, path: &str, body: &str) -> Response {
+    let auth = format!("Bearer {key}");
+    http::send("POST", &format!("{base}{path}"), &[("authorization", &auth), ("content-type", "application/json")], body)
+        .await
+}
+
+async fn exhaust_via(base: &str, key: &str, credits: u64) {
+    for _ in 0..credits {
+        assert_eq!(chat(base, key).await.status, 200);
+    }
+    assert_eq!(chat(base, key).await.status, 402);
+}
+
+async fn wait_done(base: &str, key: &str, location: &str, tries: usize) -> Value {
+    let auth = format!("Bearer {key}");
+    for _ in 0..tries {
+        let v = http::send("GET", &format!("{base}{location}"), &[("authorization", &auth)], "").await.json();
+        if v["status"] == "done" || v["status"] == "failed" {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("job {location} did not finish");
+}
+
+async fn new_account(admin_base: &str, id: &str) -> String {
+    let res = admin(admin_base, "POST", "/admin/v1/accounts", Some(json!({"id": id, "plan": "fifty"}))).await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    let res = admin(admin_base, "POST", &format!("/admin/v1/accounts/{id}/keys"), Some(json!({"role": "user"}))).await;
+    res.json()["key"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn two_gateway_processes_drain_one_queue_running_each_job_once() {
+    let redis = RedisServer::start();
+    let up = Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url()).store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url())).build();
+    let (a, b) = (GatewayProcess::start(&config).await, GatewayProcess::start(&config).await);
+    let key = new_account(&a.admin, "queued").await;
+    exhaust_via(&a.public, &key, 50).await;
+    let mut locations = Vec::new();
+    for i in 0..6 {
+        let base = if i % 2 == 0 { &a.public } else { &b.public };
+        let res = post(base, &key, TRANSCRIBE, &format!(r#"{{"call_id":"c{i}"}}"#)).await;
+        assert_eq!(res.status, 202, "{}", res.text());
+        locations.push(res.header("location").unwrap().to_owned());
+    }
+    let res = admin(&b.admin, "POST", "/admin/v1/accounts/queued/topups", Some(json!({"credits": 12, "payment_ref": "p1"}))).await;
+    assert_eq!(res.status, 201);
+    for loc in &locations {
+        let job = wait_done(&a.public, &key, loc, 200).await;
+        assert_eq!(job["status"], "done", "{job}");
+    }
+    let mut seen: Vec<String> = up
+        .requests()
+        .iter()
+        .filter(|r| r.path == TRANSCRIBE)
+        .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["call_id"].as_str().unwrap().to_owned())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["c0", "c1", "c2", "c3", "c4", "c5"], "each job ran exactly once");
+    let credits = http::send("GET", &format!("{}/v1/credits", b.public), &[("authorization", &format!("Bearer {key}"))], "").await;
+    assert_eq!(credits.json()["remaining"], 0, "6 jobs × 2 credits, charged once each");
+}
+
+#[tokio::test]
+async fn a_job_whose_gateway_dies_mid_run_completes_once_elsewhere() {
+    let redis = RedisServer::start();
+    let up = Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url())
+        .store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url()))
+        .upstream_timeout_ms(2_000)
+        .extra("[jobs]\nlease_margin_secs = 1")
+        .build();
+    let mut a = GatewayProcess::start(&config).await;
+    let key = new_account(&a.admin, "crashy").await;
+    exhaust_via(&a.public, &key, 50).await;
+    let res = post(&a.public, &key, TRANSCRIBE, r#"{"call_id":"slow"}"#).await;
+    assert_eq!(res.status, 202);
+    let location = res.header("location").unwrap().to_owned();
+    up.set(support::upstream::Behaviour::Delay(Duration::from_millis(1_500)));
+    let res = admin(&a.admin, "POST", "/admin/v1/accounts/crashy/topups", Some(json!({"credits": 2, "payment_ref": "p1"}))).await;
+    assert_eq!(res.status, 201);
+    // Wait until gateway A has sent the job upstream, then kill it mid-run.
+    let mut sent = false;
+    for _ in 0..100 {
+        if up.requests().iter().any(|r| r.path == TRANSCRIBE) {
+            sent = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sent, "gateway A started the job");
+    a.kill();
+    let b = GatewayProcess::start(&config).await;
+    let job = wait_done(&b.public, &key, &location, 200).await;
+    assert_eq!(job["status"], "done", "{job}");
+    let runs: Vec<_> = up.requests().into_iter().filter(|r| r.path == TRANSCRIBE).collect();
+    assert_eq!(runs.len(), 2, "A's interrupted run and B's");
+    assert_eq!(runs[0].header("idempotency-key"), runs[1].header("idempotency-key"), "same job key for the upstream");
+    let credits = http::send("GET", &format!("{}/v1/credits", b.public), &[("authorization", &format!("Bearer {key}"))], "").await;
+    assert_eq!(credits.json()["remaining"], 0, "charged once: 2 credits");
 }

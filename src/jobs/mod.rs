@@ -87,7 +87,7 @@ async fn drain(state: &AppState, account: &str, runner: &str, slots: &Semaphore)
     loop {
         let _slot = slots.acquire().await.ok()?;
         let rt = state.runtime.load_full();
-        let lease = (rt.upstream_timeout.as_secs() as i64) + 60;
+        let lease = rt.upstream_timeout.as_millis().div_ceil(1000) as i64 + rt.config.jobs.lease_margin_secs as i64;
         let job = match state.ledger.claim_job(account, runner, lease).await {
             Ok(Some(job)) => job,
             Ok(None) => return None,
