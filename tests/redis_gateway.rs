@@ -207,6 +207,7 @@ const TRANSCRIBE: &str = "/v1/calls/transcribe";
 
 async fn post(base: &str, key: &str, path: &str, body: &str) -> Response {
     let auth = format!("Bearer {key}");
+    let body = body.to_owned();
     http::send("POST", &format!("{base}{path}"), &[("authorization", &auth), ("content-type", "application/json")], body)
         .await
 }

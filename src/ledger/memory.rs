@@ -70,11 +70,15 @@ struct JobRecord {
     lease: Option<(String, i64)>,
     not_before: i64,
     updated_at: i64,
-    result: Option<(u16, Vec<(String, String)>, Vec<u8>)>,
+    /// Upstream status, headers and body.
+    result: Option<JobResult>,
     error: Option<String>,
     /// Finished records are forgotten after this time.
     expires_at: Option<i64>,
 }
+
+/// A finished job's upstream answer: status, kept headers, body.
+type JobResult = (u16, Vec<(String, String)>, Vec<u8>);
 
 struct ChargeRecord {
     cost: u64,
