@@ -1,22 +1,28 @@
 //! Prometheus metrics (`GET /metrics` on the admin listener), with the `prometheus-client` crate.
 //!
 //! Labels stay low-cardinality: operation names, categories and status codes from the config and
-//! the protocol, never account ids or paths.
+//! the protocol, never account ids or paths. Recording is lock-free on the request path: label
+//! values are shared `Arc<str>`s (no allocation) and histograms are plain atomics
+//! ([`AtomicHistogram`]) — prometheus-client's own histogram takes a mutex on every observation.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// `operation` (or `free`) and HTTP `status`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Operation name, `free` for free routes, `none` when refused before routing.
-    pub operation: String,
+    pub operation: Arc<str>,
     /// HTTP status code.
     pub status: u16,
 }
@@ -25,14 +31,14 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CategoryLabels {
     /// Category name.
-    pub category: String,
+    pub category: Arc<str>,
 }
 
 /// An operation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OperationLabels {
     /// Operation name.
-    pub operation: String,
+    pub operation: Arc<str>,
 }
 
 /// Every metric the gateway exports.
@@ -49,9 +55,9 @@ pub struct Metrics {
     /// Metered requests forwarded uncharged because the store was down (fail_open).
     pub fail_open: Counter,
     /// Time of one store step.
-    pub store_seconds: Histogram,
+    pub store_seconds: AtomicHistogram,
     /// Time to an upstream's response head.
-    pub upstream_seconds: Histogram,
+    pub upstream_seconds: AtomicHistogram,
     /// Jobs waiting in queues.
     pub jobs_queued: Gauge,
     /// Jobs running.
@@ -69,8 +75,8 @@ impl Default for Metrics {
             credits_refunded: Family::default(),
             payment_required: Family::default(),
             fail_open: Counter::default(),
-            store_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
-            upstream_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 20)),
+            store_seconds: AtomicHistogram::exponential(0.000_05, 2.0, 16),
+            upstream_seconds: AtomicHistogram::exponential(0.000_5, 2.0, 20),
             jobs_queued: Gauge::default(),
             jobs_running: Gauge::default(),
             outbox_depth: Gauge::default(),
@@ -103,8 +109,8 @@ impl Metrics {
     }
 
     /// Counts one proxied request.
-    pub fn request(&self, operation: &str, status: u16) {
-        self.requests.get_or_create(&RequestLabels { operation: operation.to_owned(), status }).inc();
+    pub fn request(&self, operation: &Arc<str>, status: u16) {
+        self.requests.get_or_create(&RequestLabels { operation: operation.clone(), status }).inc();
     }
 
     /// Records a store step's duration.
@@ -115,5 +121,80 @@ impl Metrics {
     /// Records the time to an upstream's response head.
     pub fn upstream_time(&self, d: Duration) {
         self.upstream_seconds.observe(d.as_secs_f64());
+    }
+}
+
+/// A histogram of atomics: observing is a handful of relaxed atomic adds, no lock. Clones share
+/// the counts (one registered, one recorded into).
+#[derive(Debug, Clone)]
+pub struct AtomicHistogram(Arc<Buckets>);
+
+#[derive(Debug)]
+struct Buckets {
+    bounds: Vec<f64>,
+    /// Per-bucket counts (not cumulative); the last one is +Inf.
+    counts: Vec<AtomicU64>,
+    /// Sum in nanoseconds-like fixed point (value × 1e9), exact enough for seconds.
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicHistogram {
+    /// `n` buckets starting at `start`, each `factor` times the previous.
+    pub fn exponential(start: f64, factor: f64, n: usize) -> Self {
+        let bounds: Vec<f64> = (0..n).map(|i| start * factor.powi(i as i32)).collect();
+        let counts = (0..=n).map(|_| AtomicU64::new(0)).collect();
+        AtomicHistogram(Arc::new(Buckets { bounds, counts, sum_nanos: AtomicU64::new(0) }))
+    }
+
+    /// Records one value.
+    pub fn observe(&self, v: f64) {
+        let h = &*self.0;
+        let i = h.bounds.iter().position(|b| v <= *b).unwrap_or(h.bounds.len());
+        h.counts[i].fetch_add(1, Ordering::Relaxed);
+        h.sum_nanos.fetch_add((v * 1e9) as u64, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let h = &*self.0;
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(h.counts.len());
+        for (i, c) in h.counts.iter().enumerate() {
+            cumulative += c.load(Ordering::Relaxed);
+            buckets.push((h.bounds.get(i).copied().unwrap_or(f64::INFINITY), cumulative));
+        }
+        let sum = h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_renders_cumulative_buckets() {
+        let m = Metrics::default();
+        m.store_time(Duration::from_micros(40));
+        m.store_time(Duration::from_micros(120));
+        m.store_time(Duration::from_secs(10));
+        m.request(&Arc::from("ai_chat"), 200);
+        let text = m.render();
+        assert!(text.contains("creditgate_store_seconds_count 3"), "{text}");
+        assert!(
+            text.contains("creditgate_store_seconds_bucket{le=\"5e-5\"} 1") || text.contains("le=\"0.00005\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("creditgate_store_seconds_bucket{le=\"+Inf\"} 3"), "{text}");
+        assert!(text.contains("creditgate_requests_total{operation=\"ai_chat\",status=\"200\"} 1"), "{text}");
     }
 }

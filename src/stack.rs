@@ -71,11 +71,7 @@ pub async fn proxy_handler(State(state): State<AppState>, req: Request) -> Respo
             res.headers_mut().insert(REQUEST_ID, v);
         }
         let status = res.status().as_u16();
-        match &label {
-            Label::None => state.metrics.request("none", status),
-            Label::Free => state.metrics.request("free", status),
-            Label::Operation(op) => state.metrics.request(op, status),
-        }
+        state.metrics.request(label.name(), status);
         tracing::debug!(status, elapsed_us = started.elapsed().as_micros() as u64, "done");
         res
     }
@@ -88,6 +84,19 @@ enum Label {
     None,
     Free,
     Operation(std::sync::Arc<str>),
+}
+
+static NONE: std::sync::LazyLock<std::sync::Arc<str>> = std::sync::LazyLock::new(|| "none".into());
+static FREE: std::sync::LazyLock<std::sync::Arc<str>> = std::sync::LazyLock::new(|| "free".into());
+
+impl Label {
+    fn name(&self) -> &std::sync::Arc<str> {
+        match self {
+            Label::None => &NONE,
+            Label::Free => &FREE,
+            Label::Operation(op) => op,
+        }
+    }
 }
 
 /// Forwards and records the time to the upstream's response head.
@@ -227,6 +236,7 @@ async fn metered(
         &state.metrics,
         on_error,
         &principal.account,
+        &op.name,
         &op.category,
         charge_req,
     )

@@ -78,6 +78,7 @@ pub async fn charge(
     metrics: &Metrics,
     on_error: OnStoreError,
     account: &Arc<str>,
+    operation: &Arc<str>,
     category: &Arc<str>,
     req: ChargeRequest<'_>,
 ) -> Result<Option<Charge>, GatewayError> {
@@ -97,12 +98,12 @@ pub async fn charge(
     let charge = |receipt, replayed| Charge { account: account.clone(), category: category.clone(), receipt, replayed };
     match outcome {
         ChargeOutcome::Charged(receipt) => {
-            metrics.credits_charged.get_or_create(&CategoryLabels { category: category.to_string() }).inc_by(req.cost);
+            metrics.credits_charged.get_or_create(&CategoryLabels { category: category.clone() }).inc_by(req.cost);
             Ok(Some(charge(receipt, false)))
         }
         ChargeOutcome::Replayed(receipt) => Ok(Some(charge(receipt, true))),
         ChargeOutcome::Refused { remaining, renews_at } => {
-            metrics.payment_required.get_or_create(&OperationLabels { operation: req.operation.to_owned() }).inc();
+            metrics.payment_required.get_or_create(&OperationLabels { operation: operation.clone() }).inc();
             Err(if remaining == 0 {
                 GatewayError::NoCredits { renews_at }
             } else {
@@ -127,7 +128,7 @@ pub async fn refund(ledger: &Store, metrics: &Metrics, charge: &Charge) -> Optio
     metrics.store_time(started.elapsed());
     match outcome {
         Ok(RefundOutcome::Refunded { to_monthly, to_topup, monthly_remaining, topup_remaining }) => {
-            let labels = CategoryLabels { category: charge.category.to_string() };
+            let labels = CategoryLabels { category: charge.category.clone() };
             metrics.credits_refunded.get_or_create(&labels).inc_by(to_monthly + to_topup);
             tracing::info!(charge_id = %charge.receipt.charge_id, to_monthly, to_topup, "refunded");
             Some(monthly_remaining + topup_remaining)
