@@ -114,33 +114,23 @@ impl Ledger for Store {
     }
 }
 
-// The Redis job queue is being ported; until then a Redis store refuses queue steps.
-macro_rules! dispatch_jobs {
-    ($self:ident, $l:ident => $call:expr) => {
-        match $self {
-            Store::Memory($l) => $call.await,
-            Store::Redis(_) => Err(LedgerError("the job queue is not available on Redis yet".into())),
-        }
-    };
-}
-
 impl JobStore for Store {
     async fn enqueue_job(&self, job: NewJob<'_>) -> LedgerResult<EnqueueOutcome> {
-        dispatch_jobs!(self, l => l.enqueue_job(job))
+        dispatch!(self, l => l.enqueue_job(job))
     }
     async fn claim_job(&self, account: &str, runner: &str, lease_secs: i64) -> LedgerResult<Option<Job>> {
-        dispatch_jobs!(self, l => l.claim_job(account, runner, lease_secs))
+        dispatch!(self, l => l.claim_job(account, runner, lease_secs))
     }
     async fn finish_job(&self, account: &str, job_id: &str, runner: &str, finish: JobFinish) -> LedgerResult<bool> {
-        dispatch_jobs!(self, l => l.finish_job(account, job_id, runner, finish))
+        dispatch!(self, l => l.finish_job(account, job_id, runner, finish))
     }
     async fn job(&self, account: &str, job_id: &str) -> LedgerResult<Option<JobView>> {
-        dispatch_jobs!(self, l => l.job(account, job_id))
+        dispatch!(self, l => l.job(account, job_id))
     }
     async fn queue_depth(&self, account: &str) -> LedgerResult<u64> {
-        dispatch_jobs!(self, l => l.queue_depth(account))
+        dispatch!(self, l => l.queue_depth(account))
     }
     async fn job_accounts(&self) -> LedgerResult<Vec<String>> {
-        dispatch_jobs!(self, l => l.job_accounts())
+        dispatch!(self, l => l.job_accounts())
     }
 }

@@ -4,9 +4,10 @@
 //! Each store gets one test that starts its server, then runs [`suite`]; every check creates its
 //! own uniquely named accounts, so the checks share one server and run one after the other while
 //! the renewal checks (which wait 2–3 s for a real period boundary) run alongside them.
-//! Redis-only behaviour (script cache flush, clock high-water mark, outbox index recovery, the Lua
-//! calendar against `creditgate::calendar`) follows in the Redis tests, and so does a step-by-step
-//! comparison of a Redis store with a memory store fed the same steps.
+//! The suite covers the job queue ([`JobStore`]) too. Redis-only behaviour (script cache flush,
+//! clock high-water mark, outbox and job index recovery, the Lua calendar against
+//! `creditgate::calendar`) follows in the Redis tests, and so does a step-by-step comparison of a
+//! Redis store with a memory store fed the same steps.
 
 mod support;
 
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use creditgate::calendar::{Anchor, parse_rfc3339, rfc3339};
+use creditgate::ledger::jobs::{EnqueueOutcome, Job, JobFinish, JobStore, JobView, NewJob};
 use creditgate::ledger::redis::{LUA_PRELUDE, RedisLedger};
 use creditgate::ledger::{
     AutoTopup, ChargeOutcome, ChargeRequest, Event, HistoryEntry, Idempotency, KeyRecord, Ledger, MemoryLedger,
@@ -36,11 +38,10 @@ async fn redis_standalone() {
     let server = RedisServer::start();
     let ledger = Arc::new(RedisLedger::connect_standalone(&server.url()).await.expect("connect"));
     tokio::join!(suite(ledger.clone()), same_steps_as_memory(&ledger));
-    let redis = |args: &[&str]| {
-        server.command(args);
-    };
+    let redis = |args: &[&str]| server.command(args);
     clock_never_goes_back(&ledger, redis).await;
     outbox_index_recovers(&ledger, redis).await;
+    job_index_recovers_and_finished_jobs_expire(&ledger, redis).await;
     survives_script_cache_flush(&ledger, || {
         server.command(&["SCRIPT", "FLUSH"]);
     })
@@ -55,13 +56,14 @@ async fn redis_cluster() {
     let on_owner = |args: &[&str]| {
         let slot: u32 = cluster.nodes()[0].command(&["CLUSTER", "KEYSLOT", args[1]]).parse().unwrap();
         let owner = cluster.nodes().iter().find(|n| serves_slot(n, slot)).expect("some node serves the slot");
-        owner.command(args);
+        owner.command(args)
     };
     tokio::join!(suite(ledger.clone()), same_steps_as_memory(&ledger));
     let holding = cluster.nodes().iter().filter(|n| n.command(&["DBSIZE"]) != "0").count();
     assert!(holding >= 2, "the accounts should spread over the shards, {holding} of 3 hold keys");
     clock_never_goes_back(&ledger, on_owner).await;
     outbox_index_recovers(&ledger, on_owner).await;
+    job_index_recovers_and_finished_jobs_expire(&ledger, on_owner).await;
     survives_script_cache_flush(&ledger, || {
         for node in cluster.nodes() {
             node.command(&["SCRIPT", "FLUSH"]);
@@ -82,30 +84,40 @@ fn serves_slot(node: &RedisServer, slot: u32) -> bool {
 
 // === the suite ===
 
-/// Every check of the ledger contract, against one store.
-async fn suite<L: Ledger>(l: Arc<L>) {
-    tokio::join!(renewal_at_the_anchor(&*l), downgrade_at_renewal_with_entry_and_event(&*l), async {
-        all_or_nothing(&*l).await;
-        monthly_first_then_topup_and_refund_per_bucket(&*l).await;
-        refund_never_twice(&*l).await;
-        resent_charge_id_applies_once(&*l).await;
-        idempotency_replay_conflict_and_retry_after_refund(&*l).await;
-        duplicate_topup(&*l).await;
-        unknown_accounts(&*l).await;
-        api_keys(&*l).await;
-        list_and_revoke_keys(&*l).await;
-        history_sums_to_the_balances(&*l).await;
-        history_pages(&*l).await;
-        plan_upgrade_now(&*l).await;
-        auto_topup_once_per_crossing_and_capped(&*l).await;
-        usage_by_category_operation_and_day(&*l).await;
-        events_listed_and_acknowledged(&*l).await;
-        concurrent_duplicate_topups(l.clone()).await;
-        concurrent_charges_never_overdraw(l.clone()).await;
-        concurrent_idempotent_copies_charge_once(l.clone()).await;
-        concurrent_crossing_buys_one_auto_topup(l.clone()).await;
-        concurrent_thresholds_fire_once_each(l.clone()).await;
-    });
+/// Every check of the ledger and job queue contracts, against one store.
+async fn suite<L: Ledger + JobStore>(l: Arc<L>) {
+    tokio::join!(
+        renewal_at_the_anchor(&*l),
+        downgrade_at_renewal_with_entry_and_event(&*l),
+        lease_expiry_and_retry_delay(&*l),
+        renewal_through_a_job_step(&*l),
+        async {
+            all_or_nothing(&*l).await;
+            monthly_first_then_topup_and_refund_per_bucket(&*l).await;
+            refund_never_twice(&*l).await;
+            resent_charge_id_applies_once(&*l).await;
+            idempotency_replay_conflict_and_retry_after_refund(&*l).await;
+            duplicate_topup(&*l).await;
+            unknown_accounts(&*l).await;
+            api_keys(&*l).await;
+            list_and_revoke_keys(&*l).await;
+            history_sums_to_the_balances(&*l).await;
+            history_pages(&*l).await;
+            plan_upgrade_now(&*l).await;
+            auto_topup_once_per_crossing_and_capped(&*l).await;
+            usage_by_category_operation_and_day(&*l).await;
+            events_listed_and_acknowledged(&*l).await;
+            concurrent_duplicate_topups(l.clone()).await;
+            concurrent_charges_never_overdraw(l.clone()).await;
+            concurrent_idempotent_copies_charge_once(l.clone()).await;
+            concurrent_crossing_buys_one_auto_topup(l.clone()).await;
+            concurrent_thresholds_fire_once_each(l.clone()).await;
+            queue_order_cap_and_claims(&*l).await;
+            finish_by_the_lease_holder_release_and_failure(&*l).await;
+            done_keeps_the_result_for_its_account_only(&*l).await;
+            concurrent_claimers_take_each_job_once(l.clone()).await;
+        }
+    );
 }
 
 async fn all_or_nothing(l: &impl Ledger) {
@@ -805,10 +817,215 @@ async fn concurrent_thresholds_fire_once_each<L: Ledger>(l: Arc<L>) {
     assert_eq!(events.len(), 4, "only the top-up's event: once per threshold per period");
 }
 
+// === the job queue ===
+
+/// Jobs queue at the tail up to the cap; a claim takes the oldest due job and leases it, so the
+/// next claimer gets the next job; the claimed job is what was queued, byte for byte.
+async fn queue_order_cap_and_claims(l: &(impl Ledger + JobStore)) {
+    let acct = account(l, 10).await;
+    let headers = job_headers();
+    let body: Vec<u8> = vec![0xff, 0x00, b'{', 0xc3, 0x28, b'}', b'\r', b'\n'];
+    let ids: Vec<String> = (0..3).map(|_| unique("job")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let body = if i == 2 { &[][..] } else { &body[..] };
+        let queued = l.enqueue_job(new_job(&acct, id, &headers, body, 3)).await.unwrap();
+        assert_eq!(queued, EnqueueOutcome::Queued { depth: i as u64 + 1 });
+    }
+    let full = l.enqueue_job(new_job(&acct, &unique("job"), &headers, &body, 3)).await.unwrap();
+    assert_eq!(full, EnqueueOutcome::Full, "the cap counts queued jobs");
+    let nobody = unique("nobody");
+    let orphan = l.enqueue_job(new_job(&nobody, &unique("job"), &headers, &body, 3)).await.unwrap();
+    assert_eq!(orphan, EnqueueOutcome::NoAccount);
+    assert_eq!(l.queue_depth(&acct).await.unwrap(), 3);
+    assert_eq!(l.queue_depth(&nobody).await.unwrap(), 0);
+    assert!(l.job_accounts().await.unwrap().contains(&acct));
+    assert!(!l.job_accounts().await.unwrap().contains(&nobody));
+
+    let v = l.job(&acct, &ids[0]).await.unwrap().expect("a queued job is readable");
+    assert_eq!(
+        (v.id.as_str(), v.status.as_str(), v.operation.as_str(), v.cost, v.attempts),
+        (ids[0].as_str(), "queued", "transcription", 2, 0)
+    );
+    assert_eq!((v.result_status, &v.result_headers, &v.result_body, &v.error), (None, &vec![], &None, &None));
+    assert!(v.created_at.abs_diff(now()) <= 2 && v.updated_at == v.created_at, "{v:?}");
+
+    let first = l.claim_job(&acct, "runner-a", 60).await.unwrap().expect("a job is due");
+    let want = Job {
+        id: ids[0].clone(),
+        account: acct.clone(),
+        operation: "transcription".into(),
+        category: "Transcription".into(),
+        cost: 2,
+        upstream: "crm".into(),
+        method: "POST".into(),
+        path: "/v1/calls/transcribe?lang=de".into(),
+        headers: headers.clone(),
+        body: body.clone(),
+        request_id: "req-job".into(),
+        attempts: 0,
+        created_at: v.created_at,
+    };
+    assert_eq!(first, want);
+    assert_eq!(first.charge_id(), format!("job-{}-0", ids[0]));
+    assert_eq!(l.job(&acct, &ids[0]).await.unwrap().unwrap().status, "running");
+    let second = l.claim_job(&acct, "runner-b", 60).await.unwrap().expect("the next job");
+    assert_eq!(second.id, ids[1], "a leased job is skipped, not waited for");
+    let third = l.claim_job(&acct, "runner-a", 60).await.unwrap().expect("the last job");
+    assert_eq!((third.id.as_str(), third.body.as_slice()), (ids[2].as_str(), &[][..]), "an empty body");
+    assert_eq!(l.claim_job(&acct, "runner-c", 60).await.unwrap(), None, "every job is leased");
+    assert_eq!(l.queue_depth(&acct).await.unwrap(), 3, "running jobs count as queued");
+    assert_eq!(l.claim_job(&nobody, "runner-a", 60).await.unwrap(), None);
+}
+
+/// A crashed runner's lease runs out and another runner takes the job at the same attempt (same
+/// charge id); the first can no longer finish it. A retry counts an attempt and waits its delay.
+async fn lease_expiry_and_retry_delay(l: &(impl Ledger + JobStore)) {
+    let acct = account(l, 10).await;
+    let id = unique("job");
+    queue(l, &acct, &id).await;
+    // Leases and delays are whole seconds: 2 s cannot run out between two immediate claims.
+    let a = l.claim_job(&acct, "runner-a", 2).await.unwrap().expect("due");
+    assert_eq!(l.claim_job(&acct, "runner-b", 2).await.unwrap(), None, "leased to runner-a");
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let b = l.claim_job(&acct, "runner-b", 60).await.unwrap().expect("runner-a's lease ran out");
+    assert_eq!(b, a, "same job, same attempt: the same charge id");
+    assert!(!l.finish_job(&acct, &id, "runner-a", done(200, b"late")).await.unwrap(), "runner-a lost the lease");
+    assert_eq!(l.job(&acct, &id).await.unwrap().unwrap().status, "running");
+
+    let retry = JobFinish::Retry { reason: "upstream answered 503".into(), delay_secs: 2 };
+    assert!(l.finish_job(&acct, &id, "runner-b", retry).await.unwrap());
+    let v = l.job(&acct, &id).await.unwrap().unwrap();
+    assert_eq!(
+        (v.status.as_str(), v.attempts, v.error.as_deref()),
+        ("queued", 1, Some("upstream answered 503")),
+        "a retry counts an attempt"
+    );
+    assert_eq!(l.claim_job(&acct, "runner-a", 60).await.unwrap(), None, "not before the delay");
+    assert_eq!(l.queue_depth(&acct).await.unwrap(), 1, "still queued");
+    assert!(l.job_accounts().await.unwrap().contains(&acct));
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let again = l.claim_job(&acct, "runner-a", 60).await.unwrap().expect("due after the delay");
+    assert_eq!((again.attempts, again.charge_id()), (1, format!("job-{id}-1")), "a new attempt, a new charge id");
+}
+
+/// Only the lease holder finishes a job. A release puts it back at once, counting no attempt; a
+/// failure counts one and keeps the reason; a finished job leaves the queue and has no lease.
+async fn finish_by_the_lease_holder_release_and_failure(l: &(impl Ledger + JobStore)) {
+    let acct = account(l, 10).await;
+    let (j1, j2) = (unique("job"), unique("job"));
+    queue(l, &acct, &j1).await;
+    queue(l, &acct, &j2).await;
+    assert_eq!(l.claim_job(&acct, "runner-a", 60).await.unwrap().unwrap().id, j1);
+    assert!(!l.finish_job(&acct, &j1, "runner-b", JobFinish::Release).await.unwrap(), "not the lease holder");
+    assert!(!l.finish_job(&acct, &unique("job"), "runner-a", JobFinish::Release).await.unwrap(), "no such job");
+    assert!(!l.finish_job(&unique("nobody"), &j1, "runner-a", JobFinish::Release).await.unwrap(), "no such account");
+    assert_eq!(l.job(&acct, &j1).await.unwrap().unwrap().status, "running", "a refused finish changes nothing");
+
+    assert!(l.finish_job(&acct, &j1, "runner-a", JobFinish::Release).await.unwrap());
+    let v = l.job(&acct, &j1).await.unwrap().unwrap();
+    assert_eq!((v.status.as_str(), v.attempts, v.error), ("queued", 0, None), "a release counts no attempt");
+    let again = l.claim_job(&acct, "runner-b", 60).await.unwrap().expect("released jobs are due at once");
+    assert_eq!((again.id.as_str(), again.attempts), (j1.as_str(), 0), "still the oldest");
+
+    let failed = JobFinish::Failed { reason: "gave up after 3 attempts".into(), retention_secs: 3600 };
+    assert!(l.finish_job(&acct, &j1, "runner-b", failed).await.unwrap());
+    let v = l.job(&acct, &j1).await.unwrap().unwrap();
+    assert_eq!(
+        (v.status.as_str(), v.attempts, v.error.as_deref(), v.result_status, v.result_body),
+        ("failed", 1, Some("gave up after 3 attempts"), None, None)
+    );
+    assert!(!l.finish_job(&acct, &j1, "runner-b", JobFinish::Release).await.unwrap(), "a finished job has no lease");
+    assert_eq!(l.queue_depth(&acct).await.unwrap(), 1, "a failed job leaves the queue");
+    assert_eq!(l.claim_job(&acct, "runner-a", 60).await.unwrap().unwrap().id, j2);
+}
+
+/// A done job keeps its result (status, headers, body with non-UTF-8 bytes) for its account only;
+/// the last finished job empties the queue and the account leaves `job_accounts`.
+async fn done_keeps_the_result_for_its_account_only(l: &(impl Ledger + JobStore)) {
+    let (acct, other) = (account(l, 10).await, account(l, 10).await);
+    let id = unique("job");
+    queue(l, &acct, &id).await;
+    assert!(l.job_accounts().await.unwrap().contains(&acct));
+    let created_at = l.claim_job(&acct, "runner-a", 60).await.unwrap().expect("due").created_at;
+    let body = vec![0x89, b'P', b'N', b'G', 0x00, 0xff, 0xfe, 0x80];
+    let headers = vec![
+        ("content-type".to_owned(), "application/octet-stream".to_owned()),
+        ("x-request-id".to_owned(), "up-1".to_owned()),
+    ];
+    let finish = JobFinish::Done { status: 201, headers: headers.clone(), body: body.clone(), retention_secs: 3600 };
+    assert!(l.finish_job(&acct, &id, "runner-a", finish).await.unwrap());
+    let v = l.job(&acct, &id).await.unwrap().expect("the result is kept");
+    assert_eq!(
+        v,
+        JobView {
+            id: id.clone(),
+            status: "done".into(),
+            operation: "transcription".into(),
+            cost: 2,
+            attempts: 0,
+            created_at,
+            updated_at: v.updated_at,
+            result_status: Some(201),
+            result_headers: headers,
+            result_body: Some(body),
+            error: None,
+        }
+    );
+    assert!(v.updated_at >= created_at && v.updated_at.abs_diff(now()) <= 2);
+    assert_eq!(l.job(&other, &id).await.unwrap(), None, "another account's job");
+    assert_eq!(l.job(&acct, &unique("job")).await.unwrap(), None, "an unknown id");
+    assert_eq!(l.job(&unique("nobody"), &id).await.unwrap(), None, "an unknown account");
+    assert_eq!(l.queue_depth(&acct).await.unwrap(), 0);
+    assert!(!l.job_accounts().await.unwrap().contains(&acct), "an emptied queue is no longer listed");
+    assert_eq!(l.claim_job(&acct, "runner-a", 60).await.unwrap(), None);
+    assert!(!l.finish_job(&acct, &id, "runner-a", done(200, b"again")).await.unwrap(), "finished once");
+}
+
+/// 20 runners claim at once from a queue of 5: each job is claimed exactly once.
+async fn concurrent_claimers_take_each_job_once<L: Ledger + JobStore>(l: Arc<L>) {
+    let acct = account(&*l, 10).await;
+    let ids: Vec<String> = (0..5).map(|_| unique("job")).collect();
+    for id in &ids {
+        queue(&*l, &acct, id).await;
+    }
+    let claims = concurrently(20, |i| {
+        let (l, acct) = (l.clone(), acct.clone());
+        async move { l.claim_job(&acct, &format!("runner-{i}"), 60).await.unwrap() }
+    })
+    .await;
+    let mut claimed: Vec<String> = claims.into_iter().flatten().map(|j| j.id).collect();
+    claimed.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(claimed, want, "each job claimed exactly once");
+}
+
+/// A job step is the first step after a period boundary: it renews the account (entry, event,
+/// and, on Redis, the outbox index), like every other step.
+async fn renewal_through_a_job_step(l: &(impl Ledger + JobStore)) {
+    let anchor = now() + 3; // whole seconds: 2 to 3 s from now
+    let acct = unique("acct");
+    let new = NewAccount { id: acct.clone(), plan: "free".into(), allocation: 50, anchor, email: None };
+    assert!(l.create_account(new).await.unwrap());
+    let id = unique("job");
+    queue(l, &acct, &id).await;
+    assert!(!l.event_accounts().await.unwrap().contains(&acct), "no event yet");
+    assert!(now() < anchor, "the setup took too long to test a renewal");
+
+    sleep_until(anchor).await;
+    assert_eq!(l.claim_job(&acct, "runner-a", 60).await.unwrap().map(|j| j.id), Some(id));
+    assert!(l.event_accounts().await.unwrap().contains(&acct), "the renewal's event is indexed");
+    let events = l.pending_events(&acct, 10).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["credits.renewed"]);
+    let history = l.history(&acct, None, 10).await.unwrap().unwrap();
+    assert_eq!(history.iter().filter(|e| e.kind == "renewal").count(), 1, "renewed once");
+    assert_eq!(view(l, &acct).await.period_start, anchor);
+}
+
 // === Redis only ===
 
 /// The scripts use max(Redis TIME, the highest "now" the account has seen).
-async fn clock_never_goes_back(l: &RedisLedger, redis: impl Fn(&[&str])) {
+async fn clock_never_goes_back(l: &RedisLedger, redis: impl Fn(&[&str]) -> String) {
     let acct = account(l, 10).await;
     let later = now() + 1000;
     redis(&["HSET", &keys::account(&acct), "now", &later.to_string()]);
@@ -819,7 +1036,7 @@ async fn clock_never_goes_back(l: &RedisLedger, redis: impl Fn(&[&str])) {
 
 /// The outbox index lost an account (the process died between a step and its SADD): a sweep
 /// finds the outbox again. A stale entry (no events left) goes away at the next look.
-async fn outbox_index_recovers(l: &RedisLedger, redis: impl Fn(&[&str])) {
+async fn outbox_index_recovers(l: &RedisLedger, redis: impl Fn(&[&str]) -> String) {
     let acct = account(l, 10).await;
     topup(l, &acct, 5).await;
     assert!(l.event_accounts().await.unwrap().contains(&acct));
@@ -839,6 +1056,39 @@ async fn outbox_index_recovers(l: &RedisLedger, redis: impl Fn(&[&str])) {
     assert!(!l.event_accounts().await.unwrap().contains(&acct));
 }
 
+/// The job index lost an account (the process died between queuing and its SADD): a sweep finds
+/// the queue again; a stale entry goes at the next claim. A finished job keeps no request body
+/// and expires after its retention; the emptied queue is gone.
+async fn job_index_recovers_and_finished_jobs_expire(l: &RedisLedger, redis: impl Fn(&[&str]) -> String) {
+    let acct = account(l, 10).await;
+    let id = unique("job");
+    queue(l, &acct, &id).await;
+    assert!(l.job_accounts().await.unwrap().contains(&acct));
+    redis(&["SREM", &keys::job_index(&acct), &acct]);
+    assert!(!l.job_accounts().await.unwrap().contains(&acct), "index entry lost");
+    assert!(l.sweep_job_queues().await.unwrap() >= 1);
+    assert!(l.job_accounts().await.unwrap().contains(&acct), "found again by the sweep");
+
+    let quiet = account(l, 10).await;
+    redis(&["SADD", &keys::job_index(&quiet), &quiet]);
+    assert!(l.job_accounts().await.unwrap().contains(&quiet));
+    assert_eq!(l.claim_job(&quiet, "runner-a", 60).await.unwrap(), None);
+    assert!(!l.job_accounts().await.unwrap().contains(&quiet), "a stale entry is dropped");
+
+    let record = keys::job(&acct, &id);
+    assert_eq!(redis(&["HEXISTS", &record, "body"]), "1");
+    assert_eq!(redis(&["TTL", &record]), "-1", "a queued job does not expire");
+    assert_eq!(l.claim_job(&acct, "runner-a", 60).await.unwrap().map(|j| j.id), Some(id.clone()));
+    let finish = JobFinish::Done { status: 200, headers: vec![], body: b"ok".to_vec(), retention_secs: 600 };
+    assert!(l.finish_job(&acct, &id, "runner-a", finish).await.unwrap());
+    assert_eq!(redis(&["HEXISTS", &record, "body"]), "0", "the request body is dropped");
+    let ttl: i64 = redis(&["TTL", &record]).parse().unwrap();
+    assert!((590..=600).contains(&ttl), "expires after the retention: {ttl}");
+    assert_eq!(redis(&["EXISTS", &keys::job_queue(&acct)]), "0");
+    assert!(!l.job_accounts().await.unwrap().contains(&acct));
+    assert_eq!(l.job(&acct, &id).await.unwrap().unwrap().result_body, Some(b"ok".to_vec()));
+}
+
 /// One sequence of steps on a memory store and on this store, with the same account id and a
 /// renewal (pending downgrade, auto top-up, thresholds, refunds across the boundary) in the
 /// middle: every outcome, view, history entry, event and usage figure agrees, timestamps aside.
@@ -854,7 +1104,7 @@ async fn same_steps_as_memory(redis: &RedisLedger) {
 }
 
 /// What `same_steps_as_memory` compares: every answer, with times set to 0.
-async fn transcript(l: &impl Ledger, acct: &str, anchor: i64) -> Vec<String> {
+async fn transcript(l: &(impl Ledger + JobStore), acct: &str, anchor: i64) -> Vec<String> {
     let mut out = Vec::new();
     let new = NewAccount { id: acct.into(), plan: "pro".into(), allocation: 200, anchor, email: Some("a@b.c".into()) };
     out.push(format!("{:?}", l.create_account(new).await.unwrap()));
@@ -917,7 +1167,50 @@ async fn transcript(l: &impl Ledger, acct: &str, anchor: i64) -> Vec<String> {
         l.pending_events(acct, 1000).await.unwrap().into_iter().map(|e| e.id).collect::<Vec<_>>()
     ));
     out.push(format!("{:?}", l.usage(acct, 3).await.unwrap()));
+    job_transcript(l, acct, &mut out).await;
     out
+}
+
+/// The job queue part of `transcript`: queue, claims, every kind of finish, the views.
+async fn job_transcript(l: &(impl Ledger + JobStore), acct: &str, out: &mut Vec<String>) {
+    let headers = job_headers();
+    for (i, body) in [&b"\xff\x00wav"[..], b"", b"x"].into_iter().enumerate() {
+        out.push(format!("{:?}", l.enqueue_job(new_job(acct, &format!("j{i}"), &headers, body, 3)).await.unwrap()));
+    }
+    out.push(format!("{:?}", l.enqueue_job(new_job(acct, "j3", &headers, b"", 3)).await.unwrap()));
+    let claim = async |runner: &str| {
+        format!("{:?}", l.claim_job(acct, runner, 60).await.unwrap().map(|j| Job { created_at: 0, ..j }))
+    };
+    let read = async |id: &str| {
+        let v = l.job(acct, id).await.unwrap();
+        format!("{:?}", v.map(|v| JobView { created_at: 0, updated_at: 0, ..v }))
+    };
+    let finish = async |id: &str, runner: &str, finish: JobFinish| {
+        format!("{:?}", l.finish_job(acct, id, runner, finish).await.unwrap())
+    };
+    out.push(claim("r1").await);
+    out.push(claim("r2").await);
+    out.push(finish("j0", "r2", JobFinish::Release).await);
+    let retry = JobFinish::Retry { reason: "upstream answered 502".into(), delay_secs: 0 };
+    out.push(finish("j0", "r1", retry).await);
+    out.push(read("j0").await);
+    out.push(claim("r3").await);
+    out.push(finish("j1", "r2", JobFinish::Release).await);
+    out.push(read("j1").await);
+    out.push(finish("j0", "r3", done(200, b"\x00\xfe{}")).await);
+    out.push(read("j0").await);
+    out.push(claim("r1").await);
+    let failed = JobFinish::Failed { reason: "gave up".into(), retention_secs: 3600 };
+    out.push(finish("j1", "r1", failed).await);
+    out.push(read("j1").await);
+    out.push(format!("{:?}", l.queue_depth(acct).await.unwrap()));
+    out.push(claim("r2").await);
+    out.push(finish("j2", "r2", done(404, b"")).await);
+    out.push(read("j2").await);
+    out.push(format!("{:?}", l.queue_depth(acct).await.unwrap()));
+    out.push(claim("r2").await);
+    out.push(read("j9").await);
+    out.push(finish("j9", "r2", JobFinish::Release).await);
 }
 
 fn zero_topup_time(outcome: TopupOutcome) -> TopupOutcome {
@@ -1099,6 +1392,48 @@ where
 {
     let handles: Vec<_> = (0..n).map(|i| tokio::spawn(task(i))).collect();
     futures_util::future::join_all(handles).await.into_iter().map(|r| r.expect("task panicked")).collect()
+}
+
+/// The request headers of the test jobs.
+fn job_headers() -> Vec<(String, String)> {
+    vec![("content-type".to_owned(), "application/json".to_owned()), ("x-ai-tier".to_owned(), "fast".to_owned())]
+}
+
+/// A transcription job of 2 credits.
+fn new_job<'a>(
+    account: &'a str,
+    id: &'a str,
+    headers: &'a [(String, String)],
+    body: &'a [u8],
+    max_queued: u64,
+) -> NewJob<'a> {
+    NewJob {
+        id,
+        account,
+        operation: "transcription",
+        category: "Transcription",
+        cost: 2,
+        upstream: "crm",
+        method: "POST",
+        path: "/v1/calls/transcribe?lang=de",
+        headers,
+        body,
+        request_id: "req-job",
+        max_queued,
+    }
+}
+
+/// Queues a job (cap 100) and checks it was queued.
+async fn queue(l: &impl JobStore, acct: &str, id: &str) {
+    let headers = job_headers();
+    let outcome = l.enqueue_job(new_job(acct, id, &headers, b"{}", 100)).await.unwrap();
+    assert!(matches!(outcome, EnqueueOutcome::Queued { .. }), "{outcome:?}");
+}
+
+/// A done finish with a plain text result, kept an hour.
+fn done(status: u16, body: &[u8]) -> JobFinish {
+    let headers = vec![("content-type".to_owned(), "text/plain".to_owned())];
+    JobFinish::Done { status, headers, body: body.to_vec(), retention_secs: 3600 }
 }
 
 /// An auto top-up setting buying package "200" of `credits` credits below `threshold`.

@@ -42,6 +42,14 @@ pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
         let resting: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
         let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
         let slots = Arc::new(Semaphore::new(state.runtime.load().config.jobs.concurrency));
+        // Queues whose index entry was lost (a crash between the enqueue and the index write).
+        if let crate::store::Store::Redis(r) = &*state.ledger {
+            match r.sweep_job_queues().await {
+                Ok(n) if n > 0 => tracing::info!(accounts = n, "job runner: re-indexed queues"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "job runner: queue sweep failed"),
+            }
+        }
         loop {
             let woken = tokio::select! {
                 _ = state.jobs_wake.notified() => true,

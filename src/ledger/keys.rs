@@ -19,14 +19,18 @@
 //! | `cg:key:<sha-256 hex>` | hash | none | `key_id`, `account`, `role`, `hash`, `prefix`, `created_at` |
 //! | `cg:keyid:<key id>` | string | none | the key's hash, so a key can be revoked by its public id |
 //! | `cg:outbox:index:<0..15>` | set | none | ids of accounts whose outbox may hold events, sharded by a hash of the id |
+//! | `cg:{acct:<id>}:queue` | list | none | ids of the account's queued and running jobs, oldest first |
+//! | `cg:{acct:<id>}:job:<job id>` | hash | none while queued or running; the result retention once `done` / `failed` | `operation`, `category`, `cost`, `upstream`, `method`, `path`, `headers` (JSON array of `[name, value]` pairs), `body` (raw bytes; deleted when the job finishes), `request_id`, `status` (`queued`, `running`, `done`, `failed`), `lease_owner` and `lease_until` (while a runner holds it), `not_before`, `attempts`, `created_at`, `updated_at`, `result_status`, `result_headers` (JSON pairs), `result_body` (raw bytes), `error` |
+//! | `cg:jobs:index:<0..15>` | set | none | ids of accounts whose queue may hold jobs, sharded like the outbox index |
 //!
 //! API-key records are looked up by hash before the account is known, so they carry no account
-//! tag; each is its own slot, which spreads them over the cluster. The outbox index is the only
-//! other global data: the event dispatcher must find the accounts with events without scanning
-//! the keyspace, and a script touching an account's slot cannot also write a global set, so the
-//! Rust side adds the account after the script (see [`super::redis`]). It is split in
-//! [`OUTBOX_SHARDS`] sets without a hash tag, so the shards spread over the cluster instead of
-//! making one node hold (and serve) the whole index.
+//! tag; each is its own slot, which spreads them over the cluster. The outbox index and the job
+//! index are the only other global data: the event dispatcher and the job runner must find the
+//! accounts with events (queued jobs) without scanning the keyspace, and a script touching an
+//! account's slot cannot also write a global set, so the Rust side adds the account after the
+//! script (see [`super::redis`]). Each index is split in [`OUTBOX_SHARDS`] ([`JOB_SHARDS`]) sets
+//! without a hash tag, so the shards spread over the cluster instead of making one node hold (and
+//! serve) the whole index.
 
 /// Prefix of every key creditgate writes.
 const PREFIX: &str = "cg";
@@ -81,6 +85,16 @@ pub fn account_keys(account_id: &str) -> String {
     format!("{}:keys", account(account_id))
 }
 
+/// An account's queue of job ids (list, oldest first): its queued and running jobs.
+pub fn job_queue(account_id: &str) -> String {
+    format!("{}:queue", account(account_id))
+}
+
+/// A job record (hash), by job id; it expires `retention` after the job finished.
+pub fn job(account_id: &str, job_id: &str) -> String {
+    format!("{}:job:{job_id}", account(account_id))
+}
+
 /// How many sets the outbox index is split into.
 pub const OUTBOX_SHARDS: u32 = 16;
 
@@ -92,14 +106,41 @@ pub fn outbox_index_shard(shard: u32) -> String {
 /// The outbox index shard an account belongs to: FNV-1a of its id, a hash fixed here (not
 /// `std`'s, which may change between Rust releases) so every gateway version agrees.
 pub fn outbox_index(account_id: &str) -> String {
-    let hash = account_id.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
-    outbox_index_shard(hash % OUTBOX_SHARDS)
+    outbox_index_shard(fnv1a(account_id) % OUTBOX_SHARDS)
+}
+
+/// How many sets the job index is split into.
+pub const JOB_SHARDS: u32 = 16;
+
+/// One shard of the job index (`shard` < [`JOB_SHARDS`]).
+pub fn job_index_shard(shard: u32) -> String {
+    format!("{PREFIX}:jobs:index:{shard}")
+}
+
+/// The job index shard an account belongs to (FNV-1a of its id, like [`outbox_index`]).
+pub fn job_index(account_id: &str) -> String {
+    job_index_shard(fnv1a(account_id) % JOB_SHARDS)
+}
+
+/// 32-bit FNV-1a, fixed here so every gateway version shards alike.
+fn fnv1a(text: &str) -> u32 {
+    text.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
 }
 
 /// The account id of an outbox key, `None` for any other key (an id never holds `}`, which would
 /// end the hash tag early, so `cg:{acct:a}:topup:x}:outbox` is a top-up record, not an outbox).
 pub fn account_of_outbox(key: &str) -> Option<&str> {
-    let id = key.strip_prefix("cg:{acct:")?.strip_suffix("}:outbox")?;
+    account_of(key, "}:outbox")
+}
+
+/// The account id of a job queue key, `None` for any other key (as [`account_of_outbox`]:
+/// `cg:{acct:a}:job:x}:queue` is a job record, not a queue).
+pub fn account_of_job_queue(key: &str) -> Option<&str> {
+    account_of(key, "}:queue")
+}
+
+fn account_of<'a>(key: &'a str, suffix: &str) -> Option<&'a str> {
+    let id = key.strip_prefix("cg:{acct:")?.strip_suffix(suffix)?;
     (!id.is_empty() && !id.contains('}')).then_some(id)
 }
 
@@ -128,6 +169,8 @@ mod tests {
             super::usage("acme", -1),
             super::outbox("acme"),
             super::account_keys("acme"),
+            super::job_queue("acme"),
+            super::job("acme", "j1"),
         ] {
             assert!(key.starts_with(&format!("{a}:")), "{key}");
             assert_eq!(tag(&key), tag(&a), "{key}");
@@ -141,6 +184,22 @@ mod tests {
         assert_eq!(shards.len(), super::OUTBOX_SHARDS as usize, "every shard used");
         assert!(shards.iter().all(|s| !s.contains('{')), "no hash tag: shards spread over the cluster");
         assert_eq!(super::outbox_index("acme"), super::outbox_index("acme"));
+    }
+
+    #[test]
+    fn job_index_shards_are_stable_and_untagged() {
+        let shards: std::collections::HashSet<String> =
+            (0..1000).map(|i| super::job_index(&format!("acct-{i}"))).collect();
+        assert_eq!(shards.len(), super::JOB_SHARDS as usize, "every shard used");
+        assert!(shards.iter().all(|s| !s.contains('{')), "no hash tag: shards spread over the cluster");
+        assert!(shards.iter().all(|s| s.starts_with("cg:jobs:index:")));
+    }
+
+    #[test]
+    fn job_queue_keys_name_their_account() {
+        assert_eq!(super::account_of_job_queue(&super::job_queue("acme")), Some("acme"));
+        assert_eq!(super::account_of_job_queue(&super::job("acme", "x}:queue")), None);
+        assert_eq!(super::account_of_job_queue(&super::outbox("acme")), None);
     }
 
     #[test]

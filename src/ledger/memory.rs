@@ -580,6 +580,10 @@ impl Ledger for MemoryLedger {
 impl JobStore for MemoryLedger {
     async fn enqueue_job(&self, new: NewJob<'_>) -> LedgerResult<EnqueueOutcome> {
         let outcome = self.with_account(new.account, |a, now| {
+            // A re-sent enqueue of the same job changes nothing (like every other step).
+            if a.jobs.contains_key(new.id) {
+                return EnqueueOutcome::Queued { depth: a.queue.len() as u64 };
+            }
             if a.queue.len() as u64 >= new.max_queued {
                 return EnqueueOutcome::Full;
             }
@@ -647,6 +651,7 @@ impl JobStore for MemoryLedger {
                 let finished = match finish {
                     JobFinish::Done { status, headers, body, retention_secs } => {
                         j.status = "done";
+                        j.error = None;
                         j.result = Some((status, headers, body));
                         j.expires_at = Some(now + retention_secs);
                         true

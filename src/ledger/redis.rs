@@ -6,8 +6,8 @@
 //! A charge is exactly one EVALSHA round trip whose reply carries the whole [`Receipt`] (plus one
 //! `SADD` when it wrote an event, see below). Every script does all its reads and checks before
 //! its first write: Redis does not roll back a script that fails half-way, so a failing check
-//! must leave nothing behind. API keys and the outbox index live outside the accounts' slots and
-//! are handled with plain commands; their methods document the order of their writes.
+//! must leave nothing behind. API keys and the outbox and job indexes live outside the accounts'
+//! slots and are handled with plain commands; their methods document the order of their writes.
 //!
 //! # Whose clock
 //!
@@ -40,7 +40,10 @@
 //! may retry after a timeout (a [`LedgerError`] means the step may or may not have happened).
 //! Every step therefore takes effect at most once: a charge by its charge id (a copy answers with
 //! the original receipt), a refund by the charge's `refunded` flag (a copy answers
-//! `AlreadyRefunded`), a top-up by its payment reference, an account by its id.
+//! `AlreadyRefunded`), a top-up by its payment reference, an account by its id, a queued job by
+//! its job id (a copy answers `Queued` and queues nothing). A copy of a claim may lease a second
+//! job that its runner never hears of; that lease runs out and the job is claimed again. A copy of
+//! a finish finds the lease gone and answers `false`, though the first copy did finish the job.
 //!
 //! The scripts are loaded (`SCRIPT LOAD`, on every node of a cluster) when connecting and then run
 //! with EVALSHA. [`redis::Script`] answers a `NOSCRIPT` error (cache flushed, restart, failover to
@@ -78,6 +81,23 @@
 //! acknowledgement and its `SREM`) is harmless: [`Ledger::pending_events`] answers nothing for
 //! it and removes it the same way.
 //!
+//! # The job queue
+//!
+//! [`JobStore`] keeps, per account, a list of the ids of its queued and running jobs (oldest
+//! first) and a hash per job with everything needed to run it and what came of it (the body and
+//! the result body as raw bytes, headers as JSON; [`keys`] has the fields). Each step is one
+//! script on the account's slot: queue (the cap checked in the script), claim (walk the head of
+//! the list for the first job due and not leased, and lease it), finish (only by the lease's
+//! holder; a finished job leaves the list, loses its request body and expires after the result
+//! retention), read. Job times come from the account's clock, like every step.
+//!
+//! The runner finds the accounts with queued jobs through a second index, `cg:jobs:index:<n>`
+//! ([`keys::job_index`]), kept exactly like the outbox index: an account is added (`SADD`) after
+//! each job it queues, and removed (`SREM`, then a re-read of the list's length and a re-add if
+//! a job arrived meanwhile) when a finish leaves its list empty or a claim finds it empty. The
+//! same two windows close the same way: [`RedisLedger::sweep_job_queues`] re-indexes every
+//! non-empty list after a crash, and a stale entry only costs one empty claim.
+//!
 //! # Numbers
 //!
 //! Lua in Redis computes with doubles, exact for integers below 2^53; amounts above
@@ -94,6 +114,7 @@ use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRou
 use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Script, ScriptInvocation, Value};
 use serde::{Deserialize, Serialize};
 
+use super::jobs::{EnqueueOutcome, Job, JobFinish, JobStore, JobView, NewJob};
 use super::{
     AccountView, AutoTopup, ChargeOutcome, ChargeRequest, Event, HistoryEntry, KeyRecord, Ledger, LedgerError,
     LedgerResult, NewAccount, PeriodUsage, PlanChange, PlanOutcome, Receipt, RefundOutcome, Role, TopupOutcome,
@@ -113,6 +134,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Time to wait for one reply; past it the step counts as failed (it may still have happened).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How many job ids at the head of an account's queue a claim looks at (bounds the script's time;
+/// jobs further back wait until one of these is claimed or finished).
+const CLAIM_SCAN: u64 = 100;
+
+/// Longest lease, delay or retention handed to a script (100 years): keeps `now + secs` exact in
+/// Lua and every `EXPIRE` valid, so a script never fails after its first write.
+const MAX_SECS: i64 = 100 * 366 * 86_400;
+
 /// The Lua prelude every script starts with: calendar (a port of [`crate::calendar`]), clock,
 /// account load / renew / save. Public so tests can run its calendar functions on a real Redis.
 pub const LUA_PRELUDE: &str = include_str!("../../lua/lib.lua");
@@ -130,10 +159,14 @@ struct Scripts {
     usage: Script,
     pending_events: Script,
     ack_events: Script,
+    job_enqueue: Script,
+    job_claim: Script,
+    job_finish: Script,
+    job_read: Script,
 }
 
 impl Scripts {
-    fn all(&self) -> [&Script; 11] {
+    fn all(&self) -> [&Script; 15] {
         [
             &self.create_account,
             &self.account,
@@ -146,6 +179,10 @@ impl Scripts {
             &self.usage,
             &self.pending_events,
             &self.ack_events,
+            &self.job_enqueue,
+            &self.job_claim,
+            &self.job_finish,
+            &self.job_read,
         ]
     }
 }
@@ -164,6 +201,10 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         usage: script(include_str!("../../lua/usage.lua")),
         pending_events: script(include_str!("../../lua/pending_events.lua")),
         ack_events: script(include_str!("../../lua/ack_events.lua")),
+        job_enqueue: script(include_str!("../../lua/job_enqueue.lua")),
+        job_claim: script(include_str!("../../lua/job_claim.lua")),
+        job_finish: script(include_str!("../../lua/job_finish.lua")),
+        job_read: script(include_str!("../../lua/job_read.lua")),
     }
 });
 
@@ -266,33 +307,47 @@ impl RedisLedger {
         Ok(reply)
     }
 
-    /// Adds an account to its outbox index shard. A failure is logged, not returned: the step
-    /// that wrote the event did happen, and the account's next event or the next
-    /// [`RedisLedger::sweep_outboxes`] indexes it.
-    async fn index_outbox(&self, account: &str) {
-        let sadd = redis::cmd("SADD").arg(keys::outbox_index(account)).arg(account).to_owned();
+    /// Adds an account to its shard of `index`. A failure is logged, not returned: the step that
+    /// wrote the event (queued the job) did happen, and the account's next one or the next sweep
+    /// ([`RedisLedger::sweep_outboxes`], [`RedisLedger::sweep_job_queues`]) indexes it.
+    async fn index(&self, index: Index, account: &str) {
+        let sadd = redis::cmd("SADD").arg(index.shard_of(account)).arg(account).to_owned();
         if let Err(e) = self.query::<()>(&sadd).await {
-            tracing::warn!(
-                account,
-                error = %e,
-                "event written but the outbox index not updated; it is found at the account's next event or outbox sweep"
-            );
+            tracing::warn!(account, error = %e, "{}", index.lost_message());
         }
     }
 
-    /// Removes an account whose outbox was seen empty from the index, then re-adds it if an event
-    /// arrived meanwhile (the module docs explain why this order never loses an account).
-    async fn unindex_if_empty(&self, account: &str) {
-        let srem = redis::cmd("SREM").arg(keys::outbox_index(account)).arg(account).to_owned();
+    /// Adds an account to its outbox index shard (see [`RedisLedger::index`]).
+    async fn index_outbox(&self, account: &str) {
+        self.index(Index::Outbox, account).await;
+    }
+
+    /// Removes an account whose list (outbox or job queue) was seen empty from `index`, then
+    /// re-adds it if an event (a job) arrived meanwhile (the module docs explain why this order
+    /// never loses an account).
+    async fn unindex_if_empty(&self, index: Index, account: &str) {
+        let srem = redis::cmd("SREM").arg(index.shard_of(account)).arg(account).to_owned();
         let queued = async {
             self.query::<()>(&srem).await?;
-            self.query::<u64>(redis::cmd("LLEN").arg(keys::outbox(account))).await
+            self.query::<u64>(redis::cmd("LLEN").arg(index.list(account))).await
         };
         match queued.await {
             Ok(0) => {}
-            Ok(_) => self.index_outbox(account).await,
-            Err(e) => tracing::warn!(account, error = %e, "could not update the outbox index of an emptied outbox"),
+            Ok(_) => self.index(index, account).await,
+            Err(e) => tracing::warn!(account, error = %e, "could not update the {} of an emptied list", index.name()),
         }
+    }
+
+    /// SMEMBERS of every shard of `index`, at once (on a cluster each goes to the node holding it).
+    async fn indexed_accounts(&self, index: Index) -> LedgerResult<Vec<String>> {
+        let shards = (0..index.shards()).map(|shard| async move {
+            self.query::<Vec<String>>(redis::cmd("SMEMBERS").arg(index.shard(shard))).await
+        });
+        let mut accounts = BTreeSet::new();
+        for members in futures_util::future::join_all(shards).await {
+            accounts.extend(members?);
+        }
+        Ok(accounts.into_iter().collect())
     }
 
     /// Re-indexes every account with undelivered events by scanning the keyspace of every primary
@@ -300,9 +355,21 @@ impl RedisLedger {
     /// update was lost (the process died between a step and its `SADD`). O(keys), so the event
     /// dispatcher runs it once at start-up, not per round. Returns how many outboxes it found.
     pub async fn sweep_outboxes(&self) -> LedgerResult<usize> {
+        self.sweep(Index::Outbox).await
+    }
+
+    /// Re-indexes every account with queued jobs by scanning the keyspace of every primary for job
+    /// queues, like [`RedisLedger::sweep_outboxes`]: recovers queues whose index update was lost
+    /// (the process died between queuing a job and its `SADD`). O(keys): for the job runner's
+    /// start-up. Returns how many queues it found.
+    pub async fn sweep_job_queues(&self) -> LedgerResult<usize> {
+        self.sweep(Index::Jobs).await
+    }
+
+    async fn sweep(&self, index: Index) -> LedgerResult<usize> {
         let mut found = BTreeSet::new();
         match &self.conn {
-            Connection::Standalone(_) => self.scan_outboxes(None, &mut found).await?,
+            Connection::Standalone(_) => self.scan_lists(index, None, &mut found).await?,
             Connection::Cluster(c) => {
                 let all_primaries = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
                 let reply = c.clone().route_command(redis::cmd("PING"), all_primaries).await.map_err(store_error)?;
@@ -311,30 +378,36 @@ impl RedisLedger {
                 };
                 for (address, answer) in primaries {
                     if let Value::ServerError(e) = answer {
-                        return Err(LedgerError(format!("a primary cannot be swept for outboxes: {e:?}")));
+                        return Err(LedgerError(format!("a primary cannot be swept for {}: {e:?}", index.name())));
                     }
                     let address: String = Reply::value(address)?;
                     let node = address
                         .rsplit_once(':')
                         .and_then(|(host, port)| Some((host.to_owned(), port.parse().ok()?)))
                         .ok_or_else(|| LedgerError(format!("unexpected cluster node address {address:?}")))?;
-                    self.scan_outboxes(Some(node), &mut found).await?;
+                    self.scan_lists(index, Some(node), &mut found).await?;
                 }
             }
         }
-        // Redis deletes a list when it becomes empty, so every outbox found holds events.
+        // Redis deletes a list when it becomes empty, so every list found holds something.
         for account in &found {
-            self.index_outbox(account).await;
+            self.index(index, account).await;
         }
         Ok(found.len())
     }
 
-    /// SCANs one node (the standalone server, or the cluster primary at `node`) for outboxes.
-    async fn scan_outboxes(&self, node: Option<(String, u16)>, found: &mut BTreeSet<String>) -> LedgerResult<()> {
+    /// SCANs one node (the standalone server, or the cluster primary at `node`) for the lists
+    /// `index` covers (outboxes or job queues).
+    async fn scan_lists(
+        &self,
+        index: Index,
+        node: Option<(String, u16)>,
+        found: &mut BTreeSet<String>,
+    ) -> LedgerResult<()> {
         let mut cursor = 0_u64;
         loop {
             let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor).arg("MATCH").arg("cg:{acct:*}:outbox").arg("COUNT").arg(1000).arg("TYPE").arg("list");
+            scan.arg(cursor).arg("MATCH").arg(index.pattern()).arg("COUNT").arg(1000).arg("TYPE").arg("list");
             let (next, names): (u64, Vec<String>) = match (&self.conn, &node) {
                 (Connection::Cluster(c), Some((host, port))) => {
                     let routing =
@@ -343,11 +416,84 @@ impl RedisLedger {
                 }
                 _ => self.query(&scan).await?,
             };
-            found.extend(names.iter().filter_map(|name| keys::account_of_outbox(name)).map(str::to_owned));
+            found.extend(names.iter().filter_map(|name| index.account_of(name)).map(str::to_owned));
             if next == 0 {
                 return Ok(());
             }
             cursor = next;
+        }
+    }
+}
+
+/// The two indexes of accounts kept beside the scripts (see the module docs).
+#[derive(Clone, Copy)]
+enum Index {
+    /// Accounts whose outbox may hold events.
+    Outbox,
+    /// Accounts whose job queue may hold jobs.
+    Jobs,
+}
+
+impl Index {
+    fn name(self) -> &'static str {
+        match self {
+            Index::Outbox => "outbox index",
+            Index::Jobs => "job index",
+        }
+    }
+
+    fn shards(self) -> u32 {
+        match self {
+            Index::Outbox => keys::OUTBOX_SHARDS,
+            Index::Jobs => keys::JOB_SHARDS,
+        }
+    }
+
+    fn shard(self, shard: u32) -> String {
+        match self {
+            Index::Outbox => keys::outbox_index_shard(shard),
+            Index::Jobs => keys::job_index_shard(shard),
+        }
+    }
+
+    fn shard_of(self, account: &str) -> String {
+        match self {
+            Index::Outbox => keys::outbox_index(account),
+            Index::Jobs => keys::job_index(account),
+        }
+    }
+
+    /// The account's list whose emptiness the index follows.
+    fn list(self, account: &str) -> String {
+        match self {
+            Index::Outbox => keys::outbox(account),
+            Index::Jobs => keys::job_queue(account),
+        }
+    }
+
+    /// SCAN pattern of those lists.
+    fn pattern(self) -> &'static str {
+        match self {
+            Index::Outbox => "cg:{acct:*}:outbox",
+            Index::Jobs => "cg:{acct:*}:queue",
+        }
+    }
+
+    fn account_of(self, key: &str) -> Option<&str> {
+        match self {
+            Index::Outbox => keys::account_of_outbox(key),
+            Index::Jobs => keys::account_of_job_queue(key),
+        }
+    }
+
+    fn lost_message(self) -> &'static str {
+        match self {
+            Index::Outbox => {
+                "event written but the outbox index not updated; it is found at the account's next event or outbox sweep"
+            }
+            Index::Jobs => {
+                "job queued but the job index not updated; it is found at the account's next job or job queue sweep"
+            }
         }
     }
 }
@@ -693,14 +839,7 @@ impl Ledger for RedisLedger {
     /// SMEMBERS of every index shard, at once (on a cluster each goes to the node holding it). May
     /// name accounts whose outbox was emptied meanwhile (see the module docs).
     async fn event_accounts(&self) -> LedgerResult<Vec<String>> {
-        let shards = (0..keys::OUTBOX_SHARDS).map(|shard| async move {
-            self.query::<Vec<String>>(redis::cmd("SMEMBERS").arg(keys::outbox_index_shard(shard))).await
-        });
-        let mut accounts = BTreeSet::new();
-        for members in futures_util::future::join_all(shards).await {
-            accounts.extend(members?);
-        }
-        Ok(accounts.into_iter().collect())
+        self.indexed_accounts(Index::Outbox).await
     }
 
     async fn pending_events(&self, account: &str, max: usize) -> LedgerResult<Vec<Event>> {
@@ -716,7 +855,7 @@ impl Ledger for RedisLedger {
         let queued: u64 = r.next()?;
         if queued == 0 {
             // A stale index entry, or none: make sure the dispatcher stops visiting.
-            self.unindex_if_empty(account).await;
+            self.unindex_if_empty(Index::Outbox, account).await;
         }
         r.json_rest()
     }
@@ -733,10 +872,170 @@ impl Ledger for RedisLedger {
         }
         let left: u64 = r.next()?;
         if left == 0 {
-            self.unindex_if_empty(account).await;
+            self.unindex_if_empty(Index::Outbox, account).await;
         }
         Ok(())
     }
+}
+
+// === impl JobStore for RedisLedger ===
+
+/// One script per step on the account's slot (`lua/job_*.lua`), same semantics as the memory
+/// store's; the job index is kept on the side (see the module docs).
+impl JobStore for RedisLedger {
+    async fn enqueue_job(&self, new: NewJob<'_>) -> LedgerResult<EnqueueOutcome> {
+        check_amount(new.cost)?;
+        let mut inv = SCRIPTS.job_enqueue.key(keys::account(new.account));
+        inv.key(keys::job(new.account, new.id))
+            .arg(new.id)
+            .arg(new.operation)
+            .arg(new.category)
+            .arg(new.cost)
+            .arg(new.upstream)
+            .arg(new.method)
+            .arg(new.path)
+            .arg(headers_json(new.headers)?)
+            .arg(new.body)
+            .arg(new.request_id)
+            .arg(new.max_queued.min(MAX_AMOUNT));
+        let mut r = self.step(new.account, &inv).await?;
+        let outcome: String = r.next()?;
+        Ok(match outcome.as_str() {
+            "queued" => {
+                let depth = r.next()?;
+                self.index(Index::Jobs, new.account).await;
+                EnqueueOutcome::Queued { depth }
+            }
+            "full" => EnqueueOutcome::Full,
+            "noaccount" => EnqueueOutcome::NoAccount,
+            other => return Err(unexpected("job_enqueue", other)),
+        })
+    }
+
+    async fn claim_job(&self, account: &str, runner: &str, lease_secs: i64) -> LedgerResult<Option<Job>> {
+        let mut inv = SCRIPTS.job_claim.key(keys::account(account));
+        inv.arg(runner).arg(secs(lease_secs)).arg(CLAIM_SCAN);
+        let mut r = self.step(account, &inv).await?;
+        let outcome: String = r.next()?;
+        match outcome.as_str() {
+            "claimed" => {}
+            "none" => {
+                let depth: u64 = r.next()?;
+                if depth == 0 {
+                    // A stale index entry, or none: make sure the runner stops visiting.
+                    self.unindex_if_empty(Index::Jobs, account).await;
+                }
+                return Ok(None);
+            }
+            "noaccount" => return Ok(None),
+            other => return Err(unexpected("job_claim", other)),
+        }
+        let _depth: u64 = r.next()?;
+        Ok(Some(Job {
+            id: r.next()?,
+            account: account.to_owned(),
+            operation: r.next()?,
+            category: r.next()?,
+            cost: r.next()?,
+            upstream: r.next()?,
+            method: r.next()?,
+            path: r.next()?,
+            headers: parse_headers(&r.next::<String>()?)?,
+            body: r.next()?,
+            request_id: r.next()?,
+            attempts: r.next()?,
+            created_at: r.next()?,
+        }))
+    }
+
+    async fn finish_job(&self, account: &str, job_id: &str, runner: &str, finish: JobFinish) -> LedgerResult<bool> {
+        let mut inv = SCRIPTS.job_finish.key(keys::account(account));
+        inv.key(keys::job(account, job_id)).arg(job_id).arg(runner);
+        // Kind, seconds, reason, status, headers, body (see the script's header).
+        match &finish {
+            JobFinish::Done { status, headers, body, retention_secs } => inv
+                .arg("done")
+                .arg(secs(*retention_secs))
+                .arg("")
+                .arg(u32::from(*status))
+                .arg(headers_json(headers)?)
+                .arg(body.as_slice()),
+            JobFinish::Failed { reason, retention_secs } => {
+                inv.arg("failed").arg(secs(*retention_secs)).arg(reason).arg(0).arg("").arg("")
+            }
+            JobFinish::Retry { reason, delay_secs } => {
+                inv.arg("retry").arg(secs(*delay_secs)).arg(reason).arg(0).arg("").arg("")
+            }
+            JobFinish::Release => inv.arg("release").arg(0).arg("").arg(0).arg("").arg(""),
+        };
+        let mut r = self.step(account, &inv).await?;
+        let outcome: String = r.next()?;
+        match outcome.as_str() {
+            "finished" => {}
+            "lost" | "noaccount" => return Ok(false),
+            other => return Err(unexpected("job_finish", other)),
+        }
+        let left: u64 = r.next()?;
+        if left == 0 {
+            self.unindex_if_empty(Index::Jobs, account).await;
+        }
+        Ok(true)
+    }
+
+    async fn job(&self, account: &str, job_id: &str) -> LedgerResult<Option<JobView>> {
+        let mut inv = SCRIPTS.job_read.key(keys::account(account));
+        inv.key(keys::job(account, job_id));
+        let mut r = self.step(account, &inv).await?;
+        let outcome: String = r.next()?;
+        match outcome.as_str() {
+            "found" => {}
+            "none" | "noaccount" => return Ok(None),
+            other => return Err(unexpected("job_read", other)),
+        }
+        Ok(Some(JobView {
+            id: job_id.to_owned(),
+            status: r.next()?,
+            operation: r.next()?,
+            cost: r.next()?,
+            attempts: r.next()?,
+            created_at: r.next()?,
+            updated_at: r.next()?,
+            result_status: r.next()?,
+            result_headers: match r.next::<Option<String>>()? {
+                Some(text) => parse_headers(&text)?,
+                None => Vec::new(),
+            },
+            result_body: r.next()?,
+            error: r.next()?,
+        }))
+    }
+
+    /// One LLEN of the account's queue (0 for an unknown account). A plain read, not a script:
+    /// the runner asks for every queued account each round, and a due renewal is made by the
+    /// account's next step (a claim, at the latest).
+    async fn queue_depth(&self, account: &str) -> LedgerResult<u64> {
+        self.query(redis::cmd("LLEN").arg(keys::job_queue(account))).await
+    }
+
+    /// SMEMBERS of every job index shard, at once. May name accounts whose queue was emptied
+    /// meanwhile (see the module docs); their next claim finds nothing and drops them.
+    async fn job_accounts(&self) -> LedgerResult<Vec<String>> {
+        self.indexed_accounts(Index::Jobs).await
+    }
+}
+
+/// Headers as the job records store them: a JSON array of `[name, value]` pairs.
+fn headers_json(headers: &[(String, String)]) -> LedgerResult<String> {
+    serde_json::to_string(headers).map_err(|e| LedgerError(e.to_string()))
+}
+
+fn parse_headers(text: &str) -> LedgerResult<Vec<(String, String)>> {
+    serde_json::from_str(text).map_err(|e| LedgerError(format!("unreadable job headers in the store ({e}): {text}")))
+}
+
+/// A lease, delay or retention as handed to a script (see [`MAX_SECS`]).
+fn secs(secs: i64) -> i64 {
+    secs.clamp(-MAX_SECS, MAX_SECS)
 }
 
 /// The public fields of an API key, as the account's key list stores them (JSON).

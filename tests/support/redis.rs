@@ -6,7 +6,7 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -209,6 +209,8 @@ fn free_port() -> u16 {
 }
 
 /// One RESP command on a fresh connection. The outer error is I/O; the inner one an error reply.
+/// An array reply (SCAN, KEYS, ...) comes back as its elements one per line, nested arrays
+/// flattened in order and nil elements as empty lines: SCAN answers its cursor, then the names.
 fn command(port: u16, args: &[&str]) -> io::Result<Result<String, String>> {
     let stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -218,25 +220,43 @@ fn command(port: u16, args: &[&str]) -> io::Result<Result<String, String>> {
     }
     (&stream).write_all(request.as_bytes())?;
     let mut reader = BufReader::new(&stream);
+    let mut lines = Vec::new();
+    Ok(read_reply(&mut reader, &mut lines)?.map(|()| lines.join("\n")))
+}
+
+/// Reads one RESP2 reply, appending its text (one line per element of an array) to `out`.
+fn read_reply(reader: &mut impl BufRead, out: &mut Vec<String>) -> io::Result<Result<(), String>> {
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let line = line.trim_end_matches("\r\n");
     let (kind, rest) = line.split_at(line.len().min(1));
-    Ok(match kind {
-        "+" | ":" => Ok(rest.to_owned()),
-        "-" => Err(rest.to_owned()),
+    let length = |rest: &str| -> io::Result<i64> {
+        rest.parse().map_err(|_| io::Error::other(format!("bad length {rest:?} in reply {line:?}")))
+    };
+    match kind {
+        "+" | ":" => out.push(rest.to_owned()),
+        "-" => return Ok(Err(rest.to_owned())),
         "$" => {
-            let len: i64 = rest.parse().map_err(|_| io::Error::other(format!("bad bulk length {rest:?}")))?;
+            let len = length(rest)?;
             if len < 0 {
-                return Ok(Ok(String::new()));
+                out.push(String::new());
+                return Ok(Ok(()));
             }
             let mut body = vec![0; len as usize + 2];
             reader.read_exact(&mut body)?;
             body.truncate(len as usize);
-            Ok(String::from_utf8_lossy(&body).into_owned())
+            out.push(String::from_utf8_lossy(&body).into_owned());
+        }
+        "*" => {
+            for _ in 0..length(rest)?.max(0) {
+                if let Err(e) = read_reply(reader, out)? {
+                    return Ok(Err(e));
+                }
+            }
         }
         _ => return Err(io::Error::other(format!("unsupported reply {line:?}"))),
-    })
+    }
+    Ok(Ok(()))
 }
 
 /// A directory under the system temp dir, removed on drop.

@@ -1,0 +1,42 @@
+-- job_enqueue.lua: queues a job at the tail of its account's queue, unless the queue is full.
+--
+-- KEYS[1]  account hash            cg:{acct:<id>}
+-- KEYS[2]  job record              cg:{acct:<id>}:job:<job id>
+-- ARGV[1]  job id
+-- ARGV[2]  operation
+-- ARGV[3]  category
+-- ARGV[4]  cost
+-- ARGV[5]  upstream name
+-- ARGV[6]  HTTP method
+-- ARGV[7]  path and query
+-- ARGV[8]  request headers, JSON array of [name, value] pairs (stored as is)
+-- ARGV[9]  request body (raw bytes)
+-- ARGV[10] request id
+-- ARGV[11] most jobs the account may have queued or running
+--
+-- Reply, first the number of outbox events appended (a renewal's), then the outcome:
+--   { events, "queued", queue length after }
+--   { events, "full" }
+--   { 0, "noaccount" }
+--
+-- The queue cg:{acct:<id>}:queue (named from KEYS[1]) lists the ids of queued and running jobs,
+-- oldest first. A job id that already has a record is a re-sent step (a client retrying after a
+-- lost reply): it answers "queued" with the queue length and queues nothing again. Same steps as
+-- memory.rs `enqueue_job` otherwise. src/ledger/redis.rs adds the account to the job index after.
+
+local a = load_account(KEYS[1])
+if not a then return { 0, 'noaccount' } end
+
+-- Reads and checks.
+local queue = sub_key(a, 'queue')
+local depth = redis.call('LLEN', queue)
+if redis.call('EXISTS', KEYS[2]) == 1 then return { save_if_renewed(a), 'queued', depth } end
+if depth >= tonumber(ARGV[11]) then return { save_if_renewed(a), 'full' } end
+
+-- Writes.
+local events = save_if_renewed(a)
+redis.call('HSET', KEYS[2], 'operation', ARGV[2], 'category', ARGV[3], 'cost', ARGV[4],
+  'upstream', ARGV[5], 'method', ARGV[6], 'path', ARGV[7], 'headers', ARGV[8], 'body', ARGV[9],
+  'request_id', ARGV[10], 'status', 'queued', 'not_before', n(a.now), 'attempts', '0',
+  'created_at', n(a.now), 'updated_at', n(a.now))
+return { events, 'queued', redis.call('RPUSH', queue, ARGV[1]) }
