@@ -85,7 +85,9 @@ async fn ai_chat_tiers_cost_1_3_5() {
 #[tokio::test]
 async fn disguised_paths_are_priced_like_the_real_one_and_forwarded_normalised() {
     let (gw, up, key) = setup("big").await;
-    for path in ["/v1/chat//completions", "/v1/chat/%63ompletions", "/v1/chat/completions/", "/v1/x/../chat/completions"] {
+    for path in
+        ["/v1/chat//completions", "/v1/chat/%63ompletions", "/v1/chat/completions/", "/v1/x/../chat/completions"]
+    {
         let before = gw.remaining(&key).await;
         let res = gw.post(&key, path, &[("x-ai-tier", "fast")], "{}").await;
         assert_eq!(res.status, 200, "{path}: {}", res.text());

@@ -208,8 +208,13 @@ const TRANSCRIBE: &str = "/v1/calls/transcribe";
 async fn post(base: &str, key: &str, path: &str, body: &str) -> Response {
     let auth = format!("Bearer {key}");
     let body = body.to_owned();
-    http::send("POST", &format!("{base}{path}"), &[("authorization", &auth), ("content-type", "application/json")], body)
-        .await
+    http::send(
+        "POST",
+        &format!("{base}{path}"),
+        &[("authorization", &auth), ("content-type", "application/json")],
+        body,
+    )
+    .await
 }
 
 async fn exhaust_via(base: &str, key: &str, credits: u64) {
@@ -253,7 +258,9 @@ async fn two_gateway_processes_drain_one_queue_running_each_job_once() {
         assert_eq!(res.status, 202, "{}", res.text());
         locations.push(res.header("location").unwrap().to_owned());
     }
-    let res = admin(&b.admin, "POST", "/admin/v1/accounts/queued/topups", Some(json!({"credits": 12, "payment_ref": "p1"}))).await;
+    let res =
+        admin(&b.admin, "POST", "/admin/v1/accounts/queued/topups", Some(json!({"credits": 12, "payment_ref": "p1"})))
+            .await;
     assert_eq!(res.status, 201);
     for loc in &locations {
         let job = wait_done(&a.public, &key, loc, 200).await;
@@ -267,7 +274,9 @@ async fn two_gateway_processes_drain_one_queue_running_each_job_once() {
         .collect();
     seen.sort();
     assert_eq!(seen, ["c0", "c1", "c2", "c3", "c4", "c5"], "each job ran exactly once");
-    let credits = http::send("GET", &format!("{}/v1/credits", b.public), &[("authorization", &format!("Bearer {key}"))], "").await;
+    let credits =
+        http::send("GET", &format!("{}/v1/credits", b.public), &[("authorization", &format!("Bearer {key}"))], "")
+            .await;
     assert_eq!(credits.json()["remaining"], 0, "6 jobs × 2 credits, charged once each");
 }
 
@@ -287,7 +296,9 @@ async fn a_job_whose_gateway_dies_mid_run_completes_once_elsewhere() {
     assert_eq!(res.status, 202);
     let location = res.header("location").unwrap().to_owned();
     up.set(support::upstream::Behaviour::Delay(Duration::from_millis(1_500)));
-    let res = admin(&a.admin, "POST", "/admin/v1/accounts/crashy/topups", Some(json!({"credits": 2, "payment_ref": "p1"}))).await;
+    let res =
+        admin(&a.admin, "POST", "/admin/v1/accounts/crashy/topups", Some(json!({"credits": 2, "payment_ref": "p1"})))
+            .await;
     assert_eq!(res.status, 201);
     // Wait until gateway A has sent the job upstream, then kill it mid-run.
     let mut sent = false;
@@ -306,6 +317,8 @@ async fn a_job_whose_gateway_dies_mid_run_completes_once_elsewhere() {
     let runs: Vec<_> = up.requests().into_iter().filter(|r| r.path == TRANSCRIBE).collect();
     assert_eq!(runs.len(), 2, "A's interrupted run and B's");
     assert_eq!(runs[0].header("idempotency-key"), runs[1].header("idempotency-key"), "same job key for the upstream");
-    let credits = http::send("GET", &format!("{}/v1/credits", b.public), &[("authorization", &format!("Bearer {key}"))], "").await;
+    let credits =
+        http::send("GET", &format!("{}/v1/credits", b.public), &[("authorization", &format!("Bearer {key}"))], "")
+            .await;
     assert_eq!(credits.json()["remaining"], 0, "charged once: 2 credits");
 }
