@@ -86,10 +86,12 @@ add_entry(a, 'charge', -from_monthly, -from_topup,
   { operation = operation, category = category, request_id = request_id, charge_id = charge_id })
 
 -- Auto top-up: only the charge that takes the total from at-or-above the threshold to below it
--- buys, at most ARGV[9] times per period.
+-- buys — or, once, the first charge that ends below it after the setting was switched on while
+-- already below ("armed") — at most ARGV[9] times per period.
 local auto_credits = false
 local auto = a.auto
-if auto and auto.enabled and before >= auto.threshold and a.monthly + a.topup < auto.threshold
+local after = a.monthly + a.topup
+if auto and auto.enabled and after < auto.threshold and (before >= auto.threshold or auto.armed)
     and a.auto_count < tonumber(ARGV[9]) then
   local payment_ref = 'auto:' .. charge_id
   a.topup = a.topup + auto.credits
@@ -100,6 +102,9 @@ if auto and auto.enabled and before >= auto.threshold and a.monthly + a.topup < 
     'price_eur', { raw = auto.price_json }, 'payment_ref', payment_ref, 'topup_remaining', a.topup,
     'purchases_this_period', a.auto_count))
 end
+-- Disarm once the arming has been used, or once the balance is at or above the threshold (from
+-- then on an ordinary crossing buys).
+local disarm = auto and auto.armed and (auto_credits or after >= auto.threshold)
 
 -- Whether remaining * 100 <= allocation * t, exactly: with allocation = 100 q + r this is
 -- remaining - floor(r t / 100) <= q t, whose sides stay exact doubles for amounts below 2^53.
@@ -128,6 +133,7 @@ end
 -- Writes.
 local events = save(a)
 if #newly_fired > 0 then redis.call('HSET', KEYS[1], unpack(newly_fired)) end
+if disarm then redis.call('HSET', KEYS[1], 'auto_armed', '0') end
 local usage = sub_key(a, 'usage:' .. n(a.period))
 redis.call('HINCRBY', usage, 't', n(cost))
 redis.call('HINCRBY', usage, 'c:' .. category, n(cost))

@@ -147,7 +147,7 @@ local USAGE_PERIODS = 13
 
 local FIELDS = { 'plan', 'allocation', 'pending_plan', 'pending_allocation', 'anchor', 'period',
   'monthly', 'topup', 'used', 'email', 'now', 'hist', 'evt', 'auto_count', 'auto_enabled',
-  'auto_threshold', 'auto_package', 'auto_credits', 'auto_price', 'auto_price_json' }
+  'auto_threshold', 'auto_package', 'auto_credits', 'auto_price', 'auto_price_json', 'auto_armed' }
 
 -- Another key of the same account: `<account key>:<kind>` shares the account's hash tag, hence
 -- its cluster slot, so a script may use it without declaring it in KEYS (src/ledger/keys.rs).
@@ -214,7 +214,7 @@ local function load_account(key)
   }
   if v[17] then
     a.auto = { enabled = v[15] == '1', threshold = tonumber(v[16]), package = v[17],
-      credits = tonumber(v[18]), price = v[19], price_json = v[20] }
+      credits = tonumber(v[18]), price = v[19], price_json = v[20], armed = v[21] == '1' }
   end
   a.now = clock(tonumber(v[11]))
   local k = period_at(a.anchor, a.now)

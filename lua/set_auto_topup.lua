@@ -15,6 +15,7 @@ if not a then return { 0, 'noaccount' } end
 
 -- Writes.
 local events = save_if_renewed(a)
+-- Switching it on arms it: if the balance is already below the threshold, the next charge buys.
 redis.call('HSET', KEYS[1], 'auto_enabled', ARGV[1], 'auto_threshold', ARGV[2], 'auto_package', ARGV[3],
-  'auto_credits', ARGV[4], 'auto_price', ARGV[5], 'auto_price_json', ARGV[6])
+  'auto_credits', ARGV[4], 'auto_price', ARGV[5], 'auto_price_json', ARGV[6], 'auto_armed', ARGV[1])
 return { events, 'set' }

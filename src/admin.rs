@@ -19,7 +19,7 @@ use crate::error::GatewayError;
 use crate::extract::JsonBody;
 use crate::ledger::jobs::JobStore;
 use crate::ledger::{
-    KeyRecord, Ledger, NewAccount, PlanChange, PlanOutcome, Role, TopupOutcome, TopupReceipt, TopupRequest,
+    KeyRecord, Ledger, MAX_CREDITS, NewAccount, PlanChange, PlanOutcome, Role, TopupOutcome, TopupReceipt, TopupRequest,
 };
 use crate::state::AppState;
 
@@ -184,8 +184,10 @@ async fn create_topup(
                 GatewayError::BadRequest(format!("Unknown package \"{name}\"; use one of: {}.", known.join(", ")))
             })?
         }
-        (None, Some(c)) if c > 0 => c,
-        (None, Some(_)) => return Err(GatewayError::BadRequest("credits must be a positive whole number.".into())),
+        (None, Some(c)) if c > 0 && c <= MAX_CREDITS => c,
+        (None, Some(_)) => {
+            return Err(GatewayError::BadRequest(format!("credits must be a whole number from 1 to {MAX_CREDITS}.")));
+        }
         _ => return Err(GatewayError::BadRequest("Send exactly one of package or credits.".into())),
     };
     let req = TopupRequest { account: &id, credits, payment_ref: &body.payment_ref, package: body.package.as_deref() };

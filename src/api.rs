@@ -17,7 +17,7 @@ use crate::calendar::{civil_from_days, rfc3339};
 use crate::error::GatewayError;
 use crate::extract::JsonBody;
 use crate::ledger::jobs::JobStore;
-use crate::ledger::{AccountView, AutoTopup, Ledger, Usage, is_low};
+use crate::ledger::{AccountView, AutoTopup, Ledger, MAX_CREDITS, Usage, is_low};
 use crate::state::{AppState, Runtime};
 
 /// How many earlier periods `GET /v1/credits/usage` reports.
@@ -169,11 +169,15 @@ async fn topups(State(state): State<AppState>, principal: Principal) -> Result<J
     Ok(Json(json!({ "topups": list })))
 }
 
-/// Top-ups and auto top-ups of an account, newest first (from its history).
+/// How many of the newest history entries the top-up list looks through.
+const TOPUP_SCAN: usize = 10_000;
+
+/// Top-ups and auto top-ups of an account, newest first, among its last [`TOPUP_SCAN`] balance
+/// changes (the full record is the admin ledger).
 pub async fn topup_history(state: &AppState, account: &str) -> Result<Vec<Value>, GatewayError> {
     let history = state
         .ledger
-        .history(account, None, usize::MAX)
+        .history(account, None, TOPUP_SCAN)
         .await?
         .ok_or_else(|| GatewayError::NotFound(format!("No account with id \"{account}\".")))?;
     Ok(history
@@ -200,6 +204,9 @@ impl AutoTopupBody {
     pub fn into_setting(self, rt: &Runtime) -> Result<AutoTopup, GatewayError> {
         let packages = &rt.config.topup_packages;
         let known = || packages.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
+        if self.threshold.is_some_and(|t| t > MAX_CREDITS) {
+            return Err(GatewayError::BadRequest(format!("threshold must be at most {MAX_CREDITS} credits.")));
+        }
         let (threshold, package) = match (self.threshold, self.package) {
             (Some(t), Some(p)) if t > 0 => (t, p),
             (t, p) if !self.enabled => (t.unwrap_or(0), p.unwrap_or_default()),

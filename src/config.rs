@@ -563,9 +563,7 @@ impl Config {
         for (name, plan) in &self.plans {
             let key = format!("plans.{name}");
             check_name(&key, name)?;
-            if plan.monthly_credits == 0 {
-                return Err(bad(format!("{key}.monthly_credits"), "must be greater than 0"));
-            }
+            positive(&format!("{key}.monthly_credits"), plan.monthly_credits)?;
             check_price(&format!("{key}.price_eur"), plan.price_eur)?;
             if plan.rate_limit_per_second == Some(0) {
                 return Err(bad(format!("{key}.rate_limit_per_second"), "must be greater than 0"));
@@ -573,9 +571,7 @@ impl Config {
         }
         for (name, p) in &self.topup_packages {
             let key = format!("topup_packages.{name}");
-            if p.credits == 0 {
-                return Err(bad(format!("{key}.credits"), "must be greater than 0"));
-            }
+            positive(&format!("{key}.credits"), p.credits)?;
             check_price(&format!("{key}.price_eur"), p.price_eur)?;
         }
         let j = &self.jobs;
@@ -604,6 +600,12 @@ impl Config {
         }
         if let Some(url) = &self.notifications.webhook_url {
             parse_upstream_url(url).map_err(|r| bad("notifications.webhook_url", r))?;
+            if self.notifications.webhook_secret_env.is_none() {
+                return Err(bad(
+                    "notifications.webhook_secret_env",
+                    "required with webhook_url: every delivery is signed (x-creditgate-signature)",
+                ));
+            }
         }
         if self.notifications.event_ttl_hours == 0 {
             return Err(bad("notifications.event_ttl_hours", "must be greater than 0"));
@@ -773,7 +775,14 @@ fn check_redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
 }
 
 fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
-    if v == 0 { Err(bad(key, "must be a positive integer")) } else { Ok(()) }
+    let max = crate::ledger::MAX_CREDITS;
+    if v == 0 {
+        Err(bad(key, "must be a positive integer"))
+    } else if v > max {
+        Err(bad(key, format!("must be at most {max}")))
+    } else {
+        Ok(())
+    }
 }
 
 fn check_price(key: &str, v: f64) -> Result<(), ConfigError> {

@@ -161,15 +161,17 @@ impl TypedMetric for AtomicHistogram {
 
 impl EncodeMetric for AtomicHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        // encode_histogram accumulates the buckets itself: hand it per-bucket counts.
         let h = &*self.0;
-        let mut cumulative = 0;
+        let mut count = 0;
         let mut buckets = Vec::with_capacity(h.counts.len());
         for (i, c) in h.counts.iter().enumerate() {
-            cumulative += c.load(Ordering::Relaxed);
-            buckets.push((h.bounds.get(i).copied().unwrap_or(f64::INFINITY), cumulative));
+            let n = c.load(Ordering::Relaxed);
+            count += n;
+            buckets.push((h.bounds.get(i).copied().unwrap_or(f64::INFINITY), n));
         }
         let sum = h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        encoder.encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 
     fn metric_type(&self) -> MetricType {
@@ -194,7 +196,9 @@ mod tests {
             text.contains("creditgate_store_seconds_bucket{le=\"5e-5\"} 1") || text.contains("le=\"0.00005\"} 1"),
             "{text}"
         );
-        assert!(text.contains("creditgate_store_seconds_bucket{le=\"+Inf\"} 3"), "{text}");
+        assert!(text.lines().any(|l| l == "creditgate_store_seconds_bucket{le=\"+Inf\"} 3"), "{text}");
+        assert!(text.lines().any(|l| l.starts_with("creditgate_store_seconds_bucket{le=\"0.0001\"} 1")), "{text}");
+        assert!(text.lines().any(|l| l.starts_with("creditgate_store_seconds_bucket{le=\"0.0002\"} 2")), "{text}");
         assert!(text.contains("creditgate_requests_total{operation=\"ai_chat\",status=\"200\"} 1"), "{text}");
     }
 }

@@ -25,6 +25,8 @@ pub struct Runtime {
     pub upstreams: Upstreams,
     /// `server.upstream_timeout_ms`.
     pub upstream_timeout: Duration,
+    /// The webhook HMAC key, read from the variable `notifications.webhook_secret_env` names.
+    pub webhook_secret: Option<Vec<u8>>,
 }
 
 impl Runtime {
@@ -35,8 +37,18 @@ impl Runtime {
 
     /// Like [`Runtime::new`] with an explicit environment lookup.
     pub fn with_env(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let upstreams = Upstreams::new(&config, env)?;
+        let upstreams = Upstreams::new(&config, &env)?;
+        let webhook_secret = match (&config.notifications.webhook_url, &config.notifications.webhook_secret_env) {
+            (Some(_), Some(var)) => {
+                Some(env(var).filter(|s| !s.is_empty()).map(String::into_bytes).ok_or_else(|| ConfigError {
+                    key: "notifications.webhook_secret_env".into(),
+                    reason: format!("environment variable {var} is not set (webhooks are always signed)"),
+                })?)
+            }
+            _ => None,
+        };
         Ok(Runtime {
+            webhook_secret,
             rules: Rules::new(&config),
             upstream_timeout: Duration::from_millis(config.server.upstream_timeout_ms),
             upstreams,

@@ -48,6 +48,9 @@ struct Account {
     email: Option<String>,
     auto: Option<AutoTopup>,
     auto_count: u64,
+    /// Set when auto top-up is switched on: the next charge ending below the threshold buys even
+    /// without a crossing (the balance may already be below it).
+    auto_armed: bool,
     /// Threshold → period in which it last fired.
     fired: HashMap<u8, i64>,
     charges: HashMap<String, ChargeRecord>,
@@ -307,13 +310,19 @@ impl Account {
     }
 
     /// Buys the auto top-up package when this charge crossed the threshold (at most once per
-    /// crossing: only the charge that goes from at-or-above to below buys).
+    /// crossing: only the charge that goes from at-or-above to below buys), or — once — when the
+    /// setting was switched on while already below it (armed).
     fn auto_topup(&mut self, before: u64, req: &ChargeRequest<'_>, now: i64) -> Option<u64> {
         let auto = self.auto.as_ref().filter(|a| a.enabled)?;
         let after = self.monthly + self.topup;
-        if !(before >= auto.threshold && after < auto.threshold) || self.auto_count >= req.auto_topup_max_per_period {
+        let crossed = after < auto.threshold && (before >= auto.threshold || self.auto_armed);
+        if after >= auto.threshold {
+            self.auto_armed = false;
+        }
+        if !crossed || self.auto_count >= req.auto_topup_max_per_period {
             return None;
         }
+        self.auto_armed = false;
         let (credits, package, price) = (auto.credits, auto.package.clone(), auto.price_eur);
         let payment_ref = format!("auto:{}", req.charge_id);
         self.topup += credits;
@@ -462,6 +471,7 @@ impl Ledger for MemoryLedger {
             email: new.email,
             auto: None,
             auto_count: 0,
+            auto_armed: false,
             fired: HashMap::new(),
             charges: HashMap::new(),
             idempotency: HashMap::new(),
@@ -528,7 +538,12 @@ impl Ledger for MemoryLedger {
     }
 
     async fn set_auto_topup(&self, id: &str, setting: &AutoTopup) -> LedgerResult<bool> {
-        Ok(self.with_account(id, |a, _| a.auto = Some(setting.clone())).is_some())
+        Ok(self
+            .with_account(id, |a, _| {
+                a.auto = Some(setting.clone());
+                a.auto_armed = setting.enabled;
+            })
+            .is_some())
     }
 
     async fn list_keys(&self, account: &str) -> LedgerResult<Vec<KeyRecord>> {

@@ -442,6 +442,10 @@ pub trait Ledger: Send + Sync + 'static {
     fn ack_events(&self, account: &str, ids: &[String]) -> impl Future<Output = LedgerResult<()>> + Send;
 }
 
+/// Largest amount one step may move (a top-up, a threshold, a price): a billion credits. Keeps
+/// every balance far below 2^53, where the Lua scripts' doubles stop being exact integers.
+pub const MAX_CREDITS: u64 = 1_000_000_000;
+
 /// The low-credit flag of SPEC §4: remaining below 10 % of the allocation.
 pub fn is_low(remaining: u64, allocation: u64) -> bool {
     remaining.saturating_mul(10) < allocation

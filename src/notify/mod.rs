@@ -3,16 +3,19 @@
 //! Events are written by the ledger in the same atomic step as the change they report, into a
 //! per-account outbox in the store. This task drains the outboxes: for each account with events,
 //! oldest first, it POSTs each event to `notifications.webhook_url` (signed) and mails it when
-//! SMTP is configured and the account has an e-mail address, then acknowledges it. A failed
-//! delivery leaves the event (and the ones after it, to keep order) in the outbox and retries the
-//! account with exponential backoff; events older than `event_ttl_hours` are dropped with a log
-//! line. Delivery is at least once — a crash between delivery and acknowledgement resends — so
-//! receivers dedupe by the event `id`.
+//! SMTP is configured and the account has an e-mail address, then acknowledges it once every
+//! channel has it. The channels progress independently: a mail relay that is down neither holds
+//! back webhooks nor makes them repeat (this instance remembers which channel already has which
+//! event). A failed delivery stops that channel for the account — later events wait, to keep
+//! order — and the account is retried with exponential backoff; events older than
+//! `event_ttl_hours` are dropped with a log line. Delivery is at least once — a crash between
+//! delivery and acknowledgement, or two instances draining one outbox, can resend — so receivers
+//! dedupe by the event `id`.
 
 pub mod email;
 pub mod webhook;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -38,10 +41,18 @@ struct Backoff {
     next: Instant,
 }
 
+/// Which channels already have which undelivered event (process-local).
+#[derive(Default)]
+struct Progress {
+    webhook: HashSet<String>,
+    mail: HashSet<String>,
+}
+
 /// Starts the dispatcher task; it ends when `shutdown` turns true.
 pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut backoff: HashMap<String, Backoff> = HashMap::new();
+        let mut progress = Progress::default();
         let mut mailer: Option<(String, email::Mailer)> = None;
         // Accounts whose event was written but whose index entry was lost (a crash in between).
         if let crate::store::Store::Redis(r) = &*state.ledger {
@@ -59,14 +70,17 @@ pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
             let rt = state.runtime.load_full();
             let n = &rt.config.notifications;
             let webhook =
-                n.webhook_url.as_deref().map(|url| webhook::Target::new(url, n.webhook_secret_env.as_deref()));
+                n.webhook_url.as_deref().zip(rt.webhook_secret.as_deref()).map(|(u, s)| webhook::Target::new(u, s));
             // Rebuild the SMTP transport only when its config changed (reload).
             let smtp_key = n.smtp.as_ref().map(|s| format!("{}:{}:{}", s.host, s.port, s.from));
             if mailer.as_ref().map(|m| &m.0) != smtp_key.as_ref() {
-                mailer = n
-                    .smtp
-                    .as_ref()
-                    .and_then(|s| email::Mailer::new(s).ok().map(|m| (smtp_key.clone().unwrap_or_default(), m)));
+                mailer = n.smtp.as_ref().and_then(|s| match email::Mailer::new(s) {
+                    Ok(m) => Some((smtp_key.clone().unwrap_or_default(), m)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "notifier: SMTP not usable");
+                        None
+                    }
+                });
             }
             let accounts = match state.ledger.event_accounts().await {
                 Ok(a) => a,
@@ -75,13 +89,17 @@ pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
                     continue;
                 }
             };
+            let channels = Channels { webhook: webhook.as_ref(), mailer: mailer.as_ref().map(|m| &m.1) };
             let ttl = n.event_ttl_hours as i64 * 3600;
             let max_backoff = Duration::from_millis(n.max_backoff_ms);
+            let mut depth = 0;
             for account in accounts {
                 if backoff.get(&account).is_some_and(|b| b.next > Instant::now()) {
+                    depth += state.ledger.pending_events(&account, BATCH).await.map_or(0, |e| e.len());
                     continue;
                 }
-                let ok = drain(&state, &account, webhook.as_ref(), mailer.as_ref().map(|m| &m.1), ttl).await;
+                let (ok, left) = drain(&state, &account, &channels, &mut progress, ttl).await;
+                depth += left;
                 if ok {
                     backoff.remove(&account);
                 } else {
@@ -91,31 +109,47 @@ pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
                     b.next = Instant::now() + wait;
                 }
             }
+            state.metrics.outbox_depth.set(depth as i64);
         }
     })
 }
 
-/// Delivers one account's pending events in order; false when a delivery failed.
+/// The configured delivery channels.
+struct Channels<'a> {
+    webhook: Option<&'a webhook::Target<'a>>,
+    mailer: Option<&'a email::Mailer>,
+}
+
+/// Delivers one account's pending events in order, each channel on its own; returns whether
+/// every channel got everything, and how many events are left in the outbox.
 async fn drain(
     state: &AppState,
     account: &str,
-    webhook: Option<&webhook::Target>,
-    mailer: Option<&email::Mailer>,
+    ch: &Channels<'_>,
+    progress: &mut Progress,
     ttl_secs: i64,
-) -> bool {
+) -> (bool, usize) {
     let events = match state.ledger.pending_events(account, BATCH).await {
         Ok(e) => e,
         Err(e) => {
             tracing::warn!(error = %e, account, "notifier: cannot read the outbox");
-            return false;
+            return (false, 0);
         }
     };
     if events.is_empty() {
-        return true;
+        return (true, 0);
+    }
+    if ch.webhook.is_none() && ch.mailer.is_none() {
+        // Nowhere to deliver yet: keep events until a channel is configured or they expire.
+        let now = crate::calendar::now();
+        let expired: Vec<String> =
+            events.iter().filter(|e| e.created_at + ttl_secs < now).map(|e| e.id.clone()).collect();
+        let _ = state.ledger.ack_events(account, &expired).await;
+        return (true, events.len() - expired.len());
     }
     let now = crate::calendar::now();
     let mut done = Vec::new();
-    let mut all_ok = true;
+    let (mut webhook_ok, mut mail_ok) = (true, true);
     let mut address: Option<Option<String>> = None;
     for event in &events {
         if event.created_at + ttl_secs < now {
@@ -123,37 +157,52 @@ async fn drain(
             done.push(event.id.clone());
             continue;
         }
-        if webhook.is_none() && mailer.is_none() {
-            // Nowhere to deliver yet: keep it until a channel is configured or it expires.
-            continue;
-        }
-        if let Some(target) = webhook
-            && let Err(e) = target.deliver(&state.client, event).await
+        let mut delivered = true;
+        if let Some(target) = ch.webhook
+            && !progress.webhook.contains(&event.id)
         {
-            tracing::warn!(event_id = %event.id, error = %e, "notifier: webhook delivery failed; will retry");
-            all_ok = false;
-            break;
+            if webhook_ok && target.deliver(&state.client, event).await.inspect_err(|e| {
+                tracing::warn!(event_id = %event.id, error = %e, "notifier: webhook delivery failed; will retry");
+            }).is_ok()
+            {
+                progress.webhook.insert(event.id.clone());
+            } else {
+                webhook_ok = false;
+                delivered = false;
+            }
         }
-        if let Some(mailer) = mailer {
+        if let Some(mailer) = ch.mailer
+            && !progress.mail.contains(&event.id)
+        {
             if address.is_none() {
                 address = Some(state.ledger.account(account).await.ok().flatten().and_then(|a| a.email));
             }
-            if let Some(Some(to)) = &address
-                && let Err(e) = mailer.send(to, event).await
-            {
-                tracing::warn!(event_id = %event.id, error = %e, "notifier: e-mail delivery failed; will retry");
-                all_ok = false;
-                break;
+            if let Some(Some(to)) = &address {
+                if mail_ok && mailer.send(to, event).await.inspect_err(|e| {
+                    tracing::warn!(event_id = %event.id, error = %e, "notifier: e-mail delivery failed; will retry");
+                }).is_ok()
+                {
+                    progress.mail.insert(event.id.clone());
+                } else {
+                    mail_ok = false;
+                    delivered = false;
+                }
             }
         }
-        tracing::info!(event_id = %event.id, kind = %event.kind, account, "event delivered");
-        done.push(event.id.clone());
+        if delivered {
+            tracing::info!(event_id = %event.id, kind = %event.kind, account, "event delivered");
+            done.push(event.id.clone());
+        }
     }
-    if !done.is_empty()
-        && let Err(e) = state.ledger.ack_events(account, &done).await
-    {
-        tracing::warn!(error = %e, account, "notifier: acknowledging events failed; they will be sent again");
-        return false;
+    if !done.is_empty() {
+        if let Err(e) = state.ledger.ack_events(account, &done).await {
+            tracing::warn!(error = %e, account, "notifier: acknowledging events failed; they will be sent again");
+            return (false, events.len());
+        }
+        for id in &done {
+            progress.webhook.remove(id);
+            progress.mail.remove(id);
+        }
     }
-    all_ok
+    (webhook_ok && mail_ok, events.len() - done.len())
 }

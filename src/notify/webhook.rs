@@ -1,7 +1,8 @@
 //! Webhook delivery: a signed JSON POST.
 //!
 //! `x-creditgate-signature: sha256=<hex HMAC-SHA256 of the raw body>` with the key from the
-//! variable `notifications.webhook_secret_env` names (unsigned when none is set).
+//! variable `notifications.webhook_secret_env` names (required with a webhook: a config without
+//! it, or with the variable unset, is refused).
 
 use std::time::Duration;
 
@@ -17,30 +18,27 @@ use crate::proxy::Client;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where and how to deliver.
-pub struct Target {
-    url: String,
-    secret: Option<Vec<u8>>,
+pub struct Target<'a> {
+    url: &'a str,
+    secret: &'a [u8],
 }
 
-impl Target {
-    /// The target of `webhook_url`, signing with the variable `secret_env` names.
-    pub fn new(url: &str, secret_env: Option<&str>) -> Self {
-        let secret = secret_env.and_then(|v| std::env::var(v).ok()).filter(|s| !s.is_empty()).map(String::into_bytes);
-        Target { url: url.to_owned(), secret }
+impl<'a> Target<'a> {
+    /// The target of `webhook_url`, signing with `secret`.
+    pub fn new(url: &'a str, secret: &'a [u8]) -> Self {
+        Target { url, secret }
     }
 
     /// POSTs one event; Ok on a 2xx answer.
     pub async fn deliver(&self, client: &Client, event: &Event) -> Result<(), String> {
         let body = super::event_body(event);
-        let mut req = Request::builder()
+        let req = Request::builder()
             .method(Method::POST)
-            .uri(&self.url)
+            .uri(self.url)
             .header(header::CONTENT_TYPE, "application/json")
             .header("x-creditgate-event-id", &event.id)
-            .header("x-creditgate-event-type", &event.kind);
-        if let Some(secret) = &self.secret {
-            req = req.header("x-creditgate-signature", signature(secret, &body));
-        }
+            .header("x-creditgate-event-type", &event.kind)
+            .header("x-creditgate-signature", signature(self.secret, &body));
         let req = req.body(Body::from(body)).map_err(|e| e.to_string())?;
         match tokio::time::timeout(TIMEOUT, client.request(req)).await {
             Err(_) => Err("timed out".into()),

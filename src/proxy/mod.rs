@@ -54,7 +54,7 @@ pub struct Upstreams {
 
 impl Upstreams {
     /// Builds the pools, resolving `env:NAME` header values now (a missing variable is a config error).
-    pub fn new(config: &Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    pub fn new(config: &Config, env: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut map = HashMap::new();
         for (name, up) in &config.upstreams {
             let mut headers = Vec::new();

@@ -118,7 +118,8 @@ impl WebhookReceiver {
                 return accepted;
             }
             if Instant::now() >= deadline {
-                let seen: Vec<String> = self.deliveries().iter().map(|d| String::from_utf8_lossy(&d.body).into_owned()).collect();
+                let seen: Vec<String> =
+                    self.deliveries().iter().map(|d| String::from_utf8_lossy(&d.body).into_owned()).collect();
                 panic!("webhook: {what} not seen within {limit:?}; got {} deliveries: {seen:#?}", seen.len());
             }
             tokio::time::sleep(POLL).await;
@@ -188,9 +189,7 @@ impl Mail {
         let (_, body) = self.split();
         match self.header("content-transfer-encoding").map(|e| e.to_ascii_lowercase()) {
             Some(e) if e == "quoted-printable" => quoted_printable(body),
-            Some(e) if e == "base64" => {
-                String::from_utf8_lossy(&base64(&body.replace(['\r', '\n'], ""))).into_owned()
-            }
+            Some(e) if e == "base64" => String::from_utf8_lossy(&base64(&body.replace(['\r', '\n'], ""))).into_owned(),
             _ => body.to_owned(),
         }
     }
