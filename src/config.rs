@@ -253,7 +253,7 @@ pub struct PlanConfig {
     /// Monthly price, for display.
     #[serde(default)]
     pub price_eur: f64,
-    /// Requests per second per account (enforced by the rate-limit layer once present).
+    /// Requests per second per account on the proxy path (per gateway instance).
     pub rate_limit_per_second: Option<u32>,
 }
 

@@ -8,6 +8,7 @@
 //! The request path, in order (assembled in [`stack`], which documents every step):
 //!
 //! * [`auth`] — `Authorization: Bearer` API key → [`auth::Principal`]; hashed keys, cached lookups.
+//! * [`ratelimit`] — per-account request rate by plan (governor).
 //! * [`classify`] — route + headers + body → operation and cost; pure rules.
 //! * [`meter`] — one ledger step per request; refunds on upstream failure ([`meter::MeteredBody`]).
 //! * [`proxy`] — pooled hyper client, streaming both ways, hop-by-hop header rules.
@@ -40,6 +41,7 @@ pub mod meter;
 pub mod metrics;
 pub mod notify;
 pub mod proxy;
+pub mod ratelimit;
 pub mod server;
 pub mod stack;
 pub mod state;

@@ -6,7 +6,8 @@
 //! ├── /dashboard                   static page
 //! └── fallback → proxy_handler     the metered proxy, in this order:
 //!       1. request id      x-request-id kept (if sane) or generated; a tracing span carries it
-//!       2. auth            Bearer key → Principal {account, role}        (auth/, cached)
+//!       2. auth            Bearer key → Principal {account, role, plan}  (auth/, cached)
+//!          rate limit      per account, by plan → 429 with Retry-After   (ratelimit.rs)
 //!       3. route           path normalised (classify/path.rs), then
 //!                          method + path → Route (first match wins)      (classify/)
 //!       4. body limit      Content-Length > max_body_bytes → 413; streamed bodies capped
@@ -144,6 +145,7 @@ async fn handle(
 ) -> Result<Response, GatewayError> {
     let rt = state.runtime.load_full();
     let principal = state.keys.authenticate(req.headers(), &*state.ledger).await?;
+    rt.rate_limits.check(&principal.plan, &principal.account)?;
     let mut req = req;
     normalize_uri(&mut req)?;
     let route = rt

@@ -27,6 +27,8 @@ pub struct Runtime {
     pub upstream_timeout: Duration,
     /// The webhook HMAC key, read from the variable `notifications.webhook_secret_env` names.
     pub webhook_secret: Option<Vec<u8>>,
+    /// Per-account rate limits by plan.
+    pub rate_limits: crate::ratelimit::RateLimits,
 }
 
 impl Runtime {
@@ -49,6 +51,7 @@ impl Runtime {
         };
         Ok(Runtime {
             webhook_secret,
+            rate_limits: crate::ratelimit::RateLimits::new(&config),
             rules: Rules::new(&config),
             upstream_timeout: Duration::from_millis(config.server.upstream_timeout_ms),
             upstreams,

@@ -560,3 +560,43 @@ async fn two_hundred_concurrent_chats_against_fifty_credits() {
     assert_eq!(credits["remaining"], 0);
     assert_eq!(credits["used_this_period"], 50);
 }
+
+// === rate limits ===
+
+#[tokio::test]
+async fn a_burst_beyond_the_plan_rate_is_429_with_retry_after_and_charges_nothing() {
+    let up = Upstream::echo().await;
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).keep_rate_limits().build()).await;
+    // The shipped `free` plan allows 5 requests per second per account.
+    let key = gw.account_with_key("acme", "free").await;
+    let other = gw.account_with_key("globex", "free").await;
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        let url = gw.url(CHAT);
+        let auth = format!("Bearer {key}");
+        tasks.push(tokio::spawn(async move {
+            http::send("POST", &url, &[("authorization", &auth), ("x-ai-tier", "fast")], "{}").await
+        }));
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for t in tasks {
+        let res = t.await.unwrap();
+        match res.status.as_u16() {
+            200 => ok += 1,
+            429 => {
+                limited += 1;
+                assert_eq!(res.error_type(), "rate_limited");
+                let wait: u64 = res.header("retry-after").expect("Retry-After").parse().unwrap();
+                assert!(wait >= 1);
+                assert_eq!(res.header("x-credits-charged"), None, "refused before metering");
+            }
+            other => panic!("unexpected {other}: {}", res.text()),
+        }
+    }
+    assert!(limited > 0, "30 concurrent requests exceed 5 per second ({ok} admitted)");
+    assert_eq!(gw.remaining(&key).await, 50 - ok, "only admitted requests were charged");
+    assert_eq!(up.count(), ok as usize);
+    // Another account of the same plan has its own allowance.
+    assert_eq!(gw.post(&other, CHAT, &[("x-ai-tier", "fast")], "{}").await.status, 200);
+}

@@ -15,7 +15,7 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
 use crate::error::GatewayError;
-use crate::ledger::{Ledger, Role};
+use crate::ledger::{KeyRecord, Ledger, Role};
 
 pub use keys::{NewKey, generate_key, hash_key};
 
@@ -34,6 +34,8 @@ pub struct Principal {
     pub role: Role,
     /// The key's public id.
     pub key_id: Arc<str>,
+    /// The account's plan when the key was last looked up (rate limits; a change shows within [`FRESH`]).
+    pub plan: Arc<str>,
 }
 
 struct Entry {
@@ -70,10 +72,14 @@ impl KeyCache {
                 None => None,
             }
         };
-        match ledger.find_key(&hex::encode(digest)).await {
-            Ok(Some(record)) => {
-                let principal =
-                    Principal { account: record.account.into(), role: record.role, key_id: record.key_id.into() };
+        match lookup(ledger, &hex::encode(digest)).await {
+            Ok(Some((record, plan))) => {
+                let principal = Principal {
+                    account: record.account.into(),
+                    role: record.role,
+                    key_id: record.key_id.into(),
+                    plan: plan.into(),
+                };
                 let entry = Entry { principal: principal.clone(), checked: Instant::now() };
                 self.shard(&digest).write().expect("lock").insert(digest, entry);
                 Ok(principal)
@@ -98,6 +104,12 @@ impl KeyCache {
             shard.write().expect("lock").retain(|_, e| &*e.principal.key_id != key_id);
         }
     }
+}
+
+/// The key record and its account's plan; `None` when the key or its account is gone.
+async fn lookup<L: Ledger>(ledger: &L, hash: &str) -> crate::ledger::LedgerResult<Option<(KeyRecord, String)>> {
+    let Some(record) = ledger.find_key(hash).await? else { return Ok(None) };
+    Ok(ledger.account(&record.account).await?.map(|a| (record, a.plan)))
 }
 
 /// The bearer token of an `Authorization` header.

@@ -30,6 +30,7 @@ pub struct ConfigBuilder {
     store: Option<String>,
     notifications: Vec<String>,
     extra: String,
+    keep_rate_limits: bool,
 }
 
 impl ConfigBuilder {
@@ -43,6 +44,7 @@ impl ConfigBuilder {
             store: None,
             notifications: Vec::new(),
             extra: String::new(),
+            keep_rate_limits: false,
         }
     }
 
@@ -90,6 +92,13 @@ impl ConfigBuilder {
         self
     }
 
+    /// Keeps the shipped plans' `rate_limit_per_second` (by default tests lift them, so bursts of
+    /// test traffic measure credits and nothing else).
+    pub fn keep_rate_limits(mut self) -> Self {
+        self.keep_rate_limits = true;
+        self
+    }
+
     /// The config text.
     ///
     /// Adds two plans with no practical rate limit, so that bursts of test traffic measure the
@@ -130,6 +139,8 @@ impl ConfigBuilder {
                 && let Some(n) = self.max_body_bytes
             {
                 format!("max_body_bytes = {n}")
+            } else if t.starts_with("rate_limit_per_second = ") && !self.keep_rate_limits {
+                "rate_limit_per_second = 1000000".to_owned()
             } else if t == "[notifications]" {
                 let mut out = line.to_owned();
                 for l in &self.notifications {
