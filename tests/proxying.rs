@@ -254,3 +254,39 @@ async fn requests_without_a_valid_key_are_401() {
     assert_eq!(ai.count() + app.count(), 0, "nothing reached an upstream");
     assert_eq!(gw.remaining(&key).await, 10_000);
 }
+
+// === upstream pools and tier routing ===
+
+#[tokio::test]
+async fn several_urls_are_used_round_robin() {
+    let (one, two) = (Upstream::echo().await, Upstream::echo().await);
+    let config = ConfigBuilder::new(&one.url()).build().replacen(
+        &format!("urls = [\"{}\"]", one.url()),
+        &format!("urls = [\"{}\", \"{}\"]", one.url(), two.url()),
+        1,
+    );
+    let gw = TestGateway::start(&config).await;
+    let key = gw.account_with_key("acme", "big").await;
+    for _ in 0..6 {
+        assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.status, 200);
+    }
+    assert_eq!((one.count(), two.count()), (3, 3), "requests alternate between the two URLs");
+}
+
+#[tokio::test]
+async fn a_tier_can_have_its_own_upstream() {
+    let (ai, large) = (Upstream::echo().await, Upstream::echo().await);
+    let config = ConfigBuilder::new(&ai.url()).build().replacen(
+        "default_tier = \"balanced\"",
+        "default_tier = \"balanced\"\ntier_upstreams = { powerful = \"ai-large\" }",
+        1,
+    ) + &format!("\n[upstreams.ai-large]\nurls = [\"{}\"]\n", large.url());
+    let gw = TestGateway::start(&config).await;
+    let key = gw.account_with_key("acme", "big").await;
+    let res = gw.post(&key, CHAT, &[("x-ai-tier", "powerful")], "{}").await;
+    assert_eq!((res.status.as_u16(), res.charged()), (200, 5));
+    assert_eq!((ai.count(), large.count()), (0, 1), "powerful goes to ai-large");
+    let res = gw.post(&key, CHAT, &[], r#"{"tier":"fast"}"#).await;
+    assert_eq!((res.status.as_u16(), res.charged()), (200, 1));
+    assert_eq!((ai.count(), large.count()), (1, 1), "other tiers stay on the route's upstream");
+}

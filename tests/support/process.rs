@@ -78,6 +78,17 @@ impl GatewayProcess {
         false
     }
 
+    /// The config file the process runs on.
+    pub fn config_path(&self) -> PathBuf {
+        self.config.clone()
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, …) with `kill`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name} failed");
+    }
+
     /// Kills the process (SIGKILL).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

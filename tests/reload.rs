@@ -1,0 +1,75 @@
+//! Config reload of a running `creditgate serve`: a changed file (and SIGHUP) swaps prices in
+//! atomically; a bad new config is rejected and the old one stays in force.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::gateway::{ADMIN_TOKEN, ConfigBuilder};
+use support::http;
+use support::process::GatewayProcess;
+use support::upstream::Upstream;
+
+async fn fast_chat_cost(base: &str, key: &str) -> u64 {
+    let auth = format!("Bearer {key}");
+    let res = http::send(
+        "POST",
+        &format!("{base}/v1/chat/completions"),
+        &[("authorization", &auth), ("x-ai-tier", "fast")],
+        "{}",
+    )
+    .await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    res.charged()
+}
+
+/// Sends fast chats until one costs `cost` (the reload is polled once a second); bounded.
+async fn wait_for_cost(base: &str, key: &str, cost: u64) -> bool {
+    for _ in 0..50 {
+        if fast_chat_cost(base, key).await == cost {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn prices_reload_from_the_file_and_a_bad_file_is_rejected() {
+    let up = Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url()).build();
+    let gw = GatewayProcess::start(&config).await;
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let admin = |path: &str| format!("{}{path}", gw.admin);
+    let res = http::send(
+        "POST",
+        &admin("/admin/v1/accounts"),
+        &[("authorization", &auth)],
+        json!({"id": "acme", "plan": "big"}).to_string(),
+    )
+    .await;
+    assert_eq!(res.status, 201);
+    let res =
+        http::send("POST", &admin("/admin/v1/accounts/acme/keys"), &[("authorization", &auth)], r#"{"role":"user"}"#)
+            .await;
+    let key = res.json()["key"].as_str().unwrap().to_owned();
+    assert_eq!(fast_chat_cost(&gw.public, &key).await, 1);
+
+    // A new price in the file takes effect without a restart.
+    let path = gw.config_path();
+    let current = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, current.replacen("fast = 1,", "fast = 2,", 1)).unwrap();
+    assert!(wait_for_cost(&gw.public, &key, 2).await, "the changed file was reloaded");
+
+    // A broken file is rejected: the old config (fast = 2) stays in force.
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, good.replacen("fast = 2,", "fast = 0,", 1)).unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(fast_chat_cost(&gw.public, &key).await, 2, "a bad config never replaces a good one");
+
+    // SIGHUP reloads too (file fixed again, with another price).
+    std::fs::write(&path, good.replacen("fast = 2,", "fast = 4,", 1)).unwrap();
+    gw.signal("HUP");
+    assert!(wait_for_cost(&gw.public, &key, 4).await, "SIGHUP reloaded");
+}
