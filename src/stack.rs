@@ -277,9 +277,9 @@ async fn metered(
             Ok(res)
         }
         Ok(res) => {
-            let mut res = res.map(|b| Body::new(MeteredBody::new(b, state.clone(), charge.clone())));
-            charge.write_headers(res.headers_mut());
-            Ok(res)
+            let (mut parts, body) = res.into_parts();
+            charge.write_headers(&mut parts.headers);
+            Ok(Response::from_parts(parts, Body::new(MeteredBody::new(body, state.clone(), charge))))
         }
     }
 }
