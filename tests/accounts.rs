@@ -14,77 +14,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use support::gateway::{ADMIN_TOKEN, ConfigBuilder, TestGateway};
+use support::gateway::{ADMIN_TOKEN, TestGateway};
+use support::stores::{Env, Store};
 use support::http::{self, Response};
-use support::redis::RedisServer;
-use support::upstream::{Behaviour, Upstream};
+use support::upstream::Behaviour;
 
 const CHAT: &str = "/v1/chat/completions";
 const ENRICH: &str = "/v1/leads/enrich";
 const TRANSCRIBE: &str = "/v1/calls/transcribe";
 
 // === fixtures ===
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Store {
-    Memory,
-    Redis,
-}
-
-/// A gateway on `store` in front of an echo upstream, plus what is needed to start a second
-/// instance on the same store.
-struct Env {
-    gw: TestGateway,
-    up: Upstream,
-    config: String,
-    _redis: Option<RedisServer>,
-}
-
-impl Env {
-    async fn start(store: Store) -> Self {
-        Self::with(store, |b| b).await
-    }
-
-    /// Like [`Env::start`], with the config builder adjusted by `f`.
-    async fn with(store: Store, f: impl FnOnce(ConfigBuilder) -> ConfigBuilder) -> Self {
-        let up = Upstream::echo().await;
-        let redis = (store == Store::Redis).then(RedisServer::start);
-        let mut builder = ConfigBuilder::new(&up.url());
-        if let Some(r) = &redis {
-            builder = builder.store(&format!("kind = \"redis\"\nurl = \"{}\"", r.url()));
-        }
-        let config = f(builder).build();
-        let gw = TestGateway::start(&config).await;
-        Env { gw, up, config, _redis: redis }
-    }
-
-    /// Another gateway instance on the same store and config.
-    async fn second_instance(&self) -> TestGateway {
-        TestGateway::start(&self.config).await
-    }
-}
-
-/// Each named `async fn name(store: Store)` becomes `memory::name` and `redis::name`.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Store::Memory).await
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Store::Redis).await
-                }
-            )*
-        }
-    };
-}
 
 on_both_stores!(
     admin_routes_refuse_every_other_credential,

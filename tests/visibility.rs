@@ -20,7 +20,7 @@ use support::gateway::{ConfigBuilder, TestGateway};
 use support::http::{self, Response};
 use support::process::GatewayProcess;
 use support::receivers::{Delivery, SmtpReceiver, WebhookReceiver};
-use support::redis::RedisServer;
+use support::stores::{Env, Store};
 use support::upstream::{Behaviour, Upstream};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -39,38 +39,6 @@ const OPERATIONS: [&str; 9] = [
 ];
 
 // === fixtures ===
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Store {
-    Memory,
-    Redis,
-}
-
-/// A gateway on `store` in front of an echo upstream.
-struct Env {
-    gw: TestGateway,
-    up: Upstream,
-    config: String,
-    _redis: Option<RedisServer>,
-}
-
-impl Env {
-    async fn start(store: Store) -> Self {
-        Self::with(store, |b| b).await
-    }
-
-    async fn with(store: Store, f: impl FnOnce(ConfigBuilder) -> ConfigBuilder) -> Self {
-        let up = Upstream::echo().await;
-        let redis = (store == Store::Redis).then(RedisServer::start);
-        let mut builder = ConfigBuilder::new(&up.url());
-        if let Some(r) = &redis {
-            builder = builder.store(&format!("kind = \"redis\"\nurl = \"{}\"", r.url()));
-        }
-        let config = f(builder).build();
-        let gw = TestGateway::start(&config).await;
-        Env { gw, up, config, _redis: redis }
-    }
-}
 
 /// A webhook receiver and the config lines that point the gateway at it, signing with a secret
 /// in an environment variable whose name no other test uses (tests share the process).
@@ -115,27 +83,6 @@ impl Hook {
         other.update(&d.body);
         assert!(other.verify_slice(&bytes).is_err());
     }
-}
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::Store::Memory).await
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::Store::Redis).await
-                }
-            )*
-        }
-    };
 }
 
 on_both_stores!(
@@ -1178,7 +1125,7 @@ async fn probes_need_no_token(store: Store) {
 
     if store == Store::Redis {
         // Readiness includes the store: with Redis gone, not ready; alive all the same.
-        drop(env._redis.take());
+        drop(env.redis.take());
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let res = http::send("GET", &format!("{admin}/readyz"), &[], "").await;

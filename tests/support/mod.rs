@@ -4,4 +4,5 @@ pub mod http;
 pub mod process;
 pub mod receivers;
 pub mod redis;
+pub mod stores;
 pub mod upstream;
