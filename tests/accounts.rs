@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use support::gateway::{ADMIN_TOKEN, TestGateway};
+use support::gateway::{leads, spend, ADMIN_TOKEN, TestGateway};
 use support::stores::{Env, Store};
 use support::http::{self, Response};
 use support::upstream::Behaviour;
@@ -85,19 +85,6 @@ async fn entries(gw: &TestGateway, id: &str, kind: &str) -> Vec<Value> {
     history(gw, id).await.into_iter().filter(|e| e["kind"] == kind).collect()
 }
 
-/// A body of `n` leads for the per-lead operations (costs `n`).
-fn leads(n: usize) -> String {
-    let list: Vec<String> = (0..n).map(|i| format!(r#"{{"id":{i}}}"#)).collect();
-    format!(r#"{{"leads":[{}]}}"#, list.join(","))
-}
-
-/// Spends exactly `n` credits with one lead-enrichment request; panics unless charged.
-async fn spend(gw: &TestGateway, key: &str, n: usize) -> Response {
-    let res = gw.post(key, ENRICH, &[], &leads(n)).await;
-    assert_eq!(res.status, 200, "spend {n}: {}", res.text());
-    assert_eq!(res.charged(), n as u64);
-    res
-}
 
 /// Polls `GET /admin/v1/accounts/{id}` until `done` holds (at most ~10 s); returns it.
 async fn wait_account(gw: &TestGateway, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use support::gateway::{ConfigBuilder, TestGateway};
+use support::gateway::{leads, spend, ConfigBuilder, TestGateway};
 use support::http::{self, Response};
 use support::process::GatewayProcess;
 use support::receivers::{Delivery, SmtpReceiver, WebhookReceiver};
@@ -100,18 +100,6 @@ on_both_stores!(
     probes_need_no_token,
 );
 
-fn leads(n: usize) -> String {
-    let list: Vec<String> = (0..n).map(|i| format!(r#"{{"id":{i}}}"#)).collect();
-    format!(r#"{{"leads":[{}]}}"#, list.join(","))
-}
-
-/// Spends exactly `n` credits with one lead-enrichment request.
-async fn spend(gw: &TestGateway, key: &str, n: usize) -> Response {
-    let res = gw.post(key, ENRICH, &[], &leads(n)).await;
-    assert_eq!(res.status, 200, "spend {n}: {}", res.text());
-    assert_eq!(res.charged(), n as u64);
-    res
-}
 
 async fn create(gw: &TestGateway, body: Value) -> Value {
     let res = gw.admin_call("POST", "/admin/v1/accounts", Some(body.clone())).await;

@@ -274,3 +274,17 @@ impl TestGateway {
         self.call(key, "POST", path, headers, body).await
     }
 }
+
+/// A body of `n` leads for the per-lead operations (costs `n`).
+pub fn leads(n: usize) -> String {
+    let list: Vec<String> = (0..n).map(|i| format!(r#"{{"id":{i}}}"#)).collect();
+    format!(r#"{{"leads":[{}]}}"#, list.join(","))
+}
+
+/// Spends exactly `n` credits with one lead-enrichment request; panics unless charged.
+pub async fn spend(gw: &TestGateway, key: &str, n: usize) -> Response {
+    let res = gw.post(key, "/v1/leads/enrich", &[], &leads(n)).await;
+    assert_eq!(res.status, 200, "spend {n}: {}", res.text());
+    assert_eq!(res.charged(), n as u64);
+    res
+}
