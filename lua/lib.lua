@@ -232,6 +232,12 @@ local function load_account(key)
     a.used = 0
     a.auto_count = 0
     a.renewed = true
+    -- A renewal that leaves the total below the auto top-up threshold (a smaller plan) arms it,
+    -- as switching it on does: the next charge buys.
+    if a.auto and a.auto.enabled and a.monthly + a.topup < a.auto.threshold then
+      a.auto.armed = true
+      a.arm_set = true
+    end
     add_entry(a, 'renewal', a.allocation - expired, 0, { plan = a.plan })
     add_event(a, 'credits.renewed', json_object('plan', a.plan, 'allocation', a.allocation,
       'expired_monthly', expired, 'topup_remaining', a.topup,
@@ -256,6 +262,7 @@ local function save(a)
       redis.call('HDEL', a.key, 'pending_plan', 'pending_allocation')
     end
   end
+  if a.arm_set then redis.call('HSET', a.key, 'auto_armed', '1') end
   if #a.entries > 0 then redis.call('RPUSH', sub_key(a, 'history'), unpack(a.entries)) end
   if #a.events > 0 then redis.call('RPUSH', sub_key(a, 'outbox'), unpack(a.events)) end
   if a.renewed then

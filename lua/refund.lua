@@ -11,7 +11,7 @@
 --
 -- The monthly part goes back only if the account is still in the charge's period (the bucket
 -- was reset since); the top-up part always does. The usage of the charge's own period, day,
--- category and operation goes down by the cost (never below 0), and a `refund` history entry is
+-- category and operation goes down by what was returned (never below 0), and a `refund` history entry is
 -- written. A refunded request was not served, so the idempotency record pointing at this charge
 -- is deleted and a retry under that key pays anew. The names of the idempotency record (from the
 -- charge record) and of the usage hash (from the charge's period) cannot be declared in KEYS;
@@ -55,7 +55,9 @@ local events = save(a)
 local usage_after = {}
 for i, field in ipairs(usage_fields) do
   usage_after[#usage_after + 1] = field
-  usage_after[#usage_after + 1] = n(math.max((tonumber(used[i]) or 0) - cost, 0))
+  -- Only what actually came back leaves the usage: credits that expired with their period
+  -- stay counted as used there, as the ledger shows them spent.
+  usage_after[#usage_after + 1] = n(math.max((tonumber(used[i]) or 0) - (to_monthly + to_topup), 0))
 end
 redis.call('HSET', usage, unpack(usage_after))
 redis.call('HSET', KEYS[2], 'refunded', '1')

@@ -185,7 +185,8 @@ async fn handle(
         return with_limit(res, max_body);
     };
     let body_bytes = buffered.expect("set above");
-    let fingerprint = idempotency_key.as_ref().map(|_| fingerprint(&parts.method, &parts.uri, &body_bytes));
+    let fingerprint =
+        idempotency_key.as_ref().map(|_| fingerprint(&parts.method, &parts.uri, &parts.headers, &body_bytes));
     let idem =
         idempotency_key.as_deref().zip(fingerprint.as_deref()).map(|(key, fp)| Idempotency { key, fingerprint: fp });
     let req = Request::from_parts(parts, Body::empty());
@@ -207,6 +208,11 @@ async fn metered(
     fwd: Forwarded<'_>,
 ) -> Result<Response, GatewayError> {
     let price = op.price(req.headers(), principal.role, body.as_deref())?;
+    let mut req = req;
+    if let Some(tier) = price.tier.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
+        // The upstream sees exactly the tier that was priced (duplicates or a body tier lose).
+        req.headers_mut().insert(crate::classify::TIER_HEADER, tier);
+    }
     let req = match body {
         Some(b) => req.map(|_| Body::from(b)),
         None => req,
@@ -233,24 +239,28 @@ async fn metered(
         auto_topup_max_per_period: rt.config.auto_topup.max_per_period,
     };
     let on_error = rt.config.store.on_error;
-    let charge = match meter::charge(
-        &state.ledger,
-        &state.metrics,
-        on_error,
-        &principal.account,
-        &op.name,
-        &op.category,
-        charge_req,
-    )
-    .await
-    {
+    // Armed before the charge is sent: if this request is dropped (the client hangs up) at any
+    // point before its answer is handed over, the charge id is refunded.
+    let mut guard = meter::RefundGuard::new(state, &principal.account, &charge_id, &op.category);
+    let charge = match meter::charge(state, on_error, &op.name, &op.category, charge_req).await {
         Err(GatewayError::NoCredits { .. } | GatewayError::InsufficientCredits { .. })
             if op.on_empty == OnEmpty::Queue =>
         {
-            return enqueue(state, rt, principal, op, upstream_name, req, price.cost, fwd.request_id).await;
+            guard.disarm();
+            return enqueue(state, rt, principal, op, upstream_name, req, price.cost, fwd.request_id, idem).await;
         }
-        other => other?,
+        Err(e) => {
+            // Nothing charged (or a background refund already covers an unknown outcome).
+            guard.disarm();
+            return Err(e);
+        }
+        Ok(charge) => charge,
     };
+    match &charge {
+        Some(c) if !c.replayed => {}
+        // A replay or fail_open charged nothing now; fail_open's unknown charge is refunded already.
+        _ => guard.disarm(),
+    }
     if charge.as_ref().is_some_and(|c| c.receipt.auto_topup.is_some()) {
         crate::jobs::wake(state);
     }
@@ -259,21 +269,31 @@ async fn metered(
     let Some(charge) = charge else {
         // fail_open: forwarded uncharged.
         let mut res = result?.map(Body::new);
-        meter::write_headers(res.headers_mut(), 0, 0, 0);
-        res.headers_mut().remove(meter::REMAINING);
-        res.headers_mut().remove(meter::LOW);
+        res.headers_mut().insert(meter::CHARGED, HeaderValue::from_static("0"));
         return Ok(res);
     };
+    guard.disarm();
     match result {
         Err(e) => {
-            meter::refund(&state.ledger, &state.metrics, &charge).await;
+            meter::refund(state, &charge).await;
             Err(e)
         }
         Ok(res) if res.status().is_server_error() => {
-            let remaining = meter::refund(&state.ledger, &state.metrics, &charge).await;
+            let outcome = meter::refund(state, &charge).await;
             let mut res = res.map(Body::new);
-            let remaining = remaining.unwrap_or(charge.receipt.remaining());
-            meter::write_headers(res.headers_mut(), 0, remaining, charge.receipt.allocation);
+            match outcome {
+                meter::Refund::Done { refunded, remaining } => {
+                    let kept = charge.charged().saturating_sub(refunded);
+                    meter::write_headers(res.headers_mut(), kept, remaining, charge.receipt.allocation);
+                }
+                meter::Refund::None => {
+                    meter::write_headers(res.headers_mut(), 0, charge.receipt.remaining(), charge.receipt.allocation);
+                }
+                meter::Refund::Pending => {
+                    meter::write_headers(res.headers_mut(), 0, charge.receipt.remaining(), charge.receipt.allocation);
+                    res.headers_mut().insert(meter::REFUND, HeaderValue::from_static("pending"));
+                }
+            }
             Ok(res)
         }
         Ok(res) => {
@@ -295,6 +315,7 @@ async fn enqueue(
     req: Request,
     cost: u64,
     request_id: &str,
+    idem: Option<Idempotency<'_>>,
 ) -> Result<Response, GatewayError> {
     let (parts, body) = req.into_parts();
     // The body was buffered above (queueing operations always are); this only unwraps it.
@@ -305,7 +326,15 @@ async fn enqueue(
         .filter(|(k, _)| !matches!(k.as_str(), "authorization" | "host" | "content-length" | "idempotency-key"))
         .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
         .collect();
-    let job_id = format!("job_{}", crate::auth::keys::random_alnum(20));
+    // With an Idempotency-Key the job id follows from it, so a repeat lands on the same job (a
+    // re-sent enqueue changes nothing) instead of queueing — and later paying for — a copy.
+    let job_id = match idem {
+        Some(i) => {
+            let digest = Sha256::new().chain_update(principal.account.as_bytes()).chain_update([0]).chain_update(i.key);
+            format!("job_{}", &hex::encode(digest.finalize())[..24])
+        }
+        None => format!("job_{}", crate::auth::keys::random_alnum(20)),
+    };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let new = NewJob {
         id: &job_id,
@@ -372,12 +401,20 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> 
     })
 }
 
-/// Hex SHA-256 over method, path with query, and body: what an idempotency key is bound to.
-fn fingerprint(method: &http::Method, uri: &http::Uri, body: &[u8]) -> String {
+/// Hex SHA-256 over method, path with query, the headers that set the price (`x-ai-tier`,
+/// `x-trigger`) and body: what an idempotency key is bound to. A replay may not change the tier.
+fn fingerprint(method: &http::Method, uri: &http::Uri, headers: &http::HeaderMap, body: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(method.as_str().as_bytes());
     h.update([0]);
     h.update(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    for name in [crate::classify::TIER_HEADER, crate::classify::TRIGGER_HEADER] {
+        h.update([0]);
+        for v in headers.get_all(name) {
+            h.update(v.as_bytes());
+            h.update([1]);
+        }
+    }
     h.update([0]);
     h.update(body);
     hex::encode(h.finalize())

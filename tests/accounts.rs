@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use support::gateway::{leads, spend, ADMIN_TOKEN, TestGateway};
-use support::stores::{Env, Store};
+use support::gateway::{ADMIN_TOKEN, TestGateway, leads, spend};
 use support::http::{self, Response};
+use support::stores::{Env, Store};
 use support::upstream::Behaviour;
 
 const CHAT: &str = "/v1/chat/completions";
@@ -84,7 +84,6 @@ async fn history(gw: &TestGateway, id: &str) -> Vec<Value> {
 async fn entries(gw: &TestGateway, id: &str, kind: &str) -> Vec<Value> {
     history(gw, id).await.into_iter().filter(|e| e["kind"] == kind).collect()
 }
-
 
 /// Polls `GET /admin/v1/accounts/{id}` until `done` holds (at most ~10 s); returns it.
 async fn wait_account(gw: &TestGateway, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {

@@ -181,3 +181,22 @@ async fn a_renewal_drains_the_queue() {
     let credits = gw.credits(&key).await;
     assert_eq!(credits["monthly_remaining"], 48, "renewed to 50, then the job took 2");
 }
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_queues_one_job_and_pays_once() {
+    let up = Upstream::echo().await;
+    let gw = TestGateway::with_upstream(&up.url()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    exhaust(&gw, &key).await;
+    let headers = [("idempotency-key", "call-77")];
+    let first = gw.post(&key, TRANSCRIBE, &headers, r#"{"call_id":"77"}"#).await;
+    let second = gw.post(&key, TRANSCRIBE, &headers, r#"{"call_id":"77"}"#).await;
+    assert_eq!((first.status.as_u16(), second.status.as_u16()), (202, 202));
+    assert_eq!(first.json()["job_id"], second.json()["job_id"], "one job for one key");
+    assert_eq!(gw.admin_call("GET", "/admin/v1/accounts/acme", None).await.json()["queue_depth"], 1);
+    assert_eq!(gw.topup("acme", 10, "pay-1").await.status, 201);
+    let job = wait_job(&gw, &key, first.header("location").unwrap()).await;
+    assert_eq!(job["status"], "done");
+    assert_eq!(gw.remaining(&key).await, 8, "charged once: 2 credits");
+    assert_eq!(up.requests().iter().filter(|r| r.path == TRANSCRIBE).count(), 1);
+}

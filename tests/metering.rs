@@ -600,3 +600,47 @@ async fn a_burst_beyond_the_plan_rate_is_429_with_retry_after_and_charges_nothin
     // Another account of the same plan has its own allowance.
     assert_eq!(gw.post(&other, CHAT, &[("x-ai-tier", "fast")], "{}").await.status, 200);
 }
+
+// === abandoned requests ===
+
+#[tokio::test]
+async fn a_client_that_hangs_up_before_the_answer_is_refunded() {
+    let up = Upstream::start(Behaviour::Delay(Duration::from_millis(1_500))).await;
+    let gw = TestGateway::with_upstream(&up.url()).await;
+    let key = gw.account_with_key("acme", "big").await;
+    let url = gw.url(CHAT);
+    let auth = format!("Bearer {key}");
+    // The client gives up after 300 ms, while the upstream is still working.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(300),
+        http::send("POST", &url, &[("authorization", &auth), ("x-ai-tier", "powerful")], "{}"),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the client hung up before the answer");
+    assert_eq!(gw.wait_for_remaining(&key, 10_000, 100).await, 10_000, "the aborted request's 5 credits came back");
+}
+
+#[tokio::test]
+async fn an_idempotent_replay_cannot_change_the_tier() {
+    let (gw, up, key) = setup("big").await;
+    let headers = |tier| vec![("idempotency-key", "k-tier"), ("x-ai-tier", tier)];
+    let first = gw.post(&key, CHAT, &headers("fast"), "{}").await;
+    assert_eq!((first.status.as_u16(), first.charged()), (200, 1));
+    let calls = up.count();
+    let res = gw.post(&key, CHAT, &headers("powerful"), "{}").await;
+    assert_eq!(res.status, 409, "{}", res.text());
+    assert_eq!(res.error_type(), "idempotency_conflict");
+    assert_eq!(up.count(), calls, "not forwarded");
+}
+
+#[tokio::test]
+async fn the_upstream_sees_exactly_the_priced_tier() {
+    let (gw, up, key) = setup("big").await;
+    let res = gw.post(&key, CHAT, &[("x-ai-tier", "fast")], r#"{"tier":"powerful"}"#).await;
+    assert_eq!(res.charged(), 1);
+    let seen: Vec<_> = up.requests().last().unwrap().headers.get_all("x-ai-tier").iter().cloned().collect();
+    assert_eq!(seen, ["fast"]);
+    let res = gw.post(&key, CHAT, &[], r#"{"tier":"powerful"}"#).await;
+    assert_eq!(res.charged(), 5);
+    assert_eq!(up.requests().last().unwrap().header("x-ai-tier"), Some("powerful"), "the body's tier is made explicit");
+}

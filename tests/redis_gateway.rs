@@ -322,3 +322,32 @@ async fn a_job_whose_gateway_dies_mid_run_completes_once_elsewhere() {
             .await;
     assert_eq!(credits.json()["remaining"], 0, "charged once: 2 credits");
 }
+
+#[tokio::test]
+async fn a_charge_whose_reply_is_late_is_charged_once_not_refused() {
+    let redis = RedisServer::start();
+    let up = Upstream::echo().await;
+    let gw = TestGateway::start(
+        &ConfigBuilder::new(&up.url()).store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url())).build(),
+    )
+    .await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    // Redis stalls for 3 s: longer than the 2 s reply timeout of the first attempt.
+    let port = redis.port().to_string();
+    let stall = std::thread::spawn(move || {
+        std::process::Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "3"]).output().expect("redis-cli")
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let res = gw.post(&key, CHAT, &[("x-ai-tier", "powerful")], "{}").await;
+    stall.join().unwrap();
+    match res.status.as_u16() {
+        // The re-sent charge (same charge id) learned that the first one landed.
+        200 => assert_eq!((res.charged(), gw.remaining(&key).await), (5, 45)),
+        // Or the store stayed silent too long: then nothing may stand once it is back.
+        503 => assert_eq!(gw.wait_for_remaining(&key, 50, 100).await, 50),
+        other => panic!("unexpected {other}: {}", res.text()),
+    }
+    let history = gw.admin_call("GET", "/admin/v1/accounts/acme/ledger", None).await.json();
+    let charges = history["entries"].as_array().unwrap().iter().filter(|e| e["kind"] == "charge").count();
+    assert!(charges <= 1, "never charged twice: {history}");
+}

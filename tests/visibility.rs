@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use support::gateway::{leads, spend, ConfigBuilder, TestGateway};
+use support::gateway::{ConfigBuilder, TestGateway, leads, spend};
 use support::http::{self, Response};
 use support::process::GatewayProcess;
 use support::receivers::{Delivery, SmtpReceiver, WebhookReceiver};
@@ -99,7 +99,6 @@ on_both_stores!(
     outbox_gauge_counts_undelivered_events,
     probes_need_no_token,
 );
-
 
 async fn create(gw: &TestGateway, body: Value) -> Value {
     let res = gw.admin_call("POST", "/admin/v1/accounts", Some(body.clone())).await;

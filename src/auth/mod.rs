@@ -46,11 +46,14 @@ struct Entry {
 /// API-key cache, sharded so concurrent requests of different keys do not share a lock.
 pub struct KeyCache {
     shards: [RwLock<HashMap<[u8; 32], Entry>>; SHARDS],
+    /// Keys revoked through this instance, with when: a lookup that was already in flight must
+    /// not put one back, and the stale grace never applies to them.
+    revoked: std::sync::Mutex<HashMap<Arc<str>, Instant>>,
 }
 
 impl Default for KeyCache {
     fn default() -> Self {
-        Self { shards: std::array::from_fn(|_| RwLock::default()) }
+        Self { shards: std::array::from_fn(|_| RwLock::default()), revoked: Default::default() }
     }
 }
 
@@ -72,7 +75,13 @@ impl KeyCache {
                 None => None,
             }
         };
+        // Stamped before the lookup, so an entry is never trusted longer than FRESH after the
+        // store said so.
+        let asked = Instant::now();
         match lookup(ledger, &hex::encode(digest)).await {
+            Ok(Some((record, _))) if self.is_revoked(&record.key_id) => {
+                Err(GatewayError::Unauthorized("This API key is not valid (unknown or revoked).".into()))
+            }
             Ok(Some((record, plan))) => {
                 let principal = Principal {
                     account: record.account.into(),
@@ -80,7 +89,7 @@ impl KeyCache {
                     key_id: record.key_id.into(),
                     plan: plan.into(),
                 };
-                let entry = Entry { principal: principal.clone(), checked: Instant::now() };
+                let entry = Entry { principal: principal.clone(), checked: asked };
                 self.shard(&digest).write().expect("lock").insert(digest, entry);
                 Ok(principal)
             }
@@ -89,7 +98,9 @@ impl KeyCache {
                 Err(GatewayError::Unauthorized("This API key is not valid (unknown or revoked).".into()))
             }
             Err(e) => match stale {
-                Some((principal, checked)) if checked.elapsed() < STALE_GRACE => {
+                Some((principal, checked))
+                    if checked.elapsed() < STALE_GRACE && !self.is_revoked(&principal.key_id) =>
+                {
                     tracing::warn!(error = %e, "store unreachable; using a recently verified API key");
                     Ok(principal)
                 }
@@ -98,8 +109,17 @@ impl KeyCache {
         }
     }
 
+    fn is_revoked(&self, key_id: &str) -> bool {
+        self.revoked.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(key_id)
+    }
+
     /// Forgets a key on this instance at once (other instances follow within [`FRESH`]).
     pub fn forget_key_id(&self, key_id: &str) {
+        {
+            let mut revoked = self.revoked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            revoked.retain(|_, at| at.elapsed() < STALE_GRACE);
+            revoked.insert(key_id.into(), Instant::now());
+        }
         for shard in &self.shards {
             shard.write().expect("lock").retain(|_, e| &*e.principal.key_id != key_id);
         }

@@ -149,9 +149,13 @@ fn retention(rt: &crate::state::Runtime) -> i64 {
 /// Sends a charged job upstream and records the outcome (refunding on failure).
 async fn run(state: &AppState, rt: &crate::state::Runtime, job: &Job, runner: &str, charge_id: &str) {
     let cfg = &rt.config.jobs;
-    let outcome = match send(state, rt, job).await {
-        Ok((status, headers, body)) => Ok(JobFinish::Done { status, headers, body, retention_secs: retention(rt) }),
-        Err(reason) => Err(reason),
+    // The whole attempt (head and body) must end well inside the lease, or another instance
+    // could take the job over while this one still reads the answer.
+    let budget = rt.upstream_timeout + Duration::from_secs(cfg.lease_margin_secs / 2);
+    let outcome = match tokio::time::timeout(budget, send(state, rt, job)).await {
+        Ok(Ok((status, headers, body))) => Ok(JobFinish::Done { status, headers, body, retention_secs: retention(rt) }),
+        Ok(Err(reason)) => Err(reason),
+        Err(_) => Err(format!("no complete answer within {} s", budget.as_secs())),
     };
     let finish = match outcome {
         Ok(done) => done,
@@ -159,7 +163,10 @@ async fn run(state: &AppState, rt: &crate::state::Runtime, job: &Job, runner: &s
             match state.ledger.refund(&job.account, charge_id).await {
                 Ok(r) => tracing::info!(job_id = %job.id, outcome = ?r, "job attempt failed; refunded"),
                 Err(e) => {
-                    tracing::error!(job_id = %job.id, charge_id, error = %e, "REFUND FAILED for a job; reconcile")
+                    // Leave the job leased: once the lease runs out it runs again under this very
+                    // charge id, so the charge that stands pays for the run that succeeds.
+                    tracing::warn!(job_id = %job.id, charge_id, error = %e, "job attempt failed and the refund could not be written; the job will run again under the same charge");
+                    return;
                 }
             }
             if job.attempts + 1 >= cfg.max_attempts {

@@ -17,6 +17,8 @@ use crate::calendar::{Anchor, rfc3339};
 
 /// How long charge records (for refunds and re-sent steps) and idempotency keys are kept.
 const RETENTION_SECS: i64 = 24 * 3600;
+/// How many queued ids a claim looks at (the same bound as `lua/job_claim.lua`).
+const CLAIM_SCAN: usize = 100;
 /// How many periods of usage are kept.
 const USAGE_PERIODS: i64 = 13;
 
@@ -150,6 +152,10 @@ impl Account {
         self.monthly = self.allocation;
         self.used = 0;
         self.auto_count = 0;
+        // A renewal that leaves the total below the auto top-up threshold arms it (see charge).
+        if self.auto.as_ref().is_some_and(|a| a.enabled && self.monthly + self.topup < a.threshold) {
+            self.auto_armed = true;
+        }
         self.usage.retain(|p, _| *p > k - USAGE_PERIODS);
         let mut e = self.entry("renewal", now, self.allocation as i64 - expired as i64, 0);
         e.plan = Some(self.plan.clone());
@@ -380,7 +386,8 @@ impl Account {
         }
         self.monthly += to_monthly;
         self.topup += to_topup;
-        self.add_usage(charge_period, day, &category, &operation, cost, true);
+        // Only what came back leaves the usage: expired monthly credits stay counted as used.
+        self.add_usage(charge_period, day, &category, &operation, to_monthly + to_topup, true);
         let mut e = self.entry("refund", now, to_monthly as i64, to_topup as i64);
         e.operation = Some(operation);
         e.category = Some(category);
@@ -638,7 +645,8 @@ impl JobStore for MemoryLedger {
         Ok(self
             .with_account(account, |a, now| {
                 let Account { queue, jobs, .. } = a;
-                for id in queue.iter() {
+                // Like the Redis script: only the oldest CLAIM_SCAN ids are looked at.
+                for id in queue.iter().take(CLAIM_SCAN) {
                     let j = jobs.get_mut(id).expect("queued ids have records");
                     let leased = j.lease.as_ref().is_some_and(|(_, until)| *until > now);
                     if leased || j.not_before > now {

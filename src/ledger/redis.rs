@@ -885,6 +885,10 @@ impl Ledger for RedisLedger {
 impl JobStore for RedisLedger {
     async fn enqueue_job(&self, new: NewJob<'_>) -> LedgerResult<EnqueueOutcome> {
         check_amount(new.cost)?;
+        // Index first: a job must never sit in a queue the runners cannot find (an entry for a
+        // queue that stays empty is dropped by the next claim).
+        let sadd = redis::cmd("SADD").arg(Index::Jobs.shard_of(new.account)).arg(new.account).to_owned();
+        self.query::<()>(&sadd).await?;
         let mut inv = SCRIPTS.job_enqueue.key(keys::account(new.account));
         inv.key(keys::job(new.account, new.id))
             .arg(new.id)
@@ -901,13 +905,12 @@ impl JobStore for RedisLedger {
         let mut r = self.step(new.account, &inv).await?;
         let outcome: String = r.next()?;
         Ok(match outcome.as_str() {
-            "queued" => {
-                let depth = r.next()?;
-                self.index(Index::Jobs, new.account).await;
-                EnqueueOutcome::Queued { depth }
-            }
+            "queued" => EnqueueOutcome::Queued { depth: r.next()? },
             "full" => EnqueueOutcome::Full,
-            "noaccount" => EnqueueOutcome::NoAccount,
+            "noaccount" => {
+                self.unindex_if_empty(Index::Jobs, new.account).await;
+                EnqueueOutcome::NoAccount
+            }
             other => return Err(unexpected("job_enqueue", other)),
         })
     }

@@ -47,7 +47,7 @@ where
             Poll::Ready(Some(Err(e))) => {
                 if let Some((state, charge)) = this.pending.take() {
                     tracing::warn!(error = %e, charge_id = %charge.receipt.charge_id, "upstream body failed mid-stream; refunding");
-                    tokio::spawn(async move { super::refund(&state.ledger, &state.metrics, &charge).await });
+                    tokio::spawn(async move { super::refund(&state, &charge).await });
                 }
             }
             _ => {}

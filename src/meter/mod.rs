@@ -2,21 +2,28 @@
 //!
 //! The charge is one ledger step; success settles implicitly (no second round trip). A refund is
 //! issued when the upstream fails — transport error, timeout, status ≥ 500 — or when its body
-//! breaks off mid-stream ([`MeteredBody`]). A client that hangs up keeps its charge: the backend
-//! did the work it was asked for.
+//! breaks off mid-stream ([`MeteredBody`]). A client that hangs up mid-stream keeps its charge:
+//! the backend did the work it was asked for; one that hangs up before the answer starts aborts
+//! the upstream call, and [`RefundGuard`] returns the credits.
+//!
+//! Store trouble never silently keeps credits: a charge whose reply is lost is sent again with the
+//! same charge id (the scripts apply a charge id once) to learn its fate, and when the store still
+//! cannot answer, the charge id is refunded in the background until the store takes it — the
+//! refund of a charge that never landed is a harmless no-op. Failed refunds are retried the same
+//! way ([`refund_later`]) and the answer says so (`x-credits-refund: pending`).
 
 pub mod body;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::OnStoreError;
 use crate::error::GatewayError;
 use crate::ledger::{ChargeOutcome, ChargeRequest, Ledger, Receipt, RefundOutcome, is_low};
-use crate::metrics::{CategoryLabels, Metrics, OperationLabels};
-use crate::store::Store;
+use crate::metrics::{CategoryLabels, OperationLabels};
+use crate::state::AppState;
 
 pub use body::MeteredBody;
 
@@ -28,6 +35,8 @@ pub const REMAINING: HeaderName = HeaderName::from_static("x-credits-remaining")
 pub const LOW: HeaderName = HeaderName::from_static("x-credits-low");
 /// `x-credits-auto-topup`: credits an auto top-up added during this request.
 pub const AUTO_TOPUP: HeaderName = HeaderName::from_static("x-credits-auto-topup");
+/// `x-credits-refund: pending`: the refund could not be written yet and is being retried.
+pub const REFUND: HeaderName = HeaderName::from_static("x-credits-refund");
 /// `x-idempotent-replay`: set when an idempotency key was charged before.
 pub const REPLAY: HeaderName = HeaderName::from_static("x-idempotent-replay");
 
@@ -72,29 +81,37 @@ pub fn write_headers(headers: &mut HeaderMap, charged: u64, remaining: u64, allo
 }
 
 /// Takes the credits for a request. `Ok(None)`: the store is down and `on_error = "fail_open"`,
-/// so the request goes through uncharged.
+/// so the request goes through uncharged (any charge that landed unseen is refunded later).
 pub async fn charge(
-    ledger: &Store,
-    metrics: &Metrics,
+    state: &AppState,
     on_error: OnStoreError,
-    account: &Arc<str>,
     operation: &Arc<str>,
     category: &Arc<str>,
     req: ChargeRequest<'_>,
 ) -> Result<Option<Charge>, GatewayError> {
+    let metrics = &state.metrics;
     let started = Instant::now();
-    let outcome = ledger.charge(req).await;
+    let mut outcome = state.ledger.charge(req).await;
+    if outcome.is_err() {
+        // The reply may be lost while the charge landed: ask again under the same charge id.
+        outcome = state.ledger.charge(req).await;
+    }
     metrics.store_time(started.elapsed());
     let outcome = match outcome {
         Ok(o) => o,
-        Err(e) if on_error == OnStoreError::FailOpen => {
-            metrics.fail_open.inc();
-            tracing::error!(error = %e, operation = req.operation, cost = req.cost, "store unavailable; fail_open: forwarding uncharged");
-            return Ok(None);
+        Err(e) => {
+            // Unknown whether it landed: make sure it does not stand.
+            refund_later(state.clone(), req.account.into(), req.charge_id.to_owned(), category.clone());
+            if on_error == OnStoreError::FailOpen {
+                metrics.fail_open.inc();
+                tracing::error!(error = %e, operation = req.operation, cost = req.cost, "store unavailable; fail_open: forwarding uncharged");
+                return Ok(None);
+            }
+            // fail_closed: the error response logs the cause.
+            return Err(e.into());
         }
-        // fail_closed: the error response logs the cause.
-        Err(e) => return Err(e.into()),
     };
+    let account: Arc<str> = req.account.into();
     let charge = |receipt, replayed| Charge { account: account.clone(), category: category.clone(), receipt, replayed };
     match outcome {
         ChargeOutcome::Charged(receipt) => {
@@ -117,30 +134,109 @@ pub async fn charge(
     }
 }
 
-/// Returns a charge after an upstream failure; the remaining balance after it when known.
-/// Never fails the request: a refund that cannot be written is logged loudly for reconciliation.
-pub async fn refund(ledger: &Store, metrics: &Metrics, charge: &Charge) -> Option<u64> {
+/// How a refund went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refund {
+    /// Written: `refunded` credits came back (less than the cost when the monthly part expired
+    /// with its period); `remaining` is the balance after.
+    Done {
+        /// Credits returned.
+        refunded: u64,
+        /// Monthly plus top-up after the refund.
+        remaining: u64,
+    },
+    /// Nothing to refund (an idempotent replay, or refunded before).
+    None,
+    /// The store did not answer; the refund is being retried in the background.
+    Pending,
+}
+
+/// Returns a charge after an upstream failure. Never fails the request: a refund the store does
+/// not take now is retried in the background ([`refund_later`]).
+pub async fn refund(state: &AppState, charge: &Charge) -> Refund {
     if charge.replayed {
-        return None;
+        return Refund::None;
     }
+    match refund_once(state, &charge.account, &charge.receipt.charge_id, &charge.category).await {
+        Ok(r) => r,
+        Err(()) => {
+            refund_later(
+                state.clone(),
+                charge.account.clone(),
+                charge.receipt.charge_id.clone(),
+                charge.category.clone(),
+            );
+            Refund::Pending
+        }
+    }
+}
+
+async fn refund_once(state: &AppState, account: &str, charge_id: &str, category: &Arc<str>) -> Result<Refund, ()> {
     let started = Instant::now();
-    let outcome = ledger.refund(&charge.account, &charge.receipt.charge_id).await;
-    metrics.store_time(started.elapsed());
+    let outcome = state.ledger.refund(account, charge_id).await;
+    state.metrics.store_time(started.elapsed());
     match outcome {
         Ok(RefundOutcome::Refunded { to_monthly, to_topup, monthly_remaining, topup_remaining }) => {
-            let labels = CategoryLabels { category: charge.category.clone() };
-            metrics.credits_refunded.get_or_create(&labels).inc_by(to_monthly + to_topup);
-            tracing::info!(charge_id = %charge.receipt.charge_id, to_monthly, to_topup, "refunded");
-            Some(monthly_remaining + topup_remaining)
+            let labels = CategoryLabels { category: category.clone() };
+            state.metrics.credits_refunded.get_or_create(&labels).inc_by(to_monthly + to_topup);
+            tracing::info!(charge_id, to_monthly, to_topup, "refunded");
+            Ok(Refund::Done { refunded: to_monthly + to_topup, remaining: monthly_remaining + topup_remaining })
         }
         Ok(other) => {
-            tracing::warn!(charge_id = %charge.receipt.charge_id, outcome = ?other, "refund not applied");
-            None
+            tracing::debug!(charge_id, outcome = ?other, "nothing to refund");
+            Ok(Refund::None)
         }
         Err(e) => {
-            tracing::error!(charge_id = %charge.receipt.charge_id, account = %charge.account, error = %e,
-                "REFUND FAILED: store unavailable; reconcile this charge");
-            None
+            tracing::warn!(charge_id, account, error = %e, "refund not written yet (store unavailable)");
+            Err(())
+        }
+    }
+}
+
+/// How long a refund is retried: charge records live 24 h in the store.
+const REFUND_RETRY_FOR: Duration = Duration::from_secs(23 * 3600);
+
+/// Refunds `charge_id` in the background, retrying with backoff until the store answers (a
+/// charge that never landed makes it a no-op). Gives up — loudly, for reconciliation — only when
+/// the charge record would be gone anyway, or when this process stops.
+pub fn refund_later(state: AppState, account: Arc<str>, charge_id: String, category: Arc<str>) {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut wait = Duration::from_millis(200);
+        while started.elapsed() < REFUND_RETRY_FOR {
+            if refund_once(&state, &account, &charge_id, &category).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
+        tracing::error!(%charge_id, %account, "REFUND FAILED for a day: reconcile this charge");
+    });
+}
+
+/// Refunds a charge if dropped while armed: the request was abandoned (the client hung up)
+/// before its answer was handed over, which also aborted the upstream call.
+pub struct RefundGuard {
+    armed: Option<(AppState, Arc<str>, String, Arc<str>)>,
+}
+
+impl RefundGuard {
+    /// Armed for `charge_id` of `account`.
+    pub fn new(state: &AppState, account: &Arc<str>, charge_id: &str, category: &Arc<str>) -> Self {
+        RefundGuard { armed: Some((state.clone(), account.clone(), charge_id.to_owned(), category.clone())) }
+    }
+
+    /// The request reached its end (answered, refunded, or nothing was charged).
+    pub fn disarm(&mut self) {
+        self.armed = None;
+    }
+}
+
+impl Drop for RefundGuard {
+    fn drop(&mut self) {
+        if let Some((state, account, charge_id, category)) = self.armed.take() {
+            tracing::info!(%charge_id, "request abandoned before its answer; refunding");
+            refund_later(state, account, charge_id, category);
         }
     }
 }
