@@ -114,6 +114,7 @@ pub fn banner(public: SocketAddr, admin: Option<SocketAddr>, admin_token: &str, 
          # 2. a powerful chat — costs 5 credits\n{}\n\n\
          # 3. a streaming chat (SSE, chunk by chunk) — balanced tier, costs 3 credits\n{}\n\n\
          # your balance\ncurl -s http://{public}/v1/credits -H 'Authorization: Bearer {key}'\n\n\
+         Dashboard:  http://{public}/dashboard#key={key}\n\
          Press Ctrl-C to stop.\n",
         chat("fast", ""),
         chat("powerful", ""),
