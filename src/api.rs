@@ -170,7 +170,7 @@ async fn topups(State(state): State<AppState>, principal: Principal) -> Result<J
 }
 
 /// How many of the newest history entries the top-up list looks through.
-const TOPUP_SCAN: usize = 10_000;
+pub const TOPUP_SCAN: usize = 10_000;
 
 /// Top-ups and auto top-ups of an account, newest first, among its last [`TOPUP_SCAN`] balance
 /// changes (the full record is the admin ledger).
