@@ -190,6 +190,11 @@ async fn handle(
     let idem =
         idempotency_key.as_deref().zip(fingerprint.as_deref()).map(|(key, fp)| Idempotency { key, fingerprint: fp });
     let req = Request::from_parts(parts, Body::empty());
+    // A copy of a request still running here waits for it (until its answer head is out).
+    let _slot = match &idempotency_key {
+        Some(key) => Some(state.inflight.enter(&principal.account, key).await),
+        None => None,
+    };
     metered(state, &rt, &principal, op, &route.upstream, req, Some(body_bytes), idem, fwd).await
 }
 

@@ -99,6 +99,8 @@ pub struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// Wakes the job runner (top-ups).
     pub jobs_wake: tokio::sync::Notify,
+    /// Idempotency keys with a request running on this instance.
+    pub inflight: crate::meter::inflight::InFlight,
 }
 
 /// Cheap-to-clone handle on [`Shared`].

@@ -644,3 +644,32 @@ async fn the_upstream_sees_exactly_the_priced_tier() {
     assert_eq!(res.charged(), 5);
     assert_eq!(up.requests().last().unwrap().header("x-ai-tier"), Some("powerful"), "the body's tier is made explicit");
 }
+
+#[tokio::test]
+async fn a_copy_waits_for_a_first_attempt_that_fails_and_then_pays() {
+    let up = Upstream::start(Behaviour::DelayThen(Duration::from_millis(400), 500)).await;
+    let gw = TestGateway::with_upstream(&up.url()).await;
+    let key = gw.account_with_key("acme", "big").await;
+    let url = gw.url(CHAT);
+    let auth = format!("Bearer {key}");
+    let send = |url: String, auth: String| async move {
+        let headers = [("authorization", auth.as_str()), ("x-ai-tier", "powerful"), ("idempotency-key", "k-slow")];
+        http::send("POST", &url, &headers, "{}").await
+    };
+    let first = tokio::spawn(send(url.clone(), auth.clone()));
+    // The first attempt is at the upstream (slow, about to fail) when the copy arrives.
+    for _ in 0..100 {
+        if up.count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    up.set(Behaviour::Echo);
+    let copy = send(url, auth).await;
+    let first = first.await.unwrap();
+    assert_eq!((first.status.as_u16(), first.charged()), (500, 0), "the first attempt failed and was refunded");
+    assert_eq!(copy.status, 200);
+    assert_eq!(copy.charged(), 5, "the copy is the real attempt: it pays, it is not a free replay");
+    assert_eq!(copy.header("x-idempotent-replay"), None);
+    assert_eq!(gw.remaining(&key).await, 10_000 - 5);
+}

@@ -13,6 +13,7 @@
 //! way ([`refund_later`]) and the answer says so (`x-credits-refund: pending`).
 
 pub mod body;
+pub mod inflight;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -32,6 +32,8 @@ pub enum Behaviour {
     Status(u16),
     /// Waits this long, then answers like [`Behaviour::Echo`].
     Delay(Duration),
+    /// Waits this long, then answers this status (a slow failure).
+    DelayThen(Duration, u16),
     /// 200 `text/event-stream` whose chunks come from the next [`StreamGate`] the test made.
     Stream,
 }
@@ -196,6 +198,11 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         Behaviour::Delay(d) => {
             tokio::time::sleep(d).await;
             echo()
+        }
+        Behaviour::DelayThen(d, code) => {
+            tokio::time::sleep(d).await;
+            let status = StatusCode::from_u16(code).expect("status");
+            (status, axum::Json(json!({"upstream_error": code}))).into_response()
         }
         Behaviour::Stream => {
             let Some(rx) = inner.gates.lock().unwrap().pop_front() else {
