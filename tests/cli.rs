@@ -50,16 +50,7 @@ fn check_prints_the_price_table() {
     let chat = stdout.lines().find(|l| l.contains("/v1/chat/completions")).unwrap_or_else(|| panic!("{stdout}"));
     assert!(chat.contains("ai_chat") && chat.contains("balanced=3"), "{chat}");
     assert!(chat.contains("fast=1") && chat.contains("powerful=5"), "{chat}");
-    for op in [
-        "lead_enrichment",
-        "campaign_generation",
-        "call_transcription",
-        "insights_position",
-        "insights_competitive",
-        "lead_scoring_refresh",
-        "icebreaker",
-        "sentiment_analysis",
-    ] {
+    for op in support::gateway::OPERATIONS {
         assert!(stdout.contains(op), "{op} missing from the table:\n{stdout}");
     }
     let catch_all = stdout.lines().find(|l| l.contains("/*")).unwrap_or_else(|| panic!("no catch-all: {stdout}"));

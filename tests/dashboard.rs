@@ -228,17 +228,9 @@ fn text_of(html: &str) -> String {
     out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// 1350 → "1,350"
+/// 1350 → "1,350" (the gateway's own formatting).
 fn grouped(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    creditgate::notify::email::thousands(n)
 }
 
 /// "15 Dec 2026" for an RFC 3339 time (en-GB short month; "Sept" is also seen for September).

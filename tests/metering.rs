@@ -66,6 +66,21 @@ async fn assert_refused(
     res.json()
 }
 
+/// A gateway in front of a gated SSE upstream, and a streaming chat request already answered:
+/// the test releases (or breaks off) the upstream's chunks through the gate.
+async fn open_stream(
+    header: (&str, &str),
+    body: &'static str,
+) -> (TestGateway, Upstream, String, support::upstream::StreamGate, ::http::Response<hyper::body::Incoming>) {
+    let up = Upstream::start(Behaviour::Stream).await;
+    let gw = TestGateway::with_upstream(&up.url()).await;
+    let key = gw.account_with_key("acme", "big").await;
+    let gate = up.stream_gate();
+    let auth = format!("Bearer {key}");
+    let res = send_streaming("POST", &gw.url(CHAT), &[("authorization", &auth), header], http::full(body)).await;
+    (gw, up, key, gate, res)
+}
+
 // === the price table (SPEC §1) ===
 
 #[tokio::test]
@@ -302,18 +317,7 @@ async fn upstream_timeout_is_504_and_refunded() {
 
 #[tokio::test]
 async fn body_breaking_off_mid_stream_is_refunded() {
-    let up = Upstream::start(Behaviour::Stream).await;
-    let gw = TestGateway::with_upstream(&up.url()).await;
-    let key = gw.account_with_key("acme", "big").await;
-    let gate = up.stream_gate();
-    let auth = format!("Bearer {key}");
-    let res = send_streaming(
-        "POST",
-        &gw.url(CHAT),
-        &[("authorization", &auth), ("x-ai-tier", "powerful")],
-        http::full(r#"{"stream":true}"#),
-    )
-    .await;
+    let (gw, _up, key, gate, res) = open_stream(("x-ai-tier", "powerful"), r#"{"stream":true}"#).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-credits-charged"], "5");
     assert_eq!(gw.remaining(&key).await, 9_995, "charged while streaming");
@@ -494,18 +498,8 @@ async fn oversized_chunked_body_on_a_metered_route_is_413() {
 
 #[tokio::test]
 async fn sse_chunks_reach_the_client_before_the_upstream_sends_the_next() {
-    let up = Upstream::start(Behaviour::Stream).await;
-    let gw = TestGateway::with_upstream(&up.url()).await;
-    let key = gw.account_with_key("acme", "big").await;
-    let gate = up.stream_gate();
-    let auth = format!("Bearer {key}");
-    let res = send_streaming(
-        "POST",
-        &gw.url(CHAT),
-        &[("authorization", &auth), ("content-type", "application/json")],
-        http::full(r#"{"stream":true,"messages":[]}"#),
-    )
-    .await;
+    let (gw, _up, key, gate, res) =
+        open_stream(("content-type", "application/json"), r#"{"stream":true,"messages":[]}"#).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-credits-charged"], "3");
     assert_eq!(res.headers()["x-credits-remaining"], "9997");

@@ -217,6 +217,14 @@ async fn post(base: &str, key: &str, path: &str, body: &str) -> Response {
     .await
 }
 
+/// `remaining` of `GET /v1/credits` through the gateway at `base`.
+async fn remaining_via(base: &str, key: &str) -> u64 {
+    let res =
+        http::send("GET", &format!("{base}/v1/credits"), &[("authorization", &format!("Bearer {key}"))], "").await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    res.json()["remaining"].as_u64().expect("remaining")
+}
+
 async fn exhaust_via(base: &str, key: &str, credits: u64) {
     for _ in 0..credits {
         assert_eq!(chat(base, key).await.status, 200);
@@ -274,10 +282,7 @@ async fn two_gateway_processes_drain_one_queue_running_each_job_once() {
         .collect();
     seen.sort();
     assert_eq!(seen, ["c0", "c1", "c2", "c3", "c4", "c5"], "each job ran exactly once");
-    let credits =
-        http::send("GET", &format!("{}/v1/credits", b.public), &[("authorization", &format!("Bearer {key}"))], "")
-            .await;
-    assert_eq!(credits.json()["remaining"], 0, "6 jobs × 2 credits, charged once each");
+    assert_eq!(remaining_via(&b.public, &key).await, 0, "6 jobs × 2 credits, charged once each");
 }
 
 #[tokio::test]
@@ -317,10 +322,7 @@ async fn a_job_whose_gateway_dies_mid_run_completes_once_elsewhere() {
     let runs: Vec<_> = up.requests().into_iter().filter(|r| r.path == TRANSCRIBE).collect();
     assert_eq!(runs.len(), 2, "A's interrupted run and B's");
     assert_eq!(runs[0].header("idempotency-key"), runs[1].header("idempotency-key"), "same job key for the upstream");
-    let credits =
-        http::send("GET", &format!("{}/v1/credits", b.public), &[("authorization", &format!("Bearer {key}"))], "")
-            .await;
-    assert_eq!(credits.json()["remaining"], 0, "charged once: 2 credits");
+    assert_eq!(remaining_via(&b.public, &key).await, 0, "charged once: 2 credits");
 }
 
 #[tokio::test]

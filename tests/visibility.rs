@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use support::gateway::{ConfigBuilder, TestGateway, leads, spend};
+use support::gateway::{CATEGORIES, ConfigBuilder, OPERATIONS, TestGateway, leads, spend};
 use support::http::{self, Response};
 use support::process::GatewayProcess;
 use support::receivers::{Delivery, SmtpReceiver, WebhookReceiver};
@@ -25,18 +25,6 @@ use support::upstream::{Behaviour, Upstream};
 
 const CHAT: &str = "/v1/chat/completions";
 const ENRICH: &str = "/v1/leads/enrich";
-const CATEGORIES: [&str; 5] = ["AI Chat", "Enrichment", "Campaigns", "Transcription", "Insights"];
-const OPERATIONS: [&str; 9] = [
-    "ai_chat",
-    "lead_enrichment",
-    "campaign_generation",
-    "call_transcription",
-    "insights_position",
-    "insights_competitive",
-    "lead_scoring_refresh",
-    "icebreaker",
-    "sentiment_analysis",
-];
 
 // === fixtures ===
 

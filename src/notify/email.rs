@@ -44,8 +44,11 @@ impl Mailer {
 }
 
 fn num(v: &serde_json::Value) -> String {
-    let n = v.as_u64().unwrap_or(0);
-    // 1350 → "1,350"
+    thousands(v.as_u64().unwrap_or(0))
+}
+
+/// A whole number with thousands separators, as people read it: 1350 → "1,350".
+pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {

@@ -17,6 +17,22 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 /// The credentials the `ai` upstream is configured to receive.
 pub const BACKEND_AUTH: &str = "Bearer backend-secret";
 
+/// The usage categories of the shipped price table (SPEC §1).
+pub const CATEGORIES: [&str; 5] = ["AI Chat", "Enrichment", "Campaigns", "Transcription", "Insights"];
+
+/// The operations of the shipped price table (SPEC §1).
+pub const OPERATIONS: [&str; 9] = [
+    "ai_chat",
+    "lead_enrichment",
+    "campaign_generation",
+    "call_transcription",
+    "insights_position",
+    "insights_competitive",
+    "lead_scoring_refresh",
+    "icebreaker",
+    "sentiment_analysis",
+];
+
 /// The shipped price table, plans and packages.
 pub const SHIPPED: &str = include_str!("../../config/gateway.toml");
 
