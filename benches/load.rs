@@ -200,8 +200,23 @@ async fn run(settings: &Settings, workers: usize) -> bool {
         problems.push(format!("{balance_line}: the drop does not match"));
     }
 
-    print_table(settings, workers, &[&a, &b, &c], &balance_line);
     gateway.shutdown(Duration::from_secs(2)).await;
+
+    // (d) the same metered chat with Redis as the store, when a redis-server is at hand.
+    let d = match redis::Server::start() {
+        Some(redis) => Some(redis_scenario(&redis, upstream, settings, &hits, &mut problems).await),
+        None => {
+            println!("(d) skipped: no redis-server on the PATH (apt-get install redis-server)");
+            None
+        }
+    };
+    let mut rows = vec![&a, &b, &c];
+    rows.extend(d.as_ref().map(|(s, _)| s));
+    print_table(settings, workers, &rows, &balance_line);
+    if let Some((_, calls_line)) = &d {
+        println!();
+        println!("{calls_line}");
+    }
 
     if problems.is_empty() {
         println!("\nOK: every answer was 200 and every credit is accounted for.");
@@ -220,6 +235,124 @@ async fn run(settings: &Settings, workers: usize) -> bool {
 
 /// A bare hyper HTTP/1 server: reads the request body, answers [`UPSTREAM_BODY`], keeps the
 /// connection alive; counts requests in `hits`.
+/// Scenario (d): a gateway on a fresh Redis; checks the balance and that every metered request
+/// cost exactly one script call (Redis `INFO commandstats`).
+async fn redis_scenario(
+    redis: &redis::Server,
+    upstream: SocketAddr,
+    settings: &Settings,
+    hits: &Arc<AtomicU64>,
+    problems: &mut Vec<String>,
+) -> (Scenario, String) {
+    let mut config = bench_config(upstream);
+    config.store.kind = creditgate::config::StoreKind::Redis;
+    config.store.url = Some(redis.url());
+    let opts = StartOptions { admin_token: Some(ADMIN_TOKEN.into()), ..StartOptions::default() };
+    let gateway = server::start(config, opts).await.expect("gateway on Redis starts");
+    let key = seed(&gateway, settings).await;
+    let bearer = HeaderValue::from_str(&format!("Bearer {key}")).expect("key is a header value");
+    let chat = Target {
+        addr: gateway.public_addr,
+        method: Method::POST,
+        path: "/v1/chat/completions",
+        headers: vec![
+            (AUTHORIZATION, bearer),
+            (CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (TIER, HeaderValue::from_static("fast")),
+        ],
+        body: Bytes::from_static(CHAT_BODY),
+        metered: true,
+    };
+    let before = balance(&gateway).await;
+    let scripts_before = redis.script_calls();
+    let d = scenario("(d) metered chat via gateway, Redis store", chat, settings, hits, problems).await;
+    let scripts = redis.script_calls() - scripts_before;
+    let after = balance(&gateway).await;
+    let charged = (d.warmup.ok + d.measured.ok) as u64;
+    if before - after != charged {
+        problems.push(format!("Redis: {charged} metered requests but the balance dropped by {}", before - after));
+    }
+    // The key cache refreshes about every 4 s (two reads): a handful of extra calls at most.
+    let per_request = scripts as f64 / charged.max(1) as f64;
+    if !(1.0..1.01).contains(&per_request) {
+        problems.push(format!("Redis: {per_request:.3} script calls per metered request, expected 1"));
+    }
+    let line = format!(
+        "Redis script calls (EVALSHA + EVAL) during (d): {scripts} for {charged} metered requests = \
+         {per_request:.3} per request (key-cache refreshes included)."
+    );
+    gateway.shutdown(Duration::from_secs(2)).await;
+    (d, line)
+}
+
+/// A throwaway `redis-server` on a free loopback port (no persistence), killed on drop.
+mod redis {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    pub struct Server {
+        child: Child,
+        port: u16,
+    }
+
+    impl Server {
+        /// `None` when `redis-server` is not installed.
+        pub fn start() -> Option<Self> {
+            let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            let server = Server { child, port };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if server.info("server").is_some() {
+                    return Some(server);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            None
+        }
+
+        pub fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+
+        fn info(&self, section: &str) -> Option<String> {
+            let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            write!(stream, "*2\r\n$4\r\nINFO\r\n${}\r\n{section}\r\n", section.len()).ok()?;
+            let mut reader = BufReader::new(stream);
+            let mut header = String::new();
+            reader.read_line(&mut header).ok()?;
+            let len: usize = header.trim().strip_prefix('$')?.parse().ok()?;
+            let mut body = vec![0; len + 2];
+            std::io::Read::read_exact(&mut reader, &mut body).ok()?;
+            String::from_utf8(body).ok()
+        }
+
+        /// Calls of EVALSHA and EVAL so far.
+        pub fn script_calls(&self) -> u64 {
+            let info = self.info("commandstats").expect("INFO commandstats");
+            info.lines()
+                .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+                .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+                .sum()
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 async fn start_upstream(hits: Arc<AtomicU64>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the upstream");
     let addr = listener.local_addr().expect("upstream address");
@@ -571,10 +704,13 @@ fn print_table(settings: &Settings, workers: usize, rows: &[&Scenario], balance_
             r(x.percentile_us(99.0), y.percentile_us(99.0))
         )
     };
-    if let [a, b, c] = rows {
+    if let [a, b, c, rest @ ..] = rows {
         println!();
         println!("- **b/a** (free route through the gateway vs. the upstream directly): {}", ratio(b, a));
         println!("- **c/b** (metered chat vs. free route, both through the gateway): {}", ratio(c, b));
+        if let [d] = rest {
+            println!("- **d/b** (metered chat on Redis vs. free route): {}", ratio(d, b));
+        }
     }
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!();
@@ -582,7 +718,7 @@ fn print_table(settings: &Settings, workers: usize, rows: &[&Scenario], balance_
         "{} requests per scenario after {} warm-up, {} closed-loop clients each on its own keep-alive \
          HTTP/1.1 connection over 127.0.0.1; one tokio multi-thread runtime ({workers} workers) on {cores} \
          cores shared by the client, the gateway and the fast upstream, so the gateway never has the machine \
-         to itself; memory store, `log.level = \"warn\"`. Latency = send until the whole answer is read, \
+         to itself; memory store for (a)–(c), a local redis-server (no persistence) for (d), `log.level = \"warn\"`. Latency = send until the whole answer is read, \
          successful requests only. {balance_line}.",
         thousands(settings.requests as f64),
         thousands(settings.warmup as f64),
