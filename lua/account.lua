@@ -17,5 +17,5 @@ local auto = a.auto or {}
 local enabled = '0'
 if auto.enabled then enabled = '1' end
 return { events, 'found', a.plan, a.allocation, a.pending_plan, a.monthly, a.topup, a.used,
-  period_start(a.anchor, a.period), renews_at(a), a.email, auto.package or false, enabled,
+  period_start(a.anchor or anchor_from_unix(a.anchor_unix), a.period), renews_at(a), a.email, auto.package or false, enabled,
   auto.threshold or 0, auto.credits or 0, auto.price or '0', a.auto_count }

@@ -16,11 +16,13 @@ local allocation = tonumber(ARGV[2])
 local anchor = tonumber(ARGV[3])
 local now = clock(nil)
 -- An anchor in the future puts "now" in period -1, which ends at the anchor.
-local period = period_at(anchor_from_unix(anchor), now)
+local parts = anchor_from_unix(anchor)
+local period = period_at(parts, now)
 
 redis.call('HSET', KEYS[1], 'plan', ARGV[1], 'allocation', n(allocation), 'anchor', n(anchor),
   'period', n(period), 'monthly', n(allocation), 'topup', '0', 'used', '0', 'now', n(now),
-  'created_at', n(now), 'hist', '1', 'evt', '0', 'auto_count', '0')
+  'created_at', n(now), 'hist', '1', 'evt', '0', 'auto_count', '0',
+  'period_end', n(period_start(parts, period + 1)))
 if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'email', ARGV[5]) end
 redis.call('RPUSH', KEYS[1] .. ':history', json_object('seq', 1, 'kind', 'created', 'at', now,
   'monthly_delta', allocation, 'topup_delta', 0, 'monthly_after', allocation, 'topup_after', 0,

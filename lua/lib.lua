@@ -147,7 +147,8 @@ local USAGE_PERIODS = 13
 
 local FIELDS = { 'plan', 'allocation', 'pending_plan', 'pending_allocation', 'anchor', 'period',
   'monthly', 'topup', 'used', 'email', 'now', 'hist', 'evt', 'auto_count', 'auto_enabled',
-  'auto_threshold', 'auto_package', 'auto_credits', 'auto_price', 'auto_price_json', 'auto_armed' }
+  'auto_threshold', 'auto_package', 'auto_credits', 'auto_price', 'auto_price_json', 'auto_armed',
+  'period_end' }
 
 -- Another key of the same account: `<account key>:<kind>` shares the account's hash tag, hence
 -- its cluster slot, so a script may use it without declaring it in KEYS (src/ledger/keys.rs).
@@ -176,7 +177,7 @@ local function add_event(a, kind, data)
 end
 
 local function renews_at(a)
-  return period_start(a.anchor, a.period + 1)
+  return a.period_end
 end
 
 -- Reads the account and moves it, in memory only, into the period containing now: the monthly
@@ -195,7 +196,6 @@ local function load_account(key)
     allocation = tonumber(v[2]),
     pending_plan = v[3],
     pending_allocation = tonumber(v[4]),
-    anchor = anchor_from_unix(tonumber(v[5])),
     anchor_unix = tonumber(v[5]),
     period = tonumber(v[6]),
     monthly = tonumber(v[7]),
@@ -217,6 +217,13 @@ local function load_account(key)
       credits = tonumber(v[18]), price = v[19], price_json = v[20], armed = v[21] == '1' }
   end
   a.now = clock(tonumber(v[11]))
+  -- The end of the current period is kept in the hash, so the calendar runs only when it has
+  -- passed (or for accounts written before it was kept): the hot path does no date arithmetic.
+  a.period_end = tonumber(v[22])
+  if a.period_end and a.now < a.period_end then
+    return a
+  end
+  a.anchor = anchor_from_unix(a.anchor_unix)
   local k = period_at(a.anchor, a.now)
   if k > a.period then
     if a.pending_plan then
@@ -228,6 +235,7 @@ local function load_account(key)
     local expired = a.monthly
     a.renewed_from = a.period
     a.period = k
+    a.period_end = period_start(a.anchor, k + 1)
     a.monthly = a.allocation
     a.used = 0
     a.auto_count = 0
@@ -243,6 +251,9 @@ local function load_account(key)
       'expired_monthly', expired, 'topup_remaining', a.topup,
       'period_start', rfc3339(period_start(a.anchor, k)), 'renews_at', rfc3339(renews_at(a))))
   end
+  -- The cached end is (re)written by `save`.
+  a.period_end = period_start(a.anchor, a.period + 1)
+  a.period_end_changed = true
   return a
 end
 
@@ -263,6 +274,7 @@ local function save(a)
     end
   end
   if a.arm_set then redis.call('HSET', a.key, 'auto_armed', '1') end
+  if a.period_end_changed then redis.call('HSET', a.key, 'period_end', n(a.period_end)) end
   if #a.entries > 0 then redis.call('RPUSH', sub_key(a, 'history'), unpack(a.entries)) end
   if #a.events > 0 then redis.call('RPUSH', sub_key(a, 'outbox'), unpack(a.events)) end
   if a.renewed then

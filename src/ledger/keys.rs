@@ -8,7 +8,7 @@
 //!
 //! | key | type | TTL | holds |
 //! |---|---|---|---|
-//! | `cg:{acct:<id>}` | hash | none | `plan`, `allocation`, `pending_plan`, `pending_allocation`, `anchor`, `period` (index from the anchor), `monthly`, `topup`, `used`, `email`, `now` (highest clock seen), `created_at`, `hist` (history entries so far), `evt` (events so far, for ids), `auto_count` (auto top-ups this period), `auto_enabled`, `auto_threshold`, `auto_package`, `auto_credits`, `auto_price` (Rust f64 text), `auto_price_json`, `fired:<threshold>` (period in which that low-credit threshold last fired) |
+//! | `cg:{acct:<id>}` | hash | none | `plan`, `allocation`, `pending_plan`, `pending_allocation`, `anchor`, `period` (index from the anchor), `monthly`, `topup`, `used`, `email`, `now` (highest clock seen), `created_at`, `hist` (history entries so far), `evt` (events so far, for ids), `auto_count` (auto top-ups this period), `auto_enabled`, `auto_threshold`, `auto_package`, `auto_credits`, `auto_price` (Rust f64 text), `auto_price_json`, `auto_armed` (buy on the next charge below the threshold), `period_end` (start of the next period, cached so the hot path does no calendar arithmetic), `fired:<threshold>` (period in which that low-credit threshold last fired) |
 //! | `cg:{acct:<id>}:charge:<charge id>` | hash | 24 h | `cost`, `from_monthly`, `from_topup`, `period`, `day` (UTC day number), `idem`, `refunded`, `operation`, `category`, `request_id`, `at` |
 //! | `cg:{acct:<id>}:idem:<idempotency key>` | hash | 24 h | `fingerprint`, `charge_id` and a copy of the split (`cost`, `from_monthly`, `from_topup`) |
 //! | `cg:{acct:<id>}:topup:<payment ref>` | hash | none | `credits`, `package`, `topup_remaining`, `created_at` |
