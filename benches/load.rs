@@ -167,18 +167,7 @@ async fn run(settings: &Settings, workers: usize) -> bool {
     };
     let direct = Target { ..free.clone() };
     let free = Target { addr: gw, ..free };
-    let chat = Target {
-        addr: gw,
-        method: Method::POST,
-        path: "/v1/chat/completions",
-        headers: vec![
-            (AUTHORIZATION, bearer),
-            (CONTENT_TYPE, HeaderValue::from_static("application/json")),
-            (TIER, HeaderValue::from_static("fast")),
-        ],
-        body: Bytes::from_static(CHAT_BODY),
-        metered: true,
-    };
+    let chat = chat_target(gw, bearer);
 
     let mut problems = Vec::new();
     let balance_at_start = balance(&gateway).await;
@@ -235,6 +224,22 @@ async fn run(settings: &Settings, workers: usize) -> bool {
 
 /// A bare hyper HTTP/1 server: reads the request body, answers [`UPSTREAM_BODY`], keeps the
 /// connection alive; counts requests in `hits`.
+/// A fast-tier chat (tier in the header: priced without reading the body) at `addr`.
+fn chat_target(addr: SocketAddr, bearer: HeaderValue) -> Target {
+    Target {
+        addr,
+        method: Method::POST,
+        path: "/v1/chat/completions",
+        headers: vec![
+            (AUTHORIZATION, bearer),
+            (CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (TIER, HeaderValue::from_static("fast")),
+        ],
+        body: Bytes::from_static(CHAT_BODY),
+        metered: true,
+    }
+}
+
 /// Scenario (d): a gateway on a fresh Redis; checks the balance and that every metered request
 /// cost exactly one script call (Redis `INFO commandstats`).
 async fn redis_scenario(
@@ -251,18 +256,7 @@ async fn redis_scenario(
     let gateway = server::start(config, opts).await.expect("gateway on Redis starts");
     let key = seed(&gateway, settings).await;
     let bearer = HeaderValue::from_str(&format!("Bearer {key}")).expect("key is a header value");
-    let chat = Target {
-        addr: gateway.public_addr,
-        method: Method::POST,
-        path: "/v1/chat/completions",
-        headers: vec![
-            (AUTHORIZATION, bearer),
-            (CONTENT_TYPE, HeaderValue::from_static("application/json")),
-            (TIER, HeaderValue::from_static("fast")),
-        ],
-        body: Bytes::from_static(CHAT_BODY),
-        metered: true,
-    };
+    let chat = chat_target(gateway.public_addr, bearer);
     let before = balance(&gateway).await;
     let scripts_before = redis.script_calls();
     let d = scenario("(d) metered chat via gateway, Redis store", chat, settings, hits, problems).await;

@@ -176,15 +176,13 @@ async fn handle(
     let (parts, body) = req.into_parts();
     // A queueing operation keeps the body: it is stored with the job when the account cannot pay.
     let queues = op.on_empty == OnEmpty::Queue;
-    let buffered = if op.needs_body(&parts.headers, principal.role) || idempotency_key.is_some() || queues {
-        Some(read_body(body, max_body).await?)
-    } else {
+    if !(op.needs_body(&parts.headers, principal.role) || idempotency_key.is_some() || queues) {
         // Not needed for pricing: stream it on untouched.
         let req = Request::from_parts(parts, body);
         let res = metered(state, &rt, &principal, op, &route.upstream, req, None, None, fwd).await;
         return with_limit(res, max_body);
-    };
-    let body_bytes = buffered.expect("set above");
+    }
+    let body_bytes = read_body(body, max_body).await?;
     let fingerprint =
         idempotency_key.as_ref().map(|_| fingerprint(&parts.method, &parts.uri, &parts.headers, &body_bytes));
     let idem =
@@ -218,6 +216,8 @@ async fn metered(
         // The upstream sees exactly the tier that was priced (duplicates or a body tier lose).
         req.headers_mut().insert(crate::classify::TIER_HEADER, tier);
     }
+    // A queueing operation always has its body buffered; keep a handle (no copy) for the job.
+    let job_body = body.clone().filter(|_| op.on_empty == OnEmpty::Queue);
     let req = match body {
         Some(b) => req.map(|_| Body::from(b)),
         None => req,
@@ -252,7 +252,10 @@ async fn metered(
             if op.on_empty == OnEmpty::Queue =>
         {
             guard.disarm();
-            return enqueue(state, rt, principal, op, upstream_name, req, price.cost, fwd.request_id, idem).await;
+            let body = job_body.unwrap_or_default();
+            let parts = req.into_parts().0;
+            return enqueue(state, rt, principal, op, upstream_name, parts, body, price.cost, fwd.request_id, idem)
+                .await;
         }
         Err(e) => {
             // Nothing charged (or a background refund already covers an unknown outcome).
@@ -317,14 +320,12 @@ async fn enqueue(
     principal: &Principal,
     op: &crate::classify::Operation,
     upstream: &str,
-    req: Request,
+    parts: http::request::Parts,
+    body: Bytes,
     cost: u64,
     request_id: &str,
     idem: Option<Idempotency<'_>>,
 ) -> Result<Response, GatewayError> {
-    let (parts, body) = req.into_parts();
-    // The body was buffered above (queueing operations always are); this only unwraps it.
-    let body = read_body(body, rt.config.server.max_body_bytes).await?;
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::gateway::{ConfigBuilder, TestGateway};
+use support::gateway::{ConfigBuilder, TestGateway, leads};
 use support::http::{self, chunked, next_data, send_body, send_streaming, try_next_data};
 use support::upstream::{Behaviour, Upstream, refused_url};
 
@@ -142,8 +142,7 @@ async fn lead_enrichment_costs_one_per_lead() {
     let path = "/v1/leads/enrich";
     assert_costs(&gw, &up, &key, path, &[], r#"{"leads":[{"email":"a@x.io"}]}"#, 1).await;
     assert_costs(&gw, &up, &key, path, &[], r#"{"leads":[{"id":1},{"id":2},{"id":3},{"id":4}],"x":1}"#, 4).await;
-    let leads: Vec<String> = (0..25).map(|i| format!(r#"{{"id":{i}}}"#)).collect();
-    assert_costs(&gw, &up, &key, path, &[], &format!(r#"{{"leads":[{}]}}"#, leads.join(",")), 25).await;
+    assert_costs(&gw, &up, &key, path, &[], &leads(25), 25).await;
 }
 
 #[tokio::test]
@@ -221,8 +220,7 @@ async fn automatic_scoring_is_free_only_for_system_keys() {
 #[tokio::test]
 async fn no_credits_is_402_with_renews_at() {
     let (gw, up, key) = setup("fifty").await;
-    let fifty: Vec<String> = (0..50).map(|i| i.to_string()).collect();
-    assert_costs(&gw, &up, &key, "/v1/leads/enrich", &[], &format!(r#"{{"leads":[{}]}}"#, fifty.join(",")), 50).await;
+    assert_costs(&gw, &up, &key, "/v1/leads/enrich", &[], &leads(50), 50).await;
     let renews_at = gw.credits(&key).await["renews_at"].clone();
     assert!(renews_at.is_string(), "{renews_at}");
 
@@ -235,8 +233,7 @@ async fn no_credits_is_402_with_renews_at() {
 #[tokio::test]
 async fn insufficient_credits_is_402_with_required_and_remaining() {
     let (gw, up, key) = setup("fifty").await;
-    let leads: Vec<String> = (0..48).map(|i| i.to_string()).collect();
-    assert_costs(&gw, &up, &key, "/v1/leads/enrich", &[], &format!(r#"{{"leads":[{}]}}"#, leads.join(",")), 48).await;
+    assert_costs(&gw, &up, &key, "/v1/leads/enrich", &[], &leads(48), 48).await;
     let renews_at = gw.credits(&key).await["renews_at"].clone();
 
     let v = assert_refused(&gw, &up, &key, CHAT, &[("x-ai-tier", "powerful")], "{}", 402, "insufficient_credits").await;
@@ -252,8 +249,7 @@ async fn insufficient_credits_is_402_with_required_and_remaining() {
 #[tokio::test]
 async fn low_credits_flag_below_ten_percent_of_the_allocation() {
     let (gw, up, key) = setup("fifty").await;
-    let leads: Vec<String> = (0..44).map(|i| i.to_string()).collect();
-    assert_costs(&gw, &up, &key, "/v1/leads/enrich", &[], &format!(r#"{{"leads":[{}]}}"#, leads.join(",")), 44).await;
+    assert_costs(&gw, &up, &key, "/v1/leads/enrich", &[], &leads(44), 44).await;
     // 5 of 50 left: exactly 10 %, not below it.
     let res = gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await;
     assert_eq!((res.charged(), res.header("x-credits-remaining"), res.header("x-credits-low")), (1, Some("5"), None));

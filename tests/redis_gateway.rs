@@ -101,7 +101,7 @@ async fn many_gateways_one_balance(store_lines: &str, nodes: &[&RedisServer]) {
 #[tokio::test]
 async fn two_gateway_processes_share_one_balance_on_redis() {
     let redis = RedisServer::start();
-    many_gateways_one_balance(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url()), &[&redis]).await;
+    many_gateways_one_balance(&redis_store(&redis), &[&redis]).await;
 }
 
 #[tokio::test]
@@ -111,6 +111,11 @@ async fn two_gateway_processes_share_one_balance_on_a_redis_cluster() {
     let lines = format!("kind = \"redis-cluster\"\nnodes = [{}]", nodes.join(", "));
     let refs: Vec<&RedisServer> = cluster.nodes().iter().collect();
     many_gateways_one_balance(&lines, &refs).await;
+}
+
+/// The `[store]` lines for a standalone `redis`.
+fn redis_store(redis: &RedisServer) -> String {
+    format!("kind = \"redis\"\nurl = \"{}\"", redis.url())
 }
 
 fn shutdown(redis: &RedisServer) {
@@ -132,10 +137,7 @@ async fn readyz(gw: &TestGateway) -> u16 {
 async fn redis_outage_fail_closed_then_recovery_without_restart() {
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let up = Upstream::echo().await;
-    let gw = TestGateway::start(
-        &ConfigBuilder::new(&up.url()).store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url())).build(),
-    )
-    .await;
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
     let key = gw.account_with_key("acme", "fifty").await;
     assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "powerful")], "{}").await.charged(), 5);
     assert_eq!(readyz(&gw).await, 200);
@@ -171,7 +173,7 @@ async fn redis_outage_fail_closed_then_recovery_without_restart() {
 async fn redis_outage_fail_open_forwards_uncharged() {
     let redis = RedisServer::start();
     let up = Upstream::echo().await;
-    let lines = format!("kind = \"redis\"\nurl = \"{}\"\non_error = \"fail_open\"", redis.url());
+    let lines = format!("{}\non_error = \"fail_open\"", redis_store(&redis));
     let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&lines).build()).await;
     let key = gw.account_with_key("acme", "fifty").await;
     assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1);
@@ -189,10 +191,7 @@ async fn redis_outage_fail_open_forwards_uncharged() {
 async fn an_emptied_script_cache_is_reloaded_not_hidden() {
     let redis = RedisServer::start();
     let up = Upstream::echo().await;
-    let gw = TestGateway::start(
-        &ConfigBuilder::new(&up.url()).store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url())).build(),
-    )
-    .await;
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
     let key = gw.account_with_key("acme", "fifty").await;
     redis.command(&["SCRIPT", "FLUSH"]);
     assert_eq!(readyz(&gw).await, 200, "readiness runs a real script (reloading it)");
@@ -255,7 +254,7 @@ async fn new_account(admin_base: &str, id: &str) -> String {
 async fn two_gateway_processes_drain_one_queue_running_each_job_once() {
     let redis = RedisServer::start();
     let up = Upstream::echo().await;
-    let config = ConfigBuilder::new(&up.url()).store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url())).build();
+    let config = ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build();
     let (a, b) = (GatewayProcess::start(&config).await, GatewayProcess::start(&config).await);
     let key = new_account(&a.admin, "queued").await;
     exhaust_via(&a.public, &key, 50).await;
@@ -290,7 +289,7 @@ async fn a_job_whose_gateway_dies_mid_run_completes_once_elsewhere() {
     let redis = RedisServer::start();
     let up = Upstream::echo().await;
     let config = ConfigBuilder::new(&up.url())
-        .store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url()))
+        .store(&redis_store(&redis))
         .upstream_timeout_ms(2_000)
         .extra("[jobs]\nlease_margin_secs = 1")
         .build();
@@ -329,10 +328,7 @@ async fn a_job_whose_gateway_dies_mid_run_completes_once_elsewhere() {
 async fn a_charge_whose_reply_is_late_is_charged_once_not_refused() {
     let redis = RedisServer::start();
     let up = Upstream::echo().await;
-    let gw = TestGateway::start(
-        &ConfigBuilder::new(&up.url()).store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url())).build(),
-    )
-    .await;
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
     let key = gw.account_with_key("acme", "fifty").await;
     // Redis stalls for 3 s: longer than the 2 s reply timeout of the first attempt.
     let port = redis.port().to_string();

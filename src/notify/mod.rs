@@ -39,6 +39,8 @@ pub fn event_body(e: &Event) -> Vec<u8> {
 struct Backoff {
     attempts: u32,
     next: Instant,
+    /// Events left at the last attempt (counted in the gauge while the account waits).
+    left: usize,
 }
 
 /// Which channels already have which undelivered event (process-local).
@@ -94,8 +96,8 @@ pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
             let max_backoff = Duration::from_millis(n.max_backoff_ms);
             let mut depth = 0;
             for account in accounts {
-                if backoff.get(&account).is_some_and(|b| b.next > Instant::now()) {
-                    depth += state.ledger.pending_events(&account, BATCH).await.map_or(0, |e| e.len());
+                if let Some(b) = backoff.get(&account).filter(|b| b.next > Instant::now()) {
+                    depth += b.left;
                     continue;
                 }
                 let (ok, left) = drain(&state, &account, &channels, &mut progress, ttl).await;
@@ -103,8 +105,9 @@ pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
                 if ok {
                     backoff.remove(&account);
                 } else {
-                    let b = backoff.entry(account).or_insert(Backoff { attempts: 0, next: Instant::now() });
+                    let b = backoff.entry(account).or_insert(Backoff { attempts: 0, next: Instant::now(), left: 0 });
                     b.attempts += 1;
+                    b.left = left;
                     let wait = Duration::from_millis(250u64.saturating_mul(1 << b.attempts.min(16))).min(max_backoff);
                     b.next = Instant::now() + wait;
                 }
