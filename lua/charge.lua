@@ -14,21 +14,28 @@
 -- ARGV[7]  request fingerprint (ignored without KEYS[3])
 -- ARGV[8]  retention of charge and idempotency records, seconds
 -- ARGV[9]  most auto top-ups per billing period
--- ARGV[10...]  low-credit thresholds, percent of the allocation (0: exhausted)
+-- ARGV[10] idempotency lease, seconds: how long the first request with the key may run
+-- ARGV[11] the running config's top-up packages, "\n<name>=<credits>:<price JSON>" each
+-- ARGV[12...]  low-credit thresholds, percent of the allocation (0: exhausted)
 --
 -- Reply, first the number of outbox events appended, then the outcome:
---   { events, "charged" | "replayed", charge_id, cost, from_monthly, from_topup,
+--   { events, "charged", charge_id, cost, from_monthly, from_topup,
 --     monthly_remaining, topup_remaining, allocation, renews_at, auto_topup_credits | nil }
+--   { events, "refunded" }                 this charge id was refunded (or tombstoned) before
 --   { events, "refused", remaining, renews_at }
+--   { events, "replay", status, headers JSON, body, remaining, allocation }
+--   { events, "in_progress", seconds left of the first request's lease }
+--   { events, "reused" }                   the key's charge stands, its answer was not kept
 --   { events, "conflict" }
 --   { 0, "noaccount" }
 -- (events other than 0 on a non-charging outcome: the step renewed the account.)
 --
 -- "charged" with an existing charge record is a re-sent step (a client library retrying after a
--- lost reply): the original split, nothing debited again. "replayed" is the client re-sending
--- under the same idempotency key; the idempotency record carries a copy of the split, so this
--- script reads only the keys it declares, plus keys named from KEYS[1] (same hash tag, same
--- slot; see src/ledger/keys.rs): the usage hash of the current period, history and outbox.
+-- lost reply): the original receipt, auto top-up included, nothing debited again. The
+-- idempotency record (state "running" until its lease, then "done" with the answer or "gone",
+-- written by idem_complete.lua) decides what a repeat of the client's key gets. This script
+-- reads only the keys it declares, plus keys named from KEYS[1] (same hash tag, same slot; see
+-- src/ledger/keys.rs): the usage hash of the current period, history and outbox.
 --
 -- Same steps as memory.rs `Account::charge`, `auto_topup` and `thresholds`.
 
@@ -46,25 +53,24 @@ local function receipt(events, outcome, id, c, from_monthly, from_topup, auto_cr
 end
 
 -- Reads and checks.
-local prior = redis.call('HMGET', KEYS[2], 'cost', 'from_monthly', 'from_topup')
+local prior = redis.call('HMGET', KEYS[2], 'cost', 'from_monthly', 'from_topup', 'refunded', 'auto')
 if prior[1] then
+  if prior[4] == '1' then return { save_if_renewed(a), 'refunded' } end
+  local auto = tonumber(prior[5]) or 0
+  if auto == 0 then auto = false end
   return receipt(save_if_renewed(a), 'charged', charge_id, tonumber(prior[1]), tonumber(prior[2]),
-    tonumber(prior[3]), false)
+    tonumber(prior[3]), auto)
 end
 if idem_key then
-  local idem = redis.call('HMGET', KEYS[3], 'fingerprint', 'charge_id', 'cost', 'from_monthly', 'from_topup')
-  if idem[1] then
-    local events = save_if_renewed(a)
-    if idem[1] ~= ARGV[7] then return { events, 'conflict' } end
-    return receipt(events, 'replayed', idem[2], tonumber(idem[3]), tonumber(idem[4]), tonumber(idem[5]), false)
-  end
+  local hit = idem_hit(a, KEYS[3], ARGV[7])
+  if hit then return hit end
 end
 local before = a.monthly + a.topup
 if before < cost then
   return { save_if_renewed(a), 'refused', before, renews_at(a) }
 end
 local thresholds, fired_fields = {}, {}
-for i = 10, #ARGV do
+for i = 12, #ARGV do
   thresholds[#thresholds + 1] = tonumber(ARGV[i])
   fired_fields[#fired_fields + 1] = 'fired:' .. ARGV[i]
 end
@@ -91,8 +97,21 @@ add_entry(a, 'charge', -from_monthly, -from_topup,
 local auto_credits = false
 local auto = a.auto
 local after = a.monthly + a.topup
+local auto_off = false
 if auto and auto.enabled and after < auto.threshold and (before >= auto.threshold or auto.armed)
     and a.auto_count < tonumber(ARGV[9]) then
+  -- The package as the running config defines it now; the customer agreed to the one saved
+  -- with the setting, so one that changed or disappeared switches the setting off instead.
+  local credits, price_json = string.match(ARGV[11], '\n' .. auto.package:gsub('%p', '%%%0') .. '=(%d+):([^\n]*)')
+  if not credits or tonumber(credits) ~= auto.credits or price_json ~= auto.price_json then
+    auto_off = true
+    local reason = 'package_changed'
+    if not credits then reason = 'package_removed' end
+    add_event(a, 'auto_topup.disabled', json_object('package', auto.package, 'reason', reason))
+  end
+end
+if auto and auto.enabled and after < auto.threshold and (before >= auto.threshold or auto.armed)
+    and a.auto_count < tonumber(ARGV[9]) and not auto_off then
   local payment_ref = 'auto:' .. charge_id
   a.topup = a.topup + auto.credits
   a.auto_count = a.auto_count + 1
@@ -104,7 +123,7 @@ if auto and auto.enabled and after < auto.threshold and (before >= auto.threshol
 end
 -- Disarm once the arming has been used, or once the balance is at or above the threshold (from
 -- then on an ordinary crossing buys).
-local disarm = auto and auto.armed and (auto_credits or after >= auto.threshold)
+local disarm = auto and auto.armed and (auto_credits or auto_off or after >= auto.threshold)
 
 -- Whether remaining * 100 <= allocation * t, exactly: with allocation = 100 q + r this is
 -- remaining - floor(r t / 100) <= q t, whose sides stay exact doubles for amounts below 2^53.
@@ -134,6 +153,7 @@ end
 local events = save(a)
 if #newly_fired > 0 then redis.call('HSET', KEYS[1], unpack(newly_fired)) end
 if disarm then redis.call('HSET', KEYS[1], 'auto_armed', '0') end
+if auto_off then redis.call('HSET', KEYS[1], 'auto_enabled', '0') end
 local usage = sub_key(a, 'usage:' .. n(a.period))
 redis.call('HINCRBY', usage, 't', n(cost))
 redis.call('HINCRBY', usage, 'c:' .. category, n(cost))
@@ -143,12 +163,12 @@ redis.call('HINCRBY', usage, 'd:' .. n(day), n(cost))
 local ttl = ARGV[8]
 redis.call('HSET', KEYS[2], 'cost', n(cost), 'from_monthly', n(from_monthly), 'from_topup', n(from_topup),
   'period', n(a.period), 'refunded', '0', 'operation', operation, 'category', category,
-  'request_id', request_id, 'at', n(a.now), 'day', n(day))
+  'request_id', request_id, 'at', n(a.now), 'day', n(day), 'auto', n(auto_credits or 0))
 redis.call('EXPIRE', KEYS[2], ttl)
 if idem_key then
   redis.call('HSET', KEYS[2], 'idem', idem_key)
-  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[7], 'charge_id', charge_id, 'cost', n(cost),
-    'from_monthly', n(from_monthly), 'from_topup', n(from_topup))
+  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[7], 'charge_id', charge_id, 'state', 'running',
+    'until', n(a.now + tonumber(ARGV[10])))
   redis.call('EXPIRE', KEYS[3], ttl)
 end
 return receipt(events, 'charged', charge_id, cost, from_monthly, from_topup, auto_credits)

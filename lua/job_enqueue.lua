@@ -13,11 +13,22 @@
 -- ARGV[9]  request body (raw bytes)
 -- ARGV[10] request id
 -- ARGV[11] most jobs the account may have queued or running
+-- KEYS[3]  idempotency record      cg:{acct:<id>}:idem:<key>   (present iff the request has an
+--          idempotency key)
+-- ARGV[12] request fingerprint (with KEYS[3])
+-- ARGV[13] headers of the 202 answer, JSON array of [name, value] pairs (with KEYS[3])
+-- ARGV[14] retention of the idempotency record, seconds (with KEYS[3])
 --
 -- Reply, first the number of outbox events appended (a renewal's), then the outcome:
 --   { events, "queued", queue length after }
 --   { events, "full" }
+--   { events, "replay" | "in_progress" | "reused" | "conflict", ... }   as charge.lua: the key
+--            was used before (see lib.lua `idem_hit`); nothing queued
 --   { 0, "noaccount" }
+--
+-- With an idempotency key the 202 answer ({"job_id", "status", "queue_depth"}, the same bytes
+-- as src/ledger/jobs.rs `queued_response`) is stored as the key's answer in the same step, so a
+-- repeat replays it: one job, charged once, however often the request is sent.
 --
 -- The queue cg:{acct:<id>}:queue (named from KEYS[1]) lists the ids of queued and running jobs,
 -- oldest first. A job id that already has a record is a re-sent step (a client retrying after a
@@ -28,6 +39,10 @@ local a = load_account(KEYS[1])
 if not a then return { 0, 'noaccount' } end
 
 -- Reads and checks.
+if #KEYS == 3 then
+  local hit = idem_hit(a, KEYS[3], ARGV[12])
+  if hit then return hit end
+end
 local queue = sub_key(a, 'queue')
 local depth = redis.call('LLEN', queue)
 if redis.call('EXISTS', KEYS[2]) == 1 then return { save_if_renewed(a), 'queued', depth } end
@@ -39,4 +54,10 @@ redis.call('HSET', KEYS[2], 'operation', ARGV[2], 'category', ARGV[3], 'cost', A
   'upstream', ARGV[5], 'method', ARGV[6], 'path', ARGV[7], 'headers', ARGV[8], 'body', ARGV[9],
   'request_id', ARGV[10], 'status', 'queued', 'not_before', n(a.now), 'attempts', '0',
   'created_at', n(a.now), 'updated_at', n(a.now))
-return { events, 'queued', redis.call('RPUSH', queue, ARGV[1]) }
+local depth = redis.call('RPUSH', queue, ARGV[1])
+if #KEYS == 3 then
+  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[12], 'state', 'done', 'status', '202', 'headers', ARGV[13],
+    'body', json_object('job_id', ARGV[1], 'status', 'queued', 'queue_depth', depth))
+  redis.call('EXPIRE', KEYS[3], ARGV[14])
+end
+return { events, 'queued', depth }

@@ -188,38 +188,42 @@ end
 -- checks first, then call `save`, which writes the account and everything queued.
 local function load_account(key)
   local v = redis.call('HMGET', key, unpack(FIELDS))
-  if not v[1] then return nil end
+  -- By name from here on: the order of FIELDS is nobody's business.
+  local f = {}
+  for i, name in ipairs(FIELDS) do f[name] = v[i] end
+  if not f.plan then return nil end
   local a = {
     key = key,
     id = string.match(key, '^cg:{acct:(.*)}$'),
-    plan = v[1],
-    allocation = tonumber(v[2]),
-    pending_plan = v[3],
-    pending_allocation = tonumber(v[4]),
-    anchor_unix = tonumber(v[5]),
-    period = tonumber(v[6]),
-    monthly = tonumber(v[7]),
-    topup = tonumber(v[8]),
-    used = tonumber(v[9]),
-    email = v[10],
+    plan = f.plan,
+    allocation = tonumber(f.allocation),
+    pending_plan = f.pending_plan,
+    pending_allocation = tonumber(f.pending_allocation),
+    anchor_unix = tonumber(f.anchor),
+    period = tonumber(f.period),
+    monthly = tonumber(f.monthly),
+    topup = tonumber(f.topup),
+    used = tonumber(f.used),
+    email = f.email,
     -- Accounts created before history, events and auto top-up start their counts at 0.
-    hist = tonumber(v[12]) or 0,
-    evt = tonumber(v[13]) or 0,
-    auto_count = tonumber(v[14]) or 0,
+    hist = tonumber(f.hist) or 0,
+    evt = tonumber(f.evt) or 0,
+    auto_count = tonumber(f.auto_count) or 0,
     auto = false,
     renewed = false,
     pending_changed = false,
     entries = {},
     events = {},
   }
-  if v[17] then
-    a.auto = { enabled = v[15] == '1', threshold = tonumber(v[16]), package = v[17],
-      credits = tonumber(v[18]), price = v[19], price_json = v[20], armed = v[21] == '1' }
+  if f.auto_package then
+    a.auto = { enabled = f.auto_enabled == '1', threshold = tonumber(f.auto_threshold), package = f.auto_package,
+      credits = tonumber(f.auto_credits), price = f.auto_price, price_json = f.auto_price_json,
+      armed = f.auto_armed == '1' }
   end
-  a.now = clock(tonumber(v[11]))
+  a.now = clock(tonumber(f.now))
   -- The end of the current period is kept in the hash, so the calendar runs only when it has
   -- passed (or for accounts written before it was kept): the hot path does no date arithmetic.
-  a.period_end = tonumber(v[22])
+  a.period_end = tonumber(f.period_end)
   if a.period_end and a.now < a.period_end then
     return a
   end
@@ -298,3 +302,23 @@ local function save_if_renewed(a)
 end
 
 -- ===== end of lib.lua =====
+
+-- === idempotency records (cg:{acct:<id>}:idem:<key>) ===
+
+-- What a used idempotency key answers, as a reply to return as is, or nil for a fresh key (or
+-- one whose record expired). The record's `state`: "running" until `until` (the first request's
+-- lease), "done" with the answer to replay (status, headers, body), or "gone" (the charge stands,
+-- the answer was not kept). Same rule as memory.rs `Account::idem_hit`.
+local function idem_hit(a, key, fingerprint)
+  local r = redis.call('HMGET', key, 'fingerprint', 'state', 'until', 'status', 'headers', 'body')
+  if not r[1] then return nil end
+  local events = save_if_renewed(a)
+  if r[1] ~= fingerprint then return { events, 'conflict' } end
+  if r[2] == 'done' then
+    return { events, 'replay', tonumber(r[4]), r[5], r[6], a.monthly + a.topup, a.allocation }
+  end
+  if r[2] == 'running' and tonumber(r[3]) > a.now then
+    return { events, 'in_progress', tonumber(r[3]) - a.now }
+  end
+  return { events, 'reused' }
+end

@@ -3,11 +3,14 @@
 -- KEYS[1]  account hash            cg:{acct:<id>}
 -- KEYS[2]  charge record           cg:{acct:<id>}:charge:<charge id>
 -- ARGV[1]  charge id
+-- ARGV[2]  retention of a tombstone, seconds
 --
 -- Reply, first the number of outbox events appended (a renewal's), then the outcome:
 --   { events, "refunded", to_monthly, to_topup, monthly_remaining, topup_remaining }
 --   { events, "already" }   refunded before; nothing changed
---   { events, "unknown" }   no such account or charge (never made, or expired)
+--   { events, "unknown" }   no such account or charge (never made, or expired); for an existing
+--                           account a tombstone is left (a refunded charge record of cost 0), so
+--                           a charge that arrives late under this id answers "refunded"
 --
 -- The monthly part goes back only if the account is still in the charge's period (the bucket
 -- was reset since); the top-up part always does. The usage of the charge's own period, day,
@@ -24,7 +27,13 @@ if not a then return { 0, 'unknown' } end
 -- Reads and checks.
 local c = redis.call('HMGET', KEYS[2], 'cost', 'from_monthly', 'from_topup', 'period', 'idem', 'refunded',
   'operation', 'category', 'day', 'at')
-if not c[1] then return { save_if_renewed(a), 'unknown' } end
+if not c[1] then
+  local events = save_if_renewed(a)
+  redis.call('HSET', KEYS[2], 'cost', '0', 'from_monthly', '0', 'from_topup', '0', 'period', n(a.period),
+    'refunded', '1', 'day', n(div(a.now, 86400)), 'at', n(a.now))
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  return { events, 'unknown' }
+end
 if c[6] == '1' then return { save_if_renewed(a), 'already' } end
 local idem_record = false
 if c[5] then

@@ -13,9 +13,15 @@
 local a = load_account(KEYS[1])
 if not a then return { 0, 'noaccount' } end
 
+-- Switching it on (from off or from no setting) arms it: if the balance is already below the
+-- threshold, the next charge buys. Saving an enabled setting again leaves the arming as it is,
+-- so repeated saves below the threshold cannot buy again; switching it off disarms.
+local armed = a.auto and a.auto.armed and '1' or '0'
+if ARGV[1] == '1' and not (a.auto and a.auto.enabled) then armed = '1' end
+if ARGV[1] ~= '1' then armed = '0' end
+
 -- Writes.
 local events = save_if_renewed(a)
--- Switching it on arms it: if the balance is already below the threshold, the next charge buys.
 redis.call('HSET', KEYS[1], 'auto_enabled', ARGV[1], 'auto_threshold', ARGV[2], 'auto_package', ARGV[3],
-  'auto_credits', ARGV[4], 'auto_price', ARGV[5], 'auto_price_json', ARGV[6], 'auto_armed', ARGV[1])
+  'auto_credits', ARGV[4], 'auto_price', ARGV[5], 'auto_price_json', ARGV[6], 'auto_armed', armed)
 return { events, 'set' }

@@ -106,19 +106,11 @@ fn auto_topup_json(a: Option<&AutoTopup>) -> Value {
 }
 
 async fn account_of(state: &AppState, principal: &Principal) -> Result<AccountView, GatewayError> {
-    state
-        .ledger
-        .account(&principal.account)
-        .await?
-        .ok_or_else(|| GatewayError::NotFound("The account of this API key no longer exists.".into()))
+    state.ledger.account(&principal.account).await?.ok_or(GatewayError::AccountGone)
 }
 
 async fn usage(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, GatewayError> {
-    let usage = state
-        .ledger
-        .usage(&principal.account, EARLIER_PERIODS)
-        .await?
-        .ok_or_else(|| GatewayError::NotFound("The account of this API key no longer exists.".into()))?;
+    let usage = state.ledger.usage(&principal.account, EARLIER_PERIODS).await?.ok_or(GatewayError::AccountGone)?;
     Ok(Json(usage_json(&usage, &state.runtime.load())))
 }
 
@@ -238,7 +230,7 @@ async fn set_auto_topup(
 ) -> Result<Json<Value>, GatewayError> {
     let setting = body.into_setting(&state.runtime.load())?;
     if !state.ledger.set_auto_topup(&principal.account, &setting).await? {
-        return Err(GatewayError::NotFound("The account of this API key no longer exists.".into()));
+        return Err(GatewayError::AccountGone);
     }
     let view = account_of(&state, &principal).await?;
     Ok(Json(auto_topup_json(view.auto_topup.as_ref())))

@@ -65,6 +65,9 @@ pub struct Config {
     /// The queue of requests waiting for credits (`on_empty = "queue"`).
     #[serde(default)]
     pub jobs: JobsConfig,
+    /// `Idempotency-Key` handling on metered routes.
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -242,6 +245,26 @@ pub struct OperationConfig {
     /// What happens when the account cannot pay.
     #[serde(default)]
     pub on_empty: OnEmpty,
+    /// Upstream failures that give the credits back (default `["unreachable", "status_5xx"]`).
+    #[serde(default = "default_refund_on")]
+    pub refund_on: Vec<RefundOn>,
+}
+
+/// An upstream failure that `refund_on` may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundOn {
+    /// The request never reached a backend (connect failed or refused, nothing was sent).
+    Unreachable,
+    /// The backend answered 5xx, or its connection broke after the request was delivered.
+    #[serde(rename = "status_5xx")]
+    Status5xx,
+    /// The backend got the request but sent no answer head within `upstream_timeout_ms`.
+    Timeout,
+}
+
+fn default_refund_on() -> Vec<RefundOn> {
+    vec![RefundOn::Unreachable, RefundOn::Status5xx]
 }
 
 /// `[plans.NAME]`
@@ -350,6 +373,32 @@ impl Default for AutoTopupConfig {
 
 fn default_max_per_period() -> u64 {
     5
+}
+
+/// `[idempotency]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// Largest answer kept for replays; a repeat of a larger one gets 409 `idempotency_key_reused`.
+    #[serde(default = "default_max_stored_bytes")]
+    pub max_stored_bytes: usize,
+    /// How long a copy waits for the first request with its key to finish before it gets 409
+    /// `idempotency_in_progress`.
+    #[serde(default = "default_idempotency_wait_ms")]
+    pub wait_ms: u64,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self { max_stored_bytes: default_max_stored_bytes(), wait_ms: default_idempotency_wait_ms() }
+    }
+}
+
+fn default_max_stored_bytes() -> usize {
+    1 << 20
+}
+fn default_idempotency_wait_ms() -> u64 {
+    5_000
 }
 
 /// `[jobs]`
@@ -584,6 +633,12 @@ impl Config {
         ] {
             positive(key, v)?;
         }
+        // A repeated Idempotency-Key replays the 202 of a queued request for 24 h: its job must
+        // stay readable at least as long.
+        if j.result_retention_hours < 24 {
+            return Err(bad("jobs.result_retention_hours", "must be at least 24 (idempotency keys replay for 24 h)"));
+        }
+        positive("idempotency.max_stored_bytes", self.idempotency.max_stored_bytes as u64)?;
         if self.auto_topup.max_per_period == 0 {
             return Err(bad("auto_topup.max_per_period", "must be greater than 0"));
         }

@@ -52,6 +52,18 @@ pub enum GatewayError {
     /// The idempotency key was used for a different request (client).
     #[error("idempotency conflict")]
     IdempotencyConflict,
+    /// 409 `idempotency_in_progress`: the first request with this key is still running.
+    #[error("idempotency key in progress")]
+    IdempotencyInProgress {
+        /// Seconds to wait (`Retry-After`).
+        retry_after_secs: u64,
+    },
+    /// 409 `idempotency_key_reused`: the key's request was charged but its answer was not kept.
+    #[error("idempotency key reused")]
+    IdempotencyKeyReused,
+    /// 401 `unauthorized`: the API key's account no longer exists (one answer wherever it is found).
+    #[error("account gone")]
+    AccountGone,
     /// The body is larger than `server.max_body_bytes` (client).
     #[error("payload too large")]
     PayloadTooLarge {
@@ -107,6 +119,9 @@ impl GatewayError {
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             IdempotencyConflict => (StatusCode::CONFLICT, "idempotency_conflict"),
+            IdempotencyInProgress { .. } => (StatusCode::CONFLICT, "idempotency_in_progress"),
+            IdempotencyKeyReused => (StatusCode::CONFLICT, "idempotency_key_reused"),
+            AccountGone => (StatusCode::UNAUTHORIZED, "unauthorized"),
             PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             RateLimited { .. } | QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             UpstreamUnavailable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
@@ -137,8 +152,14 @@ impl GatewayError {
             }
             MethodNotAllowed => "This path does not take that method.".into(),
             IdempotencyConflict => {
-                "This Idempotency-Key was already used for a different request (method, path or body).".into()
+                "This Idempotency-Key was already used for a different request (method, path, tier or body).".into()
             }
+            IdempotencyInProgress { retry_after_secs } => {
+                fields.insert("retry_after".into(), json!(retry_after_secs));
+                format!("A request with this Idempotency-Key is still running; retry in {retry_after_secs} s to get its answer.")
+            }
+            IdempotencyKeyReused => "This Idempotency-Key was used for a request that was charged, but its answer could not be kept (too large, or the client left before it ended); use a new key.".into(),
+            AccountGone => "The account of this API key no longer exists.".into(),
             PayloadTooLarge { limit } => {
                 fields.insert("limit_bytes".into(), json!(limit));
                 format!("The request body is larger than the limit of {limit} bytes.")
@@ -151,8 +172,10 @@ impl GatewayError {
                 fields.insert("queue_limit".into(), json!(limit));
                 format!("You already have {limit} requests waiting for credits; wait for them to run or buy a top-up.")
             }
-            UpstreamUnavailable(_) => "The AI backend could not be reached. You were not charged.".into(),
-            UpstreamTimeout => "The AI backend did not answer in time. You were not charged.".into(),
+            // Whether the credits came back follows the operation's `refund_on`; the answer's
+            // `x-credits-charged` header says what was kept.
+            UpstreamUnavailable(_) => "The AI backend could not be reached or failed to answer.".into(),
+            UpstreamTimeout => "The AI backend did not answer in time.".into(),
             StoreUnavailable(_) => "The credit store is unavailable right now; please retry shortly.".into(),
         };
         (message, fields)
@@ -175,6 +198,9 @@ impl IntoResponse for GatewayError {
         res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         match self {
             GatewayError::RateLimited { retry_after_secs } => {
+                res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            GatewayError::IdempotencyInProgress { retry_after_secs } => {
                 res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
             GatewayError::QueueFull { .. } => {

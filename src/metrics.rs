@@ -54,6 +54,9 @@ pub struct Metrics {
     pub payment_required: Family<OperationLabels, Counter>,
     /// Metered requests forwarded uncharged because the store was down (fail_open).
     pub fail_open: Counter,
+    /// Metered requests whose client hung up after the request reached the backend: the charge
+    /// stands, the backend call is cancelled.
+    pub client_gone_after_delivery: Counter,
     /// Time of one store step.
     pub store_seconds: AtomicHistogram,
     /// Time to an upstream's response head.
@@ -75,6 +78,7 @@ impl Default for Metrics {
             credits_refunded: Family::default(),
             payment_required: Family::default(),
             fail_open: Counter::default(),
+            client_gone_after_delivery: Counter::default(),
             store_seconds: AtomicHistogram::exponential(0.000_05, 2.0, 16),
             upstream_seconds: AtomicHistogram::exponential(0.000_5, 2.0, 20),
             jobs_queued: Gauge::default(),
@@ -90,6 +94,11 @@ impl Default for Metrics {
             "fail_open",
             "Metered requests forwarded uncharged while the store was down",
             m.fail_open.clone(),
+        );
+        registry.register(
+            "client_gone_after_delivery",
+            "Metered requests whose client hung up after the backend got them (charge kept, backend call cancelled)",
+            m.client_gone_after_delivery.clone(),
         );
         registry.register("store_seconds", "Duration of one store step", m.store_seconds.clone());
         registry.register("upstream_seconds", "Time to an upstream's response head", m.upstream_seconds.clone());

@@ -92,7 +92,6 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
         config_path: opts.config_path,
         metrics: crate::metrics::Metrics::default(),
         jobs_wake: tokio::sync::Notify::new(),
-        inflight: Default::default(),
     }));
 
     let (shutdown, _) = watch::channel(false);

@@ -22,7 +22,8 @@
 //! Everything a step hands to the next is typed (`Principal`, `Price`, `Charge`), never a header.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -34,13 +35,14 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use crate::auth::Principal;
+use crate::classify::Operation;
 use crate::config::OnEmpty;
 use crate::error::GatewayError;
 use crate::ledger::jobs::{EnqueueOutcome, JobStore, NewJob};
-use crate::ledger::{ChargeRequest, Idempotency};
-use crate::meter::{self, MeteredBody};
+use crate::ledger::{ChargeRequest, Idempotency, StoredResponse};
+use crate::meter::{self, Capture, Charge, Failure, MeteredBody, Repeat, Taken};
 use crate::proxy::{self, Forwarded, headers::REQUEST_ID};
-use crate::state::AppState;
+use crate::state::{AppState, Runtime};
 
 /// Most characters an `Idempotency-Key` may have.
 pub const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -174,205 +176,294 @@ async fn handle(
     *label = Label::Operation(op.name.clone());
     let idempotency_key = idempotency_key(req.headers())?.map(str::to_owned);
     let (parts, body) = req.into_parts();
+    let metered =
+        |idem| Metered { state, rt: &rt, principal: &principal, op, route_upstream: &route.upstream, fwd, idem };
     // A queueing operation keeps the body: it is stored with the job when the account cannot pay.
     let queues = op.on_empty == OnEmpty::Queue;
     if !(op.needs_body(&parts.headers, principal.role) || idempotency_key.is_some() || queues) {
         // Not needed for pricing: stream it on untouched.
-        let req = Request::from_parts(parts, body);
-        let res = metered(state, &rt, &principal, op, &route.upstream, req, None, None, fwd).await;
+        let res = metered(None).run(Request::from_parts(parts, body), None).await;
         return with_limit(res, max_body);
     }
     let body_bytes = read_body(body, max_body).await?;
     let fingerprint =
         idempotency_key.as_ref().map(|_| fingerprint(&parts.method, &parts.uri, &parts.headers, &body_bytes));
-    let idem =
-        idempotency_key.as_deref().zip(fingerprint.as_deref()).map(|(key, fp)| Idempotency { key, fingerprint: fp });
-    let req = Request::from_parts(parts, Body::empty());
-    // A copy of a request still running here waits for it (until its answer head is out).
-    let _slot = match &idempotency_key {
-        Some(key) => Some(state.inflight.enter(&principal.account, key).await),
-        None => None,
-    };
-    metered(state, &rt, &principal, op, &route.upstream, req, Some(body_bytes), idem, fwd).await
+    // The first request with a key holds it this long; a copy waits for its answer meanwhile.
+    let lease_secs = rt.upstream_timeout.as_secs() as i64 + IDEMPOTENCY_LEASE_MARGIN_SECS;
+    let idem = idempotency_key.as_deref().zip(fingerprint.as_deref()).map(|(key, fingerprint)| Idempotency {
+        key,
+        fingerprint,
+        lease_secs,
+    });
+    metered(idem).run(Request::from_parts(parts, Body::empty()), Some(body_bytes)).await
 }
 
-/// Steps 5–8 for a priced route. `body` is `Some` when it was buffered for pricing; otherwise the
-/// request still carries its streaming body.
-#[allow(clippy::too_many_arguments)]
-async fn metered(
-    state: &AppState,
-    rt: &crate::state::Runtime,
-    principal: &Principal,
-    op: &crate::classify::Operation,
-    route_upstream: &std::sync::Arc<str>,
-    req: Request,
-    body: Option<Bytes>,
-    idem: Option<Idempotency<'_>>,
-    fwd: Forwarded<'_>,
-) -> Result<Response, GatewayError> {
-    let price = op.price(req.headers(), principal.role, body.as_deref())?;
-    let mut req = req;
-    if let Some(tier) = price.tier.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
-        // The upstream sees exactly the tier that was priced (duplicates or a body tier lose).
-        req.headers_mut().insert(crate::classify::TIER_HEADER, tier);
-    }
-    // A queueing operation always has its body buffered; keep a handle (no copy) for the job.
-    let job_body = body.clone().filter(|_| op.on_empty == OnEmpty::Queue);
-    let req = match body {
-        Some(b) => req.map(|_| Body::from(b)),
-        None => req,
-    };
-    let upstream_name = price.upstream.as_ref().unwrap_or(route_upstream);
-    let upstream = rt
-        .upstreams
-        .get(upstream_name)
-        .ok_or_else(|| GatewayError::UpstreamUnavailable(format!("no upstream {upstream_name}")))?;
-    if price.cost == 0 {
-        let res = forward(state, upstream, req, fwd, rt.upstream_timeout).await?;
-        return Ok(res.map(Body::new));
-    }
-    let charge_id = state.ids.next();
-    let charge_req = ChargeRequest {
-        account: &principal.account,
-        charge_id: &charge_id,
-        cost: price.cost,
-        operation: &op.name,
-        category: &op.category,
-        request_id: fwd.request_id,
-        idempotency: idem,
-        thresholds: &rt.config.notifications.thresholds_percent,
-        auto_topup_max_per_period: rt.config.auto_topup.max_per_period,
-    };
-    let on_error = rt.config.store.on_error;
-    // Armed before the charge is sent: if this request is dropped (the client hangs up) at any
-    // point before its answer is handed over, the charge id is refunded.
-    let mut guard = meter::RefundGuard::new(state, &principal.account, &charge_id, &op.category);
-    let charge = match meter::charge(state, on_error, &op.name, &op.category, charge_req).await {
-        Err(GatewayError::NoCredits { .. } | GatewayError::InsufficientCredits { .. })
-            if op.on_empty == OnEmpty::Queue =>
-        {
-            guard.disarm();
-            let body = job_body.unwrap_or_default();
-            let parts = req.into_parts().0;
-            return enqueue(state, rt, principal, op, upstream_name, parts, body, price.cost, fwd.request_id, idem)
-                .await;
+/// How much longer than the upstream timeout an idempotent request may run (streaming answers
+/// go on after their head) before a copy stops waiting for it.
+const IDEMPOTENCY_LEASE_MARGIN_SECS: i64 = 300;
+
+/// Longest pause between two looks at an idempotency key whose first request is running.
+const IDEMPOTENCY_POLL_MAX: Duration = Duration::from_millis(250);
+
+/// Steps 5–8 for one priced request: everything they share, with the steps as methods.
+struct Metered<'a> {
+    state: &'a AppState,
+    rt: &'a Runtime,
+    principal: &'a Principal,
+    op: &'a Operation,
+    route_upstream: &'a Arc<str>,
+    fwd: Forwarded<'a>,
+    idem: Option<Idempotency<'a>>,
+}
+
+// === impl Metered ===
+
+impl Metered<'_> {
+    /// Prices, charges (or replays, or queues), forwards and settles. `body` is `Some` when it
+    /// was buffered for pricing or idempotency; otherwise `req` still carries its stream.
+    async fn run(&self, req: Request, body: Option<Bytes>) -> Result<Response, GatewayError> {
+        let price = self.op.price(req.headers(), self.principal.role, body.as_deref())?;
+        let mut req = req;
+        if let Some(tier) = price.tier.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
+            // The upstream sees exactly the tier that was priced (duplicates or a body tier lose).
+            req.headers_mut().insert(crate::classify::TIER_HEADER, tier);
         }
-        Err(e) => {
-            // Nothing charged (or a background refund already covers an unknown outcome).
-            guard.disarm();
-            return Err(e);
+        let upstream_name = price.upstream.as_ref().unwrap_or(self.route_upstream);
+        let upstream = self
+            .rt
+            .upstreams
+            .get(upstream_name)
+            .ok_or_else(|| GatewayError::UpstreamUnavailable(format!("no upstream {upstream_name}")))?;
+        // A queueing operation always has its body buffered; keep a handle (no copy) for the job.
+        let job_body = body.clone().filter(|_| self.op.on_empty == OnEmpty::Queue);
+        let req = match body {
+            Some(b) => req.map(|_| Body::from(b)),
+            None => req,
+        };
+        if price.cost == 0 {
+            let res = forward(self.state, upstream, req, self.fwd, self.rt.upstream_timeout).await?;
+            return Ok(res.map(Body::new));
         }
-        Ok(charge) => charge,
-    };
-    match &charge {
-        Some(c) if !c.replayed => {}
-        // A replay or fail_open charged nothing now; fail_open's unknown charge is refunded already.
-        _ => guard.disarm(),
-    }
-    if charge.as_ref().is_some_and(|c| c.receipt.auto_topup.is_some()) {
-        crate::jobs::wake(state);
-    }
-    tracing::debug!(operation = %op.name, tier = ?price.tier, cost = price.cost, "charged");
-    let result = forward(state, upstream, req, fwd, rt.upstream_timeout).await;
-    let Some(charge) = charge else {
-        // fail_open: forwarded uncharged.
-        let mut res = result?.map(Body::new);
-        res.headers_mut().insert(meter::CHARGED, HeaderValue::from_static("0"));
-        return Ok(res);
-    };
-    guard.disarm();
-    match result {
-        Err(e) => {
-            meter::refund(state, &charge).await;
-            Err(e)
-        }
-        Ok(res) if res.status().is_server_error() => {
-            let outcome = meter::refund(state, &charge).await;
-            let mut res = res.map(Body::new);
-            match outcome {
-                meter::Refund::Done { refunded, remaining } => {
-                    let kept = charge.charged().saturating_sub(refunded);
-                    meter::write_headers(res.headers_mut(), kept, remaining, charge.receipt.allocation);
+        let charge_id = self.state.ids.next();
+        let deadline = Instant::now() + Duration::from_millis(self.rt.config.idempotency.wait_ms);
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let repeat = match self.charge(&charge_id, price.cost).await {
+                Ok(Taken::Charged(charge)) => return self.forward_charged(charge, upstream, req).await,
+                Ok(Taken::Repeat(repeat)) => repeat,
+                Ok(Taken::Uncharged) => {
+                    let mut res = forward(self.state, upstream, req, self.fwd, self.rt.upstream_timeout).await?;
+                    res.headers_mut().insert(meter::CHARGED, HeaderValue::from_static("0"));
+                    return Ok(res.map(Body::new));
                 }
-                meter::Refund::None => {
-                    meter::write_headers(res.headers_mut(), 0, charge.receipt.remaining(), charge.receipt.allocation);
+                // A fresh charge id cannot have been refunded, unless its reply was lost and a
+                // refund overtook it: nothing was debited, and nothing is sent.
+                Ok(Taken::Refunded) => {
+                    return Err(GatewayError::StoreUnavailable(format!(
+                        "charge {charge_id} was refunded before it landed"
+                    )));
                 }
-                meter::Refund::Pending => {
-                    meter::write_headers(res.headers_mut(), 0, charge.receipt.remaining(), charge.receipt.allocation);
-                    res.headers_mut().insert(meter::REFUND, HeaderValue::from_static("pending"));
+                Err(GatewayError::NoCredits { .. } | GatewayError::InsufficientCredits { .. })
+                    if self.op.on_empty == OnEmpty::Queue =>
+                {
+                    let parts = req.into_parts().0;
+                    let body = job_body.unwrap_or_default();
+                    match self.enqueue(upstream_name, parts, body, price.cost).await? {
+                        Queued::Answer(res) => return Ok(res),
+                        Queued::Repeat(repeat) => return self.answer_repeat(repeat),
+                    }
                 }
+                Err(e) => return Err(e),
+            };
+            match repeat {
+                Repeat::InProgress { retry_after_secs } if Instant::now() + pause >= deadline => {
+                    return Err(GatewayError::IdempotencyInProgress {
+                        retry_after_secs: retry_after_secs.clamp(1, 60),
+                    });
+                }
+                // The first request with the key is running (here or on another instance):
+                // wait for its answer, or for its refund, after which this one pays and runs.
+                Repeat::InProgress { .. } => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(IDEMPOTENCY_POLL_MAX);
+                }
+                replay => return self.answer_repeat(replay),
             }
-            Ok(res)
         }
-        Ok(res) => {
-            let (mut parts, body) = res.into_parts();
-            charge.write_headers(&mut parts.headers);
-            Ok(Response::from_parts(parts, Body::new(MeteredBody::new(body, state.clone(), charge))))
+    }
+
+    /// The charge step.
+    async fn charge(&self, charge_id: &str, cost: u64) -> Result<Taken, GatewayError> {
+        let rt = self.rt;
+        let req = ChargeRequest {
+            account: &self.principal.account,
+            charge_id,
+            cost,
+            operation: &self.op.name,
+            category: &self.op.category,
+            request_id: self.fwd.request_id,
+            idempotency: self.idem,
+            thresholds: &rt.config.notifications.thresholds_percent,
+            auto_topup_max_per_period: rt.config.auto_topup.max_per_period,
+            packages: &rt.packages,
+        };
+        let taken = meter::charge(self.state, rt.config.store.on_error, &self.op.name, &self.op.category, req).await?;
+        if let Taken::Charged(c) = &taken {
+            tracing::debug!(operation = %self.op.name, cost, "charged");
+            if c.receipt.auto_topup.is_some() {
+                crate::jobs::wake(self.state);
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Forwards a charged request and settles: the answer streams on in a [`MeteredBody`]; a
+    /// failure is refunded as the operation's `refund_on` says.
+    async fn forward_charged(
+        &self,
+        charge: Charge,
+        upstream: &proxy::Upstream,
+        req: Request,
+    ) -> Result<Response, GatewayError> {
+        let delivery = meter::Delivery::default();
+        let req = req.map(|b| Body::new(meter::DeliveryBody::new(b, delivery.clone())));
+        // Dropped with this future if the client hangs up before the answer head is out.
+        let guard = meter::Guard::new(self.state, charge, delivery.clone());
+        let result = forward(self.state, upstream, req, self.fwd, self.rt.upstream_timeout).await;
+        let charge = guard.disarm();
+        let failure = match &result {
+            Err(e) => Some(Failure::of_error(e, delivery.happened())),
+            Ok(res) if res.status().is_server_error() => Some(Failure::Status5xx),
+            Ok(_) => None,
+        };
+        let refund_on = &self.op.refund_on;
+        match (result, failure) {
+            (result, Some(failure)) if meter::refund_due(refund_on, failure) => {
+                let outcome = meter::refund(self.state, &charge).await;
+                let mut res = match result {
+                    Ok(res) => res.map(Body::new),
+                    Err(e) => {
+                        tracing::info!(error = %e, "upstream failed; refunded");
+                        with_limit(Err(e), self.rt.config.server.max_body_bytes).into_response()
+                    }
+                };
+                meter::write_refund_headers(res.headers_mut(), &charge, outcome);
+                Ok(res)
+            }
+            (Ok(res), _) => Ok(self.stream(charge, res)),
+            (Err(e), _) => {
+                // Delivered and failed in a way `refund_on` leaves charged: the error is this
+                // request's answer, kept for its idempotency key like any other.
+                tracing::info!(error = %e, "upstream failed; charge kept (refund_on)");
+                let res = e.into_response();
+                let (mut parts, body) = res.into_parts();
+                let bytes = read_body(body, usize::MAX).await.unwrap_or_default();
+                if charge.idempotency_key.is_some() {
+                    let mut capture = Capture::new(parts.status, &parts.headers, usize::MAX);
+                    capture.push(&bytes);
+                    meter::complete(self.state, &charge, capture.finish());
+                }
+                charge.write_headers(&mut parts.headers);
+                Ok(Response::from_parts(parts, Body::from(bytes)))
+            }
+        }
+    }
+
+    /// The upstream's answer, streamed on with its charge settled at the end.
+    fn stream(&self, charge: Charge, res: http::Response<hyper::body::Incoming>) -> Response {
+        let (mut parts, body) = res.into_parts();
+        let max = self.rt.config.idempotency.max_stored_bytes;
+        let capture = charge.idempotency_key.is_some().then(|| Capture::new(parts.status, &parts.headers, max));
+        charge.write_headers(&mut parts.headers);
+        let refund_on_break = meter::refund_due(&self.op.refund_on, Failure::Status5xx);
+        let body = MeteredBody::new(body, self.state.clone(), charge, refund_on_break, capture);
+        Response::from_parts(parts, Body::new(body))
+    }
+
+    /// Answers a repeat of an idempotency key from the store (a wait that ran out is an error).
+    fn answer_repeat(&self, repeat: Repeat) -> Result<Response, GatewayError> {
+        match repeat {
+            Repeat::Replay { response, remaining, allocation } => Ok(replay(response, remaining, allocation)),
+            Repeat::InProgress { retry_after_secs } => {
+                Err(GatewayError::IdempotencyInProgress { retry_after_secs: retry_after_secs.clamp(1, 60) })
+            }
+        }
+    }
+
+    /// Queues a request its account cannot pay for yet: 202 with the job id and its `Location`.
+    async fn enqueue(
+        &self,
+        upstream: &str,
+        parts: http::request::Parts,
+        body: Bytes,
+        cost: u64,
+    ) -> Result<Queued, GatewayError> {
+        let headers: Vec<(String, String)> = parts
+            .headers
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "authorization" | "host" | "content-length" | "idempotency-key"))
+            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
+            .collect();
+        // Random per enqueue, so the job's charge ids never repeat; an Idempotency-Key makes a
+        // repeat replay this 202 instead of queueing again (the store keeps it with the key).
+        let job_id = format!("job_{}", crate::auth::keys::random_alnum(20));
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let new = NewJob {
+            id: &job_id,
+            account: &self.principal.account,
+            operation: &self.op.name,
+            category: &self.op.category,
+            cost,
+            upstream,
+            method: parts.method.as_str(),
+            path,
+            headers: &headers,
+            body: &body,
+            request_id: self.fwd.request_id,
+            max_queued: self.rt.config.jobs.max_queued_per_account,
+            idempotency: self.idem,
+        };
+        match self.state.ledger.enqueue_job(new).await? {
+            EnqueueOutcome::Queued { depth } => {
+                tracing::info!(job_id, depth, operation = %self.op.name, "queued until the account can pay");
+                let stored = crate::ledger::jobs::queued_response(&job_id, depth);
+                let mut res = stored_response(stored);
+                res.headers_mut().insert(meter::CHARGED, HeaderValue::from_static("0"));
+                Ok(Queued::Answer(res))
+            }
+            EnqueueOutcome::Idempotent(hit) => Ok(Queued::Repeat(meter::repeat(hit)?)),
+            EnqueueOutcome::Full => Err(GatewayError::QueueFull { limit: self.rt.config.jobs.max_queued_per_account }),
+            EnqueueOutcome::NoAccount => Err(GatewayError::AccountGone),
         }
     }
 }
 
-/// Queues a request its account cannot pay for yet: 202 with the job id and its `Location`.
-#[allow(clippy::too_many_arguments)]
-async fn enqueue(
-    state: &AppState,
-    rt: &crate::state::Runtime,
-    principal: &Principal,
-    op: &crate::classify::Operation,
-    upstream: &str,
-    parts: http::request::Parts,
-    body: Bytes,
-    cost: u64,
-    request_id: &str,
-    idem: Option<Idempotency<'_>>,
-) -> Result<Response, GatewayError> {
-    let headers: Vec<(String, String)> = parts
-        .headers
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "authorization" | "host" | "content-length" | "idempotency-key"))
-        .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
-        .collect();
-    // With an Idempotency-Key the job id follows from it, so a repeat lands on the same job (a
-    // re-sent enqueue changes nothing) instead of queueing — and later paying for — a copy.
-    let job_id = match idem {
-        Some(i) => {
-            let digest = Sha256::new().chain_update(principal.account.as_bytes()).chain_update([0]).chain_update(i.key);
-            format!("job_{}", &hex::encode(digest.finalize())[..24])
-        }
-        None => format!("job_{}", crate::auth::keys::random_alnum(20)),
-    };
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let new = NewJob {
-        id: &job_id,
-        account: &principal.account,
-        operation: &op.name,
-        category: &op.category,
-        cost,
-        upstream,
-        method: parts.method.as_str(),
-        path,
-        headers: &headers,
-        body: &body,
-        request_id,
-        max_queued: rt.config.jobs.max_queued_per_account,
-    };
-    match state.ledger.enqueue_job(new).await? {
-        EnqueueOutcome::Queued { depth } => {
-            tracing::info!(job_id, depth, operation = %op.name, "queued until the account can pay");
-            let body = serde_json::json!({"job_id": job_id, "status": "queued", "queue_depth": depth});
-            let mut res = (http::StatusCode::ACCEPTED, axum::Json(body)).into_response();
-            let location = format!("/v1/jobs/{job_id}");
-            res.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&location).expect("ascii id"));
-            meter::write_headers(res.headers_mut(), 0, 0, 0);
-            res.headers_mut().remove(meter::REMAINING);
-            res.headers_mut().remove(meter::LOW);
-            Ok(res)
-        }
-        EnqueueOutcome::Full => Err(GatewayError::QueueFull { limit: rt.config.jobs.max_queued_per_account }),
-        EnqueueOutcome::NoAccount => {
-            Err(GatewayError::Unauthorized("The account of this API key no longer exists.".into()))
+/// How queueing ended.
+enum Queued {
+    /// The 202.
+    Answer(Response),
+    /// The idempotency key was used before.
+    Repeat(Repeat),
+}
+
+/// A stored answer as a response.
+fn stored_response(stored: StoredResponse) -> Response {
+    let mut res = Response::new(Body::from(stored.body));
+    *res.status_mut() = http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
+    for (k, v) in &stored.headers {
+        if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            res.headers_mut().append(k, v);
         }
     }
+    res
+}
+
+/// The replay of a stored answer: same status, headers and bytes; nothing charged.
+fn replay(stored: StoredResponse, remaining: u64, allocation: u64) -> Response {
+    let mut res = stored_response(stored);
+    meter::write_headers(res.headers_mut(), 0, remaining, allocation);
+    res.headers_mut().insert(meter::REPLAY, HeaderValue::from_static("true"));
+    res
 }
 
 /// Names the configured limit in a 413 that the proxy detected while streaming the body.

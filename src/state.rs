@@ -29,6 +29,8 @@ pub struct Runtime {
     pub webhook_secret: Option<Vec<u8>>,
     /// Per-account rate limits by plan.
     pub rate_limits: crate::ratelimit::RateLimits,
+    /// The top-up packages, as the charge step hands them to the store (auto top-ups buy these).
+    pub packages: crate::ledger::Packages,
 }
 
 impl Runtime {
@@ -49,7 +51,11 @@ impl Runtime {
             }
             _ => None,
         };
+        let packages = crate::ledger::Packages::new(
+            config.topup_packages.iter().map(|(name, p)| (name.clone(), p.credits, p.price_eur)).collect(),
+        );
         Ok(Runtime {
+            packages,
             webhook_secret,
             rate_limits: crate::ratelimit::RateLimits::new(&config),
             rules: Rules::new(&config),
@@ -99,8 +105,6 @@ pub struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// Wakes the job runner (top-ups).
     pub jobs_wake: tokio::sync::Notify,
-    /// Idempotency keys with a request running on this instance.
-    pub inflight: crate::meter::inflight::InFlight,
 }
 
 /// Cheap-to-clone handle on [`Shared`].

@@ -63,6 +63,15 @@ impl Ledger for Store {
     async fn refund(&self, account: &str, charge_id: &str) -> LedgerResult<RefundOutcome> {
         dispatch!(self, l => l.refund(account, charge_id))
     }
+    async fn complete_idempotent(
+        &self,
+        account: &str,
+        key: &str,
+        charge_id: &str,
+        response: Option<&StoredResponse>,
+    ) -> LedgerResult<bool> {
+        dispatch!(self, l => l.complete_idempotent(account, key, charge_id, response))
+    }
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {
         dispatch!(self, l => l.topup(req))
     }

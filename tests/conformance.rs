@@ -20,8 +20,9 @@ use creditgate::calendar::{Anchor, parse_rfc3339, rfc3339};
 use creditgate::ledger::jobs::{EnqueueOutcome, Job, JobFinish, JobStore, JobView, NewJob};
 use creditgate::ledger::redis::{LUA_PRELUDE, RedisLedger};
 use creditgate::ledger::{
-    AutoTopup, ChargeOutcome, ChargeRequest, Event, HistoryEntry, Idempotency, KeyRecord, Ledger, MemoryLedger,
-    NewAccount, PlanChange, PlanOutcome, Receipt, RefundOutcome, Role, TopupOutcome, TopupRequest, keys,
+    AutoTopup, ChargeOutcome, ChargeRequest, Event, HistoryEntry, IdemHit, Idempotency, KeyRecord, Ledger,
+    MemoryLedger, NewAccount, Packages, PlanChange, PlanOutcome, Receipt, RefundOutcome, Role, StoredResponse,
+    TopupOutcome, TopupRequest, keys,
 };
 use serde_json::json;
 use support::redis::{RedisCluster, RedisServer};
@@ -97,6 +98,12 @@ async fn suite<L: Ledger + JobStore>(l: Arc<L>) {
             refund_never_twice(&*l).await;
             resent_charge_id_applies_once(&*l).await;
             idempotency_replay_conflict_and_retry_after_refund(&*l).await;
+            idempotency_answer_not_kept_and_lease_end(&*l).await;
+            refund_of_an_unknown_charge_leaves_a_tombstone(&*l).await;
+            resent_charge_keeps_its_auto_topup(&*l).await;
+            saving_auto_topup_again_does_not_rearm(&*l).await;
+            auto_topup_package_changed_or_removed_switches_off(&*l).await;
+            queued_request_with_a_key_is_one_job(&*l).await;
             duplicate_topup(&*l).await;
             unknown_accounts(&*l).await;
             api_keys(&*l).await;
@@ -176,35 +183,174 @@ async fn resent_charge_id_applies_once(l: &impl Ledger) {
     let again = charged(l.charge(charge(&acct, &id, 3)).await.unwrap());
     assert_eq!(again, first, "same receipt, nothing debited again");
     assert_eq!(view(l, &acct).await.monthly_remaining, 7);
-    // Even after a refund, a late copy of the step does not charge.
+    // After a refund, a late copy of the step answers its own outcome and charges nothing.
     l.refund(&acct, &id).await.unwrap();
-    let late = charged(l.charge(charge(&acct, &id, 3)).await.unwrap());
-    assert_eq!((late.charge_id, late.cost, late.monthly_remaining), (id, 3, 10));
-    assert_eq!(view(l, &acct).await.used_this_period, 0);
+    assert_eq!(l.charge(charge(&acct, &id, 3)).await.unwrap(), ChargeOutcome::Refunded);
+    let v = view(l, &acct).await;
+    assert_eq!((v.monthly_remaining, v.used_this_period), (10, 0));
+}
+
+/// An answer as the gateway keeps it for an idempotency key.
+fn answer(body: &str) -> StoredResponse {
+    StoredResponse {
+        status: 200,
+        headers: vec![("content-type".into(), "application/json".into()), ("x-model".into(), "m1".into())],
+        body: body.as_bytes().to_vec().into(),
+    }
 }
 
 async fn idempotency_replay_conflict_and_retry_after_refund(l: &impl Ledger) {
     let acct = account(l, 10).await;
     let key = unique("idem");
-    let same = Idempotency { key: &key, fingerprint: "f1" };
-    let other = Idempotency { key: &key, fingerprint: "f2" };
+    let same = Idempotency { key: &key, fingerprint: "f1", lease_secs: 600 };
+    let other = Idempotency { key: &key, fingerprint: "f2", lease_secs: 600 };
     let first_id = unique("c");
-    let first =
-        charged(l.charge(ChargeRequest { idempotency: Some(same), ..charge(&acct, &first_id, 2) }).await.unwrap());
-    let replay = l.charge(ChargeRequest { idempotency: Some(same), ..charge(&acct, &unique("c"), 2) }).await.unwrap();
-    assert_eq!(replay, ChargeOutcome::Replayed(first.clone()), "original receipt, today's balances");
+    charged(l.charge(ChargeRequest { idempotency: Some(same), ..charge(&acct, &first_id, 2) }).await.unwrap());
+    // While the first runs, a copy learns so and is not charged.
+    let copy = l.charge(ChargeRequest { idempotency: Some(same), ..charge(&acct, &unique("c"), 2) }).await.unwrap();
+    let ChargeOutcome::Idempotent(IdemHit::InProgress { retry_after_secs }) = copy else { panic!("{copy:?}") };
+    assert!((599..=600).contains(&retry_after_secs), "{retry_after_secs}");
     let conflict = l.charge(ChargeRequest { idempotency: Some(other), ..charge(&acct, &unique("c"), 2) }).await;
-    assert_eq!(conflict.unwrap(), ChargeOutcome::Conflict);
+    assert_eq!(conflict.unwrap(), ChargeOutcome::Idempotent(IdemHit::Conflict));
+    // Its answer is kept once; every repeat gets exactly it.
+    let body = "{\"answer\":\"\u{e9}t\u{e9}\"}\n\0binary";
+    assert!(l.complete_idempotent(&acct, &key, &first_id, Some(&answer(body))).await.unwrap());
+    assert!(!l.complete_idempotent(&acct, &key, &first_id, None).await.unwrap(), "kept once");
+    assert!(!l.complete_idempotent(&acct, &key, &unique("c"), None).await.unwrap(), "only by its own charge");
+    let replay = l.charge(ChargeRequest { idempotency: Some(same), ..charge(&acct, &unique("c"), 2) }).await.unwrap();
+    let expected = IdemHit::Replay { response: answer(body), remaining: 8, allocation: 10 };
+    assert_eq!(replay, ChargeOutcome::Idempotent(expected.clone()));
+    let conflict = l.charge(ChargeRequest { idempotency: Some(other), ..charge(&acct, &unique("c"), 2) }).await;
+    assert_eq!(conflict.unwrap(), ChargeOutcome::Idempotent(IdemHit::Conflict));
     assert_eq!(view(l, &acct).await.monthly_remaining, 8, "charged once");
 
     // A refunded request was not served: a retry under the same key pays anew.
-    l.refund(&acct, &first_id).await.unwrap();
+    let key2 = unique("idem");
+    let second = Idempotency { key: &key2, fingerprint: "f1", lease_secs: 600 };
+    let refunded_id = unique("c");
+    charged(l.charge(ChargeRequest { idempotency: Some(second), ..charge(&acct, &refunded_id, 2) }).await.unwrap());
+    l.refund(&acct, &refunded_id).await.unwrap();
+    assert!(!l.complete_idempotent(&acct, &key2, &refunded_id, None).await.unwrap(), "the key was released");
     let retry_id = unique("c");
     let retry =
-        charged(l.charge(ChargeRequest { idempotency: Some(same), ..charge(&acct, &retry_id, 2) }).await.unwrap());
-    assert_eq!((retry.charge_id.as_str(), retry.monthly_remaining), (retry_id.as_str(), 8));
-    let replay = l.charge(ChargeRequest { idempotency: Some(same), ..charge(&acct, &unique("c"), 2) }).await.unwrap();
-    assert_eq!(replay, ChargeOutcome::Replayed(retry));
+        charged(l.charge(ChargeRequest { idempotency: Some(second), ..charge(&acct, &retry_id, 2) }).await.unwrap());
+    assert_eq!((retry.charge_id.as_str(), retry.monthly_remaining), (retry_id.as_str(), 6));
+}
+
+/// An answer not kept (too large, the client left) or a first request whose lease ran out (its
+/// instance died): the charge stands and the key answers "reused", never a free run.
+async fn idempotency_answer_not_kept_and_lease_end(l: &impl Ledger) {
+    let acct = account(l, 10).await;
+    let key = unique("idem");
+    let idem = Idempotency { key: &key, fingerprint: "f", lease_secs: 600 };
+    let id = unique("c");
+    charged(l.charge(ChargeRequest { idempotency: Some(idem), ..charge(&acct, &id, 2) }).await.unwrap());
+    assert!(l.complete_idempotent(&acct, &key, &id, None).await.unwrap());
+    let repeat = l.charge(ChargeRequest { idempotency: Some(idem), ..charge(&acct, &unique("c"), 2) }).await.unwrap();
+    assert_eq!(repeat, ChargeOutcome::Idempotent(IdemHit::Reused));
+
+    let key = unique("idem");
+    let expired = Idempotency { key: &key, fingerprint: "f", lease_secs: 0 };
+    charged(l.charge(ChargeRequest { idempotency: Some(expired), ..charge(&acct, &unique("c"), 2) }).await.unwrap());
+    let repeat = l.charge(ChargeRequest { idempotency: Some(idem), ..charge(&acct, &unique("c"), 2) }).await.unwrap();
+    assert_eq!(repeat, ChargeOutcome::Idempotent(IdemHit::Reused), "its lease ended without an answer");
+    assert_eq!(view(l, &acct).await.monthly_remaining, 6);
+}
+
+/// A refund that overtakes its charge (the charge's reply was lost, its fate unknown) leaves a
+/// tombstone: the charge, arriving late, is refused and debits nothing.
+async fn refund_of_an_unknown_charge_leaves_a_tombstone(l: &impl Ledger) {
+    let acct = account(l, 10).await;
+    let id = unique("c");
+    assert_eq!(l.refund(&acct, &id).await.unwrap(), RefundOutcome::UnknownCharge);
+    assert_eq!(l.charge(charge(&acct, &id, 3)).await.unwrap(), ChargeOutcome::Refunded);
+    assert_eq!(l.refund(&acct, &id).await.unwrap(), RefundOutcome::AlreadyRefunded);
+    let v = view(l, &acct).await;
+    assert_eq!((v.monthly_remaining, v.used_this_period), (10, 0));
+    assert_eq!(l.history(&acct, None, 10).await.unwrap().unwrap().len(), 1, "only the account's creation");
+}
+
+/// A re-sent charge answers the receipt of the step it repeats, auto top-up included.
+async fn resent_charge_keeps_its_auto_topup(l: &impl Ledger) {
+    let acct = account(l, 100).await;
+    assert!(l.set_auto_topup(&acct, &auto_setting(true, 50, 200)).await.unwrap());
+    let id = unique("c");
+    let first = charged(l.charge(charge(&acct, &id, 60)).await.unwrap());
+    assert_eq!(first.auto_topup, Some(200));
+    let again = charged(l.charge(charge(&acct, &id, 60)).await.unwrap());
+    assert_eq!(again, first);
+    assert_eq!(view(l, &acct).await.remaining(), 240, "bought once");
+}
+
+/// Saving an enabled auto top-up again while below its threshold does not buy again: only
+/// switching it on (off → on) arms it.
+async fn saving_auto_topup_again_does_not_rearm(l: &impl Ledger) {
+    let acct = account(l, 100).await;
+    charged(l.charge(charge(&acct, &unique("c"), 80)).await.unwrap());
+    // Below the threshold even after a purchase: 20 → 19 + 50 = 69 < 100.
+    let on = auto_setting(true, 100, 50);
+    assert!(l.set_auto_topup(&acct, &on).await.unwrap());
+    let r = charged(l.charge(charge(&acct, &unique("c"), 1)).await.unwrap());
+    assert_eq!((r.auto_topup, r.remaining()), (Some(50), 69), "switched on below the threshold: armed once");
+    for _ in 0..3 {
+        assert!(l.set_auto_topup(&acct, &on).await.unwrap());
+        let r = charged(l.charge(charge(&acct, &unique("c"), 1)).await.unwrap());
+        assert_eq!(r.auto_topup, None, "saved again while on: not re-armed");
+    }
+    assert!(l.set_auto_topup(&acct, &auto_setting(false, 100, 50)).await.unwrap());
+    assert!(l.set_auto_topup(&acct, &on).await.unwrap());
+    let r = charged(l.charge(charge(&acct, &unique("c"), 1)).await.unwrap());
+    assert_eq!(r.auto_topup, Some(50), "off → on arms again");
+    assert_eq!(view(l, &acct).await.auto_topups_this_period, 2);
+}
+
+/// An auto top-up buys its package only as the running config still defines it; a package whose
+/// credits or price changed, or that is gone, switches the setting off with an event instead.
+async fn auto_topup_package_changed_or_removed_switches_off(l: &impl Ledger) {
+    for (packages, reason) in [
+        (Packages::new(vec![("p200".into(), 250, 10.0)]), "package_changed"),
+        (Packages::new(vec![("p200".into(), 200, 12.0)]), "package_changed"),
+        (Packages::new(vec![("p50".into(), 50, 10.0)]), "package_removed"),
+    ] {
+        let acct = account(l, 100).await;
+        assert!(l.set_auto_topup(&acct, &auto_setting(true, 50, 200)).await.unwrap());
+        let r =
+            charged(l.charge(ChargeRequest { packages: &packages, ..charge(&acct, &unique("c"), 60) }).await.unwrap());
+        assert_eq!((r.auto_topup, r.remaining()), (None, 40), "{reason}: nothing bought");
+        let v = view(l, &acct).await;
+        assert_eq!(v.auto_topup.map(|a| a.enabled), Some(false), "{reason}: switched off");
+        let events = l.pending_events(&acct, 100).await.unwrap();
+        let off: Vec<_> = events.iter().filter(|e| e.kind == "auto_topup.disabled").collect();
+        assert_eq!(off.len(), 1, "{events:?}");
+        assert_eq!(off[0].data, json!({"package": "p200", "reason": reason}));
+        let r = charged(l.charge(charge(&acct, &unique("c"), 30)).await.unwrap());
+        assert_eq!(r.auto_topup, None, "stays off");
+    }
+}
+
+/// A queued request with an idempotency key is one job: a repeat replays the 202, byte for byte.
+async fn queued_request_with_a_key_is_one_job(l: &(impl Ledger + JobStore)) {
+    let acct = account(l, 10).await;
+    let key = unique("idem");
+    let idem = Idempotency { key: &key, fingerprint: "f", lease_secs: 600 };
+    let headers = job_headers();
+    let (first_id, second_id) = (unique("job"), unique("job"));
+    let first = NewJob { idempotency: Some(idem), ..new_job(&acct, &first_id, &headers, b"{}", 100) };
+    assert_eq!(l.enqueue_job(first).await.unwrap(), EnqueueOutcome::Queued { depth: 1 });
+    let again = NewJob { idempotency: Some(idem), ..new_job(&acct, &second_id, &headers, b"{}", 100) };
+    let expected = creditgate::ledger::jobs::queued_response(&first_id, 1);
+    assert_eq!(
+        l.enqueue_job(again.clone()).await.unwrap(),
+        EnqueueOutcome::Idempotent(IdemHit::Replay { response: expected.clone(), remaining: 10, allocation: 10 })
+    );
+    // The same key on the charge path (the account can pay now) replays the 202 too.
+    let charge_copy = l.charge(ChargeRequest { idempotency: Some(idem), ..charge(&acct, &unique("c"), 2) }).await;
+    assert_eq!(
+        charge_copy.unwrap(),
+        ChargeOutcome::Idempotent(IdemHit::Replay { response: expected, remaining: 10, allocation: 10 })
+    );
+    assert_eq!(l.queue_depth(&acct).await.unwrap(), 1);
+    assert_eq!(l.job(&acct, &second_id).await.unwrap(), None, "no second job");
 }
 
 async fn duplicate_topup(l: &impl Ledger) {
@@ -301,14 +447,15 @@ async fn concurrent_idempotent_copies_charge_once<L: Ledger>(l: Arc<L>) {
     let outcomes = concurrently(20, |i| {
         let (l, acct, key) = (l.clone(), acct.clone(), key.clone());
         async move {
-            let idempotency = Some(Idempotency { key: &key, fingerprint: "f" });
+            let idempotency = Some(Idempotency { key: &key, fingerprint: "f", lease_secs: 600 });
             l.charge(ChargeRequest { idempotency, ..charge(&acct, &format!("c{i}"), 3) }).await.unwrap()
         }
     })
     .await;
     let charged = outcomes.iter().filter(|o| matches!(o, ChargeOutcome::Charged(_))).count();
-    let replayed = outcomes.iter().filter(|o| matches!(o, ChargeOutcome::Replayed(_))).count();
-    assert_eq!((charged, replayed), (1, 19), "{outcomes:?}");
+    let waiting =
+        outcomes.iter().filter(|o| matches!(o, ChargeOutcome::Idempotent(IdemHit::InProgress { .. }))).count();
+    assert_eq!((charged, waiting), (1, 19), "{outcomes:?}");
     assert_eq!(view(&*l, &acct).await.monthly_remaining, 47);
 }
 
@@ -629,7 +776,8 @@ async fn auto_topup_once_per_crossing_and_capped(l: &impl Ledger) {
     let again = charged(
         l.charge(ChargeRequest { auto_topup_max_per_period: 2, ..charge(&acct, &crossing, 15) }).await.unwrap(),
     );
-    assert_eq!((again.auto_topup, again.remaining()), (None, 225), "a re-sent step buys nothing");
+    assert_eq!((again.auto_topup, again.remaining()), (Some(200), 225), "a re-sent step: same receipt, no new buy");
+    assert_eq!(view(l, &acct).await.auto_topups_this_period, 1);
     let (_, r) = step(5).await;
     assert_eq!((r.auto_topup, r.remaining()), (None, 220), "no new crossing");
     let entry = &l.history(&acct, None, 10).await.unwrap().unwrap()[1];
@@ -1108,7 +1256,7 @@ async fn transcript(l: &(impl Ledger + JobStore), acct: &str, anchor: i64) -> Ve
     let mut out = Vec::new();
     let new = NewAccount { id: acct.into(), plan: "pro".into(), allocation: 200, anchor, email: Some("a@b.c".into()) };
     out.push(format!("{:?}", l.create_account(new).await.unwrap()));
-    let setting = AutoTopup { enabled: true, threshold: 60, package: "200".into(), credits: 50, price_eur: 10.0 };
+    let setting = AutoTopup { enabled: true, threshold: 60, package: "p50".into(), credits: 50, price_eur: 10.0 };
     out.push(format!("{:?}", l.set_auto_topup(acct, &setting).await.unwrap()));
     fn step<'a>(acct: &'a str, id: &'a str, cost: u64, operation: &'a str) -> ChargeRequest<'a> {
         ChargeRequest {
@@ -1373,8 +1521,14 @@ fn charge<'a>(account: &'a str, charge_id: &'a str, cost: u64) -> ChargeRequest<
         idempotency: None,
         thresholds: &[],
         auto_topup_max_per_period: 5,
+        packages: &PACKAGES,
     }
 }
+
+/// The top-up packages the test charges run with (see [`auto_setting`]).
+static PACKAGES: std::sync::LazyLock<Packages> = std::sync::LazyLock::new(|| {
+    Packages::new(vec![("200".into(), 200, 9.99), ("p50".into(), 50, 10.0), ("p200".into(), 200, 10.0)])
+});
 
 #[track_caller]
 fn charged(outcome: ChargeOutcome) -> Receipt {
@@ -1420,6 +1574,7 @@ fn new_job<'a>(
         body,
         request_id: "req-job",
         max_queued,
+        idempotency: None,
     }
 }
 
@@ -1436,9 +1591,9 @@ fn done(status: u16, body: &[u8]) -> JobFinish {
     JobFinish::Done { status, headers, body: body.to_vec(), retention_secs: 3600 }
 }
 
-/// An auto top-up setting buying package "200" of `credits` credits below `threshold`.
+/// An auto top-up setting buying package "p<credits>" (of [`PACKAGES`]) below `threshold`.
 fn auto_setting(enabled: bool, threshold: u64, credits: u64) -> AutoTopup {
-    AutoTopup { enabled, threshold, package: "200".into(), credits, price_eur: 10.0 }
+    AutoTopup { enabled, threshold, package: format!("p{credits}"), credits, price_eur: 10.0 }
 }
 
 /// A small seeded generator (SplitMix64), so the random mix is the same on every run and store.

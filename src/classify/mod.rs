@@ -62,6 +62,8 @@ pub struct Operation {
     pub category: Arc<str>,
     /// Behaviour at zero credits.
     pub on_empty: OnEmpty,
+    /// Upstream failures that are refunded.
+    pub refund_on: Vec<crate::config::RefundOn>,
     automatic_free: bool,
     pricing: Pricing,
 }
@@ -168,6 +170,7 @@ impl Operation {
             name: name.into(),
             category: c.category.as_str().into(),
             on_empty: c.on_empty,
+            refund_on: c.refund_on.clone(),
             automatic_free: c.automatic_free,
             pricing,
         }

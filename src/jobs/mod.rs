@@ -2,9 +2,10 @@
 //!
 //! Each gateway instance runs one runner. A round looks at the accounts with queued jobs (idle
 //! accounts cost nothing) and drains each in its own task: claim the oldest due job (a lease in
-//! the store, so one instance runs it), charge it through the normal ledger step (charge id
-//! `job-<id>-<attempt>`: a job re-claimed after a crash re-sends the same charge id and is not
-//! charged twice), forward it, store the answer. When the account cannot pay, the job goes back
+//! the store, so one instance runs it), charge it through the same metering code as the proxy
+//! ([`crate::meter`]; charge id `job-<id>-<attempt>`: a job re-claimed after a crash re-sends the
+//! same charge id and is not charged twice; one whose attempt was refunded but never recorded
+//! finds that charge id refunded and starts a new attempt), forward it, store the answer. When the account cannot pay, the job goes back
 //! and the account rests until its renewal — or until a top-up on this instance wakes the runner
 //! ([`wake`]). An upstream failure refunds the charge and retries with exponential backoff up to
 //! `jobs.max_attempts`, then marks the job `failed`.
@@ -20,8 +21,11 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::calendar::now;
+use crate::config::OnStoreError;
+use crate::error::GatewayError;
+use crate::ledger::ChargeRequest;
 use crate::ledger::jobs::{Job, JobFinish, JobStore};
-use crate::ledger::{ChargeOutcome, ChargeRequest, Ledger};
+use crate::meter::{self, Charge, Taken};
 use crate::proxy::{self, Forwarded};
 use crate::state::AppState;
 
@@ -105,6 +109,7 @@ async fn drain(state: &AppState, account: &str, runner: &str, slots: &Semaphore)
             }
         };
         let charge_id = job.charge_id();
+        let (operation, category): (Arc<str>, Arc<str>) = (job.operation.as_str().into(), job.category.as_str().into());
         let req = ChargeRequest {
             account,
             charge_id: &charge_id,
@@ -115,28 +120,36 @@ async fn drain(state: &AppState, account: &str, runner: &str, slots: &Semaphore)
             idempotency: None,
             thresholds: &rt.config.notifications.thresholds_percent,
             auto_topup_max_per_period: rt.config.auto_topup.max_per_period,
+            packages: &rt.packages,
         };
-        match state.ledger.charge(req).await {
-            Ok(ChargeOutcome::Charged(receipt)) => {
-                tracing::info!(job_id = %job.id, account, cost = receipt.cost, "job charged; running");
+        match meter::charge(state, OnStoreError::FailClosed, &operation, &category, req).await {
+            Ok(Taken::Charged(charge)) => {
+                tracing::info!(job_id = %job.id, account, cost = charge.receipt.cost, "job charged; running");
                 state.metrics.jobs_running.inc();
-                run(state, &rt, &job, runner, &charge_id).await;
+                run(state, &rt, &job, runner, &charge).await;
                 state.metrics.jobs_running.dec();
             }
-            Ok(ChargeOutcome::Refused { renews_at, .. }) => {
+            Ok(Taken::Refunded) => {
+                // This attempt failed and was refunded, but its end was never recorded: count it
+                // and run again under a new charge id — never under the refunded one, for free.
+                tracing::warn!(job_id = %job.id, charge_id, "job attempt was refunded before; starting a new attempt");
+                let finish = JobFinish::Retry { reason: "attempt refunded".into(), delay_secs: 1 };
+                let _ = state.ledger.finish_job(account, &job.id, runner, finish).await;
+            }
+            Err(GatewayError::NoCredits { renews_at } | GatewayError::InsufficientCredits { renews_at, .. }) => {
                 let _ = state.ledger.finish_job(account, &job.id, runner, JobFinish::Release).await;
                 return Some(renews_at.min(now() + MAX_REST_SECS));
             }
-            Ok(other) => {
+            Err(GatewayError::StoreUnavailable(e)) => {
+                tracing::warn!(error = %e, job_id = %job.id, "job runner: store unavailable; job released");
+                let _ = state.ledger.finish_job(account, &job.id, runner, JobFinish::Release).await;
+                return Some(now() + 5);
+            }
+            other => {
                 tracing::error!(job_id = %job.id, outcome = ?other, "job runner: unexpected charge outcome");
                 let finish =
                     JobFinish::Failed { reason: format!("cannot charge: {other:?}"), retention_secs: retention(&rt) };
                 let _ = state.ledger.finish_job(account, &job.id, runner, finish).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, job_id = %job.id, "job runner: store unavailable; job released");
-                let _ = state.ledger.finish_job(account, &job.id, runner, JobFinish::Release).await;
-                return Some(now() + 5);
             }
         }
     }
@@ -147,7 +160,7 @@ fn retention(rt: &crate::state::Runtime) -> i64 {
 }
 
 /// Sends a charged job upstream and records the outcome (refunding on failure).
-async fn run(state: &AppState, rt: &crate::state::Runtime, job: &Job, runner: &str, charge_id: &str) {
+async fn run(state: &AppState, rt: &crate::state::Runtime, job: &Job, runner: &str, charge: &Charge) {
     let cfg = &rt.config.jobs;
     // The whole attempt (head and body) must end well inside the lease, or another instance
     // could take the job over while this one still reads the answer.
@@ -160,12 +173,14 @@ async fn run(state: &AppState, rt: &crate::state::Runtime, job: &Job, runner: &s
     let finish = match outcome {
         Ok(done) => done,
         Err(reason) => {
-            match state.ledger.refund(&job.account, charge_id).await {
-                Ok(r) => tracing::info!(job_id = %job.id, outcome = ?r, "job attempt failed; refunded"),
-                Err(e) => {
+            match meter::refund_or_keep(state, charge).await {
+                Some(r) => tracing::info!(job_id = %job.id, outcome = ?r, "job attempt failed; refunded"),
+                None => {
                     // Leave the job leased: once the lease runs out it runs again under this very
-                    // charge id, so the charge that stands pays for the run that succeeds.
-                    tracing::warn!(job_id = %job.id, charge_id, error = %e, "job attempt failed and the refund could not be written; the job will run again under the same charge");
+                    // charge id — the charge that stands pays for the run that succeeds, and if
+                    // the refund did land unseen, the charge id answers "refunded" and a new
+                    // attempt pays.
+                    tracing::warn!(job_id = %job.id, charge_id = %charge.receipt.charge_id, "job attempt failed and the refund could not be written; the job will run again under the same charge");
                     return;
                 }
             }

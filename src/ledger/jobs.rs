@@ -41,6 +41,24 @@ pub struct NewJob<'a> {
     pub request_id: &'a str,
     /// Most jobs an account may have waiting.
     pub max_queued: u64,
+    /// The request's idempotency key: the 202 answer is kept under it ([`queued_response`]), so
+    /// a repeat replays it instead of queueing (or running) the request again.
+    pub idempotency: Option<super::Idempotency<'a>>,
+}
+
+/// The 202 answer to a queued request, built the same way by every store (`lua/job_enqueue.lua`
+/// writes the same bytes).
+pub fn queued_response(job_id: &str, depth: u64) -> super::StoredResponse {
+    super::StoredResponse {
+        status: 202,
+        headers: queued_headers(job_id),
+        body: format!("{{\"job_id\":\"{job_id}\",\"status\":\"queued\",\"queue_depth\":{depth}}}").into(),
+    }
+}
+
+/// The headers of [`queued_response`].
+pub fn queued_headers(job_id: &str) -> Vec<(String, String)> {
+    vec![("content-type".into(), "application/json".into()), ("location".into(), format!("/v1/jobs/{job_id}"))]
 }
 
 /// A claimed job, everything needed to run it.
@@ -75,7 +93,8 @@ pub struct Job {
 }
 
 impl Job {
-    /// The charge id of the current attempt (stable across re-claims after a crash).
+    /// The charge id of the current attempt: stable across re-claims after a crash, new after a
+    /// recorded failure, and never seen before this job (job ids are random per enqueue).
     pub fn charge_id(&self) -> String {
         format!("job-{}-{}", self.id, self.attempts)
     }
@@ -141,7 +160,7 @@ pub struct JobView {
 }
 
 /// How queuing ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EnqueueOutcome {
     /// Queued; the account's queue depth now.
     Queued {
@@ -150,6 +169,8 @@ pub enum EnqueueOutcome {
     },
     /// The account's queue is at `max_queued`.
     Full,
+    /// The idempotency key was used before; nothing queued.
+    Idempotent(super::IdemHit),
     /// No such account.
     NoAccount,
 }

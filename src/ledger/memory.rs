@@ -15,8 +15,6 @@ use super::jobs::*;
 use super::*;
 use crate::calendar::{Anchor, rfc3339};
 
-/// How long charge records (for refunds and re-sent steps) and idempotency keys are kept.
-const RETENTION_SECS: i64 = 24 * 3600;
 /// How many queued ids a claim looks at (the same bound as `lua/job_claim.lua`).
 const CLAIM_SCAN: usize = 100;
 /// How many periods of usage are kept.
@@ -56,9 +54,11 @@ struct Account {
     /// Threshold → period in which it last fired.
     fired: HashMap<u8, i64>,
     charges: HashMap<String, ChargeRecord>,
-    idempotency: HashMap<String, (String, String)>,
+    idempotency: HashMap<String, IdemRecord>,
     /// (expiry, charge id) in charge order, to forget old records.
     expiries: VecDeque<(i64, String)>,
+    /// (expiry, idempotency key) in creation order.
+    idem_expiries: VecDeque<(i64, String)>,
     topups: HashMap<String, TopupReceipt>,
     history: Vec<HistoryEntry>,
     usage: BTreeMap<i64, PeriodUsage>,
@@ -85,7 +85,26 @@ struct JobRecord {
 /// A finished job's upstream answer: status, kept headers, body.
 type JobResult = (u16, Vec<(String, String)>, Vec<u8>);
 
+/// What an idempotency key stands for (the `:idem:<key>` hash in Redis).
+struct IdemRecord {
+    fingerprint: String,
+    /// The charge that holds the key (`None` for a queued request's 202).
+    charge_id: Option<String>,
+    state: IdemState,
+    expires_at: i64,
+}
+
+enum IdemState {
+    /// Charged and running until at most this time.
+    Running(i64),
+    Done(StoredResponse),
+    /// The charge stands but its answer was not kept.
+    Gone,
+}
+
 struct ChargeRecord {
+    /// Credits an auto top-up added in this charge's step (re-sent steps answer the same).
+    auto_topup: Option<u64>,
     cost: u64,
     from_monthly: u64,
     from_topup: u64,
@@ -172,18 +191,48 @@ impl Account {
         if !self.jobs.is_empty() {
             self.jobs.retain(|_, j| j.expires_at.is_none_or(|t| t > now));
         }
-        while let Some((expiry, _)) = self.expiries.front() {
+        while self.expiries.front().is_some_and(|(expiry, _)| *expiry <= now) {
+            let (_, charge_id) = self.expiries.pop_front().expect("front exists");
+            self.charges.remove(&charge_id);
+        }
+        while let Some((expiry, key)) = self.idem_expiries.front() {
             if *expiry > now {
                 break;
             }
-            let (_, charge_id) = self.expiries.pop_front().expect("front exists");
-            if let Some(c) = self.charges.remove(&charge_id)
-                && let Some(key) = c.idempotency_key
-                && self.idempotency.get(&key).is_some_and(|(_, id)| *id == charge_id)
-            {
-                self.idempotency.remove(&key);
+            // A key released and used again has a later record: only the expired one goes.
+            if self.idempotency.get(key).is_some_and(|r| r.expires_at <= now) {
+                self.idempotency.remove(key);
             }
+            self.idem_expiries.pop_front();
         }
+    }
+
+    /// What a used idempotency key answers, or `None` for a fresh one.
+    fn idem_hit(&self, idem: &Idempotency<'_>, now: i64) -> Option<IdemHit> {
+        let r = self.idempotency.get(idem.key).filter(|r| r.expires_at > now)?;
+        if r.fingerprint != idem.fingerprint {
+            return Some(IdemHit::Conflict);
+        }
+        Some(match &r.state {
+            IdemState::Done(response) => IdemHit::Replay {
+                response: response.clone(),
+                remaining: self.monthly + self.topup,
+                allocation: self.allocation,
+            },
+            IdemState::Running(until) if *until > now => IdemHit::InProgress { retry_after_secs: (until - now) as u64 },
+            _ => IdemHit::Reused,
+        })
+    }
+
+    fn put_idem(&mut self, idem: &Idempotency<'_>, charge_id: Option<&str>, state: IdemState, now: i64) {
+        let record = IdemRecord {
+            fingerprint: idem.fingerprint.to_owned(),
+            charge_id: charge_id.map(str::to_owned),
+            state,
+            expires_at: now + RETENTION_SECS,
+        };
+        self.idempotency.insert(idem.key.to_owned(), record);
+        self.idem_expiries.push_back((now + RETENTION_SECS, idem.key.to_owned()));
     }
 
     fn entry(&self, kind: &str, at: i64, monthly_delta: i64, topup_delta: i64) -> HistoryEntry {
@@ -261,19 +310,16 @@ impl Account {
     }
 
     fn charge(&mut self, req: &ChargeRequest<'_>, now: i64) -> ChargeOutcome {
-        // A re-sent step (same charge id) returns what the first one did.
+        // A re-sent step (same charge id) returns what the first one did; a refunded (or
+        // tombstoned) charge id stays refunded.
         if let Some(c) = self.charges.get(req.charge_id) {
-            return ChargeOutcome::Charged(self.receipt(req.charge_id, c, None));
+            if c.refunded {
+                return ChargeOutcome::Refunded;
+            }
+            return ChargeOutcome::Charged(self.receipt(req.charge_id, c, c.auto_topup));
         }
-        if let Some(idem) = req.idempotency
-            && let Some((fingerprint, charge_id)) = self.idempotency.get(idem.key)
-        {
-            if fingerprint != idem.fingerprint {
-                return ChargeOutcome::Conflict;
-            }
-            if let Some(c) = self.charges.get(charge_id) {
-                return ChargeOutcome::Replayed(self.receipt(charge_id, c, None));
-            }
+        if let Some(hit) = req.idempotency.and_then(|idem| self.idem_hit(&idem, now)) {
+            return ChargeOutcome::Idempotent(hit);
         }
         let before = self.monthly + self.topup;
         if before < req.cost {
@@ -285,7 +331,7 @@ impl Account {
         self.topup -= from_topup;
         self.used += req.cost;
         let idempotency_key = req.idempotency.map(|i| {
-            self.idempotency.insert(i.key.to_owned(), (i.fingerprint.to_owned(), req.charge_id.to_owned()));
+            self.put_idem(&i, Some(req.charge_id), IdemState::Running(now + i.lease_secs), now);
             i.key.to_owned()
         });
         let day = now.div_euclid(86_400);
@@ -296,7 +342,8 @@ impl Account {
         e.request_id = Some(req.request_id.to_owned());
         e.charge_id = Some(req.charge_id.to_owned());
         self.history.push(e);
-        let record = ChargeRecord {
+        let mut record = ChargeRecord {
+            auto_topup: None,
             cost: req.cost,
             from_monthly,
             from_topup,
@@ -308,6 +355,7 @@ impl Account {
             refunded: false,
         };
         let auto_topup = self.auto_topup(before, req, now);
+        record.auto_topup = auto_topup;
         self.thresholds(req.thresholds, now);
         let receipt = self.receipt(req.charge_id, &record, auto_topup);
         self.charges.insert(req.charge_id.to_owned(), record);
@@ -329,6 +377,16 @@ impl Account {
             return None;
         }
         self.auto_armed = false;
+        // The customer agreed to this package at this price: one that changed or disappeared
+        // from the running config since is not bought; the setting goes off instead.
+        let current = req.packages.get(&auto.package);
+        if current.is_none_or(|(c, p)| c != auto.credits || price_json(p) != price_json(auto.price_eur)) {
+            let reason = if current.is_none() { "package_removed" } else { "package_changed" };
+            let package = auto.package.clone();
+            self.auto.as_mut().expect("checked").enabled = false;
+            self.event("auto_topup.disabled", now, json!({"package": package, "reason": reason}));
+            return None;
+        }
         let (credits, package, price) = (auto.credits, auto.package.clone(), auto.price_eur);
         let payment_ref = format!("auto:{}", req.charge_id);
         self.topup += credits;
@@ -365,7 +423,25 @@ impl Account {
 
     fn refund(&mut self, charge_id: &str, now: i64) -> RefundOutcome {
         let period = self.period;
-        let Some(c) = self.charges.get_mut(charge_id) else { return RefundOutcome::UnknownCharge };
+        let Some(c) = self.charges.get_mut(charge_id) else {
+            // A tombstone: the charge may still be on its way (its reply was lost); when it
+            // arrives it must find itself refunded rather than debit for a request not served.
+            let tombstone = ChargeRecord {
+                auto_topup: None,
+                cost: 0,
+                from_monthly: 0,
+                from_topup: 0,
+                period,
+                day: now.div_euclid(86_400),
+                operation: String::new(),
+                category: String::new(),
+                idempotency_key: None,
+                refunded: true,
+            };
+            self.charges.insert(charge_id.to_owned(), tombstone);
+            self.expiries.push_back((now + RETENTION_SECS, charge_id.to_owned()));
+            return RefundOutcome::UnknownCharge;
+        };
         if c.refunded {
             return RefundOutcome::AlreadyRefunded;
         }
@@ -377,7 +453,7 @@ impl Account {
         let (operation, category) = (c.operation.clone(), c.category.clone());
         // A refunded request was not served: a retry under the same idempotency key pays anew.
         if let Some(key) = c.idempotency_key.take()
-            && self.idempotency.get(&key).is_some_and(|(_, id)| id == charge_id)
+            && self.idempotency.get(&key).is_some_and(|r| r.charge_id.as_deref() == Some(charge_id))
         {
             self.idempotency.remove(&key);
         }
@@ -483,6 +559,7 @@ impl Ledger for MemoryLedger {
             charges: HashMap::new(),
             idempotency: HashMap::new(),
             expiries: VecDeque::new(),
+            idem_expiries: VecDeque::new(),
             topups: HashMap::new(),
             history: Vec::new(),
             usage: BTreeMap::new(),
@@ -508,6 +585,25 @@ impl Ledger for MemoryLedger {
 
     async fn refund(&self, account: &str, charge_id: &str) -> LedgerResult<RefundOutcome> {
         Ok(self.with_account(account, |a, now| a.refund(charge_id, now)).unwrap_or(RefundOutcome::UnknownCharge))
+    }
+
+    async fn complete_idempotent(
+        &self,
+        account: &str,
+        key: &str,
+        charge_id: &str,
+        response: Option<&StoredResponse>,
+    ) -> LedgerResult<bool> {
+        Ok(self
+            .with_account(account, |a, now| {
+                let Some(r) = a.idempotency.get_mut(key).filter(|r| r.expires_at > now) else { return false };
+                if r.charge_id.as_deref() != Some(charge_id) || !matches!(r.state, IdemState::Running(_)) {
+                    return false;
+                }
+                r.state = response.map_or(IdemState::Gone, |res| IdemState::Done(res.clone()));
+                true
+            })
+            .unwrap_or(false))
     }
 
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {
@@ -547,8 +643,15 @@ impl Ledger for MemoryLedger {
     async fn set_auto_topup(&self, id: &str, setting: &AutoTopup) -> LedgerResult<bool> {
         Ok(self
             .with_account(id, |a, _| {
+                // Only switching it on arms it (the balance may already be below the threshold);
+                // saving an enabled setting again must not buy again.
+                let was_on = a.auto.as_ref().is_some_and(|s| s.enabled);
+                if setting.enabled && !was_on {
+                    a.auto_armed = true;
+                } else if !setting.enabled {
+                    a.auto_armed = false;
+                }
                 a.auto = Some(setting.clone());
-                a.auto_armed = setting.enabled;
             })
             .is_some())
     }
@@ -602,6 +705,9 @@ impl Ledger for MemoryLedger {
 impl JobStore for MemoryLedger {
     async fn enqueue_job(&self, new: NewJob<'_>) -> LedgerResult<EnqueueOutcome> {
         let outcome = self.with_account(new.account, |a, now| {
+            if let Some(hit) = new.idempotency.and_then(|idem| a.idem_hit(&idem, now)) {
+                return EnqueueOutcome::Idempotent(hit);
+            }
             // A re-sent enqueue of the same job changes nothing (like every other step).
             if a.jobs.contains_key(new.id) {
                 return EnqueueOutcome::Queued { depth: a.queue.len() as u64 };
@@ -636,7 +742,11 @@ impl JobStore for MemoryLedger {
             };
             a.jobs.insert(new.id.to_owned(), record);
             a.queue.push_back(new.id.to_owned());
-            EnqueueOutcome::Queued { depth: a.queue.len() as u64 }
+            let depth = a.queue.len() as u64;
+            if let Some(idem) = new.idempotency {
+                a.put_idem(&idem, None, IdemState::Done(queued_response(new.id, depth)), now);
+            }
+            EnqueueOutcome::Queued { depth }
         });
         Ok(outcome.unwrap_or(EnqueueOutcome::NoAccount))
     }

@@ -86,8 +86,62 @@ impl AccountView {
 pub struct Idempotency<'a> {
     /// The client's `Idempotency-Key`.
     pub key: &'a str,
-    /// Hex SHA-256 over method, path and body; a different one under the same key is a conflict.
+    /// Hex SHA-256 over method, path, priced headers and body; a different one under the same
+    /// key is a conflict.
     pub fingerprint: &'a str,
+    /// How long the first request may run before a copy stops waiting for it: past this the
+    /// key answers [`IdemHit::Reused`] (the first attempt's instance died with the charge standing).
+    pub lease_secs: i64,
+}
+
+/// How long charge records, refund tombstones and idempotency records are kept (SPEC §4: 24 h).
+pub const RETENTION_SECS: i64 = 24 * 3600;
+
+/// The first completed answer to an idempotency key, replayed byte for byte to every repeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// End-to-end headers, in order.
+    pub headers: Vec<(String, String)>,
+    /// The whole body.
+    pub body: bytes::Bytes,
+}
+
+impl StoredResponse {
+    /// The headers as the stores keep them: a JSON array of `[name, value]` pairs.
+    pub fn headers_json(&self) -> String {
+        serde_json::to_string(&self.headers).expect("strings serialise")
+    }
+
+    /// Reads [`Self::headers_json`] back.
+    pub fn parse_headers(json: &str) -> Result<Vec<(String, String)>, LedgerError> {
+        serde_json::from_str(json).map_err(|e| LedgerError(format!("stored response headers unreadable: {e}")))
+    }
+}
+
+/// What an idempotency key that was used before answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdemHit {
+    /// The first request completed: its answer, to replay (nothing charged now).
+    Replay {
+        /// The stored answer.
+        response: StoredResponse,
+        /// Monthly plus top-up now.
+        remaining: u64,
+        /// The account's allocation (for the low flag).
+        allocation: u64,
+    },
+    /// The first request is still running; ask again in about `retry_after_secs`.
+    InProgress {
+        /// Seconds until its lease ends, at least 1.
+        retry_after_secs: u64,
+    },
+    /// The first request's charge stands but its answer was not kept (too large, the client
+    /// left, or its instance died): 409 `idempotency_key_reused`.
+    Reused,
+    /// The key was used for a different request: 409 `idempotency_conflict`.
+    Conflict,
 }
 
 /// One metered request's charge.
@@ -111,6 +165,40 @@ pub struct ChargeRequest<'a> {
     pub thresholds: &'a [u8],
     /// Most auto top-ups per billing period.
     pub auto_topup_max_per_period: u64,
+    /// The top-up packages of the running config: an auto top-up buys its package as defined
+    /// here at purchase time.
+    pub packages: &'a Packages,
+}
+
+/// The top-up packages of one config generation, in the two forms the stores read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Packages {
+    list: Vec<(String, u64, f64)>,
+    /// `"\n<name>=<credits>:<price as JSON>"` per package, for the Lua scripts (see `lua/charge.lua`).
+    spec: String,
+}
+
+impl Packages {
+    /// From `(name, credits, price_eur)` triples.
+    pub fn new(list: Vec<(String, u64, f64)>) -> Self {
+        let spec = list.iter().map(|(n, c, p)| format!("\n{n}={c}:{}", price_json(*p))).collect();
+        Packages { list, spec }
+    }
+
+    /// Credits and price of a package.
+    pub fn get(&self, name: &str) -> Option<(u64, f64)> {
+        self.list.iter().find(|(n, _, _)| n == name).map(|(_, c, p)| (*c, *p))
+    }
+
+    /// The form `lua/charge.lua` reads.
+    pub fn spec(&self) -> &str {
+        &self.spec
+    }
+}
+
+/// A price as the stores write it into JSON events (serde's float text, e.g. `10.0`).
+pub fn price_json(price_eur: f64) -> String {
+    serde_json::to_string(&price_eur).expect("finite price")
 }
 
 /// What a charge took and what is left.
@@ -146,11 +234,13 @@ impl Receipt {
 /// How a charge ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChargeOutcome {
-    /// Debited now.
+    /// Debited now (or by an earlier copy of this very step: the same receipt).
     Charged(Receipt),
-    /// The idempotency key was already charged: nothing debited now; the original receipt with
-    /// today's balances.
-    Replayed(Receipt),
+    /// This charge id was refunded (or refunded before it arrived, leaving a tombstone): nothing
+    /// debited; a new attempt needs a new charge id.
+    Refunded,
+    /// The idempotency key was used before; nothing debited.
+    Idempotent(IdemHit),
     /// Not enough credits; nothing debited.
     Refused {
         /// Monthly plus top-up now.
@@ -158,8 +248,6 @@ pub enum ChargeOutcome {
         /// Next renewal, Unix seconds.
         renews_at: i64,
     },
-    /// The idempotency key was used for a different request.
-    Conflict,
     /// No such account.
     NoAccount,
 }
@@ -180,7 +268,8 @@ pub enum RefundOutcome {
     },
     /// Refunded before; nothing changed.
     AlreadyRefunded,
-    /// No such charge (never made, or expired from the store).
+    /// No such charge (never made, or expired from the store). A tombstone now stands for the
+    /// charge id, so a charge that arrives late under it is refused ([`ChargeOutcome::Refunded`]).
     UnknownCharge,
 }
 
@@ -388,8 +477,20 @@ pub trait Ledger: Send + Sync + 'static {
     /// Debits `cost` all-or-nothing: monthly bucket first, then top-ups.
     fn charge(&self, req: ChargeRequest<'_>) -> impl Future<Output = LedgerResult<ChargeOutcome>> + Send;
 
-    /// Returns a charge to the buckets it came from (monthly part only within the same period).
+    /// Returns a charge to the buckets it came from (monthly part only within the same period),
+    /// and releases its idempotency key.
     fn refund(&self, account: &str, charge_id: &str) -> impl Future<Output = LedgerResult<RefundOutcome>> + Send;
+
+    /// Records how the request charged under `charge_id` with idempotency key `key` ended: its
+    /// answer to replay, or `None` when it is not kept (too large, abandoned). `false` when the
+    /// key is no longer this charge's (refunded, expired).
+    fn complete_idempotent(
+        &self,
+        account: &str,
+        key: &str,
+        charge_id: &str,
+        response: Option<&StoredResponse>,
+    ) -> impl Future<Output = LedgerResult<bool>> + Send;
 
     /// Adds top-up credits, once per payment reference.
     fn topup(&self, req: TopupRequest<'_>) -> impl Future<Output = LedgerResult<TopupOutcome>> + Send;

@@ -116,14 +116,11 @@ use serde::{Deserialize, Serialize};
 
 use super::jobs::{EnqueueOutcome, Job, JobFinish, JobStore, JobView, NewJob};
 use super::{
-    AccountView, AutoTopup, ChargeOutcome, ChargeRequest, Event, HistoryEntry, KeyRecord, Ledger, LedgerError,
-    LedgerResult, NewAccount, PeriodUsage, PlanChange, PlanOutcome, Receipt, RefundOutcome, Role, TopupOutcome,
-    TopupReceipt, TopupRequest, Usage, keys,
+    AccountView, AutoTopup, ChargeOutcome, ChargeRequest, Event, HistoryEntry, IdemHit, KeyRecord, Ledger, LedgerError,
+    LedgerResult, NewAccount, PeriodUsage, PlanChange, PlanOutcome, RETENTION_SECS, Receipt, RefundOutcome, Role,
+    StoredResponse, TopupOutcome, TopupReceipt, TopupRequest, Usage, keys,
 };
 use crate::calendar::Anchor;
-
-/// How long charge records (for refunds and re-sent steps) and idempotency keys are kept.
-const RETENTION_SECS: i64 = 24 * 3600;
 
 /// Largest credit amount a script computes exactly (2^53, where doubles stop being exact).
 pub const MAX_AMOUNT: u64 = 1 << 53;
@@ -163,10 +160,11 @@ struct Scripts {
     job_claim: Script,
     job_finish: Script,
     job_read: Script,
+    idem_complete: Script,
 }
 
 impl Scripts {
-    fn all(&self) -> [&Script; 15] {
+    fn all(&self) -> [&Script; 16] {
         [
             &self.create_account,
             &self.account,
@@ -183,6 +181,7 @@ impl Scripts {
             &self.job_claim,
             &self.job_finish,
             &self.job_read,
+            &self.idem_complete,
         ]
     }
 }
@@ -205,6 +204,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         job_claim: script(include_str!("../../lua/job_claim.lua")),
         job_finish: script(include_str!("../../lua/job_finish.lua")),
         job_read: script(include_str!("../../lua/job_read.lua")),
+        idem_complete: script(include_str!("../../lua/idem_complete.lua")),
     }
 });
 
@@ -550,12 +550,12 @@ impl Ledger for RedisLedger {
         let mut inv = SCRIPTS.charge.key(keys::account(req.account));
         inv.key(keys::charge(req.account, req.charge_id));
         // The script knows an idempotency key is given by the third KEYS entry.
-        let (idem_key, fingerprint) = match req.idempotency {
+        let (idem_key, fingerprint, lease) = match req.idempotency {
             Some(idem) => {
                 inv.key(keys::idempotency(req.account, idem.key));
-                (idem.key, idem.fingerprint)
+                (idem.key, idem.fingerprint, secs(idem.lease_secs))
             }
-            None => ("", ""),
+            None => ("", "", 0),
         };
         inv.arg(req.charge_id)
             .arg(req.cost)
@@ -565,7 +565,9 @@ impl Ledger for RedisLedger {
             .arg(idem_key)
             .arg(fingerprint)
             .arg(RETENTION_SECS)
-            .arg(req.auto_topup_max_per_period);
+            .arg(req.auto_topup_max_per_period)
+            .arg(lease)
+            .arg(req.packages.spec());
         for &threshold in req.thresholds {
             // As a number: a `u8` argument would be sent as a raw byte.
             inv.arg(u32::from(threshold));
@@ -574,17 +576,16 @@ impl Ledger for RedisLedger {
         let outcome: String = r.next()?;
         Ok(match outcome.as_str() {
             "charged" => ChargeOutcome::Charged(r.receipt()?),
-            "replayed" => ChargeOutcome::Replayed(r.receipt()?),
+            "refunded" => ChargeOutcome::Refunded,
             "refused" => ChargeOutcome::Refused { remaining: r.next()?, renews_at: r.next()? },
-            "conflict" => ChargeOutcome::Conflict,
             "noaccount" => ChargeOutcome::NoAccount,
-            other => return Err(unexpected("charge", other)),
+            other => ChargeOutcome::Idempotent(r.idem_hit(other).ok_or_else(|| unexpected("charge", other))??),
         })
     }
 
     async fn refund(&self, account: &str, charge_id: &str) -> LedgerResult<RefundOutcome> {
         let mut inv = SCRIPTS.refund.key(keys::account(account));
-        inv.key(keys::charge(account, charge_id)).arg(charge_id);
+        inv.key(keys::charge(account, charge_id)).arg(charge_id).arg(RETENTION_SECS);
         let mut r = self.step(account, &inv).await?;
         let outcome: String = r.next()?;
         Ok(match outcome.as_str() {
@@ -598,6 +599,28 @@ impl Ledger for RedisLedger {
             "unknown" => RefundOutcome::UnknownCharge,
             other => return Err(unexpected("refund", other)),
         })
+    }
+
+    async fn complete_idempotent(
+        &self,
+        account: &str,
+        key: &str,
+        charge_id: &str,
+        response: Option<&StoredResponse>,
+    ) -> LedgerResult<bool> {
+        let mut inv = SCRIPTS.idem_complete.key(keys::account(account));
+        inv.key(keys::idempotency(account, key)).arg(charge_id);
+        match response {
+            Some(res) => inv.arg("done").arg(res.status).arg(res.headers_json()).arg(res.body.as_ref()),
+            None => inv.arg("gone"),
+        };
+        let mut r = self.step(account, &inv).await?;
+        let outcome: String = r.next()?;
+        match outcome.as_str() {
+            "stored" => Ok(true),
+            "lost" => Ok(false),
+            other => Err(unexpected("idem_complete", other)),
+        }
     }
 
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {
@@ -737,7 +760,7 @@ impl Ledger for RedisLedger {
             // Rust's shortest text that reads back as the same f64, for the account view; and the
             // JSON that `serde_json::json!` writes (`null` when not finite), for the events.
             .arg(setting.price_eur.to_string())
-            .arg(serde_json::Value::from(setting.price_eur).to_string());
+            .arg(super::price_json(setting.price_eur));
         let mut r = self.step(id, &inv).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {
@@ -902,6 +925,12 @@ impl JobStore for RedisLedger {
             .arg(new.body)
             .arg(new.request_id)
             .arg(new.max_queued.min(MAX_AMOUNT));
+        if let Some(idem) = new.idempotency {
+            inv.key(keys::idempotency(new.account, idem.key))
+                .arg(idem.fingerprint)
+                .arg(headers_json(&super::jobs::queued_headers(new.id))?)
+                .arg(RETENTION_SECS);
+        }
         let mut r = self.step(new.account, &inv).await?;
         let outcome: String = r.next()?;
         Ok(match outcome.as_str() {
@@ -911,7 +940,7 @@ impl JobStore for RedisLedger {
                 self.unindex_if_empty(Index::Jobs, new.account).await;
                 EnqueueOutcome::NoAccount
             }
-            other => return Err(unexpected("job_enqueue", other)),
+            other => EnqueueOutcome::Idempotent(r.idem_hit(other).ok_or_else(|| unexpected("job_enqueue", other))??),
         })
     }
 
@@ -1150,7 +1179,27 @@ impl Reply {
             .collect()
     }
 
-    /// The rest of a `charged` / `replayed` reply.
+    /// The rest of a reply whose outcome is one of `lib.lua`'s `idem_hit`; `None` for any other.
+    fn idem_hit(&mut self, outcome: &str) -> Option<LedgerResult<IdemHit>> {
+        let read = || -> LedgerResult<IdemHit> {
+            Ok(match outcome {
+                "replay" => {
+                    let status: u16 = self.next()?;
+                    let headers: String = self.next()?;
+                    let body: Vec<u8> = self.next()?;
+                    let response =
+                        StoredResponse { status, headers: StoredResponse::parse_headers(&headers)?, body: body.into() };
+                    IdemHit::Replay { response, remaining: self.next()?, allocation: self.next()? }
+                }
+                "in_progress" => IdemHit::InProgress { retry_after_secs: self.next()? },
+                "reused" => IdemHit::Reused,
+                _ => IdemHit::Conflict,
+            })
+        };
+        matches!(outcome, "replay" | "in_progress" | "reused" | "conflict").then(read)
+    }
+
+    /// The rest of a `charged` reply.
     fn receipt(&mut self) -> LedgerResult<Receipt> {
         Ok(Receipt {
             charge_id: self.next()?,

@@ -1,32 +1,41 @@
 //! Metering: charge before forwarding, settle or refund after the upstream answers.
 //!
-//! The charge is one ledger step; success settles implicitly (no second round trip). A refund is
-//! issued when the upstream fails — transport error, timeout, status ≥ 500 — or when its body
-//! breaks off mid-stream ([`MeteredBody`]). A client that hangs up mid-stream keeps its charge:
-//! the backend did the work it was asked for; one that hangs up before the answer starts aborts
-//! the upstream call, and [`RefundGuard`] returns the credits.
+//! The one piece of code through which every money movement of a request goes — the proxy path
+//! in [`crate::stack`] and the job runner in [`crate::jobs`] alike — so both count the same
+//! metrics and follow the same rules:
+//!
+//! * [`charge`] is one ledger step; success settles implicitly (no second round trip). Its
+//!   answer says whether this request pays ([`Taken::Charged`]) or repeats an earlier one with the
+//!   same `Idempotency-Key` ([`Repeat`]).
+//! * A refund follows the operation's `refund_on` ([`Failure`], [`refund_due`]): the request
+//!   never reached a backend (`unreachable`), the backend failed (`status_5xx`, also a connection
+//!   that broke after delivery or mid-answer), or it sent no answer head in time (`timeout`).
+//!   Every refund runs in its own task ([`refund`]), so a client that hangs up meanwhile cannot
+//!   cancel it.
+//! * A client that hangs up before its request was delivered ([`Delivery`]) is refunded; one
+//!   that hangs up after keeps its charge — the backend got the work — and the backend call is
+//!   cancelled ([`Guard`], [`MeteredBody`], counted in `client_gone_after_delivery`).
+//! * The answer to an idempotent request is kept for replays once it is complete ([`complete`]).
 //!
 //! Store trouble never silently keeps credits: a charge whose reply is lost is sent again with the
 //! same charge id (the scripts apply a charge id once) to learn its fate, and when the store still
 //! cannot answer, the charge id is refunded in the background until the store takes it — the
-//! refund of a charge that never landed is a harmless no-op. Failed refunds are retried the same
-//! way ([`refund_later`]) and the answer says so (`x-credits-refund: pending`).
+//! refund of a charge that never landed leaves a tombstone, so the charge cannot land after it.
 
 pub mod body;
-pub mod inflight;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::OnStoreError;
+use crate::config::{OnStoreError, RefundOn};
 use crate::error::GatewayError;
-use crate::ledger::{ChargeOutcome, ChargeRequest, Ledger, Receipt, RefundOutcome, is_low};
+use crate::ledger::{ChargeOutcome, ChargeRequest, IdemHit, Ledger, Receipt, RefundOutcome, StoredResponse, is_low};
 use crate::metrics::{CategoryLabels, OperationLabels};
 use crate::state::AppState;
 
-pub use body::MeteredBody;
+pub use body::{Capture, Delivery, DeliveryBody, MeteredBody};
 
 /// `x-credits-charged`
 pub const CHARGED: HeaderName = HeaderName::from_static("x-credits-charged");
@@ -38,7 +47,7 @@ pub const LOW: HeaderName = HeaderName::from_static("x-credits-low");
 pub const AUTO_TOPUP: HeaderName = HeaderName::from_static("x-credits-auto-topup");
 /// `x-credits-refund: pending`: the refund could not be written yet and is being retried.
 pub const REFUND: HeaderName = HeaderName::from_static("x-credits-refund");
-/// `x-idempotent-replay`: set when an idempotency key was charged before.
+/// `x-idempotent-replay: true`: the answer is the stored one of an earlier request with the key.
 pub const REPLAY: HeaderName = HeaderName::from_static("x-idempotent-replay");
 
 /// A charge taken for one request.
@@ -50,22 +59,14 @@ pub struct Charge {
     pub category: Arc<str>,
     /// What the ledger answered.
     pub receipt: Receipt,
-    /// True when an earlier request with the same idempotency key paid; nothing was debited now.
-    pub replayed: bool,
+    /// The `Idempotency-Key` this charge holds, whose answer is kept for replays.
+    pub idempotency_key: Option<Arc<str>>,
 }
 
 impl Charge {
-    /// Credits debited by this request (0 on a replay).
-    pub fn charged(&self) -> u64 {
-        if self.replayed { 0 } else { self.receipt.cost }
-    }
-
     /// Sets the credit headers of a metered response.
     pub fn write_headers(&self, headers: &mut HeaderMap) {
-        write_headers(headers, self.charged(), self.receipt.remaining(), self.receipt.allocation);
-        if self.replayed {
-            headers.insert(REPLAY, HeaderValue::from_static("true"));
-        }
+        write_headers(headers, self.receipt.cost, self.receipt.remaining(), self.receipt.allocation);
         if let Some(credits) = self.receipt.auto_topup {
             headers.insert(AUTO_TOPUP, HeaderValue::from(credits));
         }
@@ -81,15 +82,58 @@ pub fn write_headers(headers: &mut HeaderMap, charged: u64, remaining: u64, allo
     }
 }
 
-/// Takes the credits for a request. `Ok(None)`: the store is down and `on_error = "fail_open"`,
-/// so the request goes through uncharged (any charge that landed unseen is refunded later).
+/// What the charge step decided for a request.
+#[derive(Debug)]
+pub enum Taken {
+    /// Debited: forward it.
+    Charged(Charge),
+    /// An earlier request with the same idempotency key decides the answer.
+    Repeat(Repeat),
+    /// This charge id was refunded before (a job attempt whose end was never recorded): a new
+    /// attempt needs a new charge id.
+    Refunded,
+    /// The store is down and `on_error = "fail_open"`: forward uncharged (any charge that landed
+    /// unseen is refunded in the background).
+    Uncharged,
+}
+
+/// A repeat of an idempotency key whose request was charged.
+#[derive(Debug)]
+pub enum Repeat {
+    /// Its answer, to send again byte for byte; nothing charged now.
+    Replay {
+        /// The stored answer.
+        response: StoredResponse,
+        /// Monthly plus top-up now.
+        remaining: u64,
+        /// Allocation, for the low flag.
+        allocation: u64,
+    },
+    /// It is still running.
+    InProgress {
+        /// Seconds until its lease ends.
+        retry_after_secs: u64,
+    },
+}
+
+/// Maps what a used idempotency key answered: a replay or a wait, or the 409 it is.
+pub fn repeat(hit: IdemHit) -> Result<Repeat, GatewayError> {
+    match hit {
+        IdemHit::Replay { response, remaining, allocation } => Ok(Repeat::Replay { response, remaining, allocation }),
+        IdemHit::InProgress { retry_after_secs } => Ok(Repeat::InProgress { retry_after_secs }),
+        IdemHit::Reused => Err(GatewayError::IdempotencyKeyReused),
+        IdemHit::Conflict => Err(GatewayError::IdempotencyConflict),
+    }
+}
+
+/// Takes the credits for a request (or a queued job's attempt) and counts it.
 pub async fn charge(
     state: &AppState,
     on_error: OnStoreError,
     operation: &Arc<str>,
     category: &Arc<str>,
     req: ChargeRequest<'_>,
-) -> Result<Option<Charge>, GatewayError> {
+) -> Result<Taken, GatewayError> {
     let metrics = &state.metrics;
     let started = Instant::now();
     let mut outcome = state.ledger.charge(req).await;
@@ -106,20 +150,24 @@ pub async fn charge(
             if on_error == OnStoreError::FailOpen {
                 metrics.fail_open.inc();
                 tracing::error!(error = %e, operation = req.operation, cost = req.cost, "store unavailable; fail_open: forwarding uncharged");
-                return Ok(None);
+                return Ok(Taken::Uncharged);
             }
             // fail_closed: the error response logs the cause.
             return Err(e.into());
         }
     };
-    let account: Arc<str> = req.account.into();
-    let charge = |receipt, replayed| Charge { account: account.clone(), category: category.clone(), receipt, replayed };
     match outcome {
         ChargeOutcome::Charged(receipt) => {
             metrics.credits_charged.get_or_create(&CategoryLabels { category: category.clone() }).inc_by(req.cost);
-            Ok(Some(charge(receipt, false)))
+            Ok(Taken::Charged(Charge {
+                account: req.account.into(),
+                category: category.clone(),
+                receipt,
+                idempotency_key: req.idempotency.map(|i| i.key.into()),
+            }))
         }
-        ChargeOutcome::Replayed(receipt) => Ok(Some(charge(receipt, true))),
+        ChargeOutcome::Refunded => Ok(Taken::Refunded),
+        ChargeOutcome::Idempotent(hit) => repeat(hit).map(Taken::Repeat),
         ChargeOutcome::Refused { remaining, renews_at } => {
             metrics.payment_required.get_or_create(&OperationLabels { operation: operation.clone() }).inc();
             Err(if remaining == 0 {
@@ -128,11 +176,43 @@ pub async fn charge(
                 GatewayError::InsufficientCredits { required: req.cost, remaining, renews_at }
             })
         }
-        ChargeOutcome::Conflict => Err(GatewayError::IdempotencyConflict),
-        ChargeOutcome::NoAccount => {
-            Err(GatewayError::Unauthorized("The account of this API key no longer exists.".into()))
+        ChargeOutcome::NoAccount => Err(GatewayError::AccountGone),
+    }
+}
+
+// === refunds ===
+
+/// An upstream failure, as `refund_on` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The request never reached a backend.
+    Unreachable,
+    /// The backend answered 5xx, or its connection broke after the request was delivered.
+    Status5xx,
+    /// No answer head in time after delivery.
+    Timeout,
+}
+
+impl Failure {
+    /// How a forwarding error counts: nothing is "delivered" until the backend had the whole
+    /// request ([`Delivery`]).
+    pub fn of_error(e: &GatewayError, delivered: bool) -> Failure {
+        match e {
+            _ if !delivered => Failure::Unreachable,
+            GatewayError::UpstreamTimeout => Failure::Timeout,
+            _ => Failure::Status5xx,
         }
     }
+}
+
+/// Whether `refund_on` gives the credits back for `failure`.
+pub fn refund_due(refund_on: &[RefundOn], failure: Failure) -> bool {
+    let rule = match failure {
+        Failure::Unreachable => RefundOn::Unreachable,
+        Failure::Status5xx => RefundOn::Status5xx,
+        Failure::Timeout => RefundOn::Timeout,
+    };
+    refund_on.contains(&rule)
 }
 
 /// How a refund went.
@@ -146,29 +226,49 @@ pub enum Refund {
         /// Monthly plus top-up after the refund.
         remaining: u64,
     },
-    /// Nothing to refund (an idempotent replay, or refunded before).
+    /// Nothing to refund (refunded before).
     None,
     /// The store did not answer; the refund is being retried in the background.
     Pending,
 }
 
-/// Returns a charge after an upstream failure. Never fails the request: a refund the store does
-/// not take now is retried in the background ([`refund_later`]).
+/// Returns a charge after an upstream failure. Runs in its own task, so a client that hangs up
+/// while it is written cannot cancel it; a refund the store does not take now is retried in the
+/// background ([`refund_later`]).
 pub async fn refund(state: &AppState, charge: &Charge) -> Refund {
-    if charge.replayed {
-        return Refund::None;
-    }
-    match refund_once(state, &charge.account, &charge.receipt.charge_id, &charge.category).await {
-        Ok(r) => r,
-        Err(()) => {
-            refund_later(
-                state.clone(),
-                charge.account.clone(),
-                charge.receipt.charge_id.clone(),
-                charge.category.clone(),
-            );
-            Refund::Pending
+    let (state, account, charge_id, category) =
+        (state.clone(), charge.account.clone(), charge.receipt.charge_id.clone(), charge.category.clone());
+    let task = tokio::spawn(async move {
+        match refund_once(&state, &account, &charge_id, &category).await {
+            Ok(r) => r,
+            Err(()) => {
+                refund_later(state, account, charge_id, category);
+                Refund::Pending
+            }
         }
+    });
+    task.await.unwrap_or(Refund::Pending)
+}
+
+/// Like [`refund`], but without the background retry: `None` when the store did not answer, so
+/// the charge may still stand. For the job runner, which then leaves the job to run again under
+/// the same charge id (a background refund racing that run could make it free).
+pub async fn refund_or_keep(state: &AppState, charge: &Charge) -> Option<Refund> {
+    let (state, account, charge_id, category) =
+        (state.clone(), charge.account.clone(), charge.receipt.charge_id.clone(), charge.category.clone());
+    let task = tokio::spawn(async move { refund_once(&state, &account, &charge_id, &category).await.ok() });
+    task.await.ok().flatten()
+}
+
+/// Sets the credit headers of an answer whose charge was refunded as `outcome` says.
+pub fn write_refund_headers(headers: &mut HeaderMap, charge: &Charge, outcome: Refund) {
+    let (kept, remaining) = match outcome {
+        Refund::Done { refunded, remaining } => (charge.receipt.cost.saturating_sub(refunded), remaining),
+        Refund::None | Refund::Pending => (0, charge.receipt.remaining()),
+    };
+    write_headers(headers, kept, remaining, charge.receipt.allocation);
+    if outcome == Refund::Pending {
+        headers.insert(REFUND, HeaderValue::from_static("pending"));
     }
 }
 
@@ -198,8 +298,8 @@ async fn refund_once(state: &AppState, account: &str, charge_id: &str, category:
 const REFUND_RETRY_FOR: Duration = Duration::from_secs(23 * 3600);
 
 /// Refunds `charge_id` in the background, retrying with backoff until the store answers (a
-/// charge that never landed makes it a no-op). Gives up — loudly, for reconciliation — only when
-/// the charge record would be gone anyway, or when this process stops.
+/// charge that never landed leaves a tombstone). Gives up — loudly, for reconciliation — only
+/// when the charge record would be gone anyway, or when this process stops.
 pub fn refund_later(state: AppState, account: Arc<str>, charge_id: String, category: Arc<str>) {
     tokio::spawn(async move {
         let started = Instant::now();
@@ -215,29 +315,64 @@ pub fn refund_later(state: AppState, account: Arc<str>, charge_id: String, categ
     });
 }
 
-/// Refunds a charge if dropped while armed: the request was abandoned (the client hung up)
-/// before its answer was handed over, which also aborted the upstream call.
-pub struct RefundGuard {
-    armed: Option<(AppState, Arc<str>, String, Arc<str>)>,
-}
+// === idempotent answers ===
 
-impl RefundGuard {
-    /// Armed for `charge_id` of `account`.
-    pub fn new(state: &AppState, account: &Arc<str>, charge_id: &str, category: &Arc<str>) -> Self {
-        RefundGuard { armed: Some((state.clone(), account.clone(), charge_id.to_owned(), category.clone())) }
-    }
-
-    /// The request reached its end (answered, refunded, or nothing was charged).
-    pub fn disarm(&mut self) {
-        self.armed = None;
-    }
-}
-
-impl Drop for RefundGuard {
-    fn drop(&mut self) {
-        if let Some((state, account, charge_id, category)) = self.armed.take() {
-            tracing::info!(%charge_id, "request abandoned before its answer; refunding");
-            refund_later(state, account, charge_id, category);
+/// Records the end of an idempotent request in the background: its answer for replays, or
+/// `None` when it is not kept (too large, or the client left). A few quick retries; if the store
+/// stays away, the key answers `idempotency_key_reused` once its lease ends, which never serves
+/// work for free.
+pub fn complete(state: &AppState, charge: &Charge, response: Option<StoredResponse>) {
+    let Some(key) = charge.idempotency_key.clone() else { return };
+    let (state, account, charge_id) = (state.clone(), charge.account.clone(), charge.receipt.charge_id.clone());
+    tokio::spawn(async move {
+        let mut wait = Duration::from_millis(100);
+        for _ in 0..6 {
+            match state.ledger.complete_idempotent(&account, &key, &charge_id, response.as_ref()).await {
+                Ok(_) => return,
+                Err(e) => tracing::warn!(%charge_id, error = %e, "idempotent answer not stored yet"),
+            }
+            tokio::time::sleep(wait).await;
+            wait *= 2;
         }
+    });
+}
+
+/// Guards a charged request while it is forwarded. Dropped while armed (the client hung up
+/// before the answer head was handed over, which also cancels the backend call): refunded if the
+/// backend never had the whole request, kept otherwise.
+pub struct Guard {
+    armed: Option<(AppState, Charge)>,
+    delivery: Delivery,
+}
+
+impl Guard {
+    /// Armed for `charge`; `delivery` tells whether the backend got the request.
+    pub fn new(state: &AppState, charge: Charge, delivery: Delivery) -> Self {
+        Guard { armed: Some((state.clone(), charge)), delivery }
+    }
+
+    /// The forwarding step returned: the charge goes on to be settled by the caller.
+    pub fn disarm(mut self) -> Charge {
+        self.armed.take().expect("armed until disarmed").1
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some((state, charge)) = self.armed.take() {
+            client_gone(&state, &charge, self.delivery.happened());
+        }
+    }
+}
+
+/// A client hung up before its answer ended: refund what the backend never got, keep the rest.
+pub fn client_gone(state: &AppState, charge: &Charge, delivered: bool) {
+    if delivered {
+        tracing::info!(charge_id = %charge.receipt.charge_id, "client left after the backend got the request; charge kept");
+        state.metrics.client_gone_after_delivery.inc();
+        complete(state, charge, None);
+    } else {
+        tracing::info!(charge_id = %charge.receipt.charge_id, "client left before the backend got the request; refunding");
+        refund_later(state.clone(), charge.account.clone(), charge.receipt.charge_id.clone(), charge.category.clone());
     }
 }
