@@ -212,10 +212,7 @@ async fn metered(
 ) -> Result<Response, GatewayError> {
     let price = op.price(req.headers(), principal.role, body.as_deref())?;
     let mut req = req;
-    if let Some(tier) = price.tier.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
-        // The upstream sees exactly the tier that was priced (duplicates or a body tier lose).
-        req.headers_mut().insert(crate::classify::TIER_HEADER, tier);
-    }
+    crate::classify::bind_headers(req.headers_mut(), Some(&price));
     // A queueing operation always has its body buffered; keep a handle (no copy) for the job.
     let job_body = body.clone().filter(|_| op.on_empty == OnEmpty::Queue);
     let req = match body {
