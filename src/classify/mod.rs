@@ -157,15 +157,12 @@ impl Rules {
         Rules { routes, operations }
     }
 
-    /// The first route matching `method` and `path`.
+    /// The first route matching `method` and `path`. A metered route matches its path in any
+    /// letter case ([`spelling`]): a backend that ignores case would serve `/V1/chat/completions`
+    /// as the chat route, so the gateway prices it as one (and [`Route::respell`] forwards it as
+    /// the route spells it). A free route matches exactly.
     pub fn route(&self, method: &Method, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| {
-            r.method.as_ref().is_none_or(|m| m == method)
-                && match &r.path {
-                    PathMatch::Exact(p) => p == path,
-                    PathMatch::Prefix(p) => path.starts_with(p.as_str()),
-                }
-        })
+        self.routes.iter().find(|r| r.method.as_ref().is_none_or(|m| m == method) && r.matched_len(path).is_some())
     }
 
     /// The operation a route prices, if any.
@@ -190,6 +187,37 @@ impl Rules {
                 (format!("{method} {path} → {}", r.upstream), op, cost)
             })
             .collect()
+    }
+}
+
+impl Route {
+    /// The route's path as configured.
+    fn configured(&self) -> &str {
+        match &self.path {
+            PathMatch::Exact(p) | PathMatch::Prefix(p) => p,
+        }
+    }
+
+    /// How many bytes at the start of `path` this route's path matches, if it matches.
+    fn matched_len(&self, path: &str) -> Option<usize> {
+        let (p, exact) = match &self.path {
+            PathMatch::Exact(p) => (p.as_str(), true),
+            PathMatch::Prefix(p) => (p.as_str(), false),
+        };
+        let n = if self.operation.is_some() {
+            spelling::prefix_len(path, p)?
+        } else {
+            path.starts_with(p).then_some(p.len())?
+        };
+        (!exact || n == path.len()).then_some(n)
+    }
+
+    /// `path` with the part this route matched spelled as the route spells it, when it differs:
+    /// the upstream serves exactly the route that was priced.
+    pub fn respell(&self, path: &str) -> Option<String> {
+        let n = self.matched_len(path)?;
+        let p = self.configured();
+        (path[..n] != *p).then(|| format!("{p}{}", &path[n..]))
     }
 }
 
@@ -590,6 +618,22 @@ mod tests {
         let deals = r.route(&Method::POST, "/v1/deals").unwrap();
         assert!(r.operation(deals).is_none());
         assert_eq!(deals.upstream.as_ref(), "app");
+    }
+
+    #[test]
+    fn metered_routes_match_in_any_letter_case_and_are_respelled() {
+        let r = rules();
+        for p in ["/V1/chat/completions", "/v1/CHAT/Completions", "/v1/chat/completıons"] {
+            let route = r.route(&Method::POST, p).unwrap();
+            assert_eq!(r.operation(route).unwrap().name.as_ref(), "ai_chat", "{p}");
+            assert_eq!(route.respell(p).as_deref(), Some("/v1/chat/completions"));
+        }
+        let chat = r.route(&Method::POST, "/v1/chat/completions").unwrap();
+        assert_eq!(chat.respell("/v1/chat/completions"), None, "already spelled so");
+        // Free routes keep matching exactly and forward the path as sent.
+        let free = r.route(&Method::GET, "/V1/Deals").unwrap();
+        assert!(r.operation(free).is_none());
+        assert_eq!(free.respell("/V1/Deals"), None);
     }
 
     #[test]
