@@ -170,6 +170,38 @@ impl Rules {
         route.operation.map(|i| &self.operations[i])
     }
 
+    /// One line per free route that sends traffic to an upstream a metered route also uses: a path
+    /// no metered route lists reaches that (AI) backend for free (for `creditgate check`).
+    pub fn shared_upstream_warnings(&self) -> Vec<String> {
+        let mut metered: Vec<(&str, &str)> = Vec::new();
+        for r in &self.routes {
+            if let Some(op) = self.operation(r) {
+                metered.push((&r.upstream, &op.name));
+                if let Pricing::Tiers { upstreams, .. } = &op.pricing {
+                    metered.extend(upstreams.iter().flatten().map(|u| (&**u, &*op.name)));
+                }
+            }
+        }
+        let table = self.table();
+        let mut lines = Vec::new();
+        for (r, (shown, _, _)) in self.routes.iter().zip(&table) {
+            if r.operation.is_some() {
+                continue;
+            }
+            let mut ops: Vec<&str> = metered.iter().filter(|(u, _)| *u == &*r.upstream).map(|(_, o)| *o).collect();
+            ops.dedup();
+            if !ops.is_empty() {
+                lines.push(format!(
+                    "warning: free route {shown} shares upstream \"{}\" with metered operations ({}): \
+                     any path there that no metered route lists reaches it for free",
+                    r.upstream,
+                    ops.join(", ")
+                ));
+            }
+        }
+        lines
+    }
+
     /// Every route with its operation and a human description of its cost (for `creditgate check`).
     pub fn table(&self) -> Vec<(String, String, String)> {
         self.routes
@@ -634,6 +666,19 @@ mod tests {
         let free = r.route(&Method::GET, "/V1/Deals").unwrap();
         assert!(r.operation(free).is_none());
         assert_eq!(free.respell("/V1/Deals"), None);
+    }
+
+    #[test]
+    fn check_warns_about_free_routes_to_metered_upstreams() {
+        assert_eq!(rules().shared_upstream_warnings(), Vec::<String>::new(), "the shipped config is clean");
+        let text = include_str!("../../config/gateway.toml").replacen(
+            "path_prefix = \"/\"\nupstream = \"app\"",
+            "path_prefix = \"/\"\nupstream = \"ai\"",
+            1,
+        );
+        let w = Rules::new(&Config::parse(&text).unwrap()).shared_upstream_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("* /*") && w[0].contains("\"ai\"") && w[0].contains("ai_chat"), "{}", w[0]);
     }
 
     #[test]
