@@ -15,9 +15,18 @@ use crate::calendar::{human_date, rfc3339};
 /// A refused or failed request.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    /// Malformed input: bad JSON, unknown tier, missing field (client).
+    /// Malformed input: bad JSON, unknown tier, missing field, a path or method refused (client).
     #[error("{0}")]
     BadRequest(String),
+    /// The `x-ai-tier` header and the body's `tier` name different tiers (client).
+    #[error("{0}")]
+    TierMismatch(String),
+    /// A pricing field given twice, or in a spelling that differs only in case (client).
+    #[error("{0}")]
+    AmbiguousBody(String),
+    /// A body-priced request with a body the gateway cannot read, e.g. compressed (client).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// Missing or unknown credentials (client).
     #[error("{0}")]
     Unauthorized(String),
@@ -101,7 +110,13 @@ impl From<crate::ledger::LedgerError> for GatewayError {
 
 impl From<crate::classify::ClassifyError> for GatewayError {
     fn from(e: crate::classify::ClassifyError) -> Self {
-        GatewayError::BadRequest(e.0)
+        use crate::classify::ClassifyError::*;
+        match e {
+            Invalid(m) => GatewayError::BadRequest(m),
+            TierMismatch(m) => GatewayError::TierMismatch(m),
+            Ambiguous(m) => GatewayError::AmbiguousBody(m),
+            Encoded(m) => GatewayError::UnsupportedMediaType(m),
+        }
     }
 }
 
@@ -111,6 +126,9 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            TierMismatch(_) => (StatusCode::BAD_REQUEST, "tier_mismatch"),
+            AmbiguousBody(_) => (StatusCode::BAD_REQUEST, "ambiguous_body"),
+            UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             NoCredits { .. } => (StatusCode::PAYMENT_REQUIRED, "no_credits"),
             InsufficientCredits { .. } => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits"),
@@ -135,7 +153,14 @@ impl GatewayError {
         use GatewayError::*;
         let mut fields = Map::new();
         let message = match self {
-            BadRequest(m) | Unauthorized(m) | Forbidden(m) | NotFound(m) | Conflict(m) => m.clone(),
+            BadRequest(m)
+            | TierMismatch(m)
+            | AmbiguousBody(m)
+            | UnsupportedMediaType(m)
+            | Unauthorized(m)
+            | Forbidden(m)
+            | NotFound(m)
+            | Conflict(m) => m.clone(),
             NoCredits { renews_at } => {
                 fields.insert("remaining".into(), json!(0));
                 fields.insert("renews_at".into(), json!(rfc3339(*renews_at)));

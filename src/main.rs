@@ -28,7 +28,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a config and print the route → operation → cost table.
+    /// Validate a config and print the route → operation → cost table; warn (on stderr) about free
+    /// routes to an upstream that metered routes use.
     Check {
         /// Config file (TOML).
         #[arg(long, short)]
@@ -88,6 +89,9 @@ fn check(path: &Path) -> ExitCode {
     println!("{:<w0$}  {:<w1$}  cost (credits)", "route", "operation");
     for (route, op, cost) in &table {
         println!("{route:<w0$}  {op:<w1$}  {cost}");
+    }
+    for warning in rules.shared_upstream_warnings() {
+        eprintln!("{warning}");
     }
     if let Err(e) = creditgate::state::Runtime::new(config) {
         println!("note: {e} (set it before `creditgate serve`)");

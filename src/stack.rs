@@ -6,13 +6,16 @@
 //! ├── /dashboard                   static page
 //! └── fallback → proxy_handler     the metered proxy, in this order:
 //!       1. request id      x-request-id kept (if sane) or generated; a tracing span carries it
+//!          request line    non-standard method, %2F %5C %00 \ ; in the path → 400; path
+//!                          normalised (classify/path.rs); Connection-named headers removed
 //!       2. auth            Bearer key → Principal {account, role, plan}  (auth/, cached)
 //!          rate limit      per account, by plan → 429 with Retry-After   (ratelimit.rs)
-//!       3. route           path normalised (classify/path.rs), then
-//!                          method + path → Route (first match wins)      (classify/)
+//!       3. route           method + path → Route (first match wins; a metered route in any
+//!                          letter case, forwarded as it spells it)       (classify/)
 //!       4. body limit      Content-Length > max_body_bytes → 413; streamed bodies capped
 //!       5. classify        Operation::price(headers, role, body?) → cost (classify/)
-//!                          body buffered only if the rule or Idempotency-Key needs it
+//!                          body buffered only if the rule or Idempotency-Key needs it;
+//!                          pricing headers bound to the price (classify::bind_headers)
 //!       6. meter           one ledger step: charge (or 402/409/503)      (meter/)
 //!       7. proxy           hyper client, streaming both ways             (proxy/)
 //!       8. settle/refund   status ≥ 500, transport error, timeout → refund; MeteredBody
@@ -116,10 +119,18 @@ async fn forward(
     res
 }
 
-/// Rewrites the request path to its normal form (see [`crate::classify::path`]).
+/// Refuses a method or path that backends read differently, and rewrites the path to its normal
+/// form (see [`crate::classify::path`]).
 fn normalize_uri(req: &mut Request) -> Result<(), GatewayError> {
+    crate::classify::path::check_method(req.method())?;
+    crate::classify::path::check_target(req.uri().path())?;
+    let std::borrow::Cow::Owned(path) = crate::classify::path::normalize(req.uri().path()) else { return Ok(()) };
+    set_path(req, path)
+}
+
+/// Replaces the request's path, keeping its query.
+fn set_path(req: &mut Request, path: String) -> Result<(), GatewayError> {
     let uri = req.uri();
-    let std::borrow::Cow::Owned(path) = crate::classify::path::normalize(uri.path()) else { return Ok(()) };
     let pq = match uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path,
@@ -145,15 +156,24 @@ async fn handle(
     client_addr: Option<SocketAddr>,
     label: &mut Label,
 ) -> Result<Response, GatewayError> {
+    // Before anything reads the request: a standard method, a path with one meaning, and none of
+    // the headers the client made hop-by-hop, so it is priced as the upstream will see it.
+    let mut req = req;
+    normalize_uri(&mut req)?;
+    proxy::headers::strip_hop_by_hop(req.headers_mut());
     let rt = state.runtime.load_full();
     let principal = state.keys.authenticate(req.headers(), &*state.ledger).await?;
     rt.rate_limits.check(&principal.plan, &principal.account)?;
-    let mut req = req;
-    normalize_uri(&mut req)?;
     let route = rt
         .rules
         .route(req.method(), req.uri().path())
         .ok_or_else(|| GatewayError::NotFound("No route matches this request.".into()))?;
+    if let Some(path) = route.respell(req.uri().path()) {
+        set_path(&mut req, path)?;
+    }
+    if route.operation.is_none() {
+        crate::classify::bind_headers(req.headers_mut(), None);
+    }
     let max_body = rt.config.server.max_body_bytes;
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max_body as u64) {
@@ -224,10 +244,8 @@ impl Metered<'_> {
     async fn run(&self, req: Request, body: Option<Bytes>) -> Result<Response, GatewayError> {
         let price = self.op.price(req.headers(), self.principal.role, body.as_deref())?;
         let mut req = req;
-        if let Some(tier) = price.tier.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
-            // The upstream sees exactly the tier that was priced (duplicates or a body tier lose).
-            req.headers_mut().insert(crate::classify::TIER_HEADER, tier);
-        }
+        // The upstream (and a queued job) sees exactly the priced headers.
+        crate::classify::bind_headers(req.headers_mut(), Some(&price));
         let upstream_name = price.upstream.as_ref().unwrap_or(self.route_upstream);
         let upstream = self
             .rt

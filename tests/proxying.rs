@@ -14,11 +14,7 @@ type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
 
 /// Separate `ai` and `app` upstreams, a gateway and a `user` key of account `acme`.
 async fn setup() -> (TestGateway, Upstream, Upstream, String) {
-    let ai = Upstream::echo().await;
-    let app = Upstream::echo().await;
-    let gw = TestGateway::start(&ConfigBuilder::new(&ai.url()).app(&app.url()).build()).await;
-    let key = gw.account_with_key("acme", "big").await;
-    (gw, ai, app, key)
+    support::gateway::split_upstreams().await
 }
 
 // === free routes ===

@@ -1,5 +1,11 @@
 //! A one-pass JSON probe: pulls a few top-level fields out of a request body without building a
 //! `serde_json::Value` (no allocation for fields it does not need, none for borrowed strings).
+//!
+//! A probed field must be given once, in one spelling: parsers disagree on duplicate keys (first
+//! wins, last wins, error) and some match keys ignoring case, so a second `tier`, a `TIER` next to
+//! `tier`, or a lone `TIER` could be read by the backend as a field the gateway did not price.
+//! Any of those is [`ProbeError::Ambiguous`]. So is a key that equals a probed name up to a NUL
+//! character (`"tier\u0000x"`): parsers built on C strings stop reading it there.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -31,24 +37,44 @@ impl Field<'_> {
     }
 }
 
-/// Reads the top-level fields `names` of a JSON object body.
-pub fn probe<'a, const N: usize>(body: &'a [u8], names: [&str; N]) -> Result<[Field<'a>; N], String> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let fields = de.deserialize_map(ObjectVisitor { names }).map_err(describe)?;
-    de.end().map_err(describe)?;
-    Ok(fields)
+/// Why a body could not be probed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeError {
+    /// Not one JSON object; the message says why.
+    Invalid(String),
+    /// The probed field `name` is also given as `spelling` (equal to `name` for an exact duplicate).
+    Ambiguous {
+        /// The probed name.
+        name: String,
+        /// The other key that a backend could read as `name`.
+        spelling: String,
+    },
 }
 
-fn describe(e: serde_json::Error) -> String {
-    format!("The request body is not valid JSON ({e}).")
+/// Reads the top-level fields `names` of a JSON object body.
+pub fn probe<'a, const N: usize>(body: &'a [u8], names: [&str; N]) -> Result<[Field<'a>; N], ProbeError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let (fields, ambiguous) = de.deserialize_map(ObjectVisitor { names }).map_err(describe)?;
+    de.end().map_err(describe)?;
+    match ambiguous {
+        Some((i, spelling)) => Err(ProbeError::Ambiguous { name: names[i].to_owned(), spelling }),
+        None => Ok(fields),
+    }
+}
+
+fn describe(e: serde_json::Error) -> ProbeError {
+    ProbeError::Invalid(format!("The request body is not valid JSON ({e})."))
 }
 
 struct ObjectVisitor<'n, const N: usize> {
     names: [&'n str; N],
 }
 
+/// The first ambiguity seen: the index of the probed name and the other spelling.
+type Ambiguity = Option<(usize, String)>;
+
 impl<'de, const N: usize> Visitor<'de> for ObjectVisitor<'_, N> {
-    type Value = [Field<'de>; N];
+    type Value = ([Field<'de>; N], Ambiguity);
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object")
@@ -56,37 +82,66 @@ impl<'de, const N: usize> Visitor<'de> for ObjectVisitor<'_, N> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut out = std::array::from_fn(|_| Field::Missing);
-        while let Some(slot) = map.next_key_seed(KeySeed { names: &self.names })? {
-            match slot {
-                Some(i) => out[i] = map.next_value_seed(FieldSeed)?,
-                None => {
-                    map.next_value::<IgnoredAny>()?;
+        let mut seen = [false; N];
+        let mut ambiguous: Ambiguity = None;
+        // The whole object is still read after an ambiguity, so malformed JSON stays a 400 for that.
+        while let Some(key) = map.next_key_seed(KeySeed { names: &self.names })? {
+            match key {
+                Key::Exact(i) if !seen[i] => {
+                    seen[i] = true;
+                    out[i] = map.next_value_seed(FieldSeed)?;
+                    continue;
                 }
+                Key::Exact(i) => {
+                    ambiguous.get_or_insert_with(|| (i, self.names[i].to_owned()));
+                }
+                Key::Spelling(i, spelling) => {
+                    ambiguous.get_or_insert((i, spelling));
+                }
+                Key::Other => {}
             }
+            map.next_value::<IgnoredAny>()?;
         }
-        Ok(out)
+        Ok((out, ambiguous))
     }
 }
 
-/// Matches a key against the wanted names without allocating.
+/// What a key is to the probe.
+enum Key {
+    /// Exactly the probed name at this index.
+    Exact(usize),
+    /// Another spelling of the probed name at this index (allocated: only on the way to a 400).
+    Spelling(usize, String),
+    /// Not a probed field.
+    Other,
+}
+
+/// Matches a key against the wanted names, allocating only for an ambiguous spelling.
 struct KeySeed<'s, 'n> {
     names: &'s [&'n str],
 }
 
 impl<'de> DeserializeSeed<'de> for KeySeed<'_, '_> {
-    type Value = Option<usize>;
+    type Value = Key;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_str(self)
     }
 }
 
 impl<'de> Visitor<'de> for KeySeed<'_, '_> {
-    type Value = Option<usize>;
+    type Value = Key;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a key")
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(self.names.iter().position(|n| *n == v))
+        if let Some(i) = self.names.iter().position(|n| *n == v) {
+            return Ok(Key::Exact(i));
+        }
+        let up_to_nul = v.split('\0').next().unwrap_or(v);
+        Ok(match self.names.iter().position(|n| super::spelling::same(up_to_nul, n)) {
+            Some(i) => Key::Spelling(i, v.to_owned()),
+            None => Key::Other,
+        })
     }
 }
 
@@ -165,6 +220,35 @@ mod tests {
     fn numbers_that_are_not_counts() {
         let [a, b, c] = probe(br#"{"a":-1,"b":2.5,"c":3.0}"#, ["a", "b", "c"]).unwrap();
         assert_eq!((a.count(), b.count(), c.count()), (None, None, Some(3)));
+    }
+
+    fn ambiguous(body: &str) -> Option<(String, String)> {
+        match probe(body.as_bytes(), ["tier", "leads"]) {
+            Err(ProbeError::Ambiguous { name, spelling }) => Some((name, spelling)),
+            Ok(_) => None,
+            Err(e) => panic!("{body}: {e:?}"),
+        }
+    }
+
+    #[test]
+    fn a_probed_field_twice_or_in_another_spelling_is_ambiguous() {
+        let both = |n: &str, s: &str| Some((n.to_owned(), s.to_owned()));
+        assert_eq!(ambiguous(r#"{"tier":"fast","tier":"powerful"}"#), both("tier", "tier"));
+        assert_eq!(ambiguous(r#"{"tier":null,"tier":"powerful"}"#), both("tier", "tier"));
+        assert_eq!(ambiguous(r#"{"tier":"fast","ti\u0065r":"fast"}"#), both("tier", "tier"), "escaped duplicate");
+        assert_eq!(ambiguous(r#"{"tier":"fast","TIER":"powerful"}"#), both("tier", "TIER"));
+        assert_eq!(ambiguous(r#"{"TIER":"powerful","tier":"fast"}"#), both("tier", "TIER"), "either order");
+        assert_eq!(ambiguous(r#"{"TIER":"powerful"}"#), both("tier", "TIER"), "a lone other spelling");
+        assert_eq!(ambiguous(r#"{"leads":[1],"LEADS":[1,2,3]}"#), both("leads", "LEADS"));
+        assert_eq!(ambiguous(r#"{"leadſ":[1,2]}"#), both("leads", "leadſ"));
+        assert_eq!(ambiguous(r#"{"tier\u0000x":"powerful"}"#), both("tier", "tier\0x"), "cut at NUL");
+        // Other fields may repeat or differ in case; nested objects are not the top level.
+        assert_eq!(ambiguous(r#"{"Model":"a","model":"b","x":{"tier":1,"TIER":2},"tiers":1,"tier":"fast"}"#), None);
+    }
+
+    #[test]
+    fn malformed_json_wins_over_ambiguity() {
+        assert!(matches!(probe(br#"{"tier":"a","TIER":"b""#, ["tier"]), Err(ProbeError::Invalid(_))));
     }
 
     #[test]

@@ -2,29 +2,62 @@
 //!
 //! Pure rules, no I/O. [`Rules`] is compiled from the config once per (re)load; the request path
 //! asks [`Rules::route`] for the first matching route and, for a priced one, [`Operation::price`]
-//! for the cost. The body is needed only by rules that read it ([`Operation::needs_body`]), so a
-//! chat request with an `x-ai-tier` header is priced without being buffered.
+//! for the cost. The body is needed only by rules that read it ([`Operation::needs_body`]): a
+//! fixed-cost request streams through unread.
+//!
+//! One request has one price (SPEC §4): the `x-ai-tier` header and the body's `tier` must agree,
+//! a pricing field may be given only once and in one spelling ([`json`]), a body-priced request
+//! must not be content-encoded (the gateway would price bytes it cannot read), and the upstream
+//! receives exactly the pricing headers that were priced ([`bind_headers`]).
 
 pub mod json;
 pub mod path;
+pub mod spelling;
 
 use std::sync::Arc;
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderValue, Method, header};
 
 use crate::config::{Config, OnEmpty, OperationConfig};
 use crate::ledger::Role;
-use json::Field;
+use json::{Field, ProbeError};
 
-/// Header naming a chat tier; wins over the body's `tier` field.
+/// Header naming a chat tier; must agree with the body's `tier` field when both are given.
 pub const TIER_HEADER: &str = "x-ai-tier";
 /// Header marking an automatic (system-triggered) refresh.
 pub const TRIGGER_HEADER: &str = "x-trigger";
 
-/// A request the classifier refuses (always a 400 `bad_request`).
+/// A request the classifier refuses; the message is a sentence for the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ClassifyError(pub String);
+pub enum ClassifyError {
+    /// Malformed or unpriceable: bad JSON, unknown tier, missing field, bad path (400 `bad_request`).
+    #[error("{0}")]
+    Invalid(String),
+    /// The `x-ai-tier` header and the body's `tier` (or two headers) disagree (400 `tier_mismatch`).
+    #[error("{0}")]
+    TierMismatch(String),
+    /// A pricing field given twice or in another spelling (400 `ambiguous_body`).
+    #[error("{0}")]
+    Ambiguous(String),
+    /// A body-priced request whose body is content-encoded (415 `unsupported_media_type`).
+    #[error("{0}")]
+    Encoded(String),
+}
+
+impl From<ProbeError> for ClassifyError {
+    fn from(e: ProbeError) -> Self {
+        match e {
+            ProbeError::Invalid(m) => ClassifyError::Invalid(m),
+            ProbeError::Ambiguous { name, spelling } if name == spelling => ClassifyError::Ambiguous(format!(
+                "The body gives the field \"{name}\" more than once; backends differ on which one they read."
+            )),
+            ProbeError::Ambiguous { name, spelling } => ClassifyError::Ambiguous(format!(
+                "The body has a field \"{spelling}\", which a backend that ignores letter case reads as \"{name}\"; \
+                 send \"{name}\" once, spelled exactly so."
+            )),
+        }
+    }
+}
 
 /// How a route's path is matched.
 #[derive(Debug, Clone)]
@@ -77,6 +110,23 @@ pub struct Price {
     pub tier: Option<String>,
     /// Upstream override for the tier, if configured.
     pub upstream: Option<Arc<str>>,
+    /// Free because `x-trigger: automatic` came from a `system` key.
+    pub automatic: bool,
+}
+
+/// Sets the pricing headers an upstream receives: exactly the priced `x-ai-tier` (none when
+/// nothing tiered was priced), and `x-trigger: automatic` only when it made the request free.
+/// Whatever the client sent under those names is dropped. `None` is a free route.
+pub fn bind_headers(headers: &mut HeaderMap, price: Option<&Price>) {
+    headers.remove(TIER_HEADER);
+    headers.remove(TRIGGER_HEADER);
+    let Some(price) = price else { return };
+    if let Some(tier) = price.tier.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
+        headers.insert(TIER_HEADER, tier);
+    }
+    if price.automatic {
+        headers.insert(TRIGGER_HEADER, HeaderValue::from_static("automatic"));
+    }
 }
 
 /// The compiled route table and price list.
@@ -109,20 +159,49 @@ impl Rules {
         Rules { routes, operations }
     }
 
-    /// The first route matching `method` and `path`.
+    /// The first route matching `method` and `path`. A metered route matches its path in any
+    /// letter case ([`spelling`]): a backend that ignores case would serve `/V1/chat/completions`
+    /// as the chat route, so the gateway prices it as one (and [`Route::respell`] forwards it as
+    /// the route spells it). A free route matches exactly.
     pub fn route(&self, method: &Method, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| {
-            r.method.as_ref().is_none_or(|m| m == method)
-                && match &r.path {
-                    PathMatch::Exact(p) => p == path,
-                    PathMatch::Prefix(p) => path.starts_with(p.as_str()),
-                }
-        })
+        self.routes.iter().find(|r| r.method.as_ref().is_none_or(|m| m == method) && r.matched_len(path).is_some())
     }
 
     /// The operation a route prices, if any.
     pub fn operation(&self, route: &Route) -> Option<&Operation> {
         route.operation.map(|i| &self.operations[i])
+    }
+
+    /// One line per free route that sends traffic to an upstream a metered route also uses: a path
+    /// no metered route lists reaches that (AI) backend for free (for `creditgate check`).
+    pub fn shared_upstream_warnings(&self) -> Vec<String> {
+        let mut metered: Vec<(&str, &str)> = Vec::new();
+        for r in &self.routes {
+            if let Some(op) = self.operation(r) {
+                metered.push((&r.upstream, &op.name));
+                if let Pricing::Tiers { upstreams, .. } = &op.pricing {
+                    metered.extend(upstreams.iter().flatten().map(|u| (&**u, &*op.name)));
+                }
+            }
+        }
+        let table = self.table();
+        let mut lines = Vec::new();
+        for (r, (shown, _, _)) in self.routes.iter().zip(&table) {
+            if r.operation.is_some() {
+                continue;
+            }
+            let mut ops: Vec<&str> = metered.iter().filter(|(u, _)| *u == &*r.upstream).map(|(_, o)| *o).collect();
+            ops.dedup();
+            if !ops.is_empty() {
+                lines.push(format!(
+                    "warning: free route {shown} shares upstream \"{}\" with metered operations ({}): \
+                     any path there that no metered route lists reaches it for free",
+                    r.upstream,
+                    ops.join(", ")
+                ));
+            }
+        }
+        lines
     }
 
     /// Every route with its operation and a human description of its cost (for `creditgate check`).
@@ -142,6 +221,37 @@ impl Rules {
                 (format!("{method} {path} → {}", r.upstream), op, cost)
             })
             .collect()
+    }
+}
+
+impl Route {
+    /// The route's path as configured.
+    fn configured(&self) -> &str {
+        match &self.path {
+            PathMatch::Exact(p) | PathMatch::Prefix(p) => p,
+        }
+    }
+
+    /// How many bytes at the start of `path` this route's path matches, if it matches.
+    fn matched_len(&self, path: &str) -> Option<usize> {
+        let (p, exact) = match &self.path {
+            PathMatch::Exact(p) => (p.as_str(), true),
+            PathMatch::Prefix(p) => (p.as_str(), false),
+        };
+        let n = if self.operation.is_some() {
+            spelling::prefix_len(path, p)?
+        } else {
+            path.starts_with(p).then_some(p.len())?
+        };
+        (!exact || n == path.len()).then_some(n)
+    }
+
+    /// `path` with the part this route matched spelled as the route spells it, when it differs:
+    /// the upstream serves exactly the route that was priced.
+    pub fn respell(&self, path: &str) -> Option<String> {
+        let n = self.matched_len(path)?;
+        let p = self.configured();
+        (path[..n] != *p).then(|| format!("{p}{}", &path[n..]))
     }
 }
 
@@ -182,14 +292,20 @@ impl Operation {
             && headers.get(TRIGGER_HEADER).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"automatic"))
     }
 
-    /// Whether pricing this request needs its JSON body.
+    /// Whether pricing this request reads its body. A tiered request reads it even with an
+    /// `x-ai-tier` header, because a body `tier` must agree with the header; only a body known to
+    /// be empty (`Content-Length: 0`) cannot carry one and is skipped. (hyper drops a
+    /// `Content-Length` that came with `Transfer-Encoding`, so the length is the body's.)
     pub fn needs_body(&self, headers: &HeaderMap, role: Role) -> bool {
         if self.is_free_automatic(headers, role) {
             return false;
         }
         match &self.pricing {
             Pricing::Fixed(_) => false,
-            Pricing::Tiers { .. } => !headers.contains_key(TIER_HEADER),
+            Pricing::Tiers { .. } => {
+                let empty = headers.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() == b"0");
+                !(empty && headers.contains_key(TIER_HEADER))
+            }
             Pricing::PerItem { .. } | Pricing::Campaign { .. } => true,
         }
     }
@@ -197,44 +313,69 @@ impl Operation {
     /// Prices a request; `body` is `Some` whenever [`Self::needs_body`] said so.
     pub fn price(&self, headers: &HeaderMap, role: Role, body: Option<&[u8]>) -> Result<Price, ClassifyError> {
         if self.is_free_automatic(headers, role) {
-            return Ok(Price { cost: 0, tier: None, upstream: None });
+            return Ok(Price { cost: 0, tier: None, upstream: None, automatic: true });
         }
-        let fixed = |cost| Ok(Price { cost, tier: None, upstream: None });
+        let fixed = |cost| Ok(Price { cost, tier: None, upstream: None, automatic: false });
+        if !matches!(self.pricing, Pricing::Fixed(_)) {
+            refuse_encoded(headers)?;
+        }
         match &self.pricing {
             Pricing::Fixed(cost) => fixed(*cost),
             Pricing::Tiers { costs, default, upstreams } => {
-                let index = match headers.get(TIER_HEADER) {
-                    Some(v) => {
-                        let name = v.to_str().map_err(|_| ClassifyError("The x-ai-tier header is not text.".into()))?;
-                        self.tier_index(costs, name.trim())?
-                    }
-                    None => match json::probe(body.unwrap_or_default(), ["tier"]).map_err(ClassifyError)? {
-                        [Field::Missing] => *default,
-                        [Field::Str(name)] => self.tier_index(costs, &name)?,
-                        [_] => return Err(ClassifyError("The body field \"tier\" must be a string.".into())),
+                let from_header = match header_tier(headers)? {
+                    Some(name) => Some((name, self.tier_index(costs, name)?)),
+                    None => None,
+                };
+                // An empty body carries no tier (it may have been read for an Idempotency-Key).
+                let from_body = match body.filter(|b| !(b.is_empty() && from_header.is_some())) {
+                    None => None,
+                    Some(body) => match json::probe(body, ["tier"])? {
+                        [Field::Missing] => None,
+                        [Field::Str(name)] => Some((self.tier_index(costs, &name)?, name)),
+                        [_] => return Err(ClassifyError::Invalid("The body field \"tier\" must be a string.".into())),
                     },
                 };
+                let index = match (from_header, from_body) {
+                    (Some((h, hi)), Some((bi, b))) if hi != bi => {
+                        return Err(ClassifyError::TierMismatch(format!(
+                            "The x-ai-tier header says \"{h}\" but the body's \"tier\" says \"{b}\"; \
+                             send one, or make them agree."
+                        )));
+                    }
+                    (Some((_, i)), _) | (None, Some((i, _))) => i,
+                    (None, None) => *default,
+                };
                 let (tier, cost) = &costs[index];
-                Ok(Price { cost: *cost, tier: Some(tier.clone()), upstream: upstreams[index].clone() })
+                Ok(Price {
+                    cost: *cost,
+                    tier: Some(tier.clone()),
+                    upstream: upstreams[index].clone(),
+                    automatic: false,
+                })
             }
             Pricing::PerItem { per_item, field } => {
-                let [items] = json::probe(body.unwrap_or_default(), [field.as_str()]).map_err(ClassifyError)?;
+                let [items] = json::probe(body.unwrap_or_default(), [field.as_str()])?;
                 match items {
                     Field::Array(n) if n > 0 => fixed(n.saturating_mul(*per_item)),
-                    Field::Array(_) => Err(ClassifyError(format!("The body field \"{field}\" is an empty list."))),
-                    Field::Missing => Err(ClassifyError(format!("The body needs a field \"{field}\" with a list."))),
-                    _ => Err(ClassifyError(format!("The body field \"{field}\" must be a list."))),
+                    Field::Array(_) => {
+                        Err(ClassifyError::Invalid(format!("The body field \"{field}\" is an empty list.")))
+                    }
+                    Field::Missing => {
+                        Err(ClassifyError::Invalid(format!("The body needs a field \"{field}\" with a list.")))
+                    }
+                    _ => Err(ClassifyError::Invalid(format!("The body field \"{field}\" must be a list."))),
                 }
             }
             Pricing::Campaign { base, per_step, per_variant, per_channel, min, max } => {
-                let counts =
-                    json::probe(body.unwrap_or_default(), ["steps", "variants", "channels"]).map_err(ClassifyError)?;
+                let counts = json::probe(body.unwrap_or_default(), ["steps", "variants", "channels"])?;
                 let mut n = [0u64; 3];
                 for (i, (field, name)) in counts.iter().zip(["steps", "variants", "channels"]).enumerate() {
                     n[i] = match field {
                         Field::Missing => 0,
                         f => f.count().ok_or_else(|| {
-                            ClassifyError(format!("The body field \"{name}\" must be a list or a whole number."))
+                            ClassifyError::Invalid(format!(
+                                "The body field \"{name}\" must be a list or a whole number."
+                            ))
                         })?,
                     };
                 }
@@ -250,7 +391,11 @@ impl Operation {
     fn tier_index(&self, costs: &[(String, u64)], name: &str) -> Result<usize, ClassifyError> {
         costs.iter().position(|(t, _)| t == name).ok_or_else(|| {
             let known: Vec<&str> = costs.iter().map(|(t, _)| t.as_str()).collect();
-            ClassifyError(format!("Unknown tier \"{name}\" for {}; use one of: {}.", self.name, known.join(", ")))
+            ClassifyError::Invalid(format!(
+                "Unknown tier \"{name}\" for {}; use one of: {}.",
+                self.name,
+                known.join(", ")
+            ))
         })
     }
 
@@ -287,6 +432,42 @@ impl Operation {
     }
 }
 
+/// The tier the `x-ai-tier` header names, trimmed of surrounding whitespace; several header
+/// lines must all name the same tier.
+fn header_tier(headers: &HeaderMap) -> Result<Option<&str>, ClassifyError> {
+    let mut tier = None;
+    for v in headers.get_all(TIER_HEADER) {
+        let name = v.to_str().map_err(|_| ClassifyError::Invalid("The x-ai-tier header is not text.".into()))?.trim();
+        match tier {
+            Some(first) if first != name => {
+                return Err(ClassifyError::TierMismatch(format!(
+                    "Two x-ai-tier headers name different tiers, \"{first}\" and \"{name}\"; send one."
+                )));
+            }
+            _ => tier = Some(name),
+        }
+    }
+    Ok(tier)
+}
+
+/// Refuses a content-encoded body on a body-priced route: the gateway would price the encoded
+/// bytes while the backend decodes and reads another body. `identity` (or an empty list) is fine.
+fn refuse_encoded(headers: &HeaderMap) -> Result<(), ClassifyError> {
+    for v in headers.get_all(header::CONTENT_ENCODING) {
+        let plain = v
+            .to_str()
+            .is_ok_and(|s| s.split(',').map(str::trim).all(|c| c.is_empty() || c.eq_ignore_ascii_case("identity")));
+        if !plain {
+            let shown = String::from_utf8_lossy(v.as_bytes());
+            return Err(ClassifyError::Encoded(format!(
+                "This request is priced from its body, which must be sent uncompressed; \
+                 Content-Encoding \"{shown}\" is not accepted here."
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,22 +499,106 @@ mod tests {
     }
 
     #[test]
-    fn chat_tiers_and_precedence() {
+    fn chat_tiers_from_header_body_or_default() {
         let p = "/v1/chat/completions";
         assert_eq!(cost(p, &[], "{}"), 3);
         assert_eq!(cost(p, &[], r#"{"tier":"fast"}"#), 1);
         assert_eq!(cost(p, &[], r#"{"tier":"powerful"}"#), 5);
-        assert_eq!(cost(p, &[("x-ai-tier", "powerful")], r#"{"tier":"fast"}"#), 5, "header wins over body");
-        assert_eq!(cost(p, &[("x-ai-tier", "fast")], "not json at all"), 1, "header needs no body");
+        assert_eq!(cost(p, &[("x-ai-tier", "powerful")], r#"{"messages":[]}"#), 5);
+        assert_eq!(cost(p, &[("x-ai-tier", " powerful ")], r#"{"tier":"powerful"}"#), 5, "agreeing, header trimmed");
+        assert_eq!(cost(p, &[("x-ai-tier", "fast"), ("content-length", "0")], ""), 1, "an empty body is not read");
         let tier = price_of("POST", p, &[], Role::User, "{}").unwrap().tier;
         assert_eq!(tier.as_deref(), Some("balanced"));
+    }
+
+    #[test]
+    fn header_and_body_tier_must_agree() {
+        let p = "/v1/chat/completions";
+        let e = price_of("POST", p, &[("x-ai-tier", "fast")], Role::User, r#"{"tier":"powerful"}"#).unwrap_err();
+        let ClassifyError::TierMismatch(m) = e else { panic!("{e:?}") };
+        assert!(m.contains("\"fast\"") && m.contains("\"powerful\""), "names both: {m}");
+        // Case counts in both places: "Fast" is no tier at all, not a mismatch.
+        let e = price_of("POST", p, &[("x-ai-tier", "Fast")], Role::User, r#"{"tier":"fast"}"#).unwrap_err();
+        assert!(matches!(e, ClassifyError::Invalid(_)), "{e:?}");
+        // With a header the body is still read, so it must be JSON, and its tier one spelling.
+        let e = price_of("POST", p, &[("x-ai-tier", "fast")], Role::User, "not json").unwrap_err();
+        assert!(matches!(e, ClassifyError::Invalid(_)), "{e:?}");
+        let e = price_of("POST", p, &[("x-ai-tier", "fast")], Role::User, r#"{"TIER":"powerful"}"#).unwrap_err();
+        assert!(matches!(e, ClassifyError::Ambiguous(_)), "{e:?}");
+    }
+
+    #[test]
+    fn two_tier_headers_must_agree() {
+        let rules = rules();
+        let op = rules.operation(rules.route(&Method::POST, "/v1/chat/completions").unwrap()).unwrap();
+        let mut h = HeaderMap::new();
+        h.append(TIER_HEADER, "fast".parse().unwrap());
+        h.append(TIER_HEADER, "fast ".parse().unwrap());
+        assert_eq!(op.price(&h, Role::User, Some(b"{}")).unwrap().cost, 1);
+        h.append(TIER_HEADER, "powerful".parse().unwrap());
+        assert!(matches!(op.price(&h, Role::User, Some(b"{}")), Err(ClassifyError::TierMismatch(_))));
+    }
+
+    #[test]
+    fn pricing_fields_given_twice_are_ambiguous() {
+        for (path, body) in [
+            ("/v1/chat/completions", r#"{"tier":"fast","TIER":"powerful"}"#),
+            ("/v1/chat/completions", r#"{"tier":"fast","tier":"fast"}"#),
+            ("/v1/leads/enrich", r#"{"leads":[1],"LEADS":[1,2,3]}"#),
+            ("/v1/leads/enrich", r#"{"Leads":[1,2,3]}"#),
+            ("/v1/campaigns/generate", r#"{"steps":1,"Steps":9}"#),
+            ("/v1/campaigns/generate", r#"{"CHANNELS":9}"#),
+        ] {
+            let e = price_of("POST", path, &[], Role::User, body).unwrap_err();
+            assert!(matches!(e, ClassifyError::Ambiguous(_)), "{body}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn body_priced_operations_refuse_encoded_bodies() {
+        let gz = [("content-encoding", "gzip")];
+        for (path, body) in [("/v1/chat/completions", "{}"), ("/v1/leads/enrich", r#"{"leads":[1]}"#)] {
+            let e = price_of("POST", path, &gz, Role::User, body).unwrap_err();
+            assert!(matches!(e, ClassifyError::Encoded(_)), "{path}: {e:?}");
+            assert!(price_of("POST", path, &[("content-encoding", "Identity")], Role::User, body).is_ok());
+        }
+        let e = price_of(
+            "POST",
+            "/v1/chat/completions",
+            &[("x-ai-tier", "fast"), ("content-encoding", "br")],
+            Role::User,
+            "x",
+        );
+        assert!(matches!(e, Err(ClassifyError::Encoded(_))), "a header tier does not make the body irrelevant");
+        assert_eq!(price_of("POST", "/v1/sentiment", &gz, Role::User, "").unwrap().cost, 1, "fixed cost: body unread");
+    }
+
+    #[test]
+    fn pricing_headers_are_bound_to_the_price() {
+        let mut h = HeaderMap::new();
+        h.append(TIER_HEADER, "fast".parse().unwrap());
+        h.append(TIER_HEADER, "powerful".parse().unwrap());
+        h.insert(TRIGGER_HEADER, "automatic".parse().unwrap());
+        let chat = Price { cost: 3, tier: Some("balanced".into()), upstream: None, automatic: false };
+        bind_headers(&mut h, Some(&chat));
+        assert_eq!(h.get_all(TIER_HEADER).iter().collect::<Vec<_>>(), ["balanced"]);
+        assert!(!h.contains_key(TRIGGER_HEADER), "x-trigger did not make this free");
+
+        let auto = Price { cost: 0, tier: None, upstream: None, automatic: true };
+        h.insert(TRIGGER_HEADER, "AUTOMATIC".parse().unwrap());
+        bind_headers(&mut h, Some(&auto));
+        assert_eq!((h.get(TIER_HEADER), &h[TRIGGER_HEADER]), (None, &HeaderValue::from_static("automatic")));
+
+        bind_headers(&mut h, None);
+        assert!(h.is_empty(), "a free route forwards no pricing header");
     }
 
     #[test]
     fn unknown_tier_is_an_error_not_a_default() {
         let p = "/v1/chat/completions";
         let e = price_of("POST", p, &[("x-ai-tier", "turbo")], Role::User, "{}").unwrap_err();
-        assert!(e.0.contains("\"turbo\"") && e.0.contains("fast, balanced, powerful") || e.0.contains("balanced"));
+        let m = e.to_string();
+        assert!(m.contains("\"turbo\"") && m.contains("balanced, fast, powerful"), "{m}");
         assert!(price_of("POST", p, &[], Role::User, r#"{"tier":"turbo"}"#).is_err());
         assert!(price_of("POST", p, &[], Role::User, r#"{"tier":3}"#).is_err());
         assert!(price_of("POST", p, &[], Role::User, "{bad json").is_err());
@@ -345,7 +610,8 @@ mod tests {
         assert_eq!(cost("/v1/icebreakers", &[], r#"{"leads":[{"id":1},{"id":2}]}"#), 2);
         for body in [r#"{"leads":[]}"#, r#"{}"#, r#"{"leads":"x"}"#, "[]"] {
             let e = price_of("POST", "/v1/leads/enrich", &[], Role::User, body).unwrap_err();
-            assert!(e.0.contains("leads") || e.0.contains("JSON"), "{body}: {e}");
+            let m = e.to_string();
+            assert!(m.contains("leads") || m.contains("JSON"), "{body}: {e}");
         }
     }
 
@@ -387,6 +653,35 @@ mod tests {
         let deals = r.route(&Method::POST, "/v1/deals").unwrap();
         assert!(r.operation(deals).is_none());
         assert_eq!(deals.upstream.as_ref(), "app");
+    }
+
+    #[test]
+    fn metered_routes_match_in_any_letter_case_and_are_respelled() {
+        let r = rules();
+        for p in ["/V1/chat/completions", "/v1/CHAT/Completions", "/v1/chat/completıons"] {
+            let route = r.route(&Method::POST, p).unwrap();
+            assert_eq!(r.operation(route).unwrap().name.as_ref(), "ai_chat", "{p}");
+            assert_eq!(route.respell(p).as_deref(), Some("/v1/chat/completions"));
+        }
+        let chat = r.route(&Method::POST, "/v1/chat/completions").unwrap();
+        assert_eq!(chat.respell("/v1/chat/completions"), None, "already spelled so");
+        // Free routes keep matching exactly and forward the path as sent.
+        let free = r.route(&Method::GET, "/V1/Deals").unwrap();
+        assert!(r.operation(free).is_none());
+        assert_eq!(free.respell("/V1/Deals"), None);
+    }
+
+    #[test]
+    fn check_warns_about_free_routes_to_metered_upstreams() {
+        assert_eq!(rules().shared_upstream_warnings(), Vec::<String>::new(), "the shipped config is clean");
+        let text = include_str!("../../config/gateway.toml").replacen(
+            "path_prefix = \"/\"\nupstream = \"app\"",
+            "path_prefix = \"/\"\nupstream = \"ai\"",
+            1,
+        );
+        let w = Rules::new(&Config::parse(&text).unwrap()).shared_upstream_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("* /*") && w[0].contains("\"ai\"") && w[0].contains("ai_chat"), "{}", w[0]);
     }
 
     #[test]

@@ -1,9 +1,63 @@
-//! Path normalisation before route matching, so a request cannot dodge a priced route by
-//! spelling its path differently (`/v1/chat//completions`, `/v1/chat/%63ompletions`,
-//! `/v1/chat/completions/`, `/v1/x/../chat/completions`). The normalised path is also the one
-//! forwarded, so the upstream serves exactly what was priced.
+//! The request line before route matching, so a request cannot dodge a priced route by spelling
+//! it differently. Spellings with one meaning are normalised (`/v1/chat//completions`,
+//! `/v1/chat/%63ompletions`, `/v1/chat/completions/`, `/v1/x/../chat/completions`), and the
+//! normalised path is the one forwarded, so the upstream serves exactly what was priced.
+//! Spellings whose meaning depends on the backend are refused ([`check_target`],
+//! [`check_method`]): an encoded `/` or `\`, a NUL, a backslash, a `;` path parameter, a
+//! method that is not one of the standard upper-case ones.
 
 use std::borrow::Cow;
+
+use http::Method;
+
+use super::ClassifyError;
+
+/// Refuses a path that backends read in different ways: `%2F` (a `/` to some, part of a segment
+/// to others), `%5C` and `\` (a separator on Windows servers and some frameworks), `%00` (cuts the
+/// path short in C code) and `;` (a path parameter that Java servers strip before routing). Only
+/// the path is checked; the query does not choose a route, and encoded URLs in it are common.
+pub fn check_target(path: &str) -> Result<(), ClassifyError> {
+    let b = path.as_bytes();
+    let encoded = |i: usize| match (b.get(i + 1), b.get(i + 2)) {
+        (Some(h), Some(l)) => matches!((*h, l.to_ascii_uppercase()), (b'2', b'F') | (b'5', b'C') | (b'0', b'0')),
+        _ => false,
+    };
+    let bad = (0..b.len()).find(|&i| matches!(b[i], b'\\' | b';') || (b[i] == b'%' && encoded(i)));
+    match bad {
+        None => Ok(()),
+        Some(i) => {
+            let what = if b[i] == b'%' { &path[i..i + 3] } else { &path[i..i + 1] };
+            Err(ClassifyError::Invalid(format!(
+                "The request path may not contain \"{what}\" (an encoded / or \\, a NUL, a backslash or a ; \
+                 path parameter): backends read such paths differently."
+            )))
+        }
+    }
+}
+
+/// Refuses a method that is not one of the nine standard ones, spelled in upper case. `post`
+/// reaches the gateway as its own (extension) method, so it would miss the `POST` routes and
+/// fall through to a free one, while many backends upper-case it and serve the priced route.
+pub fn check_method(method: &Method) -> Result<(), ClassifyError> {
+    const STANDARD: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::CONNECT,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PATCH,
+    ];
+    if STANDARD.contains(method) {
+        return Ok(());
+    }
+    Err(ClassifyError::Invalid(format!(
+        "Unknown method \"{method}\"; use one of GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH \
+         (in upper case)."
+    )))
+}
 
 /// Percent-decodes unreserved characters, merges repeated slashes, resolves `.` and `..`
 /// segments and drops a trailing slash (except for `/`). Borrowed when nothing changes.
@@ -68,7 +122,39 @@ fn decode_unreserved(path: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::normalize;
+    use super::*;
+
+    #[test]
+    fn targets_backends_read_differently_are_refused() {
+        for p in [
+            "/v1/chat%2Fcompletions",
+            "/v1/chat%2fcompletions",
+            "/v1%5Cchat/completions",
+            "/v1%5cchat/completions",
+            "/v1/chat/completions%00",
+            "/v1\\chat/completions",
+            "/v1/chat/completions;x=1",
+            "/v1;/chat/completions",
+        ] {
+            let e = check_target(p).unwrap_err();
+            assert!(matches!(e, ClassifyError::Invalid(_)), "{p}");
+        }
+        for p in ["/v1/chat/completions", "/files/a%20b", "/a%2", "/a%", "/%41%2E", "/v1/chat%2Ecompletions"] {
+            assert_eq!(check_target(p), Ok(()), "{p}");
+        }
+    }
+
+    #[test]
+    fn only_the_nine_standard_methods_in_upper_case() {
+        for m in ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"] {
+            assert!(check_method(&Method::from_bytes(m.as_bytes()).unwrap()).is_ok(), "{m}");
+        }
+        for m in ["post", "Post", "get", "FOO", "PROPFIND"] {
+            let method = Method::from_bytes(m.as_bytes()).unwrap();
+            assert_ne!(method, Method::POST, "http keeps {m} as its own method");
+            assert!(check_method(&method).is_err(), "{m}");
+        }
+    }
 
     #[test]
     fn clean_paths_are_borrowed() {

@@ -1,5 +1,11 @@
 //! Header rules for forwarding (RFC 9110 §7.6.1): hop-by-hop fields stop at the gateway, the
 //! client's credentials never reach an upstream, and the upstream learns who asked.
+//!
+//! Order matters (SPEC §4): the fields a client names in `Connection` are removed when the
+//! request arrives, before anything reads it (`stack::handle`), so the gateway prices with the
+//! headers the upstream will see; the pricing headers are then bound to the price
+//! (`classify::bind_headers`), and [`prepare_request`] sets the gateway's own headers after its
+//! last stripping. Method-override headers never reach an upstream.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -14,6 +20,14 @@ const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Headers some frameworks take as the real method: a `POST` priced as a chat could be served as
+/// anything else, or a `GET` on a free route served as a priced `POST`.
+const METHOD_OVERRIDE: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
 /// The fixed hop-by-hop fields.
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
@@ -27,14 +41,14 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// Removes hop-by-hop fields, including any that `Connection` names.
+/// Removes hop-by-hop fields, including any that a `Connection` line names (any case).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Fields named by Connection are hop-by-hop too; collect first (rare, so the Vec is fine).
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or_default()
-            .split(',')
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or_default().split(','))
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
             .collect();
         for n in named {
@@ -58,11 +72,15 @@ pub fn strip_gateway_owned(headers: &mut HeaderMap) {
     }
 }
 
-/// Prepares a client request's headers for an upstream.
+/// Prepares a client request's headers for an upstream: strips, then sets the gateway's own
+/// headers (upstream credentials, request id, account, forwarding trail) last.
 pub fn prepare_request(headers: &mut HeaderMap, upstream_headers: &[(HeaderName, HeaderValue)], fwd: Forwarded<'_>) {
     strip_hop_by_hop(headers);
     headers.remove(header::AUTHORIZATION);
     headers.remove(ACCOUNT);
+    for h in &METHOD_OVERRIDE {
+        headers.remove(h);
+    }
     if let Some(host) = headers.remove(header::HOST) {
         headers.insert(FORWARDED_HOST, host);
     }
@@ -102,6 +120,36 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn every_connection_line_counts_and_names_are_case_insensitive() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, "keep-alive".parse().unwrap());
+        h.append(header::CONNECTION, "X-AI-Tier , X-Other".parse().unwrap());
+        h.insert("x-ai-tier", "fast".parse().unwrap());
+        h.insert("x-other", "1".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn gateway_set_headers_survive_a_connection_that_names_them() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "x-request-id, x-creditgate-account, x-http-method-override".parse().unwrap());
+        h.insert(REQUEST_ID, "client".parse().unwrap());
+        h.insert("x-http-method-override", "DELETE".parse().unwrap());
+        h.insert("x-method-override", "DELETE".parse().unwrap());
+        h.insert("x-http-method", "DELETE".parse().unwrap());
+        prepare_request(&mut h, &[], Forwarded { request_id: "rid", account: Some("acme"), client_addr: None });
+        assert_eq!(
+            (&h[REQUEST_ID], &h[ACCOUNT]),
+            (&HeaderValue::from_static("rid"), &HeaderValue::from_static("acme"))
+        );
+        for m in &METHOD_OVERRIDE {
+            assert!(!h.contains_key(m), "{m} forwarded");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use creditgate::server::{self, Gateway, StartOptions};
 use serde_json::{Value, json};
 
 use super::http::{self, Response};
+use super::upstream::Upstream;
 
 /// The admin token every test gateway uses.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
@@ -289,6 +290,16 @@ impl TestGateway {
     pub async fn post(&self, key: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Response {
         self.call(key, "POST", path, headers, body).await
     }
+}
+
+/// Separate recording `ai` and `app` upstreams (metered and free routes), a gateway in front of
+/// them and a `user` key of account `acme` on plan `big`.
+pub async fn split_upstreams() -> (TestGateway, Upstream, Upstream, String) {
+    let ai = Upstream::echo().await;
+    let app = Upstream::echo().await;
+    let gw = TestGateway::start(&ConfigBuilder::new(&ai.url()).app(&app.url()).build()).await;
+    let key = gw.account_with_key("acme", "big").await;
+    (gw, ai, app, key)
 }
 
 /// A body of `n` leads for the per-lead operations (costs `n`).
