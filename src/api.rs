@@ -132,6 +132,12 @@ pub fn usage_json(usage: &Usage, rt: &Runtime) -> Value {
     for (o, n) in &cur.by_operation {
         by_operation.insert(o.clone(), json!(n));
     }
+    // Free automatic refreshes (requests, not credits) of every operation that has them.
+    let mut free_automatic = Map::new();
+    for op in rt.rules.operations.iter().filter(|op| op.has_automatic_free()) {
+        free_automatic
+            .insert(op.name.to_string(), json!(cur.free_automatic.get(op.name.as_ref()).copied().unwrap_or(0)));
+    }
     let first = cur.period_start.div_euclid(86_400);
     let last = (cur.period_end - 1).div_euclid(86_400);
     let daily: Vec<Value> = (first..=last)
@@ -151,6 +157,7 @@ pub fn usage_json(usage: &Usage, rt: &Runtime) -> Value {
         "total": cur.total,
         "by_category": by_category,
         "by_operation": by_operation,
+        "free_automatic": free_automatic,
         "daily": daily,
         "earlier_periods": earlier,
     })

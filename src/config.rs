@@ -230,6 +230,9 @@ pub struct OperationConfig {
     /// When true, `x-trigger: automatic` from a `system` key is free.
     #[serde(default)]
     pub automatic_free: bool,
+    /// With `automatic_free`: most free automatic refreshes per account and billing period;
+    /// beyond it they are charged like any request (unset: no limit).
+    pub automatic_free_max_per_period: Option<u64>,
     /// Campaign formula: constant part.
     pub base: Option<u64>,
     /// Campaign formula: credits per step.
@@ -790,6 +793,9 @@ impl OperationConfig {
             (Some(_), None) => return Err(bad(format!("{key}.items"), "required with per_item")),
             (None, Some(_)) => return Err(bad(format!("{key}.items"), "only allowed with per_item")),
             (None, None) => {}
+        }
+        if self.automatic_free_max_per_period.is_some() && !self.automatic_free {
+            return Err(bad(format!("{key}.automatic_free_max_per_period"), "only allowed with automatic_free = true"));
         }
         if self.automatic_free && self.per_item.is_none() && self.cost.is_none() {
             return Err(bad(format!("{key}.automatic_free"), "only allowed with cost or per_item"));

@@ -39,10 +39,11 @@ use tracing::Instrument;
 
 use crate::auth::Principal;
 use crate::classify::Operation;
-use crate::config::OnEmpty;
+use crate::classify::Price;
+use crate::config::{OnEmpty, OnStoreError};
 use crate::error::GatewayError;
 use crate::ledger::jobs::{EnqueueOutcome, JobStore, NewJob};
-use crate::ledger::{ChargeRequest, Idempotency, StoredResponse};
+use crate::ledger::{ChargeRequest, FreeOutcome, Idempotency, Ledger, StoredResponse};
 use crate::meter::{self, Capture, Charge, Failure, MeteredBody, Repeat, Taken};
 use crate::proxy::{self, Forwarded, headers::REQUEST_ID};
 use crate::state::{AppState, Runtime};
@@ -242,7 +243,10 @@ impl Metered<'_> {
     /// Prices, charges (or replays, or queues), forwards and settles. `body` is `Some` when it
     /// was buffered for pricing or idempotency; otherwise `req` still carries its stream.
     async fn run(&self, req: Request, body: Option<Bytes>) -> Result<Response, GatewayError> {
-        let price = self.op.price(req.headers(), self.principal.role, body.as_deref())?;
+        let mut price = self.op.price(req.headers(), self.principal.role, body.as_deref())?;
+        if price.automatic {
+            price = self.automatic(price, req.headers(), body.as_deref()).await?;
+        }
         let mut req = req;
         // The upstream (and a queued job) sees exactly the priced headers.
         crate::classify::bind_headers(req.headers_mut(), Some(&price));
@@ -307,6 +311,28 @@ impl Metered<'_> {
                 }
                 replay => return self.answer_repeat(replay),
             }
+        }
+    }
+
+    /// A free automatic refresh is counted in the period's usage; past the operation's allowance
+    /// it pays like any request.
+    async fn automatic(
+        &self,
+        free: Price,
+        headers: &http::HeaderMap,
+        body: Option<&[u8]>,
+    ) -> Result<Price, GatewayError> {
+        let (op, account) = (self.op, &self.principal.account);
+        match self.state.ledger.count_free_automatic(account, &op.name, op.automatic_free_max).await {
+            Ok(FreeOutcome::Free { .. }) => Ok(free),
+            Ok(FreeOutcome::OverCap) => Ok(op.price_paid(headers, body)?),
+            Ok(FreeOutcome::NoAccount) => Err(GatewayError::AccountGone),
+            // Without an allowance the count is only for the usage page: serve, log the gap.
+            Err(e) if op.automatic_free_max.is_none() || self.rt.config.store.on_error == OnStoreError::FailOpen => {
+                tracing::warn!(error = %e, operation = %op.name, "free automatic refresh not counted (store unavailable)");
+                Ok(free)
+            }
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -72,6 +72,14 @@ impl Ledger for Store {
     ) -> LedgerResult<bool> {
         dispatch!(self, l => l.complete_idempotent(account, key, charge_id, response))
     }
+    async fn count_free_automatic(
+        &self,
+        account: &str,
+        operation: &str,
+        max_per_period: Option<u64>,
+    ) -> LedgerResult<FreeOutcome> {
+        dispatch!(self, l => l.count_free_automatic(account, operation, max_per_period))
+    }
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {
         dispatch!(self, l => l.topup(req))
     }

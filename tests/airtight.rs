@@ -108,6 +108,7 @@ on_both_stores!(
     an_upstream_error_answer_that_was_charged_is_replayed_too,
     concurrent_copies_on_two_instances_reach_the_backend_once,
     queued_request_with_a_key_is_one_job_charged_once,
+    free_automatic_refreshes_are_counted_and_capped,
 );
 
 #[tokio::test]
@@ -322,4 +323,37 @@ fn only_unreachable_refunds(config: String) -> String {
     let op = "[operations.insights_competitive]\ncategory = \"Insights\"\ncost = 5\n";
     assert!(config.contains(op), "the shipped config changed shape");
     config.replace(op, &format!("{op}refund_on = [\"unreachable\"]\n"))
+}
+
+// === free automatic refreshes ===
+
+async fn free_automatic_refreshes_are_counted_and_capped(store: Store) {
+    let env = Env::with(store, |b| b).await;
+    let config =
+        env.config.replace("automatic_free = true", "automatic_free = true\nautomatic_free_max_per_period = 2");
+    assert_ne!(config, env.config, "the shipped config changed shape");
+    drop(env.gw);
+    let gw = TestGateway::start(&config).await;
+    gw.create_account("acme", "big").await;
+    let system = gw.create_key("acme", "system").await;
+    let user = gw.create_key("acme", "user").await;
+    let auto = [("x-trigger", "automatic")];
+    let body = r#"{"leads":[1,2,3]}"#;
+    for _ in 0..2 {
+        let res = gw.post(&system, "/v1/leads/score", &auto, body).await;
+        assert_eq!((res.status.as_u16(), res.header("x-credits-charged")), (200, None), "{}", res.text());
+    }
+    let beyond = gw.post(&system, "/v1/leads/score", &auto, body).await;
+    assert_eq!((beyond.status.as_u16(), beyond.charged()), (200, 3), "past the allowance it pays per lead");
+    let from_user = gw.post(&user, "/v1/leads/score", &auto, body).await;
+    assert_eq!(from_user.charged(), 3, "a user key's x-trigger is charged");
+    // The backend got x-trigger only where it made the refresh free.
+    let triggers: Vec<Option<String>> =
+        env.up.requests().iter().map(|r| r.header("x-trigger").map(str::to_owned)).collect();
+    assert_eq!(triggers, [Some("automatic".to_owned()), Some("automatic".to_owned()), None, None]);
+    let auth = format!("Bearer {user}");
+    let usage = http::send("GET", &gw.url("/v1/credits/usage"), &[("authorization", &auth)], "").await.json();
+    assert_eq!(usage["free_automatic"], serde_json::json!({"lead_scoring_refresh": 2}));
+    assert_eq!(usage["by_operation"]["lead_scoring_refresh"], 6);
+    assert_eq!(gw.remaining(&user).await, 9_994);
 }

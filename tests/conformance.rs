@@ -20,7 +20,7 @@ use creditgate::calendar::{Anchor, parse_rfc3339, rfc3339};
 use creditgate::ledger::jobs::{EnqueueOutcome, Job, JobFinish, JobStore, JobView, NewJob};
 use creditgate::ledger::redis::{LUA_PRELUDE, RedisLedger};
 use creditgate::ledger::{
-    AutoTopup, ChargeOutcome, ChargeRequest, Event, HistoryEntry, IdemHit, Idempotency, KeyRecord, Ledger,
+    AutoTopup, ChargeOutcome, ChargeRequest, Event, FreeOutcome, HistoryEntry, IdemHit, Idempotency, KeyRecord, Ledger,
     MemoryLedger, NewAccount, Packages, PlanChange, PlanOutcome, Receipt, RefundOutcome, Role, StoredResponse,
     TopupOutcome, TopupRequest, keys,
 };
@@ -104,6 +104,7 @@ async fn suite<L: Ledger + JobStore>(l: Arc<L>) {
             saving_auto_topup_again_does_not_rearm(&*l).await;
             auto_topup_package_changed_or_removed_switches_off(&*l).await;
             queued_request_with_a_key_is_one_job(&*l).await;
+            free_automatic_refreshes_counted_within_their_allowance(&*l).await;
             duplicate_topup(&*l).await;
             unknown_accounts(&*l).await;
             api_keys(&*l).await;
@@ -328,6 +329,23 @@ async fn auto_topup_package_changed_or_removed_switches_off(l: &impl Ledger) {
     }
 }
 
+/// Free automatic refreshes are counted per operation in the period's usage (not in credits),
+/// and past an allowance they are not free.
+async fn free_automatic_refreshes_counted_within_their_allowance(l: &impl Ledger) {
+    let acct = account(l, 10).await;
+    let op = "lead_scoring_refresh";
+    assert_eq!(l.count_free_automatic(&acct, op, None).await.unwrap(), FreeOutcome::Free { count: 1 });
+    assert_eq!(l.count_free_automatic(&acct, op, None).await.unwrap(), FreeOutcome::Free { count: 2 });
+    assert_eq!(l.count_free_automatic(&acct, op, Some(3)).await.unwrap(), FreeOutcome::Free { count: 3 });
+    assert_eq!(l.count_free_automatic(&acct, op, Some(3)).await.unwrap(), FreeOutcome::OverCap);
+    assert_eq!(l.count_free_automatic(&acct, "other_op", Some(1)).await.unwrap(), FreeOutcome::Free { count: 1 });
+    let u = l.usage(&acct, 0).await.unwrap().unwrap().current;
+    let expected: BTreeMap<String, u64> = [(op.to_owned(), 3), ("other_op".to_owned(), 1)].into();
+    assert_eq!((u.free_automatic, u.total), (expected, 0));
+    assert_eq!(view(l, &acct).await.remaining(), 10, "no credits moved");
+    assert_eq!(l.count_free_automatic(&unique("nobody"), op, None).await.unwrap(), FreeOutcome::NoAccount);
+}
+
 /// A queued request with an idempotency key is one job: a repeat replays the 202, byte for byte.
 async fn queued_request_with_a_key_is_one_job(l: &(impl Ledger + JobStore)) {
     let acct = account(l, 10).await;
@@ -362,6 +380,12 @@ async fn duplicate_topup(l: &impl Ledger) {
     assert!(first.created_at.abs_diff(now()) <= 2, "created_at is now");
     assert_eq!(l.topup(req).await.unwrap(), TopupOutcome::Duplicate(first.clone()));
     assert_eq!(view(l, &acct).await.topup_remaining, 200, "credited once");
+    // Payment references are unique per account (README): another account's payment may carry
+    // the same reference and is credited on its own.
+    let other = account(l, 10).await;
+    let same_ref = TopupRequest { account: &other, ..req };
+    assert!(matches!(l.topup(same_ref).await.unwrap(), TopupOutcome::Created(_)));
+    assert_eq!(view(l, &other).await.topup_remaining, 200);
     let grant = TopupRequest { account: &acct, credits: 50, payment_ref: &unique("pay"), package: None };
     let TopupOutcome::Created(second) = l.topup(grant).await.unwrap() else { panic!("second top-up not created") };
     assert_eq!((second.package, second.topup_remaining), (None, 250));

@@ -98,6 +98,8 @@ pub struct Operation {
     /// Upstream failures that are refunded.
     pub refund_on: Vec<crate::config::RefundOn>,
     automatic_free: bool,
+    /// Most free automatic refreshes per account and period (`None`: no limit).
+    pub automatic_free_max: Option<u64>,
     pricing: Pricing,
 }
 
@@ -282,8 +284,14 @@ impl Operation {
             on_empty: c.on_empty,
             refund_on: c.refund_on.clone(),
             automatic_free: c.automatic_free,
+            automatic_free_max: c.automatic_free_max_per_period,
             pricing,
         }
+    }
+
+    /// Whether automatic refreshes by a `system` key are free for this operation.
+    pub fn has_automatic_free(&self) -> bool {
+        self.automatic_free
     }
 
     fn is_free_automatic(&self, headers: &HeaderMap, role: Role) -> bool {
@@ -297,7 +305,8 @@ impl Operation {
     /// be empty (`Content-Length: 0`) cannot carry one and is skipped. (hyper drops a
     /// `Content-Length` that came with `Transfer-Encoding`, so the length is the body's.)
     pub fn needs_body(&self, headers: &HeaderMap, role: Role) -> bool {
-        if self.is_free_automatic(headers, role) {
+        // With an allowance, a refresh beyond it is priced from its body like any request.
+        if self.is_free_automatic(headers, role) && self.automatic_free_max.is_none() {
             return false;
         }
         match &self.pricing {
@@ -315,6 +324,12 @@ impl Operation {
         if self.is_free_automatic(headers, role) {
             return Ok(Price { cost: 0, tier: None, upstream: None, automatic: true });
         }
+        self.price_paid(headers, body)
+    }
+
+    /// The price of a request that pays, whatever its trigger (an automatic refresh beyond its
+    /// period's free allowance).
+    pub fn price_paid(&self, headers: &HeaderMap, body: Option<&[u8]>) -> Result<Price, ClassifyError> {
         let fixed = |cost| Ok(Price { cost, tier: None, upstream: None, automatic: false });
         if !matches!(self.pricing, Pricing::Fixed(_)) {
             refuse_encoded(headers)?;

@@ -606,6 +606,26 @@ impl Ledger for MemoryLedger {
             .unwrap_or(false))
     }
 
+    async fn count_free_automatic(
+        &self,
+        account: &str,
+        operation: &str,
+        max_per_period: Option<u64>,
+    ) -> LedgerResult<FreeOutcome> {
+        Ok(self
+            .with_account(account, |a, _| {
+                let period = a.period;
+                let counts = &mut a.usage.entry(period).or_default().free_automatic;
+                let count = counts.get(operation).copied().unwrap_or(0);
+                if max_per_period.is_some_and(|max| count >= max) {
+                    return FreeOutcome::OverCap;
+                }
+                counts.insert(operation.to_owned(), count + 1);
+                FreeOutcome::Free { count: count + 1 }
+            })
+            .unwrap_or(FreeOutcome::NoAccount))
+    }
+
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {
         Ok(self.with_account(req.account, |a, now| a.topup(&req, now)).unwrap_or(TopupOutcome::NoAccount))
     }

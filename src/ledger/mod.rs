@@ -252,6 +252,20 @@ pub enum ChargeOutcome {
     NoAccount,
 }
 
+/// How counting a free automatic refresh ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FreeOutcome {
+    /// Free: the period's count for the operation is now `count`.
+    Free {
+        /// Free automatic refreshes of the operation this period, this one included.
+        count: u64,
+    },
+    /// The period's free allowance is used up: this one is charged like any request.
+    OverCap,
+    /// No such account.
+    NoAccount,
+}
+
 /// How a refund ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefundOutcome {
@@ -402,6 +416,8 @@ pub struct PeriodUsage {
     pub by_operation: std::collections::BTreeMap<String, u64>,
     /// By UTC day (days since 1970-01-01), only days with use.
     pub by_day: std::collections::BTreeMap<i64, u64>,
+    /// Free automatic refreshes, by operation (requests, not credits).
+    pub free_automatic: std::collections::BTreeMap<String, u64>,
 }
 
 /// The current period's usage and the totals of earlier periods (newest first).
@@ -491,6 +507,15 @@ pub trait Ledger: Send + Sync + 'static {
         charge_id: &str,
         response: Option<&StoredResponse>,
     ) -> impl Future<Output = LedgerResult<bool>> + Send;
+
+    /// Counts a free automatic refresh of `operation` in the current period's usage, unless
+    /// `max_per_period` of them were free already (then nothing is counted).
+    fn count_free_automatic(
+        &self,
+        account: &str,
+        operation: &str,
+        max_per_period: Option<u64>,
+    ) -> impl Future<Output = LedgerResult<FreeOutcome>> + Send;
 
     /// Adds top-up credits, once per payment reference.
     fn topup(&self, req: TopupRequest<'_>) -> impl Future<Output = LedgerResult<TopupOutcome>> + Send;

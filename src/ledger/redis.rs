@@ -116,9 +116,9 @@ use serde::{Deserialize, Serialize};
 
 use super::jobs::{EnqueueOutcome, Job, JobFinish, JobStore, JobView, NewJob};
 use super::{
-    AccountView, AutoTopup, ChargeOutcome, ChargeRequest, Event, HistoryEntry, IdemHit, KeyRecord, Ledger, LedgerError,
-    LedgerResult, NewAccount, PeriodUsage, PlanChange, PlanOutcome, RETENTION_SECS, Receipt, RefundOutcome, Role,
-    StoredResponse, TopupOutcome, TopupReceipt, TopupRequest, Usage, keys,
+    AccountView, AutoTopup, ChargeOutcome, ChargeRequest, Event, FreeOutcome, HistoryEntry, IdemHit, KeyRecord, Ledger,
+    LedgerError, LedgerResult, NewAccount, PeriodUsage, PlanChange, PlanOutcome, RETENTION_SECS, Receipt,
+    RefundOutcome, Role, StoredResponse, TopupOutcome, TopupReceipt, TopupRequest, Usage, keys,
 };
 use crate::calendar::Anchor;
 
@@ -161,10 +161,11 @@ struct Scripts {
     job_finish: Script,
     job_read: Script,
     idem_complete: Script,
+    free_automatic: Script,
 }
 
 impl Scripts {
-    fn all(&self) -> [&Script; 16] {
+    fn all(&self) -> [&Script; 17] {
         [
             &self.create_account,
             &self.account,
@@ -182,6 +183,7 @@ impl Scripts {
             &self.job_finish,
             &self.job_read,
             &self.idem_complete,
+            &self.free_automatic,
         ]
     }
 }
@@ -205,6 +207,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         job_finish: script(include_str!("../../lua/job_finish.lua")),
         job_read: script(include_str!("../../lua/job_read.lua")),
         idem_complete: script(include_str!("../../lua/idem_complete.lua")),
+        free_automatic: script(include_str!("../../lua/free_automatic.lua")),
     }
 });
 
@@ -621,6 +624,25 @@ impl Ledger for RedisLedger {
             "lost" => Ok(false),
             other => Err(unexpected("idem_complete", other)),
         }
+    }
+
+    async fn count_free_automatic(
+        &self,
+        account: &str,
+        operation: &str,
+        max_per_period: Option<u64>,
+    ) -> LedgerResult<FreeOutcome> {
+        let mut inv = SCRIPTS.free_automatic.key(keys::account(account));
+        // -1: no allowance.
+        inv.arg(operation).arg(max_per_period.map_or(-1, |m| m.min(MAX_AMOUNT) as i64));
+        let mut r = self.step(account, &inv).await?;
+        let outcome: String = r.next()?;
+        Ok(match outcome.as_str() {
+            "free" => FreeOutcome::Free { count: r.next()? },
+            "over" => FreeOutcome::OverCap,
+            "noaccount" => FreeOutcome::NoAccount,
+            other => return Err(unexpected("free_automatic", other)),
+        })
     }
 
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {
@@ -1093,10 +1115,11 @@ impl From<&KeyRecord> for ListedKey {
 }
 
 /// A period's usage from the fields of its usage hash (`t`, `c:<category>`, `o:<operation>`,
-/// `d:<day>`).
+/// `d:<day>`, `f:<operation>`).
 fn period_usage(period_start: i64, period_end: i64, fields: HashMap<String, u64>) -> LedgerResult<PeriodUsage> {
     let mut u = PeriodUsage { period_start, period_end, ..PeriodUsage::default() };
     let (mut by_category, mut by_operation, mut by_day) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    let mut free_automatic = BTreeMap::new();
     for (field, credits) in fields {
         match field.split_once(':') {
             None if field == "t" => u.total = credits,
@@ -1106,6 +1129,9 @@ fn period_usage(period_start: i64, period_end: i64, fields: HashMap<String, u64>
             Some(("o", operation)) => {
                 by_operation.insert(operation.to_owned(), credits);
             }
+            Some(("f", operation)) => {
+                free_automatic.insert(operation.to_owned(), credits);
+            }
             Some(("d", day)) => {
                 let day = day.parse().map_err(|_| LedgerError(format!("usage hash has day field {field:?}")))?;
                 by_day.insert(day, credits);
@@ -1113,7 +1139,7 @@ fn period_usage(period_start: i64, period_end: i64, fields: HashMap<String, u64>
             _ => return Err(LedgerError(format!("usage hash has unknown field {field:?}"))),
         }
     }
-    (u.by_category, u.by_operation, u.by_day) = (by_category, by_operation, by_day);
+    (u.by_category, u.by_operation, u.by_day, u.free_automatic) = (by_category, by_operation, by_day, free_automatic);
     Ok(u)
 }
 
