@@ -142,8 +142,9 @@ end
 
 -- === the account hash (src/ledger/keys.rs) ===
 
--- Periods of usage kept: the current one and 12 before it (USAGE_PERIODS in memory.rs).
-local USAGE_PERIODS = 13
+-- Periods of usage kept: the current one and 12 before it. Filled in from the Rust constant
+-- `ledger::USAGE_PERIODS` when the scripts are built (src/ledger/redis.rs `lua_prelude`).
+local USAGE_PERIODS = {{USAGE_PERIODS}}
 
 local FIELDS = { 'plan', 'allocation', 'pending_plan', 'pending_allocation', 'anchor', 'period',
   'monthly', 'topup', 'used', 'email', 'now', 'hist', 'evt', 'auto_count', 'auto_enabled',

@@ -102,6 +102,19 @@ pub enum GatewayError {
     StoreUnavailable(String),
 }
 
+/// The first error of type `E` in `err`'s source chain, `err` itself included (linkerd's
+/// `cause_ref`): the one place that walks a chain.
+pub fn cause_ref<'a, E: std::error::Error + 'static>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a E> {
+    let mut source = Some(err);
+    while let Some(s) = source {
+        if let Some(e) = s.downcast_ref::<E>() {
+            return Some(e);
+        }
+        source = s.source();
+    }
+    None
+}
+
 impl From<crate::ledger::LedgerError> for GatewayError {
     fn from(e: crate::ledger::LedgerError) -> Self {
         GatewayError::StoreUnavailable(e.0)

@@ -10,7 +10,9 @@
 //! * [`auth`] — `Authorization: Bearer` API key → [`auth::Principal`]; hashed keys, cached lookups.
 //! * [`ratelimit`] — per-account request rate by plan (governor).
 //! * [`classify`] — route + headers + body → operation and cost; pure rules.
-//! * [`meter`] — one ledger step per request; refunds on upstream failure ([`meter::MeteredBody`]).
+//! * [`meter`] — the one path for every money movement (proxy and job runner): one ledger step
+//!   per request, refunds by the operation's `refund_on`, kept answers for Idempotency-Key
+//!   replays ([`meter::MeteredBody`], [`meter::DeliveryBody`]).
 //! * [`proxy`] — pooled hyper client, streaming both ways, hop-by-hop header rules.
 //!
 //! Around it:
@@ -20,7 +22,8 @@
 //! * [`ledger`] — the [`ledger::Ledger`] seam and its stores; [`store`] picks one from the config.
 //! * [`calendar`] — billing-anchor arithmetic (periods, month-end clamping).
 //! * [`error`] — `GatewayError` and the one mapping to HTTP answers (SPEC §6).
-//! * [`api`] — the customer API (`/v1/credits…`); [`admin`] — the admin listener.
+//! * [`api`] — the customer API (`/v1/credits…`); [`admin`] — the admin listener; [`extract`] —
+//!   body reading shared by both and the proxy path.
 //! * [`jobs`] — runs queued requests once their account can pay.
 //! * [`notify`] — delivers outbox events (webhook, e-mail); [`metrics`] — Prometheus metrics.
 //! * [`server`] — listeners, graceful shutdown, config reload; [`demo`] — the fake backend and tour.

@@ -42,6 +42,7 @@ use crate::classify::Operation;
 use crate::classify::Price;
 use crate::config::{OnEmpty, OnStoreError};
 use crate::error::GatewayError;
+use crate::extract::read_body;
 use crate::ledger::jobs::{EnqueueOutcome, JobStore, NewJob};
 use crate::ledger::{ChargeRequest, FreeOutcome, Idempotency, Ledger, StoredResponse};
 use crate::meter::{self, Capture, Charge, Failure, MeteredBody, Repeat, Taken};
@@ -525,20 +526,6 @@ fn idempotency_key(headers: &http::HeaderMap) -> Result<Option<&str>, GatewayErr
         GatewayError::BadRequest(format!(
             "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters."
         ))
-    })
-}
-
-/// Reads a whole body, refusing more than `limit` bytes.
-pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(s) = source {
-            if s.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                return GatewayError::PayloadTooLarge { limit };
-            }
-            source = s.source();
-        }
-        GatewayError::BadRequest("The request body could not be read.".into())
     })
 }
 

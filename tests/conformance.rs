@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use creditgate::calendar::{Anchor, parse_rfc3339, rfc3339};
 use creditgate::ledger::jobs::{EnqueueOutcome, Job, JobFinish, JobStore, JobView, NewJob};
-use creditgate::ledger::redis::{LUA_PRELUDE, RedisLedger};
+use creditgate::ledger::redis::{RedisLedger, lua_prelude};
 use creditgate::ledger::{
     AutoTopup, ChargeOutcome, ChargeRequest, Event, FreeOutcome, HistoryEntry, IdemHit, Idempotency, KeyRecord, Ledger,
     MemoryLedger, NewAccount, Packages, PlanChange, PlanOutcome, Receipt, RefundOutcome, Role, StoredResponse,
@@ -1438,7 +1438,7 @@ async fn lua_calendar_matches_rust() {
     ";
     let server = RedisServer::start();
     let mut conn = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let probe = redis::Script::new(&format!("{LUA_PRELUDE}\n{PROBE}"));
+    let probe = redis::Script::new(&format!("{}\n{PROBE}", lua_prelude()));
     let lua = async |conn: &mut redis::aio::MultiplexedConnection, anchor: i64, ks: &[i64], instants: &[i64]| {
         let mut inv = probe.arg(anchor);
         inv.arg(ks.len()).arg(ks).arg(instants);

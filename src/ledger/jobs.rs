@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use super::LedgerResult;
 
+/// How many job ids at the head of an account's queue a claim looks at (bounds the claim's time;
+/// jobs further back wait until one of these is claimed or finished). Handed to the Lua script
+/// as an argument.
+pub const CLAIM_SCAN: usize = 100;
+
 /// A request to queue.
 #[derive(Debug, Clone)]
 pub struct NewJob<'a> {

@@ -15,11 +15,6 @@ use super::jobs::*;
 use super::*;
 use crate::calendar::{Anchor, rfc3339};
 
-/// How many queued ids a claim looks at (the same bound as `lua/job_claim.lua`).
-const CLAIM_SCAN: usize = 100;
-/// How many periods of usage are kept.
-const USAGE_PERIODS: i64 = 13;
-
 /// Source of "now" in Unix seconds; tests move it by hand.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 

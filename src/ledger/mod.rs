@@ -95,7 +95,12 @@ pub struct Idempotency<'a> {
 }
 
 /// How long charge records, refund tombstones and idempotency records are kept (SPEC §4: 24 h).
+/// Handed to the Lua scripts as an argument.
 pub const RETENTION_SECS: i64 = 24 * 3600;
+
+/// How many billing periods of usage are kept: the current one and 12 before it. Written into the
+/// Lua prelude when the scripts are built.
+pub const USAGE_PERIODS: i64 = 13;
 
 /// The first completed answer to an idempotency key, replayed byte for byte to every repeat.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -131,17 +131,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Time to wait for one reply; past it the step counts as failed (it may still have happened).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How many job ids at the head of an account's queue a claim looks at (bounds the script's time;
-/// jobs further back wait until one of these is claimed or finished).
-const CLAIM_SCAN: u64 = 100;
-
 /// Longest lease, delay or retention handed to a script (100 years): keeps `now + secs` exact in
 /// Lua and every `EXPIRE` valid, so a script never fails after its first write.
 const MAX_SECS: i64 = 100 * 366 * 86_400;
 
 /// The Lua prelude every script starts with: calendar (a port of [`crate::calendar`]), clock,
-/// account load / renew / save. Public so tests can run its calendar functions on a real Redis.
-pub const LUA_PRELUDE: &str = include_str!("../../lua/lib.lua");
+/// account load / renew / save, with the constants it shares with the Rust ledger filled in.
+/// Public so tests can run its calendar functions on a real Redis.
+pub fn lua_prelude() -> String {
+    const TEXT: &str = include_str!("../../lua/lib.lua");
+    const SLOT: &str = "{{USAGE_PERIODS}}";
+    assert!(TEXT.contains(SLOT), "lua/lib.lua lost its USAGE_PERIODS slot");
+    TEXT.replace(SLOT, &super::USAGE_PERIODS.to_string())
+}
 
 /// The ledger scripts, each the prelude followed by one `lua/` file.
 struct Scripts {
@@ -189,7 +191,8 @@ impl Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
-    let script = |body: &str| Script::new(&format!("{LUA_PRELUDE}\n{body}"));
+    let prelude = lua_prelude();
+    let script = |body: &str| Script::new(&format!("{prelude}\n{body}"));
     Scripts {
         create_account: script(include_str!("../../lua/create_account.lua")),
         account: script(include_str!("../../lua/account.lua")),
@@ -968,7 +971,7 @@ impl JobStore for RedisLedger {
 
     async fn claim_job(&self, account: &str, runner: &str, lease_secs: i64) -> LedgerResult<Option<Job>> {
         let mut inv = SCRIPTS.job_claim.key(keys::account(account));
-        inv.arg(runner).arg(secs(lease_secs)).arg(CLAIM_SCAN);
+        inv.arg(runner).arg(secs(lease_secs)).arg(super::jobs::CLAIM_SCAN);
         let mut r = self.step(account, &inv).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {

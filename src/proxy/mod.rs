@@ -140,12 +140,8 @@ pub async fn forward(
 }
 
 fn classify_error(upstream: &str, e: hyper_util::client::legacy::Error) -> GatewayError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    while let Some(s) = source {
-        if s.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-            return GatewayError::PayloadTooLarge { limit: 0 };
-        }
-        source = s.source();
+    if crate::error::cause_ref::<http_body_util::LengthLimitError>(&e).is_some() {
+        return GatewayError::PayloadTooLarge { limit: 0 };
     }
     let detail = if e.is_connect() { "connect failed" } else { "connection error" };
     tracing::warn!(upstream, error = ?e, "upstream request failed: {detail}");
