@@ -890,6 +890,23 @@ mod tests {
     }
 
     #[test]
+    fn refund_rules_and_idempotency_settings() {
+        let c = Config::parse(SHIPPED).unwrap();
+        let all = [RefundOn::Unreachable, RefundOn::Status5xx, RefundOn::Timeout];
+        assert_eq!(c.operations["ai_chat"].refund_on, all, "the shipped chat refunds timeouts too");
+        assert_eq!(c.operations["sentiment_analysis"].refund_on, default_refund_on());
+        assert_eq!((c.idempotency.max_stored_bytes, c.idempotency.wait_ms), (1 << 20, 5_000));
+        let e =
+            with("refund_on = [\"unreachable\", \"status_5xx\", \"timeout\"]", "refund_on = [\"later\"]").unwrap_err();
+        assert!(e.to_string().contains("later"), "{e}");
+        // A replayed 202 must never point at a job already forgotten.
+        let e = Config::parse(&format!("{SHIPPED}\n[jobs]\nresult_retention_hours = 23\n")).unwrap_err();
+        assert_eq!(e.key, "jobs.result_retention_hours");
+        let e = with("automatic_free = true", "automatic_free_max_per_period = 5").unwrap_err();
+        assert_eq!(e.key, "operations.lead_scoring_refresh.automatic_free_max_per_period");
+    }
+
+    #[test]
     fn unknown_operation_is_rejected() {
         let e = with("operation = \"ai_chat\"", "operation = \"ai_chatt\"").unwrap_err();
         assert_eq!(e.key, "routes[0].operation");

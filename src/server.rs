@@ -109,6 +109,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
     };
     tasks.push(crate::notify::spawn(state.clone(), shutdown.subscribe()));
     tasks.push(crate::jobs::spawn(state.clone(), shutdown.subscribe()));
+    tasks.push(crate::meter::spawn_refund_sweeper(state.clone(), shutdown.subscribe()));
     tasks.push(spawn_limiter_cleanup(state.clone(), shutdown.subscribe()));
     tracing::info!(%public_addr, ?admin_addr, store = state.ledger.kind(), "creditgate listening");
     Ok(Gateway { public_addr, admin_addr, state, shutdown, tasks })

@@ -80,6 +80,15 @@ impl Ledger for Store {
     ) -> LedgerResult<FreeOutcome> {
         dispatch!(self, l => l.count_free_automatic(account, operation, max_per_period))
     }
+    async fn defer_refund(&self, refund: &PendingRefund) -> LedgerResult<()> {
+        dispatch!(self, l => l.defer_refund(refund))
+    }
+    async fn pending_refunds(&self, max: usize) -> LedgerResult<Vec<PendingRefund>> {
+        dispatch!(self, l => l.pending_refunds(max))
+    }
+    async fn forget_refund(&self, refund: &PendingRefund) -> LedgerResult<()> {
+        dispatch!(self, l => l.forget_refund(refund))
+    }
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {
         dispatch!(self, l => l.topup(req))
     }

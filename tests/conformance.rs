@@ -21,8 +21,8 @@ use creditgate::ledger::jobs::{EnqueueOutcome, Job, JobFinish, JobStore, JobView
 use creditgate::ledger::redis::{RedisLedger, lua_prelude};
 use creditgate::ledger::{
     AutoTopup, ChargeOutcome, ChargeRequest, Event, FreeOutcome, HistoryEntry, IdemHit, Idempotency, KeyRecord, Ledger,
-    MemoryLedger, NewAccount, Packages, PlanChange, PlanOutcome, Receipt, RefundOutcome, Role, StoredResponse,
-    TopupOutcome, TopupRequest, keys,
+    MemoryLedger, NewAccount, Packages, PendingRefund, PlanChange, PlanOutcome, Receipt, RefundOutcome, Role,
+    StoredResponse, TopupOutcome, TopupRequest, keys,
 };
 use serde_json::json;
 use support::redis::{RedisCluster, RedisServer};
@@ -105,6 +105,7 @@ async fn suite<L: Ledger + JobStore>(l: Arc<L>) {
             auto_topup_package_changed_or_removed_switches_off(&*l).await;
             queued_request_with_a_key_is_one_job(&*l).await;
             free_automatic_refreshes_counted_within_their_allowance(&*l).await;
+            deferred_refunds_are_kept_until_forgotten(&*l).await;
             duplicate_topup(&*l).await;
             unknown_accounts(&*l).await;
             api_keys(&*l).await;
@@ -344,6 +345,21 @@ async fn free_automatic_refreshes_counted_within_their_allowance(l: &impl Ledger
     assert_eq!((u.free_automatic, u.total), (expected, 0));
     assert_eq!(view(l, &acct).await.remaining(), 10, "no credits moved");
     assert_eq!(l.count_free_automatic(&unique("nobody"), op, None).await.unwrap(), FreeOutcome::NoAccount);
+}
+
+/// A refund deferred to the store is listed for every instance until one forgets it.
+async fn deferred_refunds_are_kept_until_forgotten(l: &impl Ledger) {
+    let deferred =
+        PendingRefund { account: unique("acct"), charge_id: unique("c"), category: "AI Chat".into(), slot: 0 };
+    l.defer_refund(&deferred).await.unwrap();
+    let mine = |all: Vec<PendingRefund>| -> Vec<PendingRefund> {
+        all.into_iter().filter(|p| p.charge_id == deferred.charge_id).collect()
+    };
+    let found = mine(l.pending_refunds(1000).await.unwrap());
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((&found[0].account, &found[0].category), (&deferred.account, &deferred.category));
+    l.forget_refund(&found[0]).await.unwrap();
+    assert!(mine(l.pending_refunds(1000).await.unwrap()).is_empty(), "forgotten");
 }
 
 /// A queued request with an idempotency key is one job: a repeat replays the 202, byte for byte.

@@ -349,3 +349,56 @@ async fn a_charge_whose_reply_is_late_is_charged_once_not_refused() {
     let charges = history["entries"].as_array().unwrap().iter().filter(|e| e["kind"] == "charge").count();
     assert!(charges <= 1, "never charged twice: {history}");
 }
+
+/// How many refunds wait in the store's pending lists.
+fn pending_refunds(redis: &RedisServer) -> usize {
+    (0..creditgate::ledger::keys::REFUND_SHARDS)
+        .map(|s| {
+            redis.command(&["LLEN", &creditgate::ledger::keys::pending_refunds(s)]).trim().parse::<usize>().unwrap()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_refund_the_store_could_not_write_survives_its_gateway_and_another_writes_it() {
+    let redis = RedisServer::start();
+    let up = Upstream::start(support::upstream::Behaviour::DelayThen(Duration::from_millis(600), 500)).await;
+    let config = ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build();
+    let mut a = GatewayProcess::start(&config).await;
+    let key = new_account(&a.admin, "acme").await;
+    let (url, auth) = (format!("{}{CHAT}", a.public), format!("Bearer {key}"));
+    let sent = tokio::spawn(async move {
+        http::send("POST", &url, &[("authorization", &auth), ("x-ai-tier", "powerful")], "{}").await
+    });
+    while up.count() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The backend is failing; by the time it says so, no script may run (the refund cannot be
+    // written), while plain commands still work (the refund can be kept in the store).
+    assert_eq!(redis.command(&["ACL", "SETUSER", "default", "-@scripting"]).trim(), "OK");
+    let res = sent.await.unwrap();
+    assert_eq!((res.status.as_u16(), res.header("x-credits-refund")), (500, Some("pending")));
+    for _ in 0..100 {
+        if pending_refunds(&redis) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pending_refunds(&redis), 1, "the refund waits in the store");
+    // The gateway that decided the refund dies; the store comes back; another instance writes it.
+    a.kill();
+    assert_eq!(redis.command(&["ACL", "SETUSER", "default", "+@all"]).trim(), "OK");
+    assert_eq!(redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim(), "45", "still charged");
+    let b = GatewayProcess::start(&config).await;
+    let mut monthly = String::new();
+    for _ in 0..200 {
+        monthly = redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim().to_owned();
+        if monthly == "50" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(monthly, "50", "refunded by the other instance");
+    assert_eq!(pending_refunds(&redis), 0);
+    assert_eq!(remaining_via(&b.public, &key).await, 50);
+}

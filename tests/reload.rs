@@ -73,3 +73,55 @@ async fn prices_reload_from_the_file_and_a_bad_file_is_rejected() {
     gw.signal("HUP");
     assert!(wait_for_cost(&gw.public, &key, 4).await, "SIGHUP reloaded");
 }
+
+/// What a customer agreed to when switching auto top-up on is what a purchase may cost: after a
+/// reload that changes the package, the crossing buys nothing, switches the setting off and
+/// says so in an event.
+#[tokio::test]
+async fn auto_topup_after_a_reload_that_changed_its_package_buys_nothing() {
+    let up = Upstream::echo().await;
+    let gw = GatewayProcess::start(&ConfigBuilder::new(&up.url()).build()).await;
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let admin = |path: &str| format!("{}{path}", gw.admin);
+    let body = json!({"id": "acme", "plan": "fifty"}).to_string();
+    assert_eq!(http::send("POST", &admin("/admin/v1/accounts"), &[("authorization", &auth)], body).await.status, 201);
+    let res =
+        http::send("POST", &admin("/admin/v1/accounts/acme/keys"), &[("authorization", &auth)], r#"{"role":"user"}"#)
+            .await;
+    let key = res.json()["key"].as_str().unwrap().to_owned();
+    let customer = format!("Bearer {key}");
+    let setting = json!({"enabled": true, "threshold": 20, "package": "200"}).to_string();
+    let res =
+        http::send("PUT", &format!("{}/v1/credits/auto-topup", gw.public), &[("authorization", &customer)], setting)
+            .await;
+    assert_eq!(res.status, 200, "{}", res.text());
+
+    // The operator doubles the package's price; the customer saved it at €10.
+    let path = gw.config_path();
+    let current = std::fs::read_to_string(&path).unwrap();
+    let changed = "\"200\" = { credits = 200, price_eur = 20 }";
+    std::fs::write(&path, current.replacen("\"200\" = { credits = 200, price_eur = 10 }", changed, 1)).unwrap();
+    gw.signal("HUP");
+    let mut reloaded = false;
+    for _ in 0..50 {
+        let packages =
+            http::send("GET", &format!("{}/v1/credits/packages", gw.public), &[("authorization", &customer)], "")
+                .await
+                .text();
+        if packages.contains("20.0") || packages.contains("\"price_eur\":20") {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "the new package price is in force");
+
+    // 50 → 10 crosses the threshold of 20: nothing bought at a price never agreed to.
+    let spend = json!({"leads": (0..40).collect::<Vec<_>>()}).to_string();
+    let res =
+        http::send("POST", &format!("{}/v1/leads/enrich", gw.public), &[("authorization", &customer)], spend).await;
+    assert_eq!((res.status.as_u16(), res.charged(), res.header("x-credits-auto-topup")), (200, 40, None));
+    let credits =
+        http::send("GET", &format!("{}/v1/credits", gw.public), &[("authorization", &customer)], "").await.json();
+    assert_eq!((credits["remaining"].as_u64(), credits["auto_topup"]["enabled"].as_bool()), (Some(10), Some(false)));
+}

@@ -122,6 +122,21 @@ pub fn job_index(account_id: &str) -> String {
     job_index_shard(fnv1a(account_id) % JOB_SHARDS)
 }
 
+/// How many lists pending refunds are spread over. Each list is its own key (no hash tag), so on
+/// a cluster they sit on different shards and a refund can be deferred while its account's shard
+/// is down.
+pub const REFUND_SHARDS: u32 = 16;
+
+/// One list of pending refunds (`shard` < [`REFUND_SHARDS`]).
+pub fn pending_refunds(shard: u32) -> String {
+    format!("{PREFIX}:refunds:pending:{shard}")
+}
+
+/// The first list a charge's pending refund is tried on (FNV-1a of the charge id).
+pub fn pending_refunds_shard(charge_id: &str) -> u32 {
+    fnv1a(charge_id) % REFUND_SHARDS
+}
+
 /// 32-bit FNV-1a, fixed here so every gateway version shards alike.
 fn fnv1a(text: &str) -> u32 {
     text.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))

@@ -26,6 +26,9 @@ pub fn system_clock() -> Clock {
 /// The embedded ledger.
 pub struct MemoryLedger {
     accounts: RwLock<HashMap<String, Arc<Mutex<Account>>>>,
+    /// Deferred refunds (never needed by this store itself, which always answers; kept so the
+    /// conformance suite holds it to the same contract).
+    refunds: Mutex<VecDeque<PendingRefund>>,
     keys: RwLock<HashMap<String, KeyRecord>>,
     clock: Clock,
 }
@@ -125,7 +128,7 @@ impl MemoryLedger {
 
     /// An empty ledger on the given clock.
     pub fn with_clock(clock: Clock) -> Self {
-        Self { accounts: RwLock::default(), keys: RwLock::default(), clock }
+        Self { accounts: RwLock::default(), refunds: Mutex::default(), keys: RwLock::default(), clock }
     }
 
     fn get(&self, id: &str) -> Option<Arc<Mutex<Account>>> {
@@ -619,6 +622,20 @@ impl Ledger for MemoryLedger {
                 FreeOutcome::Free { count: count + 1 }
             })
             .unwrap_or(FreeOutcome::NoAccount))
+    }
+
+    async fn defer_refund(&self, refund: &PendingRefund) -> LedgerResult<()> {
+        lock(&self.refunds).push_back(refund.clone());
+        Ok(())
+    }
+
+    async fn pending_refunds(&self, max: usize) -> LedgerResult<Vec<PendingRefund>> {
+        Ok(lock(&self.refunds).iter().take(max).cloned().collect())
+    }
+
+    async fn forget_refund(&self, refund: &PendingRefund) -> LedgerResult<()> {
+        lock(&self.refunds).retain(|r| r != refund);
+        Ok(())
     }
 
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {

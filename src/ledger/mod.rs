@@ -257,6 +257,21 @@ pub enum ChargeOutcome {
     NoAccount,
 }
 
+/// A refund that was decided but could not be written, kept in the store until some instance
+/// writes it ([`Ledger::defer_refund`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PendingRefund {
+    /// Account of the charge.
+    pub account: String,
+    /// The charge to refund.
+    pub charge_id: String,
+    /// Its usage category (metrics).
+    pub category: String,
+    /// Where the store keeps it (a Redis list shard); not part of the record.
+    #[serde(skip)]
+    pub slot: u32,
+}
+
 /// How counting a free automatic refresh ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FreeOutcome {
@@ -521,6 +536,16 @@ pub trait Ledger: Send + Sync + 'static {
         operation: &str,
         max_per_period: Option<u64>,
     ) -> impl Future<Output = LedgerResult<FreeOutcome>> + Send;
+
+    /// Keeps a refund that could not be written now, so that any instance writes it later, also
+    /// after this one restarted. Writable while the account's own data is not (a cluster shard).
+    fn defer_refund(&self, refund: &PendingRefund) -> impl Future<Output = LedgerResult<()>> + Send;
+
+    /// Up to `max` deferred refunds, oldest first per list.
+    fn pending_refunds(&self, max: usize) -> impl Future<Output = LedgerResult<Vec<PendingRefund>>> + Send;
+
+    /// Forgets a deferred refund once it was written.
+    fn forget_refund(&self, refund: &PendingRefund) -> impl Future<Output = LedgerResult<()>> + Send;
 
     /// Adds top-up credits, once per payment reference.
     fn topup(&self, req: TopupRequest<'_>) -> impl Future<Output = LedgerResult<TopupOutcome>> + Send;

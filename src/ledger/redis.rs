@@ -117,8 +117,8 @@ use serde::{Deserialize, Serialize};
 use super::jobs::{EnqueueOutcome, Job, JobFinish, JobStore, JobView, NewJob};
 use super::{
     AccountView, AutoTopup, ChargeOutcome, ChargeRequest, Event, FreeOutcome, HistoryEntry, IdemHit, KeyRecord, Ledger,
-    LedgerError, LedgerResult, NewAccount, PeriodUsage, PlanChange, PlanOutcome, RETENTION_SECS, Receipt,
-    RefundOutcome, Role, StoredResponse, TopupOutcome, TopupReceipt, TopupRequest, Usage, keys,
+    LedgerError, LedgerResult, NewAccount, PendingRefund, PeriodUsage, PlanChange, PlanOutcome, RETENTION_SECS,
+    Receipt, RefundOutcome, Role, StoredResponse, TopupOutcome, TopupReceipt, TopupRequest, Usage, keys,
 };
 use crate::calendar::Anchor;
 
@@ -646,6 +646,47 @@ impl Ledger for RedisLedger {
             "noaccount" => FreeOutcome::NoAccount,
             other => return Err(unexpected("free_automatic", other)),
         })
+    }
+
+    /// RPUSH of the refund's JSON onto its list, or onto the next ones if that list's node does
+    /// not answer: on a cluster with a shard down the refund still lands on another.
+    async fn defer_refund(&self, refund: &PendingRefund) -> LedgerResult<()> {
+        let text = serde_json::to_string(refund).map_err(|e| LedgerError(e.to_string()))?;
+        let first = keys::pending_refunds_shard(&refund.charge_id);
+        let mut last = LedgerError("no refund list".into());
+        for i in 0..keys::REFUND_SHARDS {
+            let shard = (first + i) % keys::REFUND_SHARDS;
+            match self.query::<()>(redis::cmd("RPUSH").arg(keys::pending_refunds(shard)).arg(&text)).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// LRANGE of each list; a list whose node does not answer is skipped this time.
+    async fn pending_refunds(&self, max: usize) -> LedgerResult<Vec<PendingRefund>> {
+        let mut out = Vec::new();
+        for shard in 0..keys::REFUND_SHARDS {
+            if out.len() >= max {
+                break;
+            }
+            let range =
+                redis::cmd("LRANGE").arg(keys::pending_refunds(shard)).arg(0).arg(max - out.len() - 1).to_owned();
+            let Ok(texts) = self.query::<Vec<String>>(&range).await else { continue };
+            for text in texts {
+                match serde_json::from_str::<PendingRefund>(&text) {
+                    Ok(r) => out.push(PendingRefund { slot: shard, ..r }),
+                    Err(e) => tracing::error!(error = %e, text, "unreadable pending refund left in the store"),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn forget_refund(&self, refund: &PendingRefund) -> LedgerResult<()> {
+        let text = serde_json::to_string(refund).map_err(|e| LedgerError(e.to_string()))?;
+        self.query::<()>(redis::cmd("LREM").arg(keys::pending_refunds(refund.slot)).arg(0).arg(text)).await
     }
 
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {

@@ -31,7 +31,9 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::{OnStoreError, RefundOn};
 use crate::error::GatewayError;
-use crate::ledger::{ChargeOutcome, ChargeRequest, IdemHit, Ledger, Receipt, RefundOutcome, StoredResponse, is_low};
+use crate::ledger::{
+    ChargeOutcome, ChargeRequest, IdemHit, Ledger, PendingRefund, Receipt, RefundOutcome, StoredResponse, is_low,
+};
 use crate::metrics::{CategoryLabels, OperationLabels};
 use crate::state::AppState;
 
@@ -297,9 +299,13 @@ async fn refund_once(state: &AppState, account: &str, charge_id: &str, category:
 /// How long a refund is retried: charge records live 24 h in the store.
 const REFUND_RETRY_FOR: Duration = Duration::from_secs(23 * 3600);
 
-/// Refunds `charge_id` in the background, retrying with backoff until the store answers (a
-/// charge that never landed leaves a tombstone). Gives up — loudly, for reconciliation — only
-/// when the charge record would be gone anyway, or when this process stops.
+/// Refunds `charge_id` in the background (a charge that never landed leaves a tombstone). The
+/// refund is handed to the store as a pending refund as soon as the store takes that
+/// ([`crate::ledger::Ledger::defer_refund`]; on a cluster it may while the account's shard cannot
+/// take the refund itself): from then on every instance's [`spawn_refund_sweeper`] retries it,
+/// and it survives this process. Until then this task retries both, with backoff; it gives up —
+/// loudly, for reconciliation — only when the charge record would be gone anyway, or when this
+/// process stops before the store ever answered.
 pub fn refund_later(state: AppState, account: Arc<str>, charge_id: String, category: Arc<str>) {
     tokio::spawn(async move {
         let started = Instant::now();
@@ -308,11 +314,58 @@ pub fn refund_later(state: AppState, account: Arc<str>, charge_id: String, categ
             if refund_once(&state, &account, &charge_id, &category).await.is_ok() {
                 return;
             }
+            let pending = PendingRefund {
+                account: account.to_string(),
+                charge_id: charge_id.clone(),
+                category: category.to_string(),
+                slot: 0,
+            };
+            match state.ledger.defer_refund(&pending).await {
+                Ok(()) => {
+                    tracing::warn!(%charge_id, %account, "refund deferred to the store; any instance will write it");
+                    return;
+                }
+                Err(e) => tracing::warn!(%charge_id, error = %e, "refund neither written nor deferred yet"),
+            }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(30));
         }
         tracing::error!(%charge_id, %account, "REFUND FAILED for a day: reconcile this charge");
     });
+}
+
+/// How often each instance looks for deferred refunds.
+pub const REFUND_SWEEP: Duration = Duration::from_secs(2);
+
+/// Writes the refunds deferred to the store (by any instance, also one that stopped since), at
+/// start and every [`REFUND_SWEEP`]. Several instances may write the same one at once: a refund
+/// applies once per charge id, so the others find it done and forget it too.
+pub fn spawn_refund_sweeper(
+    state: AppState,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match state.ledger.pending_refunds(100).await {
+                Ok(pending) => {
+                    for p in pending {
+                        let category: Arc<str> = p.category.as_str().into();
+                        if refund_once(&state, &p.account, &p.charge_id, &category).await.is_ok() {
+                            tracing::info!(charge_id = %p.charge_id, "deferred refund written");
+                            if let Err(e) = state.ledger.forget_refund(&p).await {
+                                tracing::warn!(error = %e, "deferred refund written but not yet forgotten");
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "deferred refunds not readable now"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(REFUND_SWEEP) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    })
 }
 
 // === idempotent answers ===
