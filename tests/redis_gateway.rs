@@ -332,9 +332,7 @@ async fn a_charge_whose_reply_is_late_is_charged_once_not_refused() {
     let key = gw.account_with_key("acme", "fifty").await;
     // Redis stalls for 3 s: longer than the 2 s reply timeout of the first attempt.
     let port = redis.port().to_string();
-    let stall = std::thread::spawn(move || {
-        std::process::Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "3"]).output().expect("redis-cli")
-    });
+    let stall = std::thread::spawn(move || stall_redis(&port, "3"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let res = gw.post(&key, CHAT, &[("x-ai-tier", "powerful")], "{}").await;
     stall.join().unwrap();
@@ -401,4 +399,56 @@ async fn a_refund_the_store_could_not_write_survives_its_gateway_and_another_wri
     assert_eq!(monthly, "50", "refunded by the other instance");
     assert_eq!(pending_refunds(&redis), 0);
     assert_eq!(remaining_via(&b.public, &key).await, 50);
+}
+
+/// A client that hangs up while the refund of its failed call is being written cannot cancel
+/// that refund: the refund runs in its own task.
+#[tokio::test]
+async fn a_hang_up_during_the_refund_of_a_failed_call_keeps_the_refund() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = RedisServer::start();
+    // A backend that answers 500 only when the test says so.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = format!("http://{}", listener.local_addr().unwrap());
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let _ = socket.read(&mut buf).await;
+        let _ = got_tx.send(());
+        let _ = go_rx.await;
+        let body = r#"{"error":"backend broke"}"#;
+        let head = format!(
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = socket.write_all(format!("{head}{body}").as_bytes()).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    let config = ConfigBuilder::new(&backend).store(&redis_store(&redis)).build();
+    let gw = TestGateway::start(&config).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    let (url, auth) = (gw.url(CHAT), format!("Bearer {key}"));
+    let client = tokio::spawn(async move {
+        http::send("POST", &url, &[("authorization", &auth), ("x-ai-tier", "powerful")], "{}").await
+    });
+    got_rx.await.unwrap();
+    // Redis stalls, so the refund the 500 calls for is still being written when the client leaves.
+    let port = redis.port().to_string();
+    let stall = std::thread::spawn(move || stall_redis(&port, "1.5"));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    go_tx.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    client.abort();
+    let _ = client.await;
+    stall.join().unwrap();
+    assert_eq!(gw.wait_for_remaining(&key, 50, 100).await, 50, "the refund was written after the hang-up");
+}
+
+/// Blocks the Redis on `port` for `secs` seconds (`DEBUG SLEEP`); panics unless it really did.
+fn stall_redis(port: &str, secs: &str) {
+    let out =
+        std::process::Command::new("redis-cli").args(["-p", port, "DEBUG", "SLEEP", secs]).output().expect("redis-cli");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "DEBUG SLEEP refused: the stall did not happen");
 }

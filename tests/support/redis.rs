@@ -176,10 +176,12 @@ impl RedisCluster {
 }
 
 /// Starts `redis-server` on 127.0.0.1:`port` with its files in `dir`; `extra` overrides the
-/// defaults (no RDB snapshots, no AOF).
+/// defaults (no RDB snapshots, no AOF). `DEBUG` is allowed from loopback, so fault tests can
+/// stall the server (`DEBUG SLEEP`); Redis 7 refuses it by default.
 fn launch(port: u16, dir: &Path, extra: &[String]) -> Child {
     Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--enable-debug-command", "local"])
         .arg("--dir")
         .arg(dir)
         .arg("--logfile")
