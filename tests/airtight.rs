@@ -109,6 +109,7 @@ on_both_stores!(
     concurrent_copies_on_two_instances_reach_the_backend_once,
     queued_request_with_a_key_is_one_job_charged_once,
     free_automatic_refreshes_are_counted_and_capped,
+    saving_auto_topup_again_below_the_threshold_buys_nothing_more,
 );
 
 #[tokio::test]
@@ -243,6 +244,18 @@ async fn a_client_that_hangs_up_after_delivery_keeps_its_charge() {
     assert_eq!(gw.remaining(&key).await, 9_995, "the backend did the work: the 5 credits stay charged");
     let metrics = http::send("GET", &format!("{}/metrics", gw.admin), &[], "").await.text();
     assert!(metrics.contains("creditgate_client_gone_after_delivery_total 1"), "{metrics}");
+
+    // With an Idempotency-Key the hang-up buys no free second run either: the key's charge
+    // stands and its answer was never kept.
+    let headers = [("authorization", auth.as_str()), ("x-ai-tier", "powerful"), ("idempotency-key", "left")];
+    let abandoned = tokio::time::timeout(Duration::from_millis(300), http::send("POST", &url, &headers, "{}")).await;
+    assert!(abandoned.is_err());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = gw.post(&key, CHAT, &[("x-ai-tier", "powerful"), ("idempotency-key", "left")], "{}").await;
+    assert_eq!(again.status, 409, "{}", again.text());
+    assert_eq!(again.error_type(), "idempotency_key_reused");
+    assert_eq!(up.count(), 2, "the repeat never reached the backend");
+    assert_eq!(gw.remaining(&key).await, 9_990);
 }
 
 #[tokio::test]
@@ -356,4 +369,34 @@ async fn free_automatic_refreshes_are_counted_and_capped(store: Store) {
     assert_eq!(usage["free_automatic"], serde_json::json!({"lead_scoring_refresh": 2}));
     assert_eq!(usage["by_operation"]["lead_scoring_refresh"], 6);
     assert_eq!(gw.remaining(&user).await, 9_994);
+}
+
+// === auto top-up ===
+
+/// Each `PUT auto-topup {enabled: true}` while below the threshold used to re-arm the purchase:
+/// one save, one package. Only switching it on (off → on) arms it.
+async fn saving_auto_topup_again_below_the_threshold_buys_nothing_more(store: Store) {
+    let env = Env::with(store, |b| b).await;
+    let gw = &env.gw;
+    let key = gw.account_with_key("acme", "fifty").await;
+    spend(gw, &key, 45).await;
+    let auth = format!("Bearer {key}");
+    let put = |enabled: bool| {
+        let (url, auth) = (gw.url("/v1/credits/auto-topup"), auth.clone());
+        async move {
+            let body = serde_json::json!({"enabled": enabled, "threshold": 500, "package": "200"}).to_string();
+            let res = http::send("PUT", &url, &[("authorization", &auth)], body).await;
+            assert_eq!(res.status, 200, "{}", res.text());
+        }
+    };
+    put(true).await;
+    assert_eq!(spend(gw, &key, 1).await.header("x-credits-auto-topup"), Some("200"), "switched on: armed once");
+    for _ in 0..3 {
+        put(true).await;
+        assert_eq!(spend(gw, &key, 1).await.header("x-credits-auto-topup"), None, "saved again: no new purchase");
+    }
+    put(false).await;
+    put(true).await;
+    assert_eq!(spend(gw, &key, 1).await.header("x-credits-auto-topup"), Some("200"), "off → on arms again");
+    assert_eq!(gw.remaining(&key).await, 5 - 5 + 400);
 }
