@@ -116,6 +116,38 @@ pub struct ServerConfig {
     /// How long to wait for a TCP connection to an upstream before answering 502.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// How long a client may take to send a request head: from accepting a connection, and
+    /// from the first byte of each later request on it. Past it the connection is closed.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// How long a keep-alive connection may wait, with no request in flight, for its next one.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Longest gap between two chunks of a request body (408 `request_timeout`).
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// Most client connections open at once, per listener; further ones wait in the backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Largest request head (request line and headers) in bytes; at least 8192. Larger: 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+}
+
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_body_read_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
 }
 
 fn default_admin_token_env() -> String {
@@ -554,8 +586,17 @@ impl Config {
         if s.upstream_timeout_ms == 0 {
             return Err(bad("server.upstream_timeout_ms", "must be greater than 0"));
         }
-        if s.connect_timeout_ms == 0 {
-            return Err(bad("server.connect_timeout_ms", "must be greater than 0"));
+        for (key, v) in [
+            ("server.connect_timeout_ms", s.connect_timeout_ms),
+            ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.idle_timeout_ms", s.idle_timeout_ms),
+            ("server.body_read_timeout_ms", s.body_read_timeout_ms),
+            ("server.max_connections", s.max_connections as u64),
+        ] {
+            positive(key, v)?;
+        }
+        if s.max_header_bytes < 8192 {
+            return Err(bad("server.max_header_bytes", "must be at least 8192"));
         }
         self.validate_store()?;
         for (name, up) in &self.upstreams {

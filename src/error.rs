@@ -73,6 +73,9 @@ pub enum GatewayError {
     /// 401 `unauthorized`: the API key's account no longer exists (one answer wherever it is found).
     #[error("account gone")]
     AccountGone,
+    /// 408 `request_timeout`: the request body stalled (client).
+    #[error("request timeout")]
+    RequestTimeout,
     /// The body is larger than `server.max_body_bytes` (client).
     #[error("payload too large")]
     PayloadTooLarge {
@@ -154,6 +157,7 @@ impl GatewayError {
             IdempotencyKeyReused => (StatusCode::CONFLICT, "idempotency_key_reused"),
             AccountGone => (StatusCode::UNAUTHORIZED, "unauthorized"),
             PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             RateLimited { .. } | QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             UpstreamUnavailable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
@@ -198,6 +202,7 @@ impl GatewayError {
             }
             IdempotencyKeyReused => "This Idempotency-Key was used for a request that was charged, but its answer could not be kept (too large, or the client left before it ended); use a new key.".into(),
             AccountGone => "The account of this API key no longer exists.".into(),
+            RequestTimeout => "The request body stopped arriving; send it again without pauses.".into(),
             PayloadTooLarge { limit } => {
                 fields.insert("limit_bytes".into(), json!(limit));
                 format!("The request body is larger than the limit of {limit} bytes.")

@@ -30,6 +30,9 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> 
         if crate::error::cause_ref::<http_body_util::LengthLimitError>(&e).is_some() {
             return GatewayError::PayloadTooLarge { limit };
         }
+        if crate::error::cause_ref::<crate::listener::BodyTimeout>(&e).is_some() {
+            return GatewayError::RequestTimeout;
+        }
         GatewayError::BadRequest("The request body could not be read.".into())
     })
 }

@@ -26,7 +26,8 @@
 //!   body reading shared by both and the proxy path.
 //! * [`jobs`] — runs queued requests once their account can pay.
 //! * [`notify`] — delivers outbox events (webhook, e-mail); [`metrics`] — Prometheus metrics.
-//! * [`server`] — listeners, graceful shutdown, config reload; [`demo`] — the fake backend and tour.
+//! * [`server`] — start-up, graceful shutdown, config reload; [`listener`] — the bounded accept
+//!   loop (connection cap, header/idle/body timeouts); [`demo`] — the fake backend and tour.
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -40,6 +41,7 @@ pub mod error;
 pub mod extract;
 pub mod jobs;
 pub mod ledger;
+pub mod listener;
 pub mod meter;
 pub mod metrics;
 pub mod notify;

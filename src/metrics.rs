@@ -57,6 +57,12 @@ pub struct Metrics {
     /// Metered requests whose client hung up after the request reached the backend: the charge
     /// stands, the backend call is cancelled.
     pub client_gone_after_delivery: Counter,
+    /// Client connections open now (both listeners).
+    pub connections_open: Gauge,
+    /// Connections closed because a request head did not arrive in time.
+    pub connections_header_timeout: Counter,
+    /// Keep-alive connections closed after `server.idle_timeout_ms` without a request.
+    pub connections_idle_timeout: Counter,
     /// Time of one store step.
     pub store_seconds: AtomicHistogram,
     /// Time to an upstream's response head.
@@ -79,6 +85,9 @@ impl Default for Metrics {
             payment_required: Family::default(),
             fail_open: Counter::default(),
             client_gone_after_delivery: Counter::default(),
+            connections_open: Gauge::default(),
+            connections_header_timeout: Counter::default(),
+            connections_idle_timeout: Counter::default(),
             store_seconds: AtomicHistogram::exponential(0.000_05, 2.0, 16),
             upstream_seconds: AtomicHistogram::exponential(0.000_5, 2.0, 20),
             jobs_queued: Gauge::default(),
@@ -99,6 +108,17 @@ impl Default for Metrics {
             "client_gone_after_delivery",
             "Metered requests whose client hung up after the backend got them (charge kept, backend call cancelled)",
             m.client_gone_after_delivery.clone(),
+        );
+        registry.register("connections_open", "Client connections open now", m.connections_open.clone());
+        registry.register(
+            "connections_header_timeout",
+            "Connections closed because a request head did not arrive within server.header_read_timeout_ms",
+            m.connections_header_timeout.clone(),
+        );
+        registry.register(
+            "connections_idle_timeout",
+            "Keep-alive connections closed after server.idle_timeout_ms without a request",
+            m.connections_idle_timeout.clone(),
         );
         registry.register("store_seconds", "Duration of one store step", m.store_seconds.clone());
         registry.register("upstream_seconds", "Time to an upstream's response head", m.upstream_seconds.clone());

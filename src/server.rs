@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -97,11 +96,14 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
     let (shutdown, _) = watch::channel(false);
     let mut tasks = Vec::new();
     let public_addr = config.listen_addr();
-    let (public_addr, task) = serve(public_addr, crate::stack::public_router(state.clone()), &shutdown).await?;
+    // Listener limits are read at start (a reload does not rebind listeners).
+    let limits = crate::listener::Limits::of(&config.server);
+    let (public_addr, task) =
+        serve(public_addr, crate::stack::public_router(state.clone()), limits, &state, &shutdown).await?;
     tasks.push(task);
     let admin_addr = match config.admin_addr() {
         Some(addr) => {
-            let (addr, task) = serve(addr, crate::admin::router(state.clone()), &shutdown).await?;
+            let (addr, task) = serve(addr, crate::admin::router(state.clone()), limits, &state, &shutdown).await?;
             tasks.push(task);
             Some(addr)
         }
@@ -118,23 +120,13 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
 async fn serve(
     addr: SocketAddr,
     router: Router,
+    limits: crate::listener::Limits,
+    state: &AppState,
     shutdown: &watch::Sender<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
     let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let mut rx = shutdown.subscribe();
-    let app = router.into_make_service_with_connect_info::<SocketAddr>();
-    let task = tokio::spawn(async move {
-        let signal = async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(signal).await {
-            tracing::error!(error = %e, %bound, "listener failed");
-        }
-    });
+    let task = tokio::spawn(crate::listener::serve(listener, router, limits, state.clone(), shutdown.subscribe()));
     Ok((bound, task))
 }
 

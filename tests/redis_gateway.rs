@@ -368,9 +368,7 @@ async fn a_refund_the_store_could_not_write_survives_its_gateway_and_another_wri
     let sent = tokio::spawn(async move {
         http::send("POST", &url, &[("authorization", &auth), ("x-ai-tier", "powerful")], "{}").await
     });
-    while up.count() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    up.wait_for_count(1).await;
     // The backend is failing; by the time it says so, no script may run (the refund cannot be
     // written), while plain commands still work (the refund can be kept in the store).
     assert_eq!(redis.command(&["ACL", "SETUSER", "default", "-@scripting"]).trim(), "OK");

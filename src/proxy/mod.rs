@@ -143,6 +143,9 @@ fn classify_error(upstream: &str, e: hyper_util::client::legacy::Error) -> Gatew
     if crate::error::cause_ref::<http_body_util::LengthLimitError>(&e).is_some() {
         return GatewayError::PayloadTooLarge { limit: 0 };
     }
+    if crate::error::cause_ref::<crate::listener::BodyTimeout>(&e).is_some() {
+        return GatewayError::RequestTimeout;
+    }
     let detail = if e.is_connect() { "connect failed" } else { "connection error" };
     tracing::warn!(upstream, error = ?e, "upstream request failed: {detail}");
     GatewayError::UpstreamUnavailable(format!("{upstream}: {detail}"))

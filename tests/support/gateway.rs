@@ -46,6 +46,7 @@ pub struct ConfigBuilder {
     max_body_bytes: Option<usize>,
     store: Option<String>,
     notifications: Vec<String>,
+    server: Vec<String>,
     extra: String,
     keep_rate_limits: bool,
 }
@@ -60,6 +61,7 @@ impl ConfigBuilder {
             max_body_bytes: None,
             store: None,
             notifications: Vec::new(),
+            server: Vec::new(),
             extra: String::new(),
             keep_rate_limits: false,
         }
@@ -98,6 +100,12 @@ impl ConfigBuilder {
     /// A line added to `[notifications]`.
     pub fn notification(mut self, line: &str) -> Self {
         self.notifications.push(line.to_owned());
+        self
+    }
+
+    /// A line added to `[server]` (e.g. `idle_timeout_ms = 500`).
+    pub fn server(mut self, line: &str) -> Self {
+        self.server.push(line.to_owned());
         self
     }
 
@@ -158,9 +166,10 @@ impl ConfigBuilder {
                 format!("max_body_bytes = {n}")
             } else if t.starts_with("rate_limit_per_second = ") && !self.keep_rate_limits {
                 "rate_limit_per_second = 1000000".to_owned()
-            } else if t == "[notifications]" {
+            } else if t == "[server]" || t == "[notifications]" {
                 let mut out = line.to_owned();
-                for l in &self.notifications {
+                let added = if t == "[server]" { &self.server } else { &self.notifications };
+                for l in added {
                     out.push('\n');
                     out.push_str(l);
                 }

@@ -147,6 +147,17 @@ impl Upstream {
         self.inner.requests.lock().unwrap().len()
     }
 
+    /// Waits (at most 10 s, polling) until `n` requests were received; panics otherwise.
+    pub async fn wait_for_count(&self, n: usize) {
+        for _ in 0..1000 {
+            if self.count() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the upstream got {} requests, expected {n}", self.count());
+    }
+
     /// The only request received; panics unless exactly one arrived.
     pub fn only(&self) -> Recorded {
         let all = self.requests();

@@ -1,0 +1,427 @@
+//! Accepting connections with every resource bounded: the hyper HTTP/1 server loop both
+//! listeners run, in place of `axum::serve` (which has no timers and no connection cap).
+//!
+//! * **Connection cap** (`server.max_connections`): a connection needs a permit before it is
+//!   accepted, so beyond the cap new connections wait in the kernel's backlog — never an
+//!   unbounded number of tasks.
+//! * **Header read timeout** (`server.header_read_timeout_ms`): a new connection must deliver a
+//!   whole request head within it, and so must every later request on it, counted from its first
+//!   byte; a half-sent head (slowloris) is closed.
+//! * **Idle timeout** (`server.idle_timeout_ms`): a keep-alive connection with no request in
+//!   flight is closed when no new request starts within it.
+//! * **Body read timeout** (`server.body_read_timeout_ms`): a request body that stalls between two
+//!   chunks fails with [`BodyTimeout`], which the request path answers 408 `request_timeout`.
+//! * **Head size** (`server.max_header_bytes`): hyper's read buffer; a larger head gets 431.
+//!
+//! One watchdog per connection (a timer in the connection's own task, re-armed rarely) enforces
+//! the two connection timeouts from [`ConnState`], which the connection's IO, its service and its
+//! response bodies update with plain atomics. Shutdown stops accepting, lets in-flight requests
+//! finish (hyper's graceful shutdown closes idle keep-alive connections at once), and returns
+//! when every connection is gone.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::{Instant, Sleep};
+use tower::ServiceExt;
+
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
+use crate::state::AppState;
+
+/// The bounds one listener enforces (from `[server]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `server.header_read_timeout_ms`
+    pub header_read_timeout: Duration,
+    /// `server.idle_timeout_ms`
+    pub idle_timeout: Duration,
+    /// `server.body_read_timeout_ms`
+    pub body_read_timeout: Duration,
+    /// `server.max_connections`
+    pub max_connections: usize,
+    /// `server.max_header_bytes`
+    pub max_header_bytes: usize,
+}
+
+impl Limits {
+    /// The bounds a config sets.
+    pub fn of(server: &ServerConfig) -> Self {
+        Limits {
+            header_read_timeout: Duration::from_millis(server.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(server.idle_timeout_ms),
+            body_read_timeout: Duration::from_millis(server.body_read_timeout_ms),
+            max_connections: server.max_connections,
+            max_header_bytes: server.max_header_bytes,
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` turns true, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    state: AppState,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("never closed"),
+            _ = stopped(&mut shutdown) => break,
+        };
+        let (tcp, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (router, state, stop) = (router.clone(), state.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let metrics = &state.metrics;
+            metrics.connections_open.inc();
+            connection(tcp, addr, router, limits, metrics, stop).await;
+            metrics.connections_open.dec();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Every connection holds a permit until it is gone.
+    let _ = permits.acquire_many(limits.max_connections as u32).await;
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Why a connection's watchdog closed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    Header,
+    Idle,
+}
+
+async fn connection(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    router: Router,
+    limits: Limits,
+    metrics: &Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let state = Arc::new(ConnState::new());
+    let io = TokioIo::new(Tracked { inner: tcp, state: state.clone() });
+    let service_state = state.clone();
+    let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        service_state.request_started();
+        let (state, router) = (service_state.clone(), router.clone());
+        async move {
+            let mut req = req.map(|body| {
+                if http_body::Body::is_end_stream(&body) {
+                    Body::new(body)
+                } else {
+                    Body::new(TimedBody::new(body, limits.body_read_timeout))
+                }
+            });
+            req.extensions_mut().insert(ConnectInfo(addr));
+            let res = router.oneshot(req).await.unwrap_or_else(|never| match never {});
+            Ok::<_, std::convert::Infallible>(res.map(|body| Done { inner: body, state: Some(state) }))
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // hyper's own header timer would also run while a keep-alive connection waits for its next
+    // request; the watchdog below keeps the two timeouts apart.
+    builder.header_read_timeout(None).max_buf_size(limits.max_header_bytes).keep_alive(true);
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut stopping = false;
+    loop {
+        let check = state.next_check(limits);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, %addr, "connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(check) => {
+                if let Some(why) = state.expired(limits) {
+                    tracing::debug!(%addr, ?why, "closing connection: timeout");
+                    let reason = match why {
+                        Expired::Header => &metrics.connections_header_timeout,
+                        Expired::Idle => &metrics.connections_idle_timeout,
+                    };
+                    reason.inc();
+                    // No request is in flight: dropping the connection closes the socket.
+                    return;
+                }
+            }
+            _ = stopped(&mut stop), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+// === impl ConnState ===
+
+/// What the watchdog of one connection knows: requests in flight and when it last went idle or
+/// started receiving a head. Times are milliseconds since the connection was accepted.
+struct ConnState {
+    accepted: Instant,
+    /// Requests whose answer has not been sent completely.
+    active: AtomicU32,
+    /// When the last answer ended (0: none yet).
+    idle_since_ms: AtomicU64,
+    /// When the first byte of the next head arrived; `NONE` while no byte did.
+    head_started_ms: AtomicU64,
+    /// Whether any request has started on this connection.
+    served: AtomicU32,
+}
+
+const NONE: u64 = u64::MAX;
+
+impl ConnState {
+    fn new() -> Self {
+        ConnState {
+            accepted: Instant::now(),
+            active: AtomicU32::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(NONE),
+            served: AtomicU32::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.accepted.elapsed().as_millis() as u64
+    }
+
+    fn request_started(&self) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.served.store(1, Ordering::Relaxed);
+        self.head_started_ms.store(NONE, Ordering::Relaxed);
+    }
+
+    fn answer_done(&self) {
+        self.idle_since_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn bytes_read(&self) {
+        if self.active.load(Ordering::Acquire) == 0 && self.head_started_ms.load(Ordering::Relaxed) == NONE {
+            self.head_started_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The deadline that applies now, in ms since accept; `None` with a request in flight.
+    fn deadline_ms(&self, limits: Limits) -> Option<u64> {
+        if self.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let header = limits.header_read_timeout.as_millis() as u64;
+        let head_started = self.head_started_ms.load(Ordering::Relaxed);
+        if head_started != NONE {
+            return Some(head_started + header);
+        }
+        if self.served.load(Ordering::Relaxed) == 0 {
+            // A new connection owes its first head within the header timeout.
+            return Some(header);
+        }
+        Some(self.idle_since_ms.load(Ordering::Relaxed) + limits.idle_timeout.as_millis() as u64)
+    }
+
+    /// Whether the connection is past its deadline, and which.
+    fn expired(&self, limits: Limits) -> Option<Expired> {
+        let deadline = self.deadline_ms(limits)?;
+        if self.now_ms() < deadline {
+            return None;
+        }
+        let header = self.head_started_ms.load(Ordering::Relaxed) != NONE || self.served.load(Ordering::Relaxed) == 0;
+        Some(if header { Expired::Header } else { Expired::Idle })
+    }
+
+    /// When to look again: the deadline, but at least every header (or idle) timeout, since the
+    /// state can move the deadline earlier without waking anyone (a head starting on an idle
+    /// connection, an answer ending).
+    fn next_check(&self, limits: Limits) -> Instant {
+        let recheck = Instant::now() + limits.header_read_timeout.min(limits.idle_timeout);
+        match self.deadline_ms(limits) {
+            Some(ms) => (self.accepted + Duration::from_millis(ms)).min(recheck),
+            None => recheck,
+        }
+    }
+}
+
+pin_project! {
+    /// The connection's socket, telling [`ConnState`] when bytes arrive.
+    struct Tracked {
+        #[pin]
+        inner: TcpStream,
+        state: Arc<ConnState>,
+    }
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.state.bytes_read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+pin_project! {
+    /// An answer body that tells [`ConnState`] when the answer is over (sent or abandoned).
+    struct Done<B> {
+        #[pin]
+        inner: B,
+        state: Option<Arc<ConnState>>,
+    }
+
+    impl<B> PinnedDrop for Done<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(state) = this.project().state.take() {
+                state.answer_done();
+            }
+        }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for Done<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(None) = polled
+            && let Some(state) = this.state.take()
+        {
+            state.answer_done();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body stalled longer than `server.body_read_timeout_ms` between two chunks.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stalled for longer than {0:?}")]
+pub struct BodyTimeout(pub Duration);
+
+pin_project! {
+    /// A request body that fails with [`BodyTimeout`] when no chunk arrives within the timeout.
+    /// The timer exists only once the body is actually waited for (most bodies arrive with their
+    /// head and never allocate one).
+    struct TimedBody {
+        #[pin]
+        inner: Incoming,
+        timeout: Duration,
+        timer: Option<Pin<Box<Sleep>>>,
+        // Whether the timer runs for the current wait (it is re-armed after each chunk).
+        waiting: bool,
+    }
+}
+
+impl TimedBody {
+    fn new(inner: Incoming, timeout: Duration) -> Self {
+        TimedBody { inner, timeout, timer: None, waiting: false }
+    }
+}
+
+impl http_body::Body for TimedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                *this.waiting = false;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let timeout = *this.timeout;
+                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if !*this.waiting {
+                    *this.waiting = true;
+                    timer.as_mut().reset(Instant::now() + timeout);
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout(timeout))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,185 @@
+//! Connection hygiene on the listeners, tried as an attacker would: half-sent heads, idle
+//! keep-alive connections, stalled bodies, oversized heads, connection floods — each bounded by a
+//! `[server]` setting — and a graceful shutdown that still finishes what is in flight.
+
+mod support;
+
+use std::time::Duration;
+
+use support::gateway::{ConfigBuilder, TestGateway};
+use support::http;
+use support::upstream::{Behaviour, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The host:port of a gateway URL.
+fn addr(url: &str) -> String {
+    url.trim_start_matches("http://").to_owned()
+}
+
+/// Reads until the peer closes the connection or `limit` passes; true when it closed. Whatever
+/// arrives before the close is returned too.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> (bool, String) {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return (false, String::from_utf8_lossy(&seen).into_owned()),
+            Ok(Ok(0)) | Ok(Err(_)) => return (true, String::from_utf8_lossy(&seen).into_owned()),
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// One complete request on `stream`, reading the answer head and its `Content-Length` body.
+async fn request(stream: &mut TcpStream, raw: &str) -> String {
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await.expect("answer").unwrap();
+        assert!(n > 0, "closed before the answer: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if seen.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .map_or(0, |v| v as u64)
+}
+
+async fn metrics(gw: &TestGateway) -> String {
+    http::send("GET", &format!("{}/metrics", gw.admin), &[], "").await.text()
+}
+
+#[tokio::test]
+async fn half_sent_heads_and_silent_connections_are_closed_after_the_header_timeout() {
+    let up = Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url()).server("header_read_timeout_ms = 300").build();
+    let gw = TestGateway::start(&config).await;
+    let mut conns = Vec::new();
+    for i in 0..60 {
+        let mut s = TcpStream::connect(addr(&gw.public)).await.unwrap();
+        if i % 2 == 0 {
+            // Slowloris: a head that never ends.
+            s.write_all(b"GET /dashboard HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+        }
+        conns.push(s);
+    }
+    for s in &mut conns {
+        let (closed, _) = closed_within(s, Duration::from_secs(10)).await;
+        assert!(closed, "a connection without a whole head is closed");
+    }
+    // The admin listener has the same bound.
+    let mut s = TcpStream::connect(addr(&gw.admin)).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(10)).await.0);
+    assert!(metric(&metrics(&gw).await, "creditgate_connections_header_timeout_total") >= 61);
+    // Honest clients are unaffected.
+    assert_eq!(http::send("GET", &gw.url("/dashboard"), &[], "").await.status, 200);
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout_not_before_its_next_request() {
+    let up = Upstream::echo().await;
+    let config =
+        ConfigBuilder::new(&up.url()).server("header_read_timeout_ms = 60000").server("idle_timeout_ms = 1500").build();
+    let gw = TestGateway::start(&config).await;
+    let mut s = TcpStream::connect(addr(&gw.public)).await.unwrap();
+    let get = "GET /dashboard HTTP/1.1\r\nHost: x\r\n\r\n";
+    assert!(request(&mut s, get).await.starts_with("HTTP/1.1 200"));
+    // A pause shorter than the idle timeout keeps the connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(request(&mut s, get).await.starts_with("HTTP/1.1 200"), "kept alive");
+    // Silence past it closes the connection (the header timeout, 60 s, is not what does it).
+    let (closed, _) = closed_within(&mut s, Duration::from_secs(20)).await;
+    assert!(closed, "the idle connection was closed");
+    assert_eq!(metric(&metrics(&gw).await, "creditgate_connections_idle_timeout_total"), 1);
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_408_and_nothing_is_charged() {
+    let up = Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url()).server("body_read_timeout_ms = 300").build();
+    let gw = TestGateway::start(&config).await;
+    let key = gw.account_with_key("acme", "big").await;
+    // A fixed-price route streams its body on; a per-lead route buffers it for pricing.
+    for path in ["/v1/sentiment", "/v1/leads/enrich"] {
+        let mut s = TcpStream::connect(addr(&gw.public)).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"leads\":[1,"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let (_, answer) = closed_within(&mut s, Duration::from_secs(10)).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{path}: {answer}");
+        assert!(answer.contains("request_timeout"), "{path}: {answer}");
+    }
+    assert_eq!(gw.wait_for_remaining(&key, 10_000, 100).await, 10_000, "nothing charged");
+}
+
+#[tokio::test]
+async fn a_head_larger_than_max_header_bytes_is_431() {
+    let up = Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url()).server("max_header_bytes = 8192").build();
+    let gw = TestGateway::start(&config).await;
+    let big = "x".repeat(20_000);
+    let mut s = TcpStream::connect(addr(&gw.public)).await.unwrap();
+    let raw = format!("GET /dashboard HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
+    let _ = s.write_all(raw.as_bytes()).await;
+    let (_, answer) = closed_within(&mut s, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn beyond_max_connections_new_connections_wait_until_one_closes() {
+    let up = Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url()).server("max_connections = 4").build();
+    let gw = TestGateway::start(&config).await;
+    let get = "GET /dashboard HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(addr(&gw.public)).await.unwrap();
+        assert!(request(&mut s, get).await.starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    // The fifth connects (the kernel's backlog) but is not served while four are open.
+    let mut fifth = TcpStream::connect(addr(&gw.public)).await.unwrap();
+    fifth.write_all(get.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let waited = tokio::time::timeout(Duration::from_millis(500), fifth.read(&mut buf)).await;
+    assert!(waited.is_err(), "not served beyond the cap");
+    // Four on the public listener and the admin connection asking.
+    assert_eq!(metric(&metrics(&gw).await, "creditgate_connections_open"), 5);
+    drop(held.pop());
+    let n = tokio::time::timeout(Duration::from_secs(10), fifth.read(&mut buf)).await.expect("served").unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "served once a slot freed");
+}
+
+#[tokio::test]
+async fn shutdown_finishes_requests_in_flight() {
+    let up = Upstream::start(Behaviour::Delay(Duration::from_millis(600))).await;
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).build()).await;
+    let key = gw.account_with_key("acme", "big").await;
+    let (url, auth) = (gw.url("/v1/deals"), format!("Bearer {key}"));
+    let slow = tokio::spawn(async move { http::send("GET", &url, &[("authorization", &auth)], "").await });
+    up.wait_for_count(1).await;
+    let public = gw.public.clone();
+    gw.gateway.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(slow.await.unwrap().status, 200, "the request in flight got its answer");
+    assert!(TcpStream::connect(addr(&public)).await.is_err(), "no longer listening");
+}
