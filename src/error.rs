@@ -97,6 +97,10 @@ pub enum GatewayError {
     /// The upstream could not be reached or broke the connection (upstream).
     #[error("upstream unavailable: {0}")]
     UpstreamUnavailable(String),
+    /// 502 `upstream_unavailable` too, but the request never left: no connection to the backend
+    /// could be made (refunded as `unreachable`).
+    #[error("upstream unreachable: {0}")]
+    UpstreamUnreachable(String),
     /// The upstream did not answer in time (upstream).
     #[error("upstream timeout")]
     UpstreamTimeout,
@@ -159,7 +163,7 @@ impl GatewayError {
             PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             RateLimited { .. } | QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            UpstreamUnavailable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
+            UpstreamUnavailable(_) | UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
         }
@@ -217,7 +221,8 @@ impl GatewayError {
             }
             // Whether the credits came back follows the operation's `refund_on`; the answer's
             // `x-credits-charged` header says what was kept.
-            UpstreamUnavailable(_) => "The AI backend could not be reached or failed to answer.".into(),
+            UpstreamUnavailable(_) => "The AI backend failed to answer.".into(),
+            UpstreamUnreachable(_) => "The AI backend could not be reached.".into(),
             UpstreamTimeout => "The AI backend did not answer in time.".into(),
             StoreUnavailable(_) => "The credit store is unavailable right now; please retry shortly.".into(),
         };

@@ -352,7 +352,8 @@ impl Metered<'_> {
             auto_topup_max_per_period: rt.config.auto_topup.max_per_period,
             packages: &rt.packages,
         };
-        let taken = meter::charge(self.state, rt.config.store.on_error, &self.op.name, &self.op.category, req).await?;
+        let unknown = meter::Unknown::Refund(rt.config.store.on_error);
+        let taken = meter::charge(self.state, unknown, &self.op.name, &self.op.category, req).await?;
         if let Taken::Charged(c) = &taken {
             tracing::debug!(operation = %self.op.name, cost, "charged");
             if c.receipt.auto_topup.is_some() {
@@ -375,6 +376,9 @@ impl Metered<'_> {
         // Dropped with this future if the client hangs up before the answer head is out.
         let guard = meter::Guard::new(self.state, charge, delivery.clone());
         let result = forward(self.state, upstream, req, self.fwd, self.rt.upstream_timeout).await;
+        if result.is_ok() {
+            delivery.mark();
+        }
         let charge = guard.disarm();
         let failure = match &result {
             Err(e) => Some(Failure::of_error(e, delivery.happened())),

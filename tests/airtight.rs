@@ -399,3 +399,88 @@ async fn saving_auto_topup_again_below_the_threshold_buys_nothing_more(store: St
     // 5 left, 5 spent, two packages of 200 bought.
     assert_eq!(gw.remaining(&key).await, 400);
 }
+
+// === found by the review: the job runner and empty bodies follow the same rules ===
+
+/// `call_transcription` keeps a timeout's charge (default `refund_on`). A queued job delivered to
+/// a backend that answers too late must keep it too — not be refunded and run again for free.
+#[tokio::test]
+async fn a_queued_job_follows_its_operations_refund_on() {
+    let up = Upstream::start(Behaviour::Delay(Duration::from_millis(700))).await;
+    let config = ConfigBuilder::new(&up.url())
+        .upstream_timeout_ms(300)
+        .extra("[jobs]\nmax_attempts = 2\nretry_base_ms = 100\n")
+        .build();
+    let gw = TestGateway::start(&config).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    // Sent directly: 504, and the 2 credits stay.
+    let direct = gw.post(&key, TRANSCRIBE, &[], r#"{"call_id":"direct"}"#).await;
+    assert_eq!((direct.status.as_u16(), direct.charged()), (504, 2), "{}", direct.text());
+    up.set(Behaviour::Echo);
+    spend(&gw, &key, 48).await;
+    let queued = gw.post(&key, TRANSCRIBE, &[], r#"{"call_id":"queued"}"#).await;
+    assert_eq!(queued.status, 202, "{}", queued.text());
+    up.set(Behaviour::Delay(Duration::from_millis(700)));
+    assert_eq!(gw.topup("acme", 10, "pay-1").await.status, 201);
+    let auth = format!("Bearer {key}");
+    let location = queued.header("location").unwrap().to_owned();
+    let mut job = serde_json::Value::Null;
+    for _ in 0..200 {
+        job = http::send("GET", &gw.url(&location), &[("authorization", &auth)], "").await.json();
+        if job["status"] == "done" || job["status"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("failed"), Some(1)), "{job}");
+    let runs = up.requests().iter().filter(|r| r.path == TRANSCRIBE).count();
+    assert_eq!(runs, 2, "the direct request and one job attempt, no free second run");
+    assert_eq!(gw.remaining(&key).await, 8, "the delivered attempt stays paid");
+}
+
+/// An empty body is never read by the upstream connection, so its delivery cannot be seen that
+/// way; it counts as delivered once sent (a connection that cannot be made is its own error).
+#[tokio::test]
+async fn empty_bodied_requests_are_delivered_like_any_other() {
+    let up = Upstream::start(Behaviour::Delay(Duration::from_millis(800))).await;
+    let gw = TestGateway::with_upstream(&up.url()).await;
+    let key = gw.account_with_key("acme", "big").await;
+    let auth = format!("Bearer {key}");
+    // A hang-up after the backend has it keeps the charge.
+    for (path, extra, cost) in [("/v1/insights/position", None, 5), (CHAT, Some(("x-ai-tier", "powerful")), 5)] {
+        let before = gw.remaining(&key).await;
+        let mut headers = vec![("authorization", auth.as_str())];
+        headers.extend(extra);
+        let abandoned =
+            tokio::time::timeout(Duration::from_millis(300), http::send("POST", &gw.url(path), &headers, "")).await;
+        assert!(abandoned.is_err(), "the client hung up before the answer");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(gw.remaining(&key).await, before - cost, "{path}: kept");
+    }
+    // A timeout the operation keeps charged (sentiment) is charged with or without a body.
+    let config = ConfigBuilder::new(&up.url()).upstream_timeout_ms(200).build();
+    let gw = TestGateway::start(&config).await;
+    let key = gw.account_with_key("acme", "big").await;
+    let auth = format!("Bearer {key}");
+    let with_body = gw.post(&key, "/v1/sentiment", &[], "{}").await;
+    assert_eq!((with_body.status.as_u16(), with_body.charged()), (504, 1));
+    let empty = http::send("POST", &gw.url("/v1/sentiment"), &[("authorization", auth.as_str())], "").await;
+    assert_eq!((empty.status.as_u16(), empty.charged()), (504, 1), "same failure, same rule");
+}
+
+/// An empty answer (204) is complete as soon as its head is: it is kept and replayed like any
+/// other, not mistaken for a client that went away.
+#[tokio::test]
+async fn an_empty_answer_is_kept_and_replayed() {
+    let up = Upstream::start(Behaviour::Status(204)).await;
+    let gw = TestGateway::with_upstream(&up.url()).await;
+    let key = gw.account_with_key("acme", "big").await;
+    let idem = [("idempotency-key", "empty-1"), ("x-ai-tier", "fast")];
+    let first = gw.post(&key, CHAT, &idem, "{}").await;
+    assert_eq!((first.status.as_u16(), first.charged(), first.body.len()), (204, 1, 0));
+    let again = gw.post(&key, CHAT, &idem, "{}").await;
+    assert_eq!((again.status.as_u16(), again.header("x-idempotent-replay")), (204, Some("true")), "{}", again.text());
+    assert_eq!(up.count(), 1);
+    let metrics = http::send("GET", &format!("{}/metrics", gw.admin), &[], "").await.text();
+    assert!(metrics.contains("creditgate_client_gone_after_delivery_total 0"), "{metrics}");
+}

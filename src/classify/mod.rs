@@ -169,6 +169,11 @@ impl Rules {
         self.routes.iter().find(|r| r.method.as_ref().is_none_or(|m| m == method) && r.matched_len(path).is_some())
     }
 
+    /// The operation with that name, if the running config still has it.
+    pub fn operation_named(&self, name: &str) -> Option<&Operation> {
+        self.operations.iter().find(|op| op.name.as_ref() == name)
+    }
+
     /// The operation a route prices, if any.
     pub fn operation(&self, route: &Route) -> Option<&Operation> {
         route.operation.map(|i| &self.operations[i])

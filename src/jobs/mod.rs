@@ -21,11 +21,11 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::calendar::now;
-use crate::config::OnStoreError;
+use crate::config::RefundOn;
 use crate::error::GatewayError;
 use crate::ledger::ChargeRequest;
 use crate::ledger::jobs::{Job, JobFinish, JobStore};
-use crate::meter::{self, Charge, Taken};
+use crate::meter::{self, Charge, Delivery, DeliveryBody, Failure, Taken};
 use crate::proxy::{self, Forwarded};
 use crate::state::AppState;
 
@@ -122,7 +122,8 @@ async fn drain(state: &AppState, account: &str, runner: &str, slots: &Semaphore)
             auto_topup_max_per_period: rt.config.auto_topup.max_per_period,
             packages: &rt.packages,
         };
-        match meter::charge(state, OnStoreError::FailClosed, &operation, &category, req).await {
+        // An unknown outcome is settled by the next claim re-sending this very charge id.
+        match meter::charge(state, meter::Unknown::Resend, &operation, &category, req).await {
             Ok(Taken::Charged(charge)) => {
                 tracing::info!(job_id = %job.id, account, cost = charge.receipt.cost, "job charged; running");
                 state.metrics.jobs_running.inc();
@@ -159,20 +160,40 @@ fn retention(rt: &crate::state::Runtime) -> i64 {
     rt.config.jobs.result_retention_hours as i64 * 3600
 }
 
-/// Sends a charged job upstream and records the outcome (refunding on failure).
+/// Sends a charged job upstream and records the outcome. A failure is refunded (and the job
+/// retried) exactly when the operation's `refund_on` names it, as for a request sent directly;
+/// otherwise the attempt stays paid: a 5xx answer becomes the job's result, a timeout or a broken
+/// connection after delivery ends the job `failed`.
 async fn run(state: &AppState, rt: &crate::state::Runtime, job: &Job, runner: &str, charge: &Charge) {
     let cfg = &rt.config.jobs;
     // The whole attempt (head and body) must end well inside the lease, or another instance
     // could take the job over while this one still reads the answer.
     let budget = rt.upstream_timeout + Duration::from_secs(cfg.lease_margin_secs / 2);
-    let outcome = match tokio::time::timeout(budget, send(state, rt, job)).await {
-        Ok(Ok((status, headers, body))) => Ok(JobFinish::Done { status, headers, body, retention_secs: retention(rt) }),
-        Ok(Err(reason)) => Err(reason),
-        Err(_) => Err(format!("no complete answer within {} s", budget.as_secs())),
+    let delivery = Delivery::default();
+    let outcome = match tokio::time::timeout(budget, send(state, rt, job, &delivery)).await {
+        Ok(Ok(answer)) if answer.0 >= 500 => {
+            Err((Failure::Status5xx, format!("upstream answered {}", answer.0), Some(answer)))
+        }
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err((failure, reason))) => Err((failure, reason, None)),
+        Err(_) => {
+            let failure = if delivery.happened() { Failure::Timeout } else { Failure::Unreachable };
+            Err((failure, format!("no complete answer within {} s", budget.as_secs()), None))
+        }
     };
+    let refund_on = rt.rules.operation_named(&job.operation).map_or(DEFAULT_REFUND_ON, |op| op.refund_on.as_slice());
+    let done = |(status, headers, body)| JobFinish::Done { status, headers, body, retention_secs: retention(rt) };
     let finish = match outcome {
-        Ok(done) => done,
-        Err(reason) => {
+        Ok(answer) => done(answer),
+        // Delivered and failed in a way the operation keeps charged: the attempt is paid.
+        Err((failure, reason, answer)) if !meter::refund_due(refund_on, failure) => {
+            tracing::info!(job_id = %job.id, ?failure, reason, "job attempt failed; charge kept (refund_on)");
+            match answer {
+                Some(answer) => done(answer),
+                None => JobFinish::Failed { reason, retention_secs: retention(rt) },
+            }
+        }
+        Err((_, reason, _)) => {
             match meter::refund_or_keep(state, charge).await {
                 Some(r) => tracing::info!(job_id = %job.id, outcome = ?r, "job attempt failed; refunded"),
                 None => {
@@ -204,14 +225,25 @@ async fn run(state: &AppState, rt: &crate::state::Runtime, job: &Job, runner: &s
     }
 }
 
+/// The refund rules of a job whose operation the running config no longer has: the defaults.
+const DEFAULT_REFUND_ON: &[RefundOn] = &[RefundOn::Unreachable, RefundOn::Status5xx];
+
 /// Headers of an upstream answer kept in a job result.
 const KEPT: [&str; 3] = ["content-type", "content-language", "x-request-id"];
 
 type Answer = (u16, Vec<(String, String)>, Vec<u8>);
 
-async fn send(state: &AppState, rt: &crate::state::Runtime, job: &Job) -> Result<Answer, String> {
-    let upstream = rt.upstreams.get(&job.upstream).ok_or_else(|| format!("unknown upstream {}", job.upstream))?;
-    let method = Method::from_bytes(job.method.as_bytes()).map_err(|e| e.to_string())?;
+/// One attempt: the upstream's whole answer (any status), or how it failed.
+async fn send(
+    state: &AppState,
+    rt: &crate::state::Runtime,
+    job: &Job,
+    delivery: &Delivery,
+) -> Result<Answer, (Failure, String)> {
+    let unreachable = |reason: String| (Failure::Unreachable, reason);
+    let upstream =
+        rt.upstreams.get(&job.upstream).ok_or_else(|| unreachable(format!("unknown upstream {}", job.upstream)))?;
+    let method = Method::from_bytes(job.method.as_bytes()).map_err(|e| unreachable(e.to_string()))?;
     let mut req = Request::builder().method(method).uri(&job.path);
     for (k, v) in &job.headers {
         if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
@@ -220,14 +252,14 @@ async fn send(state: &AppState, rt: &crate::state::Runtime, job: &Job) -> Result
     }
     // The job id lets an idempotent upstream recognise a re-run after a runner crash.
     req = req.header("idempotency-key", format!("job-{}", job.id));
-    let req = req.body(Body::from(job.body.clone())).map_err(|e| e.to_string())?;
+    let body = Body::new(DeliveryBody::new(Body::from(job.body.clone()), delivery.clone()));
+    let req = req.body(body).map_err(|e| unreachable(e.to_string()))?;
     let fwd = Forwarded { request_id: &job.request_id, account: Some(&job.account), client_addr: None };
-    let res =
-        proxy::forward(&state.client, upstream, req, fwd, rt.upstream_timeout).await.map_err(|e| e.to_string())?;
+    let res = proxy::forward(&state.client, upstream, req, fwd, rt.upstream_timeout)
+        .await
+        .map_err(|e| (Failure::of_error(&e, delivery.happened()), e.to_string()))?;
+    delivery.mark();
     let status = res.status().as_u16();
-    if status >= 500 {
-        return Err(format!("upstream answered {status}"));
-    }
     let mut headers: Vec<(String, String)> = res
         .headers()
         .iter()
@@ -238,7 +270,7 @@ async fn send(state: &AppState, rt: &crate::state::Runtime, job: &Job) -> Result
     let mut body = Vec::new();
     let mut incoming = res.into_body();
     while let Some(frame) = incoming.frame().await {
-        let frame = frame.map_err(|e| format!("upstream body failed: {e}"))?;
+        let frame = frame.map_err(|e| (Failure::Status5xx, format!("upstream body failed: {e}")))?;
         if let Ok(data) = frame.into_data() {
             let room = cap - body.len();
             body.extend_from_slice(&data[..data.len().min(room)]);

@@ -2,7 +2,11 @@
 //!
 //! * [`DeliveryBody`] wraps the request body on its way to the backend and marks the request
 //!   [`Delivery`] once the connection has read all of it: before that, the backend has nothing
-//!   to work on and a failure or a hang-up is refunded; after it, the work was handed over.
+//!   to work on and a failure or a hang-up is refunded; after it, the work was handed over. An
+//!   empty body is never read (hyper sends `Content-Length: 0` and moves on), so such a request
+//!   counts as delivered from the start: its head goes out as soon as a connection is there, and
+//!   a connection that cannot be made is its own error ([`crate::error::GatewayError::UpstreamUnreachable`]).
+//!   A response head from the backend marks delivery too.
 //! * [`MeteredBody`] wraps the backend's answer on its way to the client, like linkerd's
 //!   body-eos: at end of stream it keeps the answer of an idempotent request ([`Capture`]); on an
 //!   error from the backend it refunds when `refund_on` says so; dropped before its end (the
@@ -32,7 +36,8 @@ impl Delivery {
         self.0.load(Ordering::Acquire)
     }
 
-    fn mark(&self) {
+    /// Records that the backend has the request (its body was read, or it answered).
+    pub fn mark(&self) {
         self.0.store(true, Ordering::Release);
     }
 }
@@ -49,7 +54,13 @@ pin_project! {
 
 impl<B> DeliveryBody<B> {
     /// Wraps `inner`.
-    pub fn new(inner: B, delivery: Delivery) -> Self {
+    pub fn new(inner: B, delivery: Delivery) -> Self
+    where
+        B: Body,
+    {
+        if inner.size_hint().exact() == Some(0) {
+            delivery.mark();
+        }
         Self { inner, delivery, polled: false }
     }
 }
@@ -168,11 +179,17 @@ pin_project! {
     }
 }
 
-impl<B> MeteredBody<B> {
+impl<B: Body> MeteredBody<B> {
     /// Wraps `inner`; `charge` is refunded if `inner` fails and `refund_on_break`; `capture`
     /// keeps the answer of an idempotent request.
     pub fn new(inner: B, state: AppState, charge: Charge, refund_on_break: bool, capture: Option<Capture>) -> Self {
-        Self { inner, settle: Some(Settle { state, charge, refund_on_break, capture }) }
+        let settle = Settle { state, charge, refund_on_break, capture };
+        if inner.is_end_stream() {
+            // An empty answer is complete already (hyper will not even poll it).
+            settle.ended();
+            return Self { inner, settle: None };
+        }
+        Self { inner, settle: Some(settle) }
     }
 }
 

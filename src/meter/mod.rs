@@ -128,10 +128,22 @@ pub fn repeat(hit: IdemHit) -> Result<Repeat, GatewayError> {
     }
 }
 
+/// What [`charge`] does when the store leaves a charge's outcome unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unknown {
+    /// Refund the charge id in the background (it may have landed), then fail closed or open as
+    /// `store.on_error` says: a request's charge id is never sent again.
+    Refund(OnStoreError),
+    /// Leave it: the caller sends the same charge id again later (a job attempt), which finds
+    /// the charge that landed or takes it then. A background refund racing that re-send could
+    /// leave the run unpaid.
+    Resend,
+}
+
 /// Takes the credits for a request (or a queued job's attempt) and counts it.
 pub async fn charge(
     state: &AppState,
-    on_error: OnStoreError,
+    unknown: Unknown,
     operation: &Arc<str>,
     category: &Arc<str>,
     req: ChargeRequest<'_>,
@@ -147,6 +159,7 @@ pub async fn charge(
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
+            let Unknown::Refund(on_error) = unknown else { return Err(e.into()) };
             // Unknown whether it landed: make sure it does not stand.
             refund_later(state.clone(), req.account.into(), req.charge_id.to_owned(), category.clone());
             if on_error == OnStoreError::FailOpen {
@@ -200,6 +213,7 @@ impl Failure {
     /// request ([`Delivery`]).
     pub fn of_error(e: &GatewayError, delivered: bool) -> Failure {
         match e {
+            GatewayError::UpstreamUnreachable(_) => Failure::Unreachable,
             _ if !delivered => Failure::Unreachable,
             GatewayError::UpstreamTimeout => Failure::Timeout,
             _ => Failure::Status5xx,

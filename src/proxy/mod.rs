@@ -148,5 +148,9 @@ fn classify_error(upstream: &str, e: hyper_util::client::legacy::Error) -> Gatew
     }
     let detail = if e.is_connect() { "connect failed" } else { "connection error" };
     tracing::warn!(upstream, error = ?e, "upstream request failed: {detail}");
-    GatewayError::UpstreamUnavailable(format!("{upstream}: {detail}"))
+    if e.is_connect() {
+        GatewayError::UpstreamUnreachable(format!("{upstream}: {detail}"))
+    } else {
+        GatewayError::UpstreamUnavailable(format!("{upstream}: {detail}"))
+    }
 }
