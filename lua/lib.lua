@@ -146,10 +146,17 @@ end
 -- `ledger::USAGE_PERIODS` when the scripts are built (src/ledger/redis.rs `lua_prelude`).
 local USAGE_PERIODS = {{USAGE_PERIODS}}
 
+-- The store's limits (`ledger::StoreLimits`, from the running config), filled in the same way:
+-- history entries kept per account, whether only exported entries may be trimmed, and
+-- undelivered events kept per account.
+local HISTORY_MAX = {{HISTORY_MAX}}
+local HISTORY_EXPORTED_ONLY = {{HISTORY_EXPORTED_ONLY}}
+local OUTBOX_MAX = {{OUTBOX_MAX}}
+
 local FIELDS = { 'plan', 'allocation', 'pending_plan', 'pending_allocation', 'anchor', 'period',
   'monthly', 'topup', 'used', 'email', 'now', 'hist', 'evt', 'auto_count', 'auto_enabled',
   'auto_threshold', 'auto_package', 'auto_credits', 'auto_price', 'auto_price_json', 'auto_armed',
-  'period_end' }
+  'period_end', 'htrim', 'exp' }
 
 -- Another key of the same account: `<account key>:<kind>` shares the account's hash tag, hence
 -- its cluster slot, so a script may use it without declaring it in KEYS (src/ledger/keys.rs).
@@ -210,6 +217,9 @@ local function load_account(key)
     hist = tonumber(f.hist) or 0,
     evt = tonumber(f.evt) or 0,
     auto_count = tonumber(f.auto_count) or 0,
+    -- History entries trimmed so far (seq htrim + 1 is the oldest kept) and the last exported.
+    htrim = tonumber(f.htrim) or 0,
+    exported = tonumber(f.exp) or 0,
     auto = false,
     renewed = false,
     pending_changed = false,
@@ -268,9 +278,18 @@ end
 -- the window before the renewal can hold any). Returns how many events it appended, which every
 -- script passes on as the first element of its reply (src/ledger/redis.rs indexes the outbox).
 local function save(a)
+  -- History beyond HISTORY_MAX goes, oldest first, in this same step — with export on, only
+  -- entries already exported (seq <= exported). The list holds seq htrim + 1 .. hist.
+  local trim = 0
+  if #a.entries > 0 then
+    trim = (a.hist - a.htrim) - HISTORY_MAX
+    if HISTORY_EXPORTED_ONLY then trim = math.min(trim, a.exported - a.htrim) end
+    if trim < 0 then trim = 0 end
+  end
+  a.htrim = a.htrim + trim
   redis.call('HSET', a.key, 'plan', a.plan, 'allocation', n(a.allocation), 'period', n(a.period),
     'monthly', n(a.monthly), 'topup', n(a.topup), 'used', n(a.used), 'now', n(a.now),
-    'hist', n(a.hist), 'evt', n(a.evt), 'auto_count', n(a.auto_count))
+    'hist', n(a.hist), 'evt', n(a.evt), 'auto_count', n(a.auto_count), 'htrim', n(a.htrim))
   if a.pending_changed then
     if a.pending_plan then
       redis.call('HSET', a.key, 'pending_plan', a.pending_plan, 'pending_allocation', n(a.pending_allocation))
@@ -281,7 +300,15 @@ local function save(a)
   if a.arm_set then redis.call('HSET', a.key, 'auto_armed', '1') end
   if a.period_end_changed then redis.call('HSET', a.key, 'period_end', n(a.period_end)) end
   if #a.entries > 0 then redis.call('RPUSH', sub_key(a, 'history'), unpack(a.entries)) end
-  if #a.events > 0 then redis.call('RPUSH', sub_key(a, 'outbox'), unpack(a.events)) end
+  if trim > 0 then redis.call('LTRIM', sub_key(a, 'history'), trim, -1) end
+  if #a.events > 0 then
+    local length = redis.call('RPUSH', sub_key(a, 'outbox'), unpack(a.events))
+    -- Past OUTBOX_MAX undelivered events the oldest go; pending_events.lua reports how many.
+    if length > OUTBOX_MAX then
+      redis.call('LTRIM', sub_key(a, 'outbox'), length - OUTBOX_MAX, -1)
+      redis.call('HINCRBY', a.key, 'odrop', length - OUTBOX_MAX)
+    end
+  end
   if a.renewed then
     local old = {}
     for j = a.renewed_from - USAGE_PERIODS + 1, math.min(a.renewed_from, a.period - USAGE_PERIODS) do

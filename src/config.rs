@@ -68,6 +68,9 @@ pub struct Config {
     /// `Idempotency-Key` handling on metered routes.
     #[serde(default)]
     pub idempotency: IdempotencyConfig,
+    /// How much ledger history each account keeps.
+    #[serde(default)]
+    pub history: HistoryConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -344,6 +347,9 @@ pub struct NotificationsConfig {
     pub max_backoff_ms: u64,
     /// E-mail delivery over SMTP.
     pub smtp: Option<SmtpConfig>,
+    /// Undelivered events kept per account; beyond it the oldest are dropped (logged, counted).
+    #[serde(default = "default_max_outbox")]
+    pub max_outbox_per_account: u64,
 }
 
 impl Default for NotificationsConfig {
@@ -355,8 +361,33 @@ impl Default for NotificationsConfig {
             event_ttl_hours: default_event_ttl_hours(),
             max_backoff_ms: default_max_backoff_ms(),
             smtp: None,
+            max_outbox_per_account: default_max_outbox(),
         }
     }
+}
+
+fn default_max_outbox() -> u64 {
+    1_000
+}
+
+/// `[history]`: the per-account ledger history.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Entries kept per account; older ones are trimmed in the step that appends (with usage
+    /// export on, only once exported).
+    #[serde(default = "default_history_max_entries")]
+    pub max_entries: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self { max_entries: default_history_max_entries() }
+    }
+}
+
+fn default_history_max_entries() -> u64 {
+    10_000
 }
 
 fn default_event_ttl_hours() -> u64 {
@@ -683,6 +714,8 @@ impl Config {
             return Err(bad("jobs.result_retention_hours", "must be at least 24 (idempotency keys replay for 24 h)"));
         }
         positive("idempotency.max_stored_bytes", self.idempotency.max_stored_bytes as u64)?;
+        positive("history.max_entries", self.history.max_entries)?;
+        positive("notifications.max_outbox_per_account", self.notifications.max_outbox_per_account)?;
         if self.auto_topup.max_per_period == 0 {
             return Err(bad("auto_topup.max_per_period", "must be greater than 0"));
         }

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub jobs_running: Gauge,
     /// Undelivered events seen by the notifier at its last pass.
     pub outbox_depth: Gauge,
+    /// Undelivered events dropped because an account's outbox was full.
+    pub outbox_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -93,6 +95,7 @@ impl Default for Metrics {
             jobs_queued: Gauge::default(),
             jobs_running: Gauge::default(),
             outbox_depth: Gauge::default(),
+            outbox_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests through the proxy path", m.requests.clone());
@@ -125,6 +128,11 @@ impl Default for Metrics {
         registry.register("jobs_queued", "Queued jobs waiting for credits", m.jobs_queued.clone());
         registry.register("jobs_running", "Queued jobs running now", m.jobs_running.clone());
         registry.register("outbox_depth", "Undelivered events at the notifier's last pass", m.outbox_depth.clone());
+        registry.register(
+            "outbox_dropped",
+            "Undelivered events dropped because an account's outbox was full",
+            m.outbox_dropped.clone(),
+        );
         Metrics { registry, ..m }
     }
 }

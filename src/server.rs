@@ -81,6 +81,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
         Some(s) => s,
         None => Store::open(&config.store).await?,
     };
+    crate::ledger::Ledger::set_limits(&store, runtime.store_limits);
     let state = AppState(Arc::new(Shared {
         runtime: ArcSwap::from_pointee(runtime),
         ledger: Arc::new(store),

@@ -31,6 +31,8 @@ pub struct Runtime {
     pub rate_limits: crate::ratelimit::RateLimits,
     /// The top-up packages, as the charge step hands them to the store (auto top-ups buy these).
     pub packages: crate::ledger::Packages,
+    /// The bounds the store keeps by itself (history, outbox).
+    pub store_limits: crate::ledger::StoreLimits,
 }
 
 impl Runtime {
@@ -54,7 +56,13 @@ impl Runtime {
         let packages = crate::ledger::Packages::new(
             config.topup_packages.iter().map(|(name, p)| (name.clone(), p.credits, p.price_eur)).collect(),
         );
+        let store_limits = crate::ledger::StoreLimits {
+            history_max_entries: config.history.max_entries,
+            history_exported_only: false,
+            outbox_max_events: config.notifications.max_outbox_per_account,
+        };
         Ok(Runtime {
+            store_limits,
             packages,
             webhook_secret,
             rate_limits: crate::ratelimit::RateLimits::new(&config),
@@ -138,6 +146,7 @@ impl AppState {
             tracing::warn!("store settings changed in the config; they apply only after a restart");
         }
         let runtime = Runtime::new(config)?;
+        crate::ledger::Ledger::set_limits(&*self.ledger, runtime.store_limits);
         self.runtime.store(Arc::new(runtime));
         Ok(())
     }

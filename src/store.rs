@@ -51,6 +51,18 @@ macro_rules! dispatch {
 }
 
 impl Ledger for Store {
+    fn set_limits(&self, limits: StoreLimits) {
+        match self {
+            Store::Memory(l) => l.set_limits(limits),
+            Store::Redis(l) => l.set_limits(limits),
+        }
+    }
+    fn take_dropped_events(&self) -> u64 {
+        match self {
+            Store::Memory(l) => l.take_dropped_events(),
+            Store::Redis(l) => l.take_dropped_events(),
+        }
+    }
     async fn create_account(&self, account: NewAccount) -> LedgerResult<bool> {
         dispatch!(self, l => l.create_account(account))
     }

@@ -22,7 +22,7 @@ use creditgate::ledger::redis::{RedisLedger, lua_prelude};
 use creditgate::ledger::{
     AutoTopup, ChargeOutcome, ChargeRequest, Event, FreeOutcome, HistoryEntry, IdemHit, Idempotency, KeyRecord, Ledger,
     MemoryLedger, NewAccount, Packages, PendingRefund, PlanChange, PlanOutcome, Receipt, RefundOutcome, Role,
-    StoredResponse, TopupOutcome, TopupRequest, keys,
+    StoreLimits, StoredResponse, TopupOutcome, TopupRequest, keys,
 };
 use serde_json::json;
 use support::redis::{RedisCluster, RedisServer};
@@ -32,6 +32,8 @@ use support::redis::{RedisCluster, RedisServer};
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory() {
     suite(Arc::new(MemoryLedger::new())).await;
+    // Limits are per store: a store of its own, so they do not bound the suite's accounts.
+    history_and_outbox_stay_bounded(&MemoryLedger::new()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -39,6 +41,7 @@ async fn redis_standalone() {
     let server = RedisServer::start();
     let ledger = Arc::new(RedisLedger::connect_standalone(&server.url()).await.expect("connect"));
     tokio::join!(suite(ledger.clone()), same_steps_as_memory(&ledger));
+    history_and_outbox_stay_bounded(&RedisLedger::connect_standalone(&server.url()).await.unwrap()).await;
     let redis = |args: &[&str]| server.command(args);
     clock_never_goes_back(&ledger, redis).await;
     outbox_index_recovers(&ledger, redis).await;
@@ -53,6 +56,7 @@ async fn redis_standalone() {
 async fn redis_cluster() {
     let cluster = RedisCluster::start();
     let ledger = Arc::new(RedisLedger::connect_cluster(&cluster.urls()).await.expect("connect"));
+    history_and_outbox_stay_bounded(&RedisLedger::connect_cluster(&cluster.urls()).await.unwrap()).await;
     // Raw commands go to the node serving the key's slot (the others answer MOVED).
     let on_owner = |args: &[&str]| {
         let slot: u32 = cluster.nodes()[0].command(&["CLUSTER", "KEYSLOT", args[1]]).parse().unwrap();
@@ -360,6 +364,44 @@ async fn deferred_refunds_are_kept_until_forgotten(l: &impl Ledger) {
     assert_eq!((&found[0].account, &found[0].category), (&deferred.account, &deferred.category));
     l.forget_refund(&found[0]).await.unwrap();
     assert!(mine(l.pending_refunds(1000).await.unwrap()).is_empty(), "forgotten");
+}
+
+/// `history.max_entries` and `notifications.max_outbox_per_account`: the oldest entries and
+/// undelivered events go in the step that appends, the paging and the balances stay exact, and
+/// dropped events are counted.
+async fn history_and_outbox_stay_bounded(l: &impl Ledger) {
+    l.set_limits(StoreLimits { history_max_entries: 5, history_exported_only: false, outbox_max_events: 3 });
+    let acct = account(l, 100).await;
+    for _ in 0..12 {
+        charged(l.charge(charge(&acct, &unique("c"), 1)).await.unwrap());
+    }
+    let kept = l.history(&acct, None, 100).await.unwrap().unwrap();
+    let seqs: Vec<u64> = kept.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [13, 12, 11, 10, 9], "created + 12 charges, the newest 5 kept");
+    let page = l.history(&acct, Some(11), 100).await.unwrap().unwrap();
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [10, 9]);
+    // The balance still reconciles: the oldest kept entry carries the opening balance forward.
+    let oldest = kept.last().unwrap();
+    let opening = (oldest.monthly_after as i64 - oldest.monthly_delta, oldest.topup_after as i64 - oldest.topup_delta);
+    let deltas: (i64, i64) = kept.iter().fold((0, 0), |(m, t), e| (m + e.monthly_delta, t + e.topup_delta));
+    let v = view(l, &acct).await;
+    assert_eq!((opening.0 + deltas.0, opening.1 + deltas.1), (v.monthly_remaining as i64, v.topup_remaining as i64));
+    assert_eq!(opening, (93, 0), "before the 8th charge, the oldest kept");
+    // Five top-ups raise five events; the outbox keeps the newest three.
+    let _ = l.take_dropped_events();
+    for _ in 0..5 {
+        topup(l, &acct, 1).await;
+    }
+    let events = l.pending_events(&acct, 100).await.unwrap();
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[2].data["topup_remaining"], 5, "the newest kept");
+    assert_eq!(l.take_dropped_events(), 2);
+    // With export on, only exported entries may go: nothing is exported here, so all stay.
+    l.set_limits(StoreLimits { history_max_entries: 5, history_exported_only: true, outbox_max_events: 3 });
+    for _ in 0..3 {
+        charged(l.charge(charge(&acct, &unique("c"), 1)).await.unwrap());
+    }
+    assert_eq!(l.history(&acct, None, 100).await.unwrap().unwrap().len(), 5 + 3, "kept until exported");
 }
 
 /// A queued request with an idempotency key is one job: a repeat replays the 202, byte for byte.
@@ -1454,7 +1496,7 @@ async fn lua_calendar_matches_rust() {
     ";
     let server = RedisServer::start();
     let mut conn = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let probe = redis::Script::new(&format!("{}\n{PROBE}", lua_prelude()));
+    let probe = redis::Script::new(&format!("{}\n{PROBE}", lua_prelude(&Default::default())));
     let lua = async |conn: &mut redis::aio::MultiplexedConnection, anchor: i64, ks: &[i64], instants: &[i64]| {
         let mut inv = probe.arg(anchor);
         inv.arg(ks.len()).arg(ks).arg(instants);

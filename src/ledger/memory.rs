@@ -29,6 +29,8 @@ pub struct MemoryLedger {
     /// Deferred refunds (never needed by this store itself, which always answers; kept so the
     /// conformance suite holds it to the same contract).
     refunds: Mutex<VecDeque<PendingRefund>>,
+    limits: Mutex<StoreLimits>,
+    dropped_events: std::sync::atomic::AtomicU64,
     keys: RwLock<HashMap<String, KeyRecord>>,
     clock: Clock,
 }
@@ -58,9 +60,15 @@ struct Account {
     /// (expiry, idempotency key) in creation order.
     idem_expiries: VecDeque<(i64, String)>,
     topups: HashMap<String, TopupReceipt>,
-    history: Vec<HistoryEntry>,
+    history: VecDeque<HistoryEntry>,
+    /// History entries trimmed so far: the oldest kept has seq `htrim + 1`.
+    htrim: u64,
+    /// The last history entry exported (usage export).
+    exported: u64,
     usage: BTreeMap<i64, PeriodUsage>,
     outbox: VecDeque<Event>,
+    /// Events dropped because the outbox was full, not yet reported.
+    outbox_dropped: u64,
     event_seq: u64,
     jobs: HashMap<String, JobRecord>,
     /// Ids of queued and running jobs, oldest first.
@@ -128,7 +136,14 @@ impl MemoryLedger {
 
     /// An empty ledger on the given clock.
     pub fn with_clock(clock: Clock) -> Self {
-        Self { accounts: RwLock::default(), refunds: Mutex::default(), keys: RwLock::default(), clock }
+        Self {
+            accounts: RwLock::default(),
+            refunds: Mutex::default(),
+            limits: Mutex::default(),
+            dropped_events: Default::default(),
+            keys: RwLock::default(),
+            clock,
+        }
     }
 
     fn get(&self, id: &str) -> Option<Arc<Mutex<Account>>> {
@@ -137,11 +152,28 @@ impl MemoryLedger {
 
     fn with_account<T>(&self, id: &str, f: impl FnOnce(&mut Account, i64) -> T) -> Option<T> {
         let acct = self.get(id)?;
+        let limits = *lock(&self.limits);
         let mut a = lock(&acct);
         let now = (self.clock)();
+        let (entries, events) = (a.htrim + a.history.len() as u64, a.event_seq);
         a.renew(now);
         a.forget_expired(now);
-        Some(f(&mut a, now))
+        let out = f(&mut a, now);
+        // Bounds kept in the same step that grew the history or the outbox (as lib.lua `save`).
+        if a.htrim + a.history.len() as u64 > entries {
+            let mut trim = (a.history.len() as u64).saturating_sub(limits.history_max_entries);
+            if limits.history_exported_only {
+                trim = trim.min(a.exported.saturating_sub(a.htrim));
+            }
+            a.history.drain(..trim as usize);
+            a.htrim += trim;
+        }
+        if a.event_seq > events && a.outbox.len() as u64 > limits.outbox_max_events {
+            let drop = a.outbox.len() - limits.outbox_max_events as usize;
+            a.outbox.drain(..drop);
+            a.outbox_dropped += drop as u64;
+        }
+        Some(out)
     }
 }
 
@@ -176,7 +208,7 @@ impl Account {
         self.usage.retain(|p, _| *p > k - USAGE_PERIODS);
         let mut e = self.entry("renewal", now, self.allocation as i64 - expired as i64, 0);
         e.plan = Some(self.plan.clone());
-        self.history.push(e);
+        self.history.push_back(e);
         let data = json!({
             "plan": self.plan, "allocation": self.allocation, "expired_monthly": expired,
             "topup_remaining": self.topup, "period_start": rfc3339(self.anchor.period_start(k)),
@@ -235,7 +267,7 @@ impl Account {
 
     fn entry(&self, kind: &str, at: i64, monthly_delta: i64, topup_delta: i64) -> HistoryEntry {
         HistoryEntry {
-            seq: self.history.len() as u64 + 1,
+            seq: self.htrim + self.history.len() as u64 + 1,
             kind: kind.to_owned(),
             at,
             monthly_delta,
@@ -339,7 +371,7 @@ impl Account {
         e.category = Some(req.category.to_owned());
         e.request_id = Some(req.request_id.to_owned());
         e.charge_id = Some(req.charge_id.to_owned());
-        self.history.push(e);
+        self.history.push_back(e);
         let mut record = ChargeRecord {
             auto_topup: None,
             cost: req.cost,
@@ -392,7 +424,7 @@ impl Account {
         let mut e = self.entry("auto_topup", now, 0, credits as i64);
         e.payment_ref = Some(payment_ref.clone());
         e.package = Some(package.clone());
-        self.history.push(e);
+        self.history.push_back(e);
         let data = json!({
             "package": package, "credits": credits, "price_eur": price, "payment_ref": payment_ref,
             "topup_remaining": self.topup, "purchases_this_period": self.auto_count,
@@ -466,7 +498,7 @@ impl Account {
         e.operation = Some(operation);
         e.category = Some(category);
         e.charge_id = Some(charge_id.to_owned());
-        self.history.push(e);
+        self.history.push_back(e);
         RefundOutcome::Refunded { to_monthly, to_topup, monthly_remaining: self.monthly, topup_remaining: self.topup }
     }
 
@@ -486,7 +518,7 @@ impl Account {
         let mut e = self.entry("topup", now, 0, req.credits as i64);
         e.payment_ref = Some(req.payment_ref.to_owned());
         e.package = req.package.map(str::to_owned);
-        self.history.push(e);
+        self.history.push_back(e);
         let data = json!({
             "payment_ref": req.payment_ref, "credits": req.credits, "package": req.package,
             "topup_remaining": self.topup,
@@ -504,7 +536,7 @@ impl Account {
             self.pending = Some((change.plan.to_owned(), change.allocation));
             let mut e = self.entry("plan_change", now, 0, 0);
             e.plan = Some(change.plan.to_owned());
-            self.history.push(e);
+            self.history.push_back(e);
             return PlanOutcome::DowngradeScheduled;
         }
         let grow = change.allocation - self.allocation;
@@ -514,7 +546,7 @@ impl Account {
         self.monthly += grow;
         let mut e = self.entry("plan_change", now, grow as i64, 0);
         e.plan = Some(change.plan.to_owned());
-        self.history.push(e);
+        self.history.push_back(e);
         PlanOutcome::Upgraded
     }
 
@@ -532,6 +564,14 @@ impl Account {
 // === impl Ledger for MemoryLedger ===
 
 impl Ledger for MemoryLedger {
+    fn set_limits(&self, limits: StoreLimits) {
+        *lock(&self.limits) = limits;
+    }
+
+    fn take_dropped_events(&self) -> u64 {
+        self.dropped_events.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn create_account(&self, new: NewAccount) -> LedgerResult<bool> {
         let now = (self.clock)();
         let anchor = Anchor::from_unix(new.anchor);
@@ -559,16 +599,19 @@ impl Ledger for MemoryLedger {
             expiries: VecDeque::new(),
             idem_expiries: VecDeque::new(),
             topups: HashMap::new(),
-            history: Vec::new(),
+            history: VecDeque::new(),
+            htrim: 0,
+            exported: 0,
             usage: BTreeMap::new(),
             outbox: VecDeque::new(),
+            outbox_dropped: 0,
             event_seq: 0,
             jobs: HashMap::new(),
             queue: VecDeque::new(),
         };
         let mut e = account.entry("created", now, new.allocation as i64, 0);
         e.plan = Some(account.plan.clone());
-        account.history.push(e);
+        account.history.push_back(e);
         accounts.insert(new.id, Arc::new(Mutex::new(account)));
         Ok(true)
     }
@@ -708,8 +751,10 @@ impl Ledger for MemoryLedger {
         limit: usize,
     ) -> LedgerResult<Option<Vec<HistoryEntry>>> {
         Ok(self.with_account(account, |a, _| {
-            let end = before.map_or(a.history.len(), |b| (b.saturating_sub(1) as usize).min(a.history.len()));
-            a.history[..end].iter().rev().take(limit).cloned().collect()
+            // Entry seq s sits at index s - 1 - htrim (the oldest ones were trimmed).
+            let kept = a.history.len();
+            let end = before.map_or(kept, |b| (b.saturating_sub(1).saturating_sub(a.htrim) as usize).min(kept));
+            a.history.range(..end).rev().take(limit).cloned().collect()
         }))
     }
 
@@ -723,7 +768,15 @@ impl Ledger for MemoryLedger {
     }
 
     async fn pending_events(&self, account: &str, max: usize) -> LedgerResult<Vec<Event>> {
-        Ok(self.with_account(account, |a, _| a.outbox.iter().take(max).cloned().collect()).unwrap_or_default())
+        let found = self.with_account(account, |a, _| {
+            (std::mem::take(&mut a.outbox_dropped), a.outbox.iter().take(max).cloned().collect())
+        });
+        let Some((dropped, events)) = found else { return Ok(Vec::new()) };
+        if dropped > 0 {
+            tracing::warn!(account, dropped, "outbox full: the oldest undelivered events were dropped");
+            self.dropped_events.fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(events)
     }
 
     async fn ack_events(&self, account: &str, ids: &[String]) -> LedgerResult<()> {

@@ -257,6 +257,26 @@ pub enum ChargeOutcome {
     NoAccount,
 }
 
+/// Bounds a store keeps by itself, from the running config (`[history]`, `[export]`,
+/// `[notifications]`); set at start and on every reload ([`Ledger::set_limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// History entries kept per account (`history.max_entries`); older ones are trimmed in the
+    /// same atomic step that appends.
+    pub history_max_entries: u64,
+    /// With usage export on, only entries already exported may be trimmed.
+    pub history_exported_only: bool,
+    /// Undelivered events kept per account (`notifications.max_outbox_per_account`); beyond it
+    /// the oldest are dropped (and counted, see [`Ledger::pending_events`]).
+    pub outbox_max_events: u64,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits { history_max_entries: 10_000, history_exported_only: false, outbox_max_events: 1_000 }
+    }
+}
+
 /// A refund that was decided but could not be written, kept in the store until some instance
 /// writes it ([`Ledger::defer_refund`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -504,6 +524,13 @@ pub struct KeyRecord {
 
 /// Every store the gateway can run on implements this; each method is one atomic step.
 pub trait Ledger: Send + Sync + 'static {
+    /// Applies the running config's bounds to every later step.
+    fn set_limits(&self, limits: StoreLimits);
+
+    /// Undelivered events dropped because an outbox was full, since the last call (each drop is
+    /// logged with its account when the notifier next reads that outbox).
+    fn take_dropped_events(&self) -> u64;
+
     /// Creates an account; `Ok(false)` when the id exists already.
     fn create_account(&self, account: NewAccount) -> impl Future<Output = LedgerResult<bool>> + Send;
 

@@ -104,7 +104,9 @@
 //! [`MAX_AMOUNT`] are refused before they reach a script.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::LazyLock;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -118,7 +120,7 @@ use super::jobs::{EnqueueOutcome, Job, JobFinish, JobStore, JobView, NewJob};
 use super::{
     AccountView, AutoTopup, ChargeOutcome, ChargeRequest, Event, FreeOutcome, HistoryEntry, IdemHit, KeyRecord, Ledger,
     LedgerError, LedgerResult, NewAccount, PendingRefund, PeriodUsage, PlanChange, PlanOutcome, RETENTION_SECS,
-    Receipt, RefundOutcome, Role, StoredResponse, TopupOutcome, TopupReceipt, TopupRequest, Usage, keys,
+    Receipt, RefundOutcome, Role, StoreLimits, StoredResponse, TopupOutcome, TopupReceipt, TopupRequest, Usage, keys,
 };
 use crate::calendar::Anchor;
 
@@ -136,13 +138,20 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_SECS: i64 = 100 * 366 * 86_400;
 
 /// The Lua prelude every script starts with: calendar (a port of [`crate::calendar`]), clock,
-/// account load / renew / save, with the constants it shares with the Rust ledger filled in.
-/// Public so tests can run its calendar functions on a real Redis.
-pub fn lua_prelude() -> String {
-    const TEXT: &str = include_str!("../../lua/lib.lua");
-    const SLOT: &str = "{{USAGE_PERIODS}}";
-    assert!(TEXT.contains(SLOT), "lua/lib.lua lost its USAGE_PERIODS slot");
-    TEXT.replace(SLOT, &super::USAGE_PERIODS.to_string())
+/// account load / renew / save, with the constants it shares with the Rust ledger and the
+/// store's limits filled in. Public so tests can run its calendar functions on a real Redis.
+pub fn lua_prelude(limits: &StoreLimits) -> String {
+    let mut text = include_str!("../../lua/lib.lua").to_owned();
+    for (slot, value) in [
+        ("{{USAGE_PERIODS}}", super::USAGE_PERIODS.to_string()),
+        ("{{HISTORY_MAX}}", limits.history_max_entries.min(MAX_AMOUNT).to_string()),
+        ("{{HISTORY_EXPORTED_ONLY}}", limits.history_exported_only.to_string()),
+        ("{{OUTBOX_MAX}}", limits.outbox_max_events.min(MAX_AMOUNT).to_string()),
+    ] {
+        assert!(text.contains(slot), "lua/lib.lua lost its {slot} slot");
+        text = text.replace(slot, &value);
+    }
+    text
 }
 
 /// The ledger scripts, each the prelude followed by one `lua/` file.
@@ -190,34 +199,43 @@ impl Scripts {
     }
 }
 
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
-    let prelude = lua_prelude();
-    let script = |body: &str| Script::new(&format!("{prelude}\n{body}"));
-    Scripts {
-        create_account: script(include_str!("../../lua/create_account.lua")),
-        account: script(include_str!("../../lua/account.lua")),
-        charge: script(include_str!("../../lua/charge.lua")),
-        refund: script(include_str!("../../lua/refund.lua")),
-        topup: script(include_str!("../../lua/topup.lua")),
-        update_account: script(include_str!("../../lua/update_account.lua")),
-        set_auto_topup: script(include_str!("../../lua/set_auto_topup.lua")),
-        history: script(include_str!("../../lua/history.lua")),
-        usage: script(include_str!("../../lua/usage.lua")),
-        pending_events: script(include_str!("../../lua/pending_events.lua")),
-        ack_events: script(include_str!("../../lua/ack_events.lua")),
-        job_enqueue: script(include_str!("../../lua/job_enqueue.lua")),
-        job_claim: script(include_str!("../../lua/job_claim.lua")),
-        job_finish: script(include_str!("../../lua/job_finish.lua")),
-        job_read: script(include_str!("../../lua/job_read.lua")),
-        idem_complete: script(include_str!("../../lua/idem_complete.lua")),
-        free_automatic: script(include_str!("../../lua/free_automatic.lua")),
+impl Scripts {
+    /// Every script, with `limits` written into the prelude. New limits make new scripts (new
+    /// SHAs), which the first EVALSHA of each loads (NOSCRIPT, then load and retry).
+    fn build(limits: &StoreLimits) -> Self {
+        let prelude = lua_prelude(limits);
+        let script = |body: &str| Script::new(&format!("{prelude}\n{body}"));
+        Scripts {
+            create_account: script(include_str!("../../lua/create_account.lua")),
+            account: script(include_str!("../../lua/account.lua")),
+            charge: script(include_str!("../../lua/charge.lua")),
+            refund: script(include_str!("../../lua/refund.lua")),
+            topup: script(include_str!("../../lua/topup.lua")),
+            update_account: script(include_str!("../../lua/update_account.lua")),
+            set_auto_topup: script(include_str!("../../lua/set_auto_topup.lua")),
+            history: script(include_str!("../../lua/history.lua")),
+            usage: script(include_str!("../../lua/usage.lua")),
+            pending_events: script(include_str!("../../lua/pending_events.lua")),
+            ack_events: script(include_str!("../../lua/ack_events.lua")),
+            job_enqueue: script(include_str!("../../lua/job_enqueue.lua")),
+            job_claim: script(include_str!("../../lua/job_claim.lua")),
+            job_finish: script(include_str!("../../lua/job_finish.lua")),
+            job_read: script(include_str!("../../lua/job_read.lua")),
+            idem_complete: script(include_str!("../../lua/idem_complete.lua")),
+            free_automatic: script(include_str!("../../lua/free_automatic.lua")),
+        }
     }
-});
+}
 
 /// The Redis ledger; cheap to clone (clones share the connection).
 #[derive(Clone)]
 pub struct RedisLedger {
     conn: Connection,
+    /// The scripts for the current [`StoreLimits`] (swapped by [`Ledger::set_limits`]).
+    scripts: Arc<ArcSwap<Scripts>>,
+    limits: Arc<ArcSwap<StoreLimits>>,
+    /// Events dropped from full outboxes, as the notifier found them.
+    dropped_events: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A standalone or a cluster connection, both multiplexed and cheap to clone.
@@ -243,7 +261,7 @@ impl RedisLedger {
                 // until Redis is reachable; the manager keeps trying in the background.
                 tracing::warn!(error = %e, "Redis unreachable at start-up; continuing, will reconnect");
                 let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(store_error)?;
-                return Ok(Self { conn: Connection::Standalone(conn) });
+                return Ok(Self::new(Connection::Standalone(conn)));
             }
         };
         Self::with_scripts(Connection::Standalone(conn)).await
@@ -285,11 +303,22 @@ impl RedisLedger {
         }
     }
 
+    fn new(conn: Connection) -> Self {
+        let limits = StoreLimits::default();
+        Self {
+            conn,
+            scripts: Arc::new(ArcSwap::from_pointee(Scripts::build(&limits))),
+            limits: Arc::new(ArcSwap::from_pointee(limits)),
+            dropped_events: Arc::default(),
+        }
+    }
+
     async fn with_scripts(mut conn: Connection) -> LedgerResult<Self> {
-        for script in SCRIPTS.all() {
+        let ledger = Self::new(conn.clone());
+        for script in ledger.scripts.load().all() {
             script.load_async(&mut conn).await.map_err(store_error)?;
         }
-        Ok(Self { conn })
+        Ok(ledger)
     }
 
     /// Runs a script: EVALSHA, and on NOSCRIPT a load and one retry (see [`redis::Script`]).
@@ -505,9 +534,21 @@ impl Index {
 }
 
 impl Ledger for RedisLedger {
+    fn set_limits(&self, limits: StoreLimits) {
+        if **self.limits.load() != limits {
+            self.scripts.store(Arc::new(Scripts::build(&limits)));
+            self.limits.store(Arc::new(limits));
+        }
+    }
+
+    fn take_dropped_events(&self) -> u64 {
+        self.dropped_events.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn create_account(&self, new: NewAccount) -> LedgerResult<bool> {
         check_amount(new.allocation)?;
-        let mut inv = SCRIPTS.create_account.key(keys::account(&new.id));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.create_account.key(keys::account(&new.id));
         inv.arg(&new.plan).arg(new.allocation).arg(new.anchor);
         match &new.email {
             Some(email) => inv.arg("1").arg(email),
@@ -518,7 +559,8 @@ impl Ledger for RedisLedger {
     }
 
     async fn account(&self, id: &str) -> LedgerResult<Option<AccountView>> {
-        let mut r = self.step(id, &SCRIPTS.account.key(keys::account(id))).await?;
+        let scripts = self.scripts.load();
+        let mut r = self.step(id, &scripts.account.key(keys::account(id))).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {
             "found" => {}
@@ -553,7 +595,8 @@ impl Ledger for RedisLedger {
 
     async fn charge(&self, req: ChargeRequest<'_>) -> LedgerResult<ChargeOutcome> {
         check_amount(req.cost)?;
-        let mut inv = SCRIPTS.charge.key(keys::account(req.account));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.charge.key(keys::account(req.account));
         inv.key(keys::charge(req.account, req.charge_id));
         // The script knows an idempotency key is given by the third KEYS entry.
         let (idem_key, fingerprint, lease) = match req.idempotency {
@@ -590,7 +633,8 @@ impl Ledger for RedisLedger {
     }
 
     async fn refund(&self, account: &str, charge_id: &str) -> LedgerResult<RefundOutcome> {
-        let mut inv = SCRIPTS.refund.key(keys::account(account));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.refund.key(keys::account(account));
         inv.key(keys::charge(account, charge_id)).arg(charge_id).arg(RETENTION_SECS);
         let mut r = self.step(account, &inv).await?;
         let outcome: String = r.next()?;
@@ -614,7 +658,8 @@ impl Ledger for RedisLedger {
         charge_id: &str,
         response: Option<&StoredResponse>,
     ) -> LedgerResult<bool> {
-        let mut inv = SCRIPTS.idem_complete.key(keys::account(account));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.idem_complete.key(keys::account(account));
         inv.key(keys::idempotency(account, key)).arg(charge_id);
         match response {
             Some(res) => inv.arg("done").arg(res.status).arg(res.headers_json()).arg(res.body.as_ref()),
@@ -635,7 +680,8 @@ impl Ledger for RedisLedger {
         operation: &str,
         max_per_period: Option<u64>,
     ) -> LedgerResult<FreeOutcome> {
-        let mut inv = SCRIPTS.free_automatic.key(keys::account(account));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.free_automatic.key(keys::account(account));
         // -1: no allowance.
         inv.arg(operation).arg(max_per_period.map_or(-1, |m| m.min(MAX_AMOUNT) as i64));
         let mut r = self.step(account, &inv).await?;
@@ -691,7 +737,8 @@ impl Ledger for RedisLedger {
 
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {
         check_amount(req.credits)?;
-        let mut inv = SCRIPTS.topup.key(keys::account(req.account));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.topup.key(keys::account(req.account));
         inv.key(keys::topup(req.account, req.payment_ref)).arg(req.payment_ref).arg(req.credits);
         match req.package {
             Some(package) => inv.arg("1").arg(package),
@@ -775,7 +822,8 @@ impl Ledger for RedisLedger {
     /// Runs the real account script (loading it if the cache was emptied) on a key no account
     /// has; on a cluster also PINGs every primary, since any of them may hold a given account.
     async fn ping(&self) -> LedgerResult<()> {
-        let mut r = Reply::new(self.run(&SCRIPTS.account.key(keys::READINESS_PROBE)).await?)?;
+        let scripts = self.scripts.load();
+        let mut r = Reply::new(self.run(&scripts.account.key(keys::READINESS_PROBE)).await?)?;
         let (appended, outcome): (u64, String) = (r.next()?, r.next()?);
         if (appended, outcome.as_str()) != (0, "noaccount") {
             return Err(LedgerError(format!("readiness probe answered {appended} {outcome:?}")));
@@ -792,7 +840,8 @@ impl Ledger for RedisLedger {
         plan: Option<PlanChange<'_>>,
         email: Option<&str>,
     ) -> LedgerResult<Option<PlanOutcome>> {
-        let mut inv = SCRIPTS.update_account.key(keys::account(id));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.update_account.key(keys::account(id));
         match plan {
             Some(change) => {
                 check_amount(change.allocation)?;
@@ -818,7 +867,8 @@ impl Ledger for RedisLedger {
     async fn set_auto_topup(&self, id: &str, setting: &AutoTopup) -> LedgerResult<bool> {
         check_amount(setting.threshold)?;
         check_amount(setting.credits)?;
-        let mut inv = SCRIPTS.set_auto_topup.key(keys::account(id));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.set_auto_topup.key(keys::account(id));
         inv.arg(if setting.enabled { "1" } else { "0" })
             .arg(setting.threshold)
             .arg(&setting.package)
@@ -885,7 +935,8 @@ impl Ledger for RedisLedger {
         before: Option<u64>,
         limit: usize,
     ) -> LedgerResult<Option<Vec<HistoryEntry>>> {
-        let mut inv = SCRIPTS.history.key(keys::account(account));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.history.key(keys::account(account));
         match before {
             Some(before) => inv.arg(before.min(MAX_AMOUNT)),
             None => inv.arg(""),
@@ -901,7 +952,8 @@ impl Ledger for RedisLedger {
     }
 
     async fn usage(&self, account: &str, earlier: usize) -> LedgerResult<Option<Usage>> {
-        let mut inv = SCRIPTS.usage.key(keys::account(account));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.usage.key(keys::account(account));
         inv.arg((earlier as u64).min(MAX_AMOUNT));
         let mut r = self.step(account, &inv).await?;
         let outcome: String = r.next()?;
@@ -932,7 +984,8 @@ impl Ledger for RedisLedger {
     }
 
     async fn pending_events(&self, account: &str, max: usize) -> LedgerResult<Vec<Event>> {
-        let mut inv = SCRIPTS.pending_events.key(keys::account(account));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.pending_events.key(keys::account(account));
         inv.arg((max as u64).min(MAX_AMOUNT));
         let mut r = self.step(account, &inv).await?;
         let outcome: String = r.next()?;
@@ -942,6 +995,11 @@ impl Ledger for RedisLedger {
             other => return Err(unexpected("pending_events", other)),
         }
         let queued: u64 = r.next()?;
+        let dropped: u64 = r.next()?;
+        if dropped > 0 {
+            tracing::warn!(account, dropped, "outbox full: the oldest undelivered events were dropped");
+            self.dropped_events.fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
+        }
         if queued == 0 {
             // A stale index entry, or none: make sure the dispatcher stops visiting.
             self.unindex_if_empty(Index::Outbox, account).await;
@@ -950,7 +1008,8 @@ impl Ledger for RedisLedger {
     }
 
     async fn ack_events(&self, account: &str, ids: &[String]) -> LedgerResult<()> {
-        let mut inv = SCRIPTS.ack_events.key(keys::account(account));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.ack_events.key(keys::account(account));
         inv.arg(ids);
         let mut r = self.step(account, &inv).await?;
         let outcome: String = r.next()?;
@@ -978,7 +1037,8 @@ impl JobStore for RedisLedger {
         // queue that stays empty is dropped by the next claim).
         let sadd = redis::cmd("SADD").arg(Index::Jobs.shard_of(new.account)).arg(new.account).to_owned();
         self.query::<()>(&sadd).await?;
-        let mut inv = SCRIPTS.job_enqueue.key(keys::account(new.account));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.job_enqueue.key(keys::account(new.account));
         inv.key(keys::job(new.account, new.id))
             .arg(new.id)
             .arg(new.operation)
@@ -1011,7 +1071,8 @@ impl JobStore for RedisLedger {
     }
 
     async fn claim_job(&self, account: &str, runner: &str, lease_secs: i64) -> LedgerResult<Option<Job>> {
-        let mut inv = SCRIPTS.job_claim.key(keys::account(account));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.job_claim.key(keys::account(account));
         inv.arg(runner).arg(secs(lease_secs)).arg(super::jobs::CLAIM_SCAN);
         let mut r = self.step(account, &inv).await?;
         let outcome: String = r.next()?;
@@ -1047,7 +1108,8 @@ impl JobStore for RedisLedger {
     }
 
     async fn finish_job(&self, account: &str, job_id: &str, runner: &str, finish: JobFinish) -> LedgerResult<bool> {
-        let mut inv = SCRIPTS.job_finish.key(keys::account(account));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.job_finish.key(keys::account(account));
         inv.key(keys::job(account, job_id)).arg(job_id).arg(runner);
         // Kind, seconds, reason, status, headers, body (see the script's header).
         match &finish {
@@ -1081,7 +1143,8 @@ impl JobStore for RedisLedger {
     }
 
     async fn job(&self, account: &str, job_id: &str) -> LedgerResult<Option<JobView>> {
-        let mut inv = SCRIPTS.job_read.key(keys::account(account));
+        let scripts = self.scripts.load();
+        let mut inv = scripts.job_read.key(keys::account(account));
         inv.key(keys::job(account, job_id));
         let mut r = self.step(account, &inv).await?;
         let outcome: String = r.next()?;

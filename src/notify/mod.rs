@@ -113,6 +113,7 @@ pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
                 }
             }
             state.metrics.outbox_depth.set(depth as i64);
+            state.metrics.outbox_dropped.inc_by(state.ledger.take_dropped_events());
         }
     })
 }
