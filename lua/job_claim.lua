@@ -16,7 +16,10 @@
 -- leased to ARGV[1] until now + ARGV[2]. A lease that expired (its runner crashed) lets another
 -- runner take the job; the job keeps its attempt count, so the charge id is the same. Same steps
 -- as memory.rs `claim_job`, except that only the first ARGV[3] ids are looked at, to bound the
--- script's time. An id without a record (removed by hand) is dropped from the queue.
+-- script's time. An id without a record (removed by hand) is dropped from the queue. A job not
+-- running that waited JOB_MAX_AGE seconds (lib.lua, from `jobs.max_queue_age_hours`) expires
+-- on the way: status "expired", its body dropped (and its bytes given back), out of the queue,
+-- kept for JOB_RETENTION seconds so its client can read why.
 
 local a = load_account(KEYS[1])
 if not a then return { 0, 'noaccount' } end
@@ -24,15 +27,17 @@ if not a then return { 0, 'noaccount' } end
 -- Reads and checks.
 local queue = sub_key(a, 'queue')
 local ids = redis.call('LRANGE', queue, 0, tonumber(ARGV[3]) - 1)
-local chosen, job, dangling = false, false, {}
+local chosen, job, dangling, expired = false, false, {}, {}
 for _, id in ipairs(ids) do
   local key = sub_key(a, 'job:' .. id)
-  local j = redis.call('HMGET', key, 'status', 'lease_until', 'not_before')
+  local j = redis.call('HMGET', key, 'status', 'lease_until', 'not_before', 'created_at')
   if not j[1] then
     dangling[#dangling + 1] = id
   else
     local leased = j[2] and tonumber(j[2]) > a.now
-    if not leased and (tonumber(j[3]) or 0) <= a.now then
+    if not leased and a.now - (tonumber(j[4]) or a.now) >= JOB_MAX_AGE then
+      expired[#expired + 1] = id
+    elseif not leased and (tonumber(j[3]) or 0) <= a.now then
       chosen = id
       job = redis.call('HMGET', key, 'operation', 'category', 'cost', 'upstream', 'method', 'path',
         'headers', 'body', 'request_id', 'attempts', 'created_at')
@@ -44,6 +49,15 @@ end
 -- Writes.
 local events = save_if_renewed(a)
 for _, id in ipairs(dangling) do redis.call('LREM', queue, 0, id) end
+for _, id in ipairs(expired) do
+  local key = sub_key(a, 'job:' .. id)
+  redis.call('HINCRBY', KEYS[1], 'qbytes', n(-redis.call('HSTRLEN', key, 'body')))
+  redis.call('HDEL', key, 'body', 'lease_owner', 'lease_until')
+  redis.call('HSET', key, 'status', 'expired', 'updated_at', n(a.now),
+    'error', 'not run within ' .. n(div(JOB_MAX_AGE, 3600)) .. ' h of queueing')
+  redis.call('LREM', queue, 0, id)
+  redis.call('EXPIRE', key, JOB_RETENTION)
+end
 if not chosen then return { events, 'none', redis.call('LLEN', queue) } end
 redis.call('HSET', sub_key(a, 'job:' .. chosen), 'status', 'running', 'lease_owner', ARGV[1],
   'lease_until', n(a.now + tonumber(ARGV[2])), 'updated_at', n(a.now))

@@ -13,15 +13,17 @@
 -- ARGV[9]  request body (raw bytes)
 -- ARGV[10] request id
 -- ARGV[11] most jobs the account may have queued or running
+-- ARGV[12] most request-body bytes the account's queued and running jobs may hold together
 -- KEYS[3]  idempotency record      cg:{acct:<id>}:idem:<key>   (present iff the request has an
 --          idempotency key)
--- ARGV[12] request fingerprint (with KEYS[3])
--- ARGV[13] headers of the 202 answer, JSON array of [name, value] pairs (with KEYS[3])
--- ARGV[14] retention of the idempotency record, seconds (with KEYS[3])
+-- ARGV[13] request fingerprint (with KEYS[3])
+-- ARGV[14] headers of the 202 answer, JSON array of [name, value] pairs (with KEYS[3])
+-- ARGV[15] retention of the idempotency record, seconds (with KEYS[3])
 --
 -- Reply, first the number of outbox events appended (a renewal's), then the outcome:
 --   { events, "queued", queue length after }
---   { events, "full" }
+--   { events, "full" }          ARGV[11] jobs wait already
+--   { events, "full_bytes" }    this body would take the account past ARGV[12] bytes
 --   { events, "replay" | "in_progress" | "reused" | "conflict", ... }   as charge.lua: the key
 --            was used before (see lib.lua `idem_hit`); nothing queued
 --   { 0, "noaccount" }
@@ -40,13 +42,17 @@ if not a then return { 0, 'noaccount' } end
 
 -- Reads and checks.
 if #KEYS == 3 then
-  local hit = idem_hit(a, KEYS[3], ARGV[12])
+  local hit = idem_hit(a, KEYS[3], ARGV[13])
   if hit then return hit end
 end
 local queue = sub_key(a, 'queue')
 local depth = redis.call('LLEN', queue)
 if redis.call('EXISTS', KEYS[2]) == 1 then return { save_if_renewed(a), 'queued', depth } end
 if depth >= tonumber(ARGV[11]) then return { save_if_renewed(a), 'full' } end
+-- The bytes the queue holds (request bodies), kept in the account hash: job_finish.lua and
+-- job_claim.lua (expiry) give them back when a body is dropped.
+local qbytes = tonumber(redis.call('HGET', KEYS[1], 'qbytes')) or 0
+if qbytes + #ARGV[9] > tonumber(ARGV[12]) then return { save_if_renewed(a), 'full_bytes' } end
 
 -- Writes.
 local events = save_if_renewed(a)
@@ -55,9 +61,10 @@ redis.call('HSET', KEYS[2], 'operation', ARGV[2], 'category', ARGV[3], 'cost', A
   'request_id', ARGV[10], 'status', 'queued', 'not_before', n(a.now), 'attempts', '0',
   'created_at', n(a.now), 'updated_at', n(a.now))
 local depth = redis.call('RPUSH', queue, ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'qbytes', n(#ARGV[9]))
 if #KEYS == 3 then
-  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[12], 'state', 'done', 'status', '202', 'headers', ARGV[13],
+  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[13], 'state', 'done', 'status', '202', 'headers', ARGV[14],
     'body', json_object('job_id', ARGV[1], 'status', 'queued', 'queue_depth', depth))
-  redis.call('EXPIRE', KEYS[3], ARGV[14])
+  redis.call('EXPIRE', KEYS[3], ARGV[15])
 end
 return { events, 'queued', depth }

@@ -152,6 +152,9 @@ local USAGE_PERIODS = {{USAGE_PERIODS}}
 local HISTORY_MAX = {{HISTORY_MAX}}
 local HISTORY_EXPORTED_ONLY = {{HISTORY_EXPORTED_ONLY}}
 local OUTBOX_MAX = {{OUTBOX_MAX}}
+-- Queued jobs older than this many seconds expire unrun; expired records are kept this long.
+local JOB_MAX_AGE = {{JOB_MAX_AGE}}
+local JOB_RETENTION = {{JOB_RETENTION}}
 
 local FIELDS = { 'plan', 'allocation', 'pending_plan', 'pending_allocation', 'anchor', 'period',
   'monthly', 'topup', 'used', 'email', 'now', 'hist', 'evt', 'auto_count', 'auto_enabled',
@@ -306,7 +309,7 @@ local function save(a)
     -- Past OUTBOX_MAX undelivered events the oldest go; pending_events.lua reports how many.
     if length > OUTBOX_MAX then
       redis.call('LTRIM', sub_key(a, 'outbox'), length - OUTBOX_MAX, -1)
-      redis.call('HINCRBY', a.key, 'odrop', length - OUTBOX_MAX)
+      redis.call('HINCRBY', a.key, 'odrop', n(length - OUTBOX_MAX))
     end
   end
   if a.renewed then

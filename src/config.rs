@@ -474,6 +474,15 @@ pub struct JobsConfig {
     /// Most jobs one account may have waiting (429 beyond).
     #[serde(default = "default_max_queued")]
     pub max_queued_per_account: u64,
+    /// Most request-body bytes one account's waiting jobs may hold together (429 beyond).
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes_per_account: u64,
+    /// Largest request body that may be queued (413 beyond; below `server.max_body_bytes`).
+    #[serde(default = "default_job_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// A job not run within this many hours of queueing expires unrun (status `expired`).
+    #[serde(default = "default_max_queue_age_hours")]
+    pub max_queue_age_hours: u64,
     /// How long a finished job's result stays readable.
     #[serde(default = "default_retention_hours")]
     pub result_retention_hours: u64,
@@ -499,6 +508,9 @@ impl Default for JobsConfig {
     fn default() -> Self {
         Self {
             max_queued_per_account: default_max_queued(),
+            max_queued_bytes_per_account: default_max_queued_bytes(),
+            max_body_bytes: default_job_max_body_bytes(),
+            max_queue_age_hours: default_max_queue_age_hours(),
             result_retention_hours: default_retention_hours(),
             max_result_bytes: default_max_result_bytes(),
             max_attempts: default_max_attempts(),
@@ -509,6 +521,16 @@ impl Default for JobsConfig {
     }
 }
 
+fn default_max_queued_bytes() -> u64 {
+    16 * 1024 * 1024
+}
+fn default_job_max_body_bytes() -> usize {
+    256 * 1024
+}
+/// 32 days: a job queued just after a renewal still runs at the next one.
+fn default_max_queue_age_hours() -> u64 {
+    768
+}
 fn default_max_queued() -> u64 {
     1000
 }
@@ -701,6 +723,9 @@ impl Config {
         let j = &self.jobs;
         for (key, v) in [
             ("jobs.max_queued_per_account", j.max_queued_per_account),
+            ("jobs.max_queued_bytes_per_account", j.max_queued_bytes_per_account),
+            ("jobs.max_body_bytes", j.max_body_bytes as u64),
+            ("jobs.max_queue_age_hours", j.max_queue_age_hours),
             ("jobs.result_retention_hours", j.result_retention_hours),
             ("jobs.max_result_bytes", j.max_result_bytes as u64),
             ("jobs.max_attempts", j.max_attempts as u64),

@@ -82,6 +82,12 @@ pub enum GatewayError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The account's queued requests hold `limit_bytes` already: 429 `rate_limited` (client).
+    #[error("queue bytes full")]
+    QueueBytesFull {
+        /// `jobs.max_queued_bytes_per_account`.
+        limit_bytes: u64,
+    },
     /// Too many requests (client).
     #[error("rate limited")]
     RateLimited {
@@ -162,7 +168,9 @@ impl GatewayError {
             AccountGone => (StatusCode::UNAUTHORIZED, "unauthorized"),
             PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
-            RateLimited { .. } | QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            RateLimited { .. } | QueueFull { .. } | QueueBytesFull { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+            }
             UpstreamUnavailable(_) | UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
@@ -215,6 +223,10 @@ impl GatewayError {
                 fields.insert("retry_after".into(), json!(retry_after_secs));
                 format!("Too many requests; retry in {retry_after_secs} s.")
             }
+            QueueBytesFull { limit_bytes } => {
+                fields.insert("queue_limit_bytes".into(), json!(limit_bytes));
+                format!("Your requests waiting for credits already hold {limit_bytes} bytes; wait for them to run or buy a top-up.")
+            }
             QueueFull { limit } => {
                 fields.insert("queue_limit".into(), json!(limit));
                 format!("You already have {limit} requests waiting for credits; wait for them to run or buy a top-up.")
@@ -251,7 +263,7 @@ impl IntoResponse for GatewayError {
             GatewayError::IdempotencyInProgress { retry_after_secs } => {
                 res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
-            GatewayError::QueueFull { .. } => {
+            GatewayError::QueueFull { .. } | GatewayError::QueueBytesFull { .. } => {
                 res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
             }
             _ => {}

@@ -453,6 +453,10 @@ impl Metered<'_> {
             .filter(|(k, _)| !matches!(k.as_str(), "authorization" | "host" | "content-length" | "idempotency-key"))
             .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
             .collect();
+        let max_body = self.rt.config.jobs.max_body_bytes;
+        if body.len() > max_body {
+            return Err(GatewayError::PayloadTooLarge { limit: max_body });
+        }
         // Random per enqueue, so the job's charge ids never repeat; an Idempotency-Key makes a
         // repeat replay this 202 instead of queueing again (the store keeps it with the key).
         let job_id = format!("job_{}", crate::auth::keys::random_alnum(20));
@@ -470,6 +474,7 @@ impl Metered<'_> {
             body: &body,
             request_id: self.fwd.request_id,
             max_queued: self.rt.config.jobs.max_queued_per_account,
+            max_queued_bytes: self.rt.config.jobs.max_queued_bytes_per_account,
             idempotency: self.idem,
         };
         match self.state.ledger.enqueue_job(new).await? {
@@ -482,6 +487,9 @@ impl Metered<'_> {
             }
             EnqueueOutcome::Idempotent(hit) => Ok(Queued::Repeat(meter::repeat(hit)?)),
             EnqueueOutcome::Full => Err(GatewayError::QueueFull { limit: self.rt.config.jobs.max_queued_per_account }),
+            EnqueueOutcome::FullBytes => {
+                Err(GatewayError::QueueBytesFull { limit_bytes: self.rt.config.jobs.max_queued_bytes_per_account })
+            }
             EnqueueOutcome::NoAccount => Err(GatewayError::AccountGone),
         }
     }

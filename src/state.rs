@@ -60,6 +60,8 @@ impl Runtime {
             history_max_entries: config.history.max_entries,
             history_exported_only: false,
             outbox_max_events: config.notifications.max_outbox_per_account,
+            job_max_age_secs: (config.jobs.max_queue_age_hours as i64).saturating_mul(3600),
+            job_retention_secs: (config.jobs.result_retention_hours as i64).saturating_mul(3600),
         };
         Ok(Runtime {
             store_limits,

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use creditgate::ledger::redis::RedisLedger;
 use creditgate::ledger::{ChargeOutcome, ChargeRequest, Ledger, NewAccount, Packages, StoreLimits};
+use support::gateway::spend;
 use support::redis::RedisServer;
+use support::stores::{Env, Store};
 
 /// The stated bound (README, "Running on Redis"): one account's keys after 50,000 charges within
 /// a day — 10,000 history entries, the usage hash, and 50,000 charge records that expire after
@@ -81,3 +83,27 @@ async fn fifty_thousand_charges_leave_one_account_within_its_bound() {
     assert_eq!(opening + sum, view.monthly_remaining as i64);
     assert_eq!(view.monthly_remaining, 1_000_000 - 50_000);
 }
+
+/// 1,000 × 1 MiB transcriptions at zero credits used to all be queued (about 1 GiB for one
+/// account). Queued bodies now have their own size limit and a per-account byte budget.
+async fn queued_requests_are_bounded_in_size_and_in_bytes(store: Store) {
+    let env =
+        Env::with(store, |b| b.extra("[jobs]\nmax_body_bytes = 1000\nmax_queued_bytes_per_account = 2500\n")).await;
+    let gw = &env.gw;
+    let key = gw.account_with_key("acme", "fifty").await;
+    spend(gw, &key, 50).await;
+    let body = |n: usize| format!(r#"{{"call":"{}"}}"#, "x".repeat(n - 11));
+    let big = gw.post(&key, "/v1/calls/transcribe", &[], &body(1500)).await;
+    assert_eq!((big.status.as_u16(), big.error_type().as_str()), (413, "payload_too_large"), "{}", big.text());
+    assert!(big.text().contains("1000"), "names the queue's limit: {}", big.text());
+    for _ in 0..2 {
+        assert_eq!(gw.post(&key, "/v1/calls/transcribe", &[], &body(900)).await.status, 202);
+    }
+    let third = gw.post(&key, "/v1/calls/transcribe", &[], &body(900)).await;
+    assert_eq!((third.status.as_u16(), third.error_type().as_str()), (429, "rate_limited"), "{}", third.text());
+    assert!(third.header("retry-after").is_some());
+    let account = gw.admin_call("GET", "/admin/v1/accounts/acme", None).await.json();
+    assert_eq!(account["queue_depth"], 2);
+}
+
+on_both_stores!(queued_requests_are_bounded_in_size_and_in_bytes);

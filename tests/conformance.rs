@@ -369,8 +369,14 @@ async fn deferred_refunds_are_kept_until_forgotten(l: &impl Ledger) {
 /// `history.max_entries` and `notifications.max_outbox_per_account`: the oldest entries and
 /// undelivered events go in the step that appends, the paging and the balances stay exact, and
 /// dropped events are counted.
-async fn history_and_outbox_stay_bounded(l: &impl Ledger) {
-    l.set_limits(StoreLimits { history_max_entries: 5, history_exported_only: false, outbox_max_events: 3 });
+async fn history_and_outbox_stay_bounded(l: &(impl Ledger + JobStore)) {
+    queued_bytes_and_age_stay_bounded(l).await;
+    l.set_limits(StoreLimits {
+        history_max_entries: 5,
+        history_exported_only: false,
+        outbox_max_events: 3,
+        ..Default::default()
+    });
     let acct = account(l, 100).await;
     for _ in 0..12 {
         charged(l.charge(charge(&acct, &unique("c"), 1)).await.unwrap());
@@ -397,11 +403,49 @@ async fn history_and_outbox_stay_bounded(l: &impl Ledger) {
     assert_eq!(events[2].data["topup_remaining"], 5, "the newest kept");
     assert_eq!(l.take_dropped_events(), 2);
     // With export on, only exported entries may go: nothing is exported here, so all stay.
-    l.set_limits(StoreLimits { history_max_entries: 5, history_exported_only: true, outbox_max_events: 3 });
+    l.set_limits(StoreLimits {
+        history_max_entries: 5,
+        history_exported_only: true,
+        outbox_max_events: 3,
+        ..Default::default()
+    });
     for _ in 0..3 {
         charged(l.charge(charge(&acct, &unique("c"), 1)).await.unwrap());
     }
     assert_eq!(l.history(&acct, None, 100).await.unwrap().unwrap().len(), 5 + 3, "kept until exported");
+}
+
+/// `jobs.max_queued_bytes_per_account` counts the bodies of waiting and running jobs (given back
+/// when a job ends); `jobs.max_queue_age_hours` expires jobs that waited too long, unrun.
+async fn queued_bytes_and_age_stay_bounded(l: &(impl Ledger + JobStore)) {
+    let acct = account(l, 10).await;
+    let headers = job_headers();
+    let body = [b'x'; 400];
+    fn limited<'a>(acct: &'a str, id: &'a str, headers: &'a [(String, String)], body: &'a [u8]) -> NewJob<'a> {
+        NewJob { max_queued_bytes: 1000, ..new_job(acct, id, headers, body, 100) }
+    }
+    let job = |id| limited(&acct, id, &headers, &body);
+    let (a, b, c) = (unique("job"), unique("job"), unique("job"));
+    assert_eq!(l.enqueue_job(job(&a)).await.unwrap(), EnqueueOutcome::Queued { depth: 1 });
+    assert_eq!(l.enqueue_job(job(&b)).await.unwrap(), EnqueueOutcome::Queued { depth: 2 });
+    assert_eq!(l.enqueue_job(job(&c)).await.unwrap(), EnqueueOutcome::FullBytes, "800 + 400 > 1000");
+    // A finished job gives its bytes back.
+    let claimed = l.claim_job(&acct, "r1", 60).await.unwrap().expect("a job");
+    let done = JobFinish::Done { status: 200, headers: vec![], body: b"ok".to_vec(), retention_secs: 60 };
+    assert!(l.finish_job(&acct, &claimed.id, "r1", done).await.unwrap());
+    assert_eq!(l.enqueue_job(job(&c)).await.unwrap(), EnqueueOutcome::Queued { depth: 2 });
+    // With an age limit of 0 every waiting job has waited too long: they expire, unrun, and
+    // their bytes come back.
+    l.set_limits(StoreLimits { job_max_age_secs: 0, ..Default::default() });
+    assert_eq!(l.claim_job(&acct, "r1", 60).await.unwrap(), None);
+    assert_eq!(l.queue_depth(&acct).await.unwrap(), 0);
+    let expired = l.job(&acct, &b).await.unwrap().expect("kept for its client");
+    assert_eq!(expired.status, "expired");
+    assert!(expired.error.unwrap().contains("not run within"));
+    l.set_limits(StoreLimits::default());
+    let (d, e) = (unique("job"), unique("job"));
+    assert_eq!(l.enqueue_job(job(&d)).await.unwrap(), EnqueueOutcome::Queued { depth: 1 });
+    assert_eq!(l.enqueue_job(job(&e)).await.unwrap(), EnqueueOutcome::Queued { depth: 2 }, "the bytes came back");
 }
 
 /// A queued request with an idempotency key is one job: a repeat replays the 202, byte for byte.
@@ -1656,6 +1700,7 @@ fn new_job<'a>(
         body,
         request_id: "req-job",
         max_queued,
+        max_queued_bytes: 1 << 20,
         idempotency: None,
     }
 }

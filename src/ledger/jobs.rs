@@ -46,6 +46,8 @@ pub struct NewJob<'a> {
     pub request_id: &'a str,
     /// Most jobs an account may have waiting.
     pub max_queued: u64,
+    /// Most request-body bytes an account's waiting and running jobs may hold together.
+    pub max_queued_bytes: u64,
     /// The request's idempotency key: the 202 answer is kept under it ([`queued_response`]), so
     /// a repeat replays it instead of queueing (or running) the request again.
     pub idempotency: Option<super::Idempotency<'a>>,
@@ -174,6 +176,8 @@ pub enum EnqueueOutcome {
     },
     /// The account's queue is at `max_queued`.
     Full,
+    /// This body would take the account's queue past `max_queued_bytes`.
+    FullBytes,
     /// The idempotency key was used before; nothing queued.
     Idempotent(super::IdemHit),
     /// No such account.

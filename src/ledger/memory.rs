@@ -73,6 +73,8 @@ struct Account {
     jobs: HashMap<String, JobRecord>,
     /// Ids of queued and running jobs, oldest first.
     queue: VecDeque<String>,
+    /// Request-body bytes the queued and running jobs hold.
+    queued_bytes: u64,
 }
 
 struct JobRecord {
@@ -608,6 +610,7 @@ impl Ledger for MemoryLedger {
             event_seq: 0,
             jobs: HashMap::new(),
             queue: VecDeque::new(),
+            queued_bytes: 0,
         };
         let mut e = account.entry("created", now, new.allocation as i64, 0);
         e.plan = Some(account.plan.clone());
@@ -800,6 +803,10 @@ impl JobStore for MemoryLedger {
             if a.queue.len() as u64 >= new.max_queued {
                 return EnqueueOutcome::Full;
             }
+            if a.queued_bytes + new.body.len() as u64 > new.max_queued_bytes {
+                return EnqueueOutcome::FullBytes;
+            }
+            a.queued_bytes += new.body.len() as u64;
             let job = Job {
                 id: new.id.to_owned(),
                 account: new.account.to_owned(),
@@ -837,22 +844,39 @@ impl JobStore for MemoryLedger {
     }
 
     async fn claim_job(&self, account: &str, runner: &str, lease_secs: i64) -> LedgerResult<Option<Job>> {
+        let limits = *lock(&self.limits);
         Ok(self
             .with_account(account, |a, now| {
-                let Account { queue, jobs, .. } = a;
-                // Like the Redis script: only the oldest CLAIM_SCAN ids are looked at.
+                let Account { queue, jobs, queued_bytes, .. } = a;
+                // Like the Redis script: only the oldest CLAIM_SCAN ids are looked at, and a job
+                // not running that waited `job_max_age_secs` expires on the way.
+                let mut expired = Vec::new();
+                let mut chosen = None;
                 for id in queue.iter().take(CLAIM_SCAN) {
                     let j = jobs.get_mut(id).expect("queued ids have records");
                     let leased = j.lease.as_ref().is_some_and(|(_, until)| *until > now);
+                    if !leased && now - j.job.created_at >= limits.job_max_age_secs {
+                        *queued_bytes = queued_bytes.saturating_sub(j.job.body.len() as u64);
+                        j.job.body = Vec::new();
+                        j.lease = None;
+                        j.status = "expired";
+                        j.updated_at = now;
+                        j.error = Some(format!("not run within {} h of queueing", limits.job_max_age_secs / 3600));
+                        j.expires_at = Some(now + limits.job_retention_secs);
+                        expired.push(id.clone());
+                        continue;
+                    }
                     if leased || j.not_before > now {
                         continue;
                     }
                     j.lease = Some((runner.to_owned(), now + lease_secs));
                     j.status = "running";
                     j.updated_at = now;
-                    return Some(j.job.clone());
+                    chosen = Some(j.job.clone());
+                    break;
                 }
-                None
+                queue.retain(|id| !expired.contains(id));
+                chosen
             })
             .flatten())
     }
@@ -894,6 +918,7 @@ impl JobStore for MemoryLedger {
                     }
                 };
                 if finished {
+                    a.queued_bytes = a.queued_bytes.saturating_sub(j.job.body.len() as u64);
                     j.job.body = Vec::new();
                     a.queue.retain(|id| id != job_id);
                 }

@@ -269,11 +269,21 @@ pub struct StoreLimits {
     /// Undelivered events kept per account (`notifications.max_outbox_per_account`); beyond it
     /// the oldest are dropped (and counted, see [`Ledger::pending_events`]).
     pub outbox_max_events: u64,
+    /// Queued jobs not run within this many seconds expire (`jobs.max_queue_age_hours`).
+    pub job_max_age_secs: i64,
+    /// How long an expired job's record stays readable (`jobs.result_retention_hours`).
+    pub job_retention_secs: i64,
 }
 
 impl Default for StoreLimits {
     fn default() -> Self {
-        StoreLimits { history_max_entries: 10_000, history_exported_only: false, outbox_max_events: 1_000 }
+        StoreLimits {
+            history_max_entries: 10_000,
+            history_exported_only: false,
+            outbox_max_events: 1_000,
+            job_max_age_secs: 768 * 3600,
+            job_retention_secs: 168 * 3600,
+        }
     }
 }
 

@@ -147,6 +147,8 @@ pub fn lua_prelude(limits: &StoreLimits) -> String {
         ("{{HISTORY_MAX}}", limits.history_max_entries.min(MAX_AMOUNT).to_string()),
         ("{{HISTORY_EXPORTED_ONLY}}", limits.history_exported_only.to_string()),
         ("{{OUTBOX_MAX}}", limits.outbox_max_events.min(MAX_AMOUNT).to_string()),
+        ("{{JOB_MAX_AGE}}", secs(limits.job_max_age_secs).to_string()),
+        ("{{JOB_RETENTION}}", secs(limits.job_retention_secs).to_string()),
     ] {
         assert!(text.contains(slot), "lua/lib.lua lost its {slot} slot");
         text = text.replace(slot, &value);
@@ -1050,7 +1052,8 @@ impl JobStore for RedisLedger {
             .arg(headers_json(new.headers)?)
             .arg(new.body)
             .arg(new.request_id)
-            .arg(new.max_queued.min(MAX_AMOUNT));
+            .arg(new.max_queued.min(MAX_AMOUNT))
+            .arg(new.max_queued_bytes.min(MAX_AMOUNT));
         if let Some(idem) = new.idempotency {
             inv.key(keys::idempotency(new.account, idem.key))
                 .arg(idem.fingerprint)
@@ -1062,6 +1065,7 @@ impl JobStore for RedisLedger {
         Ok(match outcome.as_str() {
             "queued" => EnqueueOutcome::Queued { depth: r.next()? },
             "full" => EnqueueOutcome::Full,
+            "full_bytes" => EnqueueOutcome::FullBytes,
             "noaccount" => {
                 self.unindex_if_empty(Index::Jobs, new.account).await;
                 EnqueueOutcome::NoAccount
