@@ -71,6 +71,9 @@ pub struct Config {
     /// How much ledger history each account keeps.
     #[serde(default)]
     pub history: HistoryConfig,
+    /// Usage export: every ledger entry delivered as CloudEvents (optional).
+    #[serde(default)]
+    pub export: ExportConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -388,6 +391,44 @@ impl Default for HistoryConfig {
 
 fn default_history_max_entries() -> u64 {
     10_000
+}
+
+/// `[export]`: every ledger entry, delivered at least once as a CloudEvents 1.0 JSON batch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// Where batches are POSTed (`application/cloudevents-batch+json`); unset: no export.
+    pub url: Option<String>,
+    /// Environment variable with the HMAC key for `x-creditgate-signature` (required with `url`).
+    pub secret_env: Option<String>,
+    /// CloudEvents `source` of every entry.
+    #[serde(default = "default_export_source")]
+    pub source: String,
+    /// Most entries per batch.
+    #[serde(default = "default_export_batch")]
+    pub batch_size: usize,
+    /// Longest wait between delivery attempts to a failing receiver.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            secret_env: None,
+            source: default_export_source(),
+            batch_size: default_export_batch(),
+            max_backoff_ms: default_max_backoff_ms(),
+        }
+    }
+}
+
+fn default_export_source() -> String {
+    "creditgate".to_owned()
+}
+fn default_export_batch() -> usize {
+    100
 }
 
 fn default_event_ttl_hours() -> u64 {
@@ -740,6 +781,13 @@ impl Config {
         }
         positive("idempotency.max_stored_bytes", self.idempotency.max_stored_bytes as u64)?;
         positive("history.max_entries", self.history.max_entries)?;
+        positive("export.batch_size", self.export.batch_size as u64)?;
+        if let Some(url) = &self.export.url {
+            parse_upstream_url(url).map_err(|reason| bad("export.url", reason))?;
+            if self.export.secret_env.is_none() {
+                return Err(bad("export.secret_env", "required with export.url (deliveries are always signed)"));
+            }
+        }
         positive("notifications.max_outbox_per_account", self.notifications.max_outbox_per_account)?;
         if self.auto_topup.max_per_period == 0 {
             return Err(bad("auto_topup.max_per_period", "must be greater than 0"));

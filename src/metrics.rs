@@ -75,6 +75,10 @@ pub struct Metrics {
     pub outbox_depth: Gauge,
     /// Undelivered events dropped because an account's outbox was full.
     pub outbox_dropped: Counter,
+    /// Ledger entries exported (usage export), counted per delivered batch.
+    pub exported_entries: Counter,
+    /// Export batches a receiver did not take (retried).
+    pub export_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -96,6 +100,8 @@ impl Default for Metrics {
             jobs_running: Gauge::default(),
             outbox_depth: Gauge::default(),
             outbox_dropped: Counter::default(),
+            exported_entries: Counter::default(),
+            export_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests through the proxy path", m.requests.clone());
@@ -128,6 +134,8 @@ impl Default for Metrics {
         registry.register("jobs_queued", "Queued jobs waiting for credits", m.jobs_queued.clone());
         registry.register("jobs_running", "Queued jobs running now", m.jobs_running.clone());
         registry.register("outbox_depth", "Undelivered events at the notifier's last pass", m.outbox_depth.clone());
+        registry.register("exported_entries", "Ledger entries delivered by usage export", m.exported_entries.clone());
+        registry.register("export_failures", "Usage export batches not taken (retried)", m.export_failures.clone());
         registry.register(
             "outbox_dropped",
             "Undelivered events dropped because an account's outbox was full",

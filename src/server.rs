@@ -111,6 +111,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
         None => None,
     };
     tasks.push(crate::notify::spawn(state.clone(), shutdown.subscribe()));
+    tasks.push(crate::notify::export::spawn(state.clone(), shutdown.subscribe()));
     tasks.push(crate::jobs::spawn(state.clone(), shutdown.subscribe()));
     tasks.push(crate::meter::spawn_refund_sweeper(state.clone(), shutdown.subscribe()));
     tasks.push(spawn_limiter_cleanup(state.clone(), shutdown.subscribe()));

@@ -33,6 +33,8 @@ pub struct Runtime {
     pub packages: crate::ledger::Packages,
     /// The bounds the store keeps by itself (history, outbox).
     pub store_limits: crate::ledger::StoreLimits,
+    /// The export HMAC key, read from the variable `export.secret_env` names.
+    pub export_secret: Option<Vec<u8>>,
 }
 
 impl Runtime {
@@ -44,26 +46,27 @@ impl Runtime {
     /// Like [`Runtime::new`] with an explicit environment lookup.
     pub fn with_env(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let upstreams = Upstreams::new(&config, &env)?;
-        let webhook_secret = match (&config.notifications.webhook_url, &config.notifications.webhook_secret_env) {
-            (Some(_), Some(var)) => {
-                Some(env(var).filter(|s| !s.is_empty()).map(String::into_bytes).ok_or_else(|| ConfigError {
-                    key: "notifications.webhook_secret_env".into(),
-                    reason: format!("environment variable {var} is not set (webhooks are always signed)"),
-                })?)
-            }
-            _ => None,
-        };
+        let n = &config.notifications;
+        let webhook_secret = signing_key(
+            &env,
+            n.webhook_url.as_ref(),
+            n.webhook_secret_env.as_deref(),
+            "notifications.webhook_secret_env",
+        )?;
         let packages = crate::ledger::Packages::new(
             config.topup_packages.iter().map(|(name, p)| (name.clone(), p.credits, p.price_eur)).collect(),
         );
         let store_limits = crate::ledger::StoreLimits {
             history_max_entries: config.history.max_entries,
-            history_exported_only: false,
+            history_exported_only: config.export.url.is_some(),
             outbox_max_events: config.notifications.max_outbox_per_account,
             job_max_age_secs: (config.jobs.max_queue_age_hours as i64).saturating_mul(3600),
             job_retention_secs: (config.jobs.result_retention_hours as i64).saturating_mul(3600),
         };
+        let x = &config.export;
+        let export_secret = signing_key(&env, x.url.as_ref(), x.secret_env.as_deref(), "export.secret_env")?;
         Ok(Runtime {
+            export_secret,
             store_limits,
             packages,
             webhook_secret,
@@ -74,6 +77,22 @@ impl Runtime {
             config,
         })
     }
+}
+
+/// The HMAC key a delivery target is signed with: read from the variable `var` names, required
+/// (and non-empty) whenever `url` is set — deliveries are never unsigned.
+fn signing_key(
+    env: &impl Fn(&str) -> Option<String>,
+    url: Option<&String>,
+    var: Option<&str>,
+    key: &str,
+) -> Result<Option<Vec<u8>>, ConfigError> {
+    let (Some(_), Some(var)) = (url, var) else { return Ok(None) };
+    let value = env(var).filter(|s| !s.is_empty()).map(String::into_bytes);
+    value.map(Some).ok_or_else(|| ConfigError {
+        key: key.into(),
+        reason: format!("environment variable {var} is not set (deliveries are always signed)"),
+    })
 }
 
 /// Unique ids for requests and charges: a random per-process prefix and a counter.

@@ -101,6 +101,15 @@ impl Ledger for Store {
     async fn forget_refund(&self, refund: &PendingRefund) -> LedgerResult<()> {
         dispatch!(self, l => l.forget_refund(refund))
     }
+    async fn export_accounts(&self) -> LedgerResult<Vec<String>> {
+        dispatch!(self, l => l.export_accounts())
+    }
+    async fn unexported(&self, account: &str, max: usize) -> LedgerResult<Vec<HistoryEntry>> {
+        dispatch!(self, l => l.unexported(account, max))
+    }
+    async fn ack_export(&self, account: &str, seq: u64) -> LedgerResult<u64> {
+        dispatch!(self, l => l.ack_export(account, seq))
+    }
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {
         dispatch!(self, l => l.topup(req))
     }

@@ -122,6 +122,24 @@ pub fn job_index(account_id: &str) -> String {
     job_index_shard(fnv1a(account_id) % JOB_SHARDS)
 }
 
+/// How many sets the export index (accounts with entries not yet exported) is split into.
+pub const EXPORT_SHARDS: u32 = 16;
+
+/// One shard of the export index (`shard` < [`EXPORT_SHARDS`]).
+pub fn export_index_shard(shard: u32) -> String {
+    format!("{PREFIX}:export:index:{shard}")
+}
+
+/// The export index shard an account belongs to (FNV-1a of its id, like [`outbox_index`]).
+pub fn export_index(account_id: &str) -> String {
+    export_index_shard(fnv1a(account_id) % EXPORT_SHARDS)
+}
+
+/// The account id of a history key, `None` for any other key.
+pub fn account_of_history(key: &str) -> Option<&str> {
+    account_of(key, "}:history")
+}
+
 /// How many lists pending refunds are spread over. Each list is its own key (no hash tag), so on
 /// a cluster they sit on different shards and a refund can be deferred while its account's shard
 /// is down.

@@ -684,6 +684,39 @@ impl Ledger for MemoryLedger {
         Ok(())
     }
 
+    async fn export_accounts(&self) -> LedgerResult<Vec<String>> {
+        let accounts = self.accounts.read().unwrap_or_else(PoisonError::into_inner);
+        let mut ids: Vec<String> = accounts
+            .iter()
+            .filter(|(_, a)| {
+                let a = lock(a);
+                a.exported < a.htrim + a.history.len() as u64
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn unexported(&self, account: &str, max: usize) -> LedgerResult<Vec<HistoryEntry>> {
+        Ok(self
+            .with_account(account, |a, _| {
+                let from = a.exported.saturating_sub(a.htrim) as usize;
+                a.history.range(from.min(a.history.len())..).take(max).cloned().collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn ack_export(&self, account: &str, seq: u64) -> LedgerResult<u64> {
+        Ok(self
+            .with_account(account, |a, _| {
+                let last = a.htrim + a.history.len() as u64;
+                a.exported = a.exported.max(seq.min(last));
+                last - a.exported
+            })
+            .unwrap_or(0))
+    }
+
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {
         Ok(self.with_account(req.account, |a, now| a.topup(&req, now)).unwrap_or(TopupOutcome::NoAccount))
     }

@@ -584,6 +584,16 @@ pub trait Ledger: Send + Sync + 'static {
     /// Forgets a deferred refund once it was written.
     fn forget_refund(&self, refund: &PendingRefund) -> impl Future<Output = LedgerResult<()>> + Send;
 
+    /// Accounts that may have history entries not yet exported (usage export).
+    fn export_accounts(&self) -> impl Future<Output = LedgerResult<Vec<String>>> + Send;
+
+    /// Up to `max` history entries of `account` not yet exported, oldest first.
+    fn unexported(&self, account: &str, max: usize) -> impl Future<Output = LedgerResult<Vec<HistoryEntry>>> + Send;
+
+    /// Records that every entry up to `seq` was exported (the mark only moves forward); returns
+    /// how many entries are left to export.
+    fn ack_export(&self, account: &str, seq: u64) -> impl Future<Output = LedgerResult<u64>> + Send;
+
     /// Adds top-up credits, once per payment reference.
     fn topup(&self, req: TopupRequest<'_>) -> impl Future<Output = LedgerResult<TopupOutcome>> + Send;
 

@@ -175,10 +175,12 @@ struct Scripts {
     job_read: Script,
     idem_complete: Script,
     free_automatic: Script,
+    export_read: Script,
+    export_ack: Script,
 }
 
 impl Scripts {
-    fn all(&self) -> [&Script; 17] {
+    fn all(&self) -> [&Script; 19] {
         [
             &self.create_account,
             &self.account,
@@ -197,6 +199,8 @@ impl Scripts {
             &self.job_read,
             &self.idem_complete,
             &self.free_automatic,
+            &self.export_read,
+            &self.export_ack,
         ]
     }
 }
@@ -225,6 +229,8 @@ impl Scripts {
             job_read: script(include_str!("../../lua/job_read.lua")),
             idem_complete: script(include_str!("../../lua/idem_complete.lua")),
             free_automatic: script(include_str!("../../lua/free_automatic.lua")),
+            export_read: script(include_str!("../../lua/export_read.lua")),
+            export_ack: script(include_str!("../../lua/export_ack.lua")),
         }
     }
 }
@@ -238,6 +244,9 @@ pub struct RedisLedger {
     limits: Arc<ArcSwap<StoreLimits>>,
     /// Events dropped from full outboxes, as the notifier found them.
     dropped_events: Arc<std::sync::atomic::AtomicU64>,
+    /// With export on: accounts whose history grew here and that the export index may not hold
+    /// yet; [`Ledger::export_accounts`] adds them (one `SADD` per account per pass, not per step).
+    export_dirty: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
 /// A standalone or a cluster connection, both multiplexed and cheap to clone.
@@ -312,6 +321,7 @@ impl RedisLedger {
             scripts: Arc::new(ArcSwap::from_pointee(Scripts::build(&limits))),
             limits: Arc::new(ArcSwap::from_pointee(limits)),
             dropped_events: Arc::default(),
+            export_dirty: Arc::default(),
         }
     }
 
@@ -341,6 +351,9 @@ impl RedisLedger {
         if appended > 0 {
             self.index_outbox(account).await;
         }
+        // Any step may have appended history (a renewal at least): with export on, the
+        // exporter looks at the account (an in-process mark, indexed once per exporter pass).
+        self.mark_export(account);
         Ok(reply)
     }
 
@@ -426,11 +439,42 @@ impl RedisLedger {
                 }
             }
         }
-        // Redis deletes a list when it becomes empty, so every list found holds something.
+        // Redis deletes a list when it becomes empty, so every list found holds something; a
+        // history always does, so for the export index only accounts with entries left count.
+        let mut indexed = 0;
         for account in &found {
+            if matches!(index, Index::Export) && self.export_left(account).await? == 0 {
+                continue;
+            }
             self.index(index, account).await;
+            indexed += 1;
         }
-        Ok(found.len())
+        Ok(indexed)
+    }
+
+    /// Re-indexes every account with history not yet exported, scanning for history lists like
+    /// [`RedisLedger::sweep_outboxes`]: recovers accounts whose mark was lost (a crash before the
+    /// exporter's `SADD`, or a renewal written by a read). O(keys): for the exporter's start-up
+    /// and an occasional pass. Returns how many accounts it indexed.
+    pub async fn sweep_exports(&self) -> LedgerResult<usize> {
+        self.sweep(Index::Export).await
+    }
+
+    /// Notes, with export on, that `account`'s history grew (see `export_dirty`).
+    fn mark_export(&self, account: &str) {
+        if self.limits.load().history_exported_only {
+            let mut dirty = self.export_dirty.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !dirty.contains(account) {
+                dirty.insert(account.to_owned());
+            }
+        }
+    }
+
+    /// Entries of `account` not exported yet (its `hist` beyond its `exp`).
+    async fn export_left(&self, account: &str) -> LedgerResult<u64> {
+        let (hist, exp): (Option<u64>, Option<u64>) =
+            self.query(redis::cmd("HMGET").arg(keys::account(account)).arg("hist").arg("exp")).await?;
+        Ok(hist.unwrap_or(0).saturating_sub(exp.unwrap_or(0)))
     }
 
     /// SCANs one node (the standalone server, or the cluster primary at `node`) for the lists
@@ -469,6 +513,8 @@ enum Index {
     Outbox,
     /// Accounts whose job queue may hold jobs.
     Jobs,
+    /// Accounts whose history may hold entries not yet exported.
+    Export,
 }
 
 impl Index {
@@ -476,6 +522,7 @@ impl Index {
         match self {
             Index::Outbox => "outbox index",
             Index::Jobs => "job index",
+            Index::Export => "export index",
         }
     }
 
@@ -483,6 +530,7 @@ impl Index {
         match self {
             Index::Outbox => keys::OUTBOX_SHARDS,
             Index::Jobs => keys::JOB_SHARDS,
+            Index::Export => keys::EXPORT_SHARDS,
         }
     }
 
@@ -490,6 +538,7 @@ impl Index {
         match self {
             Index::Outbox => keys::outbox_index_shard(shard),
             Index::Jobs => keys::job_index_shard(shard),
+            Index::Export => keys::export_index_shard(shard),
         }
     }
 
@@ -497,6 +546,7 @@ impl Index {
         match self {
             Index::Outbox => keys::outbox_index(account),
             Index::Jobs => keys::job_index(account),
+            Index::Export => keys::export_index(account),
         }
     }
 
@@ -505,6 +555,7 @@ impl Index {
         match self {
             Index::Outbox => keys::outbox(account),
             Index::Jobs => keys::job_queue(account),
+            Index::Export => keys::history(account),
         }
     }
 
@@ -513,6 +564,7 @@ impl Index {
         match self {
             Index::Outbox => "cg:{acct:*}:outbox",
             Index::Jobs => "cg:{acct:*}:queue",
+            Index::Export => "cg:{acct:*}:history",
         }
     }
 
@@ -520,6 +572,7 @@ impl Index {
         match self {
             Index::Outbox => keys::account_of_outbox(key),
             Index::Jobs => keys::account_of_job_queue(key),
+            Index::Export => keys::account_of_history(key),
         }
     }
 
@@ -531,6 +584,7 @@ impl Index {
             Index::Jobs => {
                 "job queued but the job index not updated; it is found at the account's next job or job queue sweep"
             }
+            Index::Export => "history grew but the export index not updated; it is found at the next export sweep",
         }
     }
 }
@@ -735,6 +789,50 @@ impl Ledger for RedisLedger {
     async fn forget_refund(&self, refund: &PendingRefund) -> LedgerResult<()> {
         let text = serde_json::to_string(refund).map_err(|e| LedgerError(e.to_string()))?;
         self.query::<()>(redis::cmd("LREM").arg(keys::pending_refunds(refund.slot)).arg(0).arg(text)).await
+    }
+
+    async fn export_accounts(&self) -> LedgerResult<Vec<String>> {
+        let dirty = std::mem::take(&mut *self.export_dirty.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for account in &dirty {
+            self.index(Index::Export, account).await;
+        }
+        self.indexed_accounts(Index::Export).await
+    }
+
+    async fn unexported(&self, account: &str, max: usize) -> LedgerResult<Vec<HistoryEntry>> {
+        let scripts = self.scripts.load();
+        let mut inv = scripts.export_read.key(keys::account(account));
+        inv.arg((max as u64).min(MAX_AMOUNT));
+        let mut r = self.step(account, &inv).await?;
+        let outcome: String = r.next()?;
+        match outcome.as_str() {
+            "found" => r.json_rest(),
+            "noaccount" => Ok(Vec::new()),
+            other => Err(unexpected("export_read", other)),
+        }
+    }
+
+    async fn ack_export(&self, account: &str, seq: u64) -> LedgerResult<u64> {
+        let scripts = self.scripts.load();
+        let mut inv = scripts.export_ack.key(keys::account(account));
+        inv.arg(seq.min(MAX_AMOUNT));
+        let mut r = self.step(account, &inv).await?;
+        let outcome: String = r.next()?;
+        let left: u64 = match outcome.as_str() {
+            "acked" => r.next()?,
+            "noaccount" => 0,
+            other => return Err(unexpected("export_ack", other)),
+        };
+        if left == 0 {
+            // Out of the index, then a re-check, as for emptied outboxes (module docs): an entry
+            // appended meanwhile puts the account back.
+            let srem = redis::cmd("SREM").arg(keys::export_index(account)).arg(account).to_owned();
+            self.query::<()>(&srem).await?;
+            if self.export_left(account).await? > 0 {
+                self.index(Index::Export, account).await;
+            }
+        }
+        Ok(left)
     }
 
     async fn topup(&self, req: TopupRequest<'_>) -> LedgerResult<TopupOutcome> {

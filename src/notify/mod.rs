@@ -13,6 +13,7 @@
 //! dedupe by the event `id`.
 
 pub mod email;
+pub mod export;
 pub mod webhook;
 
 use std::collections::{HashMap, HashSet};
