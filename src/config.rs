@@ -132,6 +132,10 @@ pub struct ServerConfig {
     /// Largest request head (request line and headers) in bytes; at least 8192. Larger: 431.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// Load balancers (CIDRs) whose `X-Forwarded-For` names the client; from any other peer the
+    /// peer's own address is the client's, and its forwarding headers are replaced.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::proxy::headers::Cidr>,
 }
 
 fn default_header_read_timeout_ms() -> u64 {

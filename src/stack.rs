@@ -8,6 +8,8 @@
 //!       1. request id      x-request-id kept (if sane) or generated; a tracing span carries it
 //!          request line    non-standard method, %2F %5C %00 \ ; in the path → 400; path
 //!                          normalised (classify/path.rs); Connection-named headers removed
+//!          client address  the TCP peer, or X-Forwarded-For from a trusted proxy; a client's
+//!                          own Forwarded / X-Real-IP / X-Forwarded-For dropped (proxy/headers.rs)
 //!       2. auth            Bearer key → Principal {account, role, plan}  (auth/, cached)
 //!          rate limit      per account, by plan → 429 with Retry-After   (ratelimit.rs)
 //!       3. route           method + path → Route (first match wins; a metered route in any
@@ -166,6 +168,7 @@ async fn handle(
     let rt = state.runtime.load_full();
     let principal = state.keys.authenticate(req.headers(), &*state.ledger).await?;
     rt.rate_limits.check(&principal.plan, &principal.account)?;
+    proxy::headers::sanitize_forwarding(req.headers_mut(), client_addr, &rt.config.server.trusted_proxies);
     let route = rt
         .rules
         .route(req.method(), req.uri().path())
