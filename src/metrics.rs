@@ -41,6 +41,13 @@ pub struct OperationLabels {
     pub operation: Arc<str>,
 }
 
+/// A bounded in-memory table (rate limiters, key cache).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    /// `accounts`, `clients`, `refused_clients`, `known_keys` or `unknown_keys`.
+    pub table: &'static str,
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -73,6 +80,8 @@ pub struct Metrics {
     pub jobs_running: Gauge,
     /// Undelivered events seen by the notifier at its last pass.
     pub outbox_depth: Gauge,
+    /// Entries of the rate limiters and the key cache after their last cleanup.
+    pub rate_limit_entries: Family<TableLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -93,6 +102,7 @@ impl Default for Metrics {
             jobs_queued: Gauge::default(),
             jobs_running: Gauge::default(),
             outbox_depth: Gauge::default(),
+            rate_limit_entries: Family::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests through the proxy path", m.requests.clone());
@@ -125,6 +135,11 @@ impl Default for Metrics {
         registry.register("jobs_queued", "Queued jobs waiting for credits", m.jobs_queued.clone());
         registry.register("jobs_running", "Queued jobs running now", m.jobs_running.clone());
         registry.register("outbox_depth", "Undelivered events at the notifier's last pass", m.outbox_depth.clone());
+        registry.register(
+            "rate_limit_entries",
+            "Entries of the rate limiters and the API-key cache after their last cleanup",
+            m.rate_limit_entries.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
