@@ -14,7 +14,8 @@
 //! A refusal is 429 `rate_limited` with `Retry-After`. Limits are per gateway instance (N
 //! instances admit up to N times the rate) and start afresh on a config reload. Memory is
 //! bounded: [`sweep`] (every `rate_limits.cleanup_interval_ms`) forgets every account and
-//! address that is back at a full burst, and the key cache's expired entries.
+//! address whose allowance has been full again for one emission interval, and the key cache's
+//! expired entries.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -102,7 +103,7 @@ impl RateLimits {
         }
     }
 
-    /// Forgets accounts and addresses that have been quiet long enough to be back at a full burst.
+    /// Forgets accounts and addresses whose allowance has been full again for one interval.
     pub fn retain_recent(&self) {
         for limiter in self.by_plan.values() {
             limiter.retain_recent();
