@@ -1,8 +1,10 @@
 //! The admin listener (SPEC §5): account and key management behind the admin token, plus the
 //! token-free probes `/healthz` and `/readyz`.
 
+use std::net::SocketAddr;
+
 use axum::Router;
-use axum::extract::Query;
+use axum::extract::{ConnectInfo, Query};
 use axum::extract::{Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -21,6 +23,7 @@ use crate::ledger::jobs::JobStore;
 use crate::ledger::{
     KeyRecord, Ledger, MAX_CREDITS, NewAccount, PlanChange, PlanOutcome, Role, TopupOutcome, TopupReceipt, TopupRequest,
 };
+use crate::proxy::headers::client_ip;
 use crate::state::AppState;
 
 type Json = axum::Json<Value>;
@@ -47,13 +50,24 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The admin token check. Wrong tokens count against the client's address like failed API keys
+/// (`ratelimit.rs`); an address over its allowance is refused before its token is compared, so
+/// a guess is refused even when it is right.
 async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let rt = state.runtime.load();
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let client = client_ip(peer, req.headers(), &rt.config.server.trusted_proxies);
+    if let Err(refused) = rt.rate_limits.check_client(client) {
+        return refused.into_response();
+    }
     let token = state.admin_token.as_deref().unwrap_or_default().as_bytes();
     let given = bearer(req.headers()).unwrap_or_default().as_bytes();
     if token.is_empty() || !bool::from(token.ct_eq(given)) {
-        return GatewayError::Unauthorized("This admin route needs `Authorization: Bearer <admin token>`.".into())
-            .into_response();
+        let failure =
+            GatewayError::Unauthorized("This admin route needs `Authorization: Bearer <admin token>`.".into());
+        return rt.rate_limits.auth_failed(client, failure).into_response();
     }
+    drop(rt);
     next.run(req).await
 }
 

@@ -1,11 +1,14 @@
 //! The customer API on the public listener (SPEC §4): balance, usage, packages, top-ups and the
 //! auto top-up setting of the caller's own account, and the dashboard page. Every JSON handler
-//! authenticates through the [`Principal`] extractor; no handler takes an account id from the
-//! request, so a key can only ever see its own account.
+//! authenticates through the [`Principal`] extractor, which also applies the account's plan rate
+//! limit (shared with the proxy); no handler takes an account id from the request, so a key can
+//! only ever see its own account.
+
+use std::net::SocketAddr;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::response::Html;
 use axum::routing::{get, put};
 use http::request::Parts;
@@ -41,8 +44,11 @@ const DASHBOARD: &str = include_str!("dashboard/index.html");
 impl FromRequestParts<AppState> for Principal {
     type Rejection = GatewayError;
 
+    /// Authenticates and spends one request of the account's plan rate limit — the same
+    /// allowance its proxied requests draw from.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        state.keys.authenticate(&parts.headers, &*state.ledger).await
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        crate::auth::admit(state, &state.runtime.load(), &parts.headers, peer).await
     }
 }
 

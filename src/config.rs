@@ -53,6 +53,9 @@ pub struct Config {
     /// Plans with their monthly allocation.
     #[serde(default)]
     pub plans: BTreeMap<String, PlanConfig>,
+    /// Per-client-address limits on failed authentication, and limiter housekeeping.
+    #[serde(default)]
+    pub rate_limits: RateLimitsConfig,
     /// Top-up packages, by name (e.g. `"200"`).
     #[serde(default)]
     pub topup_packages: BTreeMap<String, PackageConfig>,
@@ -138,6 +141,10 @@ pub struct ServerConfig {
     /// Largest request head (request line and headers) in bytes; at least 8192. Larger: 431.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// Load balancers (CIDRs) whose `X-Forwarded-For` names the client; from any other peer the
+    /// peer's own address is the client's, and its forwarding headers are replaced.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::proxy::headers::Cidr>,
 }
 
 fn default_header_read_timeout_ms() -> u64 {
@@ -317,8 +324,44 @@ pub struct PlanConfig {
     /// Monthly price, for display.
     #[serde(default)]
     pub price_eur: f64,
-    /// Requests per second per account on the proxy path (per gateway instance).
+    /// Requests per second per account, proxy and customer API together (per gateway instance).
     pub rate_limit_per_second: Option<u32>,
+}
+
+/// `[rate_limits]`: what a client without a valid key may cost (see `ratelimit.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitsConfig {
+    /// Failed authentications (missing, unknown or revoked API key; wrong admin token) one client
+    /// address may make per minute, on both listeners together; beyond it 429 `rate_limited`.
+    #[serde(default = "default_failed_auth_per_minute")]
+    pub failed_auth_per_minute: u32,
+    /// How many failed authentications an address may make in a row before the rate applies.
+    #[serde(default = "default_failed_auth_burst")]
+    pub failed_auth_burst: u32,
+    /// How often idle limiter entries (and expired cached keys) are forgotten.
+    #[serde(default = "default_cleanup_interval_ms")]
+    pub cleanup_interval_ms: u64,
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        Self {
+            failed_auth_per_minute: default_failed_auth_per_minute(),
+            failed_auth_burst: default_failed_auth_burst(),
+            cleanup_interval_ms: default_cleanup_interval_ms(),
+        }
+    }
+}
+
+fn default_failed_auth_per_minute() -> u32 {
+    30
+}
+fn default_failed_auth_burst() -> u32 {
+    20
+}
+fn default_cleanup_interval_ms() -> u64 {
+    60_000
 }
 
 /// `[topup_packages.NAME]`
@@ -691,6 +734,14 @@ impl Config {
         }
         if s.max_header_bytes < 8192 {
             return Err(bad("server.max_header_bytes", "must be at least 8192"));
+        }
+        let r = &self.rate_limits;
+        for (key, v) in [
+            ("rate_limits.failed_auth_per_minute", u64::from(r.failed_auth_per_minute)),
+            ("rate_limits.failed_auth_burst", u64::from(r.failed_auth_burst)),
+            ("rate_limits.cleanup_interval_ms", r.cleanup_interval_ms),
+        ] {
+            positive(key, v)?;
         }
         self.validate_store()?;
         for (name, up) in &self.upstreams {

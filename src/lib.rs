@@ -8,7 +8,8 @@
 //! The request path, in order (assembled in [`stack`], which documents every step):
 //!
 //! * [`auth`] — `Authorization: Bearer` API key → [`auth::Principal`]; hashed keys, cached lookups.
-//! * [`ratelimit`] — per-account request rate by plan (governor).
+//! * [`ratelimit`] — per-account request rate by plan, failed authentication per client address
+//!   (governor), and the sweep that keeps their tables bounded.
 //! * [`classify`] — route + headers + body → operation and cost; pure rules.
 //! * [`meter`] — the one path for every money movement (proxy and job runner): one ledger step
 //!   per request, refunds by the operation's `refund_on`, kept answers for Idempotency-Key

@@ -41,6 +41,13 @@ pub struct OperationLabels {
     pub operation: Arc<str>,
 }
 
+/// A bounded in-memory table (rate limiters, key cache).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    /// `accounts`, `clients`, `refused_clients`, `known_keys` or `unknown_keys`.
+    pub table: &'static str,
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -79,6 +86,8 @@ pub struct Metrics {
     pub exported_entries: Counter,
     /// Export batches a receiver did not take (retried).
     pub export_failures: Counter,
+    /// Entries of the rate limiters and the key cache after their last cleanup.
+    pub rate_limit_entries: Family<TableLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -102,6 +111,7 @@ impl Default for Metrics {
             outbox_dropped: Counter::default(),
             exported_entries: Counter::default(),
             export_failures: Counter::default(),
+            rate_limit_entries: Family::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests through the proxy path", m.requests.clone());
@@ -140,6 +150,11 @@ impl Default for Metrics {
             "outbox_dropped",
             "Undelivered events dropped because an account's outbox was full",
             m.outbox_dropped.clone(),
+        );
+        registry.register(
+            "rate_limit_entries",
+            "Entries of the rate limiters and the API-key cache after their last cleanup",
+            m.rate_limit_entries.clone(),
         );
         Metrics { registry, ..m }
     }

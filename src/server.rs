@@ -114,7 +114,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
     tasks.push(crate::notify::export::spawn(state.clone(), shutdown.subscribe()));
     tasks.push(crate::jobs::spawn(state.clone(), shutdown.subscribe()));
     tasks.push(crate::meter::spawn_refund_sweeper(state.clone(), shutdown.subscribe()));
-    tasks.push(spawn_limiter_cleanup(state.clone(), shutdown.subscribe()));
+    tasks.push(crate::ratelimit::spawn_sweeper(state.clone(), shutdown.subscribe()));
     tracing::info!(%public_addr, ?admin_addr, store = state.ledger.kind(), "creditgate listening");
     Ok(Gateway { public_addr, admin_addr, state, shutdown, tasks })
 }
@@ -164,18 +164,6 @@ pub fn spawn_reloader(state: AppState) -> JoinHandle<()> {
             match state.reload() {
                 Ok(()) => tracing::info!(path = %path.display(), "config reloaded"),
                 Err(e) => tracing::error!(error = %e, "config reload rejected; the previous config stays in force"),
-            }
-        }
-    })
-}
-
-/// Keeps the rate limiters' memory to the accounts seen recently.
-fn spawn_limiter_cleanup(state: AppState, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(60)) => state.runtime.load().rate_limits.retain_recent(),
-                _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
     })

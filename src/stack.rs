@@ -2,13 +2,17 @@
 //!
 //! ```text
 //! public listener (axum Router)
-//! ├── /v1/credits…, /v1/jobs/…     customer API (api.rs); auth via the `Principal` extractor
+//! ├── /v1/credits…, /v1/jobs/…     customer API (api.rs); the `Principal` extractor runs steps
+//! │                                1–2 below (client address, auth, the same plan rate limit)
 //! ├── /dashboard                   static page
 //! └── fallback → proxy_handler     the metered proxy, in this order:
 //!       1. request id      x-request-id kept (if sane) or generated; a tracing span carries it
 //!          request line    non-standard method, %2F %5C %00 \ ; in the path → 400; path
 //!                          normalised (classify/path.rs); Connection-named headers removed
-//!       2. auth            Bearer key → Principal {account, role, plan}  (auth/, cached)
+//!          client address  the TCP peer, or X-Forwarded-For from a trusted proxy; a client's
+//!                          own Forwarded / X-Real-IP / X-Forwarded-For dropped (proxy/headers.rs)
+//!       2. auth            Bearer key → Principal {account, role, plan}  (auth/, cached);
+//!                          failures limited per client address, unknown keys remembered
 //!          rate limit      per account, by plan → 429 with Retry-After   (ratelimit.rs)
 //!       3. route           method + path → Route (first match wins; a metered route in any
 //!                          letter case, forwarded as it spells it)       (classify/)
@@ -164,8 +168,8 @@ async fn handle(
     normalize_uri(&mut req)?;
     proxy::headers::strip_hop_by_hop(req.headers_mut());
     let rt = state.runtime.load_full();
-    let principal = state.keys.authenticate(req.headers(), &*state.ledger).await?;
-    rt.rate_limits.check(&principal.plan, &principal.account)?;
+    let principal = crate::auth::admit(state, &rt, req.headers(), client_addr).await?;
+    proxy::headers::sanitize_forwarding(req.headers_mut(), client_addr, &rt.config.server.trusted_proxies);
     let route = rt
         .rules
         .route(req.method(), req.uri().path())

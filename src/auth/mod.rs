@@ -4,10 +4,16 @@
 //! no store round trip: an entry is trusted for [`FRESH`] (revocations reach every instance
 //! within 5 s), then looked up again. When the store cannot answer, a key verified within
 //! [`STALE_GRACE`] keeps working, so free routes stay up while the store is down.
+//!
+//! A key the store does not know (or that was revoked) is remembered for [`UNKNOWN_FOR`], so
+//! repeating it costs no lookup either; every failure counts against the client's address
+//! (`ratelimit.rs`), and an address over its allowance gets 429 before any lookup. [`admit`] is
+//! the whole step — address, key, plan allowance — for the proxy and the customer API alike.
 
 pub mod keys;
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -16,6 +22,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::GatewayError;
 use crate::ledger::{KeyRecord, Ledger, Role};
+use crate::ratelimit::RateLimits;
+use crate::state::{AppState, Runtime};
 
 pub use keys::{NewKey, generate_key, hash_key};
 
@@ -23,6 +31,13 @@ pub use keys::{NewKey, generate_key, hash_key};
 pub const FRESH: Duration = Duration::from_secs(4);
 /// How long a known key keeps working while the store is unreachable.
 pub const STALE_GRACE: Duration = Duration::from_secs(600);
+/// How long a key the store did not know is answered 401 without asking it again. Keys are
+/// random, so no key is ever presented before it exists; a revoked key never comes back.
+pub const UNKNOWN_FOR: Duration = Duration::from_secs(30);
+/// Most unknown keys remembered per shard (16 shards: 65,536 keys, a few MiB); when a shard is
+/// full of unexpired ones, further unknown keys are not remembered (the per-address limit still
+/// bounds their lookups).
+const UNKNOWN_PER_SHARD: usize = 4096;
 const SHARDS: usize = 16;
 
 /// Who is calling: the request extension every later step reads.
@@ -46,6 +61,8 @@ struct Entry {
 /// API-key cache, sharded so concurrent requests of different keys do not share a lock.
 pub struct KeyCache {
     shards: [RwLock<HashMap<[u8; 32], Entry>>; SHARDS],
+    /// Digests of keys the store did not know, with when it said so.
+    unknown: [RwLock<HashMap<[u8; 32], Instant>>; SHARDS],
     /// Keys revoked through this instance, with when: a lookup that was already in flight must
     /// not put one back, and the stale grace never applies to them.
     revoked: std::sync::Mutex<HashMap<Arc<str>, Instant>>,
@@ -53,8 +70,40 @@ pub struct KeyCache {
 
 impl Default for KeyCache {
     fn default() -> Self {
-        Self { shards: std::array::from_fn(|_| RwLock::default()), revoked: Default::default() }
+        Self {
+            shards: std::array::from_fn(|_| RwLock::default()),
+            unknown: std::array::from_fn(|_| RwLock::default()),
+            revoked: Default::default(),
+        }
     }
+}
+
+/// How many keys the cache holds (after [`KeyCache::retain_recent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cached {
+    /// Verified keys.
+    pub known: usize,
+    /// Keys remembered as unknown.
+    pub unknown: usize,
+}
+
+/// Steps "auth" and "rate limit" of every request a key can make — the metered proxy and the
+/// customer API alike: the client's address (`peer`, or what a trusted proxy says), its key →
+/// [`Principal`], then one request of the account's plan allowance.
+pub async fn admit(
+    state: &AppState,
+    rt: &Runtime,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+) -> Result<Principal, GatewayError> {
+    let client = crate::proxy::headers::client_ip(peer, headers, &rt.config.server.trusted_proxies);
+    let principal = state.keys.authenticate(headers, &*state.ledger, client, &rt.rate_limits).await?;
+    rt.rate_limits.check(&principal.plan, &principal.account)?;
+    Ok(principal)
+}
+
+fn invalid_key() -> GatewayError {
+    GatewayError::Unauthorized("This API key is not valid (unknown or revoked).".into())
 }
 
 impl KeyCache {
@@ -62,10 +111,19 @@ impl KeyCache {
         &self.shards[digest[0] as usize % SHARDS]
     }
 
-    /// Resolves the bearer key in `headers` to its principal.
-    pub async fn authenticate<L: Ledger>(&self, headers: &HeaderMap, ledger: &L) -> Result<Principal, GatewayError> {
-        let key = bearer(headers)
-            .ok_or_else(|| GatewayError::Unauthorized("Send your API key as `Authorization: Bearer cg_…`.".into()))?;
+    /// Resolves the bearer key in `headers` to its principal. A failure counts against
+    /// `client` in `limits`; a client over its allowance gets 429 and no store lookup.
+    pub async fn authenticate<L: Ledger>(
+        &self,
+        headers: &HeaderMap,
+        ledger: &L,
+        client: IpAddr,
+        limits: &RateLimits,
+    ) -> Result<Principal, GatewayError> {
+        let Some(key) = bearer(headers) else {
+            let missing = GatewayError::Unauthorized("Send your API key as `Authorization: Bearer cg_…`.".into());
+            return Err(limits.auth_failed(client, missing));
+        };
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let stale = {
             let shard = self.shard(&digest).read().expect("lock");
@@ -75,14 +133,15 @@ impl KeyCache {
                 None => None,
             }
         };
+        if stale.is_none() && self.is_unknown(&digest) {
+            return Err(limits.auth_failed(client, invalid_key()));
+        }
+        limits.check_client(client)?;
         // Stamped before the lookup, so an entry is never trusted longer than FRESH after the
         // store said so.
         let asked = Instant::now();
         match lookup(ledger, &hex::encode(digest)).await {
-            Ok(Some((record, _))) if self.is_revoked(&record.key_id) => {
-                Err(GatewayError::Unauthorized("This API key is not valid (unknown or revoked).".into()))
-            }
-            Ok(Some((record, plan))) => {
+            Ok(Some((record, plan))) if !self.is_revoked(&record.key_id) => {
                 let principal = Principal {
                     account: record.account.into(),
                     role: record.role,
@@ -93,9 +152,10 @@ impl KeyCache {
                 self.shard(&digest).write().expect("lock").insert(digest, entry);
                 Ok(principal)
             }
-            Ok(None) => {
+            Ok(_) => {
                 self.shard(&digest).write().expect("lock").remove(&digest);
-                Err(GatewayError::Unauthorized("This API key is not valid (unknown or revoked).".into()))
+                self.remember_unknown(digest);
+                Err(limits.auth_failed(client, invalid_key()))
             }
             Err(e) => match stale {
                 Some((principal, checked))
@@ -107,6 +167,40 @@ impl KeyCache {
                 _ => Err(e.into()),
             },
         }
+    }
+
+    fn is_unknown(&self, digest: &[u8; 32]) -> bool {
+        let shard = self.unknown[digest[0] as usize % SHARDS].read().expect("lock");
+        shard.get(digest).is_some_and(|at| at.elapsed() < UNKNOWN_FOR)
+    }
+
+    fn remember_unknown(&self, digest: [u8; 32]) {
+        let mut shard = self.unknown[digest[0] as usize % SHARDS].write().expect("lock");
+        if shard.len() >= UNKNOWN_PER_SHARD {
+            shard.retain(|_, at| at.elapsed() < UNKNOWN_FOR);
+        }
+        if shard.len() < UNKNOWN_PER_SHARD {
+            shard.insert(digest, Instant::now());
+        }
+    }
+
+    /// Forgets what can no longer be used: unknown keys past [`UNKNOWN_FOR`], and verified keys
+    /// not looked up for [`STALE_GRACE`] (past it they are asked about anew anyway).
+    pub fn retain_recent(&self) -> Cached {
+        let mut cached = Cached { known: 0, unknown: 0 };
+        for shard in &self.shards {
+            let mut shard = shard.write().expect("lock");
+            shard.retain(|_, e| e.checked.elapsed() < STALE_GRACE);
+            shard.shrink_to_fit();
+            cached.known += shard.len();
+        }
+        for shard in &self.unknown {
+            let mut shard = shard.write().expect("lock");
+            shard.retain(|_, at| at.elapsed() < UNKNOWN_FOR);
+            shard.shrink_to_fit();
+            cached.unknown += shard.len();
+        }
+        cached
     }
 
     fn is_revoked(&self, key_id: &str) -> bool {
@@ -175,11 +269,15 @@ mod tests {
         };
         assert!(ledger.create_key(record).await.unwrap());
         let cache = KeyCache::default();
-        let p = cache.authenticate(&headers(&format!("Bearer {}", k.key)), &ledger).await.unwrap();
+        let config = crate::config::Config::parse(include_str!("../../config/gateway.toml")).unwrap();
+        let limits = RateLimits::new(&config);
+        let ip = IpAddr::from([192, 0, 2, 1]);
+        let p = cache.authenticate(&headers(&format!("Bearer {}", k.key)), &ledger, ip, &limits).await.unwrap();
         assert_eq!((&*p.account, p.role), ("a1", Role::System));
-        let e = cache.authenticate(&headers("Bearer cg_nope"), &ledger).await.unwrap_err();
+        let e = cache.authenticate(&headers("Bearer cg_nope"), &ledger, ip, &limits).await.unwrap_err();
         assert!(matches!(e, GatewayError::Unauthorized(_)));
-        let e = cache.authenticate(&HeaderMap::new(), &ledger).await.unwrap_err();
+        assert_eq!(cache.retain_recent(), Cached { known: 1, unknown: 1 }, "the unknown key is remembered");
+        let e = cache.authenticate(&HeaderMap::new(), &ledger, ip, &limits).await.unwrap_err();
         assert!(matches!(e, GatewayError::Unauthorized(_)));
     }
 }

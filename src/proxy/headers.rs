@@ -6,6 +6,15 @@
 //! headers the upstream will see; the pricing headers are then bound to the price
 //! (`classify::bind_headers`), and [`prepare_request`] sets the gateway's own headers after its
 //! last stripping. Method-override headers never reach an upstream.
+//!
+//! Who the client is ([`client_ip`]) is decided once, from the TCP peer: only a peer inside
+//! `server.trusted_proxies` may name the client in `X-Forwarded-For` (the right-most entry that
+//! is not itself a trusted proxy). From any other peer the client's `X-Forwarded-For`,
+//! `Forwarded` and `X-Real-IP` are dropped on arrival ([`sanitize_forwarding`]), so the upstream
+//! sees `x-forwarded-for: <peer>` and nothing the client wrote about itself.
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -17,6 +26,7 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const ACCOUNT: HeaderName = HeaderName::from_static("x-creditgate-account");
 const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -60,6 +70,117 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+// === client address ===
+
+/// An address block (`10.0.0.0/8`, `2001:db8::/32`; a bare address is a single host), as
+/// `server.trusted_proxies` lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` lies in the block (an IPv4-mapped IPv6 address counts as its IPv4 one).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.network, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => mask(u32::from(ip).into(), 32, self.prefix) == u32::from(net).into(),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => mask(ip.into(), 128, self.prefix) == u128::from(net),
+            _ => false,
+        }
+    }
+}
+
+/// The top `prefix` bits of a `width`-bit address.
+fn mask(bits: u128, width: u8, prefix: u8) -> u128 {
+    let host_bits = u32::from(width - prefix);
+    bits.checked_shr(host_bits).and_then(|b| b.checked_shl(host_bits)).unwrap_or(0)
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
+        let network: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address block like 10.0.0.0/8 or 2001:db8::/32"))?;
+        let width = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => width,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= width)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {width}"))?,
+        };
+        let bits = match network {
+            IpAddr::V4(v4) => u128::from(u32::from(v4)),
+            IpAddr::V6(v6) => u128::from(v6),
+        };
+        if mask(bits, width, prefix) != bits {
+            return Err(format!("{s:?} has bits set past its /{prefix}; write the network address"));
+        }
+        Ok(Cidr { network, prefix })
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+fn is_trusted(ip: IpAddr, trusted: &[Cidr]) -> bool {
+    trusted.iter().any(|c| c.contains(ip))
+}
+
+/// The client's address: the TCP `peer`, or — only when the peer is a trusted proxy — the
+/// right-most `X-Forwarded-For` entry that is not a trusted proxy itself (entries left of it
+/// were written by whoever the client is, and prove nothing). An unreadable entry stops the walk
+/// at the last trusted hop. `None` (a request that came through no socket) reads as `0.0.0.0`.
+pub fn client_ip(peer: Option<SocketAddr>, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+    let Some(peer) = peer.map(|p| p.ip().to_canonical()) else { return IpAddr::from([0, 0, 0, 0]) };
+    if !is_trusted(peer, trusted) {
+        return peer;
+    }
+    let hops = headers.get_all(&FORWARDED_FOR).iter().rev().flat_map(|v| {
+        let entries: Vec<&str> = v.to_str().unwrap_or("?").split(',').collect();
+        entries.into_iter().rev()
+    });
+    let mut client = peer;
+    for hop in hops {
+        let Some(ip) = parse_hop(hop.trim()) else { break };
+        client = ip;
+        if !is_trusted(ip, trusted) {
+            break;
+        }
+    }
+    client
+}
+
+/// One `X-Forwarded-For` entry: an address, maybe with a port (`1.2.3.4:5`, `[::1]:5`).
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let ip = hop.parse::<IpAddr>().ok().or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))?;
+    Some(ip.to_canonical())
+}
+
+/// Drops the forwarding headers the gateway does not vouch for, before anything reads or stores
+/// the request: `Forwarded` and `X-Real-IP` always, and `X-Forwarded-For` unless `peer` is a
+/// trusted proxy (whose trail [`prepare_request`] then extends with the peer).
+pub fn sanitize_forwarding(headers: &mut HeaderMap, peer: Option<SocketAddr>, trusted: &[Cidr]) {
+    headers.remove(header::FORWARDED);
+    headers.remove(REAL_IP);
+    if !peer.is_some_and(|p| is_trusted(p.ip(), trusted)) {
+        headers.remove(FORWARDED_FOR);
+    }
+}
+
 /// Drops headers only the gateway may set (`x-credits-*`, `x-idempotent-replay`) from an upstream
 /// answer, so a backend can never show a client a balance or a charge.
 pub fn strip_gateway_owned(headers: &mut HeaderMap) {
@@ -94,11 +215,12 @@ pub fn prepare_request(headers: &mut HeaderMap, upstream_headers: &[(HeaderName,
         headers.insert(ACCOUNT, account);
     }
     if let Some(addr) = fwd.client_addr {
-        let ip = addr.ip().to_string();
-        let value = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prior) => format!("{prior}, {ip}"),
-            None => ip,
-        };
+        // Whatever trail is left came from a trusted proxy (`sanitize_forwarding`): extend it,
+        // joining every line of it into one.
+        let mut trail: Vec<&str> = headers.get_all(&FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        let ip = addr.ip().to_canonical().to_string();
+        trail.push(&ip);
+        let value = trail.join(", ");
         if let Ok(v) = HeaderValue::from_str(&value) {
             headers.insert(FORWARDED_FOR, v);
         }
@@ -185,5 +307,71 @@ mod tests {
         h.insert(header::AUTHORIZATION, "Bearer cg_client".parse().unwrap());
         prepare_request(&mut h, &[], Forwarded { request_id: "r", account: None, client_addr: None });
         assert!(!h.contains_key(header::AUTHORIZATION), "never passed on, even with no replacement");
+    }
+
+    #[test]
+    fn address_blocks_parse_and_match() {
+        let net: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()), "IPv4-mapped counts as IPv4");
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(!net.contains("::1".parse().unwrap()));
+        let host: Cidr = "127.0.0.2".parse().unwrap();
+        assert!(host.contains("127.0.0.2".parse().unwrap()) && !host.contains("127.0.0.1".parse().unwrap()));
+        let v6: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains("2001:db8:1::5".parse().unwrap()) && !v6.contains("2001:db9::".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("203.0.113.9".parse().unwrap()));
+        for bad in ["10.1.0.1/16", "10.0.0.0/33", "example.com", "10.0.0.0/", "::/129"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad} accepted");
+        }
+    }
+
+    fn xff(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(FORWARDED_FOR, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_client_is_the_right_most_untrusted_hop_behind_a_trusted_peer() {
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        let lb: SocketAddr = "10.0.0.5:4000".parse().unwrap();
+        let outsider: SocketAddr = "198.51.100.7:4000".parse().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let chain = xff(&["1.1.1.1, 203.0.113.9", "10.0.0.9"]);
+        assert_eq!(client_ip(Some(lb), &chain, &trusted), ip("203.0.113.9"), "spoofed 1.1.1.1 ignored");
+        assert_eq!(client_ip(Some(outsider), &chain, &trusted), ip("198.51.100.7"), "untrusted peer: XFF ignored");
+        assert_eq!(client_ip(Some(lb), &HeaderMap::new(), &trusted), ip("10.0.0.5"));
+        assert_eq!(client_ip(Some(lb), &xff(&["garbage, 10.0.0.9"]), &trusted), ip("10.0.0.9"));
+        assert_eq!(client_ip(Some(lb), &xff(&["203.0.113.9:5555"]), &trusted), ip("203.0.113.9"));
+        assert_eq!(client_ip(Some(lb), &xff(&["[2001:db8::1]:80"]), &trusted), ip("2001:db8::1"));
+        assert_eq!(client_ip(Some(lb), &chain, &[]), ip("10.0.0.5"), "no trusted proxies: the peer");
+        assert_eq!(client_ip(None, &chain, &trusted), ip("0.0.0.0"));
+    }
+
+    #[test]
+    fn forwarding_headers_are_replaced_unless_the_peer_is_trusted() {
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        let client_said = || {
+            let mut h = xff(&["1.1.1.1"]);
+            h.insert(header::FORWARDED, "for=1.1.1.1".parse().unwrap());
+            h.insert(REAL_IP, "1.1.1.1".parse().unwrap());
+            h
+        };
+        let fwd = |peer: &str| Forwarded { request_id: "r", account: None, client_addr: Some(peer.parse().unwrap()) };
+        let mut h = client_said();
+        sanitize_forwarding(&mut h, Some("198.51.100.7:1".parse().unwrap()), &trusted);
+        prepare_request(&mut h, &[], fwd("198.51.100.7:1"));
+        assert_eq!(h.get_all(FORWARDED_FOR).iter().collect::<Vec<_>>(), ["198.51.100.7"]);
+        assert!(!h.contains_key(header::FORWARDED) && !h.contains_key(REAL_IP));
+
+        let mut h = client_said();
+        sanitize_forwarding(&mut h, Some("10.0.0.5:1".parse().unwrap()), &trusted);
+        prepare_request(&mut h, &[], fwd("10.0.0.5:1"));
+        assert_eq!(h[FORWARDED_FOR], "1.1.1.1, 10.0.0.5", "a trusted proxy's trail is extended");
+        assert!(!h.contains_key(header::FORWARDED) && !h.contains_key(REAL_IP));
     }
 }

@@ -49,6 +49,7 @@ pub struct ConfigBuilder {
     server: Vec<String>,
     extra: String,
     keep_rate_limits: bool,
+    rate_limits: Vec<String>,
 }
 
 impl ConfigBuilder {
@@ -64,6 +65,7 @@ impl ConfigBuilder {
             server: Vec::new(),
             extra: String::new(),
             keep_rate_limits: false,
+            rate_limits: Vec::new(),
         }
     }
 
@@ -117,10 +119,16 @@ impl ConfigBuilder {
         self
     }
 
-    /// Keeps the shipped plans' `rate_limit_per_second` (by default tests lift them, so bursts of
-    /// test traffic measure credits and nothing else).
+    /// Keeps the shipped plans' `rate_limit_per_second` and `[rate_limits]` failed-authentication
+    /// limits (by default tests lift them, so bursts of test traffic measure credits and nothing else).
     pub fn keep_rate_limits(mut self) -> Self {
         self.keep_rate_limits = true;
+        self
+    }
+
+    /// A line set in `[rate_limits]` (e.g. `failed_auth_burst = 3`), replacing the shipped one.
+    pub fn rate_limit(mut self, line: &str) -> Self {
+        self.rate_limits.push(line.to_owned());
         self
     }
 
@@ -166,9 +174,21 @@ impl ConfigBuilder {
                 format!("max_body_bytes = {n}")
             } else if t.starts_with("rate_limit_per_second = ") && !self.keep_rate_limits {
                 "rate_limit_per_second = 1000000".to_owned()
-            } else if t == "[server]" || t == "[notifications]" {
+            } else if let Some((key, _)) = t.split_once(" = ")
+                && self.rate_limits.iter().any(|l| l.split_once(" = ").is_some_and(|(k, _)| k.trim() == key))
+            {
+                continue;
+            } else if (t.starts_with("failed_auth_per_minute = ") || t.starts_with("failed_auth_burst = "))
+                && !self.keep_rate_limits
+            {
+                format!("{} = 1000000", t.split_once(" = ").map_or(t, |(k, _)| k))
+            } else if t == "[server]" || t == "[notifications]" || t == "[rate_limits]" {
                 let mut out = line.to_owned();
-                let added = if t == "[server]" { &self.server } else { &self.notifications };
+                let added = match t {
+                    "[server]" => &self.server,
+                    "[notifications]" => &self.notifications,
+                    _ => &self.rate_limits,
+                };
                 for l in added {
                     out.push('\n');
                     out.push_str(l);
