@@ -1,12 +1,13 @@
 //! What a client can forge or learn from outside (issue 10, part 5): a log line of its own
-//! making through a value the gateway logs.
+//! making through a value the gateway logs, or the gateway's traffic from the ids it hands out.
 
 mod support;
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::gateway::{ADMIN_TOKEN, ConfigBuilder};
+use support::gateway::{ADMIN_TOKEN, ConfigBuilder, TestGateway};
 use support::http;
 use support::process::GatewayProcess;
 use support::upstream::Upstream;
@@ -59,4 +60,30 @@ async fn a_client_value_cannot_forge_a_text_log_line() {
     assert_eq!(log.matches("fast\\n2026-01-01").count(), 1, "the newline is written escaped:\n{log}");
     assert_eq!(log.matches("fast\\r\\n2026-01-01").count(), 1, "{log}");
     assert_eq!(log.matches("fast\\u{2028}2026-01-01").count(), 1, "{log}");
+}
+
+/// Generated request ids (charge ids come from the same generator) are unique and do not count:
+/// a counter would tell any client how much traffic the gateway carries between two requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_request_ids_do_not_reveal_a_counter() {
+    let up = Upstream::echo().await;
+    let gw = TestGateway::with_upstream(&up.url()).await;
+    let key = gw.account_with_key("curious", "pro").await;
+    let mut ids = Vec::new();
+    for _ in 0..500 {
+        let res = gw.call(&key, "GET", "/app/anything", &[], "").await;
+        assert_eq!(res.status, 200, "{}", res.text());
+        ids.push(res.header("x-request-id").expect("generated x-request-id").to_owned());
+    }
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ids.len(), "unique");
+    // Random ids share a leading character 1 time in 16 (hex) or 62; a prefix plus a counter
+    // shares the whole prefix every time.
+    let shared: usize =
+        ids.windows(2).map(|w| w[0].bytes().zip(w[1].bytes()).take_while(|(a, b)| a == b).count()).sum();
+    assert!(shared < ids.len() / 4, "neighbouring ids share {shared} leading characters: {:?}", &ids[..5]);
+    // Nor do they share a tail (a counter written the other way round).
+    let shared_tail: usize =
+        ids.windows(2).map(|w| w[0].bytes().rev().zip(w[1].bytes().rev()).take_while(|(a, b)| a == b).count()).sum();
+    assert!(shared_tail < ids.len() / 4, "neighbouring ids share {shared_tail} trailing characters");
+    assert!(ids.iter().all(|id| id.len() >= 22), "at least 128 bits: {:?}", &ids[..3]);
 }
