@@ -54,23 +54,52 @@ impl Hook {
             .notification("max_backoff_ms = 1000")
     }
 
-    /// Asserts `x-creditgate-signature = sha256=hex(HMAC-SHA256(secret, raw body))`.
+    /// Asserts the delivery passes the receiver check the README documents (signature
+    /// `t=…,v1=…` over `"<t>.<raw body>"`, `t` within 5 minutes of receipt), and that the same
+    /// check rejects it when replayed later, with its body or `t` changed, or under another key.
     fn verify(&self, d: &Delivery) {
         let sig = d.header("x-creditgate-signature").unwrap_or_else(|| panic!("unsigned delivery: {:?}", d.headers));
-        let hex_sig = sig.strip_prefix("sha256=").unwrap_or_else(|| panic!("signature without sha256=: {sig}"));
-        let bytes = hex::decode(hex_sig).unwrap_or_else(|e| panic!("signature is not hex ({e}): {sig}"));
-        let mut mac = Hmac::<Sha256>::new_from_slice(self.secret.as_bytes()).expect("any key length");
-        mac.update(&d.body);
-        assert!(
-            mac.verify_slice(&bytes).is_ok(),
-            "signature does not verify for body {}",
-            String::from_utf8_lossy(&d.body)
-        );
-        // The same signature does not verify another body or under another secret.
-        let mut other = Hmac::<Sha256>::new_from_slice(b"another secret").expect("key");
-        other.update(&d.body);
-        assert!(other.verify_slice(&bytes).is_err());
+        let secret = self.secret.as_bytes();
+        let t = verify_webhook(secret, sig, &d.body, d.received_at)
+            .unwrap_or_else(|e| panic!("{e}: {sig} for body {}", String::from_utf8_lossy(&d.body)));
+        assert!((t - d.received_at).abs() <= 5, "t={t} is the time of sending, received at {}", d.received_at);
+        // A captured delivery replayed six minutes later is refused, as is one from the future.
+        assert_eq!(verify_webhook(secret, sig, &d.body, d.received_at + 360), Err("stale"));
+        assert_eq!(verify_webhook(secret, sig, &d.body, d.received_at - 360), Err("stale"));
+        // Moving t forward to pass the check breaks the signature, as does another body or key.
+        let fresh = sig.replacen(&format!("t={t},"), &format!("t={},", t + 360), 1);
+        assert_eq!(verify_webhook(secret, &fresh, &d.body, d.received_at + 360), Err("bad signature"));
+        assert_eq!(verify_webhook(secret, sig, b"{}", d.received_at), Err("bad signature"));
+        assert_eq!(verify_webhook(b"another secret", sig, &d.body, d.received_at), Err("bad signature"));
     }
+}
+
+/// The receiver-side check of README "Events", in Rust: parse `t` and the `v1` signatures,
+/// refuse a `t` more than 300 s from `now`, compare HMAC-SHA256(secret, "<t>.<body>") in
+/// constant time. Ok(t) when it verifies.
+fn verify_webhook(secret: &[u8], header: &str, body: &[u8], now: i64) -> Result<i64, &'static str> {
+    const TOLERANCE_SECS: i64 = 300;
+    let mut t = None;
+    let mut v1 = Vec::new();
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = v.parse::<i64>().ok(),
+            Some(("v1", v)) => v1.extend(hex::decode(v).ok()),
+            _ => {}
+        }
+    }
+    let t = t.ok_or("no timestamp")?;
+    if (now - t).abs() > TOLERANCE_SECS {
+        return Err("stale");
+    }
+    // verify_slice compares in constant time; any v1 may match (a receiver rotating secrets).
+    let ok = v1.iter().any(|sig| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("any key length");
+        mac.update(format!("{t}.").as_bytes());
+        mac.update(body);
+        mac.verify_slice(sig).is_ok()
+    });
+    if ok { Ok(t) } else { Err("bad signature") }
 }
 
 on_both_stores!(

@@ -42,6 +42,8 @@ pub struct Delivery {
     pub body: Bytes,
     /// The status this receiver answered.
     pub answered: u16,
+    /// When it arrived, Unix seconds (a receiver checks the signature's `t` against its clock).
+    pub received_at: i64,
 }
 
 impl Delivery {
@@ -137,6 +139,9 @@ async fn receive(State(inner): State<Arc<WebhookInner>>, req: Request) -> axum::
         headers: parts.headers,
         body,
         answered,
+        received_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
     });
     StatusCode::from_u16(answered).expect("status").into_response()
 }
