@@ -3,7 +3,7 @@
 //! ```text
 //! public listener (axum Router)
 //! ├── /v1/credits…, /v1/jobs/…     customer API (api.rs); auth via the `Principal` extractor
-//! ├── /dashboard                   static page
+//! ├── /dashboard                   static page, CSP by hash (dashboard/)
 //! └── fallback → proxy_handler     the metered proxy, in this order:
 //!       1. request id      x-request-id kept (if sane) or generated; a tracing span carries it
 //!          request line    non-standard method, %2F %5C %00 \ ; in the path → 400; path
