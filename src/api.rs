@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use axum::Json;
 use axum::Router;
 use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
-use axum::response::Html;
 use axum::routing::{get, put};
 use http::request::Parts;
 use serde::Deserialize;
@@ -35,11 +34,8 @@ pub fn router() -> Router<AppState> {
         .route("/v1/credits/topups", get(topups))
         .route("/v1/credits/auto-topup", put(set_auto_topup))
         .route("/v1/jobs/{id}", get(job))
-        .route("/dashboard", get(|| async { Html(DASHBOARD) }))
+        .route("/dashboard", get(crate::dashboard::page))
 }
-
-/// The dashboard page: one self-contained file (inline CSS and JS), embedded in the binary.
-const DASHBOARD: &str = include_str!("dashboard/index.html");
 
 impl FromRequestParts<AppState> for Principal {
     type Rejection = GatewayError;

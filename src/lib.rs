@@ -24,7 +24,8 @@
 //! * [`calendar`] — billing-anchor arithmetic (periods, month-end clamping).
 //! * [`error`] — `GatewayError` and the one mapping to HTTP answers (SPEC §6).
 //! * [`api`] — the customer API (`/v1/credits…`); [`admin`] — the admin listener; [`extract`] —
-//!   body reading shared by both and the proxy path.
+//!   body reading shared by both and the proxy path; [`dashboard`] — the usage page and its
+//!   security headers.
 //! * [`jobs`] — runs queued requests once their account can pay.
 //! * [`notify`] — delivers outbox events (webhook, e-mail); [`metrics`] — Prometheus metrics.
 //! * [`server`] — start-up, graceful shutdown, config reload; [`listener`] — the bounded accept
@@ -37,6 +38,7 @@ pub mod auth;
 pub mod calendar;
 pub mod classify;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
 pub mod error;
 pub mod extract;

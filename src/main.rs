@@ -157,9 +157,40 @@ async fn shutdown_signal() {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only on a terminal: in a log file they are noise a reader has to strip.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(EscapedFields).init(),
+    }
+}
+
+/// Text-log fields as tracing-subscriber's default writes them, with every control character
+/// (and the Unicode line and paragraph separators) escaped: a value the client chose — a tier,
+/// a path, an error message quoting its input — cannot end the line and start a forged one.
+///
+/// Done here, once for every field of every event and span, rather than at each call site: the
+/// default formatter prints `%` (Display) fields raw, and a new log line must not have to
+/// remember. JSON logs need nothing: their encoder escapes. Field names lose their ANSI italics.
+struct EscapedFields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for EscapedFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        mut writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut raw = String::new();
+        tracing_subscriber::fmt::format::DefaultFields::new()
+            .format_fields(tracing_subscriber::fmt::format::Writer::new(&mut raw), fields)?;
+        for c in raw.chars() {
+            if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+                write!(writer, "{}", c.escape_default())?;
+            } else {
+                std::fmt::Write::write_char(&mut writer, c)?;
+            }
+        }
+        Ok(())
     }
 }

@@ -4,7 +4,7 @@
 //! public listener (axum Router)
 //! ├── /v1/credits…, /v1/jobs/…     customer API (api.rs); the `Principal` extractor runs steps
 //! │                                1–2 below (client address, auth, the same plan rate limit)
-//! ├── /dashboard                   static page
+//! ├── /dashboard                   static page, CSP by hash (dashboard/)
 //! └── fallback → proxy_handler     the metered proxy, in this order:
 //!       1. request id      x-request-id kept (if sane) or generated; a tracing span carries it
 //!          request line    non-standard method, %2F %5C %00 \ ; in the path → 400; path

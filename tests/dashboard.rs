@@ -1,141 +1,67 @@
-//! The usage dashboard (`GET /dashboard`) in a real browser: headless Chromium loads the page
-//! with an API key in the URL fragment, runs its script against a real gateway, and the test
-//! reads the rendered DOM — balance bar text, monthly and top-up figures, renewal date,
-//! category breakdown, low-credit banner — and checks it against `GET /v1/credits` and
-//! `/v1/credits/usage`. A screenshot is kept as `target/test-artifacts/dashboard.png`.
-//!
-//! Chromium must be installed (`scripts/test` installs Debian's `chromium`; `CHROMIUM` may name
-//! another binary). Without it these tests fail saying so: a dashboard nobody looked at is not
-//! tested.
+//! The usage dashboard (`GET /dashboard`) in a real browser: headless Chromium, driven over the
+//! DevTools protocol (`support::browser`), opens the page with an API key in the URL fragment,
+//! confirms it, lets the page's script run against a real gateway, and the test reads the
+//! rendered DOM — balance bar text, monthly and top-up figures, renewal date, category
+//! breakdown, low-credit banner — and checks it against `GET /v1/credits` and
+//! `/v1/credits/usage`. Every page load is also checked for Content-Security-Policy violations,
+//! and the requests the page sent are watched (a key from a link is not used unconfirmed). A
+//! screenshot is kept as `target/test-artifacts/dashboard.png`.
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use support::browser::Browser;
 use support::gateway::TestGateway;
 use support::http;
 use support::upstream::Upstream;
 
 const CHAT: &str = "/v1/chat/completions";
 
-/// Longest one Chromium run may take.
-const BROWSER_TIMEOUT: Duration = Duration::from_secs(60);
+/// True once the page shows its figures or an error under the sign-in form.
+const SETTLED: &str = "!document.getElementById('app').classList.contains('hidden') \
+     || document.getElementById('login-error').textContent !== ''";
+
+/// True while the page asks whether to use a key from the link.
+const ASKING: &str = "!document.getElementById('link-key').classList.contains('hidden')";
 
 // === the browser ===
 
-/// The Chromium binary: `$CHROMIUM`, else `/usr/bin/chromium`, else one on the PATH.
-fn chromium() -> PathBuf {
-    if let Some(p) = std::env::var_os("CHROMIUM") {
-        return PathBuf::from(p);
-    }
-    for candidate in ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"] {
-        if Path::new(candidate).exists() {
-            return PathBuf::from(candidate);
-        }
-    }
-    for name in ["chromium", "chromium-browser", "google-chrome"] {
-        if Command::new(name).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok() {
-            return PathBuf::from(name);
-        }
-    }
-    panic!(
-        "Chromium not found: the dashboard tests drive the page in headless Chromium. Install it \
-         (`apt-get install -y chromium`), run scripts/test (which does), or set CHROMIUM to a \
-         Chromium/Chrome binary."
-    );
+/// Opens `url` and asserts the page broke no rule of its Content-Security-Policy.
+fn open(browser: &mut Browser, url: &str) {
+    browser.open(url);
+    let violations = browser.csp_violations();
+    assert!(violations.is_empty(), "CSP violations on {url}: {violations:?}");
 }
 
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "creditgate-dashboard-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Scratch(dir)
+/// Opens the dashboard with `key` in the link, confirms it (unless the tab is signed in with it
+/// already: then the page does not ask), and returns the settled DOM.
+fn signed_in(browser: &mut Browser, gw: &TestGateway, key: &str) -> Dom {
+    open(browser, "about:blank"); // a fresh document even if the tab shows the dashboard already
+    open(browser, &dashboard_url(gw, key));
+    browser.wait_until(&format!("{ASKING} || {SETTLED}"));
+    if browser.eval(ASKING) == json!(true) {
+        browser.click("link-key-confirm");
+        browser.wait_until(SETTLED);
     }
+    let violations = browser.csp_violations();
+    assert!(violations.is_empty(), "CSP violations after signing in: {violations:?}");
+    Dom(browser.dom())
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs headless Chromium on `url` with `extra` arguments (off the async threads, so the
-/// gateway keeps serving the page's requests); returns its stdout. Bounded by
-/// [`BROWSER_TIMEOUT`]; the browser is killed if it overruns.
-async fn run_chromium(url: &str, extra: &[String]) -> String {
-    let binary = chromium();
-    let url = url.to_owned();
-    let extra = extra.to_vec();
-    tokio::task::spawn_blocking(move || {
-        let scratch = Scratch::new();
-        let out_path = scratch.0.join("stdout");
-        let err_path = scratch.0.join("stderr");
-        let mut child = Command::new(&binary)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-                "--virtual-time-budget=5000",
-            ])
-            .arg(format!("--user-data-dir={}", scratch.0.join("profile").display()))
-            .args(&extra)
-            .arg(&url)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-            .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        let deadline = Instant::now() + BROWSER_TIMEOUT;
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait for chromium") {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "chromium did not finish within {BROWSER_TIMEOUT:?} on {url}; stderr:\n{}",
-                    std::fs::read_to_string(&err_path).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
-        assert!(
-            status.success(),
-            "chromium exited with {status} on {url}; stderr:\n{}",
-            std::fs::read_to_string(&err_path).unwrap_or_default()
-        );
-        stdout
-    })
-    .await
-    .expect("chromium task")
-}
-
-/// The rendered DOM of `url` once its script (and its fetches) ran.
-async fn rendered_dom(url: &str) -> Dom {
-    let html = run_chromium(url, &["--dump-dom".to_owned()]).await;
-    assert!(html.contains("</html>"), "chromium printed no DOM for {url}:\n{html}");
-    Dom(html)
+/// The requests the page sent to the customer API so far, as (path, authorization).
+fn api_calls(browser: &mut Browser) -> Vec<(String, Option<String>)> {
+    browser
+        .requests()
+        .into_iter()
+        .filter_map(|r| {
+            let path = r.url.split_once("://").and_then(|(_, rest)| rest.find('/').map(|i| rest[i..].to_owned()))?;
+            path.starts_with("/v1/").then_some((path, r.authorization))
+        })
+        .collect()
 }
 
 // === reading the DOM ===
@@ -289,12 +215,106 @@ async fn the_page_is_self_contained_and_needs_no_key_to_load() {
     }
     assert_eq!(up.count(), 0, "the page is served by the gateway, not the upstream");
 
-    // Without a key the page asks for one; with a wrong one it says why.
-    let dom = rendered_dom(&gw.url("/dashboard")).await;
-    assert!(dom.shown("login") && !dom.shown("app"), "sign-in form shown, figures hidden");
-    let dom = rendered_dom(&gw.url("/dashboard#key=cg_notavalidkeynotavalidkeynotavalid00")).await;
+    // Without a key the page asks for one and calls nothing; with a wrong one it says why.
+    let mut browser = Browser::start(1000, 1400);
+    open(&mut browser, &gw.url("/dashboard"));
+    let dom = Dom(browser.dom());
+    assert!(dom.shown("login") && !dom.shown("app") && !dom.shown("link-key"), "sign-in form shown, figures hidden");
+    assert_eq!(api_calls(&mut browser), [], "no key, no API call");
+    let dom = signed_in(&mut browser, &gw, "cg_notavalidkeynotavalidkeynotavalid00");
     assert!(dom.shown("login") && !dom.shown("app"));
     assert!(dom.text("login-error").contains("not valid"), "error shown: {}", dom.text("login-error"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_page_carries_a_strict_content_security_policy() {
+    let up = Upstream::echo().await;
+    let gw = TestGateway::with_upstream(&up.url()).await;
+    let res = http::send("GET", &gw.url("/dashboard"), &[], "").await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    let html = res.text();
+    let csp = res.header("content-security-policy").expect("a Content-Security-Policy");
+    let directives: Vec<&str> = csp.split(';').map(str::trim).collect();
+    // The page's one inline script and one inline style, allowed by hash and nothing else.
+    let hash = |tag: &str| {
+        let open = format!("<{tag}>");
+        let start = html.find(&open).expect(tag) + open.len();
+        let text = &html[start..start + html[start..].find(&format!("</{tag}>")).expect("closed")];
+        use base64::prelude::{BASE64_STANDARD, Engine};
+        format!("'sha256-{}'", BASE64_STANDARD.encode(Sha256::digest(text.as_bytes())))
+    };
+    assert!(directives.contains(&format!("script-src {}", hash("script")).as_str()), "{csp}");
+    assert!(directives.contains(&format!("style-src {}", hash("style")).as_str()), "{csp}");
+    for d in ["default-src 'none'", "connect-src 'self'", "frame-ancestors 'none'", "base-uri 'none'"] {
+        assert!(directives.contains(&d), "{d} in {csp}");
+    }
+    assert!(!csp.contains("unsafe-") && !csp.contains('*'), "{csp}");
+    assert_eq!(res.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(res.header("referrer-policy"), Some("no-referrer"));
+    assert_eq!(res.header("x-frame-options"), Some("DENY"));
+    // The other tests load the page under this policy and fail on any violation; here the
+    // browser also confirms the policy is in force (an injected inline script is refused).
+    let mut browser = Browser::start(800, 600);
+    open(&mut browser, &gw.url("/dashboard"));
+    browser.eval(
+        "(() => { const s = document.createElement('script'); s.textContent = 'window.__injected = 1'; \
+         document.body.appendChild(s); })()",
+    );
+    assert_eq!(browser.eval("window.__injected === undefined"), json!(true), "an injected script ran");
+    let violations = browser.csp_violations();
+    assert!(violations.iter().any(|v| v.starts_with("script-src")), "refused and reported: {violations:?}");
+}
+
+/// A link can carry someone else's key: opening it must not sign the reader into that account
+/// before they confirm — not a single API call with it — and saying no keeps their own session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_in_a_link_is_used_only_after_the_person_confirms() {
+    let up = Upstream::echo().await;
+    let gw = TestGateway::with_upstream(&up.url()).await;
+    let own = gw.account_with_key("mine", "pro").await;
+    let theirs = gw.account_with_key("theirs", "starter").await;
+    let bearer = |k: &str| Some(format!("Bearer {k}"));
+    let mut browser = Browser::start(1000, 1400);
+
+    open(&mut browser, &dashboard_url(&gw, &own));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(api_calls(&mut browser), [], "no API call before the click");
+    assert_eq!(browser.eval(ASKING), json!(true), "the page asks");
+    assert_eq!(
+        browser.eval("document.getElementById('link-key-prefix').textContent"),
+        json!(format!("{}…", &own[..8]))
+    );
+    assert_eq!(browser.eval("location.hash"), json!(""), "the key left the address bar");
+    assert_eq!(browser.eval("sessionStorage.length"), json!(0), "not stored before confirming");
+    browser.click("link-key-confirm");
+    browser.wait_until(SETTLED);
+    let dom = Dom(browser.dom());
+    assert!(dom.shown("app") && dom.text("balance-text").starts_with("0 / 2,000"), "{}", dom.text("balance-text"));
+    let calls = api_calls(&mut browser);
+    assert!(!calls.is_empty() && calls.iter().all(|(_, auth)| *auth == bearer(&own)), "{calls:?}");
+
+    // Signed in as "mine", the tab opens a link with another account's key: it asks, naming
+    // both, and calls nothing with the new key; declining keeps "mine".
+    open(&mut browser, "about:blank");
+    let before = api_calls(&mut browser).len();
+    open(&mut browser, &dashboard_url(&gw, &theirs));
+    browser.wait_until(ASKING);
+    let current = browser.eval("document.getElementById('link-key-current').textContent");
+    assert!(current.as_str().is_some_and(|c| c.contains(&own[..8])), "names the key in use: {current}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(api_calls(&mut browser).len(), before, "nothing fetched while asking");
+    browser.click("link-key-cancel");
+    browser.wait_until(SETTLED);
+    let dom = Dom(browser.dom());
+    assert!(dom.text("balance-text").starts_with("0 / 2,000"), "still the pro account: {}", dom.text("balance-text"));
+    let calls = api_calls(&mut browser);
+    assert!(calls.iter().all(|(_, auth)| *auth != bearer(&theirs)), "the link's key was never used: {calls:?}");
+    assert_eq!(browser.eval("sessionStorage.getItem('creditgate-key')"), json!(own));
+    assert!(api_calls(&mut browser).len() > before, "declining reloads the own account's figures");
+
+    // Confirming switches.
+    let dom = signed_in(&mut browser, &gw, &theirs);
+    assert!(dom.text("balance-text").starts_with("0 / 500"), "{}", dom.text("balance-text"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -310,7 +330,8 @@ async fn the_dashboard_shows_the_figures_of_v1_credits() {
     let c = gw.credits(&key).await;
     assert_eq!((c["used_this_period"].as_u64(), c["remaining"].as_u64()), (Some(650), Some(1350)), "{c}");
 
-    let dom = rendered_dom(&dashboard_url(&gw, &key)).await;
+    let mut browser = Browser::start(1000, 1400);
+    let dom = signed_in(&mut browser, &gw, &key);
     assert!(dom.shown("app") && !dom.shown("login"), "the key from the URL signed in");
     assert_eq!(dom.text("balance-text"), "650 / 2,000 · 33% used this month · 1,350 remaining");
     // The figures are those of GET /v1/credits.
@@ -354,17 +375,8 @@ async fn the_dashboard_shows_the_figures_of_v1_credits() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("test-artifacts");
     std::fs::create_dir_all(&dir).expect("create target/test-artifacts");
     let png = dir.join("dashboard.png");
-    let _ = std::fs::remove_file(&png);
-    run_chromium(
-        &dashboard_url(&gw, &key),
-        &[
-            format!("--screenshot={}", png.display()),
-            "--window-size=1000,1400".to_owned(),
-            "--hide-scrollbars".to_owned(),
-        ],
-    )
-    .await;
-    let bytes = std::fs::read(&png).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", png.display()));
+    let bytes = browser.screenshot();
+    std::fs::write(&png, &bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", png.display()));
     assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
     assert!(bytes.len() > 20_000, "a blank page? the screenshot has only {} bytes", bytes.len());
 }
@@ -381,7 +393,8 @@ async fn the_low_credit_banner_shows_below_ten_percent() {
     let c = gw.credits(&key).await;
     assert_eq!((c["remaining"].as_u64(), c["low"].as_bool()), (Some(180), Some(true)), "{c}");
 
-    let dom = rendered_dom(&dashboard_url(&gw, &key)).await;
+    let mut browser = Browser::start(1000, 1400);
+    let dom = signed_in(&mut browser, &gw, &key);
     assert!(dom.shown("low-banner"), "the banner is shown");
     assert_eq!(dom.text("low-banner"), "Credits are running low: 180 left (below 10% of your 2,000 monthly credits).");
     assert_eq!(dom.text("balance-text"), "1,850 / 2,000 · 93% used this month · 180 remaining");
@@ -395,7 +408,7 @@ async fn the_low_credit_banner_shows_below_ten_percent() {
     assert_eq!(gw.call(&key, "PUT", "/v1/credits/auto-topup", &[], r#"{"enabled":false}"#).await.status, 200);
     repeat(&gw, &key, 1, "/v1/leads/enrich", &[], &leads(180), 180).await;
     let c = gw.credits(&key).await;
-    let dom = rendered_dom(&dashboard_url(&gw, &key)).await;
+    let dom = signed_in(&mut browser, &gw, &key);
     let banner = dom.text("low-banner");
     assert!(banner.starts_with("You're out of AI credits. They renew on "), "{banner}");
     assert!(

@@ -24,7 +24,9 @@ fn accepted_events(receiver: &WebhookReceiver) -> BTreeMap<String, Value> {
     let mut by_id = BTreeMap::new();
     for d in receiver.accepted() {
         assert_eq!(d.header("content-type"), Some("application/cloudevents-batch+json"));
-        assert!(d.header("x-creditgate-signature").is_some(), "signed");
+        let sig = d.header("x-creditgate-signature").expect("signed");
+        support::receivers::verify_webhook(b"export-secret", sig, &d.body, d.received_at)
+            .unwrap_or_else(|e| panic!("{e}: {sig}"));
         for event in d.json().as_array().expect("a batch is a JSON array").clone() {
             let id = event["id"].as_str().expect("an id").to_owned();
             if let Some(seen) = by_id.insert(id.clone(), event.clone()) {

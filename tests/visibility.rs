@@ -13,9 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
-use sha2::Sha256;
 use support::gateway::{CATEGORIES, ConfigBuilder, OPERATIONS, TestGateway, leads, spend};
 use support::http::{self, Response};
 use support::process::GatewayProcess;
@@ -54,22 +52,29 @@ impl Hook {
             .notification("max_backoff_ms = 1000")
     }
 
-    /// Asserts `x-creditgate-signature = sha256=hex(HMAC-SHA256(secret, raw body))`.
+    /// Asserts the delivery passes the receiver check the README documents (signature
+    /// `t=…,v1=…` over `"<t>.<raw body>"`, `t` within 5 minutes of receipt), and that the same
+    /// check rejects it when replayed later, with its body or `t` changed, or under another key.
     fn verify(&self, d: &Delivery) {
         let sig = d.header("x-creditgate-signature").unwrap_or_else(|| panic!("unsigned delivery: {:?}", d.headers));
-        let hex_sig = sig.strip_prefix("sha256=").unwrap_or_else(|| panic!("signature without sha256=: {sig}"));
-        let bytes = hex::decode(hex_sig).unwrap_or_else(|e| panic!("signature is not hex ({e}): {sig}"));
-        let mut mac = Hmac::<Sha256>::new_from_slice(self.secret.as_bytes()).expect("any key length");
-        mac.update(&d.body);
-        assert!(
-            mac.verify_slice(&bytes).is_ok(),
-            "signature does not verify for body {}",
-            String::from_utf8_lossy(&d.body)
+        let secret = self.secret.as_bytes();
+        let t = support::receivers::verify_webhook(secret, sig, &d.body, d.received_at)
+            .unwrap_or_else(|e| panic!("{e}: {sig} for body {}", String::from_utf8_lossy(&d.body)));
+        assert!((t - d.received_at).abs() <= 5, "t={t} is the time of sending, received at {}", d.received_at);
+        // A captured delivery replayed six minutes later is refused, as is one from the future.
+        assert_eq!(support::receivers::verify_webhook(secret, sig, &d.body, d.received_at + 360), Err("stale"));
+        assert_eq!(support::receivers::verify_webhook(secret, sig, &d.body, d.received_at - 360), Err("stale"));
+        // Moving t forward to pass the check breaks the signature, as does another body or key.
+        let fresh = sig.replacen(&format!("t={t},"), &format!("t={},", t + 360), 1);
+        assert_eq!(
+            support::receivers::verify_webhook(secret, &fresh, &d.body, d.received_at + 360),
+            Err("bad signature")
         );
-        // The same signature does not verify another body or under another secret.
-        let mut other = Hmac::<Sha256>::new_from_slice(b"another secret").expect("key");
-        other.update(&d.body);
-        assert!(other.verify_slice(&bytes).is_err());
+        assert_eq!(support::receivers::verify_webhook(secret, sig, b"{}", d.received_at), Err("bad signature"));
+        assert_eq!(
+            support::receivers::verify_webhook(b"another secret", sig, &d.body, d.received_at),
+            Err("bad signature")
+        );
     }
 }
 

@@ -123,7 +123,7 @@ async fn export(
             .method(Method::POST)
             .uri(url)
             .header(header::CONTENT_TYPE, "application/cloudevents-batch+json")
-            .header("x-creditgate-signature", super::webhook::signature(secret, &body))
+            .header("x-creditgate-signature", super::webhook::signature(secret, crate::calendar::now(), &body))
             .body(Body::from(body))
             .map_err(|e| e.to_string())?;
         match tokio::time::timeout(TIMEOUT, state.client.request(req)).await {

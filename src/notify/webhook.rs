@@ -1,8 +1,12 @@
 //! Webhook delivery: a signed JSON POST.
 //!
-//! `x-creditgate-signature: sha256=<hex HMAC-SHA256 of the raw body>` with the key from the
-//! variable `notifications.webhook_secret_env` names (required with a webhook: a config without
-//! it, or with the variable unset, is refused).
+//! `x-creditgate-signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">` (Stripe's
+//! scheme, SPEC §7) with the key from the variable `notifications.webhook_secret_env` names
+//! (required with a webhook: a config without it, or with the variable unset, is refused).
+//!
+//! The timestamp is inside the MAC, so a receiver that rejects an old `t` (README: 5 minutes)
+//! cannot be fed a captured delivery later. Every attempt is signed afresh: a retry an hour
+//! later carries that hour's `t`.
 
 use std::time::Duration;
 
@@ -38,7 +42,7 @@ impl<'a> Target<'a> {
             .header(header::CONTENT_TYPE, "application/json")
             .header("x-creditgate-event-id", &event.id)
             .header("x-creditgate-event-type", &event.kind)
-            .header("x-creditgate-signature", signature(self.secret, &body));
+            .header("x-creditgate-signature", signature(self.secret, crate::calendar::now(), &body));
         let req = req.body(Body::from(body)).map_err(|e| e.to_string())?;
         match tokio::time::timeout(TIMEOUT, client.request(req)).await {
             Err(_) => Err("timed out".into()),
@@ -49,21 +53,23 @@ impl<'a> Target<'a> {
     }
 }
 
-/// `sha256=<hex HMAC-SHA256(secret, body)>`
-pub fn signature(secret: &[u8], body: &[u8]) -> String {
+/// `t=<t>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` for a delivery at Unix time `t`.
+pub fn signature(secret: &[u8], t: i64, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(format!("{t}.").as_bytes());
     mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn signature_matches_rfc_4231_test_case_2() {
-        // RFC 4231 §4.3: key "Jefe", data "what do ya want for nothing?".
+    fn signature_is_the_hmac_of_t_dot_body() {
+        // Computed independently: Python's hmac.new(b"Jefe", b"1700000000.what do ya want for
+        // nothing?", hashlib.sha256).hexdigest() (RFC 4231 case 2's key and data, with "<t>.").
         assert_eq!(
-            super::signature(b"Jefe", b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            super::signature(b"Jefe", 1_700_000_000, b"what do ya want for nothing?"),
+            "t=1700000000,v1=1cdd0650c8be1cb0974b1788d458b1e781206cfef59b85faafc582d2e182c57e"
         );
     }
 }

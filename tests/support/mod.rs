@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+pub mod browser;
 pub mod gateway;
 pub mod http;
 pub mod process;

@@ -1,10 +1,11 @@
 //! The real `creditgate` binary as a child process (`serve --config FILE`), for tests that need
 //! several gateway processes or a gateway that outlives a store outage.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::gateway::ADMIN_TOKEN;
@@ -17,6 +18,8 @@ pub struct GatewayProcess {
     /// `http://127.0.0.1:PORT` of the admin listener.
     pub admin: String,
     config: PathBuf,
+    /// Everything written to stderr so far, when started with [`GatewayProcess::start_logging`].
+    log: Option<Arc<Mutex<Vec<u8>>>>,
 }
 
 fn free_port() -> u16 {
@@ -27,6 +30,22 @@ impl GatewayProcess {
     /// Starts the binary on `config_toml`, whose `listen`/`admin_listen` lines (port 0) are
     /// replaced by free ports; waits until `/healthz` answers.
     pub async fn start(config_toml: &str) -> Self {
+        Self::spawn(config_toml, None).await
+    }
+
+    /// Like [`GatewayProcess::start`] with `RUST_LOG=filter`, keeping stderr (the log) for
+    /// [`GatewayProcess::log`] instead of passing it through.
+    pub async fn start_logging(config_toml: &str, filter: &str) -> Self {
+        Self::spawn(config_toml, Some(filter)).await
+    }
+
+    /// The log written so far (only with [`GatewayProcess::start_logging`]).
+    pub fn log(&self) -> String {
+        let log = self.log.as_ref().expect("started with start_logging");
+        String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
+    }
+
+    async fn spawn(config_toml: &str, log_filter: Option<&str>) -> Self {
         for _ in 0..5 {
             let (public, admin) = (free_port(), free_port());
             let text = config_toml
@@ -39,21 +58,33 @@ impl GatewayProcess {
             );
             let config = std::env::temp_dir().join(format!("creditgate-test-{public}-{}.toml", std::process::id()));
             std::fs::File::create(&config).and_then(|mut f| f.write_all(text.as_bytes())).expect("write config");
-            let child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
+            let mut child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
                 .args(["serve", "--config"])
                 .arg(&config)
                 .env("CREDITGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-                .env("RUST_LOG", "warn")
+                .env("RUST_LOG", log_filter.unwrap_or("warn"))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
+                .stderr(if log_filter.is_some() { Stdio::piped() } else { Stdio::inherit() })
                 .spawn()
                 .expect("spawn creditgate");
+            let log = child.stderr.take().map(|mut stderr| {
+                let log = Arc::new(Mutex::new(Vec::new()));
+                let sink = log.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = stderr.read(&mut buf) {
+                        sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                });
+                log
+            });
             let mut p = GatewayProcess {
                 child,
                 public: format!("http://127.0.0.1:{public}"),
                 admin: format!("http://127.0.0.1:{admin}"),
                 config,
+                log,
             };
             if p.wait_healthy().await {
                 return p;

@@ -19,8 +19,10 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::response::IntoResponse;
 use bytes::Bytes;
+use hmac::{Hmac, KeyInit, Mac};
 use http_body_util::BodyExt;
 use serde_json::Value;
+use sha2::Sha256;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -42,6 +44,8 @@ pub struct Delivery {
     pub body: Bytes,
     /// The status this receiver answered.
     pub answered: u16,
+    /// When it arrived, Unix seconds (a receiver checks the signature's `t` against its clock).
+    pub received_at: i64,
 }
 
 impl Delivery {
@@ -137,6 +141,9 @@ async fn receive(State(inner): State<Arc<WebhookInner>>, req: Request) -> axum::
         headers: parts.headers,
         body,
         answered,
+        received_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
     });
     StatusCode::from_u16(answered).expect("status").into_response()
 }
@@ -393,4 +400,32 @@ fn base64(s: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The receiver-side check of README "Events", in Rust: parse `t` and the `v1` signatures,
+/// refuse a `t` more than 300 s from `now`, compare HMAC-SHA256(secret, "<t>.<body>") in
+/// constant time. Ok(t) when it verifies.
+pub fn verify_webhook(secret: &[u8], header: &str, body: &[u8], now: i64) -> Result<i64, &'static str> {
+    const TOLERANCE_SECS: i64 = 300;
+    let mut t = None;
+    let mut v1 = Vec::new();
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = v.parse::<i64>().ok(),
+            Some(("v1", v)) => v1.extend(hex::decode(v).ok()),
+            _ => {}
+        }
+    }
+    let t = t.ok_or("no timestamp")?;
+    if (now - t).abs() > TOLERANCE_SECS {
+        return Err("stale");
+    }
+    // verify_slice compares in constant time; any v1 may match (a receiver rotating secrets).
+    let ok = v1.iter().any(|sig| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("any key length");
+        mac.update(format!("{t}.").as_bytes());
+        mac.update(body);
+        mac.verify_slice(sig).is_ok()
+    });
+    if ok { Ok(t) } else { Err("bad signature") }
 }
