@@ -12,7 +12,7 @@
 -- ARGV[5]  request id
 -- ARGV[6]  idempotency key (ignored without KEYS[3])
 -- ARGV[7]  request fingerprint (ignored without KEYS[3])
--- ARGV[8]  retention of charge and idempotency records, seconds
+-- ARGV[8]  retention of the idempotency record, seconds (charge records: CHARGE_TTL, lib.lua)
 -- ARGV[9]  most auto top-ups per billing period
 -- ARGV[10] idempotency lease, seconds: how long the first request with the key may run
 -- ARGV[11] the running config's top-up packages, "\n<name>=<credits>:<price JSON>" each
@@ -164,7 +164,7 @@ local ttl = ARGV[8]
 redis.call('HSET', KEYS[2], 'cost', n(cost), 'from_monthly', n(from_monthly), 'from_topup', n(from_topup),
   'period', n(a.period), 'refunded', '0', 'operation', operation, 'category', category,
   'request_id', request_id, 'at', n(a.now), 'day', n(day), 'auto', n(auto_credits or 0))
-redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('EXPIRE', KEYS[2], CHARGE_TTL)
 if idem_key then
   redis.call('HSET', KEYS[2], 'idem', idem_key)
   redis.call('HSET', KEYS[3], 'fingerprint', ARGV[7], 'charge_id', charge_id, 'state', 'running',

@@ -155,6 +155,8 @@ local OUTBOX_MAX = {{OUTBOX_MAX}}
 -- Queued jobs older than this many seconds expire unrun; expired records are kept this long.
 local JOB_MAX_AGE = {{JOB_MAX_AGE}}
 local JOB_RETENTION = {{JOB_RETENTION}}
+-- Charge records live this many seconds (refunds and re-sent steps need them).
+local CHARGE_TTL = {{CHARGE_TTL}}
 
 local FIELDS = { 'plan', 'allocation', 'pending_plan', 'pending_allocation', 'anchor', 'period',
   'monthly', 'topup', 'used', 'email', 'now', 'hist', 'evt', 'auto_count', 'auto_enabled',

@@ -77,6 +77,9 @@ pub struct Config {
     /// Usage export: every ledger entry delivered as CloudEvents (optional).
     #[serde(default)]
     pub export: ExportConfig,
+    /// How long charge records are kept.
+    #[serde(default)]
+    pub charges: ChargesConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -434,6 +437,27 @@ impl Default for HistoryConfig {
 
 fn default_history_max_entries() -> u64 {
     10_000
+}
+
+/// `[charges]`: the per-charge records refunds and re-sent steps read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChargesConfig {
+    /// Seconds a charge record is kept (one per charge: the largest per-traffic memory cost in
+    /// the store). It must outlast a request and its refund: at least the upstream timeout plus
+    /// 6 minutes; background refunds of older charges find nothing left to return.
+    #[serde(default = "default_charge_record_ttl_secs")]
+    pub record_ttl_secs: u64,
+}
+
+impl Default for ChargesConfig {
+    fn default() -> Self {
+        Self { record_ttl_secs: default_charge_record_ttl_secs() }
+    }
+}
+
+fn default_charge_record_ttl_secs() -> u64 {
+    86_400
 }
 
 /// `[export]`: every ledger entry, delivered at least once as a CloudEvents 1.0 JSON batch.
@@ -832,6 +856,15 @@ impl Config {
         }
         positive("idempotency.max_stored_bytes", self.idempotency.max_stored_bytes as u64)?;
         positive("history.max_entries", self.history.max_entries)?;
+        let floor = self.server.upstream_timeout_ms / 1000 + 360;
+        if self.charges.record_ttl_secs < floor {
+            return Err(bad(
+                "charges.record_ttl_secs",
+                format!(
+                    "must be at least {floor} (the upstream timeout plus 6 minutes, so a request and its refund fit)"
+                ),
+            ));
+        }
         positive("export.batch_size", self.export.batch_size as u64)?;
         if let Some(url) = &self.export.url {
             parse_upstream_url(url).map_err(|reason| bad("export.url", reason))?;

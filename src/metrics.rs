@@ -66,6 +66,8 @@ pub struct Metrics {
     pub client_gone_after_delivery: Counter,
     /// Client connections open now (both listeners).
     pub connections_open: Gauge,
+    /// Live tokio tasks, as of the last scrape.
+    pub tasks: Gauge,
     /// Connections closed because a request head did not arrive in time.
     pub connections_header_timeout: Counter,
     /// Keep-alive connections closed after `server.idle_timeout_ms` without a request.
@@ -101,6 +103,7 @@ impl Default for Metrics {
             fail_open: Counter::default(),
             client_gone_after_delivery: Counter::default(),
             connections_open: Gauge::default(),
+            tasks: Gauge::default(),
             connections_header_timeout: Counter::default(),
             connections_idle_timeout: Counter::default(),
             store_seconds: AtomicHistogram::exponential(0.000_05, 2.0, 16),
@@ -129,6 +132,7 @@ impl Default for Metrics {
             m.client_gone_after_delivery.clone(),
         );
         registry.register("connections_open", "Client connections open now", m.connections_open.clone());
+        registry.register("tasks", "Live tokio tasks, as of this scrape", m.tasks.clone());
         registry.register(
             "connections_header_timeout",
             "Connections closed because a request head did not arrive within server.header_read_timeout_ms",

@@ -64,6 +64,7 @@ impl Runtime {
             outbox_max_events: config.notifications.max_outbox_per_account,
             job_max_age_secs: (config.jobs.max_queue_age_hours as i64).saturating_mul(3600),
             job_retention_secs: (config.jobs.result_retention_hours as i64).saturating_mul(3600),
+            charge_record_secs: config.charges.record_ttl_secs.min(i64::MAX as u64) as i64,
         };
         let x = &config.export;
         let export_secret = signing_key(&env, x.url.as_ref(), x.secret_env.as_deref(), "export.secret_env")?;

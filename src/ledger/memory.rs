@@ -341,7 +341,7 @@ impl Account {
         apply(u.by_day.entry(day).or_default());
     }
 
-    fn charge(&mut self, req: &ChargeRequest<'_>, now: i64) -> ChargeOutcome {
+    fn charge(&mut self, req: &ChargeRequest<'_>, now: i64, record_secs: i64) -> ChargeOutcome {
         // A re-sent step (same charge id) returns what the first one did; a refunded (or
         // tombstoned) charge id stays refunded.
         if let Some(c) = self.charges.get(req.charge_id) {
@@ -391,7 +391,7 @@ impl Account {
         self.thresholds(req.thresholds, now);
         let receipt = self.receipt(req.charge_id, &record, auto_topup);
         self.charges.insert(req.charge_id.to_owned(), record);
-        self.expiries.push_back((now + RETENTION_SECS, req.charge_id.to_owned()));
+        self.expiries.push_back((now + record_secs, req.charge_id.to_owned()));
         ChargeOutcome::Charged(receipt)
     }
 
@@ -624,7 +624,10 @@ impl Ledger for MemoryLedger {
     }
 
     async fn charge(&self, req: ChargeRequest<'_>) -> LedgerResult<ChargeOutcome> {
-        Ok(self.with_account(req.account, |a, now| a.charge(&req, now)).unwrap_or(ChargeOutcome::NoAccount))
+        let record_secs = lock(&self.limits).charge_record_secs;
+        Ok(self
+            .with_account(req.account, |a, now| a.charge(&req, now, record_secs))
+            .unwrap_or(ChargeOutcome::NoAccount))
     }
 
     async fn refund(&self, account: &str, charge_id: &str) -> LedgerResult<RefundOutcome> {

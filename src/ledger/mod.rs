@@ -273,6 +273,8 @@ pub struct StoreLimits {
     pub job_max_age_secs: i64,
     /// How long an expired job's record stays readable (`jobs.result_retention_hours`).
     pub job_retention_secs: i64,
+    /// How long a charge record is kept for refunds and re-sent steps (`charges.record_ttl_secs`).
+    pub charge_record_secs: i64,
 }
 
 impl Default for StoreLimits {
@@ -283,6 +285,7 @@ impl Default for StoreLimits {
             outbox_max_events: 1_000,
             job_max_age_secs: 768 * 3600,
             job_retention_secs: 168 * 3600,
+            charge_record_secs: RETENTION_SECS,
         }
     }
 }

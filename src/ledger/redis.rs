@@ -149,6 +149,7 @@ pub fn lua_prelude(limits: &StoreLimits) -> String {
         ("{{OUTBOX_MAX}}", limits.outbox_max_events.min(MAX_AMOUNT).to_string()),
         ("{{JOB_MAX_AGE}}", secs(limits.job_max_age_secs).to_string()),
         ("{{JOB_RETENTION}}", secs(limits.job_retention_secs).to_string()),
+        ("{{CHARGE_TTL}}", secs(limits.charge_record_secs).to_string()),
     ] {
         assert!(text.contains(slot), "lua/lib.lua lost its {slot} slot");
         text = text.replace(slot, &value);
