@@ -327,12 +327,12 @@ async fn metered_worker(
     while !stop.load(Ordering::Relaxed) {
         n += 1;
         let chat = format!("{url}/v1/chat/completions");
-        let res = if n % 10 == 0 {
+        let res = if n.is_multiple_of(10) {
             // A bounded set of keys, each repeated: replays, and idempotency records that stop growing.
             let idem = format!("soak-{w}-{}", (n / 20) % 25);
             send(&client, Method::POST, &chat, &key, &[("x-ai-tier", "fast"), ("idempotency-key", &idem)], full("{}"))
                 .await
-        } else if n % 5 == 0 {
+        } else if n.is_multiple_of(5) {
             send(&client, Method::POST, &chat, &key, &[("x-ai-tier", "fast")], full(r#"{"stream":true}"#)).await
         } else {
             send(&client, Method::POST, &chat, &key, &[("x-ai-tier", "fast")], full("{}")).await
@@ -359,7 +359,7 @@ async fn slow_client(s: usize, url: &str, key: &str, counts: Arc<Counts>, stop: 
         );
         let _ = tcp.write_all(head.as_bytes()).await;
         for (i, chunk) in body.chunks(8).enumerate() {
-            if (n + s as u64) % 3 == 0 && i == 3 {
+            if (n + s as u64).is_multiple_of(3) && i == 3 {
                 break; // gives up half-way
             }
             let _ = tcp.write_all(chunk).await;
