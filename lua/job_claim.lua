@@ -58,7 +58,13 @@ for _, id in ipairs(expired) do
   redis.call('LREM', queue, 0, id)
   redis.call('EXPIRE', key, JOB_RETENTION)
 end
-if not chosen then return { events, 'none', redis.call('LLEN', queue) } end
+if not chosen then
+  local left = redis.call('LLEN', queue)
+  -- An empty queue holds no bytes: heals a count that lost track (a record removed by hand or
+  -- evicted, whose bytes were never given back).
+  if left == 0 then redis.call('HDEL', KEYS[1], 'qbytes') end
+  return { events, 'none', left }
+end
 redis.call('HSET', sub_key(a, 'job:' .. chosen), 'status', 'running', 'lease_owner', ARGV[1],
   'lease_until', n(a.now + tonumber(ARGV[2])), 'updated_at', n(a.now))
 return { events, 'claimed', redis.call('LLEN', queue), chosen, job[1], job[2], tonumber(job[3]), job[4],

@@ -138,6 +138,10 @@ pub struct ServerConfig {
     /// Longest gap between two chunks of a request body (408 `request_timeout`).
     #[serde(default = "default_body_read_timeout_ms")]
     pub body_read_timeout_ms: u64,
+    /// Longest an answer may wait for the client to take more bytes (a client that stops
+    /// reading); past it the connection is closed.
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
     /// Most client connections open at once, per listener; further ones wait in the backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -157,6 +161,9 @@ fn default_idle_timeout_ms() -> u64 {
     60_000
 }
 fn default_body_read_timeout_ms() -> u64 {
+    30_000
+}
+fn default_write_timeout_ms() -> u64 {
     30_000
 }
 fn default_max_connections() -> usize {
@@ -752,6 +759,7 @@ impl Config {
             ("server.header_read_timeout_ms", s.header_read_timeout_ms),
             ("server.idle_timeout_ms", s.idle_timeout_ms),
             ("server.body_read_timeout_ms", s.body_read_timeout_ms),
+            ("server.write_timeout_ms", s.write_timeout_ms),
             ("server.max_connections", s.max_connections as u64),
         ] {
             positive(key, v)?;

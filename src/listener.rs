@@ -11,6 +11,10 @@
 //!   flight is closed when no new request starts within it.
 //! * **Body read timeout** (`server.body_read_timeout_ms`): a request body that stalls between two
 //!   chunks fails with [`BodyTimeout`], which the request path answers 408 `request_timeout`.
+//! * **Write timeout** (`server.write_timeout_ms`): an answer that the client stops taking (its
+//!   receive window stays shut) closes the connection — also mid-stream, when no other timeout
+//!   runs. While any answer bytes are still queued the connection is never idle, so the idle
+//!   timeout cannot cut off an answer a slow client is still reading.
 //! * **Head size** (`server.max_header_bytes`): hyper's read buffer; a larger head gets 431.
 //!
 //! One watchdog per connection (a timer in the connection's own task, re-armed rarely) enforces
@@ -54,6 +58,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// `server.body_read_timeout_ms`
     pub body_read_timeout: Duration,
+    /// `server.write_timeout_ms`
+    pub write_timeout: Duration,
     /// `server.max_connections`
     pub max_connections: usize,
     /// `server.max_header_bytes`
@@ -67,6 +73,7 @@ impl Limits {
             header_read_timeout: Duration::from_millis(server.header_read_timeout_ms),
             idle_timeout: Duration::from_millis(server.idle_timeout_ms),
             body_read_timeout: Duration::from_millis(server.body_read_timeout_ms),
+            write_timeout: Duration::from_millis(server.write_timeout_ms),
             max_connections: server.max_connections,
             max_header_bytes: server.max_header_bytes,
         }
@@ -124,6 +131,7 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 enum Expired {
     Header,
     Idle,
+    Write,
 }
 
 async fn connection(
@@ -175,9 +183,11 @@ async fn connection(
                     let reason = match why {
                         Expired::Header => &metrics.connections_header_timeout,
                         Expired::Idle => &metrics.connections_idle_timeout,
+                        Expired::Write => &metrics.connections_write_timeout,
                     };
                     reason.inc();
-                    // No request is in flight: dropping the connection closes the socket.
+                    // Either nothing is in flight and nothing is queued for the client, or the
+                    // client stopped taking its answer: dropping the connection closes it.
                     return;
                 }
             }
@@ -203,6 +213,9 @@ struct ConnState {
     head_started_ms: AtomicU64,
     /// Whether any request has started on this connection.
     served: AtomicU32,
+    /// Since when a write to the client has been waiting (its window shut); `NONE` when the
+    /// last write went through — so also: whether answer bytes are still queued.
+    write_blocked_ms: AtomicU64,
 }
 
 const NONE: u64 = u64::MAX;
@@ -215,7 +228,18 @@ impl ConnState {
             idle_since_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(NONE),
             served: AtomicU32::new(0),
+            write_blocked_ms: AtomicU64::new(NONE),
         }
+    }
+
+    fn write_blocked(&self) {
+        if self.write_blocked_ms.load(Ordering::Relaxed) == NONE {
+            self.write_blocked_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    fn wrote(&self) {
+        self.write_blocked_ms.store(NONE, Ordering::Relaxed);
     }
 
     fn now_ms(&self) -> u64 {
@@ -239,8 +263,13 @@ impl ConnState {
         }
     }
 
-    /// The deadline that applies now, in ms since accept; `None` with a request in flight.
+    /// The deadline that applies now, in ms since accept; `None` with a request in flight whose
+    /// answer the client keeps taking.
     fn deadline_ms(&self, limits: Limits) -> Option<u64> {
+        let blocked = self.write_blocked_ms.load(Ordering::Relaxed);
+        if blocked != NONE {
+            return Some(blocked + limits.write_timeout.as_millis() as u64);
+        }
         if self.active.load(Ordering::Acquire) > 0 {
             return None;
         }
@@ -262,6 +291,9 @@ impl ConnState {
         if self.now_ms() < deadline {
             return None;
         }
+        if self.write_blocked_ms.load(Ordering::Relaxed) != NONE {
+            return Some(Expired::Write);
+        }
         let header = self.head_started_ms.load(Ordering::Relaxed) != NONE || self.served.load(Ordering::Relaxed) == 0;
         Some(if header { Expired::Header } else { Expired::Idle })
     }
@@ -270,7 +302,7 @@ impl ConnState {
     /// state can move the deadline earlier without waking anyone (a head starting on an idle
     /// connection, an answer ending).
     fn next_check(&self, limits: Limits) -> Instant {
-        let recheck = Instant::now() + limits.header_read_timeout.min(limits.idle_timeout);
+        let recheck = Instant::now() + limits.header_read_timeout.min(limits.idle_timeout).min(limits.write_timeout);
         match self.deadline_ms(limits) {
             Some(ms) => (self.accepted + Duration::from_millis(ms)).min(recheck),
             None => recheck,
@@ -301,7 +333,10 @@ impl AsyncRead for Tracked {
 
 impl AsyncWrite for Tracked {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        let this = self.project();
+        let polled = this.inner.poll_write(cx, buf);
+        track_write(this.state, &polled);
+        polled
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -317,11 +352,23 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        let polled = this.inner.poll_write_vectored(cx, bufs);
+        track_write(this.state, &polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// A write that waits starts (or continues) the write timer; one that goes through stops it.
+fn track_write(state: &ConnState, polled: &Poll<std::io::Result<usize>>) {
+    match polled {
+        Poll::Pending => state.write_blocked(),
+        Poll::Ready(Ok(n)) if *n > 0 => state.wrote(),
+        _ => {}
     }
 }
 

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub connections_header_timeout: Counter,
     /// Keep-alive connections closed after `server.idle_timeout_ms` without a request.
     pub connections_idle_timeout: Counter,
+    /// Connections closed because the client stopped taking its answer.
+    pub connections_write_timeout: Counter,
     /// Time of one store step.
     pub store_seconds: AtomicHistogram,
     /// Time to an upstream's response head.
@@ -106,6 +108,7 @@ impl Default for Metrics {
             tasks: Gauge::default(),
             connections_header_timeout: Counter::default(),
             connections_idle_timeout: Counter::default(),
+            connections_write_timeout: Counter::default(),
             store_seconds: AtomicHistogram::exponential(0.000_05, 2.0, 16),
             upstream_seconds: AtomicHistogram::exponential(0.000_5, 2.0, 20),
             jobs_queued: Gauge::default(),
@@ -142,6 +145,11 @@ impl Default for Metrics {
             "connections_idle_timeout",
             "Keep-alive connections closed after server.idle_timeout_ms without a request",
             m.connections_idle_timeout.clone(),
+        );
+        registry.register(
+            "connections_write_timeout",
+            "Connections closed because the client took no answer bytes within server.write_timeout_ms",
+            m.connections_write_timeout.clone(),
         );
         registry.register("store_seconds", "Duration of one store step", m.store_seconds.clone());
         registry.register("upstream_seconds", "Time to an upstream's response head", m.upstream_seconds.clone());

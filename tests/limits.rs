@@ -6,11 +6,13 @@ mod support;
 
 use std::time::Duration;
 
+use axum::Router;
+use axum::body::Body;
 use support::gateway::{ConfigBuilder, TestGateway};
 use support::http;
 use support::upstream::{Behaviour, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 /// The host:port of a gateway URL.
 fn addr(url: &str) -> String {
@@ -182,4 +184,111 @@ async fn shutdown_finishes_requests_in_flight() {
     gw.gateway.shutdown(Duration::from_secs(10)).await;
     assert_eq!(slow.await.unwrap().status, 200, "the request in flight got its answer");
     assert!(TcpStream::connect(addr(&public)).await.is_err(), "no longer listening");
+}
+
+/// An upstream answering every request with `size` bytes of JSON-ish text.
+async fn big_upstream(size: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = listener.local_addr().unwrap();
+    let app = Router::new().fallback(move || async move {
+        let mut body = vec![b' '; size];
+        body[0] = b'{';
+        body[size - 1] = b'}';
+        axum::response::Response::builder().header("content-type", "application/json").body(Body::from(body)).unwrap()
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{a}")
+}
+
+/// Reads until EOF or `limit`; returns (closed, bytes).
+async fn read_all(s: &mut TcpStream, limit: Duration) -> (bool, Vec<u8>) {
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return (false, seen),
+            Ok(Ok(0)) | Ok(Err(_)) => return (true, seen),
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A client that asks for a large answer and never reads it used to hold its connection (and one
+/// of `max_connections`) forever. With the cap at 2, two such clients locked everyone out; the
+/// write timeout closes them.
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_closed_after_the_write_timeout() {
+    let up = big_upstream(64 << 20).await;
+    let config = ConfigBuilder::new(&up)
+        .server("max_connections = 2")
+        .server("header_read_timeout_ms = 300")
+        .server("idle_timeout_ms = 300")
+        .server("body_read_timeout_ms = 300")
+        .server("write_timeout_ms = 500")
+        .build();
+    let gw = TestGateway::start(&config).await;
+    let key = gw.account_with_key("acme", "big").await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr(&gw.public)).await.unwrap();
+        let raw = format!("GET /v1/deals HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n");
+        s.write_all(raw.as_bytes()).await.unwrap();
+        held.push(s); // never read
+    }
+    // Far beyond every configured timeout.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut honest = TcpStream::connect(addr(&gw.public)).await.unwrap();
+    honest.write_all(b"GET /dashboard HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let (_, got) = read_all(&mut honest, Duration::from_secs(5)).await;
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"),
+        "an honest client is served after two non-reading clients sat on the connection cap \
+         (got {} bytes)",
+        got.len()
+    );
+}
+
+/// A slow reader: the answer's body was handed to hyper (so it counts as over) but still sat in
+/// hyper's write queue when the idle timeout fired, and the answer was cut off: a truncated 200.
+/// Queued bytes now keep the connection out of idleness.
+#[tokio::test]
+async fn the_idle_timeout_never_cuts_off_an_answer_a_slow_client_is_still_reading() {
+    const SIZE: usize = 8 << 20;
+    let up = big_upstream(SIZE).await;
+    let config =
+        ConfigBuilder::new(&up).server("header_read_timeout_ms = 60000").server("idle_timeout_ms = 300").build();
+    let gw = TestGateway::start(&config).await;
+    let key = gw.account_with_key("acme", "big").await;
+    let mut s = TcpStream::connect(addr(&gw.public)).await.unwrap();
+    let raw = format!("GET /v1/deals HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n");
+    s.write_all(raw.as_bytes()).await.unwrap();
+    // A slow client: reads 64 KiB every 20 ms (~3 MiB/s), so the 32 MiB take ~10 s.
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    let mut closed = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+        let text_len = seen.windows(4).position(|w| w == b"\r\n\r\n");
+        if let Some(end) = text_len
+            && seen.len() >= end + 4 + SIZE
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").expect("an answer head") + 4;
+    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(seen.len() - end, SIZE, "the whole 200 answer arrives (closed early: {closed}); head: {head}");
 }

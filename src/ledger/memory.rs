@@ -912,6 +912,9 @@ impl JobStore for MemoryLedger {
                     break;
                 }
                 queue.retain(|id| !expired.contains(id));
+                if queue.is_empty() {
+                    *queued_bytes = 0;
+                }
                 chosen
             })
             .flatten())
