@@ -48,8 +48,8 @@ use crate::config::{OnEmpty, OnStoreError};
 use crate::error::GatewayError;
 use crate::extract::read_body;
 use crate::ledger::jobs::{EnqueueOutcome, JobStore, NewJob};
-use crate::ledger::{ChargeRequest, FreeOutcome, Idempotency, Ledger, StoredResponse};
-use crate::meter::{self, Capture, Charge, Failure, MeteredBody, Repeat, Taken};
+use crate::ledger::{ChargeRequest, FreeOutcome, IdemHit, Idempotency, Ledger, StoredResponse};
+use crate::meter::{self, Capture, Charge, Failure, MeteredBody, Taken};
 use crate::proxy::{self, Forwarded, headers::REQUEST_ID};
 use crate::state::{AppState, Runtime};
 
@@ -303,14 +303,14 @@ impl Metered<'_> {
                 Err(e) => return Err(e),
             };
             match repeat {
-                Repeat::InProgress { retry_after_secs } if Instant::now() + pause >= deadline => {
+                IdemHit::InProgress { retry_after_secs } if Instant::now() + pause >= deadline => {
                     return Err(GatewayError::IdempotencyInProgress {
                         retry_after_secs: retry_after_secs.clamp(1, 60),
                     });
                 }
                 // The first request with the key is running (here or on another instance):
                 // wait for its answer, or for its refund, after which this one pays and runs.
-                Repeat::InProgress { .. } => {
+                IdemHit::InProgress { .. } => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(IDEMPOTENCY_POLL_MAX);
                 }
@@ -434,12 +434,14 @@ impl Metered<'_> {
     }
 
     /// Answers a repeat of an idempotency key from the store (a wait that ran out is an error).
-    fn answer_repeat(&self, repeat: Repeat) -> Result<Response, GatewayError> {
+    fn answer_repeat(&self, repeat: IdemHit) -> Result<Response, GatewayError> {
         match repeat {
-            Repeat::Replay { response, remaining, allocation } => Ok(replay(response, remaining, allocation)),
-            Repeat::InProgress { retry_after_secs } => {
+            IdemHit::Replay { response, remaining, allocation } => Ok(replay(response, remaining, allocation)),
+            IdemHit::InProgress { retry_after_secs } => {
                 Err(GatewayError::IdempotencyInProgress { retry_after_secs: retry_after_secs.clamp(1, 60) })
             }
+            IdemHit::Reused => Err(GatewayError::IdempotencyKeyReused),
+            IdemHit::Conflict => Err(GatewayError::IdempotencyConflict),
         }
     }
 
@@ -489,7 +491,7 @@ impl Metered<'_> {
                 res.headers_mut().insert(meter::CHARGED, HeaderValue::from_static("0"));
                 Ok(Queued::Answer(res))
             }
-            EnqueueOutcome::Idempotent(hit) => Ok(Queued::Repeat(meter::repeat(hit)?)),
+            EnqueueOutcome::Idempotent(hit) => Ok(Queued::Repeat(hit)),
             EnqueueOutcome::Full => Err(GatewayError::QueueFull { limit: self.rt.config.jobs.max_queued_per_account }),
             EnqueueOutcome::FullBytes => {
                 Err(GatewayError::QueueBytesFull { limit_bytes: self.rt.config.jobs.max_queued_bytes_per_account })
@@ -504,7 +506,7 @@ enum Queued {
     /// The 202.
     Answer(Response),
     /// The idempotency key was used before.
-    Repeat(Repeat),
+    Repeat(IdemHit),
 }
 
 /// A stored answer as a response.

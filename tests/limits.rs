@@ -22,16 +22,8 @@ fn addr(url: &str) -> String {
 /// Reads until the peer closes the connection or `limit` passes; true when it closed. Whatever
 /// arrives before the close is returned too.
 async fn closed_within(stream: &mut TcpStream, limit: Duration) -> (bool, String) {
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Err(_) => return (false, String::from_utf8_lossy(&seen).into_owned()),
-            Ok(Ok(0)) | Ok(Err(_)) => return (true, String::from_utf8_lossy(&seen).into_owned()),
-            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
+    let (closed, bytes) = read_all(stream, limit).await;
+    (closed, String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// One complete request on `stream`, reading the answer head and its `Content-Length` body.

@@ -380,7 +380,11 @@ impl RedisLedger {
         let srem = redis::cmd("SREM").arg(index.shard_of(account)).arg(account).to_owned();
         let queued = async {
             self.query::<()>(&srem).await?;
-            self.query::<u64>(redis::cmd("LLEN").arg(index.list(account))).await
+            match index {
+                // A history is never empty: what counts is what is left to export.
+                Index::Export => self.export_left(account).await,
+                _ => self.query::<u64>(redis::cmd("LLEN").arg(index.list(account))).await,
+            }
         };
         match queued.await {
             Ok(0) => {}
@@ -825,13 +829,7 @@ impl Ledger for RedisLedger {
             other => return Err(unexpected("export_ack", other)),
         };
         if left == 0 {
-            // Out of the index, then a re-check, as for emptied outboxes (module docs): an entry
-            // appended meanwhile puts the account back.
-            let srem = redis::cmd("SREM").arg(keys::export_index(account)).arg(account).to_owned();
-            self.query::<()>(&srem).await?;
-            if self.export_left(account).await? > 0 {
-                self.index(Index::Export, account).await;
-            }
+            self.unindex_if_empty(Index::Export, account).await;
         }
         Ok(left)
     }

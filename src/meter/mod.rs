@@ -6,7 +6,7 @@
 //!
 //! * [`charge`] is one ledger step; success settles implicitly (no second round trip). Its
 //!   answer says whether this request pays ([`Taken::Charged`]) or repeats an earlier one with the
-//!   same `Idempotency-Key` ([`Repeat`]).
+//!   same `Idempotency-Key` ([`Taken::Repeat`]).
 //! * A refund follows the operation's `refund_on` ([`Failure`], [`refund_due`]): the request
 //!   never reached a backend (`unreachable`), the backend failed (`status_5xx`, also a connection
 //!   that broke after delivery or mid-answer), or it sent no answer head in time (`timeout`).
@@ -90,42 +90,13 @@ pub enum Taken {
     /// Debited: forward it.
     Charged(Charge),
     /// An earlier request with the same idempotency key decides the answer.
-    Repeat(Repeat),
+    Repeat(IdemHit),
     /// This charge id was refunded before (a job attempt whose end was never recorded): a new
     /// attempt needs a new charge id.
     Refunded,
     /// The store is down and `on_error = "fail_open"`: forward uncharged (any charge that landed
     /// unseen is refunded in the background).
     Uncharged,
-}
-
-/// A repeat of an idempotency key whose request was charged.
-#[derive(Debug)]
-pub enum Repeat {
-    /// Its answer, to send again byte for byte; nothing charged now.
-    Replay {
-        /// The stored answer.
-        response: StoredResponse,
-        /// Monthly plus top-up now.
-        remaining: u64,
-        /// Allocation, for the low flag.
-        allocation: u64,
-    },
-    /// It is still running.
-    InProgress {
-        /// Seconds until its lease ends.
-        retry_after_secs: u64,
-    },
-}
-
-/// Maps what a used idempotency key answered: a replay or a wait, or the 409 it is.
-pub fn repeat(hit: IdemHit) -> Result<Repeat, GatewayError> {
-    match hit {
-        IdemHit::Replay { response, remaining, allocation } => Ok(Repeat::Replay { response, remaining, allocation }),
-        IdemHit::InProgress { retry_after_secs } => Ok(Repeat::InProgress { retry_after_secs }),
-        IdemHit::Reused => Err(GatewayError::IdempotencyKeyReused),
-        IdemHit::Conflict => Err(GatewayError::IdempotencyConflict),
-    }
 }
 
 /// What [`charge`] does when the store leaves a charge's outcome unknown.
@@ -182,7 +153,7 @@ pub async fn charge(
             }))
         }
         ChargeOutcome::Refunded => Ok(Taken::Refunded),
-        ChargeOutcome::Idempotent(hit) => repeat(hit).map(Taken::Repeat),
+        ChargeOutcome::Idempotent(hit) => Ok(Taken::Repeat(hit)),
         ChargeOutcome::Refused { remaining, renews_at } => {
             metrics.payment_required.get_or_create(&OperationLabels { operation: operation.clone() }).inc();
             Err(if remaining == 0 {
