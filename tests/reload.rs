@@ -107,8 +107,9 @@ async fn auto_topup_after_a_reload_that_changed_its_package_buys_nothing() {
         let packages =
             http::send("GET", &format!("{}/v1/credits/packages", gw.public), &[("authorization", &customer)], "")
                 .await
-                .text();
-        if packages.contains("20.0") || packages.contains("\"price_eur\":20") {
+                .json();
+        let package = packages["packages"].as_array().unwrap().iter().find(|p| p["package"] == "200").cloned();
+        if package.is_some_and(|p| p["price_eur"].as_f64() == Some(20.0)) {
             reloaded = true;
             break;
         }
