@@ -272,7 +272,7 @@ async fn redis_scenario(
         problems.push(format!("Redis: {per_request:.3} script calls per metered request, expected 1"));
     }
     let line = format!(
-        "Redis script calls (EVALSHA + EVAL) during (d): {scripts} for {charged} metered requests = \
+        "Redis function calls (FCALL) during (d): {scripts} for {charged} metered requests = \
          {per_request:.3} per request (key-cache refreshes included)."
     );
     gateway.shutdown(Duration::from_secs(2)).await;
@@ -329,11 +329,11 @@ mod redis {
             String::from_utf8(body).ok()
         }
 
-        /// Calls of EVALSHA and EVAL so far.
+        /// Calls of FCALL (the ledger functions) so far.
         pub fn script_calls(&self) -> u64 {
             let info = self.info("commandstats").expect("INFO commandstats");
             info.lines()
-                .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+                .filter(|l| l.starts_with("cmdstat_fcall:"))
                 .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
                 .sum()
         }

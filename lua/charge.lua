@@ -9,7 +9,8 @@
 -- ARGV[2]  cost
 -- ARGV[3]  operation
 -- ARGV[4]  category
--- ARGV[5]  request id
+-- ARGV[5]  the end of the charge's history entry, from the operation on, as JSON text:
+--          `"operation":…,"category":…,"request_id":…,"charge_id":…}` (built once, in Rust)
 -- ARGV[6]  idempotency key (ignored without KEYS[3])
 -- ARGV[7]  request fingerprint (ignored without KEYS[3])
 -- ARGV[8]  retention of the idempotency record, seconds (charge records: CHARGE_TTL, lib.lua)
@@ -39,11 +40,11 @@
 --
 -- Same steps as memory.rs `Account::charge`, `auto_topup` and `thresholds`.
 
-local a = load_account(KEYS[1])
+local a = load_account(KEYS[1], true)
 if not a then return { 0, 'noaccount' } end
 
 local charge_id, cost = ARGV[1], tonumber(ARGV[2])
-local operation, category, request_id = ARGV[3], ARGV[4], ARGV[5]
+local operation, category = ARGV[3], ARGV[4]
 local idem_key = false
 if #KEYS == 3 then idem_key = ARGV[6] end
 
@@ -69,18 +70,6 @@ local before = a.monthly + a.topup
 if before < cost then
   return { save_if_renewed(a), 'refused', before, renews_at(a) }
 end
-local thresholds, fired_fields = {}, {}
-for i = 12, #ARGV do
-  thresholds[#thresholds + 1] = tonumber(ARGV[i])
-  fired_fields[#fired_fields + 1] = 'fired:' .. ARGV[i]
-end
--- Threshold -> period in which it last fired.
-local fired = {}
-if #fired_fields > 0 then
-  local v = redis.call('HMGET', KEYS[1], unpack(fired_fields))
-  for i, t in ipairs(thresholds) do fired[t] = tonumber(v[i]) end
-end
-
 -- The step, in memory.
 local from_monthly = math.min(cost, a.monthly)
 local from_topup = cost - from_monthly
@@ -88,8 +77,11 @@ a.monthly = a.monthly - from_monthly
 a.topup = a.topup - from_topup
 a.used = a.used + cost
 local day = div(a.now, 86400)
-add_entry(a, 'charge', -from_monthly, -from_topup,
-  { operation = operation, category = category, request_id = request_id, charge_id = charge_id })
+-- add_entry's JSON, with the request's part prebuilt by the caller.
+a.hist = a.hist + 1
+a.entries[1] = string.format('{"seq":%d,"kind":"charge","at":%d,"monthly_delta":%d,"topup_delta":%d,'
+  .. '"monthly_after":%d,"topup_after":%d,%s', a.hist, a.now, -from_monthly, -from_topup, a.monthly, a.topup,
+  ARGV[5])
 
 -- Auto top-up: only the charge that takes the total from at-or-above the threshold to below it
 -- buys — or, once, the first charge that ends below it after the setting was switched on while
@@ -132,14 +124,22 @@ local function at_or_below(remaining, allocation, t)
   return remaining - div(r * t, 100) <= q * t
 end
 
--- Thresholds reached, each at most once per period.
+-- Thresholds reached, each at most once per period (the period each last fired in is read only
+-- for the thresholds reached).
 local newly_fired = {}
 local remaining = a.monthly + a.topup
-for _, t in ipairs(thresholds) do
-  local reached
-  if t == 0 then reached = remaining == 0 else reached = at_or_below(remaining, a.allocation, t) end
-  if reached and fired[t] ~= a.period then
-    fired[t] = a.period
+local reached, reached_fields = {}, {}
+for i = 12, #ARGV do
+  local t = tonumber(ARGV[i])
+  if (t == 0 and remaining == 0) or (t > 0 and at_or_below(remaining, a.allocation, t)) then
+    reached[#reached + 1] = t
+    reached_fields[#reached_fields + 1] = 'fired:' .. ARGV[i]
+  end
+end
+local fired = {}
+if #reached > 0 then fired = redis.call('HMGET', KEYS[1], unpack(reached_fields)) end
+for i, t in ipairs(reached) do
+  if tonumber(fired[i]) ~= a.period then
     newly_fired[#newly_fired + 1] = 'fired:' .. n(t)
     newly_fired[#newly_fired + 1] = n(a.period)
     local kind = 'credits.low'
@@ -154,19 +154,21 @@ local events = save(a)
 if #newly_fired > 0 then redis.call('HSET', KEYS[1], unpack(newly_fired)) end
 if disarm then redis.call('HSET', KEYS[1], 'auto_armed', '0') end
 if auto_off then redis.call('HSET', KEYS[1], 'auto_enabled', '0') end
+-- The period's total is the sum of its categories (src/ledger/redis.rs `period_usage`).
 local usage = sub_key(a, 'usage:' .. n(a.period))
-redis.call('HINCRBY', usage, 't', n(cost))
 redis.call('HINCRBY', usage, 'c:' .. category, n(cost))
 redis.call('HINCRBY', usage, 'o:' .. operation, n(cost))
 redis.call('HINCRBY', usage, 'd:' .. n(day), n(cost))
 
 local ttl = ARGV[8]
+-- The charge record: what refund.lua and a re-sent step need (absent fields: `refunded` not
+-- yet, `auto` none, `idem` no key).
 redis.call('HSET', KEYS[2], 'cost', n(cost), 'from_monthly', n(from_monthly), 'from_topup', n(from_topup),
-  'period', n(a.period), 'refunded', '0', 'operation', operation, 'category', category,
-  'request_id', request_id, 'at', n(a.now), 'day', n(day), 'auto', n(auto_credits or 0))
+  'period', n(a.period), 'day', n(day), 'operation', operation, 'category', category)
+if auto_credits then redis.call('HSET', KEYS[2], 'auto', n(auto_credits)) end
+if idem_key then redis.call('HSET', KEYS[2], 'idem', idem_key) end
 redis.call('EXPIRE', KEYS[2], CHARGE_TTL)
 if idem_key then
-  redis.call('HSET', KEYS[2], 'idem', idem_key)
   redis.call('HSET', KEYS[3], 'fingerprint', ARGV[7], 'charge_id', charge_id, 'state', 'running',
     'until', n(a.now + tonumber(ARGV[10])))
   redis.call('EXPIRE', KEYS[3], ttl)

@@ -1,4 +1,8 @@
--- lib.lua: the prelude every ledger script starts with (src/ledger/redis.rs prepends it).
+-- lib.lua: the prelude every ledger script starts with. src/ledger/redis.rs puts it and every
+-- script into one Redis function library (Redis 7): this file runs once, when the library is
+-- loaded, and each script becomes a registered function whose arguments are KEYS and ARGV. So
+-- the locals defined here cost nothing per call; they must stay constants and functions.
+-- Functions replicate their effects (what they wrote), so TIME may precede writes.
 --
 -- KEYS, ARGV: none of its own; it only defines locals: the calendar, the clock, a JSON writer,
 -- and the account's load / renew / save, which also write its history entries and outbox
@@ -11,10 +15,6 @@
 -- 2^53, where doubles are exact integers; `div` floors with math.fmod, which is exact, instead of
 -- math.floor(a / b), whose rounded quotient can land on the wrong integer. Numbers are written to
 -- Redis through `n`, because the default number-to-string conversion may use exponent notation.
-
--- Redis 5 and 6 replicate scripts verbatim unless told otherwise, and then refuse a write after
--- TIME; Redis 7 always replicates effects and keeps this call only as a no-op.
-if redis.replicate_commands then redis.replicate_commands() end
 
 -- Floor division and the matching non-negative remainder, for b > 0.
 local function div(a, b)
@@ -158,10 +158,13 @@ local JOB_RETENTION = {{JOB_RETENTION}}
 -- Charge records live this many seconds (refunds and re-sent steps need them).
 local CHARGE_TTL = {{CHARGE_TTL}}
 
-local FIELDS = { 'plan', 'allocation', 'pending_plan', 'pending_allocation', 'anchor', 'period',
-  'monthly', 'topup', 'used', 'email', 'now', 'hist', 'evt', 'auto_count', 'auto_enabled',
-  'auto_threshold', 'auto_package', 'auto_credits', 'auto_price', 'auto_price_json', 'auto_armed',
-  'period_end', 'htrim', 'exp' }
+-- The fields every step reads (HOT, by position below) and the rest (REST), which a lean load
+-- (`load_account(key, true)`, the charge's hot path) reads only when the step turns out to need
+-- them: a renewal, auto top-up switched on, or export-guarded history trimming.
+local HOT = { 'monthly', 'topup', 'used', 'now', 'hist', 'htrim', 'period_end', 'allocation', 'period',
+  'evt', 'auto_count', 'auto_enabled' }
+local REST = { 'plan', 'pending_plan', 'pending_allocation', 'anchor', 'email', 'exp', 'auto_threshold',
+  'auto_package', 'auto_credits', 'auto_price', 'auto_price_json', 'auto_armed' }
 
 -- Another key of the same account: `<account key>:<kind>` shares the account's hash tag, hence
 -- its cluster slot, so a script may use it without declaring it in KEYS (src/ledger/keys.rs).
@@ -185,6 +188,7 @@ end
 -- a per-account counter: `evt_<account>_<n>`, as memory.rs `Account::event`.
 local function add_event(a, kind, data)
   a.evt = a.evt + 1
+  if not a.id then a.id = string.match(a.key, '^cg:{acct:(.*)}$') end
   a.events[#a.events + 1] = json_object('id', 'evt_' .. a.id .. '_' .. n(a.evt), 'type', kind,
     'account_id', a.id, 'created_at', a.now, 'data', { raw = data })
 end
@@ -193,56 +197,63 @@ local function renews_at(a)
   return a.period_end
 end
 
+-- Reads the rest of the account (REST) into `a`.
+local function load_rest(a)
+  local v = redis.call('HMGET', a.key, unpack(REST))
+  a.lean = false
+  a.plan = v[1]
+  a.pending_plan = v[2]
+  a.pending_allocation = tonumber(v[3])
+  a.anchor_unix = tonumber(v[4])
+  a.email = v[5]
+  a.exported = tonumber(v[6]) or 0
+  if v[8] then
+    a.auto = { enabled = a.auto_enabled, threshold = tonumber(v[7]), package = v[8], credits = tonumber(v[9]),
+      price = v[10], price_json = v[11], armed = v[12] == '1' }
+  end
+end
+
 -- Reads the account and moves it, in memory only, into the period containing now: the monthly
 -- bucket is set to the allocation (no roll-over), a pending downgrade takes effect, the count of
 -- auto top-ups restarts, and a `renewal` history entry and a `credits.renewed` event are queued.
 -- The period index only moves forward, so a renewal never happens twice or backwards. Returns
 -- nil when there is no such account. Nothing is written here: callers finish their reads and
 -- checks first, then call `save`, which writes the account and everything queued.
-local function load_account(key)
-  local v = redis.call('HMGET', key, unpack(FIELDS))
-  -- By name from here on: the order of FIELDS is nobody's business.
-  local f = {}
-  for i, name in ipairs(FIELDS) do f[name] = v[i] end
-  if not f.plan then return nil end
+--
+-- `lean`: read only the HOT fields unless the step needs more (see HOT); such an account has
+-- `lean` set, no `plan`, `email` or `auto`, and `save` writes only what a charge changes.
+local function load_account(key, lean)
+  local v = redis.call('HMGET', key, unpack(HOT))
+  if not v[1] then return nil end
+  -- Accounts created before history, events and auto top-up start their counts at 0.
   local a = {
     key = key,
-    id = string.match(key, '^cg:{acct:(.*)}$'),
-    plan = f.plan,
-    allocation = tonumber(f.allocation),
-    pending_plan = f.pending_plan,
-    pending_allocation = tonumber(f.pending_allocation),
-    anchor_unix = tonumber(f.anchor),
-    period = tonumber(f.period),
-    monthly = tonumber(f.monthly),
-    topup = tonumber(f.topup),
-    used = tonumber(f.used),
-    email = f.email,
-    -- Accounts created before history, events and auto top-up start their counts at 0.
-    hist = tonumber(f.hist) or 0,
-    evt = tonumber(f.evt) or 0,
-    auto_count = tonumber(f.auto_count) or 0,
-    -- History entries trimmed so far (seq htrim + 1 is the oldest kept) and the last exported.
-    htrim = tonumber(f.htrim) or 0,
-    exported = tonumber(f.exp) or 0,
+    monthly = tonumber(v[1]),
+    topup = tonumber(v[2]),
+    used = tonumber(v[3]),
+    stored_now = tonumber(v[4]),
+    hist = tonumber(v[5]) or 0,
+    -- History entries trimmed so far (seq htrim + 1 is the oldest kept).
+    htrim = tonumber(v[6]) or 0,
+    -- The end of the current period is kept in the hash, so the calendar runs only when it has
+    -- passed (or for accounts written before it was kept): the hot path does no date arithmetic.
+    period_end = tonumber(v[7]),
+    allocation = tonumber(v[8]),
+    period = tonumber(v[9]),
+    evt = tonumber(v[10]) or 0,
+    auto_count = tonumber(v[11]) or 0,
+    auto_enabled = v[12] == '1',
     auto = false,
+    lean = true,
     renewed = false,
     pending_changed = false,
     entries = {},
     events = {},
   }
-  if f.auto_package then
-    a.auto = { enabled = f.auto_enabled == '1', threshold = tonumber(f.auto_threshold), package = f.auto_package,
-      credits = tonumber(f.auto_credits), price = f.auto_price, price_json = f.auto_price_json,
-      armed = f.auto_armed == '1' }
-  end
-  a.now = clock(tonumber(f.now))
-  -- The end of the current period is kept in the hash, so the calendar runs only when it has
-  -- passed (or for accounts written before it was kept): the hot path does no date arithmetic.
-  a.period_end = tonumber(f.period_end)
-  if a.period_end and a.now < a.period_end then
-    return a
-  end
+  a.now = clock(a.stored_now)
+  local due = not (a.period_end and a.now < a.period_end)
+  if not lean or due or a.auto_enabled or HISTORY_EXPORTED_ONLY then load_rest(a) end
+  if not due then return a end
   a.anchor = anchor_from_unix(a.anchor_unix)
   local k = period_at(a.anchor, a.now)
   if k > a.period then
@@ -292,9 +303,17 @@ local function save(a)
     if trim < 0 then trim = 0 end
   end
   a.htrim = a.htrim + trim
-  redis.call('HSET', a.key, 'plan', a.plan, 'allocation', n(a.allocation), 'period', n(a.period),
-    'monthly', n(a.monthly), 'topup', n(a.topup), 'used', n(a.used), 'now', n(a.now),
-    'hist', n(a.hist), 'evt', n(a.evt), 'auto_count', n(a.auto_count), 'htrim', n(a.htrim))
+  if not a.lean then
+    redis.call('HSET', a.key, 'plan', a.plan, 'allocation', n(a.allocation), 'period', n(a.period),
+      'monthly', n(a.monthly), 'topup', n(a.topup), 'used', n(a.used), 'now', n(a.now),
+      'hist', n(a.hist), 'evt', n(a.evt), 'auto_count', n(a.auto_count), 'htrim', n(a.htrim))
+  elseif trim > 0 or a.now ~= a.stored_now or #a.events > 0 then
+    -- A lean account (no renewal, no auto top-up): only what a charge changes.
+    redis.call('HSET', a.key, 'monthly', n(a.monthly), 'topup', n(a.topup), 'used', n(a.used),
+      'hist', n(a.hist), 'now', n(a.now), 'htrim', n(a.htrim), 'evt', n(a.evt))
+  else
+    redis.call('HSET', a.key, 'monthly', n(a.monthly), 'topup', n(a.topup), 'used', n(a.used), 'hist', n(a.hist))
+  end
   if a.pending_changed then
     if a.pending_plan then
       redis.call('HSET', a.key, 'pending_plan', a.pending_plan, 'pending_allocation', n(a.pending_allocation))

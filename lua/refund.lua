@@ -45,7 +45,7 @@ local operation, category = c[7] or '', c[8] or ''
 -- Charge records written before usage was recorded lack `day`; their `at` gives it.
 local day = tonumber(c[9]) or div(tonumber(c[10]) or a.now, 86400)
 local usage = sub_key(a, 'usage:' .. n(charge_period))
-local usage_fields = { 't', 'c:' .. category, 'o:' .. operation, 'd:' .. n(day) }
+local usage_fields = { 'c:' .. category, 'o:' .. operation, 'd:' .. n(day) }
 local used = redis.call('HMGET', usage, unpack(usage_fields))
 
 -- The step, in memory.

@@ -47,7 +47,7 @@ async fn redis_standalone() {
     outbox_index_recovers(&ledger, redis).await;
     job_index_recovers_and_finished_jobs_expire(&ledger, redis).await;
     survives_script_cache_flush(&ledger, || {
-        server.command(&["SCRIPT", "FLUSH"]);
+        server.command(&["FUNCTION", "FLUSH"]);
     })
     .await;
 }
@@ -71,7 +71,7 @@ async fn redis_cluster() {
     job_index_recovers_and_finished_jobs_expire(&ledger, on_owner).await;
     survives_script_cache_flush(&ledger, || {
         for node in cluster.nodes() {
-            node.command(&["SCRIPT", "FLUSH"]);
+            node.command(&["FUNCTION", "FLUSH"]);
         }
     })
     .await;

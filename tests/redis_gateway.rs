@@ -193,9 +193,9 @@ async fn an_emptied_script_cache_is_reloaded_not_hidden() {
     let up = Upstream::echo().await;
     let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
     let key = gw.account_with_key("acme", "fifty").await;
-    redis.command(&["SCRIPT", "FLUSH"]);
+    redis.command(&["FUNCTION", "FLUSH"]);
     assert_eq!(readyz(&gw).await, 200, "readiness runs a real script (reloading it)");
-    redis.command(&["SCRIPT", "FLUSH"]);
+    redis.command(&["FUNCTION", "FLUSH"]);
     assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1);
     assert_eq!(gw.remaining(&key).await, 49);
 }

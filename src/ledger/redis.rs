@@ -1,9 +1,9 @@
 //! The production store: balances in Redis, standalone or Redis Cluster, every step one Lua script.
 //!
-//! Each [`Ledger`] step on an account is one script in `lua/` (prefixed by the shared
-//! `lua/lib.lua`), run with EVALSHA on the keys of one account, which all share the hash tag
+//! Each [`Ledger`] step on an account is one script in `lua/` (with the shared `lua/lib.lua`),
+//! run as a Redis function (`FCALL`, Redis 7) on the keys of one account, which all share the hash tag
 //! `{acct:<id>}` (see [`keys`]), so the same scripts run on standalone Redis and on Redis Cluster.
-//! A charge is exactly one EVALSHA round trip whose reply carries the whole [`Receipt`] (plus one
+//! A charge is exactly one FCALL round trip whose reply carries the whole [`Receipt`] (plus one
 //! `SADD` when it wrote an event, see below). Every script does all its reads and checks before
 //! its first write: Redis does not roll back a script that fails half-way, so a failing check
 //! must leave nothing behind. API keys and the outbox and job indexes live outside the accounts'
@@ -28,13 +28,13 @@
 //! Standalone Redis goes through one [`ConnectionManager`]: a multiplexed connection (every
 //! concurrent request pipelined on one socket, no checkout) that reconnects in the background
 //! when Redis goes away and comes back, so the gateway recovers without a restart. A pool
-//! (deadpool-redis) would buy nothing here: every step is a single EVALSHA with no connection
+//! (deadpool-redis) would buy nothing here: every step is a single FCALL with no connection
 //! state (no MULTI/WATCH, no blocking command), Redis executes commands one at a time per shard
 //! anyway, and a pool adds a checkout per request and caps concurrency at its size. Redis Cluster
 //! goes through the redis-rs async cluster client, itself multiplexed per node, which follows
 //! MOVED/ASK redirects and retries on I/O errors.
 //!
-//! # Re-sent steps and the script cache
+//! # Re-sent steps and the function library
 //!
 //! A step can reach Redis twice: the cluster client retries after an I/O error, and the gateway
 //! may retry after a timeout (a [`LedgerError`] means the step may or may not have happened).
@@ -45,10 +45,13 @@
 //! job that its runner never hears of; that lease runs out and the job is claimed again. A copy of
 //! a finish finds the lease gone and answers `false`, though the first copy did finish the job.
 //!
-//! The scripts are loaded (`SCRIPT LOAD`, on every node of a cluster) when connecting and then run
-//! with EVALSHA. [`redis::Script`] answers a `NOSCRIPT` error (cache flushed, restart, failover to
-//! a replica) by loading the script and retrying once, so an emptied cache costs one extra round
-//! trip and nothing else.
+//! All scripts form one function library, `creditgate_<hash of its text>` (the prelude runs once,
+//! when the library is loaded, instead of on every call as an EVALSHA script's would), loaded with
+//! `FUNCTION LOAD REPLACE` (on every primary of a cluster) when connecting and then called with
+//! `FCALL`. A call that finds its function missing (`FUNCTION FLUSH`, a server restarted without
+//! persistence, a new primary) loads the library and retries once, so a lost library costs one
+//! extra round trip and nothing else. A function that was not found did not run, so the retry
+//! cannot apply a step twice.
 //!
 //! # History, usage and events
 //!
@@ -64,7 +67,7 @@
 //! only touch its account's slot. So every script's reply starts with the number of events it
 //! appended, and when that is above 0 [`RedisLedger`] adds the account to its shard of the
 //! outbox index ([`keys::outbox_index`]): one extra round trip, only when an event was written
-//! (renewals, top-ups, auto top-ups, low-credit thresholds; a plain charge stays one EVALSHA).
+//! (renewals, top-ups, auto top-ups, low-credit thresholds; a plain charge stays one FCALL).
 //! Two windows remain, both closed:
 //!
 //! - the process dies (or Redis fails) between the script and the `SADD`: the event is durable
@@ -113,7 +116,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Script, ScriptInvocation, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, ToRedisArgs, Value};
 use serde::{Deserialize, Serialize};
 
 use super::jobs::{EnqueueOutcome, Job, JobFinish, JobStore, JobView, NewJob};
@@ -159,80 +162,136 @@ pub fn lua_prelude(limits: &StoreLimits) -> String {
 
 /// The ledger scripts, each the prelude followed by one `lua/` file.
 struct Scripts {
-    create_account: Script,
-    account: Script,
-    charge: Script,
-    refund: Script,
-    topup: Script,
-    update_account: Script,
-    set_auto_topup: Script,
-    history: Script,
-    usage: Script,
-    pending_events: Script,
-    ack_events: Script,
-    job_enqueue: Script,
-    job_claim: Script,
-    job_finish: Script,
-    job_read: Script,
-    idem_complete: Script,
-    free_automatic: Script,
-    export_read: Script,
-    export_ack: Script,
+    create_account: Function,
+    account: Function,
+    charge: Function,
+    refund: Function,
+    topup: Function,
+    update_account: Function,
+    set_auto_topup: Function,
+    history: Function,
+    usage: Function,
+    pending_events: Function,
+    ack_events: Function,
+    job_enqueue: Function,
+    job_claim: Function,
+    job_finish: Function,
+    job_read: Function,
+    idem_complete: Function,
+    free_automatic: Function,
+    export_read: Function,
+    export_ack: Function,
 }
 
 impl Scripts {
-    fn all(&self) -> [&Script; 19] {
-        [
-            &self.create_account,
-            &self.account,
-            &self.charge,
-            &self.refund,
-            &self.topup,
-            &self.update_account,
-            &self.set_auto_topup,
-            &self.history,
-            &self.usage,
-            &self.pending_events,
-            &self.ack_events,
-            &self.job_enqueue,
-            &self.job_claim,
-            &self.job_finish,
-            &self.job_read,
-            &self.idem_complete,
-            &self.free_automatic,
-            &self.export_read,
-            &self.export_ack,
-        ]
+    /// Every script, with `limits` written into the prelude, as one function library named
+    /// after a hash of its text: new limits (or a new version) make a new library, which the
+    /// first call of any of its functions loads, and instances on different configs each call
+    /// their own.
+    fn build(limits: &StoreLimits) -> Self {
+        let bodies: [(&'static str, &str); 19] = [
+            ("create_account", include_str!("../../lua/create_account.lua")),
+            ("account", include_str!("../../lua/account.lua")),
+            ("charge", include_str!("../../lua/charge.lua")),
+            ("refund", include_str!("../../lua/refund.lua")),
+            ("topup", include_str!("../../lua/topup.lua")),
+            ("update_account", include_str!("../../lua/update_account.lua")),
+            ("set_auto_topup", include_str!("../../lua/set_auto_topup.lua")),
+            ("history", include_str!("../../lua/history.lua")),
+            ("usage", include_str!("../../lua/usage.lua")),
+            ("pending_events", include_str!("../../lua/pending_events.lua")),
+            ("ack_events", include_str!("../../lua/ack_events.lua")),
+            ("job_enqueue", include_str!("../../lua/job_enqueue.lua")),
+            ("job_claim", include_str!("../../lua/job_claim.lua")),
+            ("job_finish", include_str!("../../lua/job_finish.lua")),
+            ("job_read", include_str!("../../lua/job_read.lua")),
+            ("idem_complete", include_str!("../../lua/idem_complete.lua")),
+            ("free_automatic", include_str!("../../lua/free_automatic.lua")),
+            ("export_read", include_str!("../../lua/export_read.lua")),
+            ("export_ack", include_str!("../../lua/export_ack.lua")),
+        ];
+        let prelude = lua_prelude(limits);
+        let mut code = prelude.clone();
+        for (name, body) in &bodies {
+            // `#KEYS`, `KEYS[1]`, `ARGV[n]` read the function's own arguments, as in a script.
+            code.push_str(&format!(
+                "\nredis.register_function('cg_{{{{LIB}}}}_{name}', function(KEYS, ARGV)\n{body}\nend)\n"
+            ));
+        }
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(code.as_bytes());
+        let id = hex::encode(&digest[..6]);
+        let code = code.replace("{{LIB}}", &id);
+        let library_name = format!("creditgate_{id}");
+        let library: Arc<str> = format!("#!lua name={library_name}\n{code}").into();
+        let function = |name: &str| Function { name: format!("cg_{id}_{name}"), library: library.clone() };
+        Scripts {
+            create_account: function("create_account"),
+            account: function("account"),
+            charge: function("charge"),
+            refund: function("refund"),
+            topup: function("topup"),
+            update_account: function("update_account"),
+            set_auto_topup: function("set_auto_topup"),
+            history: function("history"),
+            usage: function("usage"),
+            pending_events: function("pending_events"),
+            ack_events: function("ack_events"),
+            job_enqueue: function("job_enqueue"),
+            job_claim: function("job_claim"),
+            job_finish: function("job_finish"),
+            job_read: function("job_read"),
+            idem_complete: function("idem_complete"),
+            free_automatic: function("free_automatic"),
+            export_read: function("export_read"),
+            export_ack: function("export_ack"),
+        }
     }
 }
 
-impl Scripts {
-    /// Every script, with `limits` written into the prelude. New limits make new scripts (new
-    /// SHAs), which the first EVALSHA of each loads (NOSCRIPT, then load and retry).
-    fn build(limits: &StoreLimits) -> Self {
-        let prelude = lua_prelude(limits);
-        let script = |body: &str| Script::new(&format!("{prelude}\n{body}"));
-        Scripts {
-            create_account: script(include_str!("../../lua/create_account.lua")),
-            account: script(include_str!("../../lua/account.lua")),
-            charge: script(include_str!("../../lua/charge.lua")),
-            refund: script(include_str!("../../lua/refund.lua")),
-            topup: script(include_str!("../../lua/topup.lua")),
-            update_account: script(include_str!("../../lua/update_account.lua")),
-            set_auto_topup: script(include_str!("../../lua/set_auto_topup.lua")),
-            history: script(include_str!("../../lua/history.lua")),
-            usage: script(include_str!("../../lua/usage.lua")),
-            pending_events: script(include_str!("../../lua/pending_events.lua")),
-            ack_events: script(include_str!("../../lua/ack_events.lua")),
-            job_enqueue: script(include_str!("../../lua/job_enqueue.lua")),
-            job_claim: script(include_str!("../../lua/job_claim.lua")),
-            job_finish: script(include_str!("../../lua/job_finish.lua")),
-            job_read: script(include_str!("../../lua/job_read.lua")),
-            idem_complete: script(include_str!("../../lua/idem_complete.lua")),
-            free_automatic: script(include_str!("../../lua/free_automatic.lua")),
-            export_read: script(include_str!("../../lua/export_read.lua")),
-            export_ack: script(include_str!("../../lua/export_ack.lua")),
-        }
+/// One ledger script: a function of the library.
+struct Function {
+    name: String,
+    /// The text of the library it belongs to.
+    library: Arc<str>,
+}
+
+impl Function {
+    /// `FUNCTION LOAD REPLACE` of its library (on a cluster, routed to every primary).
+    fn load_cmd(&self) -> Cmd {
+        redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(&*self.library).to_owned()
+    }
+
+    /// Starts a call with its first key.
+    fn key<T: ToRedisArgs>(&self, key: T) -> Invocation<'_> {
+        let mut inv = Invocation { function: self, keys: Vec::with_capacity(3), args: Vec::with_capacity(16) };
+        inv.key(key);
+        inv
+    }
+}
+
+/// A call of a [`Function`] being built: keys, then arguments (same shape as `redis::ScriptInvocation`).
+struct Invocation<'a> {
+    function: &'a Function,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Invocation<'_> {
+    fn key<T: ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        key.write_redis_args(&mut self.keys);
+        self
+    }
+
+    fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    /// `FCALL <function> <number of keys> <keys> <args>`.
+    fn cmd(&self) -> Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(&self.function.name).arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+        cmd
     }
 }
 
@@ -326,17 +385,24 @@ impl RedisLedger {
         }
     }
 
-    async fn with_scripts(mut conn: Connection) -> LedgerResult<Self> {
-        let ledger = Self::new(conn.clone());
-        for script in ledger.scripts.load().all() {
-            script.load_async(&mut conn).await.map_err(store_error)?;
-        }
+    async fn with_scripts(conn: Connection) -> LedgerResult<Self> {
+        let ledger = Self::new(conn);
+        ledger.query::<()>(&ledger.scripts.load().account.load_cmd()).await?;
         Ok(ledger)
     }
 
-    /// Runs a script: EVALSHA, and on NOSCRIPT a load and one retry (see [`redis::Script`]).
-    async fn run(&self, invocation: &ScriptInvocation<'_>) -> LedgerResult<Value> {
-        invocation.invoke_async(&mut self.conn.clone()).await.map_err(store_error)
+    /// Runs a script: `FCALL`, and when the function is missing (a fresh or flushed server, a
+    /// new primary) a load of the library and one retry.
+    async fn run(&self, invocation: &Invocation<'_>) -> LedgerResult<Value> {
+        let cmd = invocation.cmd();
+        match cmd.query_async::<Value>(&mut self.conn.clone()).await {
+            Err(e) if e.to_string().contains("Function not found") => {
+                tracing::info!(function = %invocation.function.name, "ledger function missing on Redis; loading its library");
+                self.query::<()>(&invocation.function.load_cmd()).await?;
+                cmd.query_async(&mut self.conn.clone()).await.map_err(store_error)
+            }
+            other => other.map_err(store_error),
+        }
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> LedgerResult<T> {
@@ -346,7 +412,7 @@ impl RedisLedger {
     /// Runs one step on `account`: a script whose reply starts with the number of outbox events
     /// it appended, followed by the outcome. Indexes the outbox when that number is above 0 (see
     /// the module docs) and returns the rest of the reply.
-    async fn step(&self, account: &str, invocation: &ScriptInvocation<'_>) -> LedgerResult<Reply> {
+    async fn step(&self, account: &str, invocation: &Invocation<'_>) -> LedgerResult<Reply> {
         let mut reply = Reply::new(self.run(invocation).await?)?;
         let appended: u64 = reply.next()?;
         if appended > 0 {
@@ -671,7 +737,7 @@ impl Ledger for RedisLedger {
             .arg(req.cost)
             .arg(req.operation)
             .arg(req.category)
-            .arg(req.request_id)
+            .arg(history_tail(&req))
             .arg(idem_key)
             .arg(fingerprint)
             .arg(RETENTION_SECS)
@@ -1296,6 +1362,31 @@ fn parse_headers(text: &str) -> LedgerResult<Vec<(String, String)>> {
 }
 
 /// A lease, delay or retention as handed to a script (see [`MAX_SECS`]).
+/// The end of a charge's history entry, from the operation on (charge.lua writes the rest):
+/// `"operation":…,"category":…,"request_id":…,"charge_id":…}`, members in the order of
+/// [`HistoryEntry`], strings escaped by serde.
+fn history_tail(req: &ChargeRequest<'_>) -> Vec<u8> {
+    let members = [
+        ("operation", req.operation),
+        ("category", req.category),
+        ("request_id", req.request_id),
+        ("charge_id", req.charge_id),
+    ];
+    let mut out = Vec::with_capacity(64 + members.iter().map(|(_, v)| v.len() + 4).sum::<usize>());
+    for (name, value) in members {
+        out.push(b'"');
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
+        serde_json::to_writer(&mut out, value).expect("a string serializes into a Vec");
+        out.push(b',');
+    }
+    // The last comma closes the object.
+    if let Some(last) = out.last_mut() {
+        *last = b'}';
+    }
+    out
+}
+
 fn secs(secs: i64) -> i64 {
     secs.clamp(-MAX_SECS, MAX_SECS)
 }
@@ -1322,15 +1413,17 @@ impl From<&KeyRecord> for ListedKey {
     }
 }
 
-/// A period's usage from the fields of its usage hash (`t`, `c:<category>`, `o:<operation>`,
-/// `d:<day>`, `f:<operation>`).
+/// A period's usage from the fields of its usage hash (`c:<category>`, `o:<operation>`,
+/// `d:<day>`, `f:<operation>`; the total is the sum of the categories, and a `t` field written by
+/// earlier versions is ignored).
 fn period_usage(period_start: i64, period_end: i64, fields: HashMap<String, u64>) -> LedgerResult<PeriodUsage> {
     let mut u = PeriodUsage { period_start, period_end, ..PeriodUsage::default() };
     let (mut by_category, mut by_operation, mut by_day) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     let mut free_automatic = BTreeMap::new();
     for (field, credits) in fields {
         match field.split_once(':') {
-            None if field == "t" => u.total = credits,
+            // The total of hashes written before it became the sum of the categories.
+            None if field == "t" => {}
             Some(("c", category)) => {
                 by_category.insert(category.to_owned(), credits);
             }
@@ -1347,6 +1440,7 @@ fn period_usage(period_start: i64, period_end: i64, fields: HashMap<String, u64>
             _ => return Err(LedgerError(format!("usage hash has unknown field {field:?}"))),
         }
     }
+    u.total = by_category.values().sum();
     (u.by_category, u.by_operation, u.by_day, u.free_automatic) = (by_category, by_operation, by_day, free_automatic);
     Ok(u)
 }
