@@ -215,6 +215,30 @@ async fn a_repeated_unknown_key_is_looked_up_once() {
     assert!(lookups <= 4, "an unknown and a revoked key, 40 times each, cost {lookups} store lookups");
 }
 
+/// 50 requests that arrive together with a key the gateway has not cached (a fresh instance
+/// under load, a restart) wait for one store lookup instead of making 50. Redis is paused while
+/// they arrive, so every one of them finds the first lookup still under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_requests_of_one_key_make_one_lookup() {
+    let redis = RedisServer::start();
+    let up = Upstream::echo().await;
+    let gw = redis_gateway(&redis, ConfigBuilder::new(&up.url())).await;
+    let key = gw.account_with_key("acme", "pro").await;
+    let before = redis_calls(&redis, "hgetall");
+    redis.command(&["CLIENT", "PAUSE", "700", "ALL"]);
+    let calls = (0..50).map(|_| {
+        let (url, auth) = (gw.url("/v1/deals"), bearer(&key));
+        tokio::spawn(async move { http::send("GET", &url, &[("authorization", &auth)], "").await })
+    });
+    for call in calls.collect::<Vec<_>>() {
+        let res = call.await.unwrap();
+        assert_eq!(res.status, 200, "{}", res.text());
+    }
+    let lookups = redis_calls(&redis, "hgetall") - before;
+    assert_eq!(lookups, 1, "50 concurrent first requests of one key: {lookups} store lookups");
+    assert_eq!(up.count(), 50);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wrong_admin_tokens_are_limited_per_address_even_when_the_guess_is_right() {
     let up = Upstream::echo().await;

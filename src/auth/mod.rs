@@ -66,6 +66,25 @@ pub struct KeyCache {
     /// Keys revoked through this instance, with when: a lookup that was already in flight must
     /// not put one back, and the stale grace never applies to them.
     revoked: std::sync::Mutex<HashMap<Arc<str>, Instant>>,
+    /// Store lookups under way, by key digest: concurrent requests with a key that is not cached
+    /// (64 connections opening with one key, every instance restarted under load, a cached entry
+    /// gone stale) wait for the one lookup instead of each making their own.
+    flights: [std::sync::Mutex<HashMap<[u8; 32], Arc<tokio::sync::Notify>>>; SHARDS],
+}
+
+/// The lookup of one key digest that a request leads; when dropped (done, failed or the request
+/// gone) it leaves the flights and wakes the requests waiting for it.
+struct Flight<'a> {
+    cache: &'a KeyCache,
+    digest: [u8; 32],
+    done: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        self.cache.flights(&self.digest).lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.digest);
+        self.done.notify_waiters();
+    }
 }
 
 impl Default for KeyCache {
@@ -74,6 +93,7 @@ impl Default for KeyCache {
             shards: std::array::from_fn(|_| RwLock::default()),
             unknown: std::array::from_fn(|_| RwLock::default()),
             revoked: Default::default(),
+            flights: std::array::from_fn(|_| Default::default()),
         }
     }
 }
@@ -111,6 +131,23 @@ impl KeyCache {
         &self.shards[digest[0] as usize % SHARDS]
     }
 
+    fn flights(&self, digest: &[u8; 32]) -> &std::sync::Mutex<HashMap<[u8; 32], Arc<tokio::sync::Notify>>> {
+        &self.flights[digest[0] as usize % SHARDS]
+    }
+
+    /// Joins the lookup of `digest` under way (`Err`: wait for it, then read the cache) or starts
+    /// one (`Ok`: this request looks the key up; others wait for it until the guard drops).
+    fn join_flight(&self, digest: [u8; 32]) -> Result<Flight<'_>, tokio::sync::futures::OwnedNotified> {
+        let mut flights = self.flights(&digest).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(done) = flights.get(&digest) {
+            // Registered before the lock is released, so the leader's wake-up cannot be missed.
+            return Err(done.clone().notified_owned());
+        }
+        let done = Arc::new(tokio::sync::Notify::new());
+        flights.insert(digest, done.clone());
+        Ok(Flight { cache: self, digest, done })
+    }
+
     /// Resolves the bearer key in `headers` to its principal. A failure counts against
     /// `client` in `limits`; a client over its allowance gets 429 and no store lookup.
     pub async fn authenticate<L: Ledger>(
@@ -125,17 +162,32 @@ impl KeyCache {
             return Err(limits.auth_failed(client, missing));
         };
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        let stale = {
-            let shard = self.shard(&digest).read().expect("lock");
-            match shard.get(&digest) {
-                Some(e) if e.checked.elapsed() < FRESH => return Ok(e.principal.clone()),
-                Some(e) => Some((e.principal.clone(), e.checked)),
-                None => None,
+        // A second pass only after waiting for another request's lookup of this key, whose
+        // answer is then in the cache (or, if it failed, this request asks the store itself).
+        let mut waited = false;
+        let (stale, _flight) = loop {
+            let stale = {
+                let shard = self.shard(&digest).read().expect("lock");
+                match shard.get(&digest) {
+                    Some(e) if e.checked.elapsed() < FRESH => return Ok(e.principal.clone()),
+                    Some(e) => Some((e.principal.clone(), e.checked)),
+                    None => None,
+                }
+            };
+            if stale.is_none() && self.is_unknown(&digest) {
+                return Err(limits.auth_failed(client, invalid_key()));
+            }
+            if waited {
+                break (stale, None);
+            }
+            match self.join_flight(digest) {
+                Ok(flight) => break (stale, Some(flight)),
+                Err(done) => {
+                    done.await;
+                    waited = true;
+                }
             }
         };
-        if stale.is_none() && self.is_unknown(&digest) {
-            return Err(limits.auth_failed(client, invalid_key()));
-        }
         limits.check_client(client)?;
         // Stamped before the lookup, so an entry is never trusted longer than FRESH after the
         // store said so.
