@@ -200,8 +200,9 @@ fn main() {
 /// was wrong.
 async fn run(settings: &Settings, workers: usize) -> bool {
     let hits = Arc::new(AtomicU64::new(0));
-    let upstream = start_upstream(hits.clone(), settings.sse_chunks).await;
-    let mut bench = Bench { settings, hits, clock: CpuClock::new(), problems: Vec::new(), rows: Vec::new() };
+    let hold_sse = Arc::new(AtomicBool::new(false));
+    let upstream = start_upstream(hits.clone(), hold_sse.clone(), settings.sse_chunks).await;
+    let mut bench = Bench { settings, hits, hold_sse, clock: CpuClock::new(), problems: Vec::new(), rows: Vec::new() };
     let mut latency = Vec::new();
     let mut stream_lines = Vec::new();
     let mut notes = Vec::new();
@@ -212,7 +213,6 @@ async fn run(settings: &Settings, workers: usize) -> bool {
     let direct_get = Target::get(upstream, None);
     let direct_chat = Target::chat(upstream, None, false);
     bench.scenario("(a) upstream direct", Kind::Free, Proxy::None, direct_get, None).await;
-    latency.push(bench.latency("upstream direct", direct_chat.clone()).await);
 
     // (b), (c): the gateway on the memory store.
     {
@@ -230,7 +230,7 @@ async fn run(settings: &Settings, workers: usize) -> bool {
         let c = bench.scenario("(c) metered chat via gateway", Kind::Metered, proxy, chat.clone(), None).await;
         let charged = c.successes();
         bench.check_balance("(c)", after_free, gateway.balance().await, charged, &mut notes);
-        latency.push(bench.latency("metered chat via gateway (memory)", chat.clone()).await);
+        latency.push(bench.latency("metered chat via gateway (memory)", &direct_chat, &chat).await);
 
         // Streams, on both kinds of route: the free route forwards as-is; the metered one also
         // charges and watches the answer to its end (refunds).
@@ -276,7 +276,7 @@ async fn run(settings: &Settings, workers: usize) -> bool {
             if after_free != after {
                 bench.problems.push(format!("(e): the free route changed the balance: {after} → {after_free}"));
             }
-            latency.push(bench.latency("metered chat via gateway (Redis)", chat).await);
+            latency.push(bench.latency("metered chat via gateway (Redis)", &direct_chat, &chat).await);
         }
         None => notes.push("(d), (e) skipped: no redis-server on the PATH (apt-get install redis-server)".into()),
     }
@@ -289,7 +289,7 @@ async fn run(settings: &Settings, workers: usize) -> bool {
             let chat = Target::chat(nginx.addr, None, false);
             bench.scenario("(f) nginx reverse proxy", Kind::Free, proxy, free, None).await;
             bench.scenario("(g) nginx reverse proxy", Kind::Metered, proxy, chat.clone(), None).await;
-            latency.push(bench.latency("chat-shaped POST via nginx", chat).await);
+            latency.push(bench.latency("chat-shaped POST via nginx", &direct_chat, &chat).await);
         }
         Err(why) => notes.push(format!("(f), (g) skipped: {why}")),
     }
@@ -365,6 +365,8 @@ impl Proxy<'_> {
 struct Bench<'s> {
     settings: &'s Settings,
     hits: Arc<AtomicU64>,
+    /// Set while a stream test waits for all its streams to be open (see [`start_upstream`]).
+    hold_sse: Arc<AtomicBool>,
     clock: CpuClock,
     problems: Vec<String>,
     rows: Vec<Scenario>,
@@ -441,17 +443,48 @@ impl Bench<'_> {
         self.rows.last().expect("just pushed")
     }
 
-    /// A 1-connection phase (after a short warm-up): latency without queueing.
-    async fn latency(&mut self, name: &'static str, mut target: Target) -> (&'static str, Phase) {
-        target.add_host();
-        let target = Arc::new(target);
-        let conns = vec![Conn { addr: target.addr, sender: None }];
-        let (conns, _) = phase(conns, &target, 100).await;
-        let (_, measured) = phase(conns, &target, self.settings.latency_requests).await;
-        for (e, n) in &measured.errors {
-            self.problems.push(format!("1-connection latency, {name}: {n} × {e}"));
+    /// One request at a time over one connection to `via` and one to the upstream directly,
+    /// alternating (so both see the same background load), after a short warm-up: latency
+    /// without queueing, and what the proxy adds to it.
+    async fn latency(&mut self, name: &'static str, direct: &Target, via: &Target) -> LatencyRow {
+        let (mut direct, mut via) = (direct.clone(), via.clone());
+        direct.add_host();
+        via.add_host();
+        let mut direct_conn = Conn { addr: direct.addr, sender: None };
+        let mut via_conn = Conn { addr: via.addr, sender: None };
+        let mut row = LatencyRow { name, direct: Phase::default(), via: Phase::default() };
+        let started = Instant::now();
+        let deadline = started + PHASE_LIMIT;
+        const WARMUP: usize = 100;
+        for i in 0..WARMUP + self.settings.latency_requests {
+            if Instant::now() > deadline {
+                self.problems.push(format!("1-connection latency, {name}: cut off after {PHASE_LIMIT:?}"));
+                break;
+            }
+            for (conn, target, phase) in
+                [(&mut direct_conn, &direct, &mut row.direct), (&mut via_conn, &via, &mut row.via)]
+            {
+                let started = Instant::now();
+                let outcome = one_request(conn, target).await;
+                let elapsed = started.elapsed();
+                match outcome {
+                    Ok(()) if i >= WARMUP => {
+                        phase.ok += 1;
+                        phase.latencies.push(elapsed.as_nanos() as u64);
+                    }
+                    Ok(()) => {}
+                    Err(e) => *phase.errors.entry(e).or_default() += 1,
+                }
+            }
         }
-        (name, measured)
+        eprintln!("1-connection latency, {name}: {:.2} s", started.elapsed().as_secs_f64());
+        for (path, p) in [("direct", &mut row.direct), ("via", &mut row.via)] {
+            p.latencies.sort_unstable();
+            for (e, n) in &p.errors {
+                self.problems.push(format!("1-connection latency, {name} ({path}): {n} × {e}"));
+            }
+        }
+        row
     }
 
     /// `expected` credits should have left the account between `before` and `after`.
@@ -478,14 +511,23 @@ impl Bench<'_> {
         let target = Arc::new(target);
         let n = self.settings.streams;
         let expected = SSE_CHUNK.len() * self.settings.sse_chunks;
+        let open = Arc::new(OpenStreams::default());
         let sampler = RssSampler::start(gateway.pid);
         let started = Instant::now();
+        self.hold_sse.store(true, Ordering::Relaxed);
         let tasks: Vec<_> = (0..n)
             .map(|_| {
-                let target = target.clone();
-                tokio::spawn(tokio::time::timeout(PHASE_LIMIT, async move { stream_once(&target).await }))
+                let (target, open) = (target.clone(), open.clone());
+                tokio::spawn(tokio::time::timeout(PHASE_LIMIT, async move { stream_once(&target, &open).await }))
             })
             .collect();
+        // Every stream keeps its last chunk back until all are open (or a failure makes that
+        // impossible and the wait times out).
+        let wait_until = Instant::now() + PHASE_LIMIT / 2;
+        while open.now.load(Ordering::Relaxed) < n && Instant::now() < wait_until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.hold_sse.store(false, Ordering::Relaxed);
         let mut errors: BTreeMap<String, usize> = BTreeMap::new();
         let mut ok = 0;
         for task in tasks {
@@ -498,15 +540,17 @@ impl Bench<'_> {
         }
         let elapsed = started.elapsed();
         let rss = sampler.stop();
+        eprintln!("{n} concurrent streams, {route}: {ok} complete in {:.2} s", elapsed.as_secs_f64());
         for (e, count) in &errors {
             self.problems.push(format!("{n} concurrent streams, {route}: {count} × {e}"));
         }
         let line = format!(
             "{n} concurrent slow streams (`text/event-stream`, {} chunks {}ms apart), {route}: {ok} complete in \
-             {:.1} s; gateway RSS {} MiB before, peak {} MiB (+{} MiB, {:.0} KiB per stream), {} MiB after",
+             {:.1} s, at most {} open at once; gateway RSS {} MiB before, peak {} MiB (+{} MiB, {:.0} KiB per stream), {} MiB after",
             self.settings.sse_chunks,
             SSE_INTERVAL.as_millis(),
             elapsed.as_secs_f64(),
+            open.most.load(Ordering::Relaxed),
             mib(rss.start),
             mib(rss.peak),
             mib(rss.peak.saturating_sub(rss.start)),
@@ -522,9 +566,10 @@ impl Bench<'_> {
         target.add_host();
         let sampler = RssSampler::start(gateway.pid);
         let started = Instant::now();
-        let outcome = tokio::time::timeout(PHASE_LIMIT, stream_once(&target)).await;
+        let outcome = tokio::time::timeout(PHASE_LIMIT, stream_once(&target, &OpenStreams::default())).await;
         let elapsed = started.elapsed();
         let rss = sampler.stop();
+        eprintln!("100 MiB answer, {route}: {:.2} s", elapsed.as_secs_f64());
         let ok = match outcome {
             Ok(Ok(bytes)) if bytes == BULK_BYTES => true,
             Ok(Ok(bytes)) => {
@@ -962,6 +1007,8 @@ mod redis {
         /// Script calls and the µs Redis spent in them (`INFO commandstats`).
         script_calls: u64,
         script_usec: u64,
+        /// Calls of every command but INFO (the bench's own).
+        commands: u64,
     }
 
     /// What Redis did between two snapshots.
@@ -969,6 +1016,7 @@ mod redis {
         pub cpu: Duration,
         pub script_calls: u64,
         pub script_usec: u64,
+        pub commands: u64,
     }
 
     impl Snapshot {
@@ -977,6 +1025,7 @@ mod redis {
                 cpu: Duration::from_secs_f64((self.cpu_seconds - before.cpu_seconds).max(0.0)),
                 script_calls: self.script_calls - before.script_calls,
                 script_usec: self.script_usec - before.script_usec,
+                commands: self.commands - before.commands,
             }
         }
     }
@@ -1030,21 +1079,23 @@ mod redis {
             };
             let cpu_seconds = field("used_cpu_sys") + field("used_cpu_user");
             let stats = self.info("commandstats").expect("INFO commandstats");
-            let (mut script_calls, mut script_usec) = (0, 0);
+            let (mut script_calls, mut script_usec, mut commands) = (0, 0, 0);
             for line in stats.lines() {
                 let Some((name, values)) = line.strip_prefix("cmdstat_").and_then(|l| l.split_once(':')) else {
                     continue;
                 };
-                if !SCRIPT_COMMANDS.contains(&name) {
-                    continue;
-                }
                 let value = |key: &str| -> u64 {
                     values.split(',').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok()).unwrap_or(0)
                 };
-                script_calls += value("calls");
-                script_usec += value("usec");
+                if name != "info" {
+                    commands += value("calls");
+                }
+                if SCRIPT_COMMANDS.contains(&name) {
+                    script_calls += value("calls");
+                    script_usec += value("usec");
+                }
             }
-            Snapshot { cpu_seconds, script_calls, script_usec }
+            Snapshot { cpu_seconds, script_calls, script_usec, commands }
         }
     }
 
@@ -1062,17 +1113,19 @@ type UpstreamBody = Either<Full<Bytes>, StreamBody<BoxStream<'static, Result<Fra
 
 /// A bare hyper HTTP/1 server: reads the request body, answers [`UPSTREAM_BODY`] (or the stream
 /// `x-bench-stream` asks for), keeps the connection alive; counts requests in `hits`.
-async fn start_upstream(hits: Arc<AtomicU64>, sse_chunks: usize) -> SocketAddr {
+/// While `hold_sse` is set, slow streams keep back their last chunk (so a test can have them all
+/// open at once).
+async fn start_upstream(hits: Arc<AtomicU64>, hold_sse: Arc<AtomicBool>, sse_chunks: usize) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the upstream");
     let addr = listener.local_addr().expect("upstream address");
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { continue };
             let _ = tcp.set_nodelay(true);
-            let hits = hits.clone();
+            let (hits, hold_sse) = (hits.clone(), hold_sse.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let hits = hits.clone();
+                    let (hits, hold_sse) = (hits.clone(), hold_sse.clone());
                     async move {
                         let stream = req.headers().get(&BENCH_STREAM).cloned();
                         // Drain the body so the connection stays reusable.
@@ -1080,7 +1133,7 @@ async fn start_upstream(hits: Arc<AtomicU64>, sse_chunks: usize) -> SocketAddr {
                         hits.fetch_add(1, Ordering::Relaxed);
                         let (body, content_type): (UpstreamBody, _) = match stream.as_ref().map(HeaderValue::as_bytes) {
                             Some(b"sse") => {
-                                (Either::Right(StreamBody::new(sse_stream(sse_chunks))), "text/event-stream")
+                                (Either::Right(StreamBody::new(sse_stream(sse_chunks, hold_sse))), "text/event-stream")
                             }
                             Some(b"bulk") => {
                                 (Either::Right(StreamBody::new(bulk_stream())), "application/octet-stream")
@@ -1099,16 +1152,26 @@ async fn start_upstream(hits: Arc<AtomicU64>, sse_chunks: usize) -> SocketAddr {
     addr
 }
 
-/// `chunks` server-sent events, the first at once, then one every [`SSE_INTERVAL`].
-fn sse_stream(chunks: usize) -> BoxStream<'static, Result<Frame<Bytes>, Infallible>> {
-    let stream = futures_util::stream::unfold(0, move |i| async move {
-        if i >= chunks {
-            return None;
+/// `chunks` server-sent events, the first at once, then one every [`SSE_INTERVAL`]; the last one
+/// not before `hold` is cleared (or [`PHASE_LIMIT`] has passed).
+fn sse_stream(chunks: usize, hold: Arc<AtomicBool>) -> BoxStream<'static, Result<Frame<Bytes>, Infallible>> {
+    let stream = futures_util::stream::unfold(0, move |i| {
+        let hold = hold.clone();
+        async move {
+            if i >= chunks {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(SSE_INTERVAL).await;
+            }
+            if i + 1 == chunks {
+                let deadline = Instant::now() + PHASE_LIMIT;
+                while hold.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    tokio::time::sleep(SSE_INTERVAL).await;
+                }
+            }
+            Some((Ok(Frame::data(Bytes::from_static(SSE_CHUNK))), i + 1))
         }
-        if i > 0 {
-            tokio::time::sleep(SSE_INTERVAL).await;
-        }
-        Some((Ok(Frame::data(Bytes::from_static(SSE_CHUNK))), i + 1))
     });
     Box::pin(stream)
 }
@@ -1233,8 +1296,15 @@ async fn one_request(conn: &mut Conn, target: &Target) -> Result<(), String> {
     }
 }
 
+/// How many streams are open (answer head in, end not yet) now, and at most so far.
+#[derive(Default)]
+struct OpenStreams {
+    now: AtomicUsize,
+    most: AtomicUsize,
+}
+
 /// One streamed answer on its own connection, counted but not kept; the bytes that arrived.
-async fn stream_once(target: &Target) -> Result<usize, String> {
+async fn stream_once(target: &Target, open: &OpenStreams) -> Result<usize, String> {
     let mut sender = connect(target.addr).await?;
     let res = sender.send_request(target.request()).await.map_err(|e| format!("send: {e}"))?;
     let (parts, mut body) = res.into_parts();
@@ -1243,12 +1313,21 @@ async fn stream_once(target: &Target) -> Result<usize, String> {
         return target.check_head(parts.status, &parts.headers, &text).map(|()| 0);
     }
     target.check_head(parts.status, &parts.headers, &[])?;
+    let now = open.now.fetch_add(1, Ordering::Relaxed) + 1;
+    open.most.fetch_max(now, Ordering::Relaxed);
     let mut bytes = 0;
+    let mut outcome = Ok(());
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("response body after {bytes} bytes: {e}"))?;
-        bytes += frame.data_ref().map_or(0, Bytes::len);
+        match frame {
+            Ok(frame) => bytes += frame.data_ref().map_or(0, Bytes::len),
+            Err(e) => {
+                outcome = Err(format!("response body after {bytes} bytes: {e}"));
+                break;
+            }
+        }
     }
-    Ok(bytes)
+    open.now.fetch_sub(1, Ordering::Relaxed);
+    outcome.map(|()| bytes)
 }
 
 /// The result of one warm-up or measurement phase.
@@ -1453,6 +1532,16 @@ fn print_table(settings: &Settings, workers: usize, rows: &[Scenario], clock: &C
         rps("(b)", "(f)"),
         rps("(c)", "(g)"),
     );
+    let commands: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let c = r.redis.as_ref()?.commands;
+            Some(format!("{} {:.3}", &r.name[..3], c as f64 / r.measured.completed().max(1) as f64))
+        })
+        .collect();
+    if !commands.is_empty() {
+        println!("Redis commands per request, of any kind (INFO aside): {}.", commands.join(" · "));
+    }
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let tick_us = clock.tick().as_secs_f64() * 1e6 / settings.requests as f64;
     println!();
@@ -1464,7 +1553,8 @@ fn print_table(settings: &Settings, workers: usize, rows: &[Scenario], clock: &C
          machine while the CPU columns are each process's own. Proxy CPU = utime + stime from /proc/PID/stat over the \
          measured phase ÷ requests (nginx: master + workers); one clock tick ({} ms) is {} µs per request here. \
          Redis CPU = used_cpu_sys + used_cpu_user of INFO cpu; µs per script call = Δusec ÷ Δcalls of INFO \
-         commandstats (EVAL/EVALSHA/FCALL). Bench CPU = the client and upstream (this process). (f)/(g) send the \
+         commandstats (EVAL/EVALSHA/FCALL), which Redis times by the wall clock, so on a crowded machine it also \
+         counts moments the core was taken away from redis-server. Bench CPU = the client and upstream (this process). (f)/(g) send the \
          same requests through nginx, which meters nothing. Latency = send until the whole answer is read, \
          successful requests only.",
         thousands(settings.requests as f64),
@@ -1479,24 +1569,37 @@ fn row<'a>(rows: &'a [Scenario], label: &str) -> Option<&'a Scenario> {
     rows.iter().find(|r| r.name.starts_with(label))
 }
 
-fn print_latency(rows: &[(&'static str, Phase)]) {
-    let Some((_, direct)) = rows.first() else { return };
-    let (d50, d99) = (direct.percentile_us(50.0), direct.percentile_us(99.0));
+/// A 1-connection latency row: the proxied path and the upstream directly, interleaved.
+struct LatencyRow {
+    name: &'static str,
+    direct: Phase,
+    via: Phase,
+}
+
+fn print_latency(rows: &[LatencyRow]) {
     println!();
-    println!("1-connection latency (one request at a time, `POST /v1/chat/completions`, fast tier):");
+    println!(
+        "1-connection latency (one request at a time, `POST /v1/chat/completions`, fast tier; each row alternates \
+         its requests with requests straight to the upstream, the \"direct\" columns):"
+    );
     println!();
-    println!("| path | requests | p50 (µs) | p99 (µs) | added p50 (µs) | added p99 (µs) |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for (i, (name, p)) in rows.iter().enumerate() {
-        let (p50, p99) = (p.percentile_us(50.0), p.percentile_us(99.0));
-        let added = |x: f64, base: f64| if i == 0 { "–".to_owned() } else { thousands(x - base) };
+    println!(
+        "| path | requests | p50 (µs) | p99 (µs) | direct p50 (µs) | direct p99 (µs) | added p50 (µs) | added p99 (µs) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let (p50, p99) = (r.via.percentile_us(50.0), r.via.percentile_us(99.0));
+        let (d50, d99) = (r.direct.percentile_us(50.0), r.direct.percentile_us(99.0));
         println!(
-            "| {name} | {} | {} | {} | {} | {} |",
-            thousands(p.completed() as f64),
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.name,
+            thousands(r.via.completed() as f64),
             thousands(p50),
             thousands(p99),
-            added(p50, d50),
-            added(p99, d99)
+            thousands(d50),
+            thousands(d99),
+            thousands(p50 - d50),
+            thousands(p99 - d99)
         );
     }
 }
