@@ -26,9 +26,12 @@
 //! request (utime + stime of `/proc/PID/stat`, nginx's master and workers summed, before and after
 //! the measured phase, divided by the requests); on Redis, redis-server's CPU per request (`INFO
 //! cpu`) and the µs per script call and script calls per request (`INFO commandstats`).
-//! Then: a 1-connection latency row (p50/p99 added over the upstream directly), the gateway's RSS
-//! during 1,000 concurrent slow streams and during one 100 MiB answer, and the targets of issue 12,
-//! each printed as met or not met.
+//! Then: 1-connection latency rows (the chat through the gateway on each store and through nginx,
+//! each alternating request by request with the upstream directly; p50/p99 and what the proxy adds);
+//! the gateway's RSS (`VmRSS`, sampled every 50 ms) during `LOAD_STREAMS` (default 1,000) concurrent
+//! slow streams — the upstream holds each stream's last chunk until all are open — and during one
+//! 100 MiB answer, on the free route and on the metered chat (memory store); and the targets of
+//! issue 12, each printed as met or not met.
 //!
 //! A missed target is only printed. A correctness problem — an answer that is not a 200, a metered
 //! 200 without `x-credits-charged: 1`, a request that never reached the upstream, a balance that
@@ -36,6 +39,7 @@
 //! request, a stream that came back short — is printed and the bench exits with status 1.
 //!
 //! `cargo bench --bench load -- --quick` (or `LOAD_REQUESTS=2000`) is a fast smoke run;
+//! `LOAD_LATENCY_REQUESTS` (default 2,000) and `LOAD_STREAMS` size the latency and stream tests;
 //! `LOAD_COUNT_ALLOCS=1` adds heap allocations per request *in this process* (client and
 //! upstream; the gateway is another process) to the report.
 
@@ -1540,7 +1544,10 @@ fn print_table(settings: &Settings, workers: usize, rows: &[Scenario], clock: &C
         })
         .collect();
     if !commands.is_empty() {
-        println!("Redis commands per request, of any kind (INFO aside): {}.", commands.join(" · "));
+        println!(
+            "Redis commands per request (INFO commandstats, every kind but INFO; the scripts' own redis.call included): {}.",
+            commands.join(" · ")
+        );
     }
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let tick_us = clock.tick().as_secs_f64() * 1e6 / settings.requests as f64;
