@@ -1,42 +1,62 @@
-//! Load bench: what the gateway costs per request, side by side from one run.
+//! Load bench: what the gateway costs per request — wall time *and* CPU, per process — side by
+//! side with nginx, from one run.
 //!
-//! `cargo bench --bench load` starts, in one process and one tokio multi-thread runtime:
+//! `cargo bench --bench load` starts:
 //!
-//! * a fast upstream: a bare hyper HTTP/1 server answering every request with a small fixed JSON
-//!   body over keep-alive, so the numbers show the gateway, not a backend;
-//! * the gateway (`creditgate::server::start`) on the memory store, configured from the shipped
-//!   `config/gateway.toml` with loopback listeners on port 0, both upstreams pointing at the fast
-//!   one, a literal backend credential and `log.level = "warn"`; an `enterprise` account with a
-//!   `user` key and a generous top-up through the admin API;
-//! * a closed-loop client: `LOAD_CONCURRENCY` tasks (default 64), each with its own keep-alive
-//!   HTTP/1 connection, sending requests back to back until `LOAD_REQUESTS` (default 20,000) have
-//!   been sent.
+//! * in this process, a fast upstream: a bare hyper HTTP/1 server answering every request with a
+//!   small fixed JSON body over keep-alive, so the numbers show the proxy, not a backend. A request
+//!   with `x-bench-stream: sse` gets a slow `text/event-stream` instead (a chunk every 100 ms), one
+//!   with `x-bench-stream: bulk` 100 MiB in 64 KiB chunks as fast as it can be taken;
+//! * the gateway as a child process, the release binary `creditgate serve --config FILE`, the
+//!   config built from the shipped `config/gateway.toml` with free loopback ports, both upstreams
+//!   pointing at the fast one, a literal backend credential, `log.level = "warn"` and a rate limit
+//!   the bench cannot reach; an `enterprise` account, a `user` key and a large top-up through the
+//!   admin API. First on the memory store, then (when `redis-server` is installed) on a throwaway
+//!   redis-server (`--save "" --appendonly no`);
+//! * when nginx is installed, nginx as a reverse proxy to the same upstream (2 workers, upstream
+//!   keepalive, access log off) — the reference row;
+//! * in this process, a closed-loop client: `LOAD_CONCURRENCY` tasks (default 64), each with its
+//!   own keep-alive HTTP/1 connection, sending requests back to back until `LOAD_REQUESTS`
+//!   (default 50,000) have been sent, after `LOAD_WARMUP` (default 1,000) unmeasured ones.
 //!
-//! Three scenarios, each with a warm-up (`LOAD_WARMUP`, default 1,000) before it is measured:
-//! (a) the upstream directly, (b) a free route through the gateway (`GET /v1/deals`), (c) a metered
-//! chat (`POST /v1/chat/completions`, `x-ai-tier: fast`, so the body is streamed, never parsed).
-//! A phase is cut off after 60 s. Every answer must be a 200 (the metered ones with
-//! `x-credits-charged: 1`), every gateway request must reach the upstream once, the free route
-//! must leave the balance alone and the metered one must take exactly one credit per success;
-//! anything else is printed and the bench exits with status 1.
+//! Rows: (a) the upstream directly; (b) a free route through the gateway (`GET /v1/deals`); (c) a
+//! metered chat (`POST /v1/chat/completions`, `x-ai-tier: fast`, so the body is streamed, never
+//! parsed), both on the memory store; (d) the metered chat and (e) the free route on Redis; (f)
+//! and (g) the same two requests through nginx. For each: req/s, p50/p99, and the proxy's CPU per
+//! request (utime + stime of `/proc/PID/stat`, nginx's master and workers summed, before and after
+//! the measured phase, divided by the requests); on Redis, redis-server's CPU per request (`INFO
+//! cpu`) and the µs per script call and script calls per request (`INFO commandstats`).
+//! Then: 1-connection latency rows (the chat through the gateway on each store and through nginx,
+//! each alternating request by request with the upstream directly; p50/p99 and what the proxy adds);
+//! the gateway's RSS (`VmRSS`, sampled every 50 ms) during `LOAD_STREAMS` (default 1,000) concurrent
+//! slow streams — the upstream holds each stream's last chunk until all are open — and during one
+//! 100 MiB answer, on the free route and on the metered chat (memory store); and the targets of
+//! issue 12, each printed as met or not met.
+//!
+//! A missed target is only printed. A correctness problem — an answer that is not a 200, a metered
+//! 200 without `x-credits-charged: 1`, a request that never reached the upstream, a balance that
+//! did not drop by exactly the successful metered requests, other than one script call per metered
+//! request, a stream that came back short — is printed and the bench exits with status 1.
 //!
 //! `cargo bench --bench load -- --quick` (or `LOAD_REQUESTS=2000`) is a fast smoke run;
-//! `LOAD_COUNT_ALLOCS=1` adds heap allocations per request to the report.
+//! `LOAD_LATENCY_REQUESTS` (default 2,000) and `LOAD_STREAMS` size the latency and stream tests;
+//! `LOAD_COUNT_ALLOCS=1` adds heap allocations per request *in this process* (client and
+//! upstream; the gateway is another process) to the report.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use creditgate::config::Config;
-use creditgate::ledger::Ledger;
-use creditgate::server::{self, Gateway, StartOptions};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use futures_util::stream::BoxStream;
+use http_body_util::{BodyExt, Either, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -82,12 +102,27 @@ fn count_alloc() {
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
 
-const DEFAULT_REQUESTS: usize = 20_000;
+const DEFAULT_REQUESTS: usize = 50_000;
 const DEFAULT_WARMUP: usize = 1_000;
-const QUICK_REQUESTS: usize = 2_000;
+const QUICK_REQUESTS: usize = 5_000;
 const QUICK_WARMUP: usize = 200;
 const DEFAULT_CONCURRENCY: usize = 64;
-/// A phase (warm-up or measurement) is cut off after this long.
+const DEFAULT_LATENCY_REQUESTS: usize = 2_000;
+const QUICK_LATENCY_REQUESTS: usize = 300;
+const DEFAULT_STREAMS: usize = 1_000;
+/// Chunks of a slow stream, one every [`SSE_INTERVAL`] (30 → about 3 s; quick: 10 → 1 s).
+const DEFAULT_SSE_CHUNKS: usize = 30;
+const QUICK_SSE_CHUNKS: usize = 10;
+const SSE_INTERVAL: Duration = Duration::from_millis(100);
+const SSE_CHUNK: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"token \"}}]}\n\n";
+const BULK_CHUNK_BYTES: usize = 64 * 1024;
+const BULK_CHUNKS: usize = 1_600;
+/// 100 MiB.
+const BULK_BYTES: usize = BULK_CHUNK_BYTES * BULK_CHUNKS;
+/// RSS counts as flat while a 100 MiB answer passes when its peak stays this close to the start.
+const FLAT_RSS_BYTES: u64 = 32 * 1024 * 1024;
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(50);
+/// A phase (warm-up, measurement, stream test) is cut off after this long.
 const PHASE_LIMIT: Duration = Duration::from_secs(60);
 
 const ACCOUNT: &str = "bench";
@@ -100,12 +135,27 @@ const UPSTREAM_BODY: &[u8] = br#"{"id":"chatcmpl-bench","object":"chat.completio
 const CHAT_BODY: &[u8] = br#"{"model":"bench","messages":[{"role":"user","content":"hi"}]}"#;
 const CREDITS_CHARGED: HeaderName = HeaderName::from_static("x-credits-charged");
 const TIER: HeaderName = HeaderName::from_static("x-ai-tier");
+/// Asks the fast upstream for a stream (`sse` or `bulk`) instead of its short answer.
+const BENCH_STREAM: HeaderName = HeaderName::from_static("x-bench-stream");
+
+// Targets of issue 12 (printed as met / not met, never fatal).
+const TARGET_REDIS_US_PER_CHARGE: f64 = 15.0;
+const TARGET_FREE_VS_NGINX: f64 = 1.2;
+const TARGET_METERED_VS_NGINX: f64 = 1.6;
+const TARGET_METERED_VS_FREE_RPS: f64 = 0.7;
+/// Script calls per free request still counted as "none": the key cache's refreshes.
+const FREE_SCRIPT_CALLS_TOLERANCE: f64 = 0.01;
 
 /// Run parameters, from the command line and the environment.
 struct Settings {
     requests: usize,
     warmup: usize,
     concurrency: usize,
+    /// Requests of each 1-connection latency phase.
+    latency_requests: usize,
+    /// Concurrent slow streams.
+    streams: usize,
+    sse_chunks: usize,
     /// `LOAD_COUNT_ALLOCS=1`: also report heap allocations per request (slows every allocation a little).
     count_allocs: bool,
 }
@@ -114,12 +164,17 @@ impl Settings {
     fn from_env() -> Self {
         // `cargo bench` passes `--bench`; only `--quick` means anything here.
         let quick = std::env::args().skip(1).any(|a| a == "--quick");
-        let (requests, warmup) =
-            if quick { (QUICK_REQUESTS, QUICK_WARMUP) } else { (DEFAULT_REQUESTS, DEFAULT_WARMUP) };
+        let pick = |default, quick_value| if quick { quick_value } else { default };
         let settings = Settings {
-            requests: env_usize("LOAD_REQUESTS", requests),
-            warmup: env_usize("LOAD_WARMUP", warmup),
+            requests: env_usize("LOAD_REQUESTS", pick(DEFAULT_REQUESTS, QUICK_REQUESTS)),
+            warmup: env_usize("LOAD_WARMUP", pick(DEFAULT_WARMUP, QUICK_WARMUP)),
             concurrency: env_usize("LOAD_CONCURRENCY", DEFAULT_CONCURRENCY),
+            latency_requests: env_usize(
+                "LOAD_LATENCY_REQUESTS",
+                pick(DEFAULT_LATENCY_REQUESTS, QUICK_LATENCY_REQUESTS),
+            ),
+            streams: env_usize("LOAD_STREAMS", DEFAULT_STREAMS),
+            sse_chunks: pick(DEFAULT_SSE_CHUNKS, QUICK_SSE_CHUNKS),
             count_allocs: env_usize("LOAD_COUNT_ALLOCS", 0) != 0,
         };
         assert!(settings.requests > 0, "LOAD_REQUESTS must be at least 1");
@@ -145,70 +200,125 @@ fn main() {
     }
 }
 
-/// Runs all three scenarios and prints the table; true when anything was wrong.
+/// Runs every row, the latency row and the stream tests, prints the report; true when anything
+/// was wrong.
 async fn run(settings: &Settings, workers: usize) -> bool {
     let hits = Arc::new(AtomicU64::new(0));
-    let upstream = start_upstream(hits.clone()).await;
-    let config = bench_config(upstream);
-    init_logging(&config);
-    let opts = StartOptions { admin_token: Some(ADMIN_TOKEN.into()), ..StartOptions::default() };
-    let gateway = server::start(config, opts).await.expect("gateway starts");
-    let key = seed(&gateway, settings).await;
-    let gw = gateway.public_addr;
-    let bearer = HeaderValue::from_str(&format!("Bearer {key}")).expect("key is a header value");
-
-    let free = Target {
-        addr: upstream,
-        method: Method::GET,
-        path: "/v1/deals",
-        headers: vec![(AUTHORIZATION, bearer.clone())],
-        body: Bytes::new(),
-        metered: false,
-    };
-    let direct = Target { ..free.clone() };
-    let free = Target { addr: gw, ..free };
-    let chat = chat_target(gw, bearer);
-
-    let mut problems = Vec::new();
-    let balance_at_start = balance(&gateway).await;
-    let a = scenario("(a) upstream direct", direct, settings, &hits, &mut problems).await;
-    let b = scenario("(b) free route via gateway", free, settings, &hits, &mut problems).await;
-    let after_free = balance(&gateway).await;
-    if after_free != balance_at_start {
-        problems.push(format!("the free route changed the balance: {balance_at_start} → {after_free}"));
-    }
-    let c = scenario("(c) metered chat via gateway", chat, settings, &hits, &mut problems).await;
-    let after_metered = balance(&gateway).await;
-    let charged = (c.warmup.ok + c.measured.ok) as u64;
-    let dropped = after_free.saturating_sub(after_metered);
-    let balance_line = format!(
-        "balance check: {charged} successful metered requests (warm-up included), balance {after_free} → \
-         {after_metered} (−{dropped})"
-    );
-    if dropped != charged || after_metered > after_free {
-        problems.push(format!("{balance_line}: the drop does not match"));
+    let hold_sse = Arc::new(AtomicBool::new(false));
+    let upstream = start_upstream(hits.clone(), hold_sse.clone(), settings.sse_chunks).await;
+    let mut bench = Bench { settings, hits, hold_sse, clock: CpuClock::new(), problems: Vec::new(), rows: Vec::new() };
+    let mut latency = Vec::new();
+    let mut stream_lines = Vec::new();
+    let mut notes = Vec::new();
+    if let Some(note) = check_open_files_limit(settings.streams) {
+        notes.push(note);
     }
 
-    gateway.shutdown(Duration::from_secs(2)).await;
+    let direct_get = Target::get(upstream, None);
+    let direct_chat = Target::chat(upstream, None, false);
+    bench.scenario("(a) upstream direct", Kind::Free, Proxy::None, direct_get, None).await;
 
-    // (d) the same metered chat with Redis as the store, when a redis-server is at hand.
-    let d = match redis::Server::start() {
-        Some(redis) => Some(redis_scenario(&redis, upstream, settings, &hits, &mut problems).await),
-        None => {
-            println!("(d) skipped: no redis-server on the PATH (apt-get install redis-server)");
-            None
+    // (b), (c): the gateway on the memory store.
+    {
+        let gateway = GatewayProcess::start(&gateway_config(upstream, None)).await;
+        let key = gateway.seed(settings).await;
+        let bearer = Some(bearer(&key));
+        let (free, chat) = (Target::get(gateway.public, bearer.clone()), Target::chat(gateway.public, bearer, true));
+        let proxy = Proxy::Gateway(gateway.pid);
+        let start = gateway.balance().await;
+        bench.scenario("(b) free route via gateway", Kind::Free, proxy, free.clone(), None).await;
+        let after_free = gateway.balance().await;
+        if after_free != start {
+            bench.problems.push(format!("the free route changed the balance: {start} → {after_free}"));
         }
-    };
-    let mut rows = vec![&a, &b, &c];
-    rows.extend(d.as_ref().map(|(s, _)| s));
-    print_table(settings, workers, &rows, &balance_line);
-    if let Some((_, calls_line)) = &d {
-        println!();
-        println!("{calls_line}");
+        let c = bench.scenario("(c) metered chat via gateway", Kind::Metered, proxy, chat.clone(), None).await;
+        let charged = c.successes();
+        bench.check_balance("(c)", after_free, gateway.balance().await, charged, &mut notes);
+        latency.push(bench.latency("metered chat via gateway (memory)", &direct_chat, &chat).await);
+
+        // Streams, on both kinds of route: the free route forwards as-is; the metered one also
+        // charges and watches the answer to its end (refunds).
+        let before = gateway.balance().await;
+        let mut charged = 0;
+        for (route, target) in [("free route", &free), ("metered chat", &chat)] {
+            let sse = target.with_stream("sse");
+            let (line, ok) = bench.concurrent_streams(&gateway, route, sse).await;
+            stream_lines.push(line);
+            let (line, ok_bulk) = bench.bulk_stream(&gateway, route, target.with_stream("bulk")).await;
+            stream_lines.push(line);
+            if target.metered {
+                charged += ok + ok_bulk;
+            }
+        }
+        bench.check_balance("streams", before, gateway.balance().await, charged as u64, &mut notes);
     }
 
+    // (d), (e): the gateway on a throwaway redis-server.
+    match redis::Server::start() {
+        Some(redis) => {
+            let gateway = GatewayProcess::start(&gateway_config(upstream, Some(&redis.url()))).await;
+            let key = gateway.seed(settings).await;
+            let bearer = Some(bearer(&key));
+            let (free, chat) =
+                (Target::get(gateway.public, bearer.clone()), Target::chat(gateway.public, bearer, true));
+            let proxy = Proxy::Gateway(gateway.pid);
+            let before = gateway.balance().await;
+            let d = bench
+                .scenario("(d) metered chat via gateway, Redis", Kind::Metered, proxy, chat.clone(), Some(&redis))
+                .await;
+            let charged = d.successes();
+            let after = gateway.balance().await;
+            bench.check_balance("(d)", before, after, charged, &mut notes);
+            if let Some(per_request) = bench.rows.last().and_then(Scenario::scripts_per_request) {
+                // The key cache refreshes about every 4 s (two reads): a handful of extra calls at most.
+                if !(1.0..1.01).contains(&per_request) {
+                    bench.problems.push(format!("(d): {per_request:.3} script calls per metered request, expected 1"));
+                }
+            }
+            bench.scenario("(e) free route via gateway, Redis", Kind::Free, proxy, free, Some(&redis)).await;
+            let after_free = gateway.balance().await;
+            if after_free != after {
+                bench.problems.push(format!("(e): the free route changed the balance: {after} → {after_free}"));
+            }
+            latency.push(bench.latency("metered chat via gateway (Redis)", &direct_chat, &chat).await);
+        }
+        None => notes.push("(d), (e) skipped: no redis-server on the PATH (apt-get install redis-server)".into()),
+    }
+
+    // (f), (g): nginx in front of the same upstream, the reference.
+    match Nginx::start(upstream) {
+        Ok(nginx) => {
+            let proxy = Proxy::Nginx(&nginx);
+            let free = Target::get(nginx.addr, None);
+            let chat = Target::chat(nginx.addr, None, false);
+            bench.scenario("(f) nginx reverse proxy", Kind::Free, proxy, free, None).await;
+            bench.scenario("(g) nginx reverse proxy", Kind::Metered, proxy, chat.clone(), None).await;
+            latency.push(bench.latency("chat-shaped POST via nginx", &direct_chat, &chat).await);
+        }
+        Err(why) => notes.push(format!("(f), (g) skipped: {why}")),
+    }
+
+    print_table(settings, workers, &bench.rows, &bench.clock);
+    print_latency(&latency);
+    println!();
+    println!("Streams (gateway on the memory store, free route `GET /v1/deals` and metered chat):");
+    for l in &stream_lines {
+        println!("- {l}");
+    }
+    print_targets(&bench.rows);
+    if settings.count_allocs {
+        print_allocs(&bench.rows);
+    }
+    if !notes.is_empty() {
+        println!();
+        for n in &notes {
+            println!("{n}");
+        }
+    }
+
+    let problems = bench.problems;
     if problems.is_empty() {
-        println!("\nOK: every answer was 200 and every credit is accounted for.");
+        println!("\nOK: every answer was 200, every stream complete, and every credit is accounted for.");
         false
     } else {
         eprintln!("\n!!!!!!!!!! LOAD BENCH FAILED: {} problem(s) !!!!!!!!!!", problems.len());
@@ -220,76 +330,712 @@ async fn run(settings: &Settings, workers: usize) -> bool {
     }
 }
 
-// === the fast upstream ===
+fn bearer(key: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("Bearer {key}")).expect("key is a header value")
+}
 
-/// A bare hyper HTTP/1 server: reads the request body, answers [`UPSTREAM_BODY`], keeps the
-/// connection alive; counts requests in `hits`.
-/// A fast-tier chat (tier in the header: priced without reading the body) at `addr`.
-fn chat_target(addr: SocketAddr, bearer: HeaderValue) -> Target {
-    Target {
-        addr,
-        method: Method::POST,
-        path: "/v1/chat/completions",
-        headers: vec![
-            (AUTHORIZATION, bearer),
-            (CONTENT_TYPE, HeaderValue::from_static("application/json")),
-            (TIER, HeaderValue::from_static("fast")),
-        ],
-        body: Bytes::from_static(CHAT_BODY),
-        metered: true,
+/// What a row's request is, for the ×nginx column and the targets.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// `GET /v1/deals`: a free route through the gateway.
+    Free,
+    /// `POST /v1/chat/completions`: metered through the gateway; the same request through nginx.
+    Metered,
+}
+
+/// The proxy a row measures the CPU of.
+#[derive(Clone, Copy)]
+enum Proxy<'a> {
+    /// No proxy: the upstream directly.
+    None,
+    /// The `creditgate serve` child process.
+    Gateway(u32),
+    /// nginx's master and workers.
+    Nginx(&'a Nginx),
+}
+
+impl Proxy<'_> {
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Proxy::None => Vec::new(),
+            Proxy::Gateway(pid) => vec![*pid],
+            Proxy::Nginx(n) => n.pids.clone(),
+        }
     }
 }
 
-/// Scenario (d): a gateway on a fresh Redis; checks the balance and that every metered request
-/// cost exactly one script call (Redis `INFO commandstats`).
-async fn redis_scenario(
-    redis: &redis::Server,
-    upstream: SocketAddr,
-    settings: &Settings,
-    hits: &Arc<AtomicU64>,
-    problems: &mut Vec<String>,
-) -> (Scenario, String) {
-    let mut config = bench_config(upstream);
-    config.store.kind = creditgate::config::StoreKind::Redis;
-    config.store.url = Some(redis.url());
-    let opts = StartOptions { admin_token: Some(ADMIN_TOKEN.into()), ..StartOptions::default() };
-    let gateway = server::start(config, opts).await.expect("gateway on Redis starts");
-    let key = seed(&gateway, settings).await;
-    let bearer = HeaderValue::from_str(&format!("Bearer {key}")).expect("key is a header value");
-    let chat = chat_target(gateway.public_addr, bearer);
-    let before = balance(&gateway).await;
-    let scripts_before = redis.script_calls();
-    let d = scenario("(d) metered chat via gateway, Redis store", chat, settings, hits, problems).await;
-    let scripts = redis.script_calls() - scripts_before;
-    let after = balance(&gateway).await;
-    let charged = (d.warmup.ok + d.measured.ok) as u64;
-    if before - after != charged {
-        problems.push(format!("Redis: {charged} metered requests but the balance dropped by {}", before - after));
+/// The run's shared state: settings, the upstream's hit counter, the rows so far and every
+/// problem found.
+struct Bench<'s> {
+    settings: &'s Settings,
+    hits: Arc<AtomicU64>,
+    /// Set while a stream test waits for all its streams to be open (see [`start_upstream`]).
+    hold_sse: Arc<AtomicBool>,
+    clock: CpuClock,
+    problems: Vec<String>,
+    rows: Vec<Scenario>,
+}
+
+impl Bench<'_> {
+    /// Connects, warms up, measures (wall time, CPU of `proxy`, of this process and of `redis`);
+    /// records anything wrong; appends the row and returns it.
+    async fn scenario(
+        &mut self,
+        name: &'static str,
+        kind: Kind,
+        proxy: Proxy<'_>,
+        mut target: Target,
+        redis: Option<&redis::Server>,
+    ) -> &Scenario {
+        let settings = self.settings;
+        let what = format!("{} {}", target.method, target.path);
+        target.add_host();
+        let target = Arc::new(target);
+        let conns = (0..settings.concurrency).map(|_| Conn { addr: target.addr, sender: None }).collect();
+        let hits_before = self.hits.load(Ordering::Relaxed);
+        let (conns, warmup) = phase(conns, &target, settings.warmup).await;
+
+        let pids = proxy.pids();
+        let redis_before = redis.map(redis::Server::snapshot);
+        let proxy_before = self.clock.cpu(&pids);
+        let self_before = self.clock.cpu(&[std::process::id()]);
+        COUNT_ALLOCS.store(settings.count_allocs, Ordering::Relaxed);
+        let allocs_before = ALLOCS.load(Ordering::Relaxed);
+        let (conns, measured) = phase(conns, &target, settings.requests).await;
+        COUNT_ALLOCS.store(false, Ordering::Relaxed);
+        let allocs = ALLOCS.load(Ordering::Relaxed) - allocs_before;
+        let self_cpu = self.clock.cpu(&[std::process::id()]).zip(self_before).map(|(a, b)| a - b);
+        let proxy_cpu = match proxy {
+            Proxy::None => None,
+            _ => self.clock.cpu(&pids).zip(proxy_before).map(|(a, b)| a - b),
+        };
+        let redis_delta = redis.zip(redis_before).map(|(r, before)| r.snapshot().since(&before));
+        drop(conns);
+
+        let reached = self.hits.load(Ordering::Relaxed) - hits_before;
+        for (label, p) in [("warm-up", &warmup), ("measured", &measured)] {
+            for (e, n) in &p.errors {
+                self.problems.push(format!("{name}, {label}: {n} × {e}"));
+            }
+        }
+        let answered = (warmup.ok + measured.ok) as u64;
+        if reached < answered {
+            self.problems.push(format!("{name}: {answered} answers but only {reached} requests reached the upstream"));
+        }
+        if matches!(proxy, Proxy::Gateway(_) | Proxy::Nginx(_)) && proxy_cpu.is_none() {
+            self.problems.push(format!("{name}: could not read the proxy's CPU time from /proc"));
+        }
+        eprintln!(
+            "{name}: {} ok, {} errors in {:.2} s",
+            measured.ok,
+            measured.error_count(),
+            measured.elapsed.as_secs_f64()
+        );
+        let nginx = matches!(proxy, Proxy::Nginx(_));
+        self.rows.push(Scenario {
+            name,
+            what,
+            kind,
+            nginx,
+            warmup,
+            measured,
+            allocs,
+            proxy_cpu,
+            self_cpu,
+            redis: redis_delta,
+        });
+        self.rows.last().expect("just pushed")
     }
-    // The key cache refreshes about every 4 s (two reads): a handful of extra calls at most.
-    let per_request = scripts as f64 / charged.max(1) as f64;
-    if !(1.0..1.01).contains(&per_request) {
-        problems.push(format!("Redis: {per_request:.3} script calls per metered request, expected 1"));
+
+    /// One request at a time over one connection to `via` and one to the upstream directly,
+    /// alternating (so both see the same background load), after a short warm-up: latency
+    /// without queueing, and what the proxy adds to it.
+    async fn latency(&mut self, name: &'static str, direct: &Target, via: &Target) -> LatencyRow {
+        let (mut direct, mut via) = (direct.clone(), via.clone());
+        direct.add_host();
+        via.add_host();
+        let mut direct_conn = Conn { addr: direct.addr, sender: None };
+        let mut via_conn = Conn { addr: via.addr, sender: None };
+        let mut row = LatencyRow { name, direct: Phase::default(), via: Phase::default() };
+        let started = Instant::now();
+        let deadline = started + PHASE_LIMIT;
+        const WARMUP: usize = 100;
+        for i in 0..WARMUP + self.settings.latency_requests {
+            if Instant::now() > deadline {
+                self.problems.push(format!("1-connection latency, {name}: cut off after {PHASE_LIMIT:?}"));
+                break;
+            }
+            for (conn, target, phase) in
+                [(&mut direct_conn, &direct, &mut row.direct), (&mut via_conn, &via, &mut row.via)]
+            {
+                let started = Instant::now();
+                let outcome = one_request(conn, target).await;
+                let elapsed = started.elapsed();
+                match outcome {
+                    Ok(()) if i >= WARMUP => {
+                        phase.ok += 1;
+                        phase.latencies.push(elapsed.as_nanos() as u64);
+                    }
+                    Ok(()) => {}
+                    Err(e) => *phase.errors.entry(e).or_default() += 1,
+                }
+            }
+        }
+        eprintln!("1-connection latency, {name}: {:.2} s", started.elapsed().as_secs_f64());
+        for (path, p) in [("direct", &mut row.direct), ("via", &mut row.via)] {
+            p.latencies.sort_unstable();
+            for (e, n) in &p.errors {
+                self.problems.push(format!("1-connection latency, {name} ({path}): {n} × {e}"));
+            }
+        }
+        row
     }
-    let line = format!(
-        "Redis function calls (FCALL) during (d): {scripts} for {charged} metered requests = \
-         {per_request:.3} per request (key-cache refreshes included)."
+
+    /// `expected` credits should have left the account between `before` and `after`.
+    fn check_balance(&mut self, label: &str, before: u64, after: u64, expected: u64, notes: &mut Vec<String>) {
+        let dropped = before.saturating_sub(after);
+        let line = format!(
+            "balance check {label}: {expected} successful metered requests (warm-up included), balance {before} → {after} (−{dropped})"
+        );
+        if dropped != expected || after > before {
+            self.problems.push(format!("{line}: the drop does not match"));
+        }
+        notes.push(line);
+    }
+
+    /// `streams` concurrent slow streams through `gateway`, RSS sampled meanwhile; returns the
+    /// report line and how many came back whole.
+    async fn concurrent_streams(
+        &mut self,
+        gateway: &GatewayProcess,
+        route: &str,
+        mut target: Target,
+    ) -> (String, usize) {
+        target.add_host();
+        let target = Arc::new(target);
+        let n = self.settings.streams;
+        let expected = SSE_CHUNK.len() * self.settings.sse_chunks;
+        let open = Arc::new(OpenStreams::default());
+        let sampler = RssSampler::start(gateway.pid);
+        let started = Instant::now();
+        self.hold_sse.store(true, Ordering::Relaxed);
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (target, open) = (target.clone(), open.clone());
+                tokio::spawn(tokio::time::timeout(PHASE_LIMIT, async move { stream_once(&target, &open).await }))
+            })
+            .collect();
+        // Every stream keeps its last chunk back until all are open (or a failure makes that
+        // impossible and the wait times out).
+        let wait_until = Instant::now() + PHASE_LIMIT / 2;
+        while open.now.load(Ordering::Relaxed) < n && Instant::now() < wait_until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.hold_sse.store(false, Ordering::Relaxed);
+        let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+        let mut ok = 0;
+        for task in tasks {
+            match task.await.expect("stream task") {
+                Ok(Ok(bytes)) if bytes == expected => ok += 1,
+                Ok(Ok(bytes)) => *errors.entry(format!("short stream: {bytes} of {expected} bytes")).or_default() += 1,
+                Ok(Err(e)) => *errors.entry(e).or_default() += 1,
+                Err(_) => *errors.entry(format!("cut off after {PHASE_LIMIT:?}")).or_default() += 1,
+            }
+        }
+        let elapsed = started.elapsed();
+        let rss = sampler.stop();
+        eprintln!("{n} concurrent streams, {route}: {ok} complete in {:.2} s", elapsed.as_secs_f64());
+        for (e, count) in &errors {
+            self.problems.push(format!("{n} concurrent streams, {route}: {count} × {e}"));
+        }
+        let line = format!(
+            "{n} concurrent slow streams (`text/event-stream`, {} chunks {}ms apart), {route}: {ok} complete in \
+             {:.1} s, at most {} open at once; gateway RSS {} MiB before, peak {} MiB (+{} MiB, {:.0} KiB per stream), {} MiB after",
+            self.settings.sse_chunks,
+            SSE_INTERVAL.as_millis(),
+            elapsed.as_secs_f64(),
+            open.most.load(Ordering::Relaxed),
+            mib(rss.start),
+            mib(rss.peak),
+            mib(rss.peak.saturating_sub(rss.start)),
+            rss.peak.saturating_sub(rss.start) as f64 / 1024.0 / n.max(1) as f64,
+            mib(rss.end),
+        );
+        (line, ok)
+    }
+
+    /// One 100 MiB answer read as fast as the client can, RSS sampled meanwhile; returns the
+    /// report line and 1 when it came back whole.
+    async fn bulk_stream(&mut self, gateway: &GatewayProcess, route: &str, mut target: Target) -> (String, usize) {
+        target.add_host();
+        let sampler = RssSampler::start(gateway.pid);
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(PHASE_LIMIT, stream_once(&target, &OpenStreams::default())).await;
+        let elapsed = started.elapsed();
+        let rss = sampler.stop();
+        eprintln!("100 MiB answer, {route}: {:.2} s", elapsed.as_secs_f64());
+        let ok = match outcome {
+            Ok(Ok(bytes)) if bytes == BULK_BYTES => true,
+            Ok(Ok(bytes)) => {
+                self.problems.push(format!("100 MiB answer, {route}: short body, {bytes} of {BULK_BYTES} bytes"));
+                false
+            }
+            Ok(Err(e)) => {
+                self.problems.push(format!("100 MiB answer, {route}: {e}"));
+                false
+            }
+            Err(_) => {
+                self.problems.push(format!("100 MiB answer, {route}: cut off after {PHASE_LIMIT:?}"));
+                false
+            }
+        };
+        let growth = rss.peak.saturating_sub(rss.start);
+        let verdict = if growth < FLAT_RSS_BYTES { "flat" } else { "NOT flat" };
+        let line = format!(
+            "one 100 MiB answer (64 KiB chunks), {route}: {} in {:.2} s ({:.0} MiB/s); gateway RSS {} MiB at start, \
+             peak {} MiB, {} MiB at end: {verdict} (peak − start {} MiB, limit {} MiB)",
+            if ok { "all bytes arrived" } else { "INCOMPLETE" },
+            elapsed.as_secs_f64(),
+            BULK_BYTES as f64 / 1024.0 / 1024.0 / elapsed.as_secs_f64().max(1e-9),
+            mib(rss.start),
+            mib(rss.peak),
+            mib(rss.end),
+            mib(growth),
+            FLAT_RSS_BYTES / 1024 / 1024,
+        );
+        (line, usize::from(ok))
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / 1024.0 / 1024.0)
+}
+
+/// A note when this process may run out of file descriptors for the stream test (client and
+/// upstream ends of every stream live here). `ulimit -n` raises the limit; the bench cannot
+/// without a new dependency.
+fn check_open_files_limit(streams: usize) -> Option<String> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft: usize = line.split_whitespace().nth(3)?.parse().ok()?;
+    let needed = 2 * streams + 256;
+    (soft < needed).then(|| {
+        format!(
+            "warning: open-files limit {soft} < {needed} needed for {streams} streams (client and upstream ends): \
+             expect connect errors; raise it with `ulimit -n {needed}` before the bench"
+        )
+    })
+}
+
+// === CPU and memory of other processes ===
+
+/// Reads processes' CPU time (utime + stime) from `/proc/PID/stat`.
+struct CpuClock {
+    ticks_per_second: u64,
+}
+
+impl CpuClock {
+    /// `/proc` counts in clock ticks; `getconf CLK_TCK` says how many make a second (libc's
+    /// `sysconf` would need a new dependency). 100 on every common Linux when getconf is missing.
+    fn new() -> Self {
+        let asked = Command::new("getconf").arg("CLK_TCK").stderr(Stdio::null()).output().ok();
+        let ticks = asked.and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok()).filter(|&t| t > 0);
+        CpuClock { ticks_per_second: ticks.unwrap_or(100) }
+    }
+
+    /// The resolution of every CPU figure.
+    fn tick(&self) -> Duration {
+        Duration::from_secs(1) / self.ticks_per_second as u32
+    }
+
+    /// CPU time used so far by `pids` together; `None` when any is unreadable (or none given).
+    fn cpu(&self, pids: &[u32]) -> Option<Duration> {
+        if pids.is_empty() {
+            return None;
+        }
+        let mut ticks = 0;
+        for &pid in pids {
+            let fields = stat_fields(pid)?;
+            // Fields 14 and 15 of proc(5), counted from 1; `fields` starts at field 3.
+            let user: u64 = fields.get(11)?.parse().ok()?;
+            let system: u64 = fields.get(12)?.parse().ok()?;
+            ticks += user + system;
+        }
+        Some(Duration::from_secs_f64(ticks as f64 / self.ticks_per_second as f64))
+    }
+}
+
+/// The fields of `/proc/PID/stat` after the command name (which may hold spaces), from field 3
+/// (`state`) on.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The live children of `parent` (a scan of `/proc`: `/proc/PID/task/PID/children` needs a
+/// kernel option).
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| stat_fields(pid).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(parent))
+        .collect()
+}
+
+/// `VmRSS` of a process, in bytes.
+fn vm_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim();
+    Some(kib.parse::<u64>().ok()? * 1024)
+}
+
+/// Resident memory of one process at the start, at its highest and at the end of a test.
+struct Rss {
+    start: u64,
+    peak: u64,
+    end: u64,
+}
+
+/// Samples a process's RSS every [`RSS_SAMPLE_EVERY`] on its own thread (so a busy runtime
+/// cannot delay it) until stopped, for at most twice [`PHASE_LIMIT`].
+struct RssSampler {
+    pid: u32,
+    start: u64,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let start = vm_rss(pid).unwrap_or(0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + 2 * PHASE_LIMIT;
+            let mut peak = start;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                std::thread::sleep(RSS_SAMPLE_EVERY);
+                peak = peak.max(vm_rss(pid).unwrap_or(0));
+            }
+            peak
+        });
+        RssSampler { pid, start, stop, thread }
+    }
+
+    fn stop(self) -> Rss {
+        self.stop.store(true, Ordering::Relaxed);
+        let end = vm_rss(self.pid).unwrap_or(0);
+        let peak = self.thread.join().expect("RSS sampler").max(end);
+        Rss { start: self.start, peak, end }
+    }
+}
+
+// === the gateway ===
+
+/// `creditgate serve --config FILE` as a child process, killed on drop.
+struct GatewayProcess {
+    child: Child,
+    pid: u32,
+    public: SocketAddr,
+    admin: SocketAddr,
+    config: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().expect("local address").port()
+}
+
+impl GatewayProcess {
+    /// Writes `config` with free loopback ports to a temp file, starts the binary on it and waits
+    /// for `/healthz` (a few attempts, in case another process took a port in between).
+    async fn start(config: &toml::Table) -> Self {
+        for attempt in 0..3 {
+            let (public, admin) = (free_port(), free_port());
+            let mut config = config.clone();
+            let server = table(&mut config, &["server"]);
+            server.insert("listen".into(), toml::Value::String(format!("127.0.0.1:{public}")));
+            server.insert("admin_listen".into(), toml::Value::String(format!("127.0.0.1:{admin}")));
+            let path = std::env::temp_dir().join(format!("creditgate-load-{}-{public}.toml", std::process::id()));
+            std::fs::write(&path, config.to_string()).expect("write the bench config");
+            let child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
+                .args(["serve", "--config"])
+                .arg(&path)
+                .env("CREDITGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn creditgate serve");
+            let mut gateway = GatewayProcess {
+                pid: child.id(),
+                child,
+                public: SocketAddr::from(([127, 0, 0, 1], public)),
+                admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+                config: path,
+            };
+            if gateway.wait_healthy().await {
+                return gateway;
+            }
+            eprintln!("creditgate serve did not become healthy (attempt {})", attempt + 1);
+        }
+        panic!("creditgate serve did not start; its log is above");
+    }
+
+    async fn wait_healthy(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if let Ok((StatusCode::OK, _)) = call(self.admin, Method::GET, "/healthz", None).await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// Creates the account and its `user` key and tops it up (admin API, SPEC §5) so the metered
+    /// scenarios never run dry; returns the key.
+    async fn seed(&self, settings: &Settings) -> String {
+        let admin = |path: String, body: serde_json::Value| async move {
+            let (status, answer) = call(self.admin, Method::POST, &path, Some(body)).await.expect("admin API");
+            let text = String::from_utf8_lossy(&answer).into_owned();
+            assert!(status.is_success(), "POST {path}: {status} {text}");
+            serde_json::from_str::<serde_json::Value>(&text).expect("admin API answers JSON")
+        };
+        admin("/admin/v1/accounts".into(), serde_json::json!({"id": ACCOUNT, "plan": PLAN})).await;
+        let key = admin(format!("/admin/v1/accounts/{ACCOUNT}/keys"), serde_json::json!({"role": "user"})).await;
+        let credits =
+            4 * (settings.requests + settings.warmup + settings.latency_requests + settings.streams) + 1_000_000;
+        let topup = serde_json::json!({"credits": credits, "payment_ref": "bench-topup"});
+        admin(format!("/admin/v1/accounts/{ACCOUNT}/topups"), topup).await;
+        key["key"].as_str().expect("the key answer has `key`").to_owned()
+    }
+
+    /// The account's remaining credits (admin API).
+    async fn balance(&self) -> u64 {
+        let path = format!("/admin/v1/accounts/{ACCOUNT}");
+        let (status, body) = call(self.admin, Method::GET, &path, None).await.expect("admin API");
+        assert_eq!(status, StatusCode::OK, "GET {path}: {}", String::from_utf8_lossy(&body));
+        let account: serde_json::Value = serde_json::from_slice(&body).expect("account JSON");
+        account["remaining"].as_u64().expect("the account has `remaining`")
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// The shipped config, pointed at the fast upstream, on the memory store or Redis at `redis_url`;
+/// the listeners are filled in by [`GatewayProcess::start`].
+fn gateway_config(upstream: SocketAddr, redis_url: Option<&str>) -> toml::Table {
+    let text = include_str!("../config/gateway.toml");
+    let mut doc: toml::Table = text.parse().expect("config/gateway.toml is TOML");
+    let s = |v: &str| toml::Value::String(v.to_owned());
+    let urls = toml::Value::Array(vec![s(&format!("http://{upstream}"))]);
+    let store = table(&mut doc, &["store"]);
+    match redis_url {
+        Some(url) => {
+            store.insert("kind".into(), s("redis"));
+            store.insert("url".into(), s(url));
+        }
+        None => {
+            store.insert("kind".into(), s("memory"));
+            store.remove("url");
+        }
+    }
+    let ai = table(&mut doc, &["upstreams", "ai"]);
+    ai.insert("urls".into(), urls.clone());
+    ai.insert(
+        "headers".into(),
+        toml::Value::Table([("authorization".to_owned(), s(BACKEND_CREDENTIAL))].into_iter().collect()),
     );
-    gateway.shutdown(Duration::from_secs(2)).await;
-    (d, line)
+    table(&mut doc, &["upstreams", "app"]).insert("urls".into(), urls);
+    table(&mut doc, &["log"]).insert("level".into(), s("warn"));
+    // The limiter stays on (its cost is part of the measurement) with a rate the bench cannot reach.
+    table(&mut doc, &["plans", PLAN]).insert("rate_limit_per_second".into(), toml::Value::Integer(1_000_000));
+    doc
 }
 
-/// A throwaway `redis-server` on a free loopback port (no persistence), killed on drop.
+/// The table at `path`; panics naming it when the shipped config lacks it.
+fn table<'a>(doc: &'a mut toml::Table, path: &[&str]) -> &'a mut toml::Table {
+    let mut t = doc;
+    for key in path {
+        t = t.get_mut(*key).and_then(toml::Value::as_table_mut).unwrap_or_else(|| panic!("no [{}]", path.join(".")));
+    }
+    t
+}
+
+/// One admin request (bearer: the admin token) on a fresh connection; the status and whole body.
+async fn call(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    json: Option<serde_json::Value>,
+) -> Result<(StatusCode, Bytes), String> {
+    let mut sender = connect(addr).await?;
+    let body = json.map_or_else(Bytes::new, |j| Bytes::from(j.to_string()));
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, addr.to_string())
+        .header(AUTHORIZATION, format!("Bearer {ADMIN_TOKEN}"))
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    let res = sender.send_request(req).await.map_err(|e| format!("{path}: {e}"))?;
+    let status = res.status();
+    let body = res.into_body().collect().await.map_err(|e| format!("{path}: {e}"))?.to_bytes();
+    Ok((status, body))
+}
+
+// === nginx, the reference ===
+
+/// nginx as a reverse proxy to the fast upstream, from a temp prefix directory; stopped on drop.
+struct Nginx {
+    child: Child,
+    dir: PathBuf,
+    addr: SocketAddr,
+    /// The master and its workers.
+    pids: Vec<u32>,
+}
+
+const NGINX_WORKERS: usize = 2;
+
+impl Nginx {
+    /// `Err` says why there is no nginx row (not installed, did not start).
+    fn start(upstream: SocketAddr) -> Result<Nginx, String> {
+        let binary = nginx_binary().ok_or("no nginx on the PATH or at /usr/sbin/nginx (apt-get install nginx)")?;
+        let dir = std::env::temp_dir().join(format!("creditgate-load-nginx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let port = free_port();
+        let d = dir.display();
+        // Upstream keepalive as the issue asks; keepalive_requests raised so neither side closes
+        // connections every 1,000 requests (the gateway never does); nothing buffered to disk.
+        let conf = format!(
+            "worker_processes {NGINX_WORKERS};\ndaemon off;\nmaster_process on;\nerror_log {d}/error.log warn;\n\
+             pid {d}/nginx.pid;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n\
+               client_body_temp_path {d}/client_body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+               uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  keepalive_requests 1000000;\n\
+               upstream backend {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backend;\n\
+                   proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_max_temp_file_size 0;\n\
+                 }}\n  }}\n}}\n"
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).map_err(|e| format!("write {}: {e}", conf_path.display()))?;
+        let child = Command::new(&binary)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
+        let mut nginx = Nginx { pids: vec![child.id()], child, dir, addr: SocketAddr::from(([127, 0, 0, 1], port)) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = nginx.child.try_wait() {
+                let log = std::fs::read_to_string(nginx.dir.join("error.log")).unwrap_or_default();
+                return Err(format!("nginx exited ({status}): {}", log.trim()));
+            }
+            let workers = children_of(nginx.pids[0]);
+            if workers.len() >= NGINX_WORKERS && std::net::TcpStream::connect(nginx.addr).is_ok() {
+                nginx.pids.extend(workers);
+                return Ok(nginx);
+            }
+            if Instant::now() > deadline {
+                return Err("nginx did not start listening within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn nginx_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("nginx"))
+        .chain([PathBuf::from("/usr/sbin/nginx")])
+        .find(|p| p.is_file())
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM lets the master stop its workers; a SIGKILLed master would leave them behind.
+        let master = self.pids[0].to_string();
+        let _ = Command::new("kill").args(["-TERM", &master]).status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in &self.pids[1..] {
+            if Path::new(&format!("/proc/{pid}")).exists() && stat_fields(*pid).is_some_and(|f| f[0] != "Z") {
+                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(Stdio::null()).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// === Redis ===
+
 mod redis {
     use std::io::{BufRead, BufReader, Write};
     use std::net::{TcpListener, TcpStream};
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
+    /// A throwaway `redis-server` on a free loopback port (no persistence), killed on drop.
     pub struct Server {
         child: Child,
         port: u16,
     }
+
+    /// Counters read at one moment.
+    pub struct Snapshot {
+        /// `used_cpu_sys + used_cpu_user` of `INFO cpu`, seconds.
+        cpu_seconds: f64,
+        /// Script calls and the µs Redis spent in them (`INFO commandstats`).
+        script_calls: u64,
+        script_usec: u64,
+        /// Calls of every command but INFO (the bench's own).
+        commands: u64,
+    }
+
+    /// What Redis did between two snapshots.
+    pub struct Delta {
+        pub cpu: Duration,
+        pub script_calls: u64,
+        pub script_usec: u64,
+        pub commands: u64,
+    }
+
+    impl Snapshot {
+        pub fn since(&self, before: &Snapshot) -> Delta {
+            Delta {
+                cpu: Duration::from_secs_f64((self.cpu_seconds - before.cpu_seconds).max(0.0)),
+                script_calls: self.script_calls - before.script_calls,
+                script_usec: self.script_usec - before.script_usec,
+                commands: self.commands - before.commands,
+            }
+        }
+    }
+
+    /// The commands that run a script or function.
+    const SCRIPT_COMMANDS: [&str; 6] = ["eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro"];
 
     impl Server {
         /// `None` when `redis-server` is not installed.
@@ -329,13 +1075,31 @@ mod redis {
             String::from_utf8(body).ok()
         }
 
-        /// Calls of FCALL (the ledger functions) so far.
-        pub fn script_calls(&self) -> u64 {
-            let info = self.info("commandstats").expect("INFO commandstats");
-            info.lines()
-                .filter(|l| l.starts_with("cmdstat_fcall:"))
-                .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
-                .sum()
+        /// CPU and script counters now.
+        pub fn snapshot(&self) -> Snapshot {
+            let cpu = self.info("cpu").expect("INFO cpu");
+            let field = |name: &str| -> f64 {
+                cpu.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok()).unwrap_or(0.0)
+            };
+            let cpu_seconds = field("used_cpu_sys") + field("used_cpu_user");
+            let stats = self.info("commandstats").expect("INFO commandstats");
+            let (mut script_calls, mut script_usec, mut commands) = (0, 0, 0);
+            for line in stats.lines() {
+                let Some((name, values)) = line.strip_prefix("cmdstat_").and_then(|l| l.split_once(':')) else {
+                    continue;
+                };
+                let value = |key: &str| -> u64 {
+                    values.split(',').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok()).unwrap_or(0)
+                };
+                if name != "info" {
+                    commands += value("calls");
+                }
+                if SCRIPT_COMMANDS.contains(&name) {
+                    script_calls += value("calls");
+                    script_usec += value("usec");
+                }
+            }
+            Snapshot { cpu_seconds, script_calls, script_usec, commands }
         }
     }
 
@@ -347,23 +1111,41 @@ mod redis {
     }
 }
 
-async fn start_upstream(hits: Arc<AtomicU64>) -> SocketAddr {
+// === the fast upstream ===
+
+type UpstreamBody = Either<Full<Bytes>, StreamBody<BoxStream<'static, Result<Frame<Bytes>, Infallible>>>>;
+
+/// A bare hyper HTTP/1 server: reads the request body, answers [`UPSTREAM_BODY`] (or the stream
+/// `x-bench-stream` asks for), keeps the connection alive; counts requests in `hits`.
+/// While `hold_sse` is set, slow streams keep back their last chunk (so a test can have them all
+/// open at once).
+async fn start_upstream(hits: Arc<AtomicU64>, hold_sse: Arc<AtomicBool>, sse_chunks: usize) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the upstream");
     let addr = listener.local_addr().expect("upstream address");
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { continue };
             let _ = tcp.set_nodelay(true);
-            let hits = hits.clone();
+            let (hits, hold_sse) = (hits.clone(), hold_sse.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let hits = hits.clone();
+                    let (hits, hold_sse) = (hits.clone(), hold_sse.clone());
                     async move {
+                        let stream = req.headers().get(&BENCH_STREAM).cloned();
                         // Drain the body so the connection stays reusable.
                         let _ = req.into_body().collect().await;
                         hits.fetch_add(1, Ordering::Relaxed);
-                        let mut res = Response::new(Full::new(Bytes::from_static(UPSTREAM_BODY)));
-                        res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                        let (body, content_type): (UpstreamBody, _) = match stream.as_ref().map(HeaderValue::as_bytes) {
+                            Some(b"sse") => {
+                                (Either::Right(StreamBody::new(sse_stream(sse_chunks, hold_sse))), "text/event-stream")
+                            }
+                            Some(b"bulk") => {
+                                (Either::Right(StreamBody::new(bulk_stream())), "application/octet-stream")
+                            }
+                            _ => (Either::Left(Full::new(Bytes::from_static(UPSTREAM_BODY))), "application/json"),
+                        };
+                        let mut res = Response::new(body);
+                        res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
                         Ok::<_, Infallible>(res)
                     }
                 });
@@ -374,75 +1156,35 @@ async fn start_upstream(hits: Arc<AtomicU64>) -> SocketAddr {
     addr
 }
 
-// === the gateway ===
-
-/// The shipped config, pointed at the fast upstream, on the memory store, listening on port 0.
-fn bench_config(upstream: SocketAddr) -> Config {
-    let text = include_str!("../config/gateway.toml");
-    let mut doc: toml::Table = text.parse().expect("config/gateway.toml is TOML");
-    let s = |v: &str| toml::Value::String(v.to_owned());
-    let urls = toml::Value::Array(vec![s(&format!("http://{upstream}"))]);
-    let server = table(&mut doc, &["server"]);
-    server.insert("listen".into(), s("127.0.0.1:0"));
-    server.insert("admin_listen".into(), s("127.0.0.1:0"));
-    let store = table(&mut doc, &["store"]);
-    store.insert("kind".into(), s("memory"));
-    store.remove("url");
-    let ai = table(&mut doc, &["upstreams", "ai"]);
-    ai.insert("urls".into(), urls.clone());
-    ai.insert(
-        "headers".into(),
-        toml::Value::Table([("authorization".to_owned(), s(BACKEND_CREDENTIAL))].into_iter().collect()),
-    );
-    table(&mut doc, &["upstreams", "app"]).insert("urls".into(), urls);
-    table(&mut doc, &["log"]).insert("level".into(), s("warn"));
-    // The limiter stays on (its cost is part of the measurement) with a rate the bench cannot reach.
-    table(&mut doc, &["plans", PLAN]).insert("rate_limit_per_second".into(), toml::Value::Integer(1_000_000));
-    Config::parse(&doc.to_string()).expect("the bench config is valid")
+/// `chunks` server-sent events, the first at once, then one every [`SSE_INTERVAL`]; the last one
+/// not before `hold` is cleared (or [`PHASE_LIMIT`] has passed).
+fn sse_stream(chunks: usize, hold: Arc<AtomicBool>) -> BoxStream<'static, Result<Frame<Bytes>, Infallible>> {
+    let stream = futures_util::stream::unfold(0, move |i| {
+        let hold = hold.clone();
+        async move {
+            if i >= chunks {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(SSE_INTERVAL).await;
+            }
+            if i + 1 == chunks {
+                let deadline = Instant::now() + PHASE_LIMIT;
+                while hold.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    tokio::time::sleep(SSE_INTERVAL).await;
+                }
+            }
+            Some((Ok(Frame::data(Bytes::from_static(SSE_CHUNK))), i + 1))
+        }
+    });
+    Box::pin(stream)
 }
 
-/// The table at `path`; panics naming it when the shipped config lacks it.
-fn table<'a>(doc: &'a mut toml::Table, path: &[&str]) -> &'a mut toml::Table {
-    let mut t = doc;
-    for key in path {
-        t = t.get_mut(*key).and_then(toml::Value::as_table_mut).unwrap_or_else(|| panic!("no [{}]", path.join(".")));
-    }
-    t
-}
-
-/// Logging as `creditgate serve` sets it up, at the config's level.
-fn init_logging(config: &Config) {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log.level))
-        .with_writer(std::io::stderr)
-        .init();
-}
-
-/// Creates the account and its key, tops it up through the admin API (SPEC §5) so the metered
-/// scenario never runs dry.
-async fn seed(gateway: &Gateway, settings: &Settings) -> String {
-    let key = creditgate::demo::seed(&gateway.state, ACCOUNT, PLAN).await.expect("seed the bench account");
-    let credits = 2 * (settings.requests + settings.warmup) as u64 + 1_000_000;
-    let admin = gateway.admin_addr.expect("the bench config has an admin listener");
-    let mut sender = connect(admin).await.expect("connect to the admin listener");
-    let body = serde_json::json!({"credits": credits, "payment_ref": "bench-topup"}).to_string();
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri(format!("/admin/v1/accounts/{ACCOUNT}/topups"))
-        .header(HOST, admin.to_string())
-        .header(AUTHORIZATION, format!("Bearer {ADMIN_TOKEN}"))
-        .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .expect("a valid request");
-    let res = sender.send_request(req).await.expect("top-up request");
-    let status = res.status();
-    let answer = res.into_body().collect().await.expect("top-up answer").to_bytes();
-    assert_eq!(status, StatusCode::CREATED, "top-up refused: {}", String::from_utf8_lossy(&answer));
-    key
-}
-
-async fn balance(gateway: &Gateway) -> u64 {
-    gateway.state.ledger.account(ACCOUNT).await.expect("ledger answers").expect("bench account exists").remaining()
+/// [`BULK_BYTES`] in [`BULK_CHUNK_BYTES`] chunks, as fast as they are taken.
+fn bulk_stream() -> BoxStream<'static, Result<Frame<Bytes>, Infallible>> {
+    let chunk = Bytes::from(vec![b'x'; BULK_CHUNK_BYTES]);
+    let stream = futures_util::stream::iter((0..BULK_CHUNKS).map(move |_| Ok(Frame::data(chunk.clone()))));
+    Box::pin(stream)
 }
 
 // === the client ===
@@ -453,11 +1195,69 @@ struct Target {
     addr: SocketAddr,
     method: Method,
     path: &'static str,
-    /// Sent on every request (`Host` is added per scenario).
+    /// Sent on every request.
     headers: Vec<(HeaderName, HeaderValue)>,
     body: Bytes,
     /// A metered 200 must say `x-credits-charged: 1`.
     metered: bool,
+}
+
+impl Target {
+    /// `GET /v1/deals`: a free route of the shipped config.
+    fn get(addr: SocketAddr, bearer: Option<HeaderValue>) -> Self {
+        let headers = bearer.map(|b| (AUTHORIZATION, b)).into_iter().collect();
+        Target { addr, method: Method::GET, path: "/v1/deals", headers, body: Bytes::new(), metered: false }
+    }
+
+    /// A fast-tier chat (tier in the header: priced without reading the body).
+    fn chat(addr: SocketAddr, bearer: Option<HeaderValue>, metered: bool) -> Self {
+        let mut headers: Vec<_> = bearer.map(|b| (AUTHORIZATION, b)).into_iter().collect();
+        headers.push((CONTENT_TYPE, HeaderValue::from_static("application/json")));
+        headers.push((TIER, HeaderValue::from_static("fast")));
+        Target {
+            addr,
+            method: Method::POST,
+            path: "/v1/chat/completions",
+            headers,
+            body: Bytes::from_static(CHAT_BODY),
+            metered,
+        }
+    }
+
+    /// The same request asking the upstream for a stream (`sse` or `bulk`).
+    fn with_stream(&self, kind: &'static str) -> Self {
+        let mut t = self.clone();
+        t.headers.push((BENCH_STREAM, HeaderValue::from_static(kind)));
+        t
+    }
+
+    fn add_host(&mut self) {
+        let host = HeaderValue::from_str(&self.addr.to_string()).expect("an address is a header value");
+        self.headers.push((HOST, host));
+    }
+
+    fn request(&self) -> Request<Full<Bytes>> {
+        let mut req = Request::new(Full::new(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = hyper::Uri::from_static(self.path);
+        let headers = req.headers_mut();
+        for (k, v) in &self.headers {
+            headers.insert(k.clone(), v.clone());
+        }
+        req
+    }
+
+    /// `Err` when the answer head is not what this target must get.
+    fn check_head(&self, status: StatusCode, headers: &hyper::HeaderMap, body: &[u8]) -> Result<(), String> {
+        if status != StatusCode::OK {
+            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            return Err(format!("status {status}: {text}"));
+        }
+        if self.metered && headers.get(&CREDITS_CHARGED).is_none_or(|v| v != "1") {
+            return Err(format!("200 without `x-credits-charged: 1` (got {:?})", headers.get(&CREDITS_CHARGED)));
+        }
+        Ok(())
+    }
 }
 
 /// One client connection; reconnects after a failure.
@@ -483,13 +1283,7 @@ async fn one_request(conn: &mut Conn, target: &Target) -> Result<(), String> {
         conn.sender = Some(connect(conn.addr).await?);
     }
     let sender = conn.sender.as_mut().expect("connected above");
-    let mut req = Request::new(Full::new(target.body.clone()));
-    *req.method_mut() = target.method.clone();
-    *req.uri_mut() = hyper::Uri::from_static(target.path);
-    let headers = req.headers_mut();
-    for (k, v) in &target.headers {
-        headers.insert(k.clone(), v.clone());
-    }
+    let req = target.request();
     let sent = async {
         sender.ready().await.map_err(|e| format!("connection: {e}"))?;
         let res = sender.send_request(req).await.map_err(|e| format!("send: {e}"))?;
@@ -497,21 +1291,47 @@ async fn one_request(conn: &mut Conn, target: &Target) -> Result<(), String> {
         let body = body.collect().await.map_err(|e| format!("response body: {e}"))?.to_bytes();
         Ok::<_, String>((parts, body))
     };
-    let (parts, body) = match sent.await {
-        Ok(r) => r,
+    match sent.await {
+        Ok((parts, body)) => target.check_head(parts.status, &parts.headers, &body),
         Err(e) => {
             conn.sender = None;
-            return Err(e);
+            Err(e)
         }
-    };
+    }
+}
+
+/// How many streams are open (answer head in, end not yet) now, and at most so far.
+#[derive(Default)]
+struct OpenStreams {
+    now: AtomicUsize,
+    most: AtomicUsize,
+}
+
+/// One streamed answer on its own connection, counted but not kept; the bytes that arrived.
+async fn stream_once(target: &Target, open: &OpenStreams) -> Result<usize, String> {
+    let mut sender = connect(target.addr).await?;
+    let res = sender.send_request(target.request()).await.map_err(|e| format!("send: {e}"))?;
+    let (parts, mut body) = res.into_parts();
     if parts.status != StatusCode::OK {
-        let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-        return Err(format!("status {}: {text}", parts.status));
+        let text = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        return target.check_head(parts.status, &parts.headers, &text).map(|()| 0);
     }
-    if target.metered && parts.headers.get(&CREDITS_CHARGED).is_none_or(|v| v != "1") {
-        return Err(format!("200 without `x-credits-charged: 1` (got {:?})", parts.headers.get(&CREDITS_CHARGED)));
+    target.check_head(parts.status, &parts.headers, &[])?;
+    let now = open.now.fetch_add(1, Ordering::Relaxed) + 1;
+    open.most.fetch_max(now, Ordering::Relaxed);
+    let mut bytes = 0;
+    let mut outcome = Ok(());
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => bytes += frame.data_ref().map_or(0, Bytes::len),
+            Err(e) => {
+                outcome = Err(format!("response body after {bytes} bytes: {e}"));
+                break;
+            }
+        }
     }
-    Ok(())
+    open.now.fetch_sub(1, Ordering::Relaxed);
+    outcome.map(|()| bytes)
 }
 
 /// The result of one warm-up or measurement phase.
@@ -614,62 +1434,71 @@ async fn phase(conns: Vec<Conn>, target: &Arc<Target>, total: usize) -> (Vec<Con
     (conns, result)
 }
 
-/// One scenario as measured.
+/// One row as measured.
 struct Scenario {
     name: &'static str,
     what: String,
+    kind: Kind,
+    /// An nginx row (the reference for the gateway rows of the same kind).
+    nginx: bool,
     warmup: Phase,
     measured: Phase,
-    /// Heap allocations in the whole process during the measured phase (0 unless counted).
+    /// Heap allocations in this process during the measured phase (0 unless counted).
     allocs: u64,
+    /// CPU time of the proxy (gateway, or nginx's master and workers) during the measured phase.
+    proxy_cpu: Option<Duration>,
+    /// CPU time of this process (client and upstream) during the measured phase.
+    self_cpu: Option<Duration>,
+    /// What redis-server did during the measured phase.
+    redis: Option<redis::Delta>,
 }
 
-/// Connects, warms up, measures; records anything wrong in `problems`.
-async fn scenario(
-    name: &'static str,
-    mut target: Target,
-    settings: &Settings,
-    hits: &AtomicU64,
-    problems: &mut Vec<String>,
-) -> Scenario {
-    let what = format!("{} {}", target.method, target.path);
-    let host = HeaderValue::from_str(&target.addr.to_string()).expect("an address is a header value");
-    target.headers.push((HOST, host));
-    let target = Arc::new(target);
-    let conns = (0..settings.concurrency).map(|_| Conn { addr: target.addr, sender: None }).collect();
-    let hits_before = hits.load(Ordering::Relaxed);
-    let (conns, warmup) = phase(conns, &target, settings.warmup).await;
-    COUNT_ALLOCS.store(settings.count_allocs, Ordering::Relaxed);
-    let allocs_before = ALLOCS.load(Ordering::Relaxed);
-    let (conns, measured) = phase(conns, &target, settings.requests).await;
-    COUNT_ALLOCS.store(false, Ordering::Relaxed);
-    let allocs = ALLOCS.load(Ordering::Relaxed) - allocs_before;
-    drop(conns);
-    let reached = hits.load(Ordering::Relaxed) - hits_before;
-    for (label, p) in [("warm-up", &warmup), ("measured", &measured)] {
-        for (e, n) in &p.errors {
-            problems.push(format!("{name}, {label}: {n} × {e}"));
+impl Scenario {
+    /// Successful requests, warm-up included (what a metered row must have charged).
+    fn successes(&self) -> u64 {
+        (self.warmup.ok + self.measured.ok) as u64
+    }
+
+    fn per_request_us(&self, d: Duration) -> f64 {
+        d.as_secs_f64() * 1e6 / self.measured.completed().max(1) as f64
+    }
+
+    fn proxy_us(&self) -> Option<f64> {
+        self.proxy_cpu.map(|d| self.per_request_us(d))
+    }
+
+    fn redis_us(&self) -> Option<f64> {
+        self.redis.as_ref().map(|r| self.per_request_us(r.cpu))
+    }
+
+    fn scripts_per_request(&self) -> Option<f64> {
+        self.redis.as_ref().map(|r| r.script_calls as f64 / self.measured.completed().max(1) as f64)
+    }
+
+    fn us_per_script_call(&self) -> Option<f64> {
+        self.redis.as_ref().filter(|r| r.script_calls > 0).map(|r| r.script_usec as f64 / r.script_calls as f64)
+    }
+
+    /// The row's proxy CPU over nginx's for the same kind of request.
+    fn vs_nginx(&self, rows: &[Scenario]) -> Option<f64> {
+        if self.nginx {
+            return None;
         }
+        let reference = rows.iter().find(|r| r.nginx && r.kind == self.kind)?;
+        Some(self.proxy_us()? / reference.proxy_us()?)
     }
-    let answered = (warmup.ok + measured.ok) as u64;
-    if reached < answered {
-        problems.push(format!("{name}: {answered} answers but only {reached} requests reached the upstream"));
-    }
-    eprintln!(
-        "{name}: {} ok, {} errors in {:.2} s",
-        measured.ok,
-        measured.error_count(),
-        measured.elapsed.as_secs_f64()
-    );
-    Scenario { name, what, warmup, measured, allocs }
 }
 
 // === the report ===
 
-fn print_table(settings: &Settings, workers: usize, rows: &[&Scenario], balance_line: &str) {
+fn print_table(settings: &Settings, workers: usize, rows: &[Scenario], clock: &CpuClock) {
+    let opt = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), thousands);
     println!();
-    println!("| scenario | requests | req/s | p50 (µs) | p99 (µs) | errors |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| scenario | req/s | p50 (µs) | p99 (µs) | proxy CPU µs/req | ×nginx | Redis CPU µs/req | µs per script call \
+         | script calls/req | bench CPU µs/req | errors |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for s in rows {
         let m = &s.measured;
         let errors = match (m.error_count(), m.aborted) {
@@ -678,57 +1507,182 @@ fn print_table(settings: &Settings, workers: usize, rows: &[&Scenario], balance_
             (n, false) => format!("**{n}**"),
         };
         println!(
-            "| {} `{}` | {} | {} | {} | {} | {} |",
+            "| {} `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.name,
             s.what,
-            thousands(m.completed() as f64),
             thousands(m.per_second()),
             thousands(m.percentile_us(50.0)),
             thousands(m.percentile_us(99.0)),
+            opt(s.proxy_us()),
+            s.vs_nginx(rows).map_or_else(|| "–".to_owned(), |r| format!("{r:.2}×")),
+            opt(s.redis_us()),
+            opt(s.us_per_script_call()),
+            s.scripts_per_request().map_or_else(|| "–".to_owned(), |r| format!("{r:.3}")),
+            opt(s.self_cpu.map(|d| s.per_request_us(d))),
             errors
         );
     }
-    let ratio = |x: &Scenario, y: &Scenario| {
-        let (x, y) = (&x.measured, &y.measured);
-        let r = |n: f64, d: f64| if (n / d).is_finite() { format!("{:.2}×", n / d) } else { "–".to_owned() };
-        format!(
-            "req/s {}, p50 {}, p99 {}",
-            r(x.per_second(), y.per_second()),
-            r(x.percentile_us(50.0), y.percentile_us(50.0)),
-            r(x.percentile_us(99.0), y.percentile_us(99.0))
-        )
+    let rps = |x: &str, y: &str| match (row(rows, x), row(rows, y)) {
+        (Some(x), Some(y)) => format!("{:.2}×", x.measured.per_second() / y.measured.per_second()),
+        _ => "–".to_owned(),
     };
-    if let [a, b, c, rest @ ..] = rows {
-        println!();
-        println!("- **b/a** (free route through the gateway vs. the upstream directly): {}", ratio(b, a));
-        println!("- **c/b** (metered chat vs. free route, both through the gateway): {}", ratio(c, b));
-        if let [d] = rest {
-            println!("- **d/b** (metered chat on Redis vs. free route): {}", ratio(d, b));
-        }
-    }
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!();
     println!(
-        "{} requests per scenario after {} warm-up, {} closed-loop clients each on its own keep-alive \
-         HTTP/1.1 connection over 127.0.0.1; one tokio multi-thread runtime ({workers} workers) on {cores} \
-         cores shared by the client, the gateway and the fast upstream, so the gateway never has the machine \
-         to itself; memory store for (a)–(c), a local redis-server (no persistence) for (d), `log.level = \"warn\"`. Latency = send until the whole answer is read, \
-         successful requests only. {balance_line}.",
+        "req/s ratios: b/a {} (free route through the gateway vs. the upstream directly) · c/b {} (metered vs. free, \
+         memory) · d/e {} (metered vs. free, Redis) · b/f {} (gateway vs. nginx, free) · c/g {} (gateway vs. nginx, chat)",
+        rps("(b)", "(a)"),
+        rps("(c)", "(b)"),
+        rps("(d)", "(e)"),
+        rps("(b)", "(f)"),
+        rps("(c)", "(g)"),
+    );
+    let commands: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let c = r.redis.as_ref()?.commands;
+            Some(format!("{} {:.3}", &r.name[..3], c as f64 / r.measured.completed().max(1) as f64))
+        })
+        .collect();
+    if !commands.is_empty() {
+        println!(
+            "Redis commands per request (INFO commandstats, every kind but INFO; the scripts' own redis.call included): {}.",
+            commands.join(" · ")
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let tick_us = clock.tick().as_secs_f64() * 1e6 / settings.requests as f64;
+    println!();
+    println!(
+        "{} requests per row after {} warm-up, {} closed-loop clients each on its own keep-alive HTTP/1.1 \
+         connection over 127.0.0.1. The client and the fast upstream share one tokio runtime ({workers} workers) in \
+         the bench process; the gateway (`creditgate serve`, its own process), redis-server and nginx ({NGINX_WORKERS} \
+         workers, upstream keepalive) run beside it on the same {cores} cores, so req/s and latency show a crowded \
+         machine while the CPU columns are each process's own. Proxy CPU = utime + stime from /proc/PID/stat over the \
+         measured phase ÷ requests (nginx: master + workers); one clock tick ({} ms) is {} µs per request here. \
+         Redis CPU = used_cpu_sys + used_cpu_user of INFO cpu; µs per script call = Δusec ÷ Δcalls of INFO \
+         commandstats (EVAL/EVALSHA/FCALL), which Redis times by the wall clock, so on a crowded machine it also \
+         counts moments the core was taken away from redis-server. Bench CPU = the client and upstream (this process). (f)/(g) send the \
+         same requests through nginx, which meters nothing. Latency = send until the whole answer is read, \
+         successful requests only.",
         thousands(settings.requests as f64),
         thousands(settings.warmup as f64),
         settings.concurrency,
+        clock.tick().as_millis(),
+        if tick_us < 0.1 { format!("{tick_us:.3}") } else { format!("{tick_us:.2}") },
     );
-    if settings.count_allocs {
-        let per_request = |s: &Scenario| s.allocs as f64 / s.measured.completed().max(1) as f64;
-        let list: Vec<String> = rows.iter().map(|s| format!("{} {:.1}", &s.name[..3], per_request(s))).collect();
-        println!();
+}
+
+fn row<'a>(rows: &'a [Scenario], label: &str) -> Option<&'a Scenario> {
+    rows.iter().find(|r| r.name.starts_with(label))
+}
+
+/// A 1-connection latency row: the proxied path and the upstream directly, interleaved.
+struct LatencyRow {
+    name: &'static str,
+    direct: Phase,
+    via: Phase,
+}
+
+fn print_latency(rows: &[LatencyRow]) {
+    println!();
+    println!(
+        "1-connection latency (one request at a time, `POST /v1/chat/completions`, fast tier; each row alternates \
+         its requests with requests straight to the upstream, the \"direct\" columns):"
+    );
+    println!();
+    println!(
+        "| path | requests | p50 (µs) | p99 (µs) | direct p50 (µs) | direct p99 (µs) | added p50 (µs) | added p99 (µs) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let (p50, p99) = (r.via.percentile_us(50.0), r.via.percentile_us(99.0));
+        let (d50, d99) = (r.direct.percentile_us(50.0), r.direct.percentile_us(99.0));
         println!(
-            "Heap allocations per request, whole process (client + upstream + gateway): {}; the gateway's \
-             share is the difference to (a). Counting slows every allocation, so take the timings from a run \
-             without `LOAD_COUNT_ALLOCS`.",
-            list.join(", ")
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.name,
+            thousands(r.via.completed() as f64),
+            thousands(p50),
+            thousands(p99),
+            thousands(d50),
+            thousands(d99),
+            thousands(p50 - d50),
+            thousands(p99 - d99)
         );
     }
+}
+
+/// The targets of issue 12, each met (✓), not met (✗) or not measured (–); never fatal.
+fn print_targets(rows: &[Scenario]) {
+    println!();
+    println!("Targets (issue 12; printed, never fatal):");
+    let mark = |met: Option<bool>| match met {
+        Some(true) => "✓",
+        Some(false) => "✗",
+        None => "–",
+    };
+    let show = |label: &str, value: Option<f64>, met: fn(f64) -> bool, fmt: &dyn Fn(f64) -> String| {
+        let shown = value.map_or_else(|| "not measured".to_owned(), fmt);
+        println!("- {} {label}: {shown}", mark(value.map(met)));
+    };
+    let us = |v: f64| format!("{v:.1} µs");
+    let times = |v: f64| format!("{v:.2}×");
+    let get = |label: &str| row(rows, label);
+
+    show(
+        "Redis CPU per charge ≤ 15 µs — (d)",
+        get("(d)").and_then(Scenario::redis_us),
+        |v| v <= TARGET_REDIS_US_PER_CHARGE,
+        &us,
+    );
+    for (label, name) in [("(b)", "free request, memory"), ("(e)", "free request, Redis")] {
+        show(
+            &format!("gateway CPU per {name} ≤ 1.2× nginx's (f) — {label}"),
+            get(label).and_then(|r| r.vs_nginx(rows)),
+            |v| v <= TARGET_FREE_VS_NGINX,
+            &times,
+        );
+    }
+    for (label, name) in [("(c)", "metered request, memory"), ("(d)", "metered request, Redis")] {
+        show(
+            &format!("gateway CPU per {name} ≤ 1.6× nginx's (g) — {label}"),
+            get(label).and_then(|r| r.vs_nginx(rows)),
+            |v| v <= TARGET_METERED_VS_NGINX,
+            &times,
+        );
+    }
+    for (metered, free, store) in [("(c)", "(b)", "memory"), ("(d)", "(e)", "Redis")] {
+        let ratio = get(metered).zip(get(free)).map(|(m, f)| m.measured.per_second() / f.measured.per_second());
+        show(
+            &format!("metered req/s ≥ 0.7× the free route's, {store} — {metered}/{free}"),
+            ratio,
+            |v| v >= TARGET_METERED_VS_FREE_RPS,
+            &times,
+        );
+    }
+    show(
+        "1.00 script call per metered request — (d)",
+        get("(d)").and_then(Scenario::scripts_per_request),
+        |v| (1.0..1.01).contains(&v),
+        &|v| format!("{v:.3}"),
+    );
+    show(
+        "0 script calls per free request (key-cache refreshes aside) — (e)",
+        get("(e)").and_then(Scenario::scripts_per_request),
+        |v| v < FREE_SCRIPT_CALLS_TOLERANCE,
+        &|v| format!("{v:.4}"),
+    );
+}
+
+fn print_allocs(rows: &[Scenario]) {
+    let per_request = |s: &Scenario| s.allocs as f64 / s.measured.completed().max(1) as f64;
+    let list: Vec<String> = rows.iter().map(|s| format!("{} {:.1}", &s.name[..3], per_request(s))).collect();
+    println!();
+    println!(
+        "Heap allocations per request in the bench process (client + upstream; the gateway is another process and \
+         not counted): {}. Counting slows every allocation, so take the timings from a run without \
+         `LOAD_COUNT_ALLOCS`.",
+        list.join(", ")
+    );
 }
 
 /// `12345.6` → `12,346`; below 100 keeps one decimal.
@@ -736,11 +1690,14 @@ fn thousands(x: f64) -> String {
     if !x.is_finite() {
         return "–".to_owned();
     }
-    if x < 100.0 {
+    if x.abs() < 100.0 {
         return format!("{x:.1}");
     }
-    let digits = format!("{:.0}", x);
+    let digits = format!("{:.0}", x.abs());
     let mut out = String::new();
+    if x < 0.0 {
+        out.push('-');
+    }
     for (i, ch) in digits.chars().enumerate() {
         if i > 0 && (digits.len() - i) % 3 == 0 {
             out.push(',');
