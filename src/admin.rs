@@ -349,8 +349,10 @@ fn check_email(email: &str) -> Result<(), GatewayError> {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    // Live tasks of the runtime this handler runs on (the gateway's): a soak run watches it level off.
-    let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    // Live tasks of the gateway's runtimes (this handler's and the workers'): a soak run watches
+    // it level off.
+    let workers = state.workers.get().map_or(0, |w| w.iter().map(|h| h.metrics().num_alive_tasks()).sum());
+    let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks() + workers;
     state.metrics.tasks.set(tasks as i64);
     let body = state.metrics.render();
     ([(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()

@@ -145,6 +145,10 @@ pub struct ServerConfig {
     /// Most client connections open at once, per listener; further ones wait in the backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Threads serving the public listener, each a single-threaded runtime with its own
+    /// `SO_REUSEPORT` socket and upstream connection pool; 0 (the default): one per CPU core.
+    #[serde(default)]
+    pub workers: usize,
     /// Largest request head (request line and headers) in bytes; at least 8192. Larger: 431.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
@@ -763,6 +767,9 @@ impl Config {
             ("server.max_connections", s.max_connections as u64),
         ] {
             positive(key, v)?;
+        }
+        if s.workers > 256 {
+            return Err(bad("server.workers", "must be at most 256 (0: one per CPU core)"));
         }
         if s.max_header_bytes < 8192 {
             return Err(bad("server.max_header_bytes", "must be at least 8192"));

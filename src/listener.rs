@@ -2,8 +2,8 @@
 //! listeners run, in place of `axum::serve` (which has no timers and no connection cap).
 //!
 //! * **Connection cap** (`server.max_connections`): a connection needs a permit before it is
-//!   accepted, so beyond the cap new connections wait in the kernel's backlog — never an
-//!   unbounded number of tasks.
+//!   served, so beyond the cap each accepting thread holds the one connection it accepted last
+//!   and the others wait in the kernel's backlog — never an unbounded number of tasks.
 //! * **Header read timeout** (`server.header_read_timeout_ms`): a new connection must deliver a
 //!   whole request head within it, and so must every later request on it, counted from its first
 //!   byte; a half-sent head (slowloris) is closed.
@@ -80,20 +80,25 @@ impl Limits {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` turns true, then drains.
+/// The connection cap of one listener, shared by the threads that accept on it.
+pub fn connection_permits(limits: &Limits) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(limits.max_connections))
+}
+
+/// Serves `router` on `listener` until `shutdown` turns true, then drains (waits until every
+/// connection it accepted is gone). `permits` caps the listener's connections; several workers
+/// accepting on one address share it.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    permits: Arc<Semaphore>,
     state: AppState,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    // This loop's own connections, for the drain.
+    let mine = Arc::new(Semaphore::new(limits.max_connections));
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("never closed"),
-            _ = stopped(&mut shutdown) => break,
-        };
         let (tcp, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -106,6 +111,14 @@ pub async fn serve(
             },
             _ = stopped(&mut shutdown) => break,
         };
+        // At the cap this loop waits, holding this one connection, and the rest wait in the
+        // kernel's backlog. (Taking the permit before accepting would let an idle worker sit on
+        // a permit that a worker with a waiting connection needs.)
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("never closed"),
+            _ = stopped(&mut shutdown) => break,
+        };
+        let own = mine.clone().try_acquire_owned().expect("no more connections than the shared cap");
         let _ = tcp.set_nodelay(true);
         let (router, state, stop) = (router.clone(), state.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -113,12 +126,12 @@ pub async fn serve(
             metrics.connections_open.inc();
             connection(tcp, addr, router, limits, metrics, stop).await;
             metrics.connections_open.dec();
-            drop(permit);
+            drop((permit, own));
         });
     }
     drop(listener);
-    // Every connection holds a permit until it is gone.
-    let _ = permits.acquire_many(limits.max_connections as u32).await;
+    // Every connection holds one of `mine` until it is gone.
+    let _ = mine.acquire_many(limits.max_connections as u32).await;
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).

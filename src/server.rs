@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -82,11 +82,17 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
         None => Store::open(&config.store).await?,
     };
     crate::ledger::Ledger::set_limits(&store, runtime.store_limits);
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
     let state = AppState(Arc::new(Shared {
         runtime: ArcSwap::from_pointee(runtime),
         ledger: Arc::new(store),
         keys: KeyCache::default(),
-        client: crate::proxy::client(Duration::from_millis(config.server.connect_timeout_ms)),
+        clients: crate::proxy::Clients::new(Duration::from_millis(config.server.connect_timeout_ms), workers),
+        background: tokio::runtime::Handle::current(),
+        workers: std::sync::OnceLock::new(),
         ids: IdGen::default(),
         admin_token,
         config_path: opts.config_path,
@@ -99,9 +105,9 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
     let public_addr = config.listen_addr();
     // Listener limits are read at start (a reload does not rebind listeners).
     let limits = crate::listener::Limits::of(&config.server);
-    let (public_addr, task) =
-        serve(public_addr, crate::stack::public_router(state.clone()), limits, &state, &shutdown).await?;
-    tasks.push(task);
+    let (public_addr, worker_tasks) =
+        serve_on_workers(public_addr, crate::stack::public_router(state.clone()), limits, workers, &state, &shutdown)?;
+    tasks.extend(worker_tasks);
     let admin_addr = match config.admin_addr() {
         Some(addr) => {
             let (addr, task) = serve(addr, crate::admin::router(state.clone()), limits, &state, &shutdown).await?;
@@ -128,8 +134,67 @@ async fn serve(
 ) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
     let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
-    let task = tokio::spawn(crate::listener::serve(listener, router, limits, state.clone(), shutdown.subscribe()));
+    let permits = crate::listener::connection_permits(&limits);
+    let task =
+        tokio::spawn(crate::listener::serve(listener, router, limits, permits, state.clone(), shutdown.subscribe()));
     Ok((bound, task))
+}
+
+/// Serves `router` on `addr` from `workers` threads, each running a single-threaded runtime
+/// with its own listening socket on the same address (`SO_REUSEPORT`: the kernel spreads new
+/// connections over them) and its own upstream client. A connection then lives on one thread
+/// from accept to close — no work-stealing, no cross-thread wake-ups — which is what brings a
+/// hyper proxy's CPU per request near nginx's (`../shared/PERF.md`). The returned tasks end when
+/// their worker has drained.
+fn serve_on_workers(
+    addr: SocketAddr,
+    router: Router,
+    limits: crate::listener::Limits,
+    workers: usize,
+    state: &AppState,
+    shutdown: &watch::Sender<bool>,
+) -> Result<(SocketAddr, Vec<JoinHandle<()>>), StartError> {
+    let bind_error = |source| StartError::Bind { addr, source };
+    // The first socket settles the port (port 0 picks one); the others bind the same one.
+    let mut bound = addr;
+    let mut sockets = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(bind_error)?;
+        socket.set_reuseaddr(true).map_err(bind_error)?;
+        socket.set_reuseport(true).map_err(bind_error)?;
+        socket.bind(bound).map_err(bind_error)?;
+        let listener = socket.listen(1024).map_err(bind_error)?;
+        bound = listener.local_addr().map_err(bind_error)?;
+        // Registered with this runtime by `listen`; each worker registers its own with its own.
+        sockets.push(listener.into_std().map_err(bind_error)?);
+    }
+    let permits = crate::listener::connection_permits(&limits);
+    let mut tasks = Vec::with_capacity(workers);
+    let mut handles = Vec::with_capacity(workers);
+    for (index, socket) in sockets.into_iter().enumerate() {
+        let (router, state, stop, permits) = (router.clone(), state.clone(), shutdown.subscribe(), permits.clone());
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(bind_error)?;
+        handles.push(runtime.handle().clone());
+        std::thread::Builder::new()
+            .name(format!("creditgate-worker-{index}"))
+            .spawn(move || {
+                state.clients.enter_worker(index);
+                runtime.block_on(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(listener) => crate::listener::serve(listener, router, limits, permits, state, stop).await,
+                        Err(e) => tracing::error!(error = %e, index, "worker cannot listen"),
+                    }
+                });
+                drop(done);
+            })
+            .map_err(bind_error)?;
+        tasks.push(tokio::spawn(async move {
+            let _ = finished.await;
+        }));
+    }
+    let _ = state.workers.set(handles);
+    Ok((bound, tasks))
 }
 
 impl Gateway {

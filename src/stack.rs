@@ -120,7 +120,7 @@ async fn forward(
     timeout: std::time::Duration,
 ) -> Result<http::Response<hyper::body::Incoming>, GatewayError> {
     let started = Instant::now();
-    let res = proxy::forward(&state.client, upstream, req, fwd, timeout).await;
+    let res = proxy::forward(state.clients.get(), upstream, req, fwd, timeout).await;
     state.metrics.upstream_time(started.elapsed());
     res
 }

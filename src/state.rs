@@ -138,8 +138,13 @@ pub struct Shared {
     pub ledger: Arc<Store>,
     /// API-key cache.
     pub keys: KeyCache,
-    /// Upstream client (one pool for all generations).
-    pub client: proxy::Client,
+    /// Upstream clients, one per worker thread (pools kept across config generations).
+    pub clients: proxy::Clients,
+    /// The runtime the gateway was started on: detached money tasks (refunds) run there, since
+    /// a worker's runtime ends with its listener.
+    pub background: tokio::runtime::Handle,
+    /// The public listener's worker runtimes (their live tasks are reported in `/metrics`).
+    pub workers: std::sync::OnceLock<Vec<tokio::runtime::Handle>>,
     /// Request and charge ids.
     pub ids: IdGen,
     /// Admin bearer token.

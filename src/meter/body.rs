@@ -153,7 +153,7 @@ impl Settle {
         if refund_on_break {
             tracing::warn!(%error, charge_id = %charge.receipt.charge_id, "upstream body failed mid-stream; refunding");
             // The head is out already, so the refund cannot change it; it releases the key too.
-            tokio::spawn(async move { super::refund(&state, &charge).await });
+            state.background.clone().spawn(async move { super::refund(&state, &charge).await });
         } else {
             tracing::warn!(%error, charge_id = %charge.receipt.charge_id, "upstream body failed mid-stream; charge kept (refund_on)");
             super::complete(&state, &charge, None);

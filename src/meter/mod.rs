@@ -219,13 +219,13 @@ pub enum Refund {
     Pending,
 }
 
-/// Returns a charge after an upstream failure. Runs in its own task, so a client that hangs up
-/// while it is written cannot cancel it; a refund the store does not take now is retried in the
+/// Returns a charge after an upstream failure. Runs in its own task on the gateway's main
+/// runtime, so neither a client that hangs up nor a worker thread that stops can cancel it; a refund the store does not take now is retried in the
 /// background ([`refund_later`]).
 pub async fn refund(state: &AppState, charge: &Charge) -> Refund {
     let (state, account, charge_id, category) =
         (state.clone(), charge.account.clone(), charge.receipt.charge_id.clone(), charge.category.clone());
-    let task = tokio::spawn(async move {
+    let task = state.background.clone().spawn(async move {
         match refund_once(&state, &account, &charge_id, &category).await {
             Ok(r) => r,
             Err(()) => {
@@ -243,7 +243,8 @@ pub async fn refund(state: &AppState, charge: &Charge) -> Refund {
 pub async fn refund_or_keep(state: &AppState, charge: &Charge) -> Option<Refund> {
     let (state, account, charge_id, category) =
         (state.clone(), charge.account.clone(), charge.receipt.charge_id.clone(), charge.category.clone());
-    let task = tokio::spawn(async move { refund_once(&state, &account, &charge_id, &category).await.ok() });
+    let task =
+        state.background.clone().spawn(async move { refund_once(&state, &account, &charge_id, &category).await.ok() });
     task.await.ok().flatten()
 }
 
@@ -292,7 +293,7 @@ const REFUND_RETRY_FOR: Duration = Duration::from_secs(23 * 3600);
 /// loudly, for reconciliation — only when the charge record would be gone anyway, or when this
 /// process stops before the store ever answered.
 pub fn refund_later(state: AppState, account: Arc<str>, charge_id: String, category: Arc<str>) {
-    tokio::spawn(async move {
+    state.background.clone().spawn(async move {
         let started = Instant::now();
         let mut wait = Duration::from_millis(200);
         while started.elapsed() < REFUND_RETRY_FOR {
@@ -362,7 +363,7 @@ pub fn spawn_refund_sweeper(
 pub fn complete(state: &AppState, charge: &Charge, response: Option<StoredResponse>) {
     let Some(key) = charge.idempotency_key.clone() else { return };
     let (state, account, charge_id) = (state.clone(), charge.account.clone(), charge.receipt.charge_id.clone());
-    tokio::spawn(async move {
+    state.background.clone().spawn(async move {
         let mut wait = Duration::from_millis(100);
         for _ in 0..6 {
             match state.ledger.complete_idempotent(&account, &key, &charge_id, response.as_ref()).await {

@@ -126,7 +126,7 @@ async fn export(
             .header("x-creditgate-signature", super::webhook::signature(secret, crate::calendar::now(), &body))
             .body(Body::from(body))
             .map_err(|e| e.to_string())?;
-        match tokio::time::timeout(TIMEOUT, state.client.request(req)).await {
+        match tokio::time::timeout(TIMEOUT, state.clients.get().request(req)).await {
             Err(_) => return Err("timed out".into()),
             Ok(Err(e)) => return Err(e.to_string()),
             Ok(Ok(res)) if !res.status().is_success() => return Err(format!("answered {}", res.status())),

@@ -166,7 +166,7 @@ async fn drain(
         if let Some(target) = ch.webhook
             && !progress.webhook.contains(&event.id)
         {
-            if webhook_ok && target.deliver(&state.client, event).await.inspect_err(|e| {
+            if webhook_ok && target.deliver(state.clients.get(), event).await.inspect_err(|e| {
                 tracing::warn!(event_id = %event.id, error = %e, "notifier: webhook delivery failed; will retry");
             }).is_ok()
             {

@@ -24,7 +24,48 @@ use crate::error::GatewayError;
 /// The shared upstream client: one connection pool for every upstream, kept across reloads.
 pub type Client = HyperClient<HttpConnector, Body>;
 
-/// Builds the upstream client.
+/// The upstream clients of one gateway: one per public-listener worker thread, so a worker's
+/// upstream connections are driven by its own runtime and never shared with another thread, and
+/// one for everything else (admin listener, job runner, notifier).
+pub struct Clients {
+    id: usize,
+    shared: Client,
+    workers: Vec<Client>,
+}
+
+/// Gateways in this process, numbered (tests run several).
+static CLIENTS_IDS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// On a worker thread: which gateway's clients, and which worker it is.
+    static WORKER: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
+}
+
+impl Clients {
+    /// `workers` worker clients plus the shared one.
+    pub fn new(connect_timeout: Duration, workers: usize) -> Self {
+        Clients {
+            id: CLIENTS_IDS.fetch_add(1, Ordering::Relaxed),
+            shared: client(connect_timeout),
+            workers: (0..workers).map(|_| client(connect_timeout)).collect(),
+        }
+    }
+
+    /// Marks the calling thread as worker `index` of this gateway.
+    pub fn enter_worker(&self, index: usize) {
+        WORKER.with(|w| w.set(Some((self.id, index))));
+    }
+
+    /// The client of the calling thread.
+    pub fn get(&self) -> &Client {
+        match WORKER.with(std::cell::Cell::get) {
+            Some((id, index)) if id == self.id => &self.workers[index],
+            _ => &self.shared,
+        }
+    }
+}
+
+/// Builds an upstream client.
 pub fn client(connect_timeout: Duration) -> Client {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
