@@ -181,6 +181,7 @@ fn serve_on_workers(
             .spawn(move || {
                 state.clients.enter_worker(index);
                 runtime.block_on(async move {
+                    state.ledger.attach_worker().await;
                     match TcpListener::from_std(socket) {
                         Ok(listener) => crate::listener::serve(listener, router, limits, permits, state, stop).await,
                         Err(e) => tracing::error!(error = %e, index, "worker cannot listen"),

@@ -32,6 +32,13 @@ impl Store {
         }
     }
 
+    /// Prepares the calling worker thread (see [`RedisLedger::attach_worker`]).
+    pub async fn attach_worker(&self) {
+        if let Store::Redis(l) = self {
+            l.attach_worker().await;
+        }
+    }
+
     /// Short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -299,6 +299,11 @@ impl Invocation<'_> {
 #[derive(Clone)]
 pub struct RedisLedger {
     conn: Connection,
+    /// Opens further connections: one per worker thread ([`RedisLedger::attach_worker`]).
+    opener: Arc<Opener>,
+    /// Tells this ledger's worker connections apart from another's on the same thread (tests
+    /// run several gateways in one process).
+    id: usize,
     /// The scripts for the current [`StoreLimits`] (swapped by [`Ledger::set_limits`]).
     scripts: Arc<ArcSwap<Scripts>>,
     limits: Arc<ArcSwap<StoreLimits>>,
@@ -316,6 +321,43 @@ enum Connection {
     Cluster(ClusterConnection),
 }
 
+/// What a connection is opened from.
+enum Opener {
+    Standalone(redis::Client, ConnectionManagerConfig),
+    Cluster(ClusterClient),
+}
+
+impl Opener {
+    /// A new connection, driven by the runtime this runs on. A standalone one that cannot
+    /// connect now keeps trying in the background (as at start-up).
+    async fn open(&self) -> LedgerResult<Connection> {
+        match self {
+            Opener::Standalone(client, config) => {
+                match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+                    Ok(conn) => Ok(Connection::Standalone(conn)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Redis unreachable; continuing, will reconnect");
+                        ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                            .map(Connection::Standalone)
+                            .map_err(store_error)
+                    }
+                }
+            }
+            Opener::Cluster(client) => {
+                client.get_async_connection().await.map(Connection::Cluster).map_err(store_error)
+            }
+        }
+    }
+}
+
+/// Ledgers numbered, for [`WORKER_CONNECTIONS`].
+static LEDGER_IDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+thread_local! {
+    /// On a worker thread: its own connection, per ledger id.
+    static WORKER_CONNECTIONS: std::cell::RefCell<Vec<(usize, Connection)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 // === impl RedisLedger ===
 
 impl RedisLedger {
@@ -325,6 +367,7 @@ impl RedisLedger {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let opener = Opener::Standalone(client.clone(), config.clone());
         let conn = match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
             Ok(conn) => conn,
             Err(e) => {
@@ -332,10 +375,10 @@ impl RedisLedger {
                 // until Redis is reachable; the manager keeps trying in the background.
                 tracing::warn!(error = %e, "Redis unreachable at start-up; continuing, will reconnect");
                 let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(store_error)?;
-                return Ok(Self::new(Connection::Standalone(conn)));
+                return Ok(Self::new(Connection::Standalone(conn), opener));
             }
         };
-        Self::with_scripts(Connection::Standalone(conn)).await
+        Self::with_scripts(Connection::Standalone(conn), opener).await
     }
 
     /// Connects to a Redis Cluster through any of its nodes (`redis://host:port` each) and loads
@@ -347,7 +390,26 @@ impl RedisLedger {
             .build()
             .map_err(store_error)?;
         let conn = client.get_async_connection().await.map_err(store_error)?;
-        Self::with_scripts(Connection::Cluster(conn)).await
+        Self::with_scripts(Connection::Cluster(conn), Opener::Cluster(client)).await
+    }
+
+    /// Gives the calling thread — a worker running its own runtime — its own connection, so its
+    /// steps never hop to another thread's runtime and back. Without one (a thread that never
+    /// called this, or a cluster that could not be reached now) a thread uses the shared one.
+    pub async fn attach_worker(&self) {
+        match self.opener.open().await {
+            Ok(conn) => WORKER_CONNECTIONS.with(|w| w.borrow_mut().push((self.id, conn))),
+            Err(e) => {
+                tracing::warn!(error = %e, "no Redis connection of its own for this worker; using the shared one")
+            }
+        }
+    }
+
+    /// The connection of the calling thread.
+    fn conn(&self) -> Connection {
+        WORKER_CONNECTIONS
+            .with(|w| w.borrow().iter().find(|(id, _)| *id == self.id).map(|(_, conn)| conn.clone()))
+            .unwrap_or_else(|| self.conn.clone())
     }
 
     /// Warns when the server's settings can lose money: eviction of balances, or no AOF.
@@ -374,10 +436,12 @@ impl RedisLedger {
         }
     }
 
-    fn new(conn: Connection) -> Self {
+    fn new(conn: Connection, opener: Opener) -> Self {
         let limits = StoreLimits::default();
         Self {
             conn,
+            opener: Arc::new(opener),
+            id: LEDGER_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             scripts: Arc::new(ArcSwap::from_pointee(Scripts::build(&limits))),
             limits: Arc::new(ArcSwap::from_pointee(limits)),
             dropped_events: Arc::default(),
@@ -385,8 +449,8 @@ impl RedisLedger {
         }
     }
 
-    async fn with_scripts(conn: Connection) -> LedgerResult<Self> {
-        let ledger = Self::new(conn);
+    async fn with_scripts(conn: Connection, opener: Opener) -> LedgerResult<Self> {
+        let ledger = Self::new(conn, opener);
         ledger.query::<()>(&ledger.scripts.load().account.load_cmd()).await?;
         Ok(ledger)
     }
@@ -395,18 +459,36 @@ impl RedisLedger {
     /// new primary) a load of the library and one retry.
     async fn run(&self, invocation: &Invocation<'_>) -> LedgerResult<Value> {
         let cmd = invocation.cmd();
-        match cmd.query_async::<Value>(&mut self.conn.clone()).await {
+        match self.send::<Value>(&cmd).await {
             Err(e) if e.to_string().contains("Function not found") => {
                 tracing::info!(function = %invocation.function.name, "ledger function missing on Redis; loading its library");
                 self.query::<()>(&invocation.function.load_cmd()).await?;
-                cmd.query_async(&mut self.conn.clone()).await.map_err(store_error)
+                self.send(&cmd).await.map_err(store_error)
             }
             other => other.map_err(store_error),
         }
     }
 
+    /// Sends `cmd` on the calling thread's connection. A connection found broken (Redis went away
+    /// since it was last used, and came back) is reopened by its manager and the command is sent
+    /// once more, for at most [`CONNECT_TIMEOUT`]: without that, the first step on each idle
+    /// connection after an outage would fail although Redis is back. Sending a step twice is safe
+    /// (see "Re-sent steps" above); a retry that runs out of time is an error like any timeout.
+    async fn send<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
+        let mut conn = self.conn();
+        match cmd.query_async(&mut conn).await {
+            Err(e) if e.is_connection_dropped() => {
+                match tokio::time::timeout(CONNECT_TIMEOUT, cmd.query_async(&mut conn)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> LedgerResult<T> {
-        cmd.query_async(&mut self.conn.clone()).await.map_err(store_error)
+        self.send(cmd).await.map_err(store_error)
     }
 
     /// Runs one step on `account`: a script whose reply starts with the number of outbox events
