@@ -2,8 +2,7 @@
 -- and history, buys the auto top-up on a threshold crossing, raises low-credit events.
 --
 -- KEYS[1]  account hash            cg:{acct:<id>}
--- KEYS[2]  charge record           cg:{acct:<id>}:charge:<charge id>
--- KEYS[3]  idempotency record      cg:{acct:<id>}:idem:<key>   (present iff the charge has an
+-- KEYS[2]  idempotency record      cg:{acct:<id>}:idem:<key>   (present iff the charge has an
 --          idempotency key)
 -- ARGV[1]  charge id
 -- ARGV[2]  cost
@@ -11,8 +10,8 @@
 -- ARGV[4]  category
 -- ARGV[5]  the end of the charge's history entry, from the operation on, as JSON text:
 --          `"operation":…,"category":…,"request_id":…,"charge_id":…}` (built once, in Rust)
--- ARGV[6]  idempotency key (ignored without KEYS[3])
--- ARGV[7]  request fingerprint (ignored without KEYS[3])
+-- ARGV[6]  idempotency key (ignored without KEYS[2])
+-- ARGV[7]  request fingerprint (ignored without KEYS[2])
 -- ARGV[8]  retention of the idempotency record, seconds (charge records: CHARGE_TTL, lib.lua)
 -- ARGV[9]  most auto top-ups per billing period
 -- ARGV[10] idempotency lease, seconds: how long the first request with the key may run
@@ -36,7 +35,8 @@
 -- idempotency record (state "running" until its lease, then "done" with the answer or "gone",
 -- written by idem_complete.lua) decides what a repeat of the client's key gets. This script
 -- reads only the keys it declares, plus keys named from KEYS[1] (same hash tag, same slot; see
--- src/ledger/keys.rs): the usage hash of the current period, history and outbox.
+-- src/ledger/keys.rs): the charge record buckets (lib.lua), the usage hash of the current
+-- period, history and outbox.
 --
 -- Same steps as memory.rs `Account::charge`, `auto_topup` and `thresholds`.
 
@@ -46,7 +46,7 @@ if not a then return { 0, 'noaccount' } end
 local charge_id, cost = ARGV[1], tonumber(ARGV[2])
 local operation, category = ARGV[3], ARGV[4]
 local idem_key = false
-if #KEYS == 3 then idem_key = ARGV[6] end
+if #KEYS == 2 then idem_key = ARGV[6] end
 
 local function receipt(events, outcome, id, c, from_monthly, from_topup, auto_credits)
   return { events, outcome, id, c, from_monthly, from_topup, a.monthly, a.topup, a.allocation,
@@ -54,16 +54,16 @@ local function receipt(events, outcome, id, c, from_monthly, from_topup, auto_cr
 end
 
 -- Reads and checks.
-local prior = redis.call('HMGET', KEYS[2], 'cost', 'from_monthly', 'from_topup', 'refunded', 'auto')
-if prior[1] then
-  if prior[4] == '1' then return { save_if_renewed(a), 'refunded' } end
-  local auto = tonumber(prior[5]) or 0
+local prior = find_record(a, charge_id)
+if prior then
+  local r = parse_record(prior)
+  if r.refunded then return { save_if_renewed(a), 'refunded' } end
+  local auto = r.auto
   if auto == 0 then auto = false end
-  return receipt(save_if_renewed(a), 'charged', charge_id, tonumber(prior[1]), tonumber(prior[2]),
-    tonumber(prior[3]), auto)
+  return receipt(save_if_renewed(a), 'charged', charge_id, r.cost, r.from_monthly, r.from_topup, auto)
 end
 if idem_key then
-  local hit = idem_hit(a, KEYS[3], ARGV[7])
+  local hit = idem_hit(a, KEYS[2], ARGV[7])
   if hit then return hit end
 end
 local before = a.monthly + a.topup
@@ -154,23 +154,14 @@ local events = save(a)
 if #newly_fired > 0 then redis.call('HSET', KEYS[1], unpack(newly_fired)) end
 if disarm then redis.call('HSET', KEYS[1], 'auto_armed', '0') end
 if auto_off then redis.call('HSET', KEYS[1], 'auto_enabled', '0') end
--- The period's total is the sum of its categories (src/ledger/redis.rs `period_usage`).
-local usage = sub_key(a, 'usage:' .. n(a.period))
-redis.call('HINCRBY', usage, 'c:' .. category, n(cost))
-redis.call('HINCRBY', usage, 'o:' .. operation, n(cost))
-redis.call('HINCRBY', usage, 'd:' .. n(day), n(cost))
+redis.call('HINCRBY', sub_key(a, 'usage:' .. n(a.period)), usage_field(day, category, operation), n(cost))
 
-local ttl = ARGV[8]
--- The charge record: what refund.lua and a re-sent step need (absent fields: `refunded` not
--- yet, `auto` none, `idem` no key).
-redis.call('HSET', KEYS[2], 'cost', n(cost), 'from_monthly', n(from_monthly), 'from_topup', n(from_topup),
-  'period', n(a.period), 'day', n(day), 'operation', operation, 'category', category)
-if auto_credits then redis.call('HSET', KEYS[2], 'auto', n(auto_credits)) end
-if idem_key then redis.call('HSET', KEYS[2], 'idem', idem_key) end
-redis.call('EXPIRE', KEYS[2], CHARGE_TTL)
+-- The charge record: what refund.lua and a re-sent step need.
+write_record(a, charge_id, { cost = cost, from_monthly = from_monthly, from_topup = from_topup, period = a.period,
+  day = day, auto = auto_credits, category = category, operation = operation, idem = idem_key })
 if idem_key then
-  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[7], 'charge_id', charge_id, 'state', 'running',
+  redis.call('HSET', KEYS[2], 'fingerprint', ARGV[7], 'charge_id', charge_id, 'state', 'running',
     'until', n(a.now + tonumber(ARGV[10])))
-  redis.call('EXPIRE', KEYS[3], ttl)
+  redis.call('EXPIRE', KEYS[2], ARGV[8])
 end
 return receipt(events, 'charged', charge_id, cost, from_monthly, from_topup, auto_credits)

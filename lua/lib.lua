@@ -353,6 +353,69 @@ local function save_if_renewed(a)
   return 0
 end
 
+-- === usage (cg:{acct:<id>}:usage:<period index>) ===
+--
+-- One counter per day, category and operation: `u:<UTC day number>:<length of the category>:
+-- <category><operation>` (names may hold any character, so the category is length-prefixed), so a
+-- charge is one HINCRBY. src/ledger/redis.rs `period_usage` sums the counters by day, category
+-- and operation; hashes written before kept `c:`, `o:`, `d:` (and `t`) counters, which it adds in.
+local function usage_field(day, category, operation)
+  return 'u:' .. n(day) .. ':' .. n(#category) .. ':' .. category .. operation
+end
+
+-- === charge records (cg:{acct:<id>}:charges:<bucket>) ===
+--
+-- One hash field per charge, named by the charge id, in the hash of the time bucket it was
+-- written in (bucket = floor(now / CHARGE_TTL)). A bucket's hash expires 2 x CHARGE_TTL after it
+-- was started, so a record lives between CHARGE_TTL and twice that, and a lookup reads the
+-- current bucket and the one before. Adding a field to an existing hash is several times cheaper
+-- for Redis than creating a key with its own expiry per charge, and smaller.
+--
+-- A record is one string: "cost from_monthly from_topup period day auto refunded " followed by
+-- the category, the operation (each as <length>:<text>) and the idempotency key (the rest).
+
+-- The current bucket's hash and the previous one's.
+local function record_buckets(a)
+  local b = div(a.now, CHARGE_TTL)
+  return sub_key(a, 'charges:' .. n(b)), sub_key(a, 'charges:' .. n(b - 1))
+end
+
+-- The record of charge `id` and the hash holding it, or nil.
+local function find_record(a, id)
+  local current, previous = record_buckets(a)
+  local v = redis.call('HGET', current, id)
+  if v then return v, current end
+  v = redis.call('HGET', previous, id)
+  if v then return v, previous end
+  return nil
+end
+
+local function format_record(r)
+  return string.format('%d %d %d %d %d %d %d %d:%s%d:%s%s', r.cost, r.from_monthly, r.from_topup, r.period,
+    r.day, r.auto or 0, r.refunded and 1 or 0, #r.category, r.category, #r.operation, r.operation, r.idem or '')
+end
+
+local function parse_record(v)
+  local cost, fm, ft, period, day, auto, refunded, rest =
+    string.match(v, '^(%d+) (%d+) (%d+) (%-?%d+) (%d+) (%d+) (%d) (.*)$')
+  local cat_len, rest2 = string.match(rest, '^(%d+):(.*)$')
+  local category = string.sub(rest2, 1, tonumber(cat_len))
+  local op_len, rest3 = string.match(string.sub(rest2, tonumber(cat_len) + 1), '^(%d+):(.*)$')
+  local operation = string.sub(rest3, 1, tonumber(op_len))
+  local idem = string.sub(rest3, tonumber(op_len) + 1)
+  if idem == '' then idem = false end
+  return { cost = tonumber(cost), from_monthly = tonumber(fm), from_topup = tonumber(ft), period = tonumber(period),
+    day = tonumber(day), auto = tonumber(auto), refunded = refunded == '1', category = category,
+    operation = operation, idem = idem }
+end
+
+-- Writes record `r` of charge `id` into `bucket` (the current one unless given).
+local function write_record(a, id, r, bucket)
+  bucket = bucket or record_buckets(a)
+  redis.call('HSET', bucket, id, format_record(r))
+  redis.call('EXPIRE', bucket, 2 * CHARGE_TTL, 'NX')
+end
+
 -- ===== end of lib.lua =====
 
 -- === idempotency records (cg:{acct:<id>}:idem:<key>) ===

@@ -1,9 +1,9 @@
 -- refund.lua: returns a charge to the buckets it came from, once.
 --
 -- KEYS[1]  account hash            cg:{acct:<id>}
--- KEYS[2]  charge record           cg:{acct:<id>}:charge:<charge id>
+-- KEYS[2]  the charge record as versions before the record buckets (lib.lua) kept it:
+--          cg:{acct:<id>}:charge:<charge id>, a hash; read only when no bucket has the charge
 -- ARGV[1]  charge id
--- ARGV[2]  retention of a tombstone, seconds
 --
 -- Reply, first the number of outbox events appended (a renewal's), then the outcome:
 --   { events, "refunded", to_monthly, to_topup, monthly_remaining, topup_remaining }
@@ -25,13 +25,20 @@ local a = load_account(KEYS[1])
 if not a then return { 0, 'unknown' } end
 
 -- Reads and checks.
-local c = redis.call('HMGET', KEYS[2], 'cost', 'from_monthly', 'from_topup', 'period', 'idem', 'refunded',
-  'operation', 'category', 'day', 'at')
+local record, bucket = find_record(a, ARGV[1])
+local c
+if record then
+  local r = parse_record(record)
+  c = { n(r.cost), n(r.from_monthly), n(r.from_topup), n(r.period), r.idem, r.refunded and '1' or '0', r.operation,
+    r.category, n(r.day) }
+else
+  c = redis.call('HMGET', KEYS[2], 'cost', 'from_monthly', 'from_topup', 'period', 'idem', 'refunded',
+    'operation', 'category', 'day', 'at')
+end
 if not c[1] then
   local events = save_if_renewed(a)
-  redis.call('HSET', KEYS[2], 'cost', '0', 'from_monthly', '0', 'from_topup', '0', 'period', n(a.period),
-    'refunded', '1', 'day', n(div(a.now, 86400)), 'at', n(a.now))
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  write_record(a, ARGV[1], { cost = 0, from_monthly = 0, from_topup = 0, period = a.period,
+    day = div(a.now, 86400), refunded = true, category = '', operation = '' })
   return { events, 'unknown' }
 end
 if c[6] == '1' then return { save_if_renewed(a), 'already' } end
@@ -45,8 +52,13 @@ local operation, category = c[7] or '', c[8] or ''
 -- Charge records written before usage was recorded lack `day`; their `at` gives it.
 local day = tonumber(c[9]) or div(tonumber(c[10]) or a.now, 86400)
 local usage = sub_key(a, 'usage:' .. n(charge_period))
-local usage_fields = { 'c:' .. category, 'o:' .. operation, 'd:' .. n(day) }
-local used = redis.call('HMGET', usage, unpack(usage_fields))
+-- The charge's counter; a charge counted before there was one is in the older three.
+local usage_fields = { usage_field(day, category, operation) }
+local used = redis.call('HMGET', usage, usage_fields[1], 'c:' .. category, 'o:' .. operation, 'd:' .. n(day))
+if not used[1] and used[2] then
+  usage_fields = { 'c:' .. category, 'o:' .. operation, 'd:' .. n(day) }
+  used = { used[2], used[3], used[4] }
+end
 
 -- The step, in memory.
 local same_period = charge_period == a.period
@@ -69,7 +81,13 @@ for i, field in ipairs(usage_fields) do
   usage_after[#usage_after + 1] = n(math.max((tonumber(used[i]) or 0) - (to_monthly + to_topup), 0))
 end
 redis.call('HSET', usage, unpack(usage_after))
-redis.call('HSET', KEYS[2], 'refunded', '1')
-redis.call('HDEL', KEYS[2], 'idem')
+if record then
+  local r = parse_record(record)
+  r.refunded, r.idem = true, false
+  write_record(a, ARGV[1], r, bucket)
+else
+  redis.call('HSET', KEYS[2], 'refunded', '1')
+  redis.call('HDEL', KEYS[2], 'idem')
+end
 if idem_record then redis.call('DEL', idem_record) end
 return { events, 'refunded', to_monthly, to_topup, a.monthly, a.topup }

@@ -34,7 +34,8 @@ async fn chat(base: &str, key: &str) -> Response {
 
 /// Counts the charge records of `account` on the given Redis nodes.
 fn charge_records(nodes: &[&RedisServer], account: &str) -> usize {
-    let pattern = format!("cg:{{acct:{account}}}:charge:*");
+    // One field per charge in the account's record buckets (lua/lib.lua).
+    let pattern = format!("cg:{{acct:{account}}}:charges:*");
     let mut total = 0;
     for node in nodes {
         let mut cursor = "0".to_owned();
@@ -42,7 +43,9 @@ fn charge_records(nodes: &[&RedisServer], account: &str) -> usize {
             let reply = node.command(&["SCAN", &cursor, "MATCH", &pattern, "COUNT", "1000"]);
             let mut lines = reply.lines();
             cursor = lines.next().unwrap_or("0").trim().to_owned();
-            total += lines.filter(|l| !l.trim().is_empty()).count();
+            for bucket in lines.map(str::trim).filter(|l| !l.is_empty()) {
+                total += node.command(&["HLEN", bucket]).trim().parse::<usize>().expect("HLEN is a number");
+            }
             if cursor == "0" {
                 break;
             }

@@ -806,8 +806,7 @@ impl Ledger for RedisLedger {
         check_amount(req.cost)?;
         let scripts = self.scripts.load();
         let mut inv = scripts.charge.key(keys::account(req.account));
-        inv.key(keys::charge(req.account, req.charge_id));
-        // The script knows an idempotency key is given by the third KEYS entry.
+        // The script knows an idempotency key is given by the second KEYS entry.
         let (idem_key, fingerprint, lease) = match req.idempotency {
             Some(idem) => {
                 inv.key(keys::idempotency(req.account, idem.key));
@@ -844,7 +843,7 @@ impl Ledger for RedisLedger {
     async fn refund(&self, account: &str, charge_id: &str) -> LedgerResult<RefundOutcome> {
         let scripts = self.scripts.load();
         let mut inv = scripts.refund.key(keys::account(account));
-        inv.key(keys::charge(account, charge_id)).arg(charge_id).arg(RETENTION_SECS);
+        inv.key(keys::charge(account, charge_id)).arg(charge_id);
         let mut r = self.step(account, &inv).await?;
         let outcome: String = r.next()?;
         Ok(match outcome.as_str() {
@@ -1495,9 +1494,10 @@ impl From<&KeyRecord> for ListedKey {
     }
 }
 
-/// A period's usage from the fields of its usage hash (`c:<category>`, `o:<operation>`,
-/// `d:<day>`, `f:<operation>`; the total is the sum of the categories, and a `t` field written by
-/// earlier versions is ignored).
+/// A period's usage from the fields of its usage hash: `u:<day>:<category length>:<category>
+/// <operation>` counters (lua/lib.lua `usage_field`), `f:<operation>` (free automatic uses), and
+/// the `c:`, `o:`, `d:` counters of hashes written by earlier versions, added in. The total is the
+/// sum of the categories (an earlier version's `t` field is ignored).
 fn period_usage(period_start: i64, period_end: i64, fields: HashMap<String, u64>) -> LedgerResult<PeriodUsage> {
     let mut u = PeriodUsage { period_start, period_end, ..PeriodUsage::default() };
     let (mut by_category, mut by_operation, mut by_day) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
@@ -1507,17 +1507,27 @@ fn period_usage(period_start: i64, period_end: i64, fields: HashMap<String, u64>
             // The total of hashes written before it became the sum of the categories.
             None if field == "t" => {}
             Some(("c", category)) => {
-                by_category.insert(category.to_owned(), credits);
+                *by_category.entry(category.to_owned()).or_default() += credits;
             }
             Some(("o", operation)) => {
-                by_operation.insert(operation.to_owned(), credits);
+                *by_operation.entry(operation.to_owned()).or_default() += credits;
             }
             Some(("f", operation)) => {
                 free_automatic.insert(operation.to_owned(), credits);
             }
             Some(("d", day)) => {
                 let day = day.parse().map_err(|_| LedgerError(format!("usage hash has day field {field:?}")))?;
-                by_day.insert(day, credits);
+                *by_day.entry(day).or_default() += credits;
+            }
+            Some(("u", counter)) => {
+                let bad = || LedgerError(format!("usage hash has counter field {field:?}"));
+                let (day, rest) = counter.split_once(':').ok_or_else(bad)?;
+                let (len, names) = rest.split_once(':').ok_or_else(bad)?;
+                let len: usize = len.parse().map_err(|_| bad())?;
+                let (category, operation) = (names.get(..len).ok_or_else(bad)?, names.get(len..).ok_or_else(bad)?);
+                *by_day.entry(day.parse().map_err(|_| bad())?).or_default() += credits;
+                *by_category.entry(category.to_owned()).or_default() += credits;
+                *by_operation.entry(operation.to_owned()).or_default() += credits;
             }
             _ => return Err(LedgerError(format!("usage hash has unknown field {field:?}"))),
         }
