@@ -354,6 +354,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let workers = state.workers.get().map_or(0, |w| w.iter().map(|h| h.metrics().num_alive_tasks()).sum());
     let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks() + workers;
     state.metrics.tasks.set(tasks as i64);
+    let (down, downs) = state.ledger.health();
+    state.metrics.store_up.set(i64::from(!down));
+    state.metrics.store_downs.set(downs as i64);
     let body = state.metrics.render();
     ([(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
 }

@@ -226,6 +226,14 @@ pub struct StoreConfig {
     /// Behaviour of metered routes when the store is down.
     #[serde(default)]
     pub on_error: OnStoreError,
+    /// Longest a step waits for the store; past it the store counts as down, and steps fail at
+    /// once (503 `store_unavailable`) until a probe finds it answering again.
+    #[serde(default = "default_store_max_wait_ms")]
+    pub max_wait_ms: u64,
+}
+
+fn default_store_max_wait_ms() -> u64 {
+    3_000
 }
 
 /// `[upstreams.NAME]`
@@ -930,6 +938,9 @@ impl Config {
 
     fn validate_store(&self) -> Result<(), ConfigError> {
         let st = &self.store;
+        if st.max_wait_ms == 0 || st.max_wait_ms > 60_000 {
+            return Err(bad("store.max_wait_ms", "must be between 1 and 60000"));
+        }
         match st.kind {
             StoreKind::Memory => {
                 if st.url.is_some() {

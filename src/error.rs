@@ -266,6 +266,9 @@ impl IntoResponse for GatewayError {
             GatewayError::QueueFull { .. } | GatewayError::QueueBytesFull { .. } => {
                 res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
             }
+            GatewayError::StoreUnavailable(_) => {
+                res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
             _ => {}
         }
         res

@@ -68,6 +68,11 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// Live tokio tasks, as of the last scrape.
     pub tasks: Gauge,
+    /// 1 while the store answers, 0 while it is known to be down (steps fail at once), as of
+    /// the last scrape.
+    pub store_up: Gauge,
+    /// Times the store was marked down, as of the last scrape.
+    pub store_downs: Gauge,
     /// Connections closed because a request head did not arrive in time.
     pub connections_header_timeout: Counter,
     /// Keep-alive connections closed after `server.idle_timeout_ms` without a request.
@@ -106,6 +111,8 @@ impl Default for Metrics {
             client_gone_after_delivery: Counter::default(),
             connections_open: Gauge::default(),
             tasks: Gauge::default(),
+            store_up: Gauge::default(),
+            store_downs: Gauge::default(),
             connections_header_timeout: Counter::default(),
             connections_idle_timeout: Counter::default(),
             connections_write_timeout: Counter::default(),
@@ -136,6 +143,12 @@ impl Default for Metrics {
         );
         registry.register("connections_open", "Client connections open now", m.connections_open.clone());
         registry.register("tasks", "Live tokio tasks, as of this scrape", m.tasks.clone());
+        registry.register(
+            "store_up",
+            "1 while the store answers, 0 while it is known to be down and metered steps fail at once",
+            m.store_up.clone(),
+        );
+        registry.register("store_downs", "Times the store was found down since start", m.store_downs.clone());
         registry.register(
             "connections_header_timeout",
             "Connections closed because a request head did not arrive within server.header_read_timeout_ms",

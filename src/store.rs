@@ -20,12 +20,14 @@ impl Store {
             StoreKind::Redis => {
                 let url = config.url.as_deref().expect("validated: url set for kind = redis");
                 let ledger = RedisLedger::connect_standalone(url).await?;
+                ledger.set_max_wait(std::time::Duration::from_millis(config.max_wait_ms));
                 ledger.check_server_settings().await;
                 Ok(Store::Redis(ledger))
             }
             StoreKind::RedisCluster => {
                 let nodes = config.nodes.as_deref().expect("validated: nodes set for kind = redis-cluster");
                 let ledger = RedisLedger::connect_cluster(nodes).await?;
+                ledger.set_max_wait(std::time::Duration::from_millis(config.max_wait_ms));
                 ledger.check_server_settings().await;
                 Ok(Store::Redis(ledger))
             }
@@ -36,6 +38,15 @@ impl Store {
     pub async fn attach_worker(&self) {
         if let Store::Redis(l) = self {
             l.attach_worker().await;
+        }
+    }
+
+    /// Whether the store is known to be down, and how many times it was marked so (the memory
+    /// store never is).
+    pub fn health(&self) -> (bool, u64) {
+        match self {
+            Store::Memory(_) => (false, 0),
+            Store::Redis(l) => l.health(),
         }
     }
 

@@ -132,6 +132,17 @@ fn shutdown(redis: &RedisServer) {
     let _ = status;
 }
 
+/// Sends metered chats, 100 ms apart, until one is served (true) or 15 s have passed.
+async fn metered_recovers(gw: &TestGateway, key: &str) -> bool {
+    for _ in 0..150 {
+        if gw.post(key, CHAT, &[("x-ai-tier", "fast")], "{}").await.status == 200 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 async fn readyz(gw: &TestGateway) -> u16 {
     http::send("GET", &format!("{}/readyz", gw.admin), &[], "").await.status.as_u16()
 }
@@ -158,18 +169,59 @@ async fn redis_outage_fail_closed_then_recovery_without_restart() {
     assert_eq!(gw.call(&key, "GET", "/v1/deals", &[], "").await.status, 200, "free routes keep working");
 
     redis.restart();
-    let mut recovered = false;
+    assert!(metered_recovers(&gw, &key).await, "metered routes work again once Redis is back, without a restart");
+    assert_eq!(readyz(&gw).await, 200);
+    // 50 − 5 (before the outage, acknowledged, survived the restart) − 1 (after).
+    assert_eq!(gw.remaining(&key).await, 44);
+}
+
+/// A Redis that stops answering (paused, its socket open) costs a metered request at most
+/// `store.max_wait_ms`: the request gets 503 `store_unavailable` with `Retry-After` instead of
+/// waiting the stall out (it would then have been served and charged), later ones fail at once
+/// while the store is known to be down (`/readyz`, `creditgate_store_up`), and it all recovers by
+/// itself. The charge that was sent into the stall lands when Redis resumes, and is refunded: the
+/// books balance exactly.
+#[tokio::test]
+async fn a_stalled_store_is_answered_in_bounded_time_and_the_books_balance() {
+    let redis = RedisServer::start();
+    let up = Upstream::echo().await;
+    let store = format!("{}\nmax_wait_ms = 300", redis_store(&redis));
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&store).build()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1);
+    let calls = up.count();
+
+    // Every client of this Redis waits 1.9 s (the test's own commands too, so none until then):
+    // shorter than the client's own response timeout (2 s), so only max_wait_ms turns the
+    // stall into an answer — without it the first request would be served, late.
+    redis.command(&["CLIENT", "PAUSE", "1900", "ALL"]);
+    for attempt in ["waits at most max_wait_ms", "fails at once while down"] {
+        let res = gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await;
+        assert_eq!(res.status, 503, "{attempt}: {}", res.text());
+        assert_eq!(res.error_type(), "store_unavailable", "{attempt}");
+        assert_eq!(res.header("retry-after"), Some("1"), "{attempt}");
+    }
+    assert_eq!(up.count(), calls, "nothing forwarded uncharged");
+    assert_eq!(readyz(&gw).await, 503, "readiness says the store is down");
+    let metrics = http::send("GET", &format!("{}/metrics", gw.admin), &[], "").await.text();
+    assert!(metrics.lines().any(|l| l == "creditgate_store_up 0"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "creditgate_store_downs 1"), "{metrics}");
+    assert_eq!(gw.call(&key, "GET", "/v1/deals", &[], "").await.status, 200, "free routes keep working");
+
+    // Redis resumes: the circuit closes by itself, metered requests are served again.
+    assert!(metered_recovers(&gw, &key).await, "metered routes work again once Redis answers, without a restart");
+    assert_eq!(readyz(&gw).await, 200);
+    // 50 - 1 before - 1 after; the charge sent into the stall ran when Redis resumed and is
+    // refunded in the background.
+    let mut remaining = 0;
     for _ in 0..100 {
-        if gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.status == 200 {
-            recovered = true;
+        remaining = gw.remaining(&key).await;
+        if remaining == 48 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(recovered, "metered routes work again once Redis is back, without a restart");
-    assert_eq!(readyz(&gw).await, 200);
-    // 50 − 5 (before the outage, acknowledged, survived the restart) − 1 (after).
-    assert_eq!(gw.remaining(&key).await, 44);
+    assert_eq!(remaining, 48, "two requests served, two credits taken");
 }
 
 #[tokio::test]

@@ -27,6 +27,21 @@ pub use redis::RedisLedger;
 #[error("store unavailable: {0}")]
 pub struct LedgerError(pub String);
 
+impl LedgerError {
+    const NOT_SENT: &'static str = "not sent: the store is known to be down";
+
+    /// A step that was not even sent (the store is known to be down): it cannot have happened.
+    pub fn not_sent() -> Self {
+        LedgerError(Self::NOT_SENT.to_owned())
+    }
+
+    /// Whether this is [`LedgerError::not_sent`]: unlike any other error, the step surely did
+    /// not happen.
+    pub fn was_not_sent(&self) -> bool {
+        self.0 == Self::NOT_SENT
+    }
+}
+
 /// Result of a ledger step.
 pub type LedgerResult<T> = Result<T, LedgerError>;
 

@@ -108,6 +108,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use std::time::Duration;
@@ -304,6 +305,7 @@ pub struct RedisLedger {
     /// Tells this ledger's worker connections apart from another's on the same thread (tests
     /// run several gateways in one process).
     id: usize,
+    health: Arc<Health>,
     /// The scripts for the current [`StoreLimits`] (swapped by [`Ledger::set_limits`]).
     scripts: Arc<ArcSwap<Scripts>>,
     limits: Arc<ArcSwap<StoreLimits>>,
@@ -347,6 +349,69 @@ impl Opener {
                 client.get_async_connection().await.map(Connection::Cluster).map_err(store_error)
             }
         }
+    }
+}
+
+/// Whether the store is reachable, as the steps find it: a circuit breaker. A step that cannot
+/// reach Redis, or gets no answer within `store.max_wait_ms`, marks it down; from then on steps
+/// fail at once instead of each waiting out the outage (requests would pile up with their
+/// bodies), and one probe task PINGs Redis every [`PROBE_EVERY`] until it answers, which marks
+/// it up again.
+struct Health {
+    down: AtomicBool,
+    probing: AtomicBool,
+    /// Times the store was marked down.
+    downs: AtomicU64,
+    max_wait_ms: AtomicU64,
+}
+
+/// How often a store marked down is probed.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// `store.max_wait_ms` until the config sets it.
+const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(3);
+
+impl Health {
+    fn new() -> Self {
+        Health {
+            down: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
+            downs: AtomicU64::new(0),
+            max_wait_ms: AtomicU64::new(DEFAULT_MAX_WAIT.as_millis() as u64),
+        }
+    }
+
+    fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms.load(Ordering::Relaxed))
+    }
+
+    /// Marks the store down and starts the probe (one at a time).
+    fn mark_down(&self, ledger: &RedisLedger) {
+        if !self.down.swap(true, Ordering::Relaxed) {
+            self.downs.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("store unreachable: metered steps fail at once until it answers again");
+        }
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let ledger = ledger.clone();
+        tokio::spawn(async move {
+            let ping = redis::cmd("PING");
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                let wait = ledger.health.max_wait();
+                if let Ok(Ok(())) = tokio::time::timeout(wait, ledger.send_on_connection::<()>(&ping)).await {
+                    break;
+                }
+            }
+            ledger.health.probing.store(false, Ordering::Release);
+            ledger.health.down.store(false, Ordering::Relaxed);
+            tracing::info!("store reachable again");
+        });
     }
 }
 
@@ -442,6 +507,7 @@ impl RedisLedger {
             conn,
             opener: Arc::new(opener),
             id: LEDGER_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            health: Arc::new(Health::new()),
             scripts: Arc::new(ArcSwap::from_pointee(Scripts::build(&limits))),
             limits: Arc::new(ArcSwap::from_pointee(limits)),
             dropped_events: Arc::default(),
@@ -460,21 +526,43 @@ impl RedisLedger {
     async fn run(&self, invocation: &Invocation<'_>) -> LedgerResult<Value> {
         let cmd = invocation.cmd();
         match self.send::<Value>(&cmd).await {
-            Err(e) if e.to_string().contains("Function not found") => {
+            Err(e) if e.0.contains("Function not found") => {
                 tracing::info!(function = %invocation.function.name, "ledger function missing on Redis; loading its library");
                 self.query::<()>(&invocation.function.load_cmd()).await?;
-                self.send(&cmd).await.map_err(store_error)
+                self.send(&cmd).await
             }
-            other => other.map_err(store_error),
+            other => other,
         }
     }
 
-    /// Sends `cmd` on the calling thread's connection. A connection found broken (Redis went away
-    /// since it was last used, and came back) is reopened by its manager and the command is sent
-    /// once more, for at most [`CONNECT_TIMEOUT`]: without that, the first step on each idle
-    /// connection after an outage would fail although Redis is back. Sending a step twice is safe
-    /// (see "Re-sent steps" above); a retry that runs out of time is an error like any timeout.
-    async fn send<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
+    /// Sends `cmd` on the calling thread's connection, waiting at most `store.max_wait_ms` for
+    /// the answer. While the store is known to be down ([`Health`]) nothing is sent: the step
+    /// fails at once with [`LedgerError::not_sent`].
+    async fn send<T: FromRedisValue>(&self, cmd: &Cmd) -> LedgerResult<T> {
+        if self.health.is_down() {
+            return Err(LedgerError::not_sent());
+        }
+        let wait = self.health.max_wait();
+        match tokio::time::timeout(wait, self.send_on_connection(cmd)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+                    self.health.mark_down(self);
+                }
+                Err(store_error(e))
+            }
+            Err(_) => {
+                self.health.mark_down(self);
+                Err(LedgerError(format!("no answer within store.max_wait_ms ({} ms)", wait.as_millis())))
+            }
+        }
+    }
+
+    /// A connection found broken (Redis went away since it was last used, and came back) is
+    /// reopened by its manager and the command sent once more, for at most [`CONNECT_TIMEOUT`]:
+    /// without that, the first step on each idle connection after an outage would fail although
+    /// Redis is back. Sending a step twice is safe (see "Re-sent steps" above).
+    async fn send_on_connection<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
         let mut conn = self.conn();
         match cmd.query_async(&mut conn).await {
             Err(e) if e.is_connection_dropped() => {
@@ -487,8 +575,19 @@ impl RedisLedger {
         }
     }
 
+    /// Sets `store.max_wait_ms`.
+    pub fn set_max_wait(&self, wait: Duration) {
+        self.health.max_wait_ms.store(wait.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the store is known to be down (steps fail at once until a probe reaches it), and
+    /// how many times that began.
+    pub fn health(&self) -> (bool, u64) {
+        (self.health.is_down(), self.health.downs.load(Ordering::Relaxed))
+    }
+
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> LedgerResult<T> {
-        self.send(cmd).await.map_err(store_error)
+        self.send(cmd).await
     }
 
     /// Runs one step on `account`: a script whose reply starts with the number of outbox events

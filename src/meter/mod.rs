@@ -122,7 +122,9 @@ pub async fn charge(
     let metrics = &state.metrics;
     let started = Instant::now();
     let mut outcome = state.ledger.charge(req).await;
-    if outcome.is_err() {
+    // Whether a copy of the step may have reached the store (one that was not sent cannot land).
+    let mut sent = !matches!(&outcome, Err(e) if e.was_not_sent());
+    if outcome.is_err() && sent {
         // The reply may be lost while the charge landed: ask again under the same charge id.
         outcome = state.ledger.charge(req).await;
     }
@@ -131,8 +133,11 @@ pub async fn charge(
         Ok(o) => o,
         Err(e) => {
             let Unknown::Refund(on_error) = unknown else { return Err(e.into()) };
-            // Unknown whether it landed: make sure it does not stand.
-            refund_later(state.clone(), req.account.into(), req.charge_id.to_owned(), category.clone());
+            sent |= !e.was_not_sent();
+            if sent {
+                // Unknown whether it landed: make sure it does not stand.
+                refund_later(state.clone(), req.account.into(), req.charge_id.to_owned(), category.clone());
+            }
             if on_error == OnStoreError::FailOpen {
                 metrics.fail_open.inc();
                 tracing::error!(error = %e, operation = req.operation, cost = req.cost, "store unavailable; fail_open: forwarding uncharged");
