@@ -145,6 +145,10 @@ pub struct ServerConfig {
     /// Most client connections open at once, per listener; further ones wait in the backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// On SIGTERM / Ctrl-C: how long requests in flight may take to finish before the process
+    /// exits anyway; new connections are refused at once.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
     /// Threads serving the public listener, each a single-threaded runtime with its own
     /// `SO_REUSEPORT` socket and upstream connection pool; 0 (the default): one per CPU core.
     #[serde(default)]
@@ -168,6 +172,9 @@ fn default_body_read_timeout_ms() -> u64 {
     30_000
 }
 fn default_write_timeout_ms() -> u64 {
+    30_000
+}
+fn default_shutdown_grace_ms() -> u64 {
     30_000
 }
 fn default_max_connections() -> usize {
@@ -773,6 +780,7 @@ impl Config {
             ("server.body_read_timeout_ms", s.body_read_timeout_ms),
             ("server.write_timeout_ms", s.write_timeout_ms),
             ("server.max_connections", s.max_connections as u64),
+            ("server.shutdown_grace_ms", s.shutdown_grace_ms),
         ] {
             positive(key, v)?;
         }

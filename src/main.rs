@@ -139,9 +139,14 @@ fn run(config: Config, path: Option<PathBuf>, tour: bool) -> Result<(), String> 
         }
         let reloader = server::spawn_reloader(gateway.state.clone());
         shutdown_signal().await;
-        tracing::info!("shutting down");
+        // The grace in force now (a reload may have changed it).
+        let grace = Duration::from_millis(gateway.state.runtime.load().config.server.shutdown_grace_ms);
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: refusing new connections, finishing requests in flight"
+        );
         reloader.abort();
-        gateway.shutdown(Duration::from_secs(30)).await;
+        gateway.shutdown(grace).await;
         Ok(())
     })
 }

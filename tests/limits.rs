@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use support::gateway::{ConfigBuilder, TestGateway};
+use support::gateway::{ADMIN_TOKEN, ConfigBuilder, TestGateway};
 use support::http;
+use support::process::GatewayProcess;
 use support::upstream::{Behaviour, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -176,6 +177,57 @@ async fn shutdown_finishes_requests_in_flight() {
     gw.gateway.shutdown(Duration::from_secs(10)).await;
     assert_eq!(slow.await.unwrap().status, 200, "the request in flight got its answer");
     assert!(TcpStream::connect(addr(&public)).await.is_err(), "no longer listening");
+}
+
+/// A key of a new account on a gateway process (admin API).
+async fn process_key(gw: &GatewayProcess) -> String {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let admin = |path: &str| format!("{}{path}", gw.admin);
+    let account = r#"{"id":"acme","plan":"big"}"#;
+    assert_eq!(
+        http::send("POST", &admin("/admin/v1/accounts"), &[("authorization", &auth)], account).await.status,
+        201
+    );
+    let res =
+        http::send("POST", &admin("/admin/v1/accounts/acme/keys"), &[("authorization", &auth)], r#"{"role":"user"}"#)
+            .await;
+    res.json()["key"].as_str().expect("a key").to_owned()
+}
+
+/// SIGTERM on the real binary: the request in flight gets its answer, new connections are
+/// refused, and the process exits 0 by itself.
+#[tokio::test]
+async fn sigterm_finishes_requests_in_flight_and_exits_0() {
+    let up = Upstream::start(Behaviour::Delay(Duration::from_millis(800))).await;
+    let mut gw = GatewayProcess::start(&ConfigBuilder::new(&up.url()).build()).await;
+    let key = process_key(&gw).await;
+    let (url, auth) = (format!("{}/v1/deals", gw.public), format!("Bearer {key}"));
+    let slow = tokio::spawn(async move { http::send("GET", &url, &[("authorization", &auth)], "").await });
+    up.wait_for_count(1).await;
+    gw.signal("TERM");
+    assert_eq!(slow.await.unwrap().status, 200, "the request in flight got its answer");
+    let status = gw.wait_exit(Duration::from_secs(10)).await.expect("exited by itself");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(TcpStream::connect(addr(&gw.public)).await.is_err(), "no longer listening");
+}
+
+/// `server.shutdown_grace_ms` bounds the drain: a request that outlasts it does not keep the
+/// process alive (here the upstream would take 20 s; the hang guard is 10 s).
+#[tokio::test]
+async fn sigterm_stops_waiting_after_the_grace_period() {
+    let up = Upstream::start(Behaviour::Delay(Duration::from_secs(20))).await;
+    let config = ConfigBuilder::new(&up.url()).server("shutdown_grace_ms = 200").build();
+    let mut gw = GatewayProcess::start(&config).await;
+    let key = process_key(&gw).await;
+    let mut slow = TcpStream::connect(addr(&gw.public)).await.unwrap();
+    let request = format!("GET /v1/deals HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n");
+    slow.write_all(request.as_bytes()).await.unwrap();
+    up.wait_for_count(1).await;
+    gw.signal("TERM");
+    let status = gw.wait_exit(Duration::from_secs(10)).await.expect("exited once the grace period was over");
+    assert!(status.success(), "exit status {status:?}");
+    let (closed, answer) = closed_within(&mut slow, Duration::from_secs(5)).await;
+    assert!(closed && answer.is_empty(), "the cut request's connection closed without an answer: {answer:?}");
 }
 
 /// An upstream answering every request with `size` bytes of JSON-ish text.

@@ -120,6 +120,19 @@ impl GatewayProcess {
         assert!(status.is_ok_and(|s| s.success()), "kill -{name} failed");
     }
 
+    /// Waits up to `limit` for the process to exit by itself: its exit status, or `None` if it
+    /// is still running.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     /// Kills the process (SIGKILL).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
