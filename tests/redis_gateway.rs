@@ -224,6 +224,27 @@ async fn a_stalled_store_is_answered_in_bounded_time_and_the_books_balance() {
     assert_eq!(remaining, 48, "two requests served, two credits taken");
 }
 
+/// Redis out of memory refuses the charge function before it runs: the request gets 503
+/// `store_unavailable`, nothing reaches the backend, and nothing was written — the balance is
+/// whole once Redis has room again.
+#[tokio::test]
+async fn a_store_out_of_memory_charges_nothing() {
+    let redis = RedisServer::start();
+    let up = Upstream::echo().await;
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1);
+    let calls = up.count();
+    redis.command(&["CONFIG", "SET", "maxmemory", "1"]);
+    let res = gw.post(&key, CHAT, &[("x-ai-tier", "powerful")], "{}").await;
+    assert_eq!(res.status, 503, "{}", res.text());
+    assert_eq!(res.error_type(), "store_unavailable");
+    assert_eq!(up.count(), calls, "nothing forwarded");
+    redis.command(&["CONFIG", "SET", "maxmemory", "0"]);
+    assert_eq!(gw.remaining(&key).await, 49, "the refused charge wrote nothing");
+    assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1, "and charges work again");
+}
+
 #[tokio::test]
 async fn redis_outage_fail_open_forwards_uncharged() {
     let redis = RedisServer::start();
