@@ -68,8 +68,14 @@ async fn prices_reload_from_the_file_and_a_bad_file_is_rejected() {
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(fast_chat_cost(&gw.public, &key).await, 2, "a bad config never replaces a good one");
 
-    // SIGHUP reloads too (file fixed again, with another price).
-    std::fs::write(&path, good.replacen("fast = 2,", "fast = 4,", 1)).unwrap();
+    // SIGHUP reloads too (file fixed again, with another price). The new file keeps the old one's
+    // modification time, so the file watcher cannot be what reloads it: only the signal can.
+    let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let staged = path.with_extension("staged");
+    std::fs::write(&staged, good.replacen("fast = 2,", "fast = 4,", 1)).unwrap();
+    std::fs::File::options().write(true).open(&staged).unwrap().set_modified(modified).unwrap();
+    std::fs::rename(&staged, &path).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), modified);
     gw.signal("HUP");
     assert!(wait_for_cost(&gw.public, &key, 4).await, "SIGHUP reloaded");
 }
