@@ -134,8 +134,13 @@ fn shutdown(redis: &RedisServer) {
 
 /// Sends metered chats, 100 ms apart, until one is served (true) or 15 s have passed.
 async fn metered_recovers(gw: &TestGateway, key: &str) -> bool {
+    metered_recovers_via(&gw.public, key).await
+}
+
+/// [`metered_recovers`] for the gateway at `base`.
+async fn metered_recovers_via(base: &str, key: &str) -> bool {
     for _ in 0..150 {
-        if gw.post(key, CHAT, &[("x-ai-tier", "fast")], "{}").await.status == 200 {
+        if chat(base, key).await.status == 200 {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -243,6 +248,39 @@ async fn a_store_out_of_memory_charges_nothing() {
     redis.command(&["CONFIG", "SET", "maxmemory", "0"]);
     assert_eq!(gw.remaining(&key).await, 49, "the refused charge wrote nothing");
     assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1, "and charges work again");
+}
+
+/// The real binary starts while Redis is down: it serves (`/healthz`), says it is not ready,
+/// answers the store's steps 503 `store_unavailable`, and becomes ready and charges by itself
+/// once Redis is there — no restart.
+#[tokio::test]
+async fn start_up_with_redis_down_then_recovery() {
+    let mut redis = RedisServer::start();
+    shutdown(&redis);
+    let up = Upstream::echo().await;
+    let gw = GatewayProcess::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
+    let ready = || async { http::send("GET", &format!("{}/readyz", gw.admin), &[], "").await.status.as_u16() };
+    assert_eq!(ready().await, 503, "not ready without its store");
+    let res = admin(&gw.admin, "POST", "/admin/v1/accounts", Some(json!({"id": "acme", "plan": "fifty"}))).await;
+    assert_eq!(res.status, 503, "{}", res.text());
+    assert_eq!(res.error_type(), "store_unavailable");
+
+    redis.restart();
+    let mut became_ready = false;
+    for _ in 0..150 {
+        if ready().await == 200 {
+            became_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(became_ready, "ready once Redis answers");
+    let res = admin(&gw.admin, "POST", "/admin/v1/accounts", Some(json!({"id": "acme", "plan": "fifty"}))).await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    let res = admin(&gw.admin, "POST", "/admin/v1/accounts/acme/keys", Some(json!({"role": "user"}))).await;
+    let key = res.json()["key"].as_str().expect("a key").to_owned();
+    assert!(metered_recovers_via(&gw.public, &key).await, "metered requests are served");
+    assert_eq!(remaining_via(&gw.public, &key).await, 49);
 }
 
 #[tokio::test]

@@ -323,6 +323,13 @@ enum Connection {
     Cluster(ClusterConnection),
 }
 
+/// `config` for a first connection: one attempt, no backoff. A Redis that is down then costs the
+/// start (of the gateway, of a worker) one refused connection instead of the reconnection
+/// schedule; the lazy manager that takes over keeps trying with the full one.
+fn one_try(config: &ConnectionManagerConfig) -> ConnectionManagerConfig {
+    config.clone().set_number_of_retries(0)
+}
+
 /// What a connection is opened from.
 enum Opener {
     Standalone(redis::Client, ConnectionManagerConfig),
@@ -335,7 +342,7 @@ impl Opener {
     async fn open(&self) -> LedgerResult<Connection> {
         match self {
             Opener::Standalone(client, config) => {
-                match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+                match ConnectionManager::new_with_config(client.clone(), one_try(config)).await {
                     Ok(conn) => Ok(Connection::Standalone(conn)),
                     Err(e) => {
                         tracing::warn!(error = %e, "Redis unreachable; continuing, will reconnect");
@@ -431,9 +438,12 @@ impl RedisLedger {
         let client = redis::Client::open(url).map_err(store_error)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            // Reconnection attempts at most half a second apart: a Redis that is back is found
+            // quickly (the default backoff grows to seconds).
+            .set_max_delay(Duration::from_millis(500));
         let opener = Opener::Standalone(client.clone(), config.clone());
-        let conn = match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+        let conn = match ConnectionManager::new_with_config(client.clone(), one_try(&config)).await {
             Ok(conn) => conn,
             Err(e) => {
                 // Start anyway: free routes do not need the store, and metered routes answer 503
