@@ -48,11 +48,6 @@ local operation, category = ARGV[3], ARGV[4]
 local idem_key = false
 if #KEYS == 2 then idem_key = ARGV[6] end
 
-local function receipt(events, outcome, id, c, from_monthly, from_topup, auto_credits)
-  return { events, outcome, id, c, from_monthly, from_topup, a.monthly, a.topup, a.allocation,
-    renews_at(a), auto_credits }
-end
-
 -- Reads and checks.
 local prior = find_record(a, charge_id)
 if prior then
@@ -60,7 +55,7 @@ if prior then
   if r.refunded then return { save_if_renewed(a), 'refunded' } end
   local auto = r.auto
   if auto == 0 then auto = false end
-  return receipt(save_if_renewed(a), 'charged', charge_id, r.cost, r.from_monthly, r.from_topup, auto)
+  return charge_receipt(a, save_if_renewed(a), charge_id, r.cost, r.from_monthly, r.from_topup, auto)
 end
 if idem_key then
   local hit = idem_hit(a, KEYS[2], ARGV[7])
@@ -117,23 +112,19 @@ end
 -- then on an ordinary crossing buys).
 local disarm = auto and auto.armed and (auto_credits or auto_off or after >= auto.threshold)
 
--- Whether remaining * 100 <= allocation * t, exactly: with allocation = 100 q + r this is
--- remaining - floor(r t / 100) <= q t, whose sides stay exact doubles for amounts below 2^53.
-local function at_or_below(remaining, allocation, t)
-  local q, r = div(allocation, 100)
-  return remaining - div(r * t, 100) <= q * t
-end
-
 -- Thresholds reached, each at most once per period (the period each last fired in is read only
--- for the thresholds reached).
+-- for the thresholds reached). Thresholds are percentages of the allocation (0..100, validated
+-- by the config), so above the allocation none is reached and nothing is looked at.
 local newly_fired = {}
 local remaining = a.monthly + a.topup
 local reached, reached_fields = {}, {}
-for i = 12, #ARGV do
-  local t = tonumber(ARGV[i])
-  if (t == 0 and remaining == 0) or (t > 0 and at_or_below(remaining, a.allocation, t)) then
-    reached[#reached + 1] = t
-    reached_fields[#reached_fields + 1] = 'fired:' .. ARGV[i]
+if remaining <= a.allocation then
+  for i = 12, #ARGV do
+    local t = tonumber(ARGV[i])
+    if (t == 0 and remaining == 0) or (t > 0 and at_or_below(remaining, a.allocation, t)) then
+      reached[#reached + 1] = t
+      reached_fields[#reached_fields + 1] = 'fired:' .. ARGV[i]
+    end
   end
 end
 local fired = {}
@@ -164,4 +155,4 @@ if idem_key then
     'until', n(a.now + tonumber(ARGV[10])))
   redis.call('EXPIRE', KEYS[2], ARGV[8])
 end
-return receipt(events, 'charged', charge_id, cost, from_monthly, from_topup, auto_credits)
+return charge_receipt(a, events, charge_id, cost, from_monthly, from_topup, auto_credits)

@@ -353,6 +353,21 @@ local function save_if_renewed(a)
   return 0
 end
 
+-- === charges ===
+
+-- Whether remaining * 100 <= allocation * t, exactly: with allocation = 100 q + r this is
+-- remaining - floor(r t / 100) <= q t, whose sides stay exact doubles for amounts below 2^53.
+local function at_or_below(remaining, allocation, t)
+  local q, r = div(allocation, 100)
+  return remaining - div(r * t, 100) <= q * t
+end
+
+-- charge.lua's "charged" reply for account `a` (see there).
+local function charge_receipt(a, events, id, cost, from_monthly, from_topup, auto_credits)
+  return { events, 'charged', id, cost, from_monthly, from_topup, a.monthly, a.topup, a.allocation,
+    renews_at(a), auto_credits }
+end
+
 -- === usage (cg:{acct:<id>}:usage:<period index>) ===
 --
 -- One counter per day, category and operation: `u:<UTC day number>:<length of the category>:
