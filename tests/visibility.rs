@@ -633,11 +633,7 @@ async fn an_unset_webhook_secret_never_means_unsigned_webhooks() {
         }
         Ok(g) => g,
     };
-    let gw = TestGateway {
-        public: format!("http://{}", gateway.public_addr),
-        admin: format!("http://{}", gateway.admin_addr.expect("admin listener")),
-        gateway,
-    };
+    let gw = TestGateway::from_running(gateway);
     gw.create_account("acme", "fifty").await;
     assert_eq!(gw.topup("acme", 10, "pay-1").await.status, 201);
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -218,17 +218,39 @@ pub struct TestGateway {
     pub public: String,
     /// `http://127.0.0.1:PORT` of the admin listener.
     pub admin: String,
+    /// The Redis a memory-store config was moved to (`CREDITGATE_TEST_STORE=redis`).
+    _redis: Option<super::redis::RedisServer>,
+}
+
+/// `CREDITGATE_TEST_STORE=redis` runs every gateway whose config asks for the memory store on a
+/// fresh `redis-server` of its own instead: `scripts/test` runs the gateway-level suites
+/// (metering, proxying, jobs, admin) that way too, so they prove their behaviour on both stores.
+fn moved_to_redis(config: &mut Config) -> Option<super::redis::RedisServer> {
+    let wanted = std::env::var("CREDITGATE_TEST_STORE").is_ok_and(|v| v == "redis");
+    if !wanted || config.store.kind != creditgate::config::StoreKind::Memory {
+        return None;
+    }
+    let redis = super::redis::RedisServer::start();
+    config.store.kind = creditgate::config::StoreKind::Redis;
+    config.store.url = Some(redis.url());
+    Some(redis)
 }
 
 impl TestGateway {
     /// Parses `config_toml` and starts a gateway on it with the test admin token.
     pub async fn start(config_toml: &str) -> Self {
-        let config = Config::parse(config_toml).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+        let mut config = Config::parse(config_toml).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+        let redis = moved_to_redis(&mut config);
         let opts = StartOptions { admin_token: Some(ADMIN_TOKEN.into()), ..Default::default() };
         let gateway = server::start(config, opts).await.unwrap_or_else(|e| panic!("gateway did not start: {e}"));
+        TestGateway { _redis: redis, ..Self::from_running(gateway) }
+    }
+
+    /// Wraps a gateway started by other means.
+    pub fn from_running(gateway: Gateway) -> Self {
         let public = format!("http://{}", gateway.public_addr);
         let admin = format!("http://{}", gateway.admin_addr.expect("admin listener configured"));
-        TestGateway { gateway, public, admin }
+        TestGateway { gateway, public, admin, _redis: None }
     }
 
     /// Starts a gateway whose upstreams both point at `url`.
