@@ -283,6 +283,44 @@ async fn start_up_with_redis_down_then_recovery() {
     assert_eq!(remaining_via(&gw.public, &key).await, 49);
 }
 
+/// Redis busy running another client's long script answers BUSY: the request gets 503
+/// `store_unavailable`, nothing reaches the backend, the charge never ran, and once the script is
+/// done everything works again.
+#[tokio::test]
+async fn a_busy_store_charges_nothing() {
+    let redis = RedisServer::start_with(&["--busy-reply-threshold", "100"]);
+    let up = Upstream::echo().await;
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1);
+    let calls = up.count();
+    // Another client's script that keeps Redis busy for 1.5 s.
+    let port = redis.port().to_string();
+    let busy = std::thread::spawn(move || {
+        let spin = "local t = redis.call('TIME') local s = t[1] * 1000000 + t[2] \
+                    repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - s > 1500000";
+        std::process::Command::new("redis-cli").args(["-p", &port, "EVAL", spin, "0"]).output().expect("redis-cli")
+    });
+    // Until Redis answers BUSY (the script has started and passed the threshold).
+    let mut refused = None;
+    for _ in 0..50 {
+        let res = gw.post(&key, CHAT, &[("x-ai-tier", "powerful")], "{}").await;
+        if res.status != 200 {
+            refused = Some(res);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let res = refused.expect("a request met the busy Redis");
+    assert_eq!(res.status, 503, "{}", res.text());
+    assert_eq!(res.error_type(), "store_unavailable");
+    let served = up.count() - calls;
+    busy.join().expect("the busy script ended");
+    assert!(metered_recovers(&gw, &key).await, "served again once the script is done");
+    // 50 - 1 before - 5 for each powerful chat served before Redis got busy - 1 after.
+    assert_eq!(gw.remaining(&key).await, 50 - 1 - 5 * served as u64 - 1, "the refused charge wrote nothing");
+}
+
 #[tokio::test]
 async fn redis_outage_fail_open_forwards_uncharged() {
     let redis = RedisServer::start();
