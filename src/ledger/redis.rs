@@ -264,35 +264,49 @@ impl Function {
 
     /// Starts a call with its first key.
     fn key<T: ToRedisArgs>(&self, key: T) -> Invocation<'_> {
-        let mut inv = Invocation { function: self, keys: Vec::with_capacity(3), args: Vec::with_capacity(16) };
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(&self.name);
+        let mut inv = Invocation { function: self, keys: Vec::with_capacity(3), cmd, keys_written: false };
         inv.key(key);
         inv
     }
 }
 
-/// A call of a [`Function`] being built: keys, then arguments (same shape as `redis::ScriptInvocation`).
+/// A call of a [`Function`] being built: its keys, then its arguments, written straight into the
+/// `FCALL <function> <number of keys> <keys> <args>` command (so a body is copied once).
 struct Invocation<'a> {
     function: &'a Function,
     keys: Vec<Vec<u8>>,
-    args: Vec<Vec<u8>>,
+    cmd: Cmd,
+    /// Whether the key count and the keys are in `cmd` (the first argument puts them there).
+    keys_written: bool,
 }
 
 impl Invocation<'_> {
+    /// Adds a key; every key comes before the first argument.
     fn key<T: ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        assert!(!self.keys_written, "{}: a key after an argument", self.function.name);
         key.write_redis_args(&mut self.keys);
         self
     }
 
     fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
-        arg.write_redis_args(&mut self.args);
+        self.write_keys();
+        self.cmd.arg(arg);
         self
     }
 
-    /// `FCALL <function> <number of keys> <keys> <args>`.
-    fn cmd(&self) -> Cmd {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(&self.function.name).arg(self.keys.len()).arg(&self.keys).arg(&self.args);
-        cmd
+    fn write_keys(&mut self) {
+        if !self.keys_written {
+            self.cmd.arg(self.keys.len()).arg(&self.keys);
+            self.keys_written = true;
+        }
+    }
+
+    /// The finished command.
+    fn into_cmd(mut self) -> Cmd {
+        self.write_keys();
+        self.cmd
     }
 }
 
@@ -533,12 +547,13 @@ impl RedisLedger {
 
     /// Runs a script: `FCALL`, and when the function is missing (a fresh or flushed server, a
     /// new primary) a load of the library and one retry.
-    async fn run(&self, invocation: &Invocation<'_>) -> LedgerResult<Value> {
-        let cmd = invocation.cmd();
+    async fn run(&self, invocation: Invocation<'_>) -> LedgerResult<Value> {
+        let function = invocation.function;
+        let cmd = invocation.into_cmd();
         match self.send::<Value>(&cmd).await {
             Err(e) if e.0.contains("Function not found") => {
-                tracing::info!(function = %invocation.function.name, "ledger function missing on Redis; loading its library");
-                self.query::<()>(&invocation.function.load_cmd()).await?;
+                tracing::info!(function = %function.name, "ledger function missing on Redis; loading its library");
+                self.query::<()>(&function.load_cmd()).await?;
                 self.send(&cmd).await
             }
             other => other,
@@ -603,7 +618,7 @@ impl RedisLedger {
     /// Runs one step on `account`: a script whose reply starts with the number of outbox events
     /// it appended, followed by the outcome. Indexes the outbox when that number is above 0 (see
     /// the module docs) and returns the rest of the reply.
-    async fn step(&self, account: &str, invocation: &Invocation<'_>) -> LedgerResult<Reply> {
+    async fn step(&self, account: &str, invocation: Invocation<'_>) -> LedgerResult<Reply> {
         let mut reply = Reply::new(self.run(invocation).await?)?;
         let appended: u64 = reply.next()?;
         if appended > 0 {
@@ -872,13 +887,13 @@ impl Ledger for RedisLedger {
             Some(email) => inv.arg("1").arg(email),
             None => inv.arg("0").arg(""),
         };
-        let created: i64 = self.step(&new.id, &inv).await?.next()?;
+        let created: i64 = self.step(&new.id, inv).await?.next()?;
         Ok(created == 1)
     }
 
     async fn account(&self, id: &str) -> LedgerResult<Option<AccountView>> {
         let scripts = self.scripts.load();
-        let mut r = self.step(id, &scripts.account.key(keys::account(id))).await?;
+        let mut r = self.step(id, scripts.account.key(keys::account(id))).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {
             "found" => {}
@@ -938,7 +953,7 @@ impl Ledger for RedisLedger {
             // As a number: a `u8` argument would be sent as a raw byte.
             inv.arg(u32::from(threshold));
         }
-        let mut r = self.step(req.account, &inv).await?;
+        let mut r = self.step(req.account, inv).await?;
         let outcome: String = r.next()?;
         Ok(match outcome.as_str() {
             "charged" => ChargeOutcome::Charged(r.receipt()?),
@@ -953,7 +968,7 @@ impl Ledger for RedisLedger {
         let scripts = self.scripts.load();
         let mut inv = scripts.refund.key(keys::account(account));
         inv.key(keys::charge(account, charge_id)).arg(charge_id);
-        let mut r = self.step(account, &inv).await?;
+        let mut r = self.step(account, inv).await?;
         let outcome: String = r.next()?;
         Ok(match outcome.as_str() {
             "refunded" => RefundOutcome::Refunded {
@@ -982,7 +997,7 @@ impl Ledger for RedisLedger {
             Some(res) => inv.arg("done").arg(res.status).arg(res.headers_json()).arg(res.body.as_ref()),
             None => inv.arg("gone"),
         };
-        let mut r = self.step(account, &inv).await?;
+        let mut r = self.step(account, inv).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {
             "stored" => Ok(true),
@@ -1001,7 +1016,7 @@ impl Ledger for RedisLedger {
         let mut inv = scripts.free_automatic.key(keys::account(account));
         // -1: no allowance.
         inv.arg(operation).arg(max_per_period.map_or(-1, |m| m.min(MAX_AMOUNT) as i64));
-        let mut r = self.step(account, &inv).await?;
+        let mut r = self.step(account, inv).await?;
         let outcome: String = r.next()?;
         Ok(match outcome.as_str() {
             "free" => FreeOutcome::Free { count: r.next()? },
@@ -1064,7 +1079,7 @@ impl Ledger for RedisLedger {
         let scripts = self.scripts.load();
         let mut inv = scripts.export_read.key(keys::account(account));
         inv.arg((max as u64).min(MAX_AMOUNT));
-        let mut r = self.step(account, &inv).await?;
+        let mut r = self.step(account, inv).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {
             "found" => r.json_rest(),
@@ -1077,7 +1092,7 @@ impl Ledger for RedisLedger {
         let scripts = self.scripts.load();
         let mut inv = scripts.export_ack.key(keys::account(account));
         inv.arg(seq.min(MAX_AMOUNT));
-        let mut r = self.step(account, &inv).await?;
+        let mut r = self.step(account, inv).await?;
         let outcome: String = r.next()?;
         let left: u64 = match outcome.as_str() {
             "acked" => r.next()?,
@@ -1099,7 +1114,7 @@ impl Ledger for RedisLedger {
             Some(package) => inv.arg("1").arg(package),
             None => inv.arg("0").arg(""),
         };
-        let mut r = self.step(req.account, &inv).await?;
+        let mut r = self.step(req.account, inv).await?;
         let outcome: String = r.next()?;
         let mut receipt = || -> LedgerResult<TopupReceipt> {
             Ok(TopupReceipt {
@@ -1178,7 +1193,7 @@ impl Ledger for RedisLedger {
     /// has; on a cluster also PINGs every primary, since any of them may hold a given account.
     async fn ping(&self) -> LedgerResult<()> {
         let scripts = self.scripts.load();
-        let mut r = Reply::new(self.run(&scripts.account.key(keys::READINESS_PROBE)).await?)?;
+        let mut r = Reply::new(self.run(scripts.account.key(keys::READINESS_PROBE)).await?)?;
         let (appended, outcome): (u64, String) = (r.next()?, r.next()?);
         if (appended, outcome.as_str()) != (0, "noaccount") {
             return Err(LedgerError(format!("readiness probe answered {appended} {outcome:?}")));
@@ -1208,7 +1223,7 @@ impl Ledger for RedisLedger {
             Some(email) => inv.arg("1").arg(email),
             None => inv.arg("0").arg(""),
         };
-        let mut r = self.step(id, &inv).await?;
+        let mut r = self.step(id, inv).await?;
         let outcome: String = r.next()?;
         Ok(Some(match outcome.as_str() {
             "upgraded" => PlanOutcome::Upgraded,
@@ -1232,7 +1247,7 @@ impl Ledger for RedisLedger {
             // JSON that `serde_json::json!` writes (`null` when not finite), for the events.
             .arg(setting.price_eur.to_string())
             .arg(super::price_json(setting.price_eur));
-        let mut r = self.step(id, &inv).await?;
+        let mut r = self.step(id, inv).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {
             "set" => Ok(true),
@@ -1297,7 +1312,7 @@ impl Ledger for RedisLedger {
             None => inv.arg(""),
         };
         inv.arg((limit as u64).min(MAX_AMOUNT));
-        let mut r = self.step(account, &inv).await?;
+        let mut r = self.step(account, inv).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {
             "found" => Ok(Some(r.json_rest()?)),
@@ -1310,7 +1325,7 @@ impl Ledger for RedisLedger {
         let scripts = self.scripts.load();
         let mut inv = scripts.usage.key(keys::account(account));
         inv.arg((earlier as u64).min(MAX_AMOUNT));
-        let mut r = self.step(account, &inv).await?;
+        let mut r = self.step(account, inv).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {
             "found" => {}
@@ -1342,7 +1357,7 @@ impl Ledger for RedisLedger {
         let scripts = self.scripts.load();
         let mut inv = scripts.pending_events.key(keys::account(account));
         inv.arg((max as u64).min(MAX_AMOUNT));
-        let mut r = self.step(account, &inv).await?;
+        let mut r = self.step(account, inv).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {
             "found" => {}
@@ -1366,7 +1381,7 @@ impl Ledger for RedisLedger {
         let scripts = self.scripts.load();
         let mut inv = scripts.ack_events.key(keys::account(account));
         inv.arg(ids);
-        let mut r = self.step(account, &inv).await?;
+        let mut r = self.step(account, inv).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {
             "acked" => {}
@@ -1394,8 +1409,11 @@ impl JobStore for RedisLedger {
         self.query::<()>(&sadd).await?;
         let scripts = self.scripts.load();
         let mut inv = scripts.job_enqueue.key(keys::account(new.account));
-        inv.key(keys::job(new.account, new.id))
-            .arg(new.id)
+        inv.key(keys::job(new.account, new.id));
+        if let Some(idem) = new.idempotency {
+            inv.key(keys::idempotency(new.account, idem.key));
+        }
+        inv.arg(new.id)
             .arg(new.operation)
             .arg(new.category)
             .arg(new.cost)
@@ -1408,12 +1426,9 @@ impl JobStore for RedisLedger {
             .arg(new.max_queued.min(MAX_AMOUNT))
             .arg(new.max_queued_bytes.min(MAX_AMOUNT));
         if let Some(idem) = new.idempotency {
-            inv.key(keys::idempotency(new.account, idem.key))
-                .arg(idem.fingerprint)
-                .arg(headers_json(&super::jobs::queued_headers(new.id))?)
-                .arg(RETENTION_SECS);
+            inv.arg(idem.fingerprint).arg(headers_json(&super::jobs::queued_headers(new.id))?).arg(RETENTION_SECS);
         }
-        let mut r = self.step(new.account, &inv).await?;
+        let mut r = self.step(new.account, inv).await?;
         let outcome: String = r.next()?;
         Ok(match outcome.as_str() {
             "queued" => EnqueueOutcome::Queued { depth: r.next()? },
@@ -1431,7 +1446,7 @@ impl JobStore for RedisLedger {
         let scripts = self.scripts.load();
         let mut inv = scripts.job_claim.key(keys::account(account));
         inv.arg(runner).arg(secs(lease_secs)).arg(super::jobs::CLAIM_SCAN);
-        let mut r = self.step(account, &inv).await?;
+        let mut r = self.step(account, inv).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {
             "claimed" => {}
@@ -1485,7 +1500,7 @@ impl JobStore for RedisLedger {
             }
             JobFinish::Release => inv.arg("release").arg(0).arg("").arg(0).arg("").arg(""),
         };
-        let mut r = self.step(account, &inv).await?;
+        let mut r = self.step(account, inv).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {
             "finished" => {}
@@ -1503,7 +1518,7 @@ impl JobStore for RedisLedger {
         let scripts = self.scripts.load();
         let mut inv = scripts.job_read.key(keys::account(account));
         inv.key(keys::job(account, job_id));
-        let mut r = self.step(account, &inv).await?;
+        let mut r = self.step(account, inv).await?;
         let outcome: String = r.next()?;
         match outcome.as_str() {
             "found" => {}
