@@ -26,31 +26,34 @@ if not a then return { 0, 'unknown' } end
 
 -- Reads and checks.
 local record, bucket = find_record(a, ARGV[1])
-local c
+local r
 if record then
-  local r = parse_record(record)
-  c = { n(r.cost), n(r.from_monthly), n(r.from_topup), n(r.period), r.idem, r.refunded and '1' or '0', r.operation,
-    r.category, n(r.day) }
+  r = parse_record(record)
 else
-  c = redis.call('HMGET', KEYS[2], 'cost', 'from_monthly', 'from_topup', 'period', 'idem', 'refunded',
+  -- A record as earlier versions kept it: a hash of its own.
+  local c = redis.call('HMGET', KEYS[2], 'cost', 'from_monthly', 'from_topup', 'period', 'idem', 'refunded',
     'operation', 'category', 'day', 'at')
+  if c[1] then
+    -- Records written before usage was recorded lack `day`; their `at` gives it.
+    r = { cost = tonumber(c[1]), from_monthly = tonumber(c[2]), from_topup = tonumber(c[3]),
+      period = tonumber(c[4]), idem = c[5], refunded = c[6] == '1', operation = c[7] or '',
+      category = c[8] or '', day = tonumber(c[9]) or div(tonumber(c[10]) or a.now, 86400) }
+  end
 end
-if not c[1] then
+if not r then
   local events = save_if_renewed(a)
   write_record(a, ARGV[1], { cost = 0, from_monthly = 0, from_topup = 0, period = a.period,
     day = div(a.now, 86400), refunded = true, category = '', operation = '' })
   return { events, 'unknown' }
 end
-if c[6] == '1' then return { save_if_renewed(a), 'already' } end
+if r.refunded then return { save_if_renewed(a), 'already' } end
 local idem_record = false
-if c[5] then
-  local key = KEYS[1] .. ':idem:' .. c[5]
+if r.idem then
+  local key = KEYS[1] .. ':idem:' .. r.idem
   if redis.call('HGET', key, 'charge_id') == ARGV[1] then idem_record = key end
 end
-local cost, charge_period = tonumber(c[1]), tonumber(c[4])
-local operation, category = c[7] or '', c[8] or ''
--- Charge records written before usage was recorded lack `day`; their `at` gives it.
-local day = tonumber(c[9]) or div(tonumber(c[10]) or a.now, 86400)
+local cost, charge_period, day = r.cost, r.period, r.day
+local operation, category = r.operation, r.category
 local usage = sub_key(a, 'usage:' .. n(charge_period))
 -- The charge's counter; a charge counted before there was one is in the older three.
 local usage_fields = { usage_field(day, category, operation) }
@@ -62,9 +65,9 @@ end
 
 -- The step, in memory.
 local same_period = charge_period == a.period
-local to_monthly, to_topup = 0, tonumber(c[3])
+local to_monthly, to_topup = 0, r.from_topup
 if same_period then
-  to_monthly = tonumber(c[2])
+  to_monthly = r.from_monthly
   a.used = math.max(a.used - cost, 0)
 end
 a.monthly = a.monthly + to_monthly
@@ -82,7 +85,6 @@ for i, field in ipairs(usage_fields) do
 end
 redis.call('HSET', usage, unpack(usage_after))
 if record then
-  local r = parse_record(record)
   r.refunded, r.idem = true, false
   write_record(a, ARGV[1], r, bucket)
 else

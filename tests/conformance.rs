@@ -44,6 +44,7 @@ async fn redis_standalone() {
     history_and_outbox_stay_bounded(&RedisLedger::connect_standalone(&server.url()).await.unwrap()).await;
     let redis = |args: &[&str]| server.command(args);
     clock_never_goes_back(&ledger, redis).await;
+    a_record_of_the_previous_layout_is_refunded(&ledger, redis).await;
     outbox_index_recovers(&ledger, redis).await;
     job_index_recovers_and_finished_jobs_expire(&ledger, redis).await;
     survives_script_cache_flush(&ledger, || {
@@ -1306,6 +1307,47 @@ async fn clock_never_goes_back(l: &RedisLedger, redis: impl Fn(&[&str]) -> Strin
     let req = TopupRequest { account: &acct, credits: 1, payment_ref: &unique("pay"), package: None };
     let TopupOutcome::Created(r) = l.topup(req).await.unwrap() else { panic!("top-up not created") };
     assert_eq!(r.created_at, later);
+}
+
+/// A charge recorded by a version before the record buckets (its own hash at
+/// `cg:{acct:<id>}:charge:<id>`, counted in the old usage fields) is still refunded, once, to its
+/// buckets, and its usage comes back off the old counters.
+async fn a_record_of_the_previous_layout_is_refunded(l: &RedisLedger, redis: impl Fn(&[&str]) -> String) {
+    let acct = account(l, 10).await;
+    let account_key = keys::account(&acct);
+    let period = redis(&["HGET", &account_key, "period"]).trim().to_owned();
+    let day = (now() / 86_400).to_string();
+    // What the old charge.lua left after a charge of 3 from the monthly bucket.
+    redis(&["HSET", &account_key, "monthly", "7", "used", "3"]);
+    redis(&[
+        "HSET",
+        &keys::charge(&acct, "old"),
+        "cost",
+        "3",
+        "from_monthly",
+        "3",
+        "from_topup",
+        "0",
+        "period",
+        &period,
+        "refunded",
+        "0",
+        "operation",
+        "ai_chat",
+        "category",
+        "ai",
+        "day",
+        &day,
+    ]);
+    let usage = format!("{account_key}:usage:{period}");
+    redis(&["HSET", &usage, "t", "3", "c:ai", "3", "o:ai_chat", "3", &format!("d:{day}"), "3"]);
+    assert!(matches!(
+        l.refund(&acct, "old").await.unwrap(),
+        RefundOutcome::Refunded { to_monthly: 3, to_topup: 0, .. }
+    ));
+    assert_eq!(l.refund(&acct, "old").await.unwrap(), RefundOutcome::AlreadyRefunded);
+    assert_eq!(view(l, &acct).await.monthly_remaining, 10);
+    assert_eq!(redis(&["HGET", &usage, "c:ai"]).trim(), "0", "the old counters give the credits back");
 }
 
 /// The outbox index lost an account (the process died between a step and its SADD): a sweep

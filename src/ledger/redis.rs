@@ -351,23 +351,25 @@ enum Opener {
 }
 
 impl Opener {
-    /// A new connection, driven by the runtime this runs on. A standalone one that cannot
-    /// connect now keeps trying in the background (as at start-up).
-    async fn open(&self) -> LedgerResult<Connection> {
+    /// A new connection, driven by the runtime this runs on, and whether it reached Redis now. A
+    /// standalone one that cannot connect now is handed to a lazy manager, which keeps trying in
+    /// the background (free routes do not need the store; metered ones answer 503 until then).
+    async fn open(&self) -> LedgerResult<(Connection, bool)> {
         match self {
             Opener::Standalone(client, config) => {
                 match ConnectionManager::new_with_config(client.clone(), one_try(config)).await {
-                    Ok(conn) => Ok(Connection::Standalone(conn)),
+                    Ok(conn) => Ok((Connection::Standalone(conn), true)),
                     Err(e) => {
                         tracing::warn!(error = %e, "Redis unreachable; continuing, will reconnect");
-                        ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-                            .map(Connection::Standalone)
-                            .map_err(store_error)
+                        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                            .map_err(store_error)?;
+                        Ok((Connection::Standalone(conn), false))
                     }
                 }
             }
             Opener::Cluster(client) => {
-                client.get_async_connection().await.map(Connection::Cluster).map_err(store_error)
+                let conn = client.get_async_connection().await.map_err(store_error)?;
+                Ok((Connection::Cluster(conn), true))
             }
         }
     }
@@ -456,18 +458,7 @@ impl RedisLedger {
             // Reconnection attempts at most half a second apart: a Redis that is back is found
             // quickly (the default backoff grows to seconds).
             .set_max_delay(Duration::from_millis(500));
-        let opener = Opener::Standalone(client.clone(), config.clone());
-        let conn = match ConnectionManager::new_with_config(client.clone(), one_try(&config)).await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Start anyway: free routes do not need the store, and metered routes answer 503
-                // until Redis is reachable; the manager keeps trying in the background.
-                tracing::warn!(error = %e, "Redis unreachable at start-up; continuing, will reconnect");
-                let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(store_error)?;
-                return Ok(Self::new(Connection::Standalone(conn), opener));
-            }
-        };
-        Self::with_scripts(Connection::Standalone(conn), opener).await
+        Self::connect(Opener::Standalone(client, config)).await
     }
 
     /// Connects to a Redis Cluster through any of its nodes (`redis://host:port` each) and loads
@@ -478,8 +469,7 @@ impl RedisLedger {
             .response_timeout(RESPONSE_TIMEOUT)
             .build()
             .map_err(store_error)?;
-        let conn = client.get_async_connection().await.map_err(store_error)?;
-        Self::with_scripts(Connection::Cluster(conn), Opener::Cluster(client)).await
+        Self::connect(Opener::Cluster(client)).await
     }
 
     /// Gives the calling thread — a worker running its own runtime — its own connection, so its
@@ -487,7 +477,7 @@ impl RedisLedger {
     /// called this, or a cluster that could not be reached now) a thread uses the shared one.
     pub async fn attach_worker(&self) {
         match self.opener.open().await {
-            Ok(conn) => WORKER_CONNECTIONS.with(|w| w.borrow_mut().push((self.id, conn))),
+            Ok((conn, _)) => WORKER_CONNECTIONS.with(|w| w.borrow_mut().push((self.id, conn))),
             Err(e) => {
                 tracing::warn!(error = %e, "no Redis connection of its own for this worker; using the shared one")
             }
@@ -539,9 +529,14 @@ impl RedisLedger {
         }
     }
 
-    async fn with_scripts(conn: Connection, opener: Opener) -> LedgerResult<Self> {
+    /// Opens the shared connection and, when Redis is reachable, loads the function library.
+    async fn connect(opener: Opener) -> LedgerResult<Self> {
+        let (conn, connected) = opener.open().await?;
         let ledger = Self::new(conn, opener);
-        ledger.query::<()>(&ledger.scripts.load().account.load_cmd()).await?;
+        if connected {
+            // Every function carries the one library they share.
+            ledger.query::<()>(&ledger.scripts.load().account.load_cmd()).await?;
+        }
         Ok(ledger)
     }
 
