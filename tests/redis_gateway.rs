@@ -148,6 +148,16 @@ async fn metered_recovers_via(base: &str, key: &str) -> bool {
     false
 }
 
+/// An echo upstream and a gateway on `store` (lines of `[store]`), with a `fifty` account whose
+/// key has paid for one fast chat already.
+async fn charged_once(store: &str) -> (Upstream, TestGateway, String) {
+    let up = Upstream::echo().await;
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(store).build()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1);
+    (up, gw, key)
+}
+
 async fn readyz(gw: &TestGateway) -> u16 {
     http::send("GET", &format!("{}/readyz", gw.admin), &[], "").await.status.as_u16()
 }
@@ -189,11 +199,7 @@ async fn redis_outage_fail_closed_then_recovery_without_restart() {
 #[tokio::test]
 async fn a_stalled_store_is_answered_in_bounded_time_and_the_books_balance() {
     let redis = RedisServer::start();
-    let up = Upstream::echo().await;
-    let store = format!("{}\nmax_wait_ms = 300", redis_store(&redis));
-    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&store).build()).await;
-    let key = gw.account_with_key("acme", "fifty").await;
-    assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1);
+    let (up, gw, key) = charged_once(&format!("{}\nmax_wait_ms = 300", redis_store(&redis))).await;
     let calls = up.count();
 
     // Every client of this Redis waits 1.9 s (the test's own commands too, so none until then):
@@ -235,10 +241,7 @@ async fn a_stalled_store_is_answered_in_bounded_time_and_the_books_balance() {
 #[tokio::test]
 async fn a_store_out_of_memory_charges_nothing() {
     let redis = RedisServer::start();
-    let up = Upstream::echo().await;
-    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
-    let key = gw.account_with_key("acme", "fifty").await;
-    assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1);
+    let (up, gw, key) = charged_once(&redis_store(&redis)).await;
     let calls = up.count();
     redis.command(&["CONFIG", "SET", "maxmemory", "1"]);
     let res = gw.post(&key, CHAT, &[("x-ai-tier", "powerful")], "{}").await;
@@ -289,10 +292,7 @@ async fn start_up_with_redis_down_then_recovery() {
 #[tokio::test]
 async fn a_busy_store_charges_nothing() {
     let redis = RedisServer::start_with(&["--busy-reply-threshold", "100"]);
-    let up = Upstream::echo().await;
-    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
-    let key = gw.account_with_key("acme", "fifty").await;
-    assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1);
+    let (up, gw, key) = charged_once(&redis_store(&redis)).await;
     let calls = up.count();
     // Another client's script that keeps Redis busy for 1.5 s.
     let port = redis.port().to_string();
@@ -324,11 +324,7 @@ async fn a_busy_store_charges_nothing() {
 #[tokio::test]
 async fn redis_outage_fail_open_forwards_uncharged() {
     let redis = RedisServer::start();
-    let up = Upstream::echo().await;
-    let lines = format!("{}\non_error = \"fail_open\"", redis_store(&redis));
-    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&lines).build()).await;
-    let key = gw.account_with_key("acme", "fifty").await;
-    assert_eq!(gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await.charged(), 1);
+    let (up, gw, key) = charged_once(&format!("{}\non_error = \"fail_open\"", redis_store(&redis))).await;
     shutdown(&redis);
     let calls = up.count();
     let res = gw.post(&key, CHAT, &[("x-ai-tier", "fast")], "{}").await;
