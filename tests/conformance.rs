@@ -45,6 +45,7 @@ async fn redis_standalone() {
     let redis = |args: &[&str]| server.command(args);
     clock_never_goes_back(&ledger, redis).await;
     a_record_of_the_previous_layout_is_refunded(&ledger, redis).await;
+    records_are_found_across_a_bucket_boundary(&RedisLedger::connect_standalone(&server.url()).await.unwrap()).await;
     outbox_index_recovers(&ledger, redis).await;
     job_index_recovers_and_finished_jobs_expire(&ledger, redis).await;
     survives_script_cache_flush(&ledger, || {
@@ -1307,6 +1308,25 @@ async fn clock_never_goes_back(l: &RedisLedger, redis: impl Fn(&[&str]) -> Strin
     let req = TopupRequest { account: &acct, credits: 1, payment_ref: &unique("pay"), package: None };
     let TopupOutcome::Created(r) = l.topup(req).await.unwrap() else { panic!("top-up not created") };
     assert_eq!(r.created_at, later);
+}
+
+/// Charge records live in time buckets one record TTL long (lua/lib.lua): a record written in the
+/// previous bucket still makes a re-sent step answer its receipt and a refund find it, so neither
+/// a second debit nor a lost refund can happen at a bucket boundary.
+async fn records_are_found_across_a_bucket_boundary(l: &RedisLedger) {
+    l.set_limits(StoreLimits { charge_record_secs: 2, ..StoreLimits::default() });
+    let acct = account(l, 10).await;
+    let (resent, refunded) = (unique("c"), unique("c"));
+    let first = charged(l.charge(charge(&acct, &resent, 3)).await.unwrap());
+    charged(l.charge(charge(&acct, &refunded, 2)).await.unwrap());
+    let bucket = now() / 2;
+    while now() / 2 == bucket {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = charged(l.charge(charge(&acct, &resent, 3)).await.unwrap());
+    assert_eq!((again.cost, again.from_monthly, again.from_topup), (first.cost, first.from_monthly, first.from_topup));
+    assert!(matches!(l.refund(&acct, &refunded).await.unwrap(), RefundOutcome::Refunded { to_monthly: 2, .. }));
+    assert_eq!(view(l, &acct).await.monthly_remaining, 7, "one debit of 3, the 2 refunded");
 }
 
 /// A charge recorded by a version before the record buckets (its own hash at
