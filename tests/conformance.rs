@@ -48,7 +48,7 @@ async fn redis_standalone() {
     records_are_found_across_a_bucket_boundary(&RedisLedger::connect_standalone(&server.url()).await.unwrap()).await;
     outbox_index_recovers(&ledger, redis).await;
     job_index_recovers_and_finished_jobs_expire(&ledger, redis).await;
-    survives_script_cache_flush(&ledger, || {
+    survives_a_function_library_flush(&ledger, || {
         server.command(&["FUNCTION", "FLUSH"]);
     })
     .await;
@@ -71,7 +71,7 @@ async fn redis_cluster() {
     clock_never_goes_back(&ledger, on_owner).await;
     outbox_index_recovers(&ledger, on_owner).await;
     job_index_recovers_and_finished_jobs_expire(&ledger, on_owner).await;
-    survives_script_cache_flush(&ledger, || {
+    survives_a_function_library_flush(&ledger, || {
         for node in cluster.nodes() {
             node.command(&["FUNCTION", "FLUSH"]);
         }
@@ -1556,8 +1556,9 @@ fn zero_topup_time(outcome: TopupOutcome) -> TopupOutcome {
     }
 }
 
-/// NOSCRIPT after a flush (restart, failover) reloads the script and retries, invisibly.
-async fn survives_script_cache_flush(l: &RedisLedger, flush: impl Fn()) {
+/// A call that finds its function missing after a flush (restart, failover) loads the library
+/// and retries, invisibly.
+async fn survives_a_function_library_flush(l: &RedisLedger, flush: impl Fn()) {
     let acct = account(l, 10).await;
     flush();
     charged(l.charge(charge(&acct, &unique("c"), 1)).await.unwrap());

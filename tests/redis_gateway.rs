@@ -336,7 +336,7 @@ async fn redis_outage_fail_open_forwards_uncharged() {
 }
 
 #[tokio::test]
-async fn an_emptied_script_cache_is_reloaded_not_hidden() {
+async fn an_emptied_function_library_is_reloaded_not_hidden() {
     let redis = RedisServer::start();
     let up = Upstream::echo().await;
     let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
