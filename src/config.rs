@@ -83,6 +83,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Payments: customers buy top-ups and auto top-ups are paid (optional).
+    #[serde(default)]
+    pub billing: BillingConfig,
     /// Demo mode: a built-in fake AI backend and a seeded account (see `config/demo.toml`).
     pub demo: Option<DemoConfig>,
 }
@@ -531,6 +534,108 @@ fn default_max_backoff_ms() -> u64 {
     60_000
 }
 
+/// `[billing]`: how top-ups are paid. Without `[billing.stripe]` top-ups are admin-only.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingConfig {
+    /// Stripe payments.
+    pub stripe: Option<StripeConfig>,
+}
+
+/// `[billing.stripe]`: top-ups bought through Stripe, auto top-ups charged off-session.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripeConfig {
+    /// Environment variable with the secret API key (`sk_…`).
+    pub secret_key_env: String,
+    /// Environment variable with the webhook signing secret (`whsec_…`).
+    pub webhook_secret_env: String,
+    /// Environment variable with the publishable key (`pk_…`) the dashboard hands to Stripe.js.
+    pub publishable_key_env: Option<String>,
+    /// Stripe's API (a fake such as localstripe in tests).
+    #[serde(default = "default_stripe_api_base")]
+    pub api_base: String,
+    /// Where the dashboard loads Stripe.js from.
+    #[serde(default = "default_stripe_js_url")]
+    pub js_url: String,
+    /// ISO currency of every payment, lower case.
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    /// Webhook deliveries whose `t` is further than this from now are refused (replays).
+    #[serde(default = "default_webhook_tolerance")]
+    pub webhook_tolerance_secs: u64,
+    /// `setup_future_usage` of a top-up purchase: `"off_session"` saves the card for auto
+    /// top-ups; `"none"` leaves the parameter out (localstripe does not know it).
+    #[serde(default = "default_setup_future_usage")]
+    pub setup_future_usage: String,
+    /// Time allowed for one call to Stripe.
+    #[serde(default = "default_stripe_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_stripe_api_base() -> String {
+    "https://api.stripe.com".to_owned()
+}
+fn default_stripe_js_url() -> String {
+    "https://js.stripe.com/v3/".to_owned()
+}
+fn default_currency() -> String {
+    "eur".to_owned()
+}
+fn default_webhook_tolerance() -> u64 {
+    300
+}
+fn default_setup_future_usage() -> String {
+    "off_session".to_owned()
+}
+fn default_stripe_timeout_ms() -> u64 {
+    10_000
+}
+
+impl StripeConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        parse_web_url(&self.api_base).map_err(|r| bad("billing.stripe.api_base", r))?;
+        parse_web_url(&self.js_url).map_err(|r| bad("billing.stripe.js_url", r))?;
+        if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_lowercase()) {
+            return Err(bad("billing.stripe.currency", "must be a three-letter ISO code in lower case, e.g. \"eur\""));
+        }
+        if !(1..=3600).contains(&self.webhook_tolerance_secs) {
+            return Err(bad("billing.stripe.webhook_tolerance_secs", "must be 1..=3600"));
+        }
+        if !["off_session", "on_session", "none"].contains(&self.setup_future_usage.as_str()) {
+            return Err(bad(
+                "billing.stripe.setup_future_usage",
+                "must be \"off_session\", \"on_session\" or \"none\"",
+            ));
+        }
+        positive("billing.stripe.timeout_ms", self.timeout_ms)?;
+        for (key, var) in [
+            ("billing.stripe.secret_key_env", Some(&self.secret_key_env)),
+            ("billing.stripe.webhook_secret_env", Some(&self.webhook_secret_env)),
+            ("billing.stripe.publishable_key_env", self.publishable_key_env.as_ref()),
+        ] {
+            if var.is_some_and(|v| v.is_empty()) {
+                return Err(bad(key, "must name an environment variable"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks an `http://` or `https://` URL of a web service (Stripe's API, a script).
+pub fn parse_web_url(raw: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = raw.parse().map_err(|e| format!("not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(s) => return Err(format!("scheme {s} is not supported (http:// or https://)")),
+        None => return Err("missing scheme (write https://host)".into()),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("missing host".into());
+    }
+    Ok(uri)
+}
+
 /// `[notifications.smtp]`: plain SMTP to a relay (a local MTA or a loopback smarthost).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -904,6 +1009,9 @@ impl Config {
             }
         }
         positive("notifications.max_outbox_per_account", self.notifications.max_outbox_per_account)?;
+        if let Some(stripe) = &self.billing.stripe {
+            stripe.validate()?;
+        }
         if self.auto_topup.max_per_period == 0 {
             return Err(bad("auto_topup.max_per_period", "must be greater than 0"));
         }

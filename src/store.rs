@@ -151,6 +151,24 @@ impl Ledger for Store {
     async fn set_auto_topup(&self, id: &str, setting: &AutoTopup) -> LedgerResult<bool> {
         dispatch!(self, l => l.set_auto_topup(id, setting))
     }
+    async fn billing(&self, id: &str) -> LedgerResult<Option<Billing>> {
+        dispatch!(self, l => l.billing(id))
+    }
+    async fn set_billing_customer(&self, id: &str, customer: &str) -> LedgerResult<Option<String>> {
+        dispatch!(self, l => l.set_billing_customer(id, customer))
+    }
+    async fn set_billing_card(&self, id: &str, card: &str) -> LedgerResult<bool> {
+        dispatch!(self, l => l.set_billing_card(id, card))
+    }
+    async fn settle_auto_topup(
+        &self,
+        id: &str,
+        payment_ref: &str,
+        credits: u64,
+        payment: AutoTopupPayment<'_>,
+    ) -> LedgerResult<Settlement> {
+        dispatch!(self, l => l.settle_auto_topup(id, payment_ref, credits, payment))
+    }
     async fn list_keys(&self, account: &str) -> LedgerResult<Vec<KeyRecord>> {
         dispatch!(self, l => l.list_keys(account))
     }

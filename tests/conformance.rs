@@ -20,9 +20,9 @@ use creditgate::calendar::{Anchor, parse_rfc3339, rfc3339};
 use creditgate::ledger::jobs::{EnqueueOutcome, Job, JobFinish, JobStore, JobView, NewJob};
 use creditgate::ledger::redis::{RedisLedger, lua_prelude};
 use creditgate::ledger::{
-    AutoTopup, ChargeOutcome, ChargeRequest, Event, FreeOutcome, HistoryEntry, IdemHit, Idempotency, KeyRecord, Ledger,
-    MemoryLedger, NewAccount, Packages, PendingRefund, PlanChange, PlanOutcome, Receipt, RefundOutcome, Role,
-    StoreLimits, StoredResponse, TopupOutcome, TopupRequest, keys,
+    AutoTopup, AutoTopupPayment, Billing, ChargeOutcome, ChargeRequest, Event, FreeOutcome, HistoryEntry, IdemHit,
+    Idempotency, KeyRecord, Ledger, MemoryLedger, NewAccount, Packages, PendingRefund, PlanChange, PlanOutcome,
+    Receipt, RefundOutcome, Role, Settlement, StoreLimits, StoredResponse, TopupOutcome, TopupRequest, keys,
 };
 use serde_json::json;
 use support::redis::{RedisCluster, RedisServer};
@@ -120,6 +120,9 @@ async fn suite<L: Ledger + JobStore>(l: Arc<L>) {
             history_pages(&*l).await;
             plan_upgrade_now(&*l).await;
             auto_topup_once_per_crossing_and_capped(&*l).await;
+            billing_details_kept_first_customer_wins(&*l).await;
+            auto_topup_payment_settled_once(&*l).await;
+            failed_auto_topup_payment_takes_back_only_what_is_unspent(&*l).await;
             usage_by_category_operation_and_day(&*l).await;
             events_listed_and_acknowledged(&*l).await;
             concurrent_duplicate_topups(l.clone()).await;
@@ -938,6 +941,97 @@ async fn auto_topup_once_per_crossing_and_capped(l: &impl Ledger) {
     let r = charged(l.charge(charge(&acct, &unique("c"), 100)).await.unwrap());
     assert_eq!((r.auto_topup, r.remaining()), (None, 20));
     assert_eq!(view(l, &acct).await.auto_topup, Some(off));
+}
+
+/// The payment provider's customer id: the first kept wins (two instances creating one at
+/// once agree); the card is replaced and clears the failure mark.
+async fn billing_details_kept_first_customer_wins(l: &impl Ledger) {
+    let acct = account(l, 10).await;
+    assert_eq!(l.billing(&acct).await.unwrap(), Some(Billing::default()));
+    assert_eq!(l.billing(&unique("nobody")).await.unwrap(), None);
+    assert_eq!(l.set_billing_customer(&unique("nobody"), "cus_x").await.unwrap(), None, "no account made");
+    assert_eq!(l.billing(&unique("nobody")).await.unwrap(), None);
+    assert_eq!(l.set_billing_customer(&acct, "cus_first").await.unwrap().as_deref(), Some("cus_first"));
+    assert_eq!(l.set_billing_customer(&acct, "cus_second").await.unwrap().as_deref(), Some("cus_first"));
+    assert!(l.set_billing_card(&acct, "pm_1").await.unwrap());
+    assert!(l.set_billing_card(&acct, "pm_2").await.unwrap());
+    assert!(!l.set_billing_card(&unique("nobody"), "pm_1").await.unwrap());
+    let b = l.billing(&acct).await.unwrap().unwrap();
+    assert_eq!((b.customer.as_deref(), b.card.as_deref(), b.card_failed), (Some("cus_first"), Some("pm_2"), false));
+}
+
+/// Buys one auto top-up of 200 on a fresh account (allocation 100, threshold 30, a charge of
+/// `cost`); returns the account and the top-up's payment reference.
+async fn account_with_an_auto_topup(l: &impl Ledger, cost: u64) -> (String, String) {
+    let acct = account(l, 100).await;
+    assert!(l.set_billing_card(&acct, "pm_1").await.unwrap());
+    let setting = AutoTopup { enabled: true, threshold: 30, package: "200".into(), credits: 200, price_eur: 9.99 };
+    assert!(l.set_auto_topup(&acct, &setting).await.unwrap());
+    let id = unique("c");
+    let r = charged(l.charge(charge(&acct, &id, cost)).await.unwrap());
+    assert_eq!(r.auto_topup, Some(200));
+    (acct, format!("auto:{id}"))
+}
+
+/// A paid auto top-up keeps its credits; whatever is reported later, the first settlement stands.
+async fn auto_topup_payment_settled_once(l: &impl Ledger) {
+    let (acct, payment_ref) = account_with_an_auto_topup(l, 80).await;
+    let paid = Settlement::Paid { payment_id: "pi_1".into() };
+    assert_eq!(l.settle_auto_topup(&acct, &payment_ref, 200, AutoTopupPayment::Paid("pi_1")).await.unwrap(), paid);
+    assert_eq!(
+        l.settle_auto_topup(&acct, &payment_ref, 200, AutoTopupPayment::Failed("declined")).await.unwrap(),
+        paid
+    );
+    assert_eq!(l.settle_auto_topup(&acct, &payment_ref, 200, AutoTopupPayment::Paid("pi_2")).await.unwrap(), paid);
+    let v = view(l, &acct).await;
+    assert_eq!((v.monthly_remaining, v.topup_remaining, v.auto_topup.unwrap().enabled), (20, 200, true));
+    assert!(!l.billing(&acct).await.unwrap().unwrap().card_failed);
+    let kinds: Vec<String> = l.pending_events(&acct, 100).await.unwrap().into_iter().map(|e| e.kind).collect();
+    assert!(!kinds.iter().any(|k| k == "auto_topup.payment_failed"), "{kinds:?}");
+    assert_eq!(
+        l.settle_auto_topup(&unique("nobody"), &payment_ref, 200, AutoTopupPayment::Paid("pi_1")).await.unwrap(),
+        Settlement::NoAccount
+    );
+}
+
+/// A declined auto top-up: the credits are taken back as far as unspent (never below 0), auto
+/// top-up goes off and stays off, the card is marked failed, the history and an event say so.
+async fn failed_auto_topup_payment_takes_back_only_what_is_unspent(l: &impl Ledger) {
+    let (acct, payment_ref) = account_with_an_auto_topup(l, 80).await;
+    // Spend all 20 monthly credits and 150 of the 200 bought: 50 are left to take back.
+    charged(l.charge(charge(&acct, &unique("c"), 170)).await.unwrap());
+    let reversed = Settlement::Reversed { taken_back: 50, topup_remaining: 0 };
+    let failed = AutoTopupPayment::Failed("Your card was declined.");
+    assert_eq!(l.settle_auto_topup(&acct, &payment_ref, 200, failed).await.unwrap(), reversed);
+    assert_eq!(l.settle_auto_topup(&acct, &payment_ref, 200, failed).await.unwrap(), reversed, "once");
+    assert_eq!(l.settle_auto_topup(&acct, &payment_ref, 200, AutoTopupPayment::Paid("pi_1")).await.unwrap(), reversed);
+    let v = view(l, &acct).await;
+    assert_eq!((v.monthly_remaining, v.topup_remaining), (0, 0));
+    let auto = v.auto_topup.expect("setting kept");
+    assert!(!auto.enabled, "switched off");
+    assert_eq!((auto.threshold, auto.package.as_str()), (30, "200"));
+    let b = l.billing(&acct).await.unwrap().unwrap();
+    assert!(b.card_failed);
+    let entry = &l.history(&acct, None, 1).await.unwrap().unwrap()[0];
+    assert_eq!(
+        (entry.kind.as_str(), entry.monthly_delta, entry.topup_delta, entry.topup_after, entry.payment_ref.as_deref()),
+        ("auto_topup_reversed", 0, -50, 0, Some(payment_ref.as_str()))
+    );
+    let events = l.pending_events(&acct, 100).await.unwrap();
+    let failed: Vec<&Event> = events.iter().filter(|e| e.kind == "auto_topup.payment_failed").collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(
+        failed[0].data,
+        json!({"payment_ref": payment_ref, "credits": 200, "taken_back": 50, "topup_remaining": 0,
+            "reason": "Your card was declined."})
+    );
+    // Off means off: a charge that would cross again buys nothing.
+    topup(l, &acct, 100).await;
+    let r = charged(l.charge(charge(&acct, &unique("c"), 90)).await.unwrap());
+    assert_eq!((r.auto_topup, r.remaining()), (None, 10));
+    // A new card clears the mark (switching auto top-up on again is the customer's choice).
+    assert!(l.set_billing_card(&acct, "pm_2").await.unwrap());
+    assert!(!l.billing(&acct).await.unwrap().unwrap().card_failed);
 }
 
 /// Usage by category, operation and UTC day, refunds subtracting; earlier periods present as 0.

@@ -56,6 +56,11 @@ pub fn topup(account_id: &str, payment_ref: &str) -> String {
     format!("{}:topup:{payment_ref}", account(account_id))
 }
 
+/// How an auto top-up's payment was settled, by payment reference (kept, as top-up receipts).
+pub fn autopay(account_id: &str, payment_ref: &str) -> String {
+    format!("{}:autopay:{payment_ref}", account(account_id))
+}
+
 /// An API-key record, by the hex SHA-256 of the plaintext.
 pub fn api_key(hash: &str) -> String {
     format!("{PREFIX}:key:{hash}")

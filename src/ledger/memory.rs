@@ -75,6 +75,9 @@ struct Account {
     queue: VecDeque<String>,
     /// Request-body bytes the queued and running jobs hold.
     queued_bytes: u64,
+    billing: Billing,
+    /// Settled auto top-up payments, by payment reference (kept, as top-up receipts).
+    settled: HashMap<String, Settlement>,
 }
 
 struct JobRecord {
@@ -529,6 +532,42 @@ impl Account {
         TopupOutcome::Created(receipt)
     }
 
+    /// lua/settle_auto_topup.lua
+    fn settle_auto_topup(
+        &mut self,
+        payment_ref: &str,
+        credits: u64,
+        payment: AutoTopupPayment<'_>,
+        now: i64,
+    ) -> Settlement {
+        if let Some(s) = self.settled.get(payment_ref) {
+            return s.clone();
+        }
+        let settlement = match payment {
+            AutoTopupPayment::Paid(id) => Settlement::Paid { payment_id: id.to_owned() },
+            AutoTopupPayment::Failed(reason) => {
+                let taken = credits.min(self.topup);
+                self.topup -= taken;
+                let mut e = self.entry("auto_topup_reversed", now, 0, -(taken as i64));
+                e.payment_ref = Some(payment_ref.to_owned());
+                self.history.push_back(e);
+                let data = json!({
+                    "payment_ref": payment_ref, "credits": credits, "taken_back": taken,
+                    "topup_remaining": self.topup, "reason": reason,
+                });
+                self.event("auto_topup.payment_failed", now, data);
+                if let Some(auto) = &mut self.auto {
+                    auto.enabled = false;
+                }
+                self.auto_armed = false;
+                self.billing.card_failed = true;
+                Settlement::Reversed { taken_back: taken, topup_remaining: self.topup }
+            }
+        };
+        self.settled.insert(payment_ref.to_owned(), settlement.clone());
+        settlement
+    }
+
     fn change_plan(&mut self, change: PlanChange<'_>, now: i64) -> PlanOutcome {
         if change.plan == self.plan {
             self.pending = None;
@@ -611,6 +650,8 @@ impl Ledger for MemoryLedger {
             jobs: HashMap::new(),
             queue: VecDeque::new(),
             queued_bytes: 0,
+            billing: Billing::default(),
+            settled: HashMap::new(),
         };
         let mut e = account.entry("created", now, new.allocation as i64, 0);
         e.plan = Some(account.plan.clone());
@@ -768,6 +809,35 @@ impl Ledger for MemoryLedger {
                 a.auto = Some(setting.clone());
             })
             .is_some())
+    }
+
+    async fn billing(&self, id: &str) -> LedgerResult<Option<Billing>> {
+        Ok(self.with_account(id, |a, _| a.billing.clone()))
+    }
+
+    async fn set_billing_customer(&self, id: &str, customer: &str) -> LedgerResult<Option<String>> {
+        Ok(self.with_account(id, |a, _| a.billing.customer.get_or_insert_with(|| customer.to_owned()).clone()))
+    }
+
+    async fn set_billing_card(&self, id: &str, card: &str) -> LedgerResult<bool> {
+        Ok(self
+            .with_account(id, |a, _| {
+                a.billing.card = Some(card.to_owned());
+                a.billing.card_failed = false;
+            })
+            .is_some())
+    }
+
+    async fn settle_auto_topup(
+        &self,
+        id: &str,
+        payment_ref: &str,
+        credits: u64,
+        payment: AutoTopupPayment<'_>,
+    ) -> LedgerResult<Settlement> {
+        Ok(self
+            .with_account(id, |a, now| a.settle_auto_topup(payment_ref, credits, payment, now))
+            .unwrap_or(Settlement::NoAccount))
     }
 
     async fn list_keys(&self, account: &str) -> LedgerResult<Vec<KeyRecord>> {

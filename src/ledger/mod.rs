@@ -409,6 +409,47 @@ pub struct AutoTopup {
     pub price_eur: f64,
 }
 
+/// How an account pays (`[billing.stripe]`): kept on the account, never a balance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Billing {
+    /// The payment provider's customer id (created on the first purchase).
+    pub customer: Option<String>,
+    /// The card of the last successful purchase, charged off-session for auto top-ups.
+    pub card: Option<String>,
+    /// The last auto top-up payment failed: auto top-up was switched off and stays off until a
+    /// purchase succeeds with a card that can be charged.
+    pub card_failed: bool,
+}
+
+/// What the payment provider said about an auto top-up's payment.
+#[derive(Debug, Clone, Copy)]
+pub enum AutoTopupPayment<'a> {
+    /// Paid; the provider's payment id.
+    Paid(&'a str),
+    /// Declined or impossible (no card); why, in words.
+    Failed(&'a str),
+}
+
+/// How an auto top-up's payment was settled (the first report wins; later ones get it back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Paid: the credits stay.
+    Paid {
+        /// The provider's payment id.
+        payment_id: String,
+    },
+    /// Not paid: the credits were taken back from the top-up bucket as far as unspent, auto
+    /// top-up was switched off, and `auto_topup.payment_failed` was queued.
+    Reversed {
+        /// Credits taken back (at most the auto top-up's credits).
+        taken_back: u64,
+        /// Top-up bucket after the step.
+        topup_remaining: u64,
+    },
+    /// No such account.
+    NoAccount,
+}
+
 /// A plan change.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanChange<'a> {
@@ -434,7 +475,8 @@ pub enum PlanOutcome {
 pub struct HistoryEntry {
     /// Position in the account's history, from 1.
     pub seq: u64,
-    /// `created`, `charge`, `refund`, `topup`, `auto_topup`, `renewal` or `plan_change`.
+    /// `created`, `charge`, `refund`, `topup`, `auto_topup`, `auto_topup_reversed`, `renewal` or
+    /// `plan_change`.
     pub kind: String,
     /// When, Unix seconds.
     pub at: i64,
@@ -634,6 +676,33 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Sets the auto top-up setting; `false`: no account.
     fn set_auto_topup(&self, id: &str, setting: &AutoTopup) -> impl Future<Output = LedgerResult<bool>> + Send;
+
+    /// The account's payment details; `None`: no account.
+    fn billing(&self, id: &str) -> impl Future<Output = LedgerResult<Option<Billing>>> + Send;
+
+    /// Keeps the payment provider's customer id unless one is kept already; returns the one kept
+    /// (so two instances creating a customer at once agree on one). `None`: no account.
+    fn set_billing_customer(
+        &self,
+        id: &str,
+        customer: &str,
+    ) -> impl Future<Output = LedgerResult<Option<String>>> + Send;
+
+    /// Keeps the card of a successful purchase for auto top-ups and clears `card_failed`;
+    /// `false`: no account.
+    fn set_billing_card(&self, id: &str, card: &str) -> impl Future<Output = LedgerResult<bool>> + Send;
+
+    /// Settles the payment of the auto top-up `payment_ref` that credited `credits`: paid, or
+    /// failed — then the credits are taken back as far as unspent, auto top-up is switched off,
+    /// `card_failed` is set, a history entry and an `auto_topup.payment_failed` event are written.
+    /// Once per payment reference: a repeat, whatever it reports, returns the first settlement.
+    fn settle_auto_topup(
+        &self,
+        id: &str,
+        payment_ref: &str,
+        credits: u64,
+        payment: AutoTopupPayment<'_>,
+    ) -> impl Future<Output = LedgerResult<Settlement>> + Send;
 
     /// The live keys of an account, oldest first.
     fn list_keys(&self, account: &str) -> impl Future<Output = LedgerResult<Vec<KeyRecord>>> + Send;

@@ -122,9 +122,10 @@ use serde::{Deserialize, Serialize};
 
 use super::jobs::{EnqueueOutcome, Job, JobFinish, JobStore, JobView, NewJob};
 use super::{
-    AccountView, AutoTopup, ChargeOutcome, ChargeRequest, Event, FreeOutcome, HistoryEntry, IdemHit, KeyRecord, Ledger,
-    LedgerError, LedgerResult, NewAccount, PendingRefund, PeriodUsage, PlanChange, PlanOutcome, RETENTION_SECS,
-    Receipt, RefundOutcome, Role, StoreLimits, StoredResponse, TopupOutcome, TopupReceipt, TopupRequest, Usage, keys,
+    AccountView, AutoTopup, AutoTopupPayment, Billing, ChargeOutcome, ChargeRequest, Event, FreeOutcome, HistoryEntry,
+    IdemHit, KeyRecord, Ledger, LedgerError, LedgerResult, NewAccount, PendingRefund, PeriodUsage, PlanChange,
+    PlanOutcome, RETENTION_SECS, Receipt, RefundOutcome, Role, Settlement, StoreLimits, StoredResponse, TopupOutcome,
+    TopupReceipt, TopupRequest, Usage, keys,
 };
 use crate::calendar::Anchor;
 
@@ -182,6 +183,8 @@ struct Scripts {
     free_automatic: Function,
     export_read: Function,
     export_ack: Function,
+    billing: Function,
+    settle_auto_topup: Function,
 }
 
 impl Scripts {
@@ -190,7 +193,7 @@ impl Scripts {
     /// first call of any of its functions loads, and instances on different configs each call
     /// their own.
     fn build(limits: &StoreLimits) -> Self {
-        let bodies: [(&'static str, &str); 19] = [
+        let bodies: [(&'static str, &str); 21] = [
             ("create_account", include_str!("../../lua/create_account.lua")),
             ("account", include_str!("../../lua/account.lua")),
             ("charge", include_str!("../../lua/charge.lua")),
@@ -210,6 +213,8 @@ impl Scripts {
             ("free_automatic", include_str!("../../lua/free_automatic.lua")),
             ("export_read", include_str!("../../lua/export_read.lua")),
             ("export_ack", include_str!("../../lua/export_ack.lua")),
+            ("billing", include_str!("../../lua/billing.lua")),
+            ("settle_auto_topup", include_str!("../../lua/settle_auto_topup.lua")),
         ];
         let prelude = lua_prelude(limits);
         let mut code = prelude.clone();
@@ -245,6 +250,8 @@ impl Scripts {
             free_automatic: function("free_automatic"),
             export_read: function("export_read"),
             export_ack: function("export_ack"),
+            billing: function("billing"),
+            settle_auto_topup: function("settle_auto_topup"),
         }
     }
 }
@@ -449,6 +456,24 @@ thread_local! {
 // === impl RedisLedger ===
 
 impl RedisLedger {
+    /// billing.lua: `op` is "read", "customer" or "card".
+    async fn billing_step(&self, id: &str, op: &str, value: &str) -> LedgerResult<Option<Billing>> {
+        let scripts = self.scripts.load();
+        let mut inv = scripts.billing.key(keys::account(id));
+        inv.arg(op).arg(value);
+        let mut r = self.step(id, inv).await?;
+        let outcome: String = r.next()?;
+        match outcome.as_str() {
+            "billing" => {
+                let (customer, card, failed): (Option<String>, Option<String>, Option<String>) =
+                    (r.next()?, r.next()?, r.next()?);
+                Ok(Some(Billing { customer, card, card_failed: failed.is_some() }))
+            }
+            "noaccount" => Ok(None),
+            other => Err(unexpected("billing", other)),
+        }
+    }
+
     /// Connects to a standalone Redis (`redis://host:port[/db]`) and loads the scripts.
     pub async fn connect_standalone(url: &str) -> LedgerResult<Self> {
         let client = redis::Client::open(url).map_err(store_error)?;
@@ -1249,6 +1274,43 @@ impl Ledger for RedisLedger {
             "noaccount" => Ok(false),
             other => Err(unexpected("set_auto_topup", other)),
         }
+    }
+
+    async fn billing(&self, id: &str) -> LedgerResult<Option<Billing>> {
+        self.billing_step(id, "read", "").await
+    }
+
+    async fn set_billing_customer(&self, id: &str, customer: &str) -> LedgerResult<Option<String>> {
+        Ok(self.billing_step(id, "customer", customer).await?.and_then(|b| b.customer))
+    }
+
+    async fn set_billing_card(&self, id: &str, card: &str) -> LedgerResult<bool> {
+        Ok(self.billing_step(id, "card", card).await?.is_some())
+    }
+
+    async fn settle_auto_topup(
+        &self,
+        id: &str,
+        payment_ref: &str,
+        credits: u64,
+        payment: AutoTopupPayment<'_>,
+    ) -> LedgerResult<Settlement> {
+        check_amount(credits)?;
+        let scripts = self.scripts.load();
+        let mut inv = scripts.settle_auto_topup.key(keys::account(id));
+        inv.key(keys::autopay(id, payment_ref)).arg(payment_ref).arg(credits);
+        match payment {
+            AutoTopupPayment::Paid(payment_id) => inv.arg("paid").arg(payment_id),
+            AutoTopupPayment::Failed(reason) => inv.arg("failed").arg(reason),
+        };
+        let mut r = self.step(id, inv).await?;
+        let outcome: String = r.next()?;
+        Ok(match outcome.as_str() {
+            "paid" => Settlement::Paid { payment_id: r.next()? },
+            "reversed" => Settlement::Reversed { taken_back: r.next()?, topup_remaining: r.next()? },
+            "noaccount" => Settlement::NoAccount,
+            other => return Err(unexpected("settle_auto_topup", other)),
+        })
     }
 
     /// One HVALS of the account's key list (the public fields are copied there when a key is
