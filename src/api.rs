@@ -35,6 +35,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/credits/auto-topup", put(set_auto_topup))
         .route("/v1/jobs/{id}", get(job))
         .route("/dashboard", get(crate::dashboard::page))
+        .merge(crate::billing::router())
 }
 
 impl FromRequestParts<AppState> for Principal {
@@ -237,7 +238,24 @@ async fn set_auto_topup(
     principal: Principal,
     JsonBody(body): JsonBody<AutoTopupBody>,
 ) -> Result<Json<Value>, GatewayError> {
-    let setting = body.into_setting(&state.runtime.load())?;
+    let rt = state.runtime.load_full();
+    let setting = body.into_setting(&rt)?;
+    if setting.enabled && rt.stripe.is_some() {
+        // Paid auto top-ups charge the card of the last purchase: without one that works, the
+        // credits would be granted unpaid (and taken back only as far as unspent).
+        let billing = state.ledger.billing(&principal.account).await?.ok_or(GatewayError::AccountGone)?;
+        if billing.card.is_none() {
+            return Err(GatewayError::PaymentMethodRequired(
+                "Auto top-up charges the card of your last top-up purchase: buy a top-up first, then switch it on."
+                    .into(),
+            ));
+        }
+        if billing.card_failed {
+            return Err(GatewayError::PaymentMethodRequired(
+                "Your card was declined for an auto top-up, so auto top-up was switched off: buy a top-up with a card that works, then switch it on again.".into(),
+            ));
+        }
+    }
     if !state.ledger.set_auto_topup(&principal.account, &setting).await? {
         return Err(GatewayError::AccountGone);
     }

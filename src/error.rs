@@ -113,6 +113,12 @@ pub enum GatewayError {
     /// The store could not be reached (store).
     #[error("store unavailable: {0}")]
     StoreUnavailable(String),
+    /// The payment provider could not be reached or refused the call (billing).
+    #[error("payment provider unavailable: {0}")]
+    PaymentProviderUnavailable(String),
+    /// Auto top-up needs a card that can be charged (billing); the sentence says what to do.
+    #[error("payment method required")]
+    PaymentMethodRequired(String),
 }
 
 /// The first error of type `E` in `err`'s source chain, `err` itself included (linkerd's
@@ -174,6 +180,8 @@ impl GatewayError {
             UpstreamUnavailable(_) | UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            PaymentProviderUnavailable(_) => (StatusCode::BAD_GATEWAY, "payment_provider_unavailable"),
+            PaymentMethodRequired(_) => (StatusCode::PAYMENT_REQUIRED, "payment_method_required"),
         }
     }
 
@@ -189,6 +197,7 @@ impl GatewayError {
             | Unauthorized(m)
             | Forbidden(m)
             | NotFound(m)
+            | PaymentMethodRequired(m)
             | Conflict(m) => m.clone(),
             NoCredits { renews_at } => {
                 fields.insert("remaining".into(), json!(0));
@@ -237,6 +246,9 @@ impl GatewayError {
             UpstreamUnreachable(_) => "The AI backend could not be reached.".into(),
             UpstreamTimeout => "The AI backend did not answer in time.".into(),
             StoreUnavailable(_) => "The credit store is unavailable right now; please retry shortly.".into(),
+            PaymentProviderUnavailable(_) => {
+                "The payment provider could not take the payment right now; nothing was charged. Please retry shortly.".into()
+            }
         };
         (message, fields)
     }

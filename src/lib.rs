@@ -23,6 +23,7 @@
 //! * [`ledger`] — the [`ledger::Ledger`] seam and its stores; [`store`] picks one from the config.
 //! * [`calendar`] — billing-anchor arithmetic (periods, month-end clamping).
 //! * [`error`] — `GatewayError` and the one mapping to HTTP answers (SPEC §6).
+//! * [`billing`] — top-ups bought and auto top-ups paid through Stripe (`[billing.stripe]`).
 //! * [`api`] — the customer API (`/v1/credits…`); [`admin`] — the admin listener; [`extract`] —
 //!   body reading shared by both and the proxy path; [`dashboard`] — the usage page and its
 //!   security headers.
@@ -35,6 +36,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod billing;
 pub mod calendar;
 pub mod classify;
 pub mod config;

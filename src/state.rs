@@ -37,6 +37,8 @@ pub struct Runtime {
     pub store_limits: crate::ledger::StoreLimits,
     /// The export HMAC key, read from the variable `export.secret_env` names.
     pub export_secret: Option<Vec<u8>>,
+    /// Stripe, when `[billing.stripe]` is set (secrets read from the environment).
+    pub stripe: Option<Arc<crate::billing::stripe::Stripe>>,
 }
 
 impl Runtime {
@@ -68,7 +70,14 @@ impl Runtime {
         };
         let x = &config.export;
         let export_secret = signing_key(&env, x.url.as_ref(), x.secret_env.as_deref(), "export.secret_env")?;
+        let stripe = config
+            .billing
+            .stripe
+            .as_ref()
+            .map(|c| crate::billing::stripe::Stripe::new(c, &env).map(Arc::new))
+            .transpose()?;
         Ok(Runtime {
+            stripe,
             export_secret,
             store_limits,
             packages,

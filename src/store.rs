@@ -169,6 +169,9 @@ impl Ledger for Store {
     ) -> LedgerResult<Settlement> {
         dispatch!(self, l => l.settle_auto_topup(id, payment_ref, credits, payment))
     }
+    async fn auto_topup_settlement(&self, id: &str, payment_ref: &str) -> LedgerResult<Option<Settlement>> {
+        dispatch!(self, l => l.auto_topup_settlement(id, payment_ref))
+    }
     async fn list_keys(&self, account: &str) -> LedgerResult<Vec<KeyRecord>> {
         dispatch!(self, l => l.list_keys(account))
     }

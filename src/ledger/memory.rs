@@ -840,6 +840,10 @@ impl Ledger for MemoryLedger {
             .unwrap_or(Settlement::NoAccount))
     }
 
+    async fn auto_topup_settlement(&self, id: &str, payment_ref: &str) -> LedgerResult<Option<Settlement>> {
+        Ok(self.with_account(id, |a, _| a.settled.get(payment_ref).cloned()).flatten())
+    }
+
     async fn list_keys(&self, account: &str) -> LedgerResult<Vec<KeyRecord>> {
         let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
         let mut list: Vec<KeyRecord> = keys.values().filter(|k| k.account == account).cloned().collect();

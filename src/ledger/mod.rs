@@ -704,6 +704,13 @@ pub trait Ledger: Send + Sync + 'static {
         payment: AutoTopupPayment<'_>,
     ) -> impl Future<Output = LedgerResult<Settlement>> + Send;
 
+    /// How the auto top-up `payment_ref` was settled, if it was (`None` also for no account).
+    fn auto_topup_settlement(
+        &self,
+        id: &str,
+        payment_ref: &str,
+    ) -> impl Future<Output = LedgerResult<Option<Settlement>>> + Send;
+
     /// The live keys of an account, oldest first.
     fn list_keys(&self, account: &str) -> impl Future<Output = LedgerResult<Vec<KeyRecord>>> + Send;
 

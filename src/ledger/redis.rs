@@ -1313,6 +1313,31 @@ impl Ledger for RedisLedger {
         })
     }
 
+    /// One HMGET of the settlement record (written only by settle_auto_topup.lua).
+    async fn auto_topup_settlement(&self, id: &str, payment_ref: &str) -> LedgerResult<Option<Settlement>> {
+        let hmget = redis::cmd("HMGET")
+            .arg(keys::autopay(id, payment_ref))
+            .arg("settled")
+            .arg("payment_id")
+            .arg("taken_back")
+            .arg("topup_remaining")
+            .to_owned();
+        let (settled, payment_id, taken_back, topup_remaining): (
+            Option<String>,
+            Option<String>,
+            Option<u64>,
+            Option<u64>,
+        ) = self.query(&hmget).await?;
+        Ok(match (settled.as_deref(), payment_id, taken_back, topup_remaining) {
+            (Some("paid"), Some(payment_id), _, _) => Some(Settlement::Paid { payment_id }),
+            (Some("reversed"), _, Some(taken_back), Some(topup_remaining)) => {
+                Some(Settlement::Reversed { taken_back, topup_remaining })
+            }
+            (None, ..) => None,
+            (other, ..) => return Err(LedgerError(format!("unreadable settlement of {payment_ref}: {other:?}"))),
+        })
+    }
+
     /// One HVALS of the account's key list (the public fields are copied there when a key is
     /// created, so listing never visits the key records in their own slots).
     async fn list_keys(&self, account: &str) -> LedgerResult<Vec<KeyRecord>> {

@@ -11,6 +11,10 @@
 //! `event_ttl_hours` are dropped with a log line. Delivery is at least once — a crash between
 //! delivery and acknowledgement, or two instances draining one outbox, can resend — so receivers
 //! dedupe by the event `id`.
+//!
+//! With `[billing.stripe]` a third channel pays each `auto_topup.purchased` event
+//! ([`crate::billing::pay_auto_topup`]); such an event is acknowledged only once paid or settled
+//! as declined, and never dropped for its age while unpaid.
 
 pub mod email;
 pub mod export;
@@ -49,6 +53,7 @@ struct Backoff {
 struct Progress {
     webhook: HashSet<String>,
     mail: HashSet<String>,
+    payments: HashSet<String>,
 }
 
 /// Starts the dispatcher task; it ends when `shutdown` turns true.
@@ -92,7 +97,11 @@ pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
                     continue;
                 }
             };
-            let channels = Channels { webhook: webhook.as_ref(), mailer: mailer.as_ref().map(|m| &m.1) };
+            let channels = Channels {
+                webhook: webhook.as_ref(),
+                mailer: mailer.as_ref().map(|m| &m.1),
+                payments: rt.stripe.as_deref(),
+            };
             let ttl = n.event_ttl_hours as i64 * 3600;
             let max_backoff = Duration::from_millis(n.max_backoff_ms);
             let mut depth = 0;
@@ -123,7 +132,12 @@ pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
 struct Channels<'a> {
     webhook: Option<&'a webhook::Target<'a>>,
     mailer: Option<&'a email::Mailer>,
+    /// With `[billing.stripe]`: `auto_topup.purchased` events are paid ([`crate::billing`]).
+    payments: Option<&'a crate::billing::stripe::Stripe>,
 }
+
+/// The event that asks for a payment (with `[billing.stripe]`).
+const PAYMENT_EVENT: &str = "auto_topup.purchased";
 
 /// Delivers one account's pending events in order, each channel on its own; returns whether
 /// every channel got everything, and how many events are left in the outbox.
@@ -144,7 +158,7 @@ async fn drain(
     if events.is_empty() {
         return (true, 0);
     }
-    if ch.webhook.is_none() && ch.mailer.is_none() {
+    if ch.webhook.is_none() && ch.mailer.is_none() && ch.payments.is_none() {
         // Nowhere to deliver yet: keep events until a channel is configured or they expire.
         let now = crate::calendar::now();
         let expired: Vec<String> =
@@ -154,15 +168,32 @@ async fn drain(
     }
     let now = crate::calendar::now();
     let mut done = Vec::new();
-    let (mut webhook_ok, mut mail_ok) = (true, true);
+    let (mut webhook_ok, mut mail_ok, mut payments_ok) = (true, true, true);
     let mut address: Option<Option<String>> = None;
     for event in &events {
-        if event.created_at + ttl_secs < now {
+        let unpaid = ch.payments.is_some() && event.kind == PAYMENT_EVENT && !progress.payments.contains(&event.id);
+        if event.created_at + ttl_secs < now && !unpaid {
             tracing::warn!(event_id = %event.id, kind = %event.kind, account, "notifier: event expired undelivered; dropping");
             done.push(event.id.clone());
             continue;
         }
         let mut delivered = true;
+        if let Some(stripe) = ch.payments.filter(|_| unpaid) {
+            // An unpaid purchase never expires: it is paid (or settled as declined) first.
+            if payments_ok && crate::billing::pay_auto_topup(state, stripe, event).await.inspect_err(|e| {
+                tracing::warn!(event_id = %event.id, error = %e, "notifier: auto top-up payment not made; will retry");
+            }).is_ok()
+            {
+                progress.payments.insert(event.id.clone());
+            } else {
+                payments_ok = false;
+                delivered = false;
+            }
+        }
+        if ch.webhook.is_none() && ch.mailer.is_none() {
+            // Nowhere to deliver yet: kept (paid first) until a channel is configured or it expires.
+            continue;
+        }
         if let Some(target) = ch.webhook
             && !progress.webhook.contains(&event.id)
         {
@@ -207,7 +238,8 @@ async fn drain(
         for id in &done {
             progress.webhook.remove(id);
             progress.mail.remove(id);
+            progress.payments.remove(id);
         }
     }
-    (webhook_ok && mail_ok, events.len() - done.len())
+    (webhook_ok && mail_ok && payments_ok, events.len() - done.len())
 }

@@ -6,4 +6,5 @@ pub mod process;
 pub mod receivers;
 pub mod redis;
 pub mod stores;
+pub mod stripe;
 pub mod upstream;
