@@ -24,9 +24,10 @@
 //!
 //! # Cases
 //!
-//! 24 cases per store by default, `PROPTEST_CASES=<n>` for longer runs. A failing case is shrunk
+//! By default 256 cases on memory (a fraction of a second) and 48 on each Redis store (about two
+//! seconds each in a debug build); `PROPTEST_CASES=<n>` sets every store's count for longer runs. A failing case is shrunk
 //! to a short sequence, printed as a [`Case`]; shrunk counterexamples worth keeping become plain
-//! tests at the end of this file.
+//! cases at the end of this file ([`counterexamples`]), which every store runs first.
 
 mod support;
 
@@ -59,7 +60,7 @@ fn memory_follows_the_model() {
         }))
     };
     let rt = runtime();
-    run_cases(|case| {
+    run_cases(256, |case| {
         let ledger = fresh();
         rt.block_on(run_case(&ledger, &Clock::Memory(clock.clone()), case))
     });
@@ -74,7 +75,7 @@ fn redis_standalone_follows_the_model() {
         let client = redis::Client::open(server.url()).expect("url");
         (ledger, Clock::Redis(client.get_multiplexed_async_connection().await.expect("connect")))
     });
-    run_cases(|case| rt.block_on(run_case(&ledger, &clock, case)));
+    run_cases(REDIS_CASES, |case| rt.block_on(run_case(&ledger, &clock, case)));
 }
 
 #[test]
@@ -86,17 +87,26 @@ fn redis_cluster_follows_the_model() {
         let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("urls");
         (ledger, Clock::Cluster(client.get_async_connection().await.expect("connect")))
     });
-    run_cases(|case| rt.block_on(run_case(&ledger, &clock, case)));
+    run_cases(REDIS_CASES, |case| rt.block_on(run_case(&ledger, &clock, case)));
 }
+
+/// Cases per Redis store unless `PROPTEST_CASES` says otherwise: each step is a few round trips.
+const REDIS_CASES: u32 = 48;
 
 /// One runtime per test, built once; proptest runs plain closures that `block_on` in it.
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
 
-/// Runs `check` on [`case_strategy`]'s cases (`PROPTEST_CASES`, default 24), shrinking a failure.
-fn run_cases(check: impl Fn(Case) -> Result<(), String>) {
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24);
+/// Runs `check` on the [`counterexamples`], then on [`case_strategy`]'s cases (`PROPTEST_CASES`,
+/// else `default_cases`), shrinking a failure.
+fn run_cases(default_cases: u32, check: impl Fn(Case) -> Result<(), String>) {
+    for (name, case) in counterexamples() {
+        if let Err(e) = check(case.clone()) {
+            panic!("counterexample `{name}` fails: {e}\n{case:#?}");
+        }
+    }
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default_cases);
     // No failure persistence: counterexamples worth keeping are written out as tests below.
     let config = Config { cases, failure_persistence: None, ..Config::default() };
     let mut runner = TestRunner::new(config);
@@ -1163,4 +1173,75 @@ impl Model {
         }
         true
     }
+}
+
+// === counterexamples ===
+
+/// Shrunk counterexamples, kept so that each store runs them on every test run. Each is what
+/// proptest shrank to when the named behaviour was broken on purpose (in memory.rs or the Lua
+/// scripts) to check that the properties can fail.
+fn counterexamples() -> Vec<(&'static str, Case)> {
+    let charge = |id, cost| Op::Charge { id, cost, idem: None, operation: 0 };
+    vec![
+        // Refund parts swapped between the buckets: a 1-credit charge re-sent twice, refunded.
+        (
+            "a refund goes back to the bucket it came from",
+            case(1, 1, 0, 0, vec![charge(0, 1), charge(0, 1), charge(0, 1), Op::Refund { id: 0, live: false }]),
+        ),
+        // The idempotency check skipped in lua/charge.lua: the key of a queued job's 202.
+        (
+            "a charge under the key of a queued job replays the 202",
+            case(
+                1,
+                1,
+                0,
+                0,
+                vec![
+                    Op::Enqueue { job: 0, body: 0, idem: Some((0, 0)) },
+                    Op::Charge { id: 0, cost: 1, idem: Some((0, 0)), operation: 0 },
+                ],
+            ),
+        ),
+        // Leap years left out of the Lua calendar: anchored Jan 29, renewing Feb 29.
+        ("an anchor on Jan 29 of a leap year renews on Feb 29", case(1, 29, 0, 0, vec![charge(0, 1)])),
+        // Auto top-up bought on every charge below the threshold, not once per crossing.
+        (
+            "auto top-up buys once per crossing",
+            case(
+                1,
+                1,
+                0,
+                0,
+                vec![Op::SetAuto { enabled: true, threshold: 40, package: 0 }, charge(0, 1), charge(1, 1)],
+            ),
+        ),
+        // Unused monthly credits rolled over at renewal (lua/lib.lua).
+        (
+            "no roll-over at renewal",
+            case(1, 1, 0, 0, vec![charge(0, 5), Op::ToRenewal { ahead: 0, offset_secs: 0 }, charge(1, 1)]),
+        ),
+        // The monthly part of a refund returned after the period renewed.
+        (
+            "a refund after the renewal returns no monthly credits",
+            case(
+                1,
+                1,
+                0,
+                0,
+                vec![
+                    Op::ToRenewal { ahead: 0, offset_secs: -1 },
+                    charge(0, 1),
+                    Op::Tick { secs: 1 },
+                    Op::Refund { id: 0, live: false },
+                ],
+            ),
+        ),
+    ]
+}
+
+/// A case on plan [`PLANS`]`[plan]`, anchored at midnight on `month`/`day` of [`base_year`],
+/// the clock starting `offset_secs` after the anchor.
+fn case(month: u8, day: u8, offset_secs: i64, plan: usize, ops: Vec<Op>) -> Case {
+    let start = Start { year: base_year(), month, day, second_of_day: 0, offset_secs };
+    Case { start, plan, ops }
 }
