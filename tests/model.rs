@@ -3,8 +3,8 @@
 //! top-ups with repeated payment references, auto top-up settings, plan changes, clock steps
 //! across renewals at month ends and leap days, and the job queue — applied both to a small
 //! [`Model`] written from SPEC §1 and to each store: `memory`, Redis standalone and a 3-master
-//! Redis Cluster. After every step the answers, balances, bucket split, usage, history and jobs
-//! must agree with the model.
+//! Redis Cluster. After every step the answers, balances, bucket split, usage, history, events
+//! and jobs must agree with the model.
 //!
 //! # The clock
 //!
@@ -490,11 +490,13 @@ async fn apply<L: Ledger + JobStore>(
 #[derive(Default)]
 struct Seen {
     setup_entries: usize,
+    /// The same for outbox events.
+    setup_events: usize,
 }
 
 /// Everything a reader sees must agree with the model: the account, its whole history (deltas
-/// chaining to the balances, never below zero, the new entries as the model made them), usage
-/// of this period and the two before, and the job queue.
+/// chaining to the balances, never below zero, the new entries as the model made them), the
+/// outbox events, usage of this period and the two before, and the job queue.
 async fn check<L: Ledger + JobStore>(
     l: &L,
     acct: &str,
@@ -530,6 +532,20 @@ async fn check<L: Ledger + JobStore>(
     } else {
         let entries: Vec<Entry> = history[seen.setup_entries.min(history.len())..].iter().map(Entry::from).collect();
         same!(step, "history entries since the start", entries, m.history);
+    }
+
+    // Nothing acknowledges events here, so the outbox holds every one since the account began.
+    let events = l.pending_events(acct, 100_000).await.expect("events");
+    let ids: std::collections::HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    same!(step, "distinct event ids", ids.len(), events.len());
+    if setup {
+        seen.setup_events = events.len();
+    } else {
+        let kinds: Vec<(String, Option<u64>)> = events[seen.setup_events.min(events.len())..]
+            .iter()
+            .map(|e| (e.kind.clone(), e.data.get("threshold").and_then(|t| t.as_u64())))
+            .collect();
+        same!(step, "events since the start", kinds, m.events);
     }
 
     let usage = l.usage(acct, 2).await.expect("usage").expect("account exists");
@@ -608,6 +624,10 @@ struct Model {
     usage: BTreeMap<i64, PeriodUsage>,
     /// History entries since the start.
     history: Vec<Entry>,
+    /// Outbox events since the start: type and, for threshold events, the threshold.
+    events: Vec<(String, Option<u64>)>,
+    /// Low-credit threshold → the period it last fired in (SPEC §7: once per period each).
+    fired: HashMap<u8, i64>,
     /// Every job ever queued, oldest first, and the ids in the queue.
     jobs: Vec<ModelJob>,
     queue: Vec<String>,
@@ -719,6 +739,8 @@ impl Model {
             topups: HashMap::new(),
             usage: BTreeMap::new(),
             history: Vec::new(),
+            events: Vec::new(),
+            fired: HashMap::new(),
             jobs: Vec::new(),
             queue: Vec::new(),
         };
@@ -776,6 +798,7 @@ impl Model {
                 self.auto_armed = true;
             }
             self.entry("renewal", self.allocation as i64 - expired as i64, 0);
+            self.event("credits.renewed", None);
         }
     }
 
@@ -790,6 +813,24 @@ impl Model {
     fn entry(&mut self, kind: &str, monthly_delta: i64, topup_delta: i64) {
         let (monthly_after, topup_after) = (self.monthly, self.topup);
         self.history.push(Entry { kind: kind.into(), monthly_delta, topup_delta, monthly_after, topup_after });
+    }
+
+    fn event(&mut self, kind: &str, threshold: Option<u64>) {
+        self.events.push((kind.into(), threshold));
+    }
+
+    /// After a charge: each threshold the remaining credits are at or below (0: none left)
+    /// raises its event, once per period.
+    fn thresholds(&mut self) {
+        let remaining = self.total();
+        for t in THRESHOLDS {
+            let reached = if t == 0 { remaining == 0 } else { remaining * 100 <= self.allocation * u64::from(t) };
+            if reached && self.fired.get(&t) != Some(&self.period) {
+                self.fired.insert(t, self.period);
+                let kind = if t == 0 { "credits.exhausted" } else { "credits.low" };
+                self.event(kind, Some(u64::from(t)));
+            }
+        }
     }
 
     fn renews_at(&self) -> i64 {
@@ -914,6 +955,7 @@ impl Model {
             auto_topup,
             refunded: false,
         };
+        self.thresholds();
         let receipt = self.receipt(charge_id, &record);
         self.charges.insert(charge_id.into(), record);
         ChargeOutcome::Charged(receipt)
@@ -934,11 +976,13 @@ impl Model {
         self.auto_armed = false;
         if PACKAGES.get(&auto.package) != Some((auto.credits, auto.price_eur)) {
             self.auto.as_mut().expect("set").enabled = false;
+            self.event("auto_topup.disabled", None);
             return None;
         }
         self.topup += auto.credits;
         self.auto_count += 1;
         self.entry("auto_topup", 0, auto.credits as i64);
+        self.event("auto_topup.purchased", None);
         Some(auto.credits)
     }
 
@@ -1009,6 +1053,7 @@ impl Model {
         };
         self.topups.insert(payment_ref.into(), receipt.clone());
         self.entry("topup", 0, credits as i64);
+        self.event("topup.completed", None);
         TopupOutcome::Created(receipt)
     }
 
@@ -1219,6 +1264,24 @@ fn counterexamples() -> Vec<(&'static str, Case)> {
         (
             "no roll-over at renewal",
             case(1, 1, 0, 0, vec![charge(0, 5), Op::ToRenewal { ahead: 0, offset_secs: 0 }, charge(1, 1)]),
+        ),
+        // Threshold events fired on every charge at or below them (memory.rs); proptest stopped
+        // at 8 steps, this is the same failure by hand.
+        ("each threshold event fires once per period", case(1, 1, 0, 0, vec![charge(0, 9), charge(1, 1)])),
+        // A job finished by a runner that does not hold its lease (memory.rs).
+        (
+            "only the lease holder finishes a job",
+            case(
+                1,
+                1,
+                0,
+                0,
+                vec![
+                    Op::Enqueue { job: 0, body: 0, idem: None },
+                    Op::Claim { runner: 1 },
+                    Op::Finish { job: 0, runner: 0, how: How::Done },
+                ],
+            ),
         ),
         // The monthly part of a refund returned after the period renewed.
         (
