@@ -98,7 +98,8 @@ async fn packages(State(state): State<AppState>, _principal: Principal) -> Json<
         })
         .collect();
     list.sort_by_key(|p| p["credits"].as_u64());
-    Json(json!({ "packages": list }))
+    // `checkout`: whether `POST /v1/credits/topups/checkout` takes payments (`[billing.stripe]`).
+    Json(json!({ "packages": list, "checkout": rt.stripe.is_some() }))
 }
 
 fn auto_topup_json(a: Option<&AutoTopup>) -> Value {

@@ -416,3 +416,46 @@ fn a_stripe_section_whose_secret_is_not_set_refuses_to_start() {
         assert_eq!(err.key, key, "{line}: {err}");
     }
 }
+
+/// The dashboard's Buy flow in headless Chromium, up to where Stripe takes over: the top-up card
+/// lists the four packages with their price per credit and a Buy button; Buy creates the payment
+/// and mounts Stripe.js's card field (localstripe's), within the page's Content-Security-Policy.
+/// Nothing is credited by that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dashboard_buy_flow_hands_the_payment_to_stripe() {
+    let Some(shop) = Shop::open("dashboard").await else { return };
+    let gw = shop.gateway(shop.config()).await;
+    let key = gw.account_with_key("page", "fifty").await;
+    let mut browser = support::browser::Browser::start(1200, 1600);
+    browser.open(&gw.url(&format!("/dashboard#key={key}")));
+    browser.wait_until("!document.getElementById('link-key').classList.contains('hidden')");
+    browser.click("link-key-confirm");
+    browser.wait_until("document.querySelectorAll('#buy-packages tr').length === 4");
+    let rows = browser
+        .eval("[...document.querySelectorAll('#buy-packages tr')].map(r => r.innerText.replace(/\\s+/g, ' ').trim())");
+    assert_eq!(
+        rows,
+        json!([
+            "200 credits · €10 €0.05 per credit Buy",
+            "500 credits · €20 €0.04 per credit Buy",
+            "1,500 credits · €50 €0.0333 per credit Buy",
+            "5,000 credits · €150 €0.03 per credit Buy",
+        ])
+    );
+    browser.click("buy-500");
+    browser.wait_until("document.querySelectorAll('#card-element input').length >= 4");
+    assert_eq!(
+        browser.eval("document.getElementById('checkout-summary').textContent"),
+        json!("€20.00 for 500 credits: enter your card, Stripe takes the payment.")
+    );
+    let shown = browser.eval("document.getElementById('checkout').dataset.paymentIntent");
+    let intents = shop.stripe.intents_of("page").await;
+    assert_eq!(intents.len(), 1, "one payment started");
+    assert_eq!((&intents[0]["id"], &intents[0]["metadata"]["package"]), (&shown, &json!("500")));
+    let violations = browser.csp_violations();
+    assert!(violations.is_empty(), "CSP violations in the Buy flow: {violations:?}");
+    assert_eq!(gw.credits(&key).await["topup_remaining"], 0, "nothing credited before Stripe confirms");
+    let png = browser.screenshot();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    let _ = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(dir.join("dashboard-buy.png"), png));
+}

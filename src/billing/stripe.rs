@@ -52,6 +52,8 @@ pub struct Stripe {
     pub js_url: String,
     /// ISO currency of every payment.
     pub currency: String,
+    js_origin: String,
+    api_origin: String,
     tolerance_secs: i64,
     setup_future_usage: Option<String>,
     timeout: Duration,
@@ -121,7 +123,17 @@ impl Stripe {
             c.publishable_key_env.as_deref().map(|v| read("billing.stripe.publishable_key_env", v)).transpose()?;
         let https =
             hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
+        let origin = |key: &str, url: &str| {
+            let uri = crate::config::parse_web_url(url).map_err(|reason| ConfigError { key: key.into(), reason })?;
+            Ok::<_, ConfigError>(format!(
+                "{}://{}",
+                uri.scheme_str().unwrap_or("https"),
+                uri.authority().map_or("", |a| a.as_str())
+            ))
+        };
         Ok(Stripe {
+            js_origin: origin("billing.stripe.js_url", &c.js_url)?,
+            api_origin: origin("billing.stripe.api_base", &c.api_base)?,
             base: c.api_base.trim_end_matches('/').to_owned(),
             auth,
             webhook_secret,
@@ -133,6 +145,16 @@ impl Stripe {
             timeout: Duration::from_millis(c.timeout_ms),
             client: Client::builder(TokioExecutor::new()).build(https),
         })
+    }
+
+    /// `scheme://host[:port]` of Stripe.js (the dashboard's CSP lets it in).
+    pub fn js_origin(&self) -> &str {
+        &self.js_origin
+    }
+
+    /// `scheme://host[:port]` of the API (Stripe.js calls it from the page).
+    pub fn api_origin(&self) -> &str {
+        &self.api_origin
     }
 
     /// One call; `form` is sent as the body of a POST, or as the query of a GET.

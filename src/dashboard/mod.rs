@@ -5,23 +5,33 @@
 //! The Content-Security-Policy allows exactly the page's own inline `<script>` and `<style>`
 //! by their SHA-256 — computed here from the embedded file, once, so editing the page can never
 //! leave a stale hash behind — and fetches to its own origin; nothing else (no other script, no
-//! inline `style=` attribute, no form target, no framing).
+//! inline `style=` attribute, no form target, no framing). With `[billing.stripe]` the policy
+//! also lets in Stripe.js (`js_url`'s origin: the script and the card field's frames) and its
+//! calls to Stripe's API (`api_base`'s origin) — the top-up card's Buy flow.
 
 use std::sync::LazyLock;
 
+use axum::extract::State;
 use axum::response::{Html, IntoResponse, Response};
 use base64::prelude::{BASE64_STANDARD, Engine};
 use http::{HeaderName, HeaderValue, header};
 use sha2::{Digest, Sha256};
 
+use crate::state::AppState;
+
 /// The page.
 const PAGE: &str = include_str!("index.html");
 
 /// `GET /dashboard`.
-pub async fn page() -> Response {
+pub async fn page(State(state): State<AppState>) -> Response {
     let mut res = Html(PAGE).into_response();
     let headers = res.headers_mut();
-    headers.insert(header::CONTENT_SECURITY_POLICY, CSP.clone());
+    let policy = match &state.runtime.load().stripe {
+        None => CSP.clone(),
+        Some(stripe) => HeaderValue::from_str(&with_stripe(&CSP_TEXT, stripe.js_origin(), stripe.api_origin()))
+            .unwrap_or_else(|_| CSP.clone()),
+    };
+    headers.insert(header::CONTENT_SECURITY_POLICY, policy);
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     // frame-ancestors covers current browsers; X-Frame-Options the ones before CSP level 2.
@@ -32,10 +42,17 @@ pub async fn page() -> Response {
 }
 
 /// The page's Content-Security-Policy.
-static CSP: LazyLock<HeaderValue> = LazyLock::new(|| {
-    let policy = csp(PAGE);
-    HeaderValue::from_str(&policy).expect("a CSP is header-safe")
-});
+static CSP_TEXT: LazyLock<String> = LazyLock::new(|| csp(PAGE));
+static CSP: LazyLock<HeaderValue> = LazyLock::new(|| HeaderValue::from_str(&CSP_TEXT).expect("a CSP is header-safe"));
+
+/// `policy` letting in Stripe.js from `js` (script and frames) and its calls to `api`
+/// (origins, `scheme://host[:port]`).
+fn with_stripe(policy: &str, js: &str, api: &str) -> String {
+    policy
+        .replacen("script-src ", &format!("script-src {js} "), 1)
+        .replacen("connect-src 'self'", &format!("connect-src 'self' {api} {js}"), 1)
+        .replacen("default-src 'none';", &format!("default-src 'none'; frame-src {js};"), 1)
+}
 
 /// The policy for `page`: its inline script and style by hash, fetches to the same origin.
 fn csp(page: &str) -> String {
@@ -63,6 +80,23 @@ fn hash_of(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stripe_is_let_in_only_where_it_runs() {
+        let p = super::with_stripe(
+            &super::csp("<script>go()</script><style>s</style>"),
+            "https://js.stripe.com",
+            "https://api.stripe.com",
+        );
+        assert!(
+            p.starts_with(
+                "default-src 'none'; frame-src https://js.stripe.com; script-src https://js.stripe.com 'sha256-"
+            ),
+            "{p}"
+        );
+        assert!(p.contains("connect-src 'self' https://api.stripe.com https://js.stripe.com;"), "{p}");
+        assert!(p.contains("form-action 'none'; frame-ancestors 'none'"), "{p}");
+    }
+
     #[test]
     fn hash_source_matches_the_csp_spec_example() {
         // CSP Level 3 §8.3 example: the hash of `alert('Hello, world.');`.
