@@ -459,3 +459,113 @@ async fn the_dashboard_buy_flow_hands_the_payment_to_stripe() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     let _ = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(dir.join("dashboard-buy.png"), png));
 }
+
+/// Stripe's idempotency in front of localstripe (which has none): a request with an
+/// `Idempotency-Key` seen before gets the first answer back, as Stripe does for 24 h. It records
+/// every request, and can hold back its first off-session answer past the gateway's timeout (the
+/// payment was made, the gateway never heard: a lost answer, as in a crash).
+struct IdempotentStripe {
+    url: String,
+    seen: Seen,
+}
+
+/// Every request as (`METHOD path[ off_session]`, idempotency key).
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
+
+impl IdempotentStripe {
+    async fn start(target: String, hold_first_off_session: Duration) -> Self {
+        use std::collections::HashMap;
+        use std::sync::Arc;
+        type Answers = Arc<tokio::sync::Mutex<HashMap<String, (u16, bytes::Bytes)>>>;
+        let seen: Seen = Arc::default();
+        let answers: Answers = Arc::default();
+        let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, target) = (seen.clone(), Arc::new(target));
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let (seen, answers, held, target) = (s.clone(), answers.clone(), held.clone(), target.clone());
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+                let header = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                let key = header("idempotency-key");
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+                let off_session = String::from_utf8_lossy(&body).contains("off_session=true");
+                let what = format!("{} {path}{}", parts.method, if off_session { " off_session" } else { "" });
+                seen.lock().unwrap().push((what, key.clone()));
+                // One request per key at a time, like Stripe; a repeat gets the first answer.
+                let mut answers = answers.lock().await;
+                if let Some((status, body)) = key.as_ref().and_then(|k| answers.get(k)) {
+                    return (::http::StatusCode::from_u16(*status).unwrap(), body.clone());
+                }
+                let headers: Vec<(String, String)> = ["authorization", "content-type"]
+                    .iter()
+                    .filter_map(|n| Some((n.to_string(), header(n)?)))
+                    .collect();
+                let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let res = http::send(parts.method.as_str(), &format!("{target}{path}"), &headers, body.clone()).await;
+                if let Some(k) = key {
+                    answers.insert(k, (res.status.as_u16(), res.body.clone()));
+                }
+                drop(answers);
+                if off_session && !held.swap(true, Ordering::SeqCst) {
+                    tokio::time::sleep(hold_first_off_session).await;
+                }
+                (res.status, res.body)
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        IdempotentStripe { url, seen }
+    }
+
+    /// The off-session payments asked for, with their idempotency keys.
+    fn off_session_keys(&self) -> Vec<Option<String>> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().filter(|(what, _)| what == "POST /v1/payment_intents off_session").map(|(_, k)| k.clone()).collect()
+    }
+}
+
+/// The auto top-up's payment is made but its answer is lost (the gateway times out, as after a
+/// crash): the notifier tries again with the same idempotency key — the top-up's `payment_ref` —
+/// so Stripe answers with the first payment and the card is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_answer_is_retried_under_the_same_key_and_charges_once() {
+    let Some(shop) = Shop::open("lost").await else { return };
+    let proxy = IdempotentStripe::start(shop.stripe.url(), Duration::from_secs(3)).await;
+    let config = shop.config().extra("timeout_ms = 1000\n");
+    let text = config
+        .build()
+        .replace(&format!("api_base = \"{}\"", shop.stripe.url()), &format!("api_base = \"{}\"", proxy.url));
+    let gw = TestGateway::start(&text).await;
+    shop.stripe.send_events_to(&gw.url(WEBHOOK), &shop.whsec).await;
+    let key = gw.account_with_key("lost", "fifty").await;
+    buy(&shop, &gw, &key, "200", 200, CARD_OK).await;
+    let res = gw.call(&key, "PUT", "/v1/credits/auto-topup", &[], &auto_topup_on(240)).await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    // Stripe's own webhook for the payment is late (here: never comes), so only the retry can
+    // settle it.
+    shop.stripe.send_events_to(&support::upstream::refused_url(), &shop.whsec).await;
+    spend(&gw, &key, 15).await; // crossed: 200 credited at once, then paid off-session
+    let payment_ref = {
+        let entries = ledger(&gw, "lost").await;
+        entries.iter().find(|e| e["kind"] == "auto_topup").expect("bought")["payment_ref"].as_str().unwrap().to_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proxy.off_session_keys().len() < 2 {
+        assert!(Instant::now() < deadline, "no second attempt after the lost answer: {:?}", proxy.off_session_keys());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let keys = proxy.off_session_keys();
+    assert!(
+        keys.iter().all(|k| k.as_deref() == Some(payment_ref.as_str())),
+        "every attempt under {payment_ref}: {keys:?}"
+    );
+    let autos: Vec<Value> = shop.stripe.intents_of("lost").await;
+    let autos: Vec<&Value> = autos.iter().filter(|pi| pi["metadata"]["creditgate_purpose"] == "auto_topup").collect();
+    assert_eq!(autos.len(), 1, "charged once: {autos:?}");
+    assert_eq!(autos[0]["status"], "succeeded");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let c = gw.credits(&key).await;
+    assert_eq!((c["remaining"].as_u64(), c["auto_topup"]["enabled"].as_bool()), (Some(435), Some(true)), "paid: kept");
+}

@@ -73,7 +73,11 @@ async fn checkout(
     };
     let customer = customer_of(&state, stripe, account).await?;
     let key = match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
-        Some(k) if !k.is_empty() && k.len() <= 255 => format!("creditgate-checkout-{account}-{k}"),
+        // Stripe takes keys up to 255 characters: the account and the client's key, hashed.
+        Some(k) if !k.is_empty() && k.len() <= 255 => {
+            let digest = <sha2::Sha256 as sha2::Digest>::digest(format!("{account}\n{k}").as_bytes());
+            format!("creditgate-checkout-{}", hex::encode(digest))
+        }
         Some(_) => return Err(GatewayError::BadRequest("Idempotency-Key must be 1 to 255 characters.".into())),
         None => format!("creditgate-checkout-{}", state.ids.next()),
     };

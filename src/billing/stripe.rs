@@ -93,7 +93,8 @@ impl Intent {
 pub struct OffSession<'a> {
     /// Account charged.
     pub account: &'a str,
-    /// The auto top-up's payment reference; also the idempotency key.
+    /// The auto top-up's payment reference (`auto:<charge id>`, unique across accounts); also
+    /// the idempotency key.
     pub payment_ref: &'a str,
     /// Credits the auto top-up added.
     pub credits: u64,
@@ -284,8 +285,7 @@ impl Stripe {
             ("metadata[package]", p.package),
             ("metadata[credits]", credits.as_str()),
         ];
-        let key = format!("creditgate-{}-{}", p.account, p.payment_ref);
-        Intent::from_json(&self.call(Method::POST, "/v1/payment_intents", &form, Some(&key)).await?)
+        Intent::from_json(&self.call(Method::POST, "/v1/payment_intents", &form, Some(p.payment_ref)).await?)
     }
 
     /// Checks `Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">[,v1=…]` against
