@@ -210,6 +210,8 @@ pub enum StoreKind {
     Redis,
     /// A Redis Cluster.
     RedisCluster,
+    /// One Redis primary (and replicas) watched by Redis Sentinel, which names the primary.
+    RedisSentinel,
 }
 
 /// What metered routes do when the store cannot be reached.
@@ -227,12 +229,16 @@ pub enum OnStoreError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `memory`, `redis` or `redis-cluster`.
+    /// `memory`, `redis`, `redis-cluster` or `redis-sentinel`.
     pub kind: StoreKind,
     /// Redis URL, for `kind = "redis"`.
     pub url: Option<String>,
     /// Cluster seed nodes, for `kind = "redis-cluster"`.
     pub nodes: Option<Vec<String>>,
+    /// Sentinel addresses (`redis://host:port`), for `kind = "redis-sentinel"`.
+    pub sentinels: Option<Vec<String>>,
+    /// The name the sentinels monitor the primary under, for `kind = "redis-sentinel"`.
+    pub master_name: Option<String>,
     /// Behaviour of metered routes when the store is down.
     #[serde(default)]
     pub on_error: OnStoreError,
@@ -1085,6 +1091,35 @@ impl Config {
                 if st.url.is_some() {
                     return Err(bad("store.url", "only for kind = \"redis\"; use store.nodes"));
                 }
+            }
+            StoreKind::RedisSentinel => {
+                let sentinels = st
+                    .sentinels
+                    .as_deref()
+                    .ok_or_else(|| bad("store.sentinels", "required with kind = \"redis-sentinel\""))?;
+                if sentinels.is_empty() {
+                    return Err(bad("store.sentinels", "needs at least one sentinel URL"));
+                }
+                for (i, n) in sentinels.iter().enumerate() {
+                    check_redis_url(&format!("store.sentinels[{i}]"), n)?;
+                }
+                if st.master_name.as_deref().is_none_or(str::is_empty) {
+                    return Err(bad(
+                        "store.master_name",
+                        "required with kind = \"redis-sentinel\" (the name the sentinels monitor)",
+                    ));
+                }
+                if st.url.is_some() || st.nodes.is_some() {
+                    return Err(bad("store.url", "not used with kind = \"redis-sentinel\"; use store.sentinels"));
+                }
+            }
+        }
+        if st.kind != StoreKind::RedisSentinel {
+            if st.sentinels.is_some() {
+                return Err(bad("store.sentinels", "only for kind = \"redis-sentinel\""));
+            }
+            if st.master_name.is_some() {
+                return Err(bad("store.master_name", "only for kind = \"redis-sentinel\""));
             }
         }
         Ok(())

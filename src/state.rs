@@ -193,6 +193,8 @@ impl AppState {
         if config.store.kind != old.store.kind
             || config.store.url != old.store.url
             || config.store.nodes != old.store.nodes
+            || config.store.sentinels != old.store.sentinels
+            || config.store.master_name != old.store.master_name
         {
             tracing::warn!("store settings changed in the config; they apply only after a restart");
         }

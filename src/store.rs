@@ -8,30 +8,30 @@ use crate::ledger::*;
 pub enum Store {
     /// `kind = "memory"`
     Memory(MemoryLedger),
-    /// `kind = "redis"` or `"redis-cluster"`
+    /// `kind = "redis"`, `"redis-cluster"` or `"redis-sentinel"`
     Redis(RedisLedger),
 }
 
 impl Store {
     /// Opens the store a config names.
     pub async fn open(config: &StoreConfig) -> LedgerResult<Self> {
-        match config.kind {
-            StoreKind::Memory => Ok(Store::Memory(MemoryLedger::new())),
+        let ledger = match config.kind {
+            StoreKind::Memory => return Ok(Store::Memory(MemoryLedger::new())),
             StoreKind::Redis => {
-                let url = config.url.as_deref().expect("validated: url set for kind = redis");
-                let ledger = RedisLedger::connect_standalone(url).await?;
-                ledger.set_max_wait(std::time::Duration::from_millis(config.max_wait_ms));
-                ledger.check_server_settings().await;
-                Ok(Store::Redis(ledger))
+                RedisLedger::connect_standalone(config.url.as_deref().expect("validated: url set")).await?
             }
             StoreKind::RedisCluster => {
-                let nodes = config.nodes.as_deref().expect("validated: nodes set for kind = redis-cluster");
-                let ledger = RedisLedger::connect_cluster(nodes).await?;
-                ledger.set_max_wait(std::time::Duration::from_millis(config.max_wait_ms));
-                ledger.check_server_settings().await;
-                Ok(Store::Redis(ledger))
+                RedisLedger::connect_cluster(config.nodes.as_deref().expect("validated: nodes set")).await?
             }
-        }
+            StoreKind::RedisSentinel => {
+                let sentinels = config.sentinels.as_deref().expect("validated: sentinels set");
+                let name = config.master_name.as_deref().expect("validated: master_name set");
+                RedisLedger::connect_sentinel(sentinels, name).await?
+            }
+        };
+        ledger.set_max_wait(std::time::Duration::from_millis(config.max_wait_ms));
+        ledger.check_server_settings().await;
+        Ok(Store::Redis(ledger))
     }
 
     /// Prepares the calling worker thread (see [`RedisLedger::attach_worker`]).

@@ -32,7 +32,9 @@
 //! state (no MULTI/WATCH, no blocking command), Redis executes commands one at a time per shard
 //! anyway, and a pool adds a checkout per request and caps concurrency at its size. Redis Cluster
 //! goes through the redis-rs async cluster client, itself multiplexed per node, which follows
-//! MOVED/ASK redirects and retries on I/O errors.
+//! MOVED/ASK redirects and retries on I/O errors. Redis behind Sentinel goes through one
+//! multiplexed connection to the master the sentinels name, asked for again when the master cannot
+//! be reached or answers `READONLY` ([`SentinelConn`]).
 //!
 //! # Re-sent steps and the function library
 //!
@@ -342,6 +344,7 @@ pub struct RedisLedger {
 enum Connection {
     Standalone(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(Arc<SentinelConn>),
 }
 
 /// `config` for a first connection: one attempt, no backoff. A Redis that is down then costs the
@@ -355,6 +358,91 @@ fn one_try(config: &ConnectionManagerConfig) -> ConnectionManagerConfig {
 enum Opener {
     Standalone(redis::Client, ConnectionManagerConfig),
     Cluster(ClusterClient),
+    /// One connection for every thread: it follows the master the sentinels name.
+    Sentinel(Arc<SentinelConn>),
+}
+
+/// Redis behind Sentinel (`store.kind = "redis-sentinel"`): a [`ConnectionManager`] to the master
+/// the sentinels name, asked for again whenever a command cannot reach it or is refused with
+/// `READONLY` (a failover made it a replica), and replaced when the master moved. A command that
+/// got `READONLY` did not run; one whose connection broke may have — every step is safe to send
+/// twice (module docs), so either is sent once more to the new master.
+struct SentinelConn {
+    sentinel: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    config: ConnectionManagerConfig,
+    master: arc_swap::ArcSwapOption<(String, ConnectionManager)>,
+}
+
+impl SentinelConn {
+    fn new(sentinels: &[String], master_name: &str, config: ConnectionManagerConfig) -> LedgerResult<Self> {
+        let client = redis::sentinel::SentinelClient::build(
+            sentinels.to_vec(),
+            master_name.to_owned(),
+            None,
+            redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(store_error)?;
+        Ok(SentinelConn { sentinel: tokio::sync::Mutex::new(client), config, master: Default::default() })
+    }
+
+    fn current(&self) -> Option<ConnectionManager> {
+        self.master.load().as_ref().map(|m| m.1.clone())
+    }
+
+    /// Asks the sentinels where the master is and connects there if that is new. One question at
+    /// a time; a caller that waited finds the answer the one before it got.
+    async fn follow(&self) -> redis::RedisResult<()> {
+        let known = self.master.load().as_ref().map(|m| m.0.clone());
+        let mut sentinel = self.sentinel.lock().await;
+        if self.master.load().as_ref().map(|m| &m.0) != known.as_ref() {
+            return Ok(()); // moved while this one waited
+        }
+        let client = sentinel.async_get_client().await?;
+        let addr = client.get_connection_info().addr().to_string();
+        if known.as_deref() == Some(addr.as_str()) {
+            return Ok(());
+        }
+        let conn = ConnectionManager::new_with_config(client, one_try(&self.config)).await?;
+        tracing::info!(master = %addr, "store: following the master the sentinels name");
+        self.master.store(Some(Arc::new((addr, conn))));
+        Ok(())
+    }
+
+    /// Whether `e` says the master is not where this connection points (any more).
+    fn lost_master(e: &redis::RedisError) -> bool {
+        e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_io_error()
+            || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+    }
+
+    async fn command(&self, cmd: &Cmd) -> redis::RedisResult<Value> {
+        if let Some(mut conn) = self.current() {
+            match conn.req_packed_command(cmd).await {
+                Err(e) if Self::lost_master(&e) => {}
+                other => return other,
+            }
+        }
+        self.follow().await?;
+        let mut conn = self.current().ok_or_else(no_master)?;
+        conn.req_packed_command(cmd).await
+    }
+
+    async fn commands(&self, pipeline: &Pipeline, offset: usize, count: usize) -> redis::RedisResult<Vec<Value>> {
+        if let Some(mut conn) = self.current() {
+            match conn.req_packed_commands(pipeline, offset, count).await {
+                Err(e) if Self::lost_master(&e) => {}
+                other => return other,
+            }
+        }
+        self.follow().await?;
+        let mut conn = self.current().ok_or_else(no_master)?;
+        conn.req_packed_commands(pipeline, offset, count).await
+    }
+}
+
+fn no_master() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "no Redis master known: the sentinels could not be asked"))
 }
 
 impl Opener {
@@ -377,6 +465,14 @@ impl Opener {
             Opener::Cluster(client) => {
                 let conn = client.get_async_connection().await.map_err(store_error)?;
                 Ok((Connection::Cluster(conn), true))
+            }
+            Opener::Sentinel(s) => {
+                if s.current().is_none()
+                    && let Err(e) = s.follow().await
+                {
+                    tracing::warn!(error = %e, "Redis master unknown (sentinels); continuing, will ask again");
+                }
+                Ok((Connection::Sentinel(s.clone()), s.current().is_some()))
             }
         }
     }
@@ -495,6 +591,16 @@ impl RedisLedger {
             .build()
             .map_err(store_error)?;
         Self::connect(Opener::Cluster(client)).await
+    }
+
+    /// Connects to the master that Redis Sentinel names for `master_name`, asking the sentinels
+    /// (`redis://host:port` each) again after a failover.
+    pub async fn connect_sentinel(sentinels: &[String], master_name: &str) -> LedgerResult<Self> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_max_delay(Duration::from_millis(500));
+        Self::connect(Opener::Sentinel(Arc::new(SentinelConn::new(sentinels, master_name, config)?))).await
     }
 
     /// Gives the calling thread — a worker running its own runtime — its own connection, so its
@@ -716,7 +822,7 @@ impl RedisLedger {
     async fn sweep(&self, index: Index) -> LedgerResult<usize> {
         let mut found = BTreeSet::new();
         match &self.conn {
-            Connection::Standalone(_) => self.scan_lists(index, None, &mut found).await?,
+            Connection::Standalone(_) | Connection::Sentinel(_) => self.scan_lists(index, None, &mut found).await?,
             Connection::Cluster(c) => {
                 let all_primaries = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
                 let reply = c.clone().route_command(redis::cmd("PING"), all_primaries).await.map_err(store_error)?;
@@ -1750,6 +1856,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Standalone(c) => c.req_packed_command(cmd),
             Connection::Cluster(c) => c.req_packed_command(cmd),
+            Connection::Sentinel(s) => Box::pin(s.command(cmd)),
         }
     }
 
@@ -1762,6 +1869,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
             Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Sentinel(s) => Box::pin(s.commands(pipeline, offset, count)),
         }
     }
 
@@ -1769,6 +1877,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Standalone(c) => c.get_db(),
             Connection::Cluster(c) => c.get_db(),
+            Connection::Sentinel(_) => 0,
         }
     }
 }

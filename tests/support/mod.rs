@@ -5,6 +5,7 @@ pub mod http;
 pub mod process;
 pub mod receivers;
 pub mod redis;
+pub mod sentinel;
 pub mod stores;
 pub mod stripe;
 pub mod upstream;
