@@ -299,8 +299,12 @@ pub struct OperationConfig {
     pub category: String,
     /// Fixed cost in credits.
     pub cost: Option<u64>,
-    /// Cost per tier.
-    pub tiers: Option<BTreeMap<String, u64>>,
+    /// Cost per tier: `fast = 1`, or `fast = { cost = 1, model = "…", upstream = "…", aliases = […] }`.
+    pub tiers: Option<BTreeMap<String, TierConfig>>,
+    /// With tiers that name a `model`: let a request ask for a model no tier names (forwarded as
+    /// sent) instead of refusing it.
+    #[serde(default)]
+    pub allow_other_models: bool,
     /// Tier used when the request names none.
     pub default_tier: Option<String>,
     /// Optional upstream per tier.
@@ -334,6 +338,65 @@ pub struct OperationConfig {
     /// Upstream failures that give the credits back (default `["unreachable", "status_5xx"]`).
     #[serde(default = "default_refund_on")]
     pub refund_on: Vec<RefundOn>,
+}
+
+/// One tier of a tiered operation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TierConfig {
+    /// `fast = 1`: the cost alone.
+    Cost(u64),
+    /// `fast = { cost = 1, model = "…", upstream = "…", aliases = ["…"] }`.
+    Full(TierSpec),
+}
+
+/// The long form of a tier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSpec {
+    /// Credits per request.
+    pub cost: u64,
+    /// The model the backend is asked for: the forwarded body's `model` is set to it.
+    pub model: Option<String>,
+    /// The upstream this tier's requests go to (instead of the route's).
+    pub upstream: Option<String>,
+    /// More names a request may send as `model` to pick this tier.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+impl TierConfig {
+    /// Credits per request.
+    pub fn cost(&self) -> u64 {
+        match self {
+            TierConfig::Cost(c) => *c,
+            TierConfig::Full(t) => t.cost,
+        }
+    }
+
+    /// The model the backend is asked for, if set.
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            TierConfig::Full(t) => t.model.as_deref(),
+            TierConfig::Cost(_) => None,
+        }
+    }
+
+    /// The tier's own upstream, if set.
+    pub fn upstream(&self) -> Option<&str> {
+        match self {
+            TierConfig::Full(t) => t.upstream.as_deref(),
+            TierConfig::Cost(_) => None,
+        }
+    }
+
+    /// More names for the tier as a `model`.
+    pub fn aliases(&self) -> &[String] {
+        match self {
+            TierConfig::Full(t) => &t.aliases,
+            TierConfig::Cost(_) => &[],
+        }
+    }
 }
 
 /// An upstream failure that `refund_on` may name.
@@ -1161,8 +1224,58 @@ impl OperationConfig {
             if tiers.is_empty() {
                 return Err(bad(format!("{key}.tiers"), "needs at least one tier"));
             }
-            for (t, c) in tiers {
-                positive(&format!("{key}.tiers.{t}"), *c)?;
+            let mut names_seen: BTreeMap<&str, String> =
+                tiers.keys().map(|t| (t.as_str(), format!("tier {t:?}"))).collect();
+            let mut models_seen: BTreeMap<&str, &str> = BTreeMap::new();
+            for (t, tier) in tiers {
+                let k = format!("{key}.tiers.{t}");
+                positive(
+                    &if matches!(tier, TierConfig::Cost(_)) { k.clone() } else { format!("{k}.cost") },
+                    tier.cost(),
+                )?;
+                if let Some(model) = tier.model() {
+                    if model.is_empty() {
+                        return Err(bad(format!("{k}.model"), "must not be empty"));
+                    }
+                    if let Some(other) = models_seen.insert(model, t) {
+                        return Err(bad(
+                            format!("{k}.model"),
+                            format!("{model:?} is also tier {other:?}'s model: a model must pick one tier"),
+                        ));
+                    }
+                }
+                if let Some(up) = tier.upstream() {
+                    if !upstreams.contains_key(up) {
+                        return Err(bad(
+                            format!("{k}.upstream"),
+                            format!("unknown upstream {up:?} (known: {})", names(upstreams)),
+                        ));
+                    }
+                    if self.tier_upstreams.contains_key(t) {
+                        return Err(bad(
+                            format!("{key}.tier_upstreams.{t}"),
+                            "the tier sets its own upstream; keep one",
+                        ));
+                    }
+                }
+                for alias in tier.aliases() {
+                    if alias.is_empty() {
+                        return Err(bad(format!("{k}.aliases"), "an alias must not be empty"));
+                    }
+                    if let Some(other) = names_seen.insert(alias, format!("an alias of tier {t:?}")) {
+                        return Err(bad(format!("{k}.aliases"), format!("{alias:?} is already {other}")));
+                    }
+                }
+            }
+            for (t, tier) in tiers {
+                for name in std::iter::once(t).chain(tier.aliases()) {
+                    if let Some(owner) = models_seen.get(name.as_str()).filter(|owner| **owner != t) {
+                        return Err(bad(
+                            format!("{key}.tiers.{t}"),
+                            format!("{name:?} names this tier but is tier {owner:?}'s model"),
+                        ));
+                    }
+                }
             }
             let d = self
                 .default_tier
@@ -1186,6 +1299,9 @@ impl OperationConfig {
         } else {
             if self.default_tier.is_some() {
                 return Err(bad(format!("{key}.default_tier"), "only allowed with tiers"));
+            }
+            if self.allow_other_models {
+                return Err(bad(format!("{key}.allow_other_models"), "only allowed with tiers"));
             }
             if !self.tier_upstreams.is_empty() {
                 return Err(bad(format!("{key}.tier_upstreams"), "only allowed with tiers"));
@@ -1281,7 +1397,7 @@ mod tests {
         let c = Config::parse(SHIPPED).expect("shipped config validates");
         assert_eq!(c.plans["pro"].monthly_credits, 2000);
         assert_eq!(c.topup_packages["1500"].credits, 1500);
-        assert_eq!(c.operations["ai_chat"].tiers.as_ref().unwrap()["powerful"], 5);
+        assert_eq!(c.operations["ai_chat"].tiers.as_ref().unwrap()["powerful"].cost(), 5);
     }
 
     fn with(replace: &str, by: &str) -> Result<Config, ConfigError> {

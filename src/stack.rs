@@ -261,6 +261,20 @@ impl Metered<'_> {
             .upstreams
             .get(upstream_name)
             .ok_or_else(|| GatewayError::UpstreamUnavailable(format!("no upstream {upstream_name}")))?;
+        // A tier that names a model: the backend is asked for exactly that one.
+        let body = match (price.model.as_deref(), body) {
+            (Some(model), Some(b)) if !b.is_empty() => {
+                let b = Bytes::from(
+                    crate::classify::json::set_string_field(&b, "model", model)
+                        .map_err(|e| GatewayError::from(crate::classify::ClassifyError::from(e)))?,
+                );
+                if req.headers().contains_key(http::header::CONTENT_LENGTH) {
+                    req.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+                }
+                Some(b)
+            }
+            (_, b) => b,
+        };
         // A queueing operation always has its body buffered; keep a handle (no copy) for the job.
         let job_body = body.clone().filter(|_| self.op.on_empty == OnEmpty::Queue);
         let req = match body {

@@ -89,13 +89,19 @@ async fn a_pricing_field_given_twice_or_in_another_case_is_ambiguous() {
         ("/v1/icebreakers", vec![], r#"{"Leads":[1,2]}"#),
         ("/v1/campaigns/generate", vec![], r#"{"steps":1,"STEPS":20}"#),
         ("/v1/campaigns/generate", vec![], r#"{"variants":1,"variants":9}"#),
+        // `model` may pick a tier (and sets the backend's model): a pricing field on tiered routes.
+        (CHAT, vec![], r#"{"tier":"fast","Model":"a","model":"b"}"#),
+        (CHAT, vec![], r#"{"model":"fast","model":"powerful"}"#),
     ] {
         let m = refused(&t, "POST", path, &headers, body, 400, "ambiguous_body").await;
         assert!(m.contains('"'), "the message names the field: {m}");
     }
     // Other fields may repeat; nested objects are the backend's business.
     let (gw, ai, _app, key) = &t;
-    assert_eq!(charged(gw, ai, key, CHAT, &[], r#"{"tier":"fast","Model":"a","model":"b","x":{"TIER":1}}"#).await, 1);
+    assert_eq!(
+        charged(gw, ai, key, CHAT, &[], r#"{"tier":"fast","Stream":true,"stream":false,"x":{"TIER":1}}"#).await,
+        1
+    );
 }
 
 // === encodings ===

@@ -62,6 +62,59 @@ pub fn probe<'a, const N: usize>(body: &'a [u8], names: [&str; N]) -> Result<[Fi
     }
 }
 
+/// `body` with its top-level `name` set to the string `value`: the value replaced where it
+/// stands, or the member added first when absent; every other byte stays as sent. `body` must
+/// have passed [`probe`] for `name` (one object, `name` given at most once, in one spelling).
+pub fn set_string_field(body: &[u8], name: &str, value: &str) -> Result<Vec<u8>, ProbeError> {
+    struct Find<'n> {
+        name: &'n str,
+    }
+    impl<'de> Visitor<'de> for Find<'_> {
+        type Value = (Option<&'de serde_json::value::RawValue>, usize);
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let (mut found, mut members) = (None, 0);
+            while let Some(key) = map.next_key::<String>()? {
+                members += 1;
+                if key == self.name {
+                    found = Some(map.next_value()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok((found, members))
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let (found, members) = de.deserialize_map(Find { name }).map_err(describe)?;
+    de.end().map_err(describe)?;
+    let encoded = serde_json::to_string(value).map_err(describe)?;
+    let mut out = Vec::with_capacity(body.len() + encoded.len() + name.len() + 4);
+    match found {
+        Some(raw) => {
+            // The raw value is a slice of `body` itself.
+            let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+            out.extend_from_slice(&body[..start]);
+            out.extend_from_slice(encoded.as_bytes());
+            out.extend_from_slice(&body[start + raw.get().len()..]);
+        }
+        None => {
+            let brace = body.iter().position(|b| *b == b'{').expect("a parsed object has a brace") + 1;
+            out.extend_from_slice(&body[..brace]);
+            out.extend_from_slice(serde_json::to_string(name).map_err(describe)?.as_bytes());
+            out.push(b':');
+            out.extend_from_slice(encoded.as_bytes());
+            if members > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&body[brace..]);
+        }
+    }
+    Ok(out)
+}
+
 fn describe(e: serde_json::Error) -> ProbeError {
     ProbeError::Invalid(format!("The request body is not valid JSON ({e})."))
 }
@@ -257,5 +310,22 @@ mod tests {
         assert!(probe(b"[1,2]", ["tier"]).is_err());
         assert!(probe(b"{} trailing", ["tier"]).is_err());
         assert!(probe(b"", ["tier"]).is_err());
+    }
+
+    #[test]
+    fn a_field_is_set_in_place_or_added_first() {
+        let set = |body: &str| {
+            String::from_utf8(super::set_string_field(body.as_bytes(), "model", "gpt-x").unwrap()).unwrap()
+        };
+        assert_eq!(set(r#"{"model":"powerful","messages":[]}"#), r#"{"model":"gpt-x","messages":[]}"#);
+        assert_eq!(set(r#" { "messages" : [ ], "model" : "a\"b" } "#), r#" { "messages" : [ ], "model" : "gpt-x" } "#);
+        assert_eq!(set(r#"{"messages":[{"model":"inner"}]}"#), r#"{"model":"gpt-x","messages":[{"model":"inner"}]}"#);
+        assert_eq!(set("{}"), r#"{"model":"gpt-x"}"#);
+        assert_eq!(set(r#"{"model":null}"#), r#"{"model":"gpt-x"}"#);
+        assert!(super::set_string_field(b"[1]", "model", "x").is_err());
+        for body in [r#"{"model":"powerful","messages":[]}"#, r#"{"a":1}"#] {
+            let v: serde_json::Value = serde_json::from_str(&set(body)).unwrap();
+            assert_eq!(v["model"], "gpt-x");
+        }
     }
 }

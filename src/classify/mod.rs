@@ -81,9 +81,28 @@ pub struct Route {
 #[derive(Debug, Clone)]
 enum Pricing {
     Fixed(u64),
-    Tiers { costs: Vec<(String, u64)>, default: usize, upstreams: Vec<Option<Arc<str>>> },
-    PerItem { per_item: u64, field: String },
-    Campaign { base: u64, per_step: u64, per_variant: u64, per_channel: u64, min: u64, max: u64 },
+    Tiers {
+        costs: Vec<(String, u64)>,
+        default: usize,
+        upstreams: Vec<Option<Arc<str>>>,
+        /// The model each tier asks the backend for (`None`: the body's `model` is forwarded).
+        models: Vec<Option<Arc<str>>>,
+        /// More names for a tier as a `model`, with the tier's index.
+        aliases: Vec<(String, usize)>,
+        allow_other_models: bool,
+    },
+    PerItem {
+        per_item: u64,
+        field: String,
+    },
+    Campaign {
+        base: u64,
+        per_step: u64,
+        per_variant: u64,
+        per_channel: u64,
+        min: u64,
+        max: u64,
+    },
 }
 
 /// One compiled `[operations.NAME]` entry.
@@ -114,6 +133,8 @@ pub struct Price {
     pub upstream: Option<Arc<str>>,
     /// Free because `x-trigger: automatic` came from a `system` key.
     pub automatic: bool,
+    /// The model the forwarded body's `model` must be set to (the tier's), when it is not already.
+    pub model: Option<Arc<str>>,
 }
 
 /// Sets the pricing headers an upstream receives: exactly the priced `x-ai-tier` (none when
@@ -267,10 +288,19 @@ impl Operation {
         let pricing = if let Some(cost) = c.cost {
             Pricing::Fixed(cost)
         } else if let Some(tiers) = &c.tiers {
-            let costs: Vec<(String, u64)> = tiers.iter().map(|(t, c)| (t.clone(), *c)).collect();
+            let costs: Vec<(String, u64)> = tiers.iter().map(|(t, c)| (t.clone(), c.cost())).collect();
             let default = costs.iter().position(|(t, _)| Some(t) == c.default_tier.as_ref()).expect("validated");
-            let upstreams = costs.iter().map(|(t, _)| c.tier_upstreams.get(t).map(|u| u.as_str().into())).collect();
-            Pricing::Tiers { costs, default, upstreams }
+            let upstreams = tiers
+                .iter()
+                .map(|(t, tier)| tier.upstream().or(c.tier_upstreams.get(t).map(String::as_str)).map(Into::into))
+                .collect();
+            let models = tiers.values().map(|tier| tier.model().map(Into::into)).collect();
+            let aliases = tiers
+                .values()
+                .enumerate()
+                .flat_map(|(i, tier)| tier.aliases().iter().map(move |a| (a.clone(), i)))
+                .collect();
+            Pricing::Tiers { costs, default, upstreams, models, aliases, allow_other_models: c.allow_other_models }
         } else if let (Some(per_item), Some(field)) = (c.per_item, &c.items) {
             Pricing::PerItem { per_item, field: field.clone() }
         } else {
@@ -327,7 +357,7 @@ impl Operation {
     /// Prices a request; `body` is `Some` whenever [`Self::needs_body`] said so.
     pub fn price(&self, headers: &HeaderMap, role: Role, body: Option<&[u8]>) -> Result<Price, ClassifyError> {
         if self.is_free_automatic(headers, role) {
-            return Ok(Price { cost: 0, tier: None, upstream: None, automatic: true });
+            return Ok(Price { cost: 0, tier: None, upstream: None, automatic: true, model: None });
         }
         self.price_paid(headers, body)
     }
@@ -335,42 +365,88 @@ impl Operation {
     /// The price of a request that pays, whatever its trigger (an automatic refresh beyond its
     /// period's free allowance).
     pub fn price_paid(&self, headers: &HeaderMap, body: Option<&[u8]>) -> Result<Price, ClassifyError> {
-        let fixed = |cost| Ok(Price { cost, tier: None, upstream: None, automatic: false });
+        let fixed = |cost| Ok(Price { cost, tier: None, upstream: None, automatic: false, model: None });
         if !matches!(self.pricing, Pricing::Fixed(_)) {
             refuse_encoded(headers)?;
         }
         match &self.pricing {
             Pricing::Fixed(cost) => fixed(*cost),
-            Pricing::Tiers { costs, default, upstreams } => {
+            Pricing::Tiers { costs, default, upstreams, models, aliases, allow_other_models } => {
                 let from_header = match header_tier(headers)? {
                     Some(name) => Some((name, self.tier_index(costs, name)?)),
                     None => None,
                 };
                 // An empty body carries no tier (it may have been read for an Idempotency-Key).
-                let from_body = match body.filter(|b| !(b.is_empty() && from_header.is_some())) {
-                    None => None,
-                    Some(body) => match json::probe(body, ["tier"])? {
-                        [Field::Missing] => None,
-                        [Field::Str(name)] => Some((self.tier_index(costs, &name)?, name)),
-                        [_] => return Err(ClassifyError::Invalid("The body field \"tier\" must be a string.".into())),
-                    },
-                };
-                let index = match (from_header, from_body) {
-                    (Some((h, hi)), Some((bi, b))) if hi != bi => {
-                        return Err(ClassifyError::TierMismatch(format!(
-                            "The x-ai-tier header says \"{h}\" but the body's \"tier\" says \"{b}\"; \
-                             send one, or make them agree."
-                        )));
+                let (body_tier, body_model) = match body.filter(|b| !(b.is_empty() && from_header.is_some())) {
+                    None => (Field::Missing, Field::Missing),
+                    Some(body) => {
+                        let [tier, model] = json::probe(body, ["tier", "model"])?;
+                        (tier, model)
                     }
-                    (Some((_, i)), _) | (None, Some((i, _))) => i,
-                    (None, None) => *default,
                 };
+                let from_body = match body_tier {
+                    Field::Missing => None,
+                    Field::Str(name) => Some((self.tier_index(costs, &name)?, name)),
+                    _ => return Err(ClassifyError::Invalid("The body field \"tier\" must be a string.".into())),
+                };
+                // A `model` may name a tier (or an alias): the way OpenAI SDK users pick one.
+                let model = match &body_model {
+                    Field::Missing => None,
+                    Field::Str(m) => Some(m.as_ref()),
+                    _ => return Err(ClassifyError::Invalid("The body field \"model\" must be a string.".into())),
+                };
+                let from_model = model.and_then(|m| {
+                    costs
+                        .iter()
+                        .position(|(t, _)| t == m)
+                        .or_else(|| aliases.iter().find(|(a, _)| a == m).map(|(_, i)| *i))
+                });
+                let named: Vec<(String, usize)> = [
+                    from_header.map(|(h, i)| (format!("x-ai-tier header says \"{h}\""), i)),
+                    from_body.map(|(i, b)| (format!("body's \"tier\" says \"{b}\""), i)),
+                    from_model.map(|i| (format!("body's \"model\" says \"{}\"", model.unwrap_or_default()), i)),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                if let Some((a, b)) = named.iter().zip(named.iter().skip(1)).find(|(a, b)| a.1 != b.1) {
+                    return Err(ClassifyError::TierMismatch(format!(
+                        "The {} but the {}; send one, or make them agree.",
+                        a.0, b.0
+                    )));
+                }
+                let index = named.first().map_or(*default, |(_, i)| *i);
                 let (tier, cost) = &costs[index];
+                // A `model` that is not a tier's name must be this tier's model, unless the
+                // operation lets any model through.
+                let mut set_model = models[index].clone();
+                if let (Some(m), None) = (model, from_model) {
+                    match models.iter().position(|x| x.as_deref() == Some(m)) {
+                        Some(i) if i == index => set_model = None, // already what was paid for
+                        _ if *allow_other_models => set_model = None,
+                        Some(i) => {
+                            return Err(ClassifyError::TierMismatch(format!(
+                                "The body's \"model\" \"{m}\" is tier \"{}\"'s model, but this request is priced as tier \"{tier}\"; \
+                                 send that tier, or its name as the model.",
+                                costs[i].0
+                            )));
+                        }
+                        None if models.iter().any(Option::is_some) => {
+                            return Err(ClassifyError::Invalid(format!(
+                                "Unknown model \"{m}\" for {}; send a tier as the model: {}.",
+                                self.name,
+                                costs.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>().join(", ")
+                            )));
+                        }
+                        None => {} // no tier names a model: the body's is forwarded as sent
+                    }
+                }
                 Ok(Price {
                     cost: *cost,
                     tier: Some(tier.clone()),
                     upstream: upstreams[index].clone(),
                     automatic: false,
+                    model: set_model,
                 })
             }
             Pricing::PerItem { per_item, field } => {
@@ -599,12 +675,12 @@ mod tests {
         h.append(TIER_HEADER, "fast".parse().unwrap());
         h.append(TIER_HEADER, "powerful".parse().unwrap());
         h.insert(TRIGGER_HEADER, "automatic".parse().unwrap());
-        let chat = Price { cost: 3, tier: Some("balanced".into()), upstream: None, automatic: false };
+        let chat = Price { cost: 3, tier: Some("balanced".into()), upstream: None, automatic: false, model: None };
         bind_headers(&mut h, Some(&chat));
         assert_eq!(h.get_all(TIER_HEADER).iter().collect::<Vec<_>>(), ["balanced"]);
         assert!(!h.contains_key(TRIGGER_HEADER), "x-trigger did not make this free");
 
-        let auto = Price { cost: 0, tier: None, upstream: None, automatic: true };
+        let auto = Price { cost: 0, tier: None, upstream: None, automatic: true, model: None };
         h.insert(TRIGGER_HEADER, "AUTOMATIC".parse().unwrap());
         bind_headers(&mut h, Some(&auto));
         assert_eq!((h.get(TIER_HEADER), &h[TRIGGER_HEADER]), (None, &HeaderValue::from_static("automatic")));
@@ -709,5 +785,103 @@ mod tests {
         let t = rules().table();
         assert_eq!(t.len(), 10);
         assert!(t[0].2.contains("balanced=3 (default)"));
+    }
+
+    /// The shipped config with `ai_chat`'s tiers choosing models (`extra` added to the table).
+    fn with_models(extra: &str) -> Rules {
+        let text = include_str!("../../config/gateway.toml").replace(
+            "tiers = { fast = 1, balanced = 3, powerful = 5 }",
+            &format!(
+                "tiers = {{ fast = {{ cost = 1, model = \"small-1\", aliases = [\"mini\"] }}, balanced = 3, \
+                 powerful = {{ cost = 5, model = \"large-9\" }} }}{extra}"
+            ),
+        );
+        assert!(text.contains("large-9"), "the shipped ai_chat tiers changed shape");
+        Rules::new(&Config::parse(&text).unwrap())
+    }
+
+    fn chat(rules: &Rules, headers: &[(&str, &str)], body: &str) -> Result<Price, ClassifyError> {
+        let route = rules.route(&Method::POST, "/v1/chat/completions").unwrap();
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        rules.operation(route).unwrap().price(&h, Role::User, Some(body.as_bytes()))
+    }
+
+    #[test]
+    fn a_tier_with_a_model_asks_the_backend_for_exactly_that_model() {
+        let r = with_models("");
+        let p = |h: &[(&str, &str)], b: &str| {
+            chat(&r, h, b).map(|p| (p.cost, p.tier.unwrap(), p.model.map(|m| m.to_string())))
+        };
+        let some = |c, t: &str, m: Option<&str>| Ok((c, t.to_owned(), m.map(str::to_owned)));
+        // The tier picked by its name as the model (OpenAI SDK style), or by an alias.
+        assert_eq!(p(&[], r#"{"model":"powerful"}"#), some(5, "powerful", Some("large-9")));
+        assert_eq!(p(&[], r#"{"model":"mini"}"#), some(1, "fast", Some("small-1")));
+        // By header or tier field: a missing model is set; the tier's own model is left alone.
+        assert_eq!(p(&[("x-ai-tier", "powerful")], r#"{"messages":[]}"#), some(5, "powerful", Some("large-9")));
+        assert_eq!(p(&[], r#"{"tier":"powerful","model":"large-9"}"#), some(5, "powerful", None));
+        assert_eq!(p(&[], r#"{"tier":"fast","model":"fast"}"#), some(1, "fast", Some("small-1")));
+        // A tier without a model forwards the body's as sent — unless it names another tier's.
+        assert_eq!(p(&[], r#"{"messages":[]}"#), some(3, "balanced", None));
+        // Asking for more than was paid for.
+        let e = chat(&r, &[], r#"{"model":"large-9"}"#).unwrap_err();
+        assert!(matches!(&e, ClassifyError::TierMismatch(m) if m.contains("\"powerful\"'s model")), "{e:?}");
+        let e = chat(&r, &[("x-ai-tier", "fast")], r#"{"model":"powerful"}"#).unwrap_err();
+        assert!(
+            matches!(&e, ClassifyError::TierMismatch(m) if m.starts_with("The x-ai-tier header says \"fast\" but the body's \"model\" says \"powerful\"")),
+            "{e:?}"
+        );
+        let e = chat(&r, &[], r#"{"tier":"fast","model":"large-9"}"#).unwrap_err();
+        assert!(matches!(e, ClassifyError::TierMismatch(_)), "{e:?}");
+        let e = chat(&r, &[], r#"{"model":"gpt-5"}"#).unwrap_err();
+        assert!(matches!(&e, ClassifyError::Invalid(m) if m.contains("Unknown model \"gpt-5\"")), "{e:?}");
+        let e = chat(&r, &[], r#"{"model":7}"#).unwrap_err();
+        assert!(matches!(e, ClassifyError::Invalid(_)), "{e:?}");
+        // Two spellings of `model`: a backend could read the other one.
+        let e = chat(&r, &[], r#"{"model":"fast","MODEL":"large-9"}"#).unwrap_err();
+        assert!(matches!(e, ClassifyError::Ambiguous(_)), "{e:?}");
+        let e = chat(&r, &[], r#"{"model":"fast","model":"powerful"}"#).unwrap_err();
+        assert!(matches!(e, ClassifyError::Ambiguous(_)), "{e:?}");
+    }
+
+    #[test]
+    fn allow_other_models_lets_unknown_models_through_as_sent() {
+        let r = with_models("\nallow_other_models = true");
+        let p = chat(&r, &[], r#"{"model":"gpt-5"}"#).unwrap();
+        assert_eq!((p.cost, p.tier.as_deref(), p.model), (3, Some("balanced"), None));
+        let p = chat(&r, &[], r#"{"model":"powerful"}"#).unwrap();
+        assert_eq!((p.cost, p.model.as_deref()), (5, Some("large-9")), "a tier name still picks and sets");
+    }
+
+    #[test]
+    fn model_names_are_checked_at_load() {
+        let base = include_str!("../../config/gateway.toml");
+        let shipped = "tiers = { fast = 1, balanced = 3, powerful = 5 }";
+        for (tiers, key) in [
+            (
+                "tiers = { fast = { cost = 1, model = \"m\" }, balanced = 3, powerful = { cost = 5, model = \"m\" } }",
+                "operations.ai_chat.tiers.powerful.model",
+            ),
+            (
+                "tiers = { fast = { cost = 1, aliases = [\"balanced\"] }, balanced = 3, powerful = 5 }",
+                "operations.ai_chat.tiers.fast.aliases",
+            ),
+            (
+                "tiers = { fast = { cost = 1, model = \"powerful\" }, balanced = 3, powerful = 5 }",
+                "operations.ai_chat.tiers.powerful",
+            ),
+            ("tiers = { fast = { cost = 0 }, balanced = 3, powerful = 5 }", "operations.ai_chat.tiers.fast.cost"),
+            (
+                "tiers = { fast = { cost = 1, upstream = \"nope\" }, balanced = 3, powerful = 5 }",
+                "operations.ai_chat.tiers.fast.upstream",
+            ),
+        ] {
+            let text = base.replace(shipped, tiers);
+            assert_ne!(text, base);
+            let e = Config::parse(&text).expect_err(tiers);
+            assert_eq!(e.key, key, "{tiers}: {e}");
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! of a payment that Stripe.js would do in a browser (create the card, attach it, confirm).
 //!
 //! `scripts/test` installs localstripe into `target/test-venv` (or says loudly that it could not
-//! and sets `CREDITGATE_SKIP_STRIPE=1`). Without it the payment tests fail — they never pass by
+//! and sets `CREDITGATE_SKIP_PYPI=1`). Without it the payment tests fail — they never pass by
 //! skipping unless that variable says the skip was announced.
 
 use std::net::{TcpListener, TcpStream};
@@ -52,7 +52,7 @@ fn python() -> PathBuf {
 }
 
 impl LocalStripe {
-    /// Starts localstripe; `None` only when `CREDITGATE_SKIP_STRIPE=1` (scripts/test announced
+    /// Starts localstripe; `None` only when `CREDITGATE_SKIP_PYPI=1` (scripts/test announced
     /// that it could not install it) — then the caller prints why it skips.
     pub fn start() -> Option<Self> {
         let python = python();
@@ -63,7 +63,7 @@ impl LocalStripe {
             .status()
             .is_ok_and(|s| s.success());
         if !importable {
-            if std::env::var("CREDITGATE_SKIP_STRIPE").is_ok_and(|v| v == "1") {
+            if std::env::var("CREDITGATE_SKIP_PYPI").is_ok_and(|v| v == "1") {
                 eprintln!("SKIPPED: localstripe is not installed (scripts/test said why above)");
                 return None;
             }
