@@ -341,8 +341,7 @@ pub struct OperationConfig {
 }
 
 /// One tier of a tiered operation.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum TierConfig {
     /// `fast = 1`: the cost alone.
     Cost(u64),
@@ -363,6 +362,32 @@ pub struct TierSpec {
     /// More names a request may send as `model` to pick this tier.
     #[serde(default)]
     pub aliases: Vec<String>,
+}
+
+/// Either form, with an error that says what a tier may be (an untagged enum would only say that
+/// nothing matched).
+impl<'de> Deserialize<'de> for TierConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Tier;
+        impl<'de> serde::de::Visitor<'de> for Tier {
+            type Value = TierConfig;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a cost in credits (a positive whole number) or a table { cost, model, upstream, aliases }")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<TierConfig, E> {
+                Ok(TierConfig::Cost(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<TierConfig, E> {
+                u64::try_from(v)
+                    .map(TierConfig::Cost)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<TierConfig, A::Error> {
+                TierSpec::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(TierConfig::Full)
+            }
+        }
+        d.deserialize_any(Tier)
+    }
 }
 
 impl TierConfig {
@@ -930,7 +955,7 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(toml_error)?;
+        let config: Config = toml::from_str(text).map_err(|e| toml_error(text, e))?;
         config.validate()
     }
 
@@ -1336,12 +1361,18 @@ impl OperationConfig {
     }
 }
 
-fn toml_error(e: toml::de::Error) -> ConfigError {
-    // toml's message already names the offending key for unknown fields and type errors; keep
-    // it on one line so the refusal is a single log line.
+fn toml_error(text: &str, e: toml::de::Error) -> ConfigError {
+    // toml's message names the offending field for unknown fields; where in the file it is comes
+    // from the span, as the line and the text there. One line, so the refusal is one log line.
     let msg = e.message().replace('\n', " ");
-    let key = match e.span() {
-        Some(span) => format!("toml (bytes {}..{})", span.start, span.end),
+    let key = match e.span().filter(|s| s.start <= text.len()) {
+        Some(span) => {
+            let line = text[..span.start].matches('\n').count() + 1;
+            let source = text.lines().nth(line - 1).unwrap_or_default().trim();
+            let shown: String = source.chars().take(100).collect();
+            let more = if shown.len() < source.len() { "…" } else { "" };
+            format!("line {line} ({shown}{more})")
+        }
         None => "toml".to_owned(),
     };
     bad(key, msg)

@@ -137,13 +137,23 @@ async fn webhook(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
     let credits =
         meta["credits"].as_str().and_then(|c| c.parse::<u64>().ok()).filter(|c| (1..=MAX_CREDITS).contains(c));
     match (kind, purpose) {
+        // A payment of ours whose metadata is broken cannot be fixed by delivering it again: it is
+        // logged for the operator and acknowledged (Stripe would retry a 400 for days).
         ("payment_intent.succeeded", "topup") => {
-            let credits = credits.ok_or_else(|| GatewayError::BadRequest("The payment carries no credits.".into()))?;
+            let Some(credits) = credits else {
+                tracing::error!(account, payment_id = id, "billing: a paid top-up without valid credits metadata");
+                return Ok(Json(json!({"received": true})));
+            };
             credit_purchase(&state, stripe, account, id, credits, meta["package"].as_str(), intent).await?;
         }
         ("payment_intent.succeeded" | "payment_intent.payment_failed", "auto_topup") => {
             let (Some(payment_ref), Some(credits)) = (meta["payment_ref"].as_str(), credits) else {
-                return Err(GatewayError::BadRequest("The payment carries no payment_ref or credits.".into()));
+                tracing::error!(
+                    account,
+                    payment_id = id,
+                    "billing: an auto top-up payment without payment_ref or credits"
+                );
+                return Ok(Json(json!({"received": true})));
             };
             let failure = intent.pointer("/last_payment_error/message").and_then(Value::as_str);
             let payment = match kind {
