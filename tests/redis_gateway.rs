@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::faultproxy::FaultProxy;
 use support::gateway::{ADMIN_TOKEN, ConfigBuilder, TestGateway};
 use support::http::{self, Response};
 use support::process::GatewayProcess;
@@ -141,6 +142,18 @@ async fn metered_recovers(gw: &TestGateway, key: &str) -> bool {
 async fn metered_recovers_via(base: &str, key: &str) -> bool {
     for _ in 0..150 {
         if chat(base, key).await.status == 200 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Reads `GET /v1/credits`, 100 ms apart, until it answers 200 (true) or 15 s have passed.
+async fn credits_readable_via(base: &str, key: &str) -> bool {
+    let auth = format!("Bearer {key}");
+    for _ in 0..150 {
+        if http::send("GET", &format!("{base}/v1/credits"), &[("authorization", &auth)], "").await.status == 200 {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -474,28 +487,35 @@ async fn a_job_whose_gateway_dies_mid_run_completes_once_elsewhere() {
     assert_eq!(remaining_via(&b.public, &key).await, 0, "charged once: 2 credits");
 }
 
-#[tokio::test]
-async fn a_charge_whose_reply_is_late_is_charged_once_not_refused() {
+/// The reply to a charge is lost after Redis ran it (a proxy between gateway and Redis passes
+/// the FCALL, throws the answer away and closes the connection). The gateway sends the same
+/// charge id again on a new connection, learns that the charge landed, and serves the request:
+/// charged once, not refused, not refunded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_whose_reply_is_lost_is_charged_once_not_refused() {
     let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port()).await;
     let up = Upstream::echo().await;
-    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
+    let store = format!("kind = \"redis\"\nurl = \"{}\"", proxy.url());
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&store).build()).await;
     let key = gw.account_with_key("acme", "fifty").await;
-    // Redis stalls for 3 s: longer than the 2 s reply timeout of the first attempt.
-    let port = redis.port().to_string();
-    let stall = std::thread::spawn(move || stall_redis(&port, "3"));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gw.remaining(&key).await, 50, "the key is verified and cached before the fault");
+
+    // The charge function's name ends in `_charge` (src/ledger/redis.rs).
+    proxy.lose_reply_to("_charge\r\n");
     let res = gw.post(&key, CHAT, &[("x-ai-tier", "powerful")], "{}").await;
-    stall.join().unwrap();
-    match res.status.as_u16() {
-        // The re-sent charge (same charge id) learned that the first one landed.
-        200 => assert_eq!((res.charged(), gw.remaining(&key).await), (5, 45)),
-        // Or the store stayed silent too long: then nothing may stand once it is back.
-        503 => assert_eq!(gw.wait_for_remaining(&key, 50, 100).await, 50),
-        other => panic!("unexpected {other}: {}", res.text()),
-    }
+    assert_eq!(proxy.lost(), 1, "the charge's reply was lost after Redis ran it");
+    assert_eq!(res.status, 200, "{}", res.text());
+    assert_eq!((res.charged(), res.header("x-credits-refund")), (5, None));
+    assert_eq!(up.count(), 1, "forwarded once");
+    assert_eq!(redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim(), "45", "charged once");
+    // Nothing is refunded later either.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(gw.remaining(&key).await, 45, "the charge stands");
     let history = gw.admin_call("GET", "/admin/v1/accounts/acme/ledger", None).await.json();
-    let charges = history["entries"].as_array().unwrap().iter().filter(|e| e["kind"] == "charge").count();
-    assert!(charges <= 1, "never charged twice: {history}");
+    let kinds: Vec<&str> = history["entries"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["charge", "created"], "one charge, no refund: {history}");
+    assert_eq!(charge_records(&[&redis], "acme"), 1);
 }
 
 /// How many refunds wait in the store's pending lists.
@@ -547,6 +567,42 @@ async fn a_refund_the_store_could_not_write_survives_its_gateway_and_another_wri
     assert_eq!(monthly, "50", "refunded by the other instance");
     assert_eq!(pending_refunds(&redis), 0);
     assert_eq!(remaining_via(&b.public, &key).await, 50);
+}
+
+/// The backend fails while Redis is down: the refund can be neither written nor kept in the
+/// store, so the answer says `x-credits-refund: pending` and `x-credits-charged: 0`, and the
+/// instance keeps retrying the refund itself. Once Redis is back (its AOF kept the charge) the
+/// balance is whole, exactly: refunded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_while_the_store_is_down_is_pending_then_written_once() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let up = Upstream::start(support::upstream::Behaviour::DelayThen(Duration::from_millis(600), 500)).await;
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    assert_eq!(gw.remaining(&key).await, 50, "the key is verified and cached before the fault");
+    let (url, auth) = (gw.url(CHAT), format!("Bearer {key}"));
+    let sent = tokio::spawn(async move {
+        http::send("POST", &url, &[("authorization", &auth), ("x-ai-tier", "powerful")], "{}").await
+    });
+    up.wait_for_count(1).await;
+    // Charged; the backend is about to fail; Redis goes away before it does.
+    shutdown(&redis);
+    let res = sent.await.unwrap();
+    assert_eq!(res.status, 500, "{}", res.text());
+    assert_eq!((res.header("x-credits-refund"), res.charged()), (Some("pending"), 0));
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+
+    redis.restart();
+    assert_eq!(redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim(), "45", "the charge survived");
+    assert!(credits_readable_via(&gw.public, &key).await, "the gateway reaches Redis again");
+    assert_eq!(gw.wait_for_remaining(&key, 50, 300).await, 50, "refunded once Redis is back");
+    // And only once: nothing more comes back later.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(gw.remaining(&key).await, 50);
+    let history = gw.admin_call("GET", "/admin/v1/accounts/acme/ledger", None).await.json();
+    let kinds: Vec<&str> = history["entries"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["refund", "charge", "created"], "{history}");
+    assert_eq!(pending_refunds(&redis), 0);
 }
 
 /// A client that hangs up while the refund of its failed call is being written cannot cancel
