@@ -1,6 +1,9 @@
 //! The gateway on a real Redis: several gateway processes sharing one balance (standalone and
 //! Redis Cluster), store outages (fail_closed, fail_open, recovery without restart), an emptied
-//! script cache, and no acknowledged charge lost across a Redis restart with `appendonly yes`.
+//! script cache, no acknowledged charge lost across a Redis restart with `appendonly yes`, a
+//! charge whose reply is lost after it ran (tests/support/faultproxy.rs), refunds the store
+//! cannot take now, and two gateways whose clocks differ by 5 minutes (one under libfaketime)
+//! renewing an account once.
 
 mod support;
 
@@ -655,4 +658,107 @@ fn stall_redis(port: &str, secs: &str) {
     let out =
         std::process::Command::new("redis-cli").args(["-p", port, "DEBUG", "SLEEP", secs]).output().expect("redis-cli");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "DEBUG SLEEP refused: the stall did not happen");
+}
+
+// === clocks ===
+
+/// Unix seconds of an HTTP `Date` header (`Mon, 30 Nov 2026 18:52:05 GMT`).
+fn http_date(text: &str) -> i64 {
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let [_, day, month, year, time, "GMT"] = parts[..] else { panic!("not an HTTP date: {text:?}") };
+    let month = MONTHS.iter().position(|m| *m == month).expect("month") as i64 + 1;
+    let hms: Vec<i64> = time.split(':').map(|p| p.parse().expect("time")).collect();
+    let days = creditgate::calendar::days_from_civil(year.parse().expect("year"), month, day.parse().expect("day"));
+    days * 86_400 + hms[0] * 3_600 + hms[1] * 60 + hms[2]
+}
+
+/// The wall clock of the gateway at `admin`, from the `Date` header its `/healthz` answer carries.
+async fn clock_of(admin: &str) -> i64 {
+    let res = http::send("GET", &format!("{admin}/healthz"), &[], "").await;
+    http_date(res.header("date").expect("a Date header"))
+}
+
+/// Two gateway processes whose wall clocks differ by 5 minutes (one runs under libfaketime, 5
+/// minutes ahead of the other and of Redis) charge one account, concurrently, across its billing
+/// anchor. Renewals follow Redis's clock, so the one that is ahead does not renew 5 minutes
+/// early, and the account renews exactly once, at the anchor: one `renewal` history entry, one
+/// `credits.renewed` event, and every credit charged before it or after it accounted for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_whose_clocks_differ_by_5_minutes_renew_once() {
+    let redis = RedisServer::start();
+    let up = Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build();
+    let ahead = support::process::skewed_clock("+5m");
+    let (a, b) = (GatewayProcess::start(&config).await, GatewayProcess::start_with_env(&config, &ahead).await);
+    let real = creditgate::calendar::now();
+    let (clock_a, clock_b) = (clock_of(&a.admin).await, clock_of(&b.admin).await);
+    assert!((clock_a - real).abs() <= 2, "gateway A runs on the real clock: {clock_a} vs {real}");
+    assert!((clock_b - real - 300).abs() <= 2, "gateway B runs 5 minutes ahead: {clock_b} vs {real}");
+
+    let anchor = creditgate::calendar::now() + 4;
+    let body = json!({"id": "skew", "plan": "big", "billing_anchor": creditgate::calendar::rfc3339(anchor)});
+    assert_eq!(admin(&b.admin, "POST", "/admin/v1/accounts", Some(body)).await.status, 201);
+    let res = admin(&b.admin, "POST", "/admin/v1/accounts/skew/keys", Some(json!({"role": "user"}))).await;
+    let key = res.json()["key"].as_str().expect("a key").to_owned();
+
+    // Both instances charge, 20 times a second each, from before the anchor to 2 s after it.
+    let clients = [a.public.clone(), b.public.clone()].map(|base| {
+        let key = key.clone();
+        tokio::spawn(async move {
+            let mut served = 0u64;
+            while creditgate::calendar::now() < anchor + 2 {
+                let res = chat(&base, &key).await;
+                assert_eq!(res.status, 200, "{base}: {}", res.text());
+                served += res.charged();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            served
+        })
+    });
+    // Half-way to the anchor the instance that is ahead still sees the old period.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let credits =
+        http::send("GET", &format!("{}/v1/credits", b.public), &[("authorization", &format!("Bearer {key}"))], "")
+            .await
+            .json();
+    assert!(creditgate::calendar::now() < anchor, "the setup took too long to test a renewal");
+    assert_eq!(credits["renews_at"], creditgate::calendar::rfc3339(anchor), "not renewed early: {credits}");
+    let mut charged = 0;
+    for client in clients {
+        charged += client.await.unwrap();
+    }
+
+    let history = admin(&a.admin, "GET", "/admin/v1/accounts/skew/ledger?limit=500", None).await.json();
+    let entries = history["entries"].as_array().unwrap();
+    assert_eq!(entries.len() as u64, entries[0]["seq"].as_u64().unwrap(), "the whole history, no seq missing");
+    let renewals: Vec<&Value> = entries.iter().filter(|e| e["kind"] == "renewal").collect();
+    assert_eq!(renewals.len(), 1, "renewed exactly once: {renewals:?}");
+    let at = creditgate::calendar::parse_rfc3339(renewals[0]["at"].as_str().unwrap()).unwrap();
+    assert!((anchor..anchor + 2).contains(&at), "renewed at the anchor by Redis's clock: {at} vs {anchor}");
+    let seq = renewals[0]["seq"].as_u64().unwrap();
+    let spent = |after: bool| -> u64 {
+        entries
+            .iter()
+            .filter(|e| e["kind"] == "charge" && (e["seq"].as_u64().unwrap() > seq) == after)
+            .map(|e| -e["monthly_delta"].as_i64().unwrap() as u64)
+            .sum()
+    };
+    let (before, after) = (spent(false), spent(true));
+    assert!(before > 0 && after > 0, "charges on both sides of the anchor: {before} before, {after} after");
+    assert_eq!(before + after, charged, "every charge is in the history once");
+    let credits =
+        http::send("GET", &format!("{}/v1/credits", a.public), &[("authorization", &format!("Bearer {key}"))], "")
+            .await
+            .json();
+    assert_eq!(credits["monthly_remaining"], 10_000 - after, "the renewal reset the bucket once: {credits}");
+    assert_eq!(
+        credits["renews_at"],
+        creditgate::calendar::rfc3339(creditgate::calendar::Anchor::from_unix(anchor).period_start(1))
+    );
+
+    // No notifier is configured, so the events wait in the outbox: one renewal event.
+    let outbox = redis.command(&["LRANGE", "cg:{acct:skew}:outbox", "0", "-1"]);
+    let renewed = outbox.lines().filter(|e| e.contains("\"credits.renewed\"")).count();
+    assert_eq!(renewed, 1, "one credits.renewed event: {outbox}");
 }
