@@ -690,7 +690,7 @@ async fn two_gateways_whose_clocks_differ_by_5_minutes_renew_once() {
     let up = Upstream::echo().await;
     let config = ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build();
     let ahead = support::process::skewed_clock("+5m");
-    let (a, b) = (GatewayProcess::start(&config).await, GatewayProcess::start_with_env(&config, &ahead).await);
+    let (a, b) = (GatewayProcess::start(&config).await, GatewayProcess::start_with_env(&config, None, &ahead).await);
     let real = creditgate::calendar::now();
     let (clock_a, clock_b) = (clock_of(&a.admin).await, clock_of(&b.admin).await);
     assert!((clock_a - real).abs() <= 2, "gateway A runs on the real clock: {clock_a} vs {real}");

@@ -33,9 +33,10 @@ impl GatewayProcess {
         Self::spawn(config_toml, None, &[]).await
     }
 
-    /// Like [`GatewayProcess::start`] with more environment variables (e.g. `LD_PRELOAD`).
-    pub async fn start_with_env(config_toml: &str, env: &[(&str, String)]) -> Self {
-        Self::spawn(config_toml, None, env).await
+    /// Like [`GatewayProcess::start`] with more environment variables (e.g. `LD_PRELOAD`); with
+    /// a `log_filter`, keeps the log as [`GatewayProcess::start_logging`] does.
+    pub async fn start_with_env(config_toml: &str, log_filter: Option<&str>, env: &[(&str, String)]) -> Self {
+        Self::spawn(config_toml, log_filter, env).await
     }
 
     /// Like [`GatewayProcess::start`] with `RUST_LOG=filter`, keeping stderr (the log) for
