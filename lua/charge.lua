@@ -72,9 +72,10 @@ a.monthly = a.monthly - from_monthly
 a.topup = a.topup - from_topup
 a.used = a.used + cost
 local day = div(a.now, 86400)
--- add_entry's JSON, with the request's part prebuilt by the caller.
+-- add_entry's JSON, with the request's part prebuilt by the caller. Appended: a renewal this
+-- charge triggered has queued its own entry first.
 a.hist = a.hist + 1
-a.entries[1] = string.format('{"seq":%d,"kind":"charge","at":%d,"monthly_delta":%d,"topup_delta":%d,'
+a.entries[#a.entries + 1] = string.format('{"seq":%d,"kind":"charge","at":%d,"monthly_delta":%d,"topup_delta":%d,'
   .. '"monthly_after":%d,"topup_after":%d,%s', a.hist, a.now, -from_monthly, -from_topup, a.monthly, a.topup,
   ARGV[5])
 

@@ -91,6 +91,8 @@ pub struct Metrics {
     pub outbox_depth: Gauge,
     /// Undelivered events dropped because an account's outbox was full.
     pub outbox_dropped: Counter,
+    /// Undelivered events dropped because they reached `notifications.event_ttl_hours`.
+    pub events_expired: Counter,
     /// Ledger entries exported (usage export), counted per delivered batch.
     pub exported_entries: Counter,
     /// Export batches a receiver did not take (retried).
@@ -122,6 +124,7 @@ impl Default for Metrics {
             jobs_running: Gauge::default(),
             outbox_depth: Gauge::default(),
             outbox_dropped: Counter::default(),
+            events_expired: Counter::default(),
             exported_entries: Counter::default(),
             export_failures: Counter::default(),
             rate_limit_entries: Family::default(),
@@ -175,6 +178,11 @@ impl Default for Metrics {
             "outbox_dropped",
             "Undelivered events dropped because an account's outbox was full",
             m.outbox_dropped.clone(),
+        );
+        registry.register(
+            "events_expired",
+            "Undelivered events dropped because they reached notifications.event_ttl_hours",
+            m.events_expired.clone(),
         );
         registry.register(
             "rate_limit_entries",

@@ -1,5 +1,5 @@
-//! The real `creditgate` binary: `check` on the shipped and a broken config, and `demo`
-//! serving a chat with the key it prints.
+//! The real `creditgate` binary: `check` on the shipped and a broken config, `demo` serving a
+//! chat with the key it prints, and `serve` refusing to start without an admin token.
 
 mod support;
 
@@ -132,4 +132,34 @@ async fn demo_serves_a_fast_chat_with_the_printed_key() {
     assert_eq!(res.header("x-credits-remaining"), Some("1999"), "a pro demo account");
     assert!(res.json()["choices"][0]["message"]["content"].is_string(), "{}", res.text());
     assert!(child.0.try_wait().unwrap().is_none(), "demo still running");
+}
+
+/// `serve` with an admin listener but no admin token (the variable unset, or set to nothing)
+/// refuses to start, naming the setting: it never serves an admin API that anyone — or no one —
+/// could use.
+#[test]
+fn serve_refuses_to_start_without_an_admin_token() {
+    let config = TempFile::new("no-token.toml", &support::gateway::ConfigBuilder::new("http://127.0.0.1:9").build());
+    for token in [None, Some("")] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--config"]).arg(&config.0).env("RUST_LOG", "warn");
+        match token {
+            None => cmd.env_remove("CREDITGATE_ADMIN_TOKEN"),
+            Some(t) => cmd.env("CREDITGATE_ADMIN_TOKEN", t),
+        };
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn serve");
+        let mut child = KillOnDrop(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(std::time::Instant::now() < deadline, "serve with token {token:?} is running: it should refuse");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(1), "token {token:?}: {stderr}");
+        assert!(stderr.contains("server.admin_token_env") && stderr.contains("CREDITGATE_ADMIN_TOKEN"), "{stderr}");
+    }
 }

@@ -95,6 +95,7 @@ fn serves_slot(node: &RedisServer, slot: u32) -> bool {
 async fn suite<L: Ledger + JobStore>(l: Arc<L>) {
     tokio::join!(
         renewal_at_the_anchor(&*l),
+        renewal_by_a_charge_keeps_its_history_entry(&*l),
         downgrade_at_renewal_with_entry_and_event(&*l),
         lease_expiry_and_retry_delay(&*l),
         renewal_through_a_job_step(&*l),
@@ -632,6 +633,27 @@ async fn renewal_at_the_anchor(l: &impl Ledger) {
     assert_eq!((r.monthly_remaining, r.renews_at), (45, a.period_start(1)));
     let v = view(l, &acct).await;
     assert_eq!((v.monthly_remaining, v.used_this_period), (45, 5), "renewed once, not again");
+}
+
+/// A renewal that a charge brings about (the first step after the anchor is a charge, not a
+/// read) writes its own history entry and event before the charge's: the history stays
+/// contiguous and sums to the balances.
+async fn renewal_by_a_charge_keeps_its_history_entry(l: &impl Ledger) {
+    let anchor = now() + 3;
+    let acct = unique("acct");
+    let new = NewAccount { id: acct.clone(), plan: "free".into(), allocation: 50, anchor, email: None };
+    assert!(l.create_account(new).await.unwrap());
+    charged(l.charge(charge(&acct, &unique("c"), 10)).await.unwrap());
+    assert!(now() < anchor, "the setup took too long to test a renewal");
+    sleep_until(anchor).await;
+    let r = charged(l.charge(charge(&acct, &unique("c"), 4)).await.unwrap());
+    assert_eq!(r.monthly_remaining, 46, "renewed, then charged");
+    let mut history = l.history(&acct, None, 100).await.unwrap().expect("account exists");
+    history.reverse();
+    let steps: Vec<(u64, &str, i64)> = history.iter().map(|e| (e.seq, e.kind.as_str(), e.monthly_delta)).collect();
+    assert_eq!(steps, [(1, "created", 50), (2, "charge", -10), (3, "renewal", 10), (4, "charge", -4)]);
+    let events = l.pending_events(&acct, 100).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "credits.renewed").count(), 1, "{events:?}");
 }
 
 // === accounts, history, auto top-up, usage, events ===

@@ -1,12 +1,16 @@
 //! The gateway on a real Redis: several gateway processes sharing one balance (standalone and
 //! Redis Cluster), store outages (fail_closed, fail_open, recovery without restart), an emptied
-//! script cache, and no acknowledged charge lost across a Redis restart with `appendonly yes`.
+//! script cache, no acknowledged charge lost across a Redis restart with `appendonly yes`, a
+//! charge whose reply is lost after it ran (tests/support/faultproxy.rs), refunds the store
+//! cannot take now, and two gateways whose clocks differ by 5 minutes (one under libfaketime)
+//! renewing an account once.
 
 mod support;
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::faultproxy::FaultProxy;
 use support::gateway::{ADMIN_TOKEN, ConfigBuilder, TestGateway};
 use support::http::{self, Response};
 use support::process::GatewayProcess;
@@ -141,6 +145,18 @@ async fn metered_recovers(gw: &TestGateway, key: &str) -> bool {
 async fn metered_recovers_via(base: &str, key: &str) -> bool {
     for _ in 0..150 {
         if chat(base, key).await.status == 200 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Reads `GET /v1/credits`, 100 ms apart, until it answers 200 (true) or 15 s have passed.
+async fn credits_readable_via(base: &str, key: &str) -> bool {
+    let auth = format!("Bearer {key}");
+    for _ in 0..150 {
+        if http::send("GET", &format!("{base}/v1/credits"), &[("authorization", &auth)], "").await.status == 200 {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -474,28 +490,35 @@ async fn a_job_whose_gateway_dies_mid_run_completes_once_elsewhere() {
     assert_eq!(remaining_via(&b.public, &key).await, 0, "charged once: 2 credits");
 }
 
-#[tokio::test]
-async fn a_charge_whose_reply_is_late_is_charged_once_not_refused() {
+/// The reply to a charge is lost after Redis ran it (a proxy between gateway and Redis passes
+/// the FCALL, throws the answer away and closes the connection). The gateway sends the same
+/// charge id again on a new connection, learns that the charge landed, and serves the request:
+/// charged once, not refused, not refunded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_whose_reply_is_lost_is_charged_once_not_refused() {
     let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port()).await;
     let up = Upstream::echo().await;
-    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
+    let store = format!("kind = \"redis\"\nurl = \"{}\"", proxy.url());
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&store).build()).await;
     let key = gw.account_with_key("acme", "fifty").await;
-    // Redis stalls for 3 s: longer than the 2 s reply timeout of the first attempt.
-    let port = redis.port().to_string();
-    let stall = std::thread::spawn(move || stall_redis(&port, "3"));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gw.remaining(&key).await, 50, "the key is verified and cached before the fault");
+
+    // The charge function's name ends in `_charge` (src/ledger/redis.rs).
+    proxy.lose_reply_to("_charge\r\n");
     let res = gw.post(&key, CHAT, &[("x-ai-tier", "powerful")], "{}").await;
-    stall.join().unwrap();
-    match res.status.as_u16() {
-        // The re-sent charge (same charge id) learned that the first one landed.
-        200 => assert_eq!((res.charged(), gw.remaining(&key).await), (5, 45)),
-        // Or the store stayed silent too long: then nothing may stand once it is back.
-        503 => assert_eq!(gw.wait_for_remaining(&key, 50, 100).await, 50),
-        other => panic!("unexpected {other}: {}", res.text()),
-    }
+    assert_eq!(proxy.lost(), 1, "the charge's reply was lost after Redis ran it");
+    assert_eq!(res.status, 200, "{}", res.text());
+    assert_eq!((res.charged(), res.header("x-credits-refund")), (5, None));
+    assert_eq!(up.count(), 1, "forwarded once");
+    assert_eq!(redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim(), "45", "charged once");
+    // Nothing is refunded later either.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(gw.remaining(&key).await, 45, "the charge stands");
     let history = gw.admin_call("GET", "/admin/v1/accounts/acme/ledger", None).await.json();
-    let charges = history["entries"].as_array().unwrap().iter().filter(|e| e["kind"] == "charge").count();
-    assert!(charges <= 1, "never charged twice: {history}");
+    let kinds: Vec<&str> = history["entries"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["charge", "created"], "one charge, no refund: {history}");
+    assert_eq!(charge_records(&[&redis], "acme"), 1);
 }
 
 /// How many refunds wait in the store's pending lists.
@@ -549,6 +572,42 @@ async fn a_refund_the_store_could_not_write_survives_its_gateway_and_another_wri
     assert_eq!(remaining_via(&b.public, &key).await, 50);
 }
 
+/// The backend fails while Redis is down: the refund can be neither written nor kept in the
+/// store, so the answer says `x-credits-refund: pending` and `x-credits-charged: 0`, and the
+/// instance keeps retrying the refund itself. Once Redis is back (its AOF kept the charge) the
+/// balance is whole, exactly: refunded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_while_the_store_is_down_is_pending_then_written_once() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let up = Upstream::start(support::upstream::Behaviour::DelayThen(Duration::from_millis(600), 500)).await;
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    assert_eq!(gw.remaining(&key).await, 50, "the key is verified and cached before the fault");
+    let (url, auth) = (gw.url(CHAT), format!("Bearer {key}"));
+    let sent = tokio::spawn(async move {
+        http::send("POST", &url, &[("authorization", &auth), ("x-ai-tier", "powerful")], "{}").await
+    });
+    up.wait_for_count(1).await;
+    // Charged; the backend is about to fail; Redis goes away before it does.
+    shutdown(&redis);
+    let res = sent.await.unwrap();
+    assert_eq!(res.status, 500, "{}", res.text());
+    assert_eq!((res.header("x-credits-refund"), res.charged()), (Some("pending"), 0));
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+
+    redis.restart();
+    assert_eq!(redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim(), "45", "the charge survived");
+    assert!(credits_readable_via(&gw.public, &key).await, "the gateway reaches Redis again");
+    assert_eq!(gw.wait_for_remaining(&key, 50, 300).await, 50, "refunded once Redis is back");
+    // And only once: nothing more comes back later.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(gw.remaining(&key).await, 50);
+    let history = gw.admin_call("GET", "/admin/v1/accounts/acme/ledger", None).await.json();
+    let kinds: Vec<&str> = history["entries"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["refund", "charge", "created"], "{history}");
+    assert_eq!(pending_refunds(&redis), 0);
+}
+
 /// A client that hangs up while the refund of its failed call is being written cannot cancel
 /// that refund: the refund runs in its own task.
 #[tokio::test]
@@ -599,4 +658,107 @@ fn stall_redis(port: &str, secs: &str) {
     let out =
         std::process::Command::new("redis-cli").args(["-p", port, "DEBUG", "SLEEP", secs]).output().expect("redis-cli");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "DEBUG SLEEP refused: the stall did not happen");
+}
+
+// === clocks ===
+
+/// Unix seconds of an HTTP `Date` header (`Mon, 30 Nov 2026 18:52:05 GMT`).
+fn http_date(text: &str) -> i64 {
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let [_, day, month, year, time, "GMT"] = parts[..] else { panic!("not an HTTP date: {text:?}") };
+    let month = MONTHS.iter().position(|m| *m == month).expect("month") as i64 + 1;
+    let hms: Vec<i64> = time.split(':').map(|p| p.parse().expect("time")).collect();
+    let days = creditgate::calendar::days_from_civil(year.parse().expect("year"), month, day.parse().expect("day"));
+    days * 86_400 + hms[0] * 3_600 + hms[1] * 60 + hms[2]
+}
+
+/// The wall clock of the gateway at `admin`, from the `Date` header its `/healthz` answer carries.
+async fn clock_of(admin: &str) -> i64 {
+    let res = http::send("GET", &format!("{admin}/healthz"), &[], "").await;
+    http_date(res.header("date").expect("a Date header"))
+}
+
+/// Two gateway processes whose wall clocks differ by 5 minutes (one runs under libfaketime, 5
+/// minutes ahead of the other and of Redis) charge one account, concurrently, across its billing
+/// anchor. Renewals follow Redis's clock, so the one that is ahead does not renew 5 minutes
+/// early, and the account renews exactly once, at the anchor: one `renewal` history entry, one
+/// `credits.renewed` event, and every credit charged before it or after it accounted for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_whose_clocks_differ_by_5_minutes_renew_once() {
+    let redis = RedisServer::start();
+    let up = Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build();
+    let ahead = support::process::skewed_clock("+5m");
+    let (a, b) = (GatewayProcess::start(&config).await, GatewayProcess::start_with_env(&config, None, &ahead).await);
+    let real = creditgate::calendar::now();
+    let (clock_a, clock_b) = (clock_of(&a.admin).await, clock_of(&b.admin).await);
+    assert!((clock_a - real).abs() <= 2, "gateway A runs on the real clock: {clock_a} vs {real}");
+    assert!((clock_b - real - 300).abs() <= 2, "gateway B runs 5 minutes ahead: {clock_b} vs {real}");
+
+    let anchor = creditgate::calendar::now() + 4;
+    let body = json!({"id": "skew", "plan": "big", "billing_anchor": creditgate::calendar::rfc3339(anchor)});
+    assert_eq!(admin(&b.admin, "POST", "/admin/v1/accounts", Some(body)).await.status, 201);
+    let res = admin(&b.admin, "POST", "/admin/v1/accounts/skew/keys", Some(json!({"role": "user"}))).await;
+    let key = res.json()["key"].as_str().expect("a key").to_owned();
+
+    // Both instances charge, 20 times a second each, from before the anchor to 2 s after it.
+    let clients = [a.public.clone(), b.public.clone()].map(|base| {
+        let key = key.clone();
+        tokio::spawn(async move {
+            let mut served = 0u64;
+            while creditgate::calendar::now() < anchor + 2 {
+                let res = chat(&base, &key).await;
+                assert_eq!(res.status, 200, "{base}: {}", res.text());
+                served += res.charged();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            served
+        })
+    });
+    // Half-way to the anchor the instance that is ahead still sees the old period.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let credits =
+        http::send("GET", &format!("{}/v1/credits", b.public), &[("authorization", &format!("Bearer {key}"))], "")
+            .await
+            .json();
+    assert!(creditgate::calendar::now() < anchor, "the setup took too long to test a renewal");
+    assert_eq!(credits["renews_at"], creditgate::calendar::rfc3339(anchor), "not renewed early: {credits}");
+    let mut charged = 0;
+    for client in clients {
+        charged += client.await.unwrap();
+    }
+
+    let history = admin(&a.admin, "GET", "/admin/v1/accounts/skew/ledger?limit=500", None).await.json();
+    let entries = history["entries"].as_array().unwrap();
+    assert_eq!(entries.len() as u64, entries[0]["seq"].as_u64().unwrap(), "the whole history, no seq missing");
+    let renewals: Vec<&Value> = entries.iter().filter(|e| e["kind"] == "renewal").collect();
+    assert_eq!(renewals.len(), 1, "renewed exactly once: {renewals:?}");
+    let at = creditgate::calendar::parse_rfc3339(renewals[0]["at"].as_str().unwrap()).unwrap();
+    assert!((anchor..anchor + 2).contains(&at), "renewed at the anchor by Redis's clock: {at} vs {anchor}");
+    let seq = renewals[0]["seq"].as_u64().unwrap();
+    let spent = |after: bool| -> u64 {
+        entries
+            .iter()
+            .filter(|e| e["kind"] == "charge" && (e["seq"].as_u64().unwrap() > seq) == after)
+            .map(|e| -e["monthly_delta"].as_i64().unwrap() as u64)
+            .sum()
+    };
+    let (before, after) = (spent(false), spent(true));
+    assert!(before > 0 && after > 0, "charges on both sides of the anchor: {before} before, {after} after");
+    assert_eq!(before + after, charged, "every charge is in the history once");
+    let credits =
+        http::send("GET", &format!("{}/v1/credits", a.public), &[("authorization", &format!("Bearer {key}"))], "")
+            .await
+            .json();
+    assert_eq!(credits["monthly_remaining"], 10_000 - after, "the renewal reset the bucket once: {credits}");
+    assert_eq!(
+        credits["renews_at"],
+        creditgate::calendar::rfc3339(creditgate::calendar::Anchor::from_unix(anchor).period_start(1))
+    );
+
+    // No notifier is configured, so the events wait in the outbox: one renewal event.
+    let outbox = redis.command(&["LRANGE", "cg:{acct:skew}:outbox", "0", "-1"]);
+    let renewed = outbox.lines().filter(|e| e.contains("\"credits.renewed\"")).count();
+    assert_eq!(renewed, 1, "one credits.renewed event: {outbox}");
 }

@@ -1,7 +1,8 @@
 //! Seeing credits through the real gateway (issue 6): `GET /v1/credits` and the credit headers,
-//! usage by category, operation and day, notifications by webhook (signed, retried, once per
-//! threshold) and by e-mail to a real SMTP listener, Prometheus `/metrics` checked by a strict
-//! parser of the text format, and the probes.
+//! usage by category, operation and day, notifications by webhook (signed, retried within
+//! `max_backoff_ms`, once per threshold, dropped and counted past `event_ttl_hours`) and by
+//! e-mail to a real SMTP listener, Prometheus `/metrics` checked by a strict parser of the text
+//! format, and the probes.
 //!
 //! Every behaviour runs on the embedded store and on a real `redis-server` started for the test
 //! (`memory::…` and `redis::…`); on Redis the threshold test splits its traffic between this
@@ -47,9 +48,14 @@ impl Hook {
 
     /// Adds the `[notifications]` lines (retries at most 1 s apart, to keep tests short).
     fn configure(&self, b: ConfigBuilder) -> ConfigBuilder {
+        self.configure_backoff(b, 1_000)
+    }
+
+    /// Adds the `[notifications]` lines with retries at most `max_backoff_ms` apart.
+    fn configure_backoff(&self, b: ConfigBuilder, max_backoff_ms: u64) -> ConfigBuilder {
         b.notification(&format!("webhook_url = \"{}\"", self.receiver.url()))
             .notification(&format!("webhook_secret_env = \"{}\"", self.var))
-            .notification("max_backoff_ms = 1000")
+            .notification(&format!("max_backoff_ms = {max_backoff_ms}"))
     }
 
     /// Asserts the delivery passes the receiver check the README documents (signature
@@ -84,6 +90,7 @@ on_both_stores!(
     usage_by_category_operation_and_day,
     threshold_events_fire_once_under_200_concurrent_chats,
     webhook_down_then_up_delivers_each_event_once,
+    retries_never_wait_longer_than_max_backoff,
     money_events_are_delivered_and_renewal_moves_usage_to_earlier_periods,
     emails_carry_the_subject_and_figures,
     a_mail_relay_that_is_down_does_not_hold_back_webhooks,
@@ -511,6 +518,97 @@ async fn webhook_down_then_up_delivers_each_event_once(store: Store) {
         let ok = accepted.iter().find(|a| a.json()["id"] == e["id"]).unwrap();
         assert_eq!(ok.body, d.body, "a retry sends the same body");
     }
+}
+
+/// A receiver that fails five times, then takes the event: the retries come at most
+/// `max_backoff_ms` apart (plus one notifier poll), never doubling past the cap, and the event is
+/// then delivered once.
+async fn retries_never_wait_longer_than_max_backoff(store: Store) {
+    const MAX_BACKOFF_MS: u64 = 300;
+    let hook = Hook::start("backoff").await;
+    hook.receiver.fail_next(5);
+    let env = Env::with(store, |b| hook.configure_backoff(b, MAX_BACKOFF_MS)).await;
+    let gw = &env.gw;
+    gw.create_account("acme", "fifty").await;
+    assert_eq!(gw.topup("acme", 20, "pay-1").await.status, 201); // topup.completed
+    let accepted =
+        hook.receiver.wait_until(Duration::from_secs(30), "the event after 5 failures", |d| !d.is_empty()).await;
+    let attempts = hook.receiver.deliveries();
+    assert_eq!(attempts.len(), 6, "five failed attempts, then the one taken");
+    assert!(attempts.iter().all(|d| d.body == accepted[0].body), "every attempt carries the one event");
+    // Uncapped, the waits would double: 0.5, 1, 2, 4 s. Capped, each gap is the cap rounded up to
+    // the next notifier poll; the allowance is generous, as this is about the cap, not timing.
+    let allowed = Duration::from_millis(MAX_BACKOFF_MS) + creditgate::notify::POLL + Duration::from_millis(700);
+    for pair in attempts.windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(gap <= allowed, "a retry came {gap:?} after the attempt before it (cap {MAX_BACKOFF_MS} ms)");
+    }
+}
+
+/// `"created_at":<n>` of an event as stored in a Redis outbox, set to `created_at`.
+fn aged(event: &str, created_at: i64) -> String {
+    let start = event.find("\"created_at\":").expect("created_at in the event") + "\"created_at\":".len();
+    let end = start + event[start..].find(|c: char| !c.is_ascii_digit()).expect("a number");
+    format!("{}{created_at}{}", &event[..start], &event[end..])
+}
+
+/// Events undelivered for longer than `event_ttl_hours` are dropped, with a log line each and
+/// counted in `creditgate_events_expired_total`, and never delivered; a fresh event behind them
+/// is. The events are real ones whose age is faked in the store (their `created_at` moved two
+/// hours back) while the receiver is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_past_their_ttl_are_dropped_logged_and_counted() {
+    let redis = support::redis::RedisServer::start();
+    let hook = Hook::start("ttl").await;
+    hook.receiver.set_status(503);
+    let up = Upstream::echo().await;
+    let store = format!("kind = \"redis\"\nurl = \"{}\"", redis.url());
+    let config =
+        hook.configure(ConfigBuilder::new(&up.url()).store(&store)).notification("event_ttl_hours = 1").build();
+    // The child inherits the webhook secret's variable, which Hook set in this process.
+    let gw = GatewayProcess::start_with_env(&config, Some("warn"), &[]).await;
+    let admin_auth = format!("Bearer {}", support::gateway::ADMIN_TOKEN);
+    let admin = |method: &'static str, path: &'static str, body: Value| {
+        let (url, auth) = (format!("{}{path}", gw.admin), admin_auth.clone());
+        async move {
+            let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+            http::send(method, &url, &headers, body.to_string()).await
+        }
+    };
+    assert_eq!(admin("POST", "/admin/v1/accounts", json!({"id": "acme", "plan": "fifty"})).await.status, 201);
+    let key = admin("POST", "/admin/v1/accounts/acme/keys", json!({"role": "user"})).await.json()["key"]
+        .as_str()
+        .expect("a key")
+        .to_owned();
+    let auth = format!("Bearer {key}");
+    let res = http::send("POST", &format!("{}{ENRICH}", gw.public), &[("authorization", &auth)], leads(45)).await;
+    assert_eq!(res.charged(), 45, "{}", res.text()); // credits.low 20 and 10
+
+    // The receiver is down: the events wait in the outbox, where they are aged.
+    let outbox = "cg:{acct:acme}:outbox";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hook.receiver.deliveries().is_empty() {
+        assert!(Instant::now() < deadline, "no delivery attempt within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events: Vec<String> = redis.command(&["LRANGE", outbox, "0", "-1"]).lines().map(str::to_owned).collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    for (i, event) in events.iter().enumerate() {
+        redis.command(&["LSET", outbox, &i.to_string(), &aged(event, now() - 2 * 3_600)]);
+    }
+    let res = admin("POST", "/admin/v1/accounts/acme/topups", json!({"credits": 20, "payment_ref": "pay-1"})).await;
+    assert_eq!(res.status, 201, "{}", res.text()); // topup.completed, fresh
+    hook.receiver.set_status(200);
+
+    hook.receiver.wait_until(Duration::from_secs(10), "the fresh event", |d| !d.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let kinds: Vec<String> =
+        hook.receiver.accepted().iter().map(|d| d.json()["type"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(kinds, ["topup.completed"], "only the fresh event is delivered");
+    assert_eq!(redis.command(&["LLEN", outbox]), "0", "the expired events left the outbox");
+    assert_eq!(unlabelled_value(&gw.admin, "creditgate_events_expired_total").await, 2.0);
+    let log = gw.log();
+    assert_eq!(log.matches("event expired undelivered; dropping").count(), 2, "one log line per event:\n{log}");
 }
 
 async fn money_events_are_delivered_and_renewal_moves_usage_to_earlier_periods(store: Store) {

@@ -7,8 +7,9 @@
 //! channel has it. The channels progress independently: a mail relay that is down neither holds
 //! back webhooks nor makes them repeat (this instance remembers which channel already has which
 //! event). A failed delivery stops that channel for the account — later events wait, to keep
-//! order — and the account is retried with exponential backoff; events older than
-//! `event_ttl_hours` are dropped with a log line. Delivery is at least once — a crash between
+//! order — and the account is retried with exponential backoff, capped at `max_backoff_ms`;
+//! events older than `event_ttl_hours` are dropped with a log line and counted
+//! (`creditgate_events_expired_total`). Delivery is at least once — a crash between
 //! delivery and acknowledgement, or two instances draining one outbox, can resend — so receivers
 //! dedupe by the event `id`.
 //!
@@ -163,17 +164,26 @@ async fn drain(
         let now = crate::calendar::now();
         let expired: Vec<String> =
             events.iter().filter(|e| e.created_at + ttl_secs < now).map(|e| e.id.clone()).collect();
-        let _ = state.ledger.ack_events(account, &expired).await;
+        if state.ledger.ack_events(account, &expired).await.is_ok() && !expired.is_empty() {
+            tracing::warn!(
+                events = expired.len(),
+                account,
+                "notifier: events expired undelivered (no channel configured); dropped"
+            );
+            state.metrics.events_expired.inc_by(expired.len() as u64);
+        }
         return (true, events.len() - expired.len());
     }
     let now = crate::calendar::now();
     let mut done = Vec::new();
+    let mut expired = 0;
     let (mut webhook_ok, mut mail_ok, mut payments_ok) = (true, true, true);
     let mut address: Option<Option<String>> = None;
     for event in &events {
         let unpaid = ch.payments.is_some() && event.kind == PAYMENT_EVENT && !progress.payments.contains(&event.id);
         if event.created_at + ttl_secs < now && !unpaid {
             tracing::warn!(event_id = %event.id, kind = %event.kind, account, "notifier: event expired undelivered; dropping");
+            expired += 1;
             done.push(event.id.clone());
             continue;
         }
@@ -235,6 +245,7 @@ async fn drain(
             tracing::warn!(error = %e, account, "notifier: acknowledging events failed; they will be sent again");
             return (false, events.len());
         }
+        state.metrics.events_expired.inc_by(expired);
         for id in &done {
             progress.webhook.remove(id);
             progress.mail.remove(id);

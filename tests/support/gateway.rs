@@ -218,22 +218,42 @@ pub struct TestGateway {
     pub public: String,
     /// `http://127.0.0.1:PORT` of the admin listener.
     pub admin: String,
-    /// The Redis a memory-store config was moved to (`CREDITGATE_TEST_STORE=redis`).
-    _redis: Option<super::redis::RedisServer>,
+    /// The Redis a memory-store config was moved to (`CREDITGATE_TEST_STORE`).
+    _redis: Option<MovedStore>,
+}
+
+/// The store a memory-store test gateway runs on instead, kept running as long as the gateway.
+enum MovedStore {
+    Redis(super::redis::RedisServer),
+    Cluster(super::redis::RedisCluster),
 }
 
 /// `CREDITGATE_TEST_STORE=redis` runs every gateway whose config asks for the memory store on a
-/// fresh `redis-server` of its own instead: `scripts/test` runs the gateway-level suites
-/// (metering, proxying, jobs, admin) that way too, so they prove their behaviour on both stores.
-fn moved_to_redis(config: &mut Config) -> Option<super::redis::RedisServer> {
-    let wanted = std::env::var("CREDITGATE_TEST_STORE").is_ok_and(|v| v == "redis");
-    if !wanted || config.store.kind != creditgate::config::StoreKind::Memory {
+/// fresh `redis-server` of its own instead, and `CREDITGATE_TEST_STORE=cluster` on a fresh
+/// 3-master Redis Cluster: `scripts/test` runs the gateway-level suites (metering, proxying,
+/// jobs, admin) on Redis too, and metering and jobs on a cluster, so they prove their behaviour
+/// on every store.
+fn moved_to_redis(config: &mut Config) -> Option<MovedStore> {
+    use creditgate::config::StoreKind;
+    if config.store.kind != StoreKind::Memory {
         return None;
     }
-    let redis = super::redis::RedisServer::start();
-    config.store.kind = creditgate::config::StoreKind::Redis;
-    config.store.url = Some(redis.url());
-    Some(redis)
+    match std::env::var("CREDITGATE_TEST_STORE").as_deref() {
+        Ok("redis") => {
+            let redis = super::redis::RedisServer::start();
+            config.store.kind = StoreKind::Redis;
+            config.store.url = Some(redis.url());
+            Some(MovedStore::Redis(redis))
+        }
+        Ok("cluster") => {
+            let cluster = super::redis::RedisCluster::start();
+            config.store.kind = StoreKind::RedisCluster;
+            config.store.nodes = Some(cluster.urls());
+            Some(MovedStore::Cluster(cluster))
+        }
+        Ok("memory") | Ok("") | Err(_) => None,
+        Ok(other) => panic!("CREDITGATE_TEST_STORE={other:?}: use redis, cluster or memory"),
+    }
 }
 
 impl TestGateway {

@@ -30,13 +30,19 @@ impl GatewayProcess {
     /// Starts the binary on `config_toml`, whose `listen`/`admin_listen` lines (port 0) are
     /// replaced by free ports; waits until `/healthz` answers.
     pub async fn start(config_toml: &str) -> Self {
-        Self::spawn(config_toml, None).await
+        Self::spawn(config_toml, None, &[]).await
+    }
+
+    /// Like [`GatewayProcess::start`] with more environment variables (e.g. `LD_PRELOAD`); with
+    /// a `log_filter`, keeps the log as [`GatewayProcess::start_logging`] does.
+    pub async fn start_with_env(config_toml: &str, log_filter: Option<&str>, env: &[(&str, String)]) -> Self {
+        Self::spawn(config_toml, log_filter, env).await
     }
 
     /// Like [`GatewayProcess::start`] with `RUST_LOG=filter`, keeping stderr (the log) for
     /// [`GatewayProcess::log`] instead of passing it through.
     pub async fn start_logging(config_toml: &str, filter: &str) -> Self {
-        Self::spawn(config_toml, Some(filter)).await
+        Self::spawn(config_toml, Some(filter), &[]).await
     }
 
     /// The log written so far (only with [`GatewayProcess::start_logging`]).
@@ -45,7 +51,7 @@ impl GatewayProcess {
         String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
     }
 
-    async fn spawn(config_toml: &str, log_filter: Option<&str>) -> Self {
+    async fn spawn(config_toml: &str, log_filter: Option<&str>, env: &[(&str, String)]) -> Self {
         for _ in 0..5 {
             let (public, admin) = (free_port(), free_port());
             let text = config_toml
@@ -63,6 +69,7 @@ impl GatewayProcess {
                 .arg(&config)
                 .env("CREDITGATE_ADMIN_TOKEN", ADMIN_TOKEN)
                 .env("RUST_LOG", log_filter.unwrap_or("warn"))
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(if log_filter.is_some() { Stdio::piped() } else { Stdio::inherit() })
@@ -145,4 +152,24 @@ impl Drop for GatewayProcess {
         self.kill();
         let _ = std::fs::remove_file(&self.config);
     }
+}
+
+/// Where Debian's `libfaketime` package puts the library, per architecture.
+const LIBFAKETIME: [&str; 3] = [
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/local/lib/faketime/libfaketime.so.1",
+];
+
+/// The environment that runs a child process with its wall clock `offset` away from the real one
+/// (libfaketime's syntax: `"+5m"`, `"-300"`); its monotonic clock (timers, timeouts) stays real.
+/// Panics saying how to install libfaketime when it is missing (`scripts/test` installs it).
+pub fn skewed_clock(offset: &str) -> Vec<(&'static str, String)> {
+    let lib = LIBFAKETIME.iter().find(|p| std::path::Path::new(p).exists()).unwrap_or_else(|| {
+        panic!(
+            "libfaketime not found (looked in {LIBFAKETIME:?}): the clock-skew test runs a gateway \
+             under it. Install it (`apt-get install -y faketime`) or run scripts/test, which does."
+        )
+    });
+    vec![("LD_PRELOAD", lib.to_string()), ("FAKETIME", offset.to_owned()), ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into())]
 }

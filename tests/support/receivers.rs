@@ -2,15 +2,16 @@
 //! `127.0.0.1:0`, recording everything they get.
 //!
 //! [`WebhookReceiver`] answers with a status the test can change at any time (503 to play a
-//! target that is down), and records every delivery with the status it answered, so a test can
-//! tell failed attempts from successful ones. [`SmtpReceiver`] speaks just enough SMTP for a
+//! target that is down), or 503 to the next N deliveries only, and records every delivery with
+//! the status it answered and when, so a test can tell failed attempts from successful ones and
+//! measure the gaps between them. [`SmtpReceiver`] speaks just enough SMTP for a
 //! client like lettre (greeting, EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT) and keeps each
 //! message with its envelope.
 
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,8 @@ pub struct Delivery {
     pub answered: u16,
     /// When it arrived, Unix seconds (a receiver checks the signature's `t` against its clock).
     pub received_at: i64,
+    /// When it arrived, for measuring the gaps between attempts.
+    pub at: Instant,
 }
 
 impl Delivery {
@@ -68,6 +71,8 @@ impl Delivery {
 
 struct WebhookInner {
     status: AtomicU16,
+    /// Deliveries still to be answered 503 before `status` applies again.
+    failures_left: AtomicU32,
     deliveries: Mutex<Vec<Delivery>>,
 }
 
@@ -82,7 +87,11 @@ pub struct WebhookReceiver {
 impl WebhookReceiver {
     /// Starts a receiver that answers 200.
     pub async fn start() -> Self {
-        let inner = Arc::new(WebhookInner { status: AtomicU16::new(200), deliveries: Mutex::new(Vec::new()) });
+        let inner = Arc::new(WebhookInner {
+            status: AtomicU16::new(200),
+            failures_left: AtomicU32::new(0),
+            deliveries: Mutex::new(Vec::new()),
+        });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind webhook receiver");
         let addr = listener.local_addr().expect("webhook receiver addr");
         let app = Router::new().fallback(receive).with_state(inner.clone());
@@ -100,6 +109,11 @@ impl WebhookReceiver {
     /// The status later deliveries get (e.g. 503 while "down").
     pub fn set_status(&self, status: u16) {
         self.inner.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Answers the next `n` deliveries 503, then the status set with [`WebhookReceiver::set_status`].
+    pub fn fail_next(&self, n: u32) {
+        self.inner.failures_left.store(n, Ordering::SeqCst);
     }
 
     /// Every delivery so far, in arrival order.
@@ -134,7 +148,8 @@ impl WebhookReceiver {
 async fn receive(State(inner): State<Arc<WebhookInner>>, req: Request) -> axum::response::Response {
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let answered = inner.status.load(Ordering::SeqCst);
+    let failing = inner.failures_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+    let answered = if failing { 503 } else { inner.status.load(Ordering::SeqCst) };
     inner.deliveries.lock().unwrap().push(Delivery {
         method: parts.method.to_string(),
         path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
@@ -144,6 +159,7 @@ async fn receive(State(inner): State<Arc<WebhookInner>>, req: Request) -> axum::
         received_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64),
+        at: Instant::now(),
     });
     StatusCode::from_u16(answered).expect("status").into_response()
 }
