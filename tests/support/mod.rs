@@ -9,4 +9,5 @@ pub mod redis;
 pub mod sentinel;
 pub mod stores;
 pub mod stripe;
+pub mod tls;
 pub mod upstream;
