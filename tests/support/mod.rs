@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 pub mod browser;
+pub mod faultproxy;
 pub mod gateway;
 pub mod http;
 pub mod process;

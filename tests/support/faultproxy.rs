@@ -1,0 +1,167 @@
+//! A TCP proxy on loopback that a fault test puts between the gateway and Redis (or an upstream)
+//! and switches, while traffic runs, between passing bytes, stalling them, losing replies and
+//! refusing connections.
+//!
+//! A lost reply breaks its connection: the request bytes reach the server (the script runs), the
+//! reply is thrown away and both sides are closed, as when a network path or a failover cuts a
+//! connection after the command left. Keeping the connection open without the reply would
+//! shift every later reply onto the wrong request, which no real network does.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// What the proxy does with the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Passes bytes both ways.
+    Pass,
+    /// Holds bytes in both directions (connections stay open) until the mode changes.
+    Stall,
+    /// Passes requests; a reply that arrives is dropped and its connection closed on both sides.
+    DropReplies,
+    /// Closes every connection and the listening socket: new connections are refused.
+    Refuse,
+}
+
+/// A running proxy from `127.0.0.1:<port>` to a target; stops (closing everything) on drop.
+pub struct FaultProxy {
+    port: u16,
+    mode: watch::Sender<Fault>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `target` (a loopback address), passing bytes.
+    pub async fn start(target: SocketAddr) -> Self {
+        assert!(target.ip().is_loopback(), "fault proxies forward to loopback only");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fault proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let (mode, rx) = watch::channel(Fault::Pass);
+        tokio::spawn(serve(Some(listener), port, target, rx));
+        FaultProxy { port, mode }
+    }
+
+    /// The port it listens on (while not refusing).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Switches the mode; takes effect at once for every connection.
+    pub fn set(&self, fault: Fault) {
+        self.mode.send_replace(fault);
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Fault {
+        *self.mode.borrow()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.mode.send_replace(Fault::Refuse);
+    }
+}
+
+/// Accepts while not refusing; re-binds the same port when a refusal ends.
+async fn serve(mut listener: Option<TcpListener>, port: u16, target: SocketAddr, mut mode: watch::Receiver<Fault>) {
+    loop {
+        let Some(l) = listener.take() else {
+            // Refusing: wait for another mode, then listen again on the same port.
+            if mode.wait_for(|m| *m != Fault::Refuse).await.is_err() {
+                return;
+            }
+            listener = rebind(port).await;
+            if listener.is_none() {
+                return;
+            }
+            continue;
+        };
+        tokio::select! {
+            accepted = l.accept() => {
+                listener = Some(l);
+                if let Ok((client, _)) = accepted {
+                    tokio::spawn(connection(client, target, mode.clone()));
+                }
+            }
+            changed = mode.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // Refuse drops the listener (`l`) here; any other mode keeps it.
+                if *mode.borrow() != Fault::Refuse {
+                    listener = Some(l);
+                }
+            }
+        }
+    }
+}
+
+/// Binds `127.0.0.1:port` again, a few tries (the old socket may still be closing).
+async fn rebind(port: u16) -> Option<TcpListener> {
+    for _ in 0..50 {
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)).await {
+            return Some(l);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+async fn connection(client: TcpStream, target: SocketAddr, mode: watch::Receiver<Fault>) {
+    if *mode.borrow() == Fault::Refuse {
+        return;
+    }
+    let Ok(server) = TcpStream::connect(target).await else { return };
+    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    // Whichever direction ends first closes both: dropping the halves closes the sockets.
+    tokio::select! {
+        _ = pump(client_read, server_write, mode.clone(), false) => {}
+        _ = pump(server_read, client_write, mode, true) => {}
+    }
+}
+
+/// Copies `from` to `to` as the mode allows; `replies` is the server-to-client direction.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::Receiver<Fault>, replies: bool) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        // Nothing moves while stalled.
+        let Ok(current) = mode.wait_for(|m| *m != Fault::Stall).await.map(|m| *m) else { return };
+        if current == Fault::Refuse {
+            return;
+        }
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            changed = mode.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        // Bytes read during a stall are held until it ends.
+        let Ok(current) = mode.wait_for(|m| *m != Fault::Stall).await.map(|m| *m) else { return };
+        match current {
+            Fault::Refuse => return,
+            Fault::DropReplies if replies => return,
+            _ => {}
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
