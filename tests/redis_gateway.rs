@@ -507,18 +507,28 @@ fn pending_refunds(redis: &RedisServer) -> usize {
         .sum()
 }
 
-#[tokio::test]
-async fn a_refund_the_store_could_not_write_survives_its_gateway_and_another_writes_it() {
-    let redis = RedisServer::start();
+/// A gateway process on `redis` whose backend answers 500 after 600 ms, account `acme` (50
+/// credits) and a powerful chat (5) under way: returns once the backend has it, with the
+/// gateway's config, the process, the key and the client's answer to come.
+async fn failing_chat_under_way(
+    redis: &RedisServer,
+) -> (Upstream, String, GatewayProcess, String, tokio::task::JoinHandle<Response>) {
     let up = Upstream::start(support::upstream::Behaviour::DelayThen(Duration::from_millis(600), 500)).await;
-    let config = ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build();
-    let mut a = GatewayProcess::start(&config).await;
+    let config = ConfigBuilder::new(&up.url()).store(&redis_store(redis)).build();
+    let a = GatewayProcess::start(&config).await;
     let key = new_account(&a.admin, "acme").await;
     let (url, auth) = (format!("{}{CHAT}", a.public), format!("Bearer {key}"));
     let sent = tokio::spawn(async move {
         http::send("POST", &url, &[("authorization", &auth), ("x-ai-tier", "powerful")], "{}").await
     });
     up.wait_for_count(1).await;
+    (up, config, a, key, sent)
+}
+
+#[tokio::test]
+async fn a_refund_the_store_could_not_write_survives_its_gateway_and_another_writes_it() {
+    let redis = RedisServer::start();
+    let (_up, config, mut a, key, sent) = failing_chat_under_way(&redis).await;
     // The backend is failing; by the time it says so, no script may run (the refund cannot be
     // written), while plain commands still work (the refund can be kept in the store).
     assert_eq!(redis.command(&["ACL", "SETUSER", "default", "-@scripting"]).trim(), "OK");
@@ -599,4 +609,27 @@ fn stall_redis(port: &str, secs: &str) {
     let out =
         std::process::Command::new("redis-cli").args(["-p", port, "DEBUG", "SLEEP", secs]).output().expect("redis-cli");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "DEBUG SLEEP refused: the stall did not happen");
+}
+
+/// A refund decided while Redis is down lives only in its instance's memory until the store
+/// answers again (README: "Only while the store takes nothing at all"). Once Redis is back it
+/// must reach the store soon — not after a retry backoff grown during the outage (it reached
+/// 6.4 s, then 12.8 s, up to 30 s), during which a SIGKILL of that instance lost the refund of a
+/// failed call whose answer had said `x-credits-charged: 0`.
+#[tokio::test]
+async fn a_refund_decided_during_an_outage_reaches_the_store_soon_after_it_returns() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let (_up, _config, mut a, _key, sent) = failing_chat_under_way(&redis).await;
+    // Charged (5 of 50, on disk); Redis dies before the backend's 500 arrives.
+    redis.kill();
+    let res = sent.await.unwrap();
+    assert_eq!((res.status.as_u16(), res.header("x-credits-refund")), (500, Some("pending")));
+    assert_eq!(res.charged(), 0);
+    // A long outage, then Redis returns; a little later the instance holding the refund dies.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    redis.relaunch();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    a.kill();
+    assert_eq!(redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim(), "50", "refunded before the kill");
+    assert_eq!(pending_refunds(&redis), 0);
 }
