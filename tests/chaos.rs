@@ -1,6 +1,7 @@
 //! The bank test (issue 11, item 2): accounts with known opening balances, two or three real
 //! gateway processes on one Redis (AOF, `appendfsync always`), concurrent clients that record
-//! every answer they get, admin top-ups with repeated payment refs, and faults on a schedule —
+//! every answer they get (chats, lead enrichments, transcriptions that queue when the account
+//! cannot pay), admin top-ups with repeated payment refs, and faults on a schedule —
 //! Redis SIGKILLed and restarted, replies lost after the script ran and connections stalled (a
 //! [`FaultProxy`] between the gateways and Redis), `FUNCTION FLUSH`, a gateway SIGKILLed
 //! mid-stream and restarted, an upstream refusing connections, hanging, failing and dying
@@ -32,6 +33,10 @@ use support::upstream::{Behaviour, Upstream};
 /// answer; far above any answer the gateway should give (store waits and upstream timeouts are
 /// a second or two here), so it only fires for a gateway that died.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(12);
+
+/// What an answer records when the client stopped waiting for the body: it hung up, which keeps
+/// a delivered request's charge (README), so such an answer proves nothing either way.
+const GAVE_UP: &str = "client gave up on the body";
 
 /// The gateways' `upstream_timeout_ms`; a hanging upstream waits longer than this.
 const UPSTREAM_TIMEOUT_MS: u64 = 1_500;
@@ -136,7 +141,8 @@ struct Sent {
     cost: u64,
     /// The upstream behaviour the body asked for.
     upstream: &'static str,
-    /// `ai_chat` (whose `refund_on` adds `timeout`), else `lead_enrichment`.
+    /// `ai_chat` (whose `refund_on` adds `timeout`), else `lead_enrichment` or
+    /// `call_transcription` (the default `refund_on`).
     chat: bool,
     slot: usize,
     generation: u64,
@@ -195,7 +201,12 @@ fn prepare(rng: &mut Rng, marker: &str) -> Prepared {
         89..93 => "hang",
         _ => "die",
     };
-    if rng.percent(60) {
+    let pick = rng.below(100);
+    if pick < 10 {
+        // Queued when the account cannot pay (202), run by the job runner once it can.
+        let body = json!({"call_id": marker, "upstream": upstream, "marker": marker});
+        Prepared { path: TRANSCRIBE, headers: Vec::new(), body: body.to_string(), cost: 2, upstream }
+    } else if pick < 60 {
         let (tier, cost) = [("fast", 1), ("balanced", 3), ("powerful", 5)][rng.below(3) as usize];
         let mut headers = Vec::new();
         let body = if rng.percent(50) {
@@ -212,6 +223,8 @@ fn prepare(rng: &mut Rng, marker: &str) -> Prepared {
         Prepared { path: "/v1/leads/enrich", headers: Vec::new(), body: body.to_string(), cost: n, upstream }
     }
 }
+
+const TRANSCRIBE: &str = "/v1/calls/transcribe";
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
@@ -234,7 +247,7 @@ async fn attempt(client: &HttpClient, method: &str, url: &str, headers: &[(&str,
     let (parts, incoming) = res.into_parts();
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let body = match tokio::time::timeout(CLIENT_TIMEOUT, incoming.collect()).await {
-        Err(_) => Err("body not complete in time".to_owned()),
+        Err(_) => Err(GAVE_UP.to_owned()),
         Ok(Err(e)) => Err(format!("{e:?}")),
         Ok(Ok(b)) => Ok(b.to_bytes()),
     };
@@ -272,7 +285,11 @@ async fn client_loop(traffic: Arc<Traffic>, client_no: usize, seed: u64) {
         if Instant::now() >= traffic.stop {
             return;
         }
-        let account = rng.below(accounts as u64) as usize;
+        // 40 % to the small-plan accounts (every fourth), which run dry: 402s, queued jobs.
+        let account = match rng.below(accounts as u64) as usize {
+            a if rng.percent(40) => a - a % 4,
+            a => a,
+        };
         let id = format!("chaos-{client_no}-{seq}");
         let resend = {
             let keyed = traffic.keyed.lock().unwrap();
@@ -348,13 +365,21 @@ async fn topup_loop(traffic: Arc<Traffic>, seed: u64) -> Vec<TopupSent> {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let account = rng.below(traffic.keys.len() as u64) as usize;
+        // Half go to the small-plan accounts, which run dry and queue transcriptions: a top-up
+        // is what runs their jobs.
+        let accounts = traffic.keys.len() as u64;
+        let account = match rng.below(accounts) as usize {
+            a if rng.percent(50) => a - a % 4,
+            a => a,
+        };
         let earlier: Vec<&TopupSent> = sent.iter().filter(|t| t.account == account).collect();
         let (payment_ref, credits) = if !earlier.is_empty() && rng.percent(30) {
             let t = earlier[rng.below(earlier.len() as u64) as usize];
             (t.payment_ref.clone(), t.credits)
         } else {
-            (format!("pay-{account}-{n}"), [50, 200, 500][rng.below(3) as usize])
+            // Small ones for the small plan: they keep running dry and queueing.
+            let sizes = if plan_of(account).1 <= 50 { [10, 20, 50] } else { [50, 200, 500] };
+            (format!("pay-{account}-{n}"), sizes[rng.below(3) as usize])
         };
         let Some((_, instance)) = traffic.fleet.pick(&mut rng) else { continue };
         let path = format!("/admin/v1/accounts/{}/topups", account_id(account));
@@ -550,6 +575,38 @@ async fn read_books(http: &HttpClient, admin: &str, account: usize) -> Result<Bo
     Ok(Books { history, monthly: int("monthly_remaining")?, topup: int("topup_remaining")? })
 }
 
+/// What `GET /v1/jobs/{id}` says of each job a 202 named: account and the job's JSON.
+type Jobs = BTreeMap<String, (usize, Value)>;
+
+/// The job ids of every 202 (`{"job_id", "status": "queued"}`), first or replayed.
+fn queued_jobs(sent: &[Sent]) -> BTreeMap<String, usize> {
+    let mut jobs = BTreeMap::new();
+    for s in sent {
+        if let Answer::Head { status: 202, body: Ok(b), .. } = &s.answer
+            && let Some(id) =
+                serde_json::from_slice::<Value>(b).ok().and_then(|v| v["job_id"].as_str().map(str::to_owned))
+        {
+            jobs.insert(id, s.account);
+        }
+    }
+    jobs
+}
+
+async fn read_jobs(http: &HttpClient, public: &str, keys: &[String], queued: &BTreeMap<String, usize>) -> Jobs {
+    let mut jobs = Jobs::new();
+    for (id, &account) in queued {
+        let auth = format!("Bearer {}", keys[account]);
+        let answer =
+            attempt(http, "GET", &format!("{public}/v1/jobs/{id}"), &[("authorization", &auth)], String::new()).await;
+        if let Answer::Head { status: 200, body: Ok(b), .. } = answer
+            && let Ok(v) = serde_json::from_slice::<Value>(&b)
+        {
+            jobs.insert(id.clone(), (account, v));
+        }
+    }
+    jobs
+}
+
 /// One broken rule. `settling` ones may still resolve by themselves (a refund written late).
 #[derive(Debug, Clone)]
 struct Anomaly {
@@ -569,6 +626,8 @@ struct Totals {
     topup_credits: i64,
     kept_unanswered: u64,
     refunded_503: u64,
+    job_attempts: u64,
+    jobs: BTreeMap<String, u64>,
 }
 
 /// The rules, per account, over the books and every recorded answer:
@@ -593,10 +652,15 @@ struct Totals {
 ///    not (README: a gateway that dies after charging keeps the charge); it is counted.
 /// 6. No idempotency key has two standing charges.
 /// 7. Every request the upstream received was charged first (nothing forwarded uncharged).
+/// 8. Queued jobs (charge ids `job-<id>-<attempt>`, one per attempt): each for a request that was
+///    answered 202 (or not at all), at its price; at most one attempt of a job stands ("ran at
+///    most once paid"); a job `done` with a 2xx result has exactly one, and its result is the
+///    upstream's answer to that job; a job still `queued` has none.
 fn check(
     books: &[Books],
     sent: &[Sent],
     topups: &[TopupSent],
+    jobs: &Jobs,
     upstream: &Upstream,
     fleet: &Fleet,
     totals: &mut Totals,
@@ -604,8 +668,9 @@ fn check(
     let mut anomalies = Vec::new();
     let mut flag = |account: usize, settling: bool, text: String| anomalies.push(Anomaly { account, settling, text });
     let by_id: HashMap<&str, &Sent> = sent.iter().map(|s| (s.id.as_str(), s)).collect();
-    // Per request id: (charge entry, refunded?).
+    // Per request id: (charge entry, refunded?); job attempts apart, per job id.
     let mut charge_of: HashMap<String, Vec<(Entry, bool)>> = HashMap::new();
+    let mut job_charges: HashMap<String, Vec<(Entry, bool)>> = HashMap::new();
 
     for (account, b) in books.iter().enumerate() {
         let (_, allocation) = plan_of(account);
@@ -722,8 +787,14 @@ fn check(
             }
         }
         for (cid, e) in &charges {
-            let rid = e.request_id.clone().unwrap_or_default();
-            charge_of.entry(rid).or_default().push(((*e).clone(), refunds.contains_key(cid)));
+            let refunded = refunds.contains_key(cid);
+            match cid.strip_prefix("job-").and_then(|rest| rest.rsplit_once('-')) {
+                Some((job, _attempt)) => job_charges.entry(job.to_owned()).or_default().push(((*e).clone(), refunded)),
+                None => charge_of
+                    .entry(e.request_id.clone().unwrap_or_default())
+                    .or_default()
+                    .push(((*e).clone(), refunded)),
+            }
         }
     }
 
@@ -779,12 +850,18 @@ fn check(
             continue;
         }
         match (*status, *charged) {
+            // Queued (the account could not pay): nothing charged now; the job pays (rule 8).
+            (202, _) => {
+                if *charged != Some(0) || charges > 0 {
+                    flag(s.account, false, format!("{what}: a queued request was charged"));
+                }
+            }
             (200..=299, Some(c)) if c > 0 => {
                 if charges == 0 {
                     flag(s.account, false, format!("{what}: no charge in the history"));
                 } else if body.is_ok() && !stands {
                     flag(s.account, false, format!("{what}: its charge was refunded"));
-                } else if body.is_err() && stands && !killed_after_start {
+                } else if body.as_ref().is_err_and(|e| !e.contains(GAVE_UP)) && stands && !killed_after_start {
                     flag(
                         s.account,
                         true,
@@ -812,10 +889,12 @@ fn check(
                     flag(s.account, true, format!("{what}: a failed call that refund_on refunds is still charged"));
                 }
             }
-            // A lead enrichment's 504: `refund_on` leaves a timeout after delivery charged.
-            (504, _) => {
-                if *charged != Some(s.cost) || !stands {
-                    flag(s.account, false, format!("{what}: a timeout refund_on keeps must say charged and stand"));
+            // A lead enrichment's 504: `refund_on` keeps a timeout after delivery (the hanging
+            // upstream reads the body first) and refunds one before; either way the answer says
+            // which.
+            (504, Some(c)) if c == s.cost => {
+                if !stands {
+                    flag(s.account, false, format!("{what}: a timeout refund_on keeps must stand"));
                 }
             }
             (_, Some(c)) if c > 0 => {
@@ -853,8 +932,67 @@ fn check(
     // 7. nothing forwarded uncharged
     for r in &requests {
         let Some(s) = r.header("x-request-id").and_then(|id| by_id.get(id)) else { continue };
-        if !charge_of.contains_key(&s.id) {
-            flag(s.account, false, format!("request {} reached the upstream without a charge", s.id));
+        let job = r.header("idempotency-key").and_then(|k| k.strip_prefix("job-"));
+        let paid = match job {
+            Some(job) => job_charges.contains_key(job),
+            None => charge_of.contains_key(&s.id),
+        };
+        if !paid {
+            flag(s.account, false, format!("request {} ({job:?}) reached the upstream without a charge", s.id));
+        }
+    }
+
+    // 8. queued jobs ran at most once paid
+    for (job, attempts) in &job_charges {
+        let account = attempts[0].0.request_id.as_deref().and_then(|r| by_id.get(r)).map_or(0, |s| s.account);
+        for (e, _) in attempts {
+            let rid = e.request_id.as_deref().unwrap_or("");
+            match by_id.get(rid) {
+                Some(s)
+                    if s.cost as i64 == -e.delta()
+                        && matches!(s.answer, Answer::Nothing(_) | Answer::Head { status: 202, .. }) => {}
+                _ => flag(
+                    account,
+                    false,
+                    format!("job {job} charged for request {rid}, which was not queued: {}", e.line()),
+                ),
+            }
+        }
+        let standing = attempts.iter().filter(|(_, refunded)| !refunded).count();
+        totals.job_attempts += attempts.len() as u64;
+        if standing > 1 {
+            flag(account, false, format!("job {job} paid {standing} times"));
+        }
+        match jobs.get(job).map(|(_, v)| v) {
+            Some(v) if v["status"] == "queued" && standing > 0 => {
+                flag(account, true, format!("job {job} is queued but an attempt stands: {v}"))
+            }
+            Some(v)
+                if v["status"] == "done" && v["result"]["status"].as_u64().is_some_and(|s| (200..300).contains(&s)) =>
+            {
+                if standing != 1 {
+                    flag(
+                        account,
+                        true,
+                        format!("job {job} done with {} but {standing} attempts stand", v["result"]["status"]),
+                    );
+                }
+                if let Some(n) = v["result"]["body"]["n"].as_u64()
+                    && requests.get(n as usize).and_then(|r| r.header("idempotency-key")) != Some(&format!("job-{job}"))
+                {
+                    flag(account, false, format!("job {job}'s result is upstream answer {n} of another request"));
+                }
+            }
+            _ => {}
+        }
+    }
+    for (job, (account, v)) in jobs {
+        *totals.jobs.entry(v["status"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
+        if v["status"] == "done"
+            && v["result"]["status"].as_u64().is_some_and(|s| (200..300).contains(&s))
+            && !job_charges.contains_key(job)
+        {
+            flag(*account, false, format!("job {job} done without a charge: {v}"));
         }
     }
     anomalies
@@ -955,14 +1093,26 @@ async fn the_books_balance_through_faults() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let sent = traffic.sent.lock().unwrap().clone();
+    let queued = queued_jobs(&sent);
     let (anomalies, books, totals) = loop {
         let admin = fleet.pick(&mut Rng(1)).expect("a gateway is up").1.admin;
         let mut books = Vec::new();
         for a in 0..settings.accounts {
-            books.push(read_books(&http, &admin, a).await.unwrap_or_else(|e| panic!("reading the books of {a}: {e}")));
+            // The store may still be closing its circuit after the last fault: a few tries.
+            let mut read = read_books(&http, &admin, a).await;
+            for _ in 0..40 {
+                if read.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                read = read_books(&http, &admin, a).await;
+            }
+            books.push(read.unwrap_or_else(|e| panic!("reading the books of {a}: {e}")));
         }
+        let public = fleet.pick(&mut Rng(1)).expect("a gateway is up").1.public;
+        let jobs = read_jobs(&http, &public, &traffic.keys, &queued).await;
         let mut totals = Totals::default();
-        let anomalies = check(&books, &sent, &topups, &upstream, &fleet, &mut totals);
+        let anomalies = check(&books, &sent, &topups, &jobs, &upstream, &fleet, &mut totals);
         let settling = !anomalies.is_empty() && anomalies.iter().all(|a| a.settling);
         if !settling || settle_start.elapsed() >= settle_bound {
             break (anomalies, books, totals);
@@ -1037,6 +1187,10 @@ async fn the_books_balance_through_faults() {
         format!("{} / {}", totals.topups, totals.topup_credits)
     );
     println!("{:<48} {:>8}", "  503s whose charge landed and was refunded", totals.refunded_503);
+    println!("{:<48} {:>8}", "  queued jobs (charged attempts)", format!("{} ({})", queued.len(), totals.job_attempts));
+    for (status, n) in &totals.jobs {
+        println!("{:<48} {:>8}", format!("    {status}"), n);
+    }
     println!("{:<48} {:>8}", "  unanswered requests whose charge stands", totals.kept_unanswered);
     println!("{:<48} {:>8}", "  refunds still pending in the store", pending);
     println!("{:<48} {:>8}", "  settle time (s)", format!("{:.1}", settle_start.elapsed().as_secs_f64()));
