@@ -38,6 +38,9 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(12);
 /// a delivered request's charge (README), so such an answer proves nothing either way.
 const GAVE_UP: &str = "client gave up on the body";
 
+/// What an answer records when no connection to the gateway could be made.
+const NOT_CONNECTED: &str = "not connected";
+
 /// The gateways' `upstream_timeout_ms`; a hanging upstream waits longer than this.
 const UPSTREAM_TIMEOUT_MS: u64 = 1_500;
 
@@ -158,6 +161,7 @@ enum Answer {
     Head {
         status: u16,
         charged: Option<u64>,
+        remaining: Option<i64>,
         replay: bool,
         refund_pending: bool,
         error_type: Option<String>,
@@ -241,6 +245,8 @@ async fn attempt(client: &HttpClient, method: &str, url: &str, headers: &[(&str,
     let req = req.body(Full::new(Bytes::from(body))).expect("request");
     let res = match tokio::time::timeout(CLIENT_TIMEOUT, client.request(req)).await {
         Err(_) => return Answer::Nothing("no answer head in time".into()),
+        // A connection that could not be made never reached a gateway.
+        Ok(Err(e)) if e.is_connect() => return Answer::Nothing(format!("{NOT_CONNECTED}: {e:?}")),
         Ok(Err(e)) => return Answer::Nothing(format!("{e:?}")),
         Ok(Ok(res)) => res,
     };
@@ -259,6 +265,7 @@ async fn attempt(client: &HttpClient, method: &str, url: &str, headers: &[(&str,
     Answer::Head {
         status: parts.status.as_u16(),
         charged: header("x-credits-charged").and_then(|v| v.parse().ok()),
+        remaining: header("x-credits-remaining").and_then(|v| v.parse().ok()),
         replay: header("x-idempotent-replay").as_deref() == Some("true"),
         refund_pending: header("x-credits-refund").as_deref() == Some("pending"),
         error_type,
@@ -807,7 +814,10 @@ fn check(
             flag(s.account, false, format!("request {} charged {charges} times", s.id));
         }
         let stands = standing(&s.id) == Some(true);
-        let Answer::Head { status, charged, replay, refund_pending, error_type, body } = &s.answer else {
+        let Answer::Head { status, charged, remaining, replay, refund_pending, error_type, body } = &s.answer else {
+            if matches!(&s.answer, Answer::Nothing(why) if why.starts_with(NOT_CONNECTED)) && charges > 0 {
+                flag(s.account, false, format!("request {} never reached a gateway but was charged", s.id));
+            }
             totals.kept_unanswered += u64::from(stands);
             continue;
         };
@@ -857,6 +867,15 @@ fn check(
                 }
             }
             (200..=299, Some(c)) if c > 0 => {
+                // The price, and the balance right after this charge (no auto top-up here).
+                let after = charge_of.get(&s.id).and_then(|c| c.first()).map(|(e, _)| e.monthly_after + e.topup_after);
+                if c != s.cost || (after.is_some() && *remaining != after) {
+                    flag(
+                        s.account,
+                        false,
+                        format!("{what}: says remaining {remaining:?}, the ledger {after:?} (price {})", s.cost),
+                    );
+                }
                 if charges == 0 {
                     flag(s.account, false, format!("{what}: no charge in the history"));
                 } else if body.is_ok() && !stands {
@@ -1127,7 +1146,8 @@ async fn the_books_balance_through_faults() {
     for s in &sent {
         let label = match &s.answer {
             Answer::Nothing(why) if why.contains("in time") => "no answer in time (client gave up)".to_owned(),
-            Answer::Nothing(_) => "no answer (connection failed or reset)".to_owned(),
+            Answer::Nothing(why) if why.starts_with(NOT_CONNECTED) => "no answer (could not connect)".to_owned(),
+            Answer::Nothing(_) => "no answer (connection broke)".to_owned(),
             Answer::Head { replay: true, .. } => {
                 replays += 1;
                 "replayed (x-idempotent-replay)".to_owned()
