@@ -635,6 +635,7 @@ struct Totals {
     refunded_503: u64,
     job_attempts: u64,
     jobs: BTreeMap<String, u64>,
+    known_503_jobs: u64,
 }
 
 /// The rules, per account, over the books and every recorded answer:
@@ -648,21 +649,24 @@ struct Totals {
 /// 4. Charges: one per request id at most, each for a request a client sent, for its price; each
 ///    refund is of a charge of the account, at most once, and returns exactly that charge.
 /// 5. Answers (SPEC §4, README "Guarantees"): a 2xx that says `x-credits-charged: c > 0` and
-///    whose body arrived whole has its charge, of c, standing (not refunded); one whose body broke
+///    whose body arrived whole has its charge, of c = the price, standing (not refunded), and says
+///    as `x-credits-remaining` the balance that charge left; one whose body broke
 ///    off is refunded (`refund_on` has `status_5xx` for both operations), unless its gateway was
 ///    killed; the upstream's 500, a 502 and a chat's 504 say `x-credits-charged: 0` and leave no
 ///    charge standing (`refund_on` of the shipped config); a lead enrichment's 504 (a timeout
 ///    after delivery, which its `refund_on` keeps) says it charged the price and the charge
 ///    stands; a 503 `store_unavailable`, a 402 and a 409 leave no charge standing; a replay
 ///    (`x-idempotent-replay: true`) has no charge of its own and carries the answer of a paid
-///    request with the same key. An answer with no head at all may have a standing charge or
-///    not (README: a gateway that dies after charging keeps the charge); it is counted.
+///    request with the same key. A request that could not connect has no charge; one with no
+///    answer head at all may have a standing charge or not (README: a gateway that dies after
+///    charging keeps the charge); it is counted.
 /// 6. No idempotency key has two standing charges.
 /// 7. Every request the upstream received was charged first (nothing forwarded uncharged).
 /// 8. Queued jobs (charge ids `job-<id>-<attempt>`, one per attempt): each for a request that was
 ///    answered 202 (or not at all), at its price; at most one attempt of a job stands ("ran at
 ///    most once paid"); a job `done` with a 2xx result has exactly one, and its result is the
-///    upstream's answer to that job; a job still `queued` has none.
+///    upstream's answer to that job; a job still `queued` has none. A job of a request answered
+///    503 is a known bug (README, "Not guaranteed yet"): counted in the table, not an anomaly.
 fn check(
     books: &[Books],
     sent: &[Sent],
@@ -962,6 +966,7 @@ fn check(
     }
 
     // 8. queued jobs ran at most once paid
+    let mut known_503_jobs = HashSet::new();
     for (job, attempts) in &job_charges {
         let account = attempts[0].0.request_id.as_deref().and_then(|r| by_id.get(r)).map_or(0, |s| s.account);
         for (e, _) in attempts {
@@ -970,6 +975,15 @@ fn check(
                 Some(s)
                     if s.cost as i64 == -e.delta()
                         && matches!(s.answer, Answer::Nothing(_) | Answer::Head { status: 202, .. }) => {}
+                // Known, not yet fixed (README, "Not guaranteed yet"; the ignored
+                // `redis_gateway.rs` test): the queueing step landed but its reply was lost, the
+                // request was answered 503, and the job ran paid later. Counted, not failed on.
+                Some(s)
+                    if s.cost as i64 == -e.delta()
+                        && matches!(&s.answer, Answer::Head { status: 503, error_type: Some(t), .. } if t == "store_unavailable") =>
+                {
+                    known_503_jobs.insert(job.clone());
+                }
                 _ => flag(
                     account,
                     false,
@@ -1005,6 +1019,7 @@ fn check(
             _ => {}
         }
     }
+    totals.known_503_jobs = known_503_jobs.len() as u64;
     for (job, (account, v)) in jobs {
         *totals.jobs.entry(v["status"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
         if v["status"] == "done"
@@ -1212,6 +1227,7 @@ async fn the_books_balance_through_faults() {
         println!("{:<48} {:>8}", format!("    {status}"), n);
     }
     println!("{:<48} {:>8}", "  unanswered requests whose charge stands", totals.kept_unanswered);
+    println!("{:<48} {:>8}", "  KNOWN BUG: 503s whose job was queued and ran", totals.known_503_jobs);
     println!("{:<48} {:>8}", "  refunds still pending in the store", pending);
     println!("{:<48} {:>8}", "  settle time (s)", format!("{:.1}", settle_start.elapsed().as_secs_f64()));
     println!("{:<48} {:>8}", "ANOMALIES", anomalies.len());

@@ -633,3 +633,55 @@ async fn a_refund_decided_during_an_outage_reaches_the_store_soon_after_it_retur
     assert_eq!(redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim(), "50", "refunded before the kill");
     assert_eq!(pending_refunds(&redis), 0);
 }
+
+/// A transcription the account cannot pay for is queued. When the replies of that queueing step
+/// are lost (the step ran; the connection broke, and again for the re-send on a fresh one), the
+/// request is answered 503 `store_unavailable` — yet its job sits in the queue and runs, paid,
+/// after the next top-up: work and a charge the client was told did not happen, and which it may
+/// well send again. Found by `tests/chaos.rs` (a stall does the same: the step lands after
+/// `store.max_wait_ms`). Either answer is fine — 202 with the job, or 503 and no job ever runs —
+/// but not 503 and a paid run. Ignored until fixed: the fix needs a background step that
+/// withdraws a job of unknown fate (as a charge of unknown fate is refunded), leaving a tombstone
+/// so that a step landing late queues nothing (`job_enqueue.lua` already treats an existing
+/// record as a re-send).
+#[tokio::test]
+#[ignore = "known bug: a 503 whose queueing step landed unseen leaves a job that runs paid (README, Not guaranteed yet)"]
+async fn a_lost_reply_of_the_queueing_step_is_not_answered_503_while_the_job_runs_paid() {
+    let redis = RedisServer::start();
+    let proxy = support::faultproxy::FaultProxy::start(format!("127.0.0.1:{}", redis.port()).parse().unwrap()).await;
+    let up = Upstream::echo().await;
+    let store = format!("kind = \"redis\"\nurl = \"redis://{}\"", proxy.addr());
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&store).build()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    support::gateway::spend(&gw, &key, 50).await;
+    // The reply of the queueing step (it answers "queued") is lost after the step ran, and that
+    // of its re-send on a fresh connection too.
+    proxy.drop_replies_with(b"queued", 2);
+    let res = gw.post(&key, TRANSCRIBE, &[], r#"{"call_id":"c1"}"#).await;
+    // The store is marked down for a moment after the broken connections.
+    let mut topup = gw.topup("acme", 10, "p1").await;
+    for _ in 0..100 {
+        if topup.status == 201 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        topup = gw.topup("acme", 10, "p1").await;
+    }
+    assert_eq!(topup.status, 201, "{}", topup.text());
+    match res.status.as_u16() {
+        202 => {
+            let job = res.json()["job_id"].as_str().expect("a job id").to_owned();
+            let done = wait_done(&gw.public, &key, &format!("/v1/jobs/{job}"), 100).await;
+            assert_eq!(done["status"], "done", "{done}");
+            assert_eq!(up.requests().iter().filter(|r| r.path == TRANSCRIBE).count(), 1, "the job ran once");
+            assert_eq!(gw.remaining(&key).await, 8, "and was paid once");
+        }
+        503 => {
+            // The top-up wakes the job runner at once; give it time to run anything queued.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert_eq!(up.requests().iter().filter(|r| r.path == TRANSCRIBE).count(), 0, "a 503 ran nothing");
+            assert_eq!(gw.remaining(&key).await, 10, "and charged nothing");
+        }
+        other => panic!("unexpected {other}: {}", res.text()),
+    }
+}

@@ -8,6 +8,7 @@
 //! shift every later reply onto the wrong request, which no real network does.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,10 +29,14 @@ pub enum Fault {
     Refuse,
 }
 
+/// Replies to lose whatever the mode: a pattern they contain and how many more times.
+type DropNext = Arc<Mutex<Option<(Vec<u8>, usize)>>>;
+
 /// A running proxy from `127.0.0.1:<port>` to a target; stops (closing everything) on drop.
 pub struct FaultProxy {
     port: u16,
     mode: watch::Sender<Fault>,
+    drop_next: DropNext,
 }
 
 impl FaultProxy {
@@ -41,8 +46,9 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fault proxy");
         let port = listener.local_addr().expect("proxy addr").port();
         let (mode, rx) = watch::channel(Fault::Pass);
-        tokio::spawn(serve(Some(listener), port, target, rx));
-        FaultProxy { port, mode }
+        let drop_next = Arc::new(Mutex::new(None));
+        tokio::spawn(serve(Some(listener), port, target, rx, drop_next.clone()));
+        FaultProxy { port, mode, drop_next }
     }
 
     /// The port it listens on (while not refusing).
@@ -60,6 +66,12 @@ impl FaultProxy {
         self.mode.send_replace(fault);
     }
 
+    /// Loses the next `times` replies that contain `pattern` (each time the connection breaks),
+    /// whatever the mode: a test can lose the reply of one particular step, and of its re-sends.
+    pub fn drop_replies_with(&self, pattern: &[u8], times: usize) {
+        *self.drop_next.lock().unwrap() = Some((pattern.to_vec(), times));
+    }
+
     /// The current mode.
     pub fn mode(&self) -> Fault {
         *self.mode.borrow()
@@ -73,7 +85,13 @@ impl Drop for FaultProxy {
 }
 
 /// Accepts while not refusing; re-binds the same port when a refusal ends.
-async fn serve(mut listener: Option<TcpListener>, port: u16, target: SocketAddr, mut mode: watch::Receiver<Fault>) {
+async fn serve(
+    mut listener: Option<TcpListener>,
+    port: u16,
+    target: SocketAddr,
+    mut mode: watch::Receiver<Fault>,
+    drop_next: DropNext,
+) {
     loop {
         let Some(l) = listener.take() else {
             // Refusing: wait for another mode, then listen again on the same port.
@@ -90,7 +108,7 @@ async fn serve(mut listener: Option<TcpListener>, port: u16, target: SocketAddr,
             accepted = l.accept() => {
                 listener = Some(l);
                 if let Ok((client, _)) = accepted {
-                    tokio::spawn(connection(client, target, mode.clone()));
+                    tokio::spawn(connection(client, target, mode.clone(), drop_next.clone()));
                 }
             }
             changed = mode.changed() => {
@@ -117,7 +135,7 @@ async fn rebind(port: u16) -> Option<TcpListener> {
     None
 }
 
-async fn connection(client: TcpStream, target: SocketAddr, mode: watch::Receiver<Fault>) {
+async fn connection(client: TcpStream, target: SocketAddr, mode: watch::Receiver<Fault>, drop_next: DropNext) {
     if *mode.borrow() == Fault::Refuse {
         return;
     }
@@ -127,13 +145,20 @@ async fn connection(client: TcpStream, target: SocketAddr, mode: watch::Receiver
     let (server_read, server_write) = server.into_split();
     // Whichever direction ends first closes both: dropping the halves closes the sockets.
     tokio::select! {
-        _ = pump(client_read, server_write, mode.clone(), false) => {}
-        _ = pump(server_read, client_write, mode, true) => {}
+        _ = pump(client_read, server_write, mode.clone(), None) => {}
+        _ = pump(server_read, client_write, mode, Some(drop_next)) => {}
     }
 }
 
-/// Copies `from` to `to` as the mode allows; `replies` is the server-to-client direction.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::Receiver<Fault>, replies: bool) {
+/// Copies `from` to `to` as the mode allows; `drop_next` is given for the server-to-client
+/// direction (replies).
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut mode: watch::Receiver<Fault>,
+    drop_next: Option<DropNext>,
+) {
+    let replies = drop_next.is_some();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         // Nothing moves while stalled.
@@ -159,6 +184,18 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::
             Fault::Refuse => return,
             Fault::DropReplies if replies => return,
             _ => {}
+        }
+        if let Some(armed) = &drop_next {
+            let mut armed = armed.lock().unwrap();
+            if let Some((pattern, times)) = armed.as_mut()
+                && buf[..n].windows(pattern.len()).any(|w| w == pattern.as_slice())
+            {
+                *times -= 1;
+                if *times == 0 {
+                    *armed = None;
+                }
+                return;
+            }
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
