@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::faultproxy::FaultProxy;
+use support::lostreply::LostReplyProxy;
 use support::gateway::{ADMIN_TOKEN, ConfigBuilder, TestGateway};
 use support::http::{self, Response};
 use support::process::GatewayProcess;
@@ -497,7 +497,7 @@ async fn a_job_whose_gateway_dies_mid_run_completes_once_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_charge_whose_reply_is_lost_is_charged_once_not_refused() {
     let redis = RedisServer::start();
-    let proxy = FaultProxy::start(redis.port()).await;
+    let proxy = LostReplyProxy::start(redis.port()).await;
     let up = Upstream::echo().await;
     let store = format!("kind = \"redis\"\nurl = \"{}\"", proxy.url());
     let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&store).build()).await;
@@ -530,18 +530,28 @@ fn pending_refunds(redis: &RedisServer) -> usize {
         .sum()
 }
 
-#[tokio::test]
-async fn a_refund_the_store_could_not_write_survives_its_gateway_and_another_writes_it() {
-    let redis = RedisServer::start();
+/// A gateway process on `redis` whose backend answers 500 after 600 ms, account `acme` (50
+/// credits) and a powerful chat (5) under way: returns once the backend has it, with the
+/// gateway's config, the process, the key and the client's answer to come.
+async fn failing_chat_under_way(
+    redis: &RedisServer,
+) -> (Upstream, String, GatewayProcess, String, tokio::task::JoinHandle<Response>) {
     let up = Upstream::start(support::upstream::Behaviour::DelayThen(Duration::from_millis(600), 500)).await;
-    let config = ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build();
-    let mut a = GatewayProcess::start(&config).await;
+    let config = ConfigBuilder::new(&up.url()).store(&redis_store(redis)).build();
+    let a = GatewayProcess::start(&config).await;
     let key = new_account(&a.admin, "acme").await;
     let (url, auth) = (format!("{}{CHAT}", a.public), format!("Bearer {key}"));
     let sent = tokio::spawn(async move {
         http::send("POST", &url, &[("authorization", &auth), ("x-ai-tier", "powerful")], "{}").await
     });
     up.wait_for_count(1).await;
+    (up, config, a, key, sent)
+}
+
+#[tokio::test]
+async fn a_refund_the_store_could_not_write_survives_its_gateway_and_another_writes_it() {
+    let redis = RedisServer::start();
+    let (_up, config, mut a, key, sent) = failing_chat_under_way(&redis).await;
     // The backend is failing; by the time it says so, no script may run (the refund cannot be
     // written), while plain commands still work (the refund can be kept in the store).
     assert_eq!(redis.command(&["ACL", "SETUSER", "default", "-@scripting"]).trim(), "OK");
@@ -761,4 +771,79 @@ async fn two_gateways_whose_clocks_differ_by_5_minutes_renew_once() {
     let outbox = redis.command(&["LRANGE", "cg:{acct:skew}:outbox", "0", "-1"]);
     let renewed = outbox.lines().filter(|e| e.contains("\"credits.renewed\"")).count();
     assert_eq!(renewed, 1, "one credits.renewed event: {outbox}");
+}
+
+/// A refund decided while Redis is down lives only in its instance's memory until the store
+/// answers again (README: "Only while the store takes nothing at all"). Once Redis is back it
+/// must reach the store soon — not after a retry backoff grown during the outage (it reached
+/// 6.4 s, then 12.8 s, up to 30 s), during which a SIGKILL of that instance lost the refund of a
+/// failed call whose answer had said `x-credits-charged: 0`.
+#[tokio::test]
+async fn a_refund_decided_during_an_outage_reaches_the_store_soon_after_it_returns() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let (_up, _config, mut a, _key, sent) = failing_chat_under_way(&redis).await;
+    // Charged (5 of 50, on disk); Redis dies before the backend's 500 arrives.
+    redis.kill();
+    let res = sent.await.unwrap();
+    assert_eq!((res.status.as_u16(), res.header("x-credits-refund")), (500, Some("pending")));
+    assert_eq!(res.charged(), 0);
+    // A long outage, then Redis returns; a little later the instance holding the refund dies.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    redis.relaunch();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    a.kill();
+    assert_eq!(redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim(), "50", "refunded before the kill");
+    assert_eq!(pending_refunds(&redis), 0);
+}
+
+/// A transcription the account cannot pay for is queued. When the replies of that queueing step
+/// are lost (the step ran; the connection broke, and again for the re-send on a fresh one), the
+/// request is answered 503 `store_unavailable` — yet its job sits in the queue and runs, paid,
+/// after the next top-up: work and a charge the client was told did not happen, and which it may
+/// well send again. Found by `tests/chaos.rs` (a stall does the same: the step lands after
+/// `store.max_wait_ms`). Either answer is fine — 202 with the job, or 503 and no job ever runs —
+/// but not 503 and a paid run. Ignored until fixed: the fix needs a background step that
+/// withdraws a job of unknown fate (as a charge of unknown fate is refunded), leaving a tombstone
+/// so that a step landing late queues nothing (`job_enqueue.lua` already treats an existing
+/// record as a re-send).
+#[tokio::test]
+#[ignore = "known bug: a 503 whose queueing step landed unseen leaves a job that runs paid (README, Not guaranteed yet)"]
+async fn a_lost_reply_of_the_queueing_step_is_not_answered_503_while_the_job_runs_paid() {
+    let redis = RedisServer::start();
+    let proxy = support::faultproxy::FaultProxy::start(format!("127.0.0.1:{}", redis.port()).parse().unwrap()).await;
+    let up = Upstream::echo().await;
+    let store = format!("kind = \"redis\"\nurl = \"redis://{}\"", proxy.addr());
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&store).build()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    support::gateway::spend(&gw, &key, 50).await;
+    // The reply of the queueing step (it answers "queued") is lost after the step ran, and that
+    // of its re-send on a fresh connection too.
+    proxy.drop_replies_with(b"queued", 2);
+    let res = gw.post(&key, TRANSCRIBE, &[], r#"{"call_id":"c1"}"#).await;
+    // The store is marked down for a moment after the broken connections.
+    let mut topup = gw.topup("acme", 10, "p1").await;
+    for _ in 0..100 {
+        if topup.status == 201 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        topup = gw.topup("acme", 10, "p1").await;
+    }
+    assert_eq!(topup.status, 201, "{}", topup.text());
+    match res.status.as_u16() {
+        202 => {
+            let job = res.json()["job_id"].as_str().expect("a job id").to_owned();
+            let done = wait_done(&gw.public, &key, &format!("/v1/jobs/{job}"), 100).await;
+            assert_eq!(done["status"], "done", "{done}");
+            assert_eq!(up.requests().iter().filter(|r| r.path == TRANSCRIBE).count(), 1, "the job ran once");
+            assert_eq!(gw.remaining(&key).await, 8, "and was paid once");
+        }
+        503 => {
+            // The top-up wakes the job runner at once; give it time to run anything queued.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert_eq!(up.requests().iter().filter(|r| r.path == TRANSCRIBE).count(), 0, "a 503 ran nothing");
+            assert_eq!(gw.remaining(&key).await, 10, "and charged nothing");
+        }
+        other => panic!("unexpected {other}: {}", res.text()),
+    }
 }

@@ -290,18 +290,27 @@ async fn refund_once(state: &AppState, account: &str, charge_id: &str, category:
 /// How long a refund is retried: charge records live 24 h in the store.
 const REFUND_RETRY_FOR: Duration = Duration::from_secs(23 * 3600);
 
+/// Longest pause between two tries of a refund the store did not take. Short, because until the
+/// store takes it the refund lives only in this process: a longer backoff grown during an outage
+/// would leave it there long after the store is back, and lost if the process dies meanwhile.
+/// Cheap while the store is marked down: each try then fails at once without reaching it.
+const REFUND_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Refunds `charge_id` in the background (a charge that never landed leaves a tombstone). The
 /// refund is handed to the store as a pending refund as soon as the store takes that
 /// ([`crate::ledger::Ledger::defer_refund`]; on a cluster it may while the account's shard cannot
 /// take the refund itself): from then on every instance's [`spawn_refund_sweeper`] retries it,
-/// and it survives this process. Until then this task retries both, with backoff; it gives up —
+/// and it survives this process. Until then this task retries both, at least every
+/// [`REFUND_RETRY_MAX`]; it gives up —
 /// loudly, for reconciliation — only when the charge record would be gone anyway, or when this
 /// process stops before the store ever answered.
 pub fn refund_later(state: AppState, account: Arc<str>, charge_id: String, category: Arc<str>) {
     state.background.clone().spawn(async move {
         let started = Instant::now();
         let mut wait = Duration::from_millis(200);
+        let mut tries: u64 = 0;
         while started.elapsed() < REFUND_RETRY_FOR {
+            tries += 1;
             if refund_once(&state, &account, &charge_id, &category).await.is_ok() {
                 return;
             }
@@ -316,10 +325,14 @@ pub fn refund_later(state: AppState, account: Arc<str>, charge_id: String, categ
                     tracing::warn!(%charge_id, %account, "refund deferred to the store; any instance will write it");
                     return;
                 }
-                Err(e) => tracing::warn!(%charge_id, error = %e, "refund neither written nor deferred yet"),
+                // Tries come every second during an outage: log the 1st, 2nd, 4th, 8th, …
+                Err(e) if tries.is_power_of_two() => {
+                    tracing::warn!(%charge_id, tries, error = %e, "refund neither written nor deferred yet")
+                }
+                Err(_) => {}
             }
             tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(30));
+            wait = (wait * 2).min(REFUND_RETRY_MAX);
         }
         tracing::error!(%charge_id, %account, "REFUND FAILED for a day: reconcile this charge");
     });

@@ -1,124 +1,204 @@
-//! A TCP proxy between the gateway and Redis that loses replies on request: the honest way to
-//! make a step's reply go missing *after* Redis ran it.
+//! A TCP proxy on loopback that a fault test puts between the gateway and Redis (or an upstream)
+//! and switches, while traffic runs, between passing bytes, stalling them, losing replies and
+//! refusing connections.
 //!
-//! Every connection the gateway opens to the proxy gets its own connection to Redis, and bytes
-//! are copied both ways as they come. [`FaultProxy::lose_reply_to`] arms it: the next command
-//! whose bytes contain the given text is passed to Redis, and when Redis answers, the answer is
-//! thrown away and the gateway's connection closed — the step ran, its reply never arrived, as
-//! when a network path breaks at the wrong moment. Later connections pass normally.
-
-#![allow(dead_code)] // each test binary uses its own subset
+//! A lost reply breaks its connection: the request bytes reach the server (the script runs), the
+//! reply is thrown away and both sides are closed, as when a network path or a failover cuts a
+//! connection after the command left. Keeping the connection open without the reply would
+//! shift every later reply onto the wrong request, which no real network does.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
-#[derive(Default)]
-struct Inner {
-    /// The text of the command whose reply is to be lost, while armed.
-    armed: Mutex<Option<Vec<u8>>>,
-    /// Replies thrown away so far.
-    lost: AtomicUsize,
+/// What the proxy does with the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Passes bytes both ways.
+    Pass,
+    /// Holds bytes in both directions (connections stay open) until the mode changes.
+    Stall,
+    /// Passes requests; a reply that arrives is dropped and its connection closed on both sides.
+    DropReplies,
+    /// Closes every connection and the listening socket: new connections are refused.
+    Refuse,
 }
 
-/// A proxy on `127.0.0.1:0` in front of one Redis.
+/// Replies to lose whatever the mode: a pattern they contain and how many more times.
+type DropNext = Arc<Mutex<Option<(Vec<u8>, usize)>>>;
+
+/// A running proxy from `127.0.0.1:<port>` to a target; stops (closing everything) on drop.
 pub struct FaultProxy {
-    addr: SocketAddr,
-    inner: Arc<Inner>,
-    accept: tokio::task::JoinHandle<()>,
+    port: u16,
+    mode: watch::Sender<Fault>,
+    drop_next: DropNext,
 }
 
 impl FaultProxy {
-    /// Starts proxying to the Redis at `127.0.0.1:<redis_port>`.
-    pub async fn start(redis_port: u16) -> Self {
+    /// Starts a proxy to `target` (a loopback address), passing bytes.
+    pub async fn start(target: SocketAddr) -> Self {
+        assert!(target.ip().is_loopback(), "fault proxies forward to loopback only");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fault proxy");
-        let addr = listener.local_addr().expect("fault proxy addr");
-        let inner = Arc::new(Inner::default());
-        let shared = inner.clone();
-        let accept = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)).await else { continue };
-                tokio::spawn(pipe(client, server, shared.clone()));
-            }
-        });
-        FaultProxy { addr, inner, accept }
+        let port = listener.local_addr().expect("proxy addr").port();
+        let (mode, rx) = watch::channel(Fault::Pass);
+        let drop_next = Arc::new(Mutex::new(None));
+        tokio::spawn(serve(Some(listener), port, target, rx, drop_next.clone()));
+        FaultProxy { port, mode, drop_next }
     }
 
-    /// `redis://127.0.0.1:<proxy port>`, for the gateway's `store.url`.
-    pub fn url(&self) -> String {
-        format!("redis://{}", self.addr)
+    /// The port it listens on (while not refusing).
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
-    /// Loses the reply to the next command whose bytes contain `needle` (see the module docs).
-    pub fn lose_reply_to(&self, needle: &str) {
-        *self.inner.armed.lock().unwrap() = Some(needle.as_bytes().to_vec());
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 
-    /// How many replies were thrown away.
-    pub fn lost(&self) -> usize {
-        self.inner.lost.load(Ordering::SeqCst)
+    /// Switches the mode; takes effect at once for every connection.
+    pub fn set(&self, fault: Fault) {
+        self.mode.send_replace(fault);
+    }
+
+    /// Loses the next `times` replies that contain `pattern` (each time the connection breaks),
+    /// whatever the mode: a test can lose the reply of one particular step, and of its re-sends.
+    pub fn drop_replies_with(&self, pattern: &[u8], times: usize) {
+        *self.drop_next.lock().unwrap() = Some((pattern.to_vec(), times));
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Fault {
+        *self.mode.borrow()
     }
 }
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
-        self.accept.abort();
+        self.mode.send_replace(Fault::Refuse);
     }
 }
 
-/// Copies one connection both ways until either side closes, losing a reply when armed.
-async fn pipe(client: TcpStream, server: TcpStream, inner: Arc<Inner>) {
-    let (mut client_rx, mut client_tx) = client.into_split();
-    let (mut server_rx, mut server_tx) = server.into_split();
-    // Set once this connection carried the command whose reply is to be lost.
-    let (marked_tx, marked_rx) = tokio::sync::watch::channel(false);
-    let upstream = {
-        let inner = inner.clone();
-        async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = match client_rx.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let chunk = &buf[..n];
-                {
-                    let mut armed = inner.armed.lock().unwrap();
-                    if armed.as_ref().is_some_and(|needle| chunk.windows(needle.len()).any(|w| w == needle)) {
-                        *armed = None;
-                        let _ = marked_tx.send(true);
-                    }
+/// Accepts while not refusing; re-binds the same port when a refusal ends.
+async fn serve(
+    mut listener: Option<TcpListener>,
+    port: u16,
+    target: SocketAddr,
+    mut mode: watch::Receiver<Fault>,
+    drop_next: DropNext,
+) {
+    loop {
+        let Some(l) = listener.take() else {
+            // Refusing: wait for another mode, then listen again on the same port.
+            if mode.wait_for(|m| *m != Fault::Refuse).await.is_err() {
+                return;
+            }
+            listener = rebind(port).await;
+            if listener.is_none() {
+                return;
+            }
+            continue;
+        };
+        tokio::select! {
+            accepted = l.accept() => {
+                listener = Some(l);
+                if let Ok((client, _)) = accepted {
+                    tokio::spawn(connection(client, target, mode.clone(), drop_next.clone()));
                 }
-                if server_tx.write_all(chunk).await.is_err() {
+            }
+            changed = mode.changed() => {
+                if changed.is_err() {
                     return;
                 }
+                // Refuse drops the listener (`l`) here; any other mode keeps it.
+                if *mode.borrow() != Fault::Refuse {
+                    listener = Some(l);
+                }
             }
         }
-    };
-    let downstream = async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match server_rx.read(&mut buf).await {
+    }
+}
+
+/// Binds `127.0.0.1:port` again, a few tries (the old socket may still be closing).
+async fn rebind(port: u16) -> Option<TcpListener> {
+    for _ in 0..50 {
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)).await {
+            return Some(l);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+async fn connection(client: TcpStream, target: SocketAddr, mode: watch::Receiver<Fault>, drop_next: DropNext) {
+    if *mode.borrow() == Fault::Refuse {
+        return;
+    }
+    let Ok(server) = TcpStream::connect(target).await else { return };
+    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    // Whichever direction ends first closes both: dropping the halves closes the sockets.
+    tokio::select! {
+        _ = pump(client_read, server_write, mode.clone(), None) => {}
+        _ = pump(server_read, client_write, mode, Some(drop_next)) => {}
+    }
+}
+
+/// Copies `from` to `to` as the mode allows; `drop_next` is given for the server-to-client
+/// direction (replies).
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut mode: watch::Receiver<Fault>,
+    drop_next: Option<DropNext>,
+) {
+    let replies = drop_next.is_some();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        // Nothing moves while stalled.
+        let Ok(current) = mode.wait_for(|m| *m != Fault::Stall).await.map(|m| *m) else { return };
+        if current == Fault::Refuse {
+            return;
+        }
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
-            };
-            if *marked_rx.borrow() {
-                // Redis ran it; its answer never reaches the gateway.
-                inner.lost.fetch_add(1, Ordering::SeqCst);
-                let _ = client_tx.shutdown().await;
-                return;
+            },
+            changed = mode.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
             }
-            if client_tx.write_all(&buf[..n]).await.is_err() {
+        };
+        // Bytes read during a stall are held until it ends.
+        let Ok(current) = mode.wait_for(|m| *m != Fault::Stall).await.map(|m| *m) else { return };
+        match current {
+            Fault::Refuse => return,
+            Fault::DropReplies if replies => return,
+            _ => {}
+        }
+        if let Some(armed) = &drop_next {
+            let mut armed = armed.lock().unwrap();
+            if let Some((pattern, times)) = armed.as_mut()
+                && buf[..n].windows(pattern.len()).any(|w| w == pattern.as_slice())
+            {
+                *times -= 1;
+                if *times == 0 {
+                    *armed = None;
+                }
                 return;
             }
         }
-    };
-    // Either direction ending ends the connection (both halves are dropped).
-    tokio::select! {
-        _ = upstream => {}
-        _ = downstream => {}
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }

@@ -3,6 +3,7 @@ pub mod browser;
 pub mod faultproxy;
 pub mod gateway;
 pub mod http;
+pub mod lostreply;
 pub mod process;
 pub mod receivers;
 pub mod redis;

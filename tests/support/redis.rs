@@ -44,8 +44,19 @@ impl RedisServer {
     /// Kills the server (SIGKILL, as a crash would) and starts it again on the same port, data
     /// directory and arguments; returns once PING answers.
     pub fn restart(&mut self) {
+        self.kill();
+        self.relaunch();
+    }
+
+    /// Kills the server (SIGKILL, as a crash would); [`RedisServer::relaunch`] starts it again.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts a killed server again on the same port, data directory and arguments; returns once
+    /// PING answers.
+    pub fn relaunch(&mut self) {
         self.child = launch(self.port, self.dir.path(), &self.extra);
         assert!(self.wait_for_ping(), "redis-server did not restart on port {}:\n{}", self.port, self.log());
     }

@@ -36,6 +36,12 @@ pub enum Behaviour {
     DelayThen(Duration, u16),
     /// 200 `text/event-stream` whose chunks come from the next [`StreamGate`] the test made.
     Stream,
+    /// Each request chooses by its JSON body's `"upstream"` field (chaos runs): `"ok"` (also
+    /// when absent) answers like [`Behaviour::Echo`] with `"n"`, the request's index in
+    /// [`Upstream::requests`]; `"slow"` the same after 300 ms; `"status500"` a 500; `"hang"`
+    /// waits this long before answering; `"die"` sends a 200 head and part of the body, then
+    /// breaks the connection off.
+    Chaos(Duration),
 }
 
 /// One request as the upstream received it.
@@ -180,13 +186,17 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let method = parts.method.to_string();
     let body_len = body.len();
-    inner.requests.lock().unwrap().push(Recorded {
-        method: method.clone(),
-        path: path.clone(),
-        headers: parts.headers,
-        body,
-    });
+    let chosen = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["upstream"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "ok".to_owned());
+    let n = {
+        let mut requests = inner.requests.lock().unwrap();
+        requests.push(Recorded { method: method.clone(), path: path.clone(), headers: parts.headers, body });
+        requests.len() - 1
+    };
     let behaviour = inner.behaviour.lock().unwrap().clone();
+    let numbered_path = path.clone();
     let echo = move || {
         let mut res =
             axum::Json(json!({"ok": true, "method": method, "path": path, "body_len": body_len})).into_response();
@@ -214,6 +224,46 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             tokio::time::sleep(d).await;
             let status = StatusCode::from_u16(code).expect("status");
             (status, axum::Json(json!({"upstream_error": code}))).into_response()
+        }
+        Behaviour::Chaos(hang) => {
+            let numbered = || {
+                let mut res = axum::Json(json!({"ok": true, "n": n, "path": numbered_path, "body_len": body_len}))
+                    .into_response();
+                res.headers_mut().insert("x-upstream", HeaderValue::from_static("recorder"));
+                res
+            };
+            match chosen.as_str() {
+                "slow" => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    numbered()
+                }
+                "status500" => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"upstream_error": 500, "n": n})))
+                    .into_response(),
+                "hang" => {
+                    tokio::time::sleep(hang).await;
+                    numbered()
+                }
+                "die" => {
+                    let head = Bytes::from(format!(r#"{{"n":{n},"partial":""#));
+                    let chunks = futures_util::stream::unfold(0, move |step| {
+                        let head = head.clone();
+                        async move {
+                            match step {
+                                0 => Some((Ok(head), 1)),
+                                1 => {
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                    Some((Err(std::io::Error::other("upstream died mid-body")), 2))
+                                }
+                                _ => None,
+                            }
+                        }
+                    });
+                    let mut res = Body::from_stream(chunks).into_response();
+                    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    res
+                }
+                _ => numbered(),
+            }
         }
         Behaviour::Stream => {
             let Some(rx) = inner.gates.lock().unwrap().pop_front() else {
