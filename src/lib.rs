@@ -33,6 +33,8 @@
 //!   loop (connection cap, header/idle/body timeouts); [`demo`] — the fake backend and tour.
 //! * [`running`] — the running config as `GET /admin/v1/config` shows it (secrets redacted, hash,
 //!   load time) and the differences a reload of a file would make.
+//! * [`cli`] — the client side of the `creditgate` command: `admin …` and `check --against`,
+//!   over the admin API.
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -41,6 +43,7 @@ pub mod auth;
 pub mod billing;
 pub mod calendar;
 pub mod classify;
+pub mod cli;
 pub mod config;
 pub mod dashboard;
 pub mod demo;

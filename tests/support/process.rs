@@ -30,13 +30,19 @@ impl GatewayProcess {
     /// Starts the binary on `config_toml`, whose `listen`/`admin_listen` lines (port 0) are
     /// replaced by free ports; waits until `/healthz` answers.
     pub async fn start(config_toml: &str) -> Self {
-        Self::spawn(config_toml, None).await
+        Self::spawn(config_toml, None, &[]).await
+    }
+
+    /// Like [`GatewayProcess::start`] with extra environment variables (secrets the config's
+    /// `env:` values and `*_env` keys name).
+    pub async fn start_with_env(config_toml: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn(config_toml, None, env).await
     }
 
     /// Like [`GatewayProcess::start`] with `RUST_LOG=filter`, keeping stderr (the log) for
     /// [`GatewayProcess::log`] instead of passing it through.
     pub async fn start_logging(config_toml: &str, filter: &str) -> Self {
-        Self::spawn(config_toml, Some(filter)).await
+        Self::spawn(config_toml, Some(filter), &[]).await
     }
 
     /// The log written so far (only with [`GatewayProcess::start_logging`]).
@@ -45,7 +51,7 @@ impl GatewayProcess {
         String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
     }
 
-    async fn spawn(config_toml: &str, log_filter: Option<&str>) -> Self {
+    async fn spawn(config_toml: &str, log_filter: Option<&str>, env: &[(&str, &str)]) -> Self {
         for _ in 0..5 {
             let (public, admin) = (free_port(), free_port());
             let text = config_toml
@@ -63,6 +69,7 @@ impl GatewayProcess {
                 .arg(&config)
                 .env("CREDITGATE_ADMIN_TOKEN", ADMIN_TOKEN)
                 .env("RUST_LOG", log_filter.unwrap_or("warn"))
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(if log_filter.is_some() { Stdio::piped() } else { Stdio::inherit() })
