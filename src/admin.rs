@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/v1/accounts/{id}/auto-topup", put(set_auto_topup))
         .route("/admin/v1/accounts/{id}/ledger", get(ledger))
         .route("/admin/v1/accounts/{id}/usage", get(usage))
+        .route("/admin/v1/config", get(running_config))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
@@ -69,6 +70,11 @@ async fn require_admin(State(state): State<AppState>, req: Request, next: Next) 
     }
     drop(rt);
     next.run(req).await
+}
+
+/// The config in force, secrets redacted, with its hash, load time and backends (`running.rs`).
+async fn running_config(State(state): State<AppState>) -> Json {
+    axum::Json(crate::running::view(&state.runtime.load(), state.config_path.as_deref()))
 }
 
 async fn ready(State(state): State<AppState>) -> Response {

@@ -10,7 +10,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A configuration problem: the dotted key path and a sentence saying what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +34,7 @@ fn bad(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Listeners, limits and timeouts.
@@ -91,7 +91,7 @@ pub struct Config {
 }
 
 /// `[demo]`: makes `serve` start the built-in fake AI backend and create a demo account and key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DemoConfig {
     /// Where the fake backend listens; upstream URLs should point here.
@@ -112,7 +112,7 @@ fn default_demo_plan() -> String {
 }
 
 /// `[server]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Public listener: AI traffic, customer API, dashboard.
@@ -201,7 +201,7 @@ fn default_connect_timeout_ms() -> u64 {
 }
 
 /// Which ledger implementation backs the gateway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StoreKind {
     /// Embedded, in-process; for the demo and unit tests.
@@ -215,7 +215,7 @@ pub enum StoreKind {
 }
 
 /// What metered routes do when the store cannot be reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum OnStoreError {
     /// Answer 503 `store_unavailable` (default: never give away credits).
@@ -226,7 +226,7 @@ pub enum OnStoreError {
 }
 
 /// `[store]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `memory`, `redis`, `redis-cluster` or `redis-sentinel`.
@@ -253,7 +253,7 @@ fn default_store_max_wait_ms() -> u64 {
 }
 
 /// `[upstreams.NAME]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Base URLs (`http://host:port`); several are used round robin.
@@ -264,7 +264,7 @@ pub struct UpstreamConfig {
 }
 
 /// `[[routes]]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// HTTP method to match; any method when absent.
@@ -280,7 +280,7 @@ pub struct RouteConfig {
 }
 
 /// What an operation does when the account cannot pay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum OnEmpty {
     /// 402 `no_credits` / `insufficient_credits`.
@@ -292,7 +292,7 @@ pub enum OnEmpty {
 
 /// `[operations.NAME]`: exactly one pricing rule (`cost`, `tiers`, `per_item`, or the campaign
 /// formula `base`/`per_step`/`per_variant`/`per_channel` with `min`/`max`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperationConfig {
     /// Usage category shown to users (e.g. "AI Chat").
@@ -341,7 +341,8 @@ pub struct OperationConfig {
 }
 
 /// One tier of a tiered operation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
 pub enum TierConfig {
     /// `fast = 1`: the cost alone.
     Cost(u64),
@@ -350,7 +351,7 @@ pub enum TierConfig {
 }
 
 /// The long form of a tier.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TierSpec {
     /// Credits per request.
@@ -425,7 +426,7 @@ impl TierConfig {
 }
 
 /// An upstream failure that `refund_on` may name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefundOn {
     /// The request never reached a backend (connect failed or refused, nothing was sent).
@@ -442,7 +443,7 @@ fn default_refund_on() -> Vec<RefundOn> {
 }
 
 /// `[plans.NAME]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanConfig {
     /// Credits granted at each renewal.
@@ -455,7 +456,7 @@ pub struct PlanConfig {
 }
 
 /// `[rate_limits]`: what a client without a valid key may cost (see `ratelimit.rs`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitsConfig {
     /// Failed authentications (missing, unknown or revoked API key; wrong admin token) one client
@@ -491,7 +492,7 @@ fn default_cleanup_interval_ms() -> u64 {
 }
 
 /// `[topup_packages.NAME]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PackageConfig {
     /// Credits the package adds to the top-up bucket.
@@ -501,7 +502,7 @@ pub struct PackageConfig {
 }
 
 /// `[notifications]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NotificationsConfig {
     /// Remaining-credit thresholds (percent of the allocation) that raise events.
@@ -543,7 +544,7 @@ fn default_max_outbox() -> u64 {
 }
 
 /// `[history]`: the per-account ledger history.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HistoryConfig {
     /// Entries kept per account; older ones are trimmed in the step that appends (with usage
@@ -563,7 +564,7 @@ fn default_history_max_entries() -> u64 {
 }
 
 /// `[charges]`: the per-charge records refunds and re-sent steps read.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChargesConfig {
     /// Seconds a charge record is kept (one per charge: the largest per-traffic memory cost in
@@ -584,7 +585,7 @@ fn default_charge_record_ttl_secs() -> u64 {
 }
 
 /// `[export]`: every ledger entry, delivered at least once as a CloudEvents 1.0 JSON batch.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportConfig {
     /// Where batches are POSTed (`application/cloudevents-batch+json`); unset: no export.
@@ -629,7 +630,7 @@ fn default_max_backoff_ms() -> u64 {
 }
 
 /// `[billing]`: how top-ups are paid. Without `[billing.stripe]` top-ups are admin-only.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BillingConfig {
     /// Stripe payments.
@@ -637,7 +638,7 @@ pub struct BillingConfig {
 }
 
 /// `[billing.stripe]`: top-ups bought through Stripe, auto top-ups charged off-session.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StripeConfig {
     /// Environment variable with the secret API key (`sk_…`).
@@ -731,7 +732,7 @@ pub fn parse_web_url(raw: &str) -> Result<http::Uri, String> {
 }
 
 /// `[notifications.smtp]`: plain SMTP to a relay (a local MTA or a loopback smarthost).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmtpConfig {
     /// Relay host.
@@ -756,7 +757,7 @@ fn default_thresholds() -> Vec<u8> {
 }
 
 /// `[auto_topup]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AutoTopupConfig {
     /// Most automatic purchases per account per billing period.
@@ -775,7 +776,7 @@ fn default_max_per_period() -> u64 {
 }
 
 /// `[idempotency]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdempotencyConfig {
     /// Largest answer kept for replays; a repeat of a larger one gets 409 `idempotency_key_reused`.
@@ -801,7 +802,7 @@ fn default_idempotency_wait_ms() -> u64 {
 }
 
 /// `[jobs]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobsConfig {
     /// Most jobs one account may have waiting (429 beyond).
@@ -887,7 +888,7 @@ fn default_lease_margin_secs() -> u64 {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -898,7 +899,7 @@ pub enum LogFormat {
 }
 
 /// `[log]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` or `json`.

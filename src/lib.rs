@@ -31,6 +31,10 @@
 //! * [`notify`] — delivers outbox events (webhook, e-mail); [`metrics`] — Prometheus metrics.
 //! * [`server`] — start-up, graceful shutdown, config reload; [`listener`] — the bounded accept
 //!   loop (connection cap, header/idle/body timeouts); [`demo`] — the fake backend and tour.
+//! * [`running`] — the running config as `GET /admin/v1/config` shows it (secrets redacted, hash,
+//!   load time) and the differences a reload of a file would make.
+//! * [`cli`] — the client side of the `creditgate` command: `admin …` and `check --against`,
+//!   over the admin API.
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -39,6 +43,7 @@ pub mod auth;
 pub mod billing;
 pub mod calendar;
 pub mod classify;
+pub mod cli;
 pub mod config;
 pub mod dashboard;
 pub mod demo;
@@ -52,6 +57,7 @@ pub mod metrics;
 pub mod notify;
 pub mod proxy;
 pub mod ratelimit;
+pub mod running;
 pub mod server;
 pub mod stack;
 pub mod state;

@@ -1,4 +1,5 @@
-//! The `creditgate` command: `demo`, `serve --config FILE`, `check --config FILE`.
+//! The `creditgate` command: `demo`, `serve --config FILE`, `check --config FILE [--against URL]`,
+//! `admin …` (the admin API's client, `creditgate::cli`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -6,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use creditgate::cli::{self, Endpoint};
 use creditgate::config::{Config, LogFormat};
 use creditgate::server::{self, StartOptions};
 use creditgate::{auth, demo};
@@ -30,11 +32,27 @@ enum Command {
     },
     /// Validate a config and print the route → operation → cost table; warn (on stderr) about free
     /// routes to an upstream that metered routes use.
+    ///
+    /// With `--against URL`: print instead what a reload of the file would change in the gateway
+    /// whose admin listener is at URL (routes, prices, plans, packages, upstreams, settings).
     Check {
         /// Config file (TOML).
         #[arg(long, short)]
         config: PathBuf,
+        /// A running gateway's admin listener, e.g. http://127.0.0.1:9090.
+        #[arg(long, value_name = "URL")]
+        against: Option<String>,
+        /// With --against: the environment variable holding the admin token.
+        #[arg(long, default_value = "CREDITGATE_ADMIN_TOKEN", value_name = "VAR")]
+        token_env: String,
+        /// With --against: longest wait for the gateway's answer, in milliseconds.
+        #[arg(long, default_value_t = 10_000, value_name = "MS")]
+        timeout_ms: u64,
     },
+    /// The admin API from the command line: accounts, keys, top-ups, usage, ledger. The token is
+    /// read from $CREDITGATE_ADMIN_TOKEN. Exit codes: 0 ok, 1 error answer, 2 usage, 3
+    /// unreachable, 4 unauthorized.
+    Admin(cli::admin::AdminArgs),
 }
 
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
@@ -42,7 +60,11 @@ const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Check { config } => return check(&config),
+        Command::Check { config, against: None, .. } => return check(&config),
+        Command::Check { config, against: Some(url), token_env, timeout_ms } => {
+            return check_against(&config, &Endpoint { url, token_env, timeout_ms });
+        }
+        Command::Admin(args) => return cli::finish(cli::admin::run(args)),
         Command::Serve { config } => {
             Config::load(&config).map_err(|e| format!("invalid config: {e}")).and_then(|c| run(c, Some(config), false))
         }
@@ -98,6 +120,18 @@ fn check(path: &Path) -> ExitCode {
     }
     println!("config OK: {}", path.display());
     ExitCode::SUCCESS
+}
+
+/// `check --against`: exit 1 for an invalid file, else the admin client's exit codes.
+fn check_against(path: &Path, endpoint: &Endpoint) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return cli::finish(Err(cli::CliError::Invalid(format!("invalid config: {e}")))),
+    };
+    for warning in creditgate::classify::Rules::new(&config).shared_upstream_warnings() {
+        eprintln!("{warning}");
+    }
+    cli::finish(cli::check::against(path, &config, endpoint).map(|report| print!("{report}")))
 }
 
 fn run(config: Config, path: Option<PathBuf>, tour: bool) -> Result<(), String> {

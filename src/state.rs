@@ -39,6 +39,10 @@ pub struct Runtime {
     pub export_secret: Option<Vec<u8>>,
     /// Stripe, when `[billing.stripe]` is set (secrets read from the environment).
     pub stripe: Option<Arc<crate::billing::stripe::Stripe>>,
+    /// `sha256:<hex>` of the config (see [`crate::running::config_hash`]).
+    pub config_hash: String,
+    /// When this generation was compiled, RFC 3339 with milliseconds (UTC).
+    pub loaded_at: String,
 }
 
 impl Runtime {
@@ -77,6 +81,8 @@ impl Runtime {
             .map(|c| crate::billing::stripe::Stripe::new(c, &env).map(Arc::new))
             .transpose()?;
         Ok(Runtime {
+            config_hash: crate::running::config_hash(&config),
+            loaded_at: now_rfc3339_millis(),
             stripe,
             export_secret,
             store_limits,
@@ -89,6 +95,13 @@ impl Runtime {
             config,
         })
     }
+}
+
+/// Now as RFC 3339 in UTC with milliseconds: two reloads within a second still differ.
+fn now_rfc3339_millis() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    let t = t.replace_millisecond(t.millisecond()).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 /// The HMAC key a delivery target is signed with: read from the variable `var` names, required

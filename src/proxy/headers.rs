@@ -74,8 +74,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// An address block (`10.0.0.0/8`, `2001:db8::/32`; a bare address is a single host), as
 /// `server.trusted_proxies` lists them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Cidr {
     network: IpAddr,
     prefix: u8,
@@ -125,6 +125,12 @@ impl FromStr for Cidr {
             return Err(format!("{s:?} has bits set past its /{prefix}; write the network address"));
         }
         Ok(Cidr { network, prefix })
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> String {
+        format!("{}/{}", c.network, c.prefix)
     }
 }
 
