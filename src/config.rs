@@ -86,6 +86,9 @@ pub struct Config {
     /// Payments: customers buy top-ups and auto top-ups are paid (optional).
     #[serde(default)]
     pub billing: BillingConfig,
+    /// Outgoing TLS.
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// Demo mode: a built-in fake AI backend and a seeded account (see `config/demo.toml`).
     pub demo: Option<DemoConfig>,
 }
@@ -256,11 +259,33 @@ fn default_store_max_wait_ms() -> u64 {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// Base URLs (`http://host:port`); several are used round robin.
+    /// Base URLs (`http://host:port` or `https://host[:port]`); several are used round robin.
     pub urls: Vec<String>,
     /// Headers set on every forwarded request; a value `env:NAME` reads the variable.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// A CA certificate file (PEM) trusted for this upstream's `https://` URLs, besides the
+    /// webpki roots.
+    pub ca_file: Option<String>,
+    /// Client certificate chain (PEM) presented to this upstream (mTLS); with `client_key_file`.
+    pub client_cert_file: Option<String>,
+    /// The client certificate's private key (PEM).
+    pub client_key_file: Option<String>,
+    /// Speak HTTP/2 to a backend whose TLS handshake (ALPN) offers it.
+    #[serde(default = "yes")]
+    pub http2: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[tls]`: outgoing TLS for every destination (upstreams, webhooks, export, Stripe).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// A CA certificate file (PEM) trusted besides the webpki roots; read at start.
+    pub ca_file: Option<String>,
 }
 
 /// `[[routes]]`
@@ -931,12 +956,12 @@ pub struct UpstreamUrl {
     pub base_path: String,
 }
 
-/// Parses an upstream base URL; only `http://` is supported (TLS belongs to a sidecar).
+/// Parses an upstream base URL: `http://` or `https://`.
 pub fn parse_upstream_url(raw: &str) -> Result<UpstreamUrl, String> {
     let uri: http::Uri = raw.parse().map_err(|e| format!("not a URL ({e})"))?;
-    let scheme = uri.scheme().cloned().ok_or("missing scheme (write http://host:port)")?;
-    if scheme != http::uri::Scheme::HTTP {
-        return Err(format!("scheme {scheme} is not supported (only http://)"));
+    let scheme = uri.scheme().cloned().ok_or("missing scheme (write http://host:port or https://host)")?;
+    if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+        return Err(format!("scheme {scheme} is not supported (http:// or https://)"));
     }
     let authority = uri.authority().cloned().ok_or("missing host")?;
     if uri.query().is_some() {

@@ -90,7 +90,15 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
         runtime: ArcSwap::from_pointee(runtime),
         ledger: Arc::new(store),
         keys: KeyCache::default(),
-        clients: crate::proxy::Clients::new(Duration::from_millis(config.server.connect_timeout_ms), workers),
+        clients: crate::proxy::Clients::new(
+            Duration::from_millis(config.server.connect_timeout_ms),
+            workers,
+            &crate::proxy::tls::TlsSettings {
+                ca_files: config.tls.ca_file.iter().cloned().collect(),
+                client_cert: None,
+                http2: true,
+            },
+        )?,
         background: tokio::runtime::Handle::current(),
         workers: std::sync::OnceLock::new(),
         ids: IdGen::default(),

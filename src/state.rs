@@ -211,6 +211,9 @@ impl AppState {
         {
             tracing::warn!("store settings changed in the config; they apply only after a restart");
         }
+        if config.tls.ca_file != old.tls.ca_file {
+            tracing::warn!("tls.ca_file changed in the config; it applies only after a restart");
+        }
         let runtime = Runtime::new(config)?;
         crate::ledger::Ledger::set_limits(&*self.ledger, runtime.store_limits);
         self.runtime.store(Arc::new(runtime));

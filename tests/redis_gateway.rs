@@ -10,9 +10,9 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::lostreply::LostReplyProxy;
 use support::gateway::{ADMIN_TOKEN, ConfigBuilder, TestGateway};
 use support::http::{self, Response};
+use support::lostreply::LostReplyProxy;
 use support::process::GatewayProcess;
 use support::redis::{RedisCluster, RedisServer};
 use support::upstream::Upstream;

@@ -3,11 +3,12 @@
 //! forwarded, in either direction). Bodies stream both ways; nothing here buffers them.
 
 pub mod headers;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -21,8 +22,9 @@ use hyper_util::rt::TokioExecutor;
 use crate::config::{Config, ConfigError, UpstreamUrl, parse_upstream_url};
 use crate::error::GatewayError;
 
-/// The shared upstream client: one connection pool for every upstream, kept across reloads.
-pub type Client = HyperClient<HttpConnector, Body>;
+/// The shared upstream client: one connection pool for every upstream, kept across reloads;
+/// `http://` and `https://` ([`tls`]).
+pub type Client = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
 /// The upstream clients of one gateway: one per public-listener worker thread, so a worker's
 /// upstream connections are driven by its own runtime and never shared with another thread, and
@@ -42,13 +44,14 @@ thread_local! {
 }
 
 impl Clients {
-    /// `workers` worker clients plus the shared one.
-    pub fn new(connect_timeout: Duration, workers: usize) -> Self {
-        Clients {
+    /// `workers` worker clients plus the shared one, trusting what `tls` says (`tls.ca_file`,
+    /// read at start).
+    pub fn new(connect_timeout: Duration, workers: usize, tls: &tls::TlsSettings) -> Result<Self, ConfigError> {
+        Ok(Clients {
             id: CLIENTS_IDS.fetch_add(1, Ordering::Relaxed),
-            shared: client(connect_timeout),
-            workers: (0..workers).map(|_| client(connect_timeout)).collect(),
-        }
+            shared: client(connect_timeout, tls, "tls.ca_file")?,
+            workers: (0..workers).map(|_| client(connect_timeout, tls, "tls.ca_file")).collect::<Result<_, _>>()?,
+        })
     }
 
     /// Marks the calling thread as worker `index` of this gateway.
@@ -65,16 +68,49 @@ impl Clients {
     }
 }
 
-/// Builds an upstream client.
-pub fn client(connect_timeout: Duration) -> Client {
+/// The worker index of the calling thread, if it is a public-listener worker.
+fn worker_index() -> Option<usize> {
+    WORKER.with(std::cell::Cell::get).map(|(_, index)| index)
+}
+
+/// Builds an upstream client; `key` names the config key a bad TLS file is reported under.
+pub fn client(connect_timeout: Duration, tls: &tls::TlsSettings, key: &str) -> Result<Client, ConfigError> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     connector.set_keepalive(Some(Duration::from_secs(60)));
-    HyperClient::builder(TokioExecutor::new())
+    // The TLS layer needs to see `https://` URIs.
+    connector.enforce_http(false);
+    Ok(HyperClient::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(512)
-        .build(connector)
+        .build(tls.connector(connector, key)?))
+}
+
+/// Most worker threads (`server.workers`), plus the slot for every other thread.
+const CLIENT_SLOTS: usize = 257;
+
+/// The clients of an upstream with TLS settings of its own: one per thread that uses it, made on
+/// first use (a worker's connections stay on its runtime, as with [`Clients`]).
+struct OwnClients {
+    settings: tls::TlsSettings,
+    connect_timeout: Duration,
+    slots: Box<[OnceLock<Client>]>,
+}
+
+impl std::fmt::Debug for OwnClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnClients").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+impl OwnClients {
+    fn get(&self) -> &Client {
+        let slot = worker_index().map_or(0, |i| (i + 1).min(CLIENT_SLOTS - 1));
+        self.slots[slot].get_or_init(|| {
+            client(self.connect_timeout, &self.settings, "upstream").expect("checked when the config was loaded")
+        })
+    }
 }
 
 /// One named upstream pool.
@@ -85,6 +121,8 @@ pub struct Upstream {
     urls: Vec<UpstreamUrl>,
     next: AtomicUsize,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// With `ca_file`, a client certificate or `http2 = false`: clients of its own.
+    own: Option<OwnClients>,
 }
 
 /// Every upstream of one config generation.
@@ -113,8 +151,25 @@ impl Upstreams {
                 headers.push((HeaderName::from_bytes(h.as_bytes()).expect("validated"), value));
             }
             let urls = up.urls.iter().map(|u| parse_upstream_url(u).expect("validated")).collect();
+            let settings = tls::TlsSettings {
+                ca_files: up.ca_file.iter().chain(&config.tls.ca_file).cloned().collect(),
+                client_cert: up.client_cert_file.clone().zip(up.client_key_file.clone()),
+                http2: up.http2,
+            };
+            let own = if up.ca_file.is_some() || settings.client_cert.is_some() || !up.http2 {
+                // Read the files now: a bad one refuses the config, not a request later.
+                settings.client_config(&format!("upstreams.{name}"))?;
+                let connect_timeout = Duration::from_millis(config.server.connect_timeout_ms);
+                Some(OwnClients {
+                    settings,
+                    connect_timeout,
+                    slots: (0..CLIENT_SLOTS).map(|_| OnceLock::new()).collect(),
+                })
+            } else {
+                None
+            };
             let name: Arc<str> = name.as_str().into();
-            map.insert(name.clone(), Arc::new(Upstream { name, urls, next: AtomicUsize::new(0), headers }));
+            map.insert(name.clone(), Arc::new(Upstream { name, urls, next: AtomicUsize::new(0), headers, own }));
         }
         Ok(Upstreams { map })
     }
@@ -152,6 +207,7 @@ pub async fn forward(
     fwd: Forwarded<'_>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, GatewayError> {
+    let client = upstream.own.as_ref().map_or(client, OwnClients::get);
     let (mut parts, body) = req.into_parts();
     let base = upstream.pick();
     let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
