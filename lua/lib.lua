@@ -166,6 +166,22 @@ local HOT = { 'monthly', 'topup', 'used', 'now', 'hist', 'htrim', 'period_end', 
 local REST = { 'plan', 'pending_plan', 'pending_allocation', 'anchor', 'email', 'exp', 'auto_threshold',
   'auto_package', 'auto_credits', 'auto_price', 'auto_price_json', 'auto_armed' }
 
+-- Raises an error, before anything is read or written, while the account's slot is being moved
+-- between Redis Cluster nodes (resharding): a key that never exists, asked for together with the
+-- account key, makes Redis answer "non local key" on both sides of a migration (TRYAGAIN inside
+-- the script), and nothing elsewhere. Without it a script could run on a half-moved account: on
+-- the old node, write the balance and then fail on a list already moved (scripts do not roll
+-- back); on the new node, read an empty charge record still on the old one and debit a re-sent
+-- charge twice. src/ledger/redis.rs calls it first in every function and retries the refusal.
+-- The probe key shares the key's hash tag, or makes the whole key its tag (the readiness probe's
+-- `cg:readyz` has none), so both hash to one slot.
+local function settled_slot(key)
+  local open = string.find(key, '{', 1, true)
+  local close = open and string.find(key, '}', open + 1, true)
+  local probe = (close and close > open + 1) and (key .. ':~settled') or ('{' .. key .. '}:~settled')
+  redis.call('EXISTS', key, probe)
+end
+
 -- Another key of the same account: `<account key>:<kind>` shares the account's hash tag, hence
 -- its cluster slot, so a script may use it without declaring it in KEYS (src/ledger/keys.rs).
 local function sub_key(a, kind)

@@ -249,6 +249,18 @@ pub struct StoreConfig {
     /// once (503 `store_unavailable`) until a probe finds it answering again.
     #[serde(default = "default_store_max_wait_ms")]
     pub max_wait_ms: u64,
+    /// Replicas that must acknowledge a step that moves credits (charge, refund, top-up, plan
+    /// change, account creation) before it is answered: Redis `WAIT`. 0 (default): answered
+    /// once the primary has it, and a failover may lose the last acknowledged steps.
+    #[serde(default)]
+    pub wait_replicas: u32,
+    /// How long `WAIT` waits for those replicas; fewer in time fails the step (503, refunded).
+    #[serde(default = "default_store_wait_timeout_ms")]
+    pub wait_timeout_ms: u64,
+}
+
+fn default_store_wait_timeout_ms() -> u64 {
+    500
 }
 
 fn default_store_max_wait_ms() -> u64 {
@@ -1176,6 +1188,16 @@ impl Config {
         let st = &self.store;
         if st.max_wait_ms == 0 || st.max_wait_ms > 60_000 {
             return Err(bad("store.max_wait_ms", "must be between 1 and 60000"));
+        }
+        if st.wait_replicas > 0 && st.kind == StoreKind::Memory {
+            return Err(bad("store.wait_replicas", "only for a Redis store; remove it"));
+        }
+        // The WAIT's answer must arrive before the step's own deadline and the connection's
+        // 2 s response timeout, or a slow replica would look like a store outage.
+        if st.wait_replicas > 0
+            && (st.wait_timeout_ms == 0 || st.wait_timeout_ms > 1_000 || st.wait_timeout_ms >= st.max_wait_ms)
+        {
+            return Err(bad("store.wait_timeout_ms", "must be between 1 and 1000, and below store.max_wait_ms"));
         }
         match st.kind {
             StoreKind::Memory => {

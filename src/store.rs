@@ -30,6 +30,7 @@ impl Store {
             }
         };
         ledger.set_max_wait(std::time::Duration::from_millis(config.max_wait_ms));
+        ledger.set_replication_wait(config.wait_replicas, std::time::Duration::from_millis(config.wait_timeout_ms));
         ledger.check_server_settings().await;
         Ok(Store::Redis(ledger))
     }

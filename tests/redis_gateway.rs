@@ -10,26 +10,14 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::gateway::{ADMIN_TOKEN, ConfigBuilder, TestGateway};
+use support::gateway::{ConfigBuilder, TestGateway};
 use support::http::{self, Response};
 use support::lostreply::LostReplyProxy;
-use support::process::GatewayProcess;
+use support::process::{GatewayProcess, admin};
 use support::redis::{RedisCluster, RedisServer};
 use support::upstream::Upstream;
 
 const CHAT: &str = "/v1/chat/completions";
-
-async fn admin(base: &str, method: &str, path: &str, body: Option<Value>) -> Response {
-    let auth = format!("Bearer {ADMIN_TOKEN}");
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    http::send(
-        method,
-        &format!("{base}{path}"),
-        &[("authorization", &auth), ("content-type", "application/json")],
-        body,
-    )
-    .await
-}
 
 async fn chat(base: &str, key: &str) -> Response {
     let auth = format!("Bearer {key}");

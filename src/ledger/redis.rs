@@ -55,6 +55,17 @@
 //! extra round trip and nothing else. A function that was not found did not run, so the retry
 //! cannot apply a step twice.
 //!
+//! # Replicas and resharding (Redis Cluster)
+//!
+//! Every key of an account carries its hash tag, so a step never spans slots. A function also
+//! touches keys it does not declare (history, usage, charge records, outbox), which is only safe
+//! while its slot sits whole on one node: each function therefore starts with `settled_slot`
+//! (lib.lua), which makes Redis refuse it in a slot being migrated, before any read or write, and
+//! [`RedisLedger::run`] sends it again until the move is done or `store.max_wait_ms` is up.
+//! Replication is asynchronous: a failover loses what the old primary had not sent on. With
+//! `store.wait_replicas` a step that moves credits is followed by `WAIT` ([`RedisLedger::call`])
+//! and answered only once that many replicas have it.
+//!
 //! # History, usage and events
 //!
 //! Every balance change appends a JSON [`HistoryEntry`] to the account's `:history` list, every
@@ -222,8 +233,10 @@ impl Scripts {
         let mut code = prelude.clone();
         for (name, body) in &bodies {
             // `#KEYS`, `KEYS[1]`, `ARGV[n]` read the function's own arguments, as in a script.
+            // KEYS[1] is the account hash (or the readiness probe key); `settled_slot` (lib.lua) refuses to run while
+            // its slot is being resharded, before the body reads or writes anything.
             code.push_str(&format!(
-                "\nredis.register_function('cg_{{{{LIB}}}}_{name}', function(KEYS, ARGV)\n{body}\nend)\n"
+                "\nredis.register_function('cg_{{{{LIB}}}}_{name}', function(KEYS, ARGV)\nsettled_slot(KEYS[1])\n{body}\nend)\n"
             ));
         }
         let digest = <sha2::Sha256 as sha2::Digest>::digest(code.as_bytes());
@@ -231,7 +244,11 @@ impl Scripts {
         let code = code.replace("{{LIB}}", &id);
         let library_name = format!("creditgate_{id}");
         let library: Arc<str> = format!("#!lua name={library_name}\n{code}").into();
-        let function = |name: &str| Function { name: format!("cg_{id}_{name}"), library: library.clone() };
+        let function = |name: &str| Function {
+            name: format!("cg_{id}_{name}"),
+            library: library.clone(),
+            replicated: REPLICATED_STEPS.contains(&name),
+        };
         Scripts {
             create_account: function("create_account"),
             account: function("account"),
@@ -258,11 +275,20 @@ impl Scripts {
     }
 }
 
+/// The steps that move credits: with `store.wait_replicas` set, each is answered only once that
+/// many replicas have it ([`RedisLedger::call`]). Reads, events, jobs and idempotency answers are
+/// not waited for: losing one on a failover costs no credits, and they keep working while a
+/// replica is down.
+const REPLICATED_STEPS: [&str; 6] =
+    ["create_account", "charge", "refund", "topup", "update_account", "settle_auto_topup"];
+
 /// One ledger script: a function of the library.
 struct Function {
     name: String,
     /// The text of the library it belongs to.
     library: Arc<str>,
+    /// Whether it is one of [`REPLICATED_STEPS`].
+    replicated: bool,
 }
 
 impl Function {
@@ -329,6 +355,8 @@ pub struct RedisLedger {
     /// run several gateways in one process).
     id: usize,
     health: Arc<Health>,
+    /// `store.wait_replicas` and `store.wait_timeout_ms`.
+    replication: Arc<ReplicationWait>,
     /// The scripts for the current [`StoreLimits`] (swapped by [`Ledger::set_limits`]).
     scripts: Arc<ArcSwap<Scripts>>,
     limits: Arc<ArcSwap<StoreLimits>>,
@@ -491,6 +519,22 @@ struct Health {
     max_wait_ms: AtomicU64,
 }
 
+/// How many replicas must acknowledge a step that moves credits before it is answered, and for
+/// how long to wait for them (`store.wait_replicas`, `store.wait_timeout_ms`; see
+/// [`RedisLedger::call`]).
+#[derive(Default)]
+struct ReplicationWait {
+    replicas: std::sync::atomic::AtomicU32,
+    timeout_ms: AtomicU64,
+}
+
+/// What Redis answers a command inside a function that touches a key of a slot being migrated
+/// (here: `settled_slot`'s, lib.lua).
+const SLOT_MOVING: &str = "non local key";
+
+/// How long [`RedisLedger::run`] waits before sending again a step refused during resharding.
+const RESHARD_RETRY: Duration = Duration::from_millis(25);
+
 /// How often a store marked down is probed.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 
@@ -516,10 +560,10 @@ impl Health {
     }
 
     /// Marks the store down and starts the probe (one at a time).
-    fn mark_down(&self, ledger: &RedisLedger) {
+    fn mark_down(&self, ledger: &RedisLedger, cause: &dyn std::fmt::Display) {
         if !self.down.swap(true, Ordering::Relaxed) {
             self.downs.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("store unreachable: metered steps fail at once until it answers again");
+            tracing::warn!(%cause, "store unreachable: metered steps fail at once until it answers again");
         }
         if self.probing.swap(true, Ordering::AcqRel) {
             return;
@@ -588,6 +632,12 @@ impl RedisLedger {
         let client = ClusterClient::builder(nodes.iter().map(String::as_str))
             .connection_timeout(CONNECT_TIMEOUT)
             .response_timeout(RESPONSE_TIMEOUT)
+            // TRYAGAIN (a multi-key step while its slot is half-moved) and a lost node are
+            // retried after 10 to 200 ms instead of the default 1.28 s at least: a resharding
+            // blip then costs milliseconds, not a step that outlives store.max_wait_ms and
+            // opens the circuit (503 for every account) while the cluster is fine.
+            .min_retry_wait(10)
+            .max_retry_wait(200)
             .build()
             .map_err(store_error)?;
         Self::connect(Opener::Cluster(client)).await
@@ -653,6 +703,7 @@ impl RedisLedger {
             opener: Arc::new(opener),
             id: LEDGER_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             health: Arc::new(Health::new()),
+            replication: Arc::default(),
             scripts: Arc::new(ArcSwap::from_pointee(Scripts::build(&limits))),
             limits: Arc::new(ArcSwap::from_pointee(limits)),
             dropped_events: Arc::default(),
@@ -672,39 +723,92 @@ impl RedisLedger {
     }
 
     /// Runs a script: `FCALL`, and when the function is missing (a fresh or flushed server, a
-    /// new primary) a load of the library and one retry.
+    /// new primary) a load of the library and one retry. While the account's slot is being
+    /// resharded the function refuses to run (`settled_slot`, lib.lua) and is sent again every
+    /// [`RESHARD_RETRY`] for up to `store.max_wait_ms`: the refusal comes before its first read,
+    /// so nothing was written and sending it again cannot apply the step twice.
     async fn run(&self, invocation: Invocation<'_>) -> LedgerResult<Value> {
         let function = invocation.function;
         let cmd = invocation.into_cmd();
-        match self.send::<Value>(&cmd).await {
-            Err(e) if e.0.contains("Function not found") => {
-                tracing::info!(function = %function.name, "ledger function missing on Redis; loading its library");
-                self.query::<()>(&function.load_cmd()).await?;
-                self.send(&cmd).await
+        let deadline = tokio::time::Instant::now() + self.health.max_wait();
+        loop {
+            match self.call(function, &cmd).await {
+                Err(e) if e.0.contains("Function not found") => {
+                    tracing::info!(function = %function.name, "ledger function missing on Redis; loading its library");
+                    self.query::<()>(&function.load_cmd()).await?;
+                    return self.call(function, &cmd).await;
+                }
+                Err(e) if e.0.contains(SLOT_MOVING) && tokio::time::Instant::now() + RESHARD_RETRY < deadline => {
+                    tokio::time::sleep(RESHARD_RETRY).await;
+                }
+                other => return other,
             }
-            other => other,
         }
+    }
+
+    /// One `FCALL`. For a step that moves credits, with `store.wait_replicas` set, followed on
+    /// the same connection (one pipeline, so the same node) by `WAIT <replicas> <timeout>`: the
+    /// step is answered only when that many replicas acknowledged every write sent on that
+    /// connection so far, this one included. Fewer within the timeout is an error: the step did
+    /// happen on the primary but a failover now could lose it, so the caller treats it as of
+    /// unknown fate (a charge is refunded, a refund kept and retried).
+    async fn call(&self, function: &Function, cmd: &Cmd) -> LedgerResult<Value> {
+        let replicas = self.replication.replicas.load(Ordering::Relaxed);
+        if replicas == 0 || !function.replicated {
+            return self.send(cmd).await;
+        }
+        let timeout_ms = self.replication.timeout_ms.load(Ordering::Relaxed);
+        let mut pipeline = redis::pipe();
+        pipeline.add_command(cmd.clone()).cmd("WAIT").arg(replicas).arg(timeout_ms);
+        // Errors stay values, so the step's own error reads as it would without the WAIT.
+        pipeline.ignore_errors();
+        let replies: Vec<Value> = self.send_pipeline(&pipeline).await?;
+        let mut replies = replies.into_iter();
+        let (Some(reply), Some(acked)) = (replies.next(), replies.next()) else {
+            return Err(LedgerError("a step and its WAIT did not get two replies".to_owned()));
+        };
+        let reply = reply.extract_error().map_err(store_error)?;
+        let acked: u64 = Reply::value(acked.extract_error().map_err(store_error)?)?;
+        if acked < u64::from(replicas) {
+            return Err(LedgerError(format!(
+                "{}: written on the primary but acknowledged by {acked} of {replicas} replicas within \
+                 store.wait_timeout_ms ({timeout_ms} ms); a failover could lose it",
+                function.name
+            )));
+        }
+        Ok(reply)
     }
 
     /// Sends `cmd` on the calling thread's connection, waiting at most `store.max_wait_ms` for
     /// the answer. While the store is known to be down ([`Health`]) nothing is sent: the step
     /// fails at once with [`LedgerError::not_sent`].
     async fn send<T: FromRedisValue>(&self, cmd: &Cmd) -> LedgerResult<T> {
+        self.bounded(self.send_on_connection(cmd)).await
+    }
+
+    /// [`RedisLedger::send`] for a pipeline.
+    async fn send_pipeline<T: FromRedisValue>(&self, pipeline: &Pipeline) -> LedgerResult<T> {
+        self.bounded(self.once_more(|mut conn| async move { pipeline.query_async(&mut conn).await })).await
+    }
+
+    /// Waits for `request` at most `store.max_wait_ms`, and keeps the circuit ([`Health`]).
+    async fn bounded<T>(&self, request: impl Future<Output = redis::RedisResult<T>>) -> LedgerResult<T> {
         if self.health.is_down() {
             return Err(LedgerError::not_sent());
         }
         let wait = self.health.max_wait();
-        match tokio::time::timeout(wait, self.send_on_connection(cmd)).await {
+        match tokio::time::timeout(wait, request).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
-                    self.health.mark_down(self);
+                    self.health.mark_down(self, &e);
                 }
                 Err(store_error(e))
             }
             Err(_) => {
-                self.health.mark_down(self);
-                Err(LedgerError(format!("no answer within store.max_wait_ms ({} ms)", wait.as_millis())))
+                let e = LedgerError(format!("no answer within store.max_wait_ms ({} ms)", wait.as_millis()));
+                self.health.mark_down(self, &e);
+                Err(e)
             }
         }
     }
@@ -714,16 +818,30 @@ impl RedisLedger {
     /// without that, the first step on each idle connection after an outage would fail although
     /// Redis is back. Sending a step twice is safe (see "Re-sent steps" above).
     async fn send_on_connection<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
-        let mut conn = self.conn();
-        match cmd.query_async(&mut conn).await {
-            Err(e) if e.is_connection_dropped() => {
-                match tokio::time::timeout(CONNECT_TIMEOUT, cmd.query_async(&mut conn)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(e),
-                }
-            }
+        self.once_more(|mut conn| async move { cmd.query_async(&mut conn).await }).await
+    }
+
+    /// Sends on the calling thread's connection, and once more when it was found broken (see
+    /// [`RedisLedger::send_on_connection`]).
+    async fn once_more<T, F: Future<Output = redis::RedisResult<T>>>(
+        &self,
+        send: impl Fn(Connection) -> F,
+    ) -> redis::RedisResult<T> {
+        // Clones share one multiplexed connection (and its manager's reconnection).
+        let conn = self.conn();
+        match send(conn.clone()).await {
+            Err(e) if e.is_connection_dropped() => match tokio::time::timeout(CONNECT_TIMEOUT, send(conn)).await {
+                Ok(result) => result,
+                Err(_) => Err(e),
+            },
             other => other,
         }
+    }
+
+    /// Sets `store.wait_replicas` and `store.wait_timeout_ms` (0 replicas: no `WAIT`).
+    pub fn set_replication_wait(&self, replicas: u32, timeout: Duration) {
+        self.replication.timeout_ms.store(timeout.as_millis().max(1) as u64, Ordering::Relaxed);
+        self.replication.replicas.store(replicas, Ordering::Relaxed);
     }
 
     /// Sets `store.max_wait_ms`.

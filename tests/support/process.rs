@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::gateway::ADMIN_TOKEN;
+use super::http::{self, Response};
 
 /// A running `creditgate serve`, killed on drop.
 pub struct GatewayProcess {
@@ -20,6 +21,19 @@ pub struct GatewayProcess {
     config: PathBuf,
     /// Everything written to stderr so far, when started with [`GatewayProcess::start_logging`].
     log: Option<Arc<Mutex<Vec<u8>>>>,
+}
+
+/// An admin API call with the test admin token: `base` is a gateway's admin address.
+pub async fn admin(base: &str, method: &str, path: &str, body: Option<serde_json::Value>) -> Response {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    http::send(
+        method,
+        &format!("{base}{path}"),
+        &[("authorization", &auth), ("content-type", "application/json")],
+        body,
+    )
+    .await
 }
 
 fn free_port() -> u16 {
@@ -109,7 +123,7 @@ impl GatewayProcess {
             let addr = self.admin.trim_start_matches("http://");
             if std::net::TcpStream::connect(addr).is_ok() {
                 let url = format!("{}/healthz", self.admin);
-                return super::http::send("GET", &url, &[], "").await.status == 200;
+                return http::send("GET", &url, &[], "").await.status == 200;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -1,5 +1,6 @@
-//! Real Redis for tests: a standalone `redis-server` and a 3-master Redis Cluster, on free
-//! loopback ports, each node in its own temp dir, killed and cleaned up on drop.
+//! Real Redis for tests: a standalone `redis-server` and a 3-master Redis Cluster (with or without
+//! a replica per master), on free loopback ports, each node in its own temp dir, killed and
+//! cleaned up on drop.
 //!
 //! Tests never use a Redis the machine happens to run. `redis-server` and `redis-cli` must be on
 //! the PATH (`scripts/test` installs them); without them the fixtures panic saying so.
@@ -48,17 +49,23 @@ impl RedisServer {
         self.relaunch();
     }
 
-    /// Kills the server (SIGKILL, as a crash would); [`RedisServer::relaunch`] starts it again.
+    /// Kills the server with SIGKILL, as a crash would; [`RedisServer::relaunch`] starts it again.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    /// Starts a killed server again on the same port, data directory and arguments; returns once
-    /// PING answers.
+    /// Starts a killed server again on the same port, data directory and arguments (a cluster
+    /// node keeps its `nodes.conf`, so it rejoins its cluster); returns once PING answers.
     pub fn relaunch(&mut self) {
         self.child = launch(self.port, self.dir.path(), &self.extra);
         assert!(self.wait_for_ping(), "redis-server did not restart on port {}:\n{}", self.port, self.log());
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, …) to the server process with `kill`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name} {} failed", self.child.id());
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -80,9 +87,18 @@ impl RedisServer {
         }
     }
 
-    /// A cluster-enabled node, not yet part of a cluster.
-    fn start_cluster_node() -> Self {
-        Self::spawn("cluster", |dir| {
+    /// Like [`RedisServer::command`], but a refused connection or an error reply is returned.
+    pub fn try_command(&self, args: &[&str]) -> Result<String, String> {
+        match command(self.port, args) {
+            Ok(reply) => reply,
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A cluster-enabled node, not yet part of a cluster, that thinks a node is down after
+    /// `node_timeout_ms` without an answer.
+    fn start_cluster_node(node_timeout_ms: u64) -> Self {
+        Self::spawn("cluster", move |dir| {
             vec![
                 "--cluster-enabled".into(),
                 "yes".into(),
@@ -92,7 +108,7 @@ impl RedisServer {
                 "--cluster-port".into(),
                 free_port().to_string(),
                 "--cluster-node-timeout".into(),
-                "5000".into(),
+                node_timeout_ms.to_string(),
             ]
         })
     }
@@ -143,20 +159,78 @@ impl Drop for RedisServer {
     }
 }
 
-/// Three cluster-enabled masters joined by `redis-cli --cluster create`, no replicas.
+/// Three cluster-enabled masters joined by `redis-cli --cluster create`, with or without one
+/// replica each. Nodes are addressed by their index in [`RedisCluster::nodes`], which stays the
+/// same whatever role a failover gives them.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
 }
 
+/// How long a failover, a node's return or a slot's move may take before a test gives up.
+const CLUSTER_CHANGE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A node as one line of `CLUSTER NODES` describes it.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    /// The node's id.
+    pub id: String,
+    /// Its client port.
+    pub port: u16,
+    /// `master` or `slave`, plus `myself`, `fail`, `fail?`, … as Redis reports them.
+    pub flags: Vec<String>,
+    /// The id of the master it replicates (replicas only).
+    pub master_id: Option<String>,
+    /// The slot ranges it serves (masters only).
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl ClusterNode {
+    /// A master not marked failed.
+    pub fn is_live_master(&self) -> bool {
+        self.flags.iter().any(|f| f == "master") && !self.flags.iter().any(|f| f.starts_with("fail"))
+    }
+
+    fn serves(&self, slot: u16) -> bool {
+        self.slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
+    }
+}
+
 impl RedisCluster {
-    /// Starts the nodes, creates the cluster, waits until every node reports `cluster_state:ok`.
+    /// Three masters, no replicas; waits until every node reports `cluster_state:ok`.
     pub fn start() -> Self {
+        Self::create(3, 0, 5000)
+    }
+
+    /// Three masters and one replica each (`--cluster-replicas 1`), nodes declaring a peer down
+    /// after 1 s without an answer so a failover takes seconds; waits until the cluster is ok
+    /// and every replica is in sync with its master.
+    pub fn start_with_replicas() -> Self {
+        let cluster = Self::create(6, 1, 1000);
+        cluster.wait(CLUSTER_CHANGE_TIMEOUT, "every replica linked to its master", |c| {
+            let replicas = c.topology().into_iter().filter(|n| n.flags.iter().any(|f| f == "slave"));
+            let mut linked = 0;
+            for replica in replicas {
+                let node = c.node_by_port(replica.port);
+                if !c.nodes[node]
+                    .try_command(&["INFO", "replication"])
+                    .is_ok_and(|i| i.contains("master_link_status:up"))
+                {
+                    return false;
+                }
+                linked += 1;
+            }
+            linked == 3
+        });
+        cluster
+    }
+
+    fn create(count: usize, replicas: usize, node_timeout_ms: u64) -> Self {
         require("redis-cli");
-        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_cluster_node()).collect();
+        let nodes: Vec<RedisServer> = (0..count).map(|_| RedisServer::start_cluster_node(node_timeout_ms)).collect();
         let output = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}"));
@@ -167,11 +241,9 @@ impl RedisCluster {
             String::from_utf8_lossy(&output.stderr)
         );
         let cluster = RedisCluster { nodes };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !cluster.nodes.iter().all(|n| n.command(&["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
-            assert!(Instant::now() < deadline, "cluster did not reach cluster_state:ok in {START_TIMEOUT:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        cluster.wait(START_TIMEOUT, "cluster_state:ok on every node", |c| {
+            c.nodes.iter().all(|n| n.try_command(&["CLUSTER", "INFO"]).is_ok_and(|i| i.contains("cluster_state:ok")))
+        });
         cluster
     }
 
@@ -180,9 +252,168 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
-    /// The nodes (all masters).
+    /// The nodes, masters and replicas, in the order they were started.
     pub fn nodes(&self) -> &[RedisServer] {
         &self.nodes
+    }
+
+    /// One node, by index.
+    pub fn node(&self, index: usize) -> &RedisServer {
+        &self.nodes[index]
+    }
+
+    /// The cluster as the first node that answers sees it (`CLUSTER NODES`).
+    pub fn topology(&self) -> Vec<ClusterNode> {
+        for node in &self.nodes {
+            if let Ok(text) = node.try_command(&["CLUSTER", "NODES"]) {
+                return text.lines().filter(|l| !l.trim().is_empty()).map(parse_cluster_node).collect();
+            }
+        }
+        panic!("no cluster node answers CLUSTER NODES");
+    }
+
+    /// The hash slot of `key`.
+    pub fn slot_of(&self, key: &str) -> u16 {
+        let node = self.nodes.iter().find(|n| n.try_command(&["PING"]).is_ok()).expect("a node answers");
+        node.command(&["CLUSTER", "KEYSLOT", key]).trim().parse().expect("KEYSLOT is a number")
+    }
+
+    /// The index of the live master serving `slot`.
+    pub fn master_of_slot(&self, slot: u16) -> usize {
+        let topology = self.topology();
+        let master = topology
+            .iter()
+            .find(|n| n.is_live_master() && n.serves(slot))
+            .unwrap_or_else(|| panic!("no live master serves slot {slot}: {topology:?}"));
+        self.node_by_port(master.port)
+    }
+
+    /// The index of the live master serving `key`'s slot.
+    pub fn master_of_key(&self, key: &str) -> usize {
+        self.master_of_slot(self.slot_of(key))
+    }
+
+    /// The index of the (first) replica of the master at `master`.
+    pub fn replica_of(&self, master: usize) -> usize {
+        let topology = self.topology();
+        let id = self.id_of(master);
+        let replica = topology
+            .iter()
+            .find(|n| n.master_id.as_deref() == Some(id.as_str()) && n.flags.iter().any(|f| f == "slave"))
+            .unwrap_or_else(|| panic!("node {master} has no replica: {topology:?}"));
+        self.node_by_port(replica.port)
+    }
+
+    /// The cluster node id of the node at `index` (its own answer).
+    pub fn id_of(&self, index: usize) -> String {
+        self.nodes[index].command(&["CLUSTER", "MYID"]).trim().to_owned()
+    }
+
+    /// Kills the node at `index` with SIGKILL, as a crash would.
+    pub fn kill(&mut self, index: usize) {
+        self.nodes[index].kill();
+    }
+
+    /// Waits until the node at `replica` serves slots as a master and every live node reports
+    /// `cluster_state:ok` (the failover is complete); panics after [`CLUSTER_CHANGE_TIMEOUT`].
+    pub fn wait_promoted(&self, replica: usize) {
+        let port = self.nodes[replica].port;
+        self.wait(CLUSTER_CHANGE_TIMEOUT, "the replica to be promoted", |c| {
+            let Ok(text) = c.nodes[replica].try_command(&["CLUSTER", "NODES"]) else { return false };
+            let promoted = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(parse_cluster_node)
+                .any(|n| n.port == port && n.is_live_master() && !n.slots.is_empty());
+            promoted
+                && c.nodes
+                    .iter()
+                    .filter(|n| n.try_command(&["PING"]).is_ok())
+                    .all(|n| n.try_command(&["CLUSTER", "INFO"]).is_ok_and(|i| i.contains("cluster_state:ok")))
+        });
+    }
+
+    /// Starts the killed node at `index` again (same port, data dir and `nodes.conf`) and waits
+    /// until it has rejoined as a replica in sync with its master.
+    pub fn restart(&mut self, index: usize) {
+        self.nodes[index].relaunch();
+        self.wait(CLUSTER_CHANGE_TIMEOUT, "the restarted node to rejoin as a replica", |c| {
+            c.nodes[index]
+                .try_command(&["INFO", "replication"])
+                .is_ok_and(|i| i.contains("role:slave") && i.contains("master_link_status:up"))
+        });
+    }
+
+    /// Moves `slot` from the master at `from` to the master at `to` by hand, one key per
+    /// `MIGRATE`, oldest key first, sleeping `pause` after each (`CLUSTER SETSLOT … IMPORTING / MIGRATING`, then
+    /// `… NODE` on every master), so requests meet the slot half-moved. Returns how many keys it
+    /// moved; panics when a `MIGRATE` fails (e.g. `BUSYKEY`: a key was written on both sides).
+    pub fn migrate_slot(&self, slot: u16, from: usize, to: usize, pause: Duration) -> usize {
+        let (from_id, to_id) = (self.id_of(from), self.id_of(to));
+        let slot_arg = slot.to_string();
+        let to_port = self.nodes[to].port.to_string();
+        self.nodes[to].command(&["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &from_id]);
+        self.nodes[from].command(&["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &to_id]);
+        let mut moved = 0;
+        let deadline = Instant::now() + CLUSTER_CHANGE_TIMEOUT;
+        loop {
+            assert!(Instant::now() < deadline, "slot {slot} not migrated in {CLUSTER_CHANGE_TIMEOUT:?}");
+            // Oldest key first (Redis lists a slot's keys newest first): the account hash moves
+            // before its lists, the order that shows a script a half-moved account on both sides.
+            let keys = self.nodes[from].command(&["CLUSTER", "GETKEYSINSLOT", &slot_arg, "100000"]);
+            let Some(key) = keys.lines().map(str::trim).rfind(|k| !k.is_empty()) else {
+                break;
+            };
+            let reply = self.nodes[from].try_command(&["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS", key]);
+            assert!(reply.is_ok(), "MIGRATE of {key} from node {from} to node {to}: {reply:?}");
+            moved += 1;
+            std::thread::sleep(pause);
+        }
+        // The new owner first, then the old one, then the others (the order redis-cli uses).
+        let masters: Vec<usize> =
+            self.topology().iter().filter(|n| n.is_live_master()).map(|n| self.node_by_port(n.port)).collect();
+        let rest = masters.into_iter().filter(|&m| m != from && m != to);
+        for node in [to, from].into_iter().chain(rest) {
+            self.nodes[node].command(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]);
+        }
+        moved
+    }
+
+    fn node_by_port(&self, port: u16) -> usize {
+        self.nodes.iter().position(|n| n.port == port).unwrap_or_else(|| panic!("no node on port {port}"))
+    }
+
+    /// Polls `done` every 50 ms for at most `limit`; panics with `what` when it never holds.
+    fn wait(&self, limit: Duration, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !done(self) {
+            assert!(Instant::now() < deadline, "waited {limit:?} for {what}: {:?}", self.topology());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// One line of `CLUSTER NODES`: `<id> <ip:port@cport> <flags> <master> <ping> <pong> <epoch>
+/// <link> <slot ranges…>` (ranges `a-b` or `a`; `[…]` entries are slots in migration, skipped).
+fn parse_cluster_node(line: &str) -> ClusterNode {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert!(fields.len() >= 8, "unexpected CLUSTER NODES line {line:?}");
+    let address = fields[1].split('@').next().unwrap_or_default();
+    let port = address.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let slots = fields[8..]
+        .iter()
+        .filter(|r| !r.starts_with('['))
+        .filter_map(|r| match r.split_once('-') {
+            Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+            None => r.parse().ok().map(|s| (s, s)),
+        })
+        .collect();
+    ClusterNode {
+        id: fields[0].to_owned(),
+        port,
+        flags: fields[2].split(',').map(str::to_owned).collect(),
+        master_id: (fields[3] != "-").then(|| fields[3].to_owned()),
+        slots,
     }
 }
 
