@@ -1568,8 +1568,9 @@ mod tests {
     }
 
     #[test]
-    fn upstream_url_needs_http_scheme() {
-        assert!(parse_upstream_url("https://x:1").is_err());
+    fn upstream_url_needs_http_or_https() {
+        assert_eq!(parse_upstream_url("https://x:1").unwrap().scheme, http::uri::Scheme::HTTPS);
+        assert!(parse_upstream_url("ftp://x:1").unwrap_err().contains("not supported"));
         assert!(parse_upstream_url("127.0.0.1:1").is_err());
         let u = parse_upstream_url("http://127.0.0.1:8000/base/").unwrap();
         assert_eq!(u.base_path, "/base");
