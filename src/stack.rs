@@ -497,7 +497,19 @@ impl Metered<'_> {
             max_queued_bytes: self.rt.config.jobs.max_queued_bytes_per_account,
             idempotency: self.idem,
         };
-        match self.state.ledger.enqueue_job(new).await? {
+        let outcome = match self.state.ledger.enqueue_job(new).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // The step may have run with its reply lost: the job would wait, then run paid,
+                // for a request answered 503. It is withdrawn in the background (out of the
+                // queue, or barred should the enqueue still arrive).
+                if !e.was_not_sent() {
+                    withdraw_later(self.state, &self.principal.account, &job_id);
+                }
+                return Err(e.into());
+            }
+        };
+        match outcome {
             EnqueueOutcome::Queued { depth } => {
                 tracing::info!(job_id, depth, operation = %self.op.name, "queued until the account can pay");
                 let stored = crate::ledger::jobs::queued_response(&job_id, depth);
@@ -513,6 +525,33 @@ impl Metered<'_> {
             EnqueueOutcome::NoAccount => Err(GatewayError::AccountGone),
         }
     }
+}
+
+/// Withdraws a job of unknown fate ([`JobStore::withdraw_job`]) on the main runtime (which
+/// outlives the request), retrying until the store takes it: every 50 ms for 10 s — the job must
+/// be gone before a top-up lets the runner claim it — then every second, for 10 minutes in all.
+fn withdraw_later(state: &AppState, account: &str, job_id: &str) {
+    let (state, account, job_id) = (state.clone(), account.to_owned(), job_id.to_owned());
+    state.background.clone().spawn(async move {
+        for attempt in 0..790 {
+            match state.ledger.withdraw_job(&account, &job_id).await {
+                Ok(true) => {
+                    tracing::info!(
+                        account,
+                        job_id,
+                        "a job of unknown fate was withdrawn (its request was answered 503)"
+                    );
+                    return;
+                }
+                Ok(false) => {
+                    tracing::error!(account, job_id, "a job of unknown fate had started before it could be withdrawn");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(if attempt < 200 { 50 } else { 1000 })).await,
+            }
+        }
+        tracing::error!(account, job_id, "a job of unknown fate could not be withdrawn within 10 minutes");
+    });
 }
 
 /// How queueing ended.

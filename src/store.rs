@@ -211,6 +211,9 @@ impl JobStore for Store {
     async fn finish_job(&self, account: &str, job_id: &str, runner: &str, finish: JobFinish) -> LedgerResult<bool> {
         dispatch!(self, l => l.finish_job(account, job_id, runner, finish))
     }
+    async fn withdraw_job(&self, account: &str, job_id: &str) -> LedgerResult<bool> {
+        dispatch!(self, l => l.withdraw_job(account, job_id))
+    }
     async fn job(&self, account: &str, job_id: &str) -> LedgerResult<Option<JobView>> {
         dispatch!(self, l => l.job(account, job_id))
     }

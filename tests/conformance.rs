@@ -132,6 +132,7 @@ async fn suite<L: Ledger + JobStore>(l: Arc<L>) {
             concurrent_crossing_buys_one_auto_topup(l.clone()).await;
             concurrent_thresholds_fire_once_each(l.clone()).await;
             queue_order_cap_and_claims(&*l).await;
+            a_job_of_unknown_fate_is_withdrawn_or_barred(&*l).await;
             finish_by_the_lease_holder_release_and_failure(&*l).await;
             done_keeps_the_result_for_its_account_only(&*l).await;
             concurrent_claimers_take_each_job_once(l.clone()).await;
@@ -1882,6 +1883,32 @@ fn new_job<'a>(
         max_queued_bytes: 1 << 20,
         idempotency: None,
     }
+}
+
+/// A job whose queueing the gateway could not confirm is withdrawn: out of the queue (never
+/// claimed, never paid) if queued; barred if its enqueue has not arrived (a late one queues
+/// nothing); left alone once running.
+async fn a_job_of_unknown_fate_is_withdrawn_or_barred(l: &(impl Ledger + JobStore)) {
+    let acct = account(l, 0).await;
+    queue(l, &acct, "job-w1").await;
+    queue(l, &acct, "job-w2").await;
+    assert!(l.withdraw_job(&acct, "job-w1").await.unwrap());
+    assert!(l.withdraw_job(&acct, "job-w1").await.unwrap(), "again: still withdrawn");
+    assert_eq!(l.queue_depth(&acct).await.unwrap(), 1);
+    let view = l.job(&acct, "job-w1").await.unwrap().expect("kept for its client to read");
+    assert_eq!(view.status, "withdrawn");
+    assert!(view.error.is_some_and(|e| e.contains("503")));
+    let claimed = l.claim_job(&acct, "r1", 60).await.unwrap().expect("the other job");
+    assert_eq!(claimed.id, "job-w2");
+    assert!(!l.withdraw_job(&acct, "job-w2").await.unwrap(), "running: too late");
+    assert_eq!(l.claim_job(&acct, "r2", 60).await.unwrap(), None, "the withdrawn job is never claimed");
+    // Withdrawn before its enqueue arrived: the late enqueue is a re-sent step, queueing nothing.
+    assert!(l.withdraw_job(&acct, "job-w3").await.unwrap());
+    let headers = job_headers();
+    let late = l.enqueue_job(new_job(&acct, "job-w3", &headers, b"{}", 100)).await.unwrap();
+    assert!(matches!(late, EnqueueOutcome::Queued { .. }), "{late:?}");
+    assert_eq!(l.queue_depth(&acct).await.unwrap(), 1, "only job-w2, running");
+    assert_eq!(l.job(&acct, "job-w3").await.unwrap().unwrap().status, "withdrawn");
 }
 
 /// Queues a job (cap 100) and checks it was queued.

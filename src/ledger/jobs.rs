@@ -207,6 +207,11 @@ pub trait JobStore: Send + Sync + 'static {
         finish: JobFinish,
     ) -> impl Future<Output = LedgerResult<bool>> + Send;
 
+    /// Withdraws a job whose queueing could not be confirmed (its request was answered 503):
+    /// out of the queue if still queued, a record that stops a late enqueue if never queued;
+    /// `false` when it already started (running, done, failed, expired).
+    fn withdraw_job(&self, account: &str, job_id: &str) -> impl Future<Output = LedgerResult<bool>> + Send;
+
     /// A job of `account` (`None` for another account's job or an unknown id).
     fn job(&self, account: &str, job_id: &str) -> impl Future<Output = LedgerResult<Option<JobView>>> + Send;
 

@@ -1040,6 +1040,57 @@ impl JobStore for MemoryLedger {
             .unwrap_or(false))
     }
 
+    async fn withdraw_job(&self, account: &str, job_id: &str) -> LedgerResult<bool> {
+        let retention = lock(&self.limits).job_retention_secs;
+        Ok(self
+            .with_account(account, |a, now| {
+                let error =
+                    Some("withdrawn: its request was answered 503 before the queueing was confirmed".to_owned());
+                match a.jobs.get_mut(job_id) {
+                    Some(j) if j.status == "withdrawn" => true,
+                    Some(j) if j.status != "queued" || j.lease.as_ref().is_some_and(|l| l.1 > now) => false,
+                    Some(j) => {
+                        a.queued_bytes = a.queued_bytes.saturating_sub(j.job.body.len() as u64);
+                        j.job.body = Vec::new();
+                        (j.status, j.lease, j.updated_at, j.error) = ("withdrawn", None, now, error);
+                        j.expires_at = Some(now + retention);
+                        a.queue.retain(|id| id != job_id);
+                        true
+                    }
+                    None => {
+                        let job = Job {
+                            id: job_id.to_owned(),
+                            account: account.to_owned(),
+                            operation: String::new(),
+                            category: String::new(),
+                            cost: 0,
+                            upstream: String::new(),
+                            method: String::new(),
+                            path: String::new(),
+                            headers: Vec::new(),
+                            body: Vec::new(),
+                            request_id: String::new(),
+                            attempts: 0,
+                            created_at: now,
+                        };
+                        let record = JobRecord {
+                            job,
+                            status: "withdrawn",
+                            lease: None,
+                            not_before: now,
+                            updated_at: now,
+                            result: None,
+                            error,
+                            expires_at: Some(now + retention),
+                        };
+                        a.jobs.insert(job_id.to_owned(), record);
+                        true
+                    }
+                }
+            })
+            .unwrap_or(true))
+    }
+
     async fn job(&self, account: &str, job_id: &str) -> LedgerResult<Option<JobView>> {
         Ok(self
             .with_account(account, |a, _| {

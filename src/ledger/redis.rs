@@ -198,6 +198,7 @@ struct Scripts {
     export_ack: Function,
     billing: Function,
     settle_auto_topup: Function,
+    job_withdraw: Function,
 }
 
 impl Scripts {
@@ -206,7 +207,7 @@ impl Scripts {
     /// first call of any of its functions loads, and instances on different configs each call
     /// their own.
     fn build(limits: &StoreLimits) -> Self {
-        let bodies: [(&'static str, &str); 21] = [
+        let bodies: [(&'static str, &str); 22] = [
             ("create_account", include_str!("../../lua/create_account.lua")),
             ("account", include_str!("../../lua/account.lua")),
             ("charge", include_str!("../../lua/charge.lua")),
@@ -228,6 +229,7 @@ impl Scripts {
             ("export_ack", include_str!("../../lua/export_ack.lua")),
             ("billing", include_str!("../../lua/billing.lua")),
             ("settle_auto_topup", include_str!("../../lua/settle_auto_topup.lua")),
+            ("job_withdraw", include_str!("../../lua/job_withdraw.lua")),
         ];
         let prelude = lua_prelude(limits);
         let mut code = prelude.clone();
@@ -271,6 +273,7 @@ impl Scripts {
             export_ack: function("export_ack"),
             billing: function("billing"),
             settle_auto_topup: function("settle_auto_topup"),
+            job_withdraw: function("job_withdraw"),
         }
     }
 }
@@ -1818,6 +1821,19 @@ impl JobStore for RedisLedger {
             self.unindex_if_empty(Index::Jobs, account).await;
         }
         Ok(true)
+    }
+
+    async fn withdraw_job(&self, account: &str, job_id: &str) -> LedgerResult<bool> {
+        let scripts = self.scripts.load();
+        let mut inv = scripts.job_withdraw.key(keys::account(account));
+        inv.key(keys::job(account, job_id)).arg(job_id);
+        let mut r = self.step(account, inv).await?;
+        let outcome: String = r.next()?;
+        match outcome.as_str() {
+            "withdrawn" | "noaccount" => Ok(true),
+            "started" => Ok(false),
+            other => Err(unexpected("job_withdraw", other)),
+        }
     }
 
     async fn job(&self, account: &str, job_id: &str) -> LedgerResult<Option<JobView>> {
