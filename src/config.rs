@@ -166,6 +166,20 @@ pub struct ServerConfig {
     /// peer's own address is the client's, and its forwarding headers are replaced.
     #[serde(default)]
     pub trusted_proxies: Vec<crate::proxy::headers::Cidr>,
+    /// TLS termination on the public listener; the files are read again on every reload (SIGHUP).
+    pub tls: Option<ListenerTls>,
+    /// TLS termination on the admin listener, likewise.
+    pub admin_tls: Option<ListenerTls>,
+}
+
+/// `server.tls = { cert_file, key_file }`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// The certificate chain (PEM), leaf first.
+    pub cert_file: String,
+    /// Its private key (PEM).
+    pub key_file: String,
 }
 
 fn default_header_read_timeout_ms() -> u64 {

@@ -40,7 +40,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
@@ -85,10 +85,20 @@ pub fn connection_permits(limits: &Limits) -> Arc<Semaphore> {
     Arc::new(Semaphore::new(limits.max_connections))
 }
 
+/// Which listener a [`serve`] loop is (they differ in their TLS settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `server.listen` (`server.tls`).
+    Public,
+    /// `server.admin_listen` (`server.admin_tls`).
+    Admin,
+}
+
 /// Serves `router` on `listener` until `shutdown` turns true, then drains (waits until every
 /// connection it accepted is gone). `permits` caps the listener's connections; several workers
 /// accepting on one address share it.
 pub async fn serve(
+    side: Side,
     listener: TcpListener,
     router: Router,
     limits: Limits,
@@ -124,7 +134,23 @@ pub async fn serve(
         tokio::spawn(async move {
             let metrics = &state.metrics;
             metrics.connections_open.inc();
-            connection(tcp, addr, router, limits, metrics, stop).await;
+            // `server.tls`, as the running config has it (a reload brings renewed certificates).
+            let tls = {
+                let rt = state.runtime.load();
+                if side == Side::Public { rt.tls_acceptor.clone() } else { rt.admin_tls_acceptor.clone() }
+            };
+            match tls {
+                None => connection(tcp, addr, router, limits, metrics, stop).await,
+                // The handshake must finish within the header timeout, like a request head.
+                Some(acceptor) => match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => connection(tls, addr, router, limits, metrics, stop).await,
+                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                    Err(_) => {
+                        metrics.connections_header_timeout.inc();
+                        tracing::debug!(%addr, "closing connection: TLS handshake timeout");
+                    }
+                },
+            }
             metrics.connections_open.dec();
             drop((permit, own));
         });
@@ -147,8 +173,8 @@ enum Expired {
     Write,
 }
 
-async fn connection(
-    tcp: TcpStream,
+async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    tcp: S,
     addr: SocketAddr,
     router: Router,
     limits: Limits,
@@ -324,15 +350,15 @@ impl ConnState {
 }
 
 pin_project! {
-    /// The connection's socket, telling [`ConnState`] when bytes arrive.
-    struct Tracked {
+    /// The connection's socket (plain or TLS), telling [`ConnState`] when bytes arrive.
+    struct Tracked<S> {
         #[pin]
-        inner: TcpStream,
+        inner: S,
         state: Arc<ConnState>,
     }
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead> AsyncRead for Tracked<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
@@ -344,7 +370,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         let polled = this.inner.poll_write(cx, buf);

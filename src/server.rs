@@ -143,8 +143,15 @@ async fn serve(
     let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
     let permits = crate::listener::connection_permits(&limits);
-    let task =
-        tokio::spawn(crate::listener::serve(listener, router, limits, permits, state.clone(), shutdown.subscribe()));
+    let task = tokio::spawn(crate::listener::serve(
+        crate::listener::Side::Admin,
+        listener,
+        router,
+        limits,
+        permits,
+        state.clone(),
+        shutdown.subscribe(),
+    ));
     Ok((bound, task))
 }
 
@@ -191,7 +198,10 @@ fn serve_on_workers(
                 runtime.block_on(async move {
                     state.ledger.attach_worker().await;
                     match TcpListener::from_std(socket) {
-                        Ok(listener) => crate::listener::serve(listener, router, limits, permits, state, stop).await,
+                        Ok(listener) => {
+                            let side = crate::listener::Side::Public;
+                            crate::listener::serve(side, listener, router, limits, permits, state, stop).await
+                        }
                         Err(e) => tracing::error!(error = %e, index, "worker cannot listen"),
                     }
                 });

@@ -39,6 +39,11 @@ pub struct Runtime {
     pub export_secret: Option<Vec<u8>>,
     /// Stripe, when `[billing.stripe]` is set (secrets read from the environment).
     pub stripe: Option<Arc<crate::billing::stripe::Stripe>>,
+    /// TLS termination on the listeners (`server.tls`), read with this generation: a reload
+    /// (SIGHUP) picks up renewed certificate files for every new connection.
+    pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// The same for the admin listener (`server.admin_tls`).
+    pub admin_tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
     /// `sha256:<hex>` of the config (see [`crate::running::config_hash`]).
     pub config_hash: String,
     /// When this generation was compiled, RFC 3339 with milliseconds (UTC).
@@ -80,7 +85,14 @@ impl Runtime {
             .as_ref()
             .map(|c| crate::billing::stripe::Stripe::new(c, &env).map(Arc::new))
             .transpose()?;
+        let acceptor = |tls: Option<&crate::config::ListenerTls>, key: &str| {
+            tls.map(|t| crate::proxy::tls::acceptor(t, key)).transpose()
+        };
+        let tls_acceptor = acceptor(config.server.tls.as_ref(), "server.tls")?;
+        let admin_tls_acceptor = acceptor(config.server.admin_tls.as_ref(), "server.admin_tls")?;
         Ok(Runtime {
+            tls_acceptor,
+            admin_tls_acceptor,
             config_hash: crate::running::config_hash(&config),
             loaded_at: now_rfc3339_millis(),
             stripe,

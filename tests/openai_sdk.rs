@@ -16,7 +16,10 @@ use support::gateway::{ConfigBuilder, TestGateway};
 const CLIENT: &str = r#"
 import json, os, sys
 import openai
-client = openai.OpenAI(base_url=os.environ["BASE_URL"], api_key=os.environ["API_KEY"], max_retries=0)
+# Through a TLS listener: trust exactly the test CA.
+http_client = openai.DefaultHttpxClient(verify=os.environ["CA_FILE"]) if os.environ.get("CA_FILE") else None
+client = openai.OpenAI(base_url=os.environ["BASE_URL"], api_key=os.environ["API_KEY"], max_retries=0,
+                       http_client=http_client)
 for model, stream in [(m, s == "stream") for m, s in (a.split(":") for a in sys.argv[1:])]:
     try:
         if stream:
@@ -91,4 +94,37 @@ async fn the_openai_sdk_picks_a_tier_by_model_and_gets_that_tiers_model() {
     // A tier without a model of its own forwards the body's model as sent.
     assert_eq!((&lines[4]["charged"], &lines[4]["model"]), (&json!("3"), &json!("balanced")), "{}", lines[4]);
     assert_eq!(gw.remaining(&key).await, 10_000 - 5 - 1 - 3);
+}
+
+/// The same SDK through the public listener with TLS termination (`server.tls`, a certificate
+/// of a CA made here), trusting exactly that CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_openai_sdk_works_through_a_tls_listener() {
+    let Some(python) = python() else { return };
+    let ca = support::tls::TestCa::new("sdk");
+    let cert = ca.server("gateway");
+    let backend = creditgate::demo::start_backend("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let tls =
+        format!("tls = {{ cert_file = \"{}\", key_file = \"{}\" }}", cert.cert_file.display(), cert.key_file.display());
+    let gw = TestGateway::start(&ConfigBuilder::new(&format!("http://{backend}")).server(&tls).build()).await;
+    let key = gw.account_with_key("sdk-tls", "big").await;
+    let base_url = format!("https://127.0.0.1:{}/v1", gw.gateway.public_addr.port());
+    let ca_file = ca.cert_file();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args(["-c", CLIENT, "powerful:plain", "fast:stream"])
+            .env("BASE_URL", base_url)
+            .env("API_KEY", key)
+            .env("CA_FILE", ca_file)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!((&lines[0]["charged"], &lines[0]["model"]), (&json!("5"), &json!("powerful")), "{stdout}");
+    assert_eq!(lines[1]["charged"], "1", "{stdout}");
+    assert_eq!(lines[1]["text"], "Hello from the creditgate demo backend. 👋", "{stdout}");
 }

@@ -1,4 +1,5 @@
-//! TLS where the internet is (outgoing): `https://` upstreams trusted through a private CA
+//! TLS where the internet is. Incoming: the public listener terminating TLS (`server.tls`) and
+//! taking a renewed certificate on SIGHUP. Outgoing: `https://` upstreams trusted through a private CA
 //! (`upstreams.NAME.ca_file`), HTTP/2 when the backend's ALPN offers it and not with
 //! `http2 = false`, mTLS with a client certificate, a backend whose certificate no trusted CA
 //! signed refused with 502 `upstream_unavailable` (refunded) and a log line that says why, and
@@ -140,4 +141,64 @@ fn bad_tls_files_refuse_the_config_naming_the_upstream() {
     let err = creditgate::state::Runtime::with_env(config, |_| Some("x".into())).err().expect("refused");
     assert_eq!(err.key, "upstreams.ai");
     assert!(err.reason.contains("/nonexistent/ca.pem"), "{err}");
+    let text = ConfigBuilder::new("http://127.0.0.1:9")
+        .server("tls = { cert_file = \"/nonexistent/cert.pem\", key_file = \"/nonexistent/key.pem\" }")
+        .build();
+    let config = creditgate::config::Config::parse(&text).expect("the file itself is valid");
+    let err = creditgate::state::Runtime::with_env(config, |_| Some("x".into())).err().expect("refused");
+    assert_eq!(err.key, "server.tls.cert_file", "{err}");
+}
+
+/// A client of the gateway's TLS listener that trusts exactly `ca` (and the webpki roots).
+fn client_trusting(ca: &TestCa) -> creditgate::proxy::Client {
+    let settings = creditgate::proxy::tls::TlsSettings {
+        ca_files: vec![ca.cert_file().display().to_string()],
+        client_cert: None,
+        http2: false,
+    };
+    creditgate::proxy::client(Duration::from_secs(2), &settings, "test").unwrap()
+}
+
+/// `GET url` with `client`: the status, or the error in words.
+async fn get(client: &creditgate::proxy::Client, url: &str) -> Result<u16, String> {
+    let req = http::Request::get(url).body(axum::body::Body::empty()).unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+        Ok(Ok(res)) => Ok(res.status().as_u16()),
+        Ok(Err(e)) => Err(format!("{e:?}")),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_public_listener_terminates_tls_and_takes_a_renewed_certificate_on_sighup() {
+    let (first, second) = (TestCa::new("listener-1"), TestCa::new("listener-2"));
+    let live = first.dir().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let install = |cert: &support::tls::Issued| {
+        std::fs::copy(&cert.cert_file, live.join("cert.pem")).unwrap();
+        std::fs::copy(&cert.key_file, live.join("key.pem")).unwrap();
+    };
+    install(&first.server("gateway"));
+    let up = support::upstream::Upstream::echo().await;
+    let tls_line = format!(
+        "tls = {{ cert_file = \"{}\", key_file = \"{}\" }}",
+        live.join("cert.pem").display(),
+        live.join("key.pem").display()
+    );
+    let gw = GatewayProcess::start(&ConfigBuilder::new(&up.url()).server(&tls_line).build()).await;
+    let https = gw.public.replace("http://", "https://") + "/dashboard";
+    assert_eq!(get(&client_trusting(&first), &https).await, Ok(200), "served over TLS");
+    assert!(get(&client_trusting(&second), &https).await.is_err(), "a certificate the client does not trust");
+    let plain = get(&client_trusting(&first), &format!("{}/dashboard", gw.public)).await;
+    assert!(plain.is_err(), "no plain HTTP on a TLS listener: {plain:?}");
+
+    // The certificate is renewed on disk; SIGHUP makes new connections use it.
+    install(&second.server("gateway"));
+    gw.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while get(&client_trusting(&second), &https).await != Ok(200) {
+        assert!(std::time::Instant::now() < deadline, "the renewed certificate was not taken within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(get(&client_trusting(&first), &https).await.is_err(), "the old certificate is gone");
 }

@@ -79,3 +79,28 @@ impl TlsSettings {
         })
     }
 }
+
+/// The acceptor of `server.tls`: the certificate chain and key read now (a bad file refuses the
+/// config, naming the key), HTTP/1.1 by ALPN.
+pub fn acceptor(tls: &crate::config::ListenerTls, key: &str) -> Result<tokio_rustls::TlsAcceptor, ConfigError> {
+    let (cert_key, key_key) = (format!("{key}.cert_file"), format!("{key}.key_file"));
+    let bad = |k: &str, reason: String| bad(if k.ends_with("cert_file") { &cert_key } else { &key_key }, reason);
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert_file)
+        .map_err(|e| bad("cert_file", format!("cannot read {}: {e}", tls.cert_file)))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad("cert_file", format!("{}: not a PEM certificate ({e})", tls.cert_file)))?;
+    if chain.is_empty() {
+        return Err(bad("cert_file", format!("{} holds no PEM certificate", tls.cert_file)));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
+        .map_err(|e| bad("key_file", format!("{}: no PEM private key ({e})", tls.key_file)))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("cert_file", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| bad("key_file", format!("does not fit the certificate: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
