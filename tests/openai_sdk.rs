@@ -41,6 +41,26 @@ for model, stream in [(m, s == "stream") for m, s in (a.split(":") for a in sys.
     print(json.dumps(out), flush=True)
 "#;
 
+/// Runs [`CLIENT`] for `asks` (`model:plain|stream`) against `base_url` with `key` (trusting
+/// only `ca` when given) and returns its JSON lines; panics when the script fails.
+async fn run_client(
+    python: String,
+    asks: &[&str],
+    base_url: &str,
+    key: &str,
+    ca: Option<std::path::PathBuf>,
+) -> Vec<Value> {
+    let mut cmd = Command::new(python);
+    cmd.args(["-c", CLIENT]).args(asks).env("BASE_URL", base_url).env("API_KEY", key);
+    if let Some(ca) = ca {
+        cmd.env("CA_FILE", ca);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run python")).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 fn python() -> Option<String> {
     let p = format!("{}/target/test-venv/bin/python3", env!("CARGO_MANIFEST_DIR"));
     let ok = Command::new(&p).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
@@ -64,22 +84,9 @@ async fn the_openai_sdk_picks_a_tier_by_model_and_gets_that_tiers_model() {
     assert!(config.contains("demo-large"), "the shipped ai_chat tiers changed shape");
     let gw = TestGateway::start(&config).await;
     let key = gw.account_with_key("sdk", "big").await;
-    let base_url = gw.url("/v1");
-    let api_key = key.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args(["-c", CLIENT, "powerful:plain", "mini:stream", "demo-large:plain", "gpt-5:plain", "balanced:plain"])
-            .env("BASE_URL", base_url)
-            .env("API_KEY", api_key)
-            .output()
-            .expect("run python")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 5, "{stdout}");
+    let asks = ["powerful:plain", "mini:stream", "demo-large:plain", "gpt-5:plain", "balanced:plain"];
+    let lines = run_client(python, &asks, &gw.url("/v1"), &key, None).await;
+    assert_eq!(lines.len(), 5, "{lines:?}");
     // A tier's name as the model: that tier's price, and its model at the backend.
     assert_eq!(
         lines[0],
@@ -109,22 +116,8 @@ async fn the_openai_sdk_works_through_a_tls_listener() {
     let gw = TestGateway::start(&ConfigBuilder::new(&format!("http://{backend}")).server(&tls).build()).await;
     let key = gw.account_with_key("sdk-tls", "big").await;
     let base_url = format!("https://127.0.0.1:{}/v1", gw.gateway.public_addr.port());
-    let ca_file = ca.cert_file();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args(["-c", CLIENT, "powerful:plain", "fast:stream"])
-            .env("BASE_URL", base_url)
-            .env("API_KEY", key)
-            .env("CA_FILE", ca_file)
-            .output()
-            .expect("run python")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!((&lines[0]["charged"], &lines[0]["model"]), (&json!("5"), &json!("powerful")), "{stdout}");
-    assert_eq!(lines[1]["charged"], "1", "{stdout}");
-    assert_eq!(lines[1]["text"], "Hello from the creditgate demo backend. 👋", "{stdout}");
+    let lines = run_client(python, &["powerful:plain", "fast:stream"], &base_url, &key, Some(ca.cert_file())).await;
+    assert_eq!((&lines[0]["charged"], &lines[0]["model"]), (&json!("5"), &json!("powerful")), "{lines:?}");
+    assert_eq!(lines[1]["charged"], "1", "{lines:?}");
+    assert_eq!(lines[1]["text"], "Hello from the creditgate demo backend. 👋", "{lines:?}");
 }
