@@ -797,6 +797,24 @@ pub struct SmtpConfig {
     pub username_env: Option<String>,
     /// Environment variable with the SMTP password.
     pub password_env: Option<String>,
+    /// `none` (plain, for a relay on the same host), `starttls` (upgrade, required) or `implicit`
+    /// (TLS from the first byte, e.g. port 465). The relay's certificate must verify against the
+    /// webpki roots or `tls.ca_file`.
+    #[serde(default)]
+    pub tls: SmtpTls,
+}
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SmtpTls {
+    /// Plain SMTP.
+    #[default]
+    None,
+    /// STARTTLS, required.
+    Starttls,
+    /// TLS from the first byte.
+    Implicit,
 }
 
 fn default_smtp_port() -> u16 {

@@ -202,3 +202,56 @@ async fn the_public_listener_terminates_tls_and_takes_a_renewed_certificate_on_s
     }
     assert!(get(&client_trusting(&first), &https).await.is_err(), "the old certificate is gone");
 }
+
+/// A TLS front for a plain server at `target`: accepts TLS with `cert` and pipes the bytes on.
+async fn tls_front(cert: &support::tls::Issued, target: std::net::SocketAddr) -> u16 {
+    let tls = creditgate::config::ListenerTls {
+        cert_file: cert.cert_file.display().to_string(),
+        key_file: cert.key_file.display().to_string(),
+    };
+    let acceptor = creditgate::proxy::tls::acceptor(&tls, "test").unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let (Ok(mut tls), Ok(mut plain)) =
+                    (acceptor.accept(tcp).await, tokio::net::TcpStream::connect(target).await)
+                else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mail_goes_to_a_relay_over_implicit_tls() {
+    let ca = TestCa::new("smtp");
+    let smtp = support::receivers::SmtpReceiver::start().await;
+    let port = tls_front(&ca.server("relay"), smtp.addr).await;
+    let up = support::upstream::Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url())
+        .notification(&format!(
+            "smtp = {{ host = \"127.0.0.1\", port = {port}, from = \"creditgate <billing@example.test>\", tls = \"implicit\" }}"
+        ))
+        .extra(&format!("[tls]\nca_file = \"{}\"", ca.cert_file().display()))
+        .build();
+    let gw = TestGateway::start(&config).await;
+    let body = serde_json::json!({"id": "mailed", "plan": "fifty", "email": "owner@example.test"});
+    assert_eq!(gw.admin_call("POST", "/admin/v1/accounts", Some(body)).await.status, 201);
+    assert_eq!(gw.topup("mailed", 10, "pay-smtp").await.status, 201);
+    let mails = smtp
+        .wait_until(Duration::from_secs(15), "a mail over TLS", |m| {
+            m.iter().any(|m| m.to.iter().any(|t| t.contains("owner@")))
+        })
+        .await;
+    assert!(
+        mails.iter().any(|m| m.data.contains("top-up") || m.data.contains("Top-up")),
+        "{:?}",
+        mails.last().map(|m| &m.data)
+    );
+}

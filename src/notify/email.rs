@@ -15,10 +15,25 @@ pub struct Mailer {
 }
 
 impl Mailer {
-    /// Builds the transport (no connection yet).
-    pub fn new(c: &SmtpConfig) -> Result<Self, String> {
-        // Plain SMTP: meant for a relay on the same host or network (see README).
+    /// Builds the transport (no connection yet); `ca_file` is `tls.ca_file`, trusted besides
+    /// the webpki roots for `notifications.smtp.tls`.
+    pub fn new(c: &SmtpConfig, ca_file: Option<&str>) -> Result<Self, String> {
+        use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+        // Plain SMTP (`tls = "none"`) is meant for a relay on the same host or network (README).
         let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&c.host).port(c.port);
+        if c.tls != crate::config::SmtpTls::None {
+            let mut params = TlsParameters::builder(c.host.clone());
+            if let Some(file) = ca_file {
+                let pem = std::fs::read(file).map_err(|e| format!("tls.ca_file {file}: {e}"))?;
+                params =
+                    params.add_root_certificate(Certificate::from_pem(&pem).map_err(|e| format!("tls.ca_file: {e}"))?);
+            }
+            let params = params.build_rustls().map_err(|e| format!("notifications.smtp.tls: {e}"))?;
+            builder = builder.tls(match c.tls {
+                crate::config::SmtpTls::Implicit => Tls::Wrapper(params),
+                _ => Tls::Required(params),
+            });
+        }
         if let (Some(u), Some(p)) = (&c.username_env, &c.password_env)
             && let (Ok(user), Ok(pass)) = (std::env::var(u), std::env::var(p))
         {

@@ -81,9 +81,9 @@ pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
             let webhook =
                 n.webhook_url.as_deref().zip(rt.webhook_secret.as_deref()).map(|(u, s)| webhook::Target::new(u, s));
             // Rebuild the SMTP transport only when its config changed (reload).
-            let smtp_key = n.smtp.as_ref().map(|s| format!("{}:{}:{}", s.host, s.port, s.from));
+            let smtp_key = n.smtp.as_ref().map(|s| format!("{}:{}:{}:{:?}", s.host, s.port, s.from, s.tls));
             if mailer.as_ref().map(|m| &m.0) != smtp_key.as_ref() {
-                mailer = n.smtp.as_ref().and_then(|s| match email::Mailer::new(s) {
+                mailer = n.smtp.as_ref().and_then(|s| match email::Mailer::new(s, rt.config.tls.ca_file.as_deref()) {
                     Ok(m) => Some((smtp_key.clone().unwrap_or_default(), m)),
                     Err(e) => {
                         tracing::error!(error = %e, "notifier: SMTP not usable");
