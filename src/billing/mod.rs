@@ -270,25 +270,20 @@ pub async fn pay_auto_topup(state: &AppState, stripe: &Stripe, event: &Event) ->
     let price = d["price_eur"].as_f64().unwrap_or(0.0);
     let package = d["package"].as_str().unwrap_or_default();
     let what = OffSession { account, payment_ref, credits, package, amount: minor_units(price) };
-    let outcome = match stripe.charge_off_session(&customer, &card, &what).await {
+    // Ok: the payment id; Err: why it was not paid.
+    let outcome: Result<String, String> = match stripe.charge_off_session(&customer, &card, &what).await {
         Ok(intent) => match intent.status.as_str() {
-            "succeeded" => Outcome::Paid(intent.id),
+            "succeeded" => Ok(intent.id),
             // The webhook settles it when Stripe knows.
             "processing" => return Ok(()),
-            status => Outcome::Failed(intent.failure.unwrap_or_else(|| format!("the payment ended {status}"))),
+            status => Err(intent.failure.unwrap_or_else(|| format!("the payment ended {status}"))),
         },
-        Err(StripeError::Refused { message, .. }) => Outcome::Failed(message),
+        Err(StripeError::Refused { message, .. }) => Err(message),
         Err(e @ StripeError::Unavailable(_)) => return Err(e.to_string()),
     };
     let payment = match &outcome {
-        Outcome::Paid(id) => AutoTopupPayment::Paid(id),
-        Outcome::Failed(reason) => AutoTopupPayment::Failed(reason),
+        Ok(id) => AutoTopupPayment::Paid(id),
+        Err(reason) => AutoTopupPayment::Failed(reason),
     };
     settle(state, account, payment_ref, credits, payment).await.map_err(|e| e.to_string())
-}
-
-/// [`AutoTopupPayment`] with owned text.
-enum Outcome {
-    Paid(String),
-    Failed(String),
 }

@@ -8,14 +8,13 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use hmac::{Hmac, KeyInit, Mac};
+use hmac::Mac;
 use http::{HeaderValue, Method, Request, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use sha2::Sha256;
 
 use crate::config::{ConfigError, StripeConfig};
 
@@ -306,12 +305,7 @@ impl Stripe {
         if (now - t).abs() > self.tolerance_secs {
             return Err(format!("Stripe-Signature t={t} is outside the tolerance of {} s", self.tolerance_secs));
         }
-        let mac = || {
-            let mut mac = Hmac::<Sha256>::new_from_slice(&self.webhook_secret).expect("HMAC takes keys of any length");
-            mac.update(format!("{t}.").as_bytes());
-            mac.update(body);
-            mac
-        };
+        let mac = || crate::notify::webhook::signed_mac(&self.webhook_secret, t, body);
         // Constant-time comparison of each candidate (Stripe sends several while a secret rolls).
         if signatures.iter().any(|s| mac().verify_slice(s).is_ok()) {
             Ok(())

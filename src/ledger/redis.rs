@@ -447,28 +447,29 @@ impl SentinelConn {
             || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
     }
 
-    async fn command(&self, cmd: &Cmd) -> redis::RedisResult<Value> {
-        if let Some(mut conn) = self.current() {
-            match conn.req_packed_command(cmd).await {
+    /// Runs `request` on the master's connection; when it finds the master gone, asks the
+    /// sentinels and runs it once more on the one they name.
+    async fn on_master<T, F, Fut>(&self, request: F) -> redis::RedisResult<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        if let Some(conn) = self.current() {
+            match request(conn).await {
                 Err(e) if Self::lost_master(&e) => {}
                 other => return other,
             }
         }
         self.follow().await?;
-        let mut conn = self.current().ok_or_else(no_master)?;
-        conn.req_packed_command(cmd).await
+        request(self.current().ok_or_else(no_master)?).await
+    }
+
+    async fn command(&self, cmd: &Cmd) -> redis::RedisResult<Value> {
+        self.on_master(|mut conn| async move { conn.req_packed_command(cmd).await }).await
     }
 
     async fn commands(&self, pipeline: &Pipeline, offset: usize, count: usize) -> redis::RedisResult<Vec<Value>> {
-        if let Some(mut conn) = self.current() {
-            match conn.req_packed_commands(pipeline, offset, count).await {
-                Err(e) if Self::lost_master(&e) => {}
-                other => return other,
-            }
-        }
-        self.follow().await?;
-        let mut conn = self.current().ok_or_else(no_master)?;
-        conn.req_packed_commands(pipeline, offset, count).await
+        self.on_master(|mut conn| async move { conn.req_packed_commands(pipeline, offset, count).await }).await
     }
 }
 
