@@ -293,8 +293,17 @@ async fn a_master_killed_under_load(kill: Kill, wait_replicas: bool) -> (Books, 
     let (_up, procs, traffic) = gateways(&cluster_store(&cluster, store_extra), &ids).await;
     let victim = cluster.master_of_key(&format!("cg:{{acct:{}}}", ids[0]));
     let replica = cluster.replica_of(victim);
-    // FUNCTION LOAD on the masters reached the replica by replication.
-    let libraries = cluster.node(replica).command(&["FUNCTION", "LIST", "LIBRARYNAME", "creditgate_*"]);
+    // FUNCTION LOAD on the masters reaches the replica by replication (asynchronous: allow it
+    // a bounded moment to arrive).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut libraries = String::new();
+    while Instant::now() < deadline {
+        libraries = cluster.node(replica).command(&["FUNCTION", "LIST", "LIBRARYNAME", "creditgate_*"]);
+        if libraries.contains("creditgate_") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(libraries.contains("creditgate_"), "the replica has the function library: {libraries:?}");
 
     let stop = Arc::new(AtomicBool::new(false));
