@@ -8,7 +8,6 @@
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
-use serde_json::{Map, Value, json};
 
 use crate::calendar::{human_date, rfc3339};
 
@@ -152,44 +151,170 @@ impl From<crate::classify::ClassifyError> for GatewayError {
     }
 }
 
+/// Declares [`ErrorCode`]: every `error.type` string (SPEC §6) with its status, from one list, so
+/// the answers and the OpenAPI document (`openapi.rs`) cannot disagree about the set.
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $variant:ident = ($status:ident, $name:tt), )*) => {
+        /// The `error.type` of an error answer, with its HTTP status.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+        pub enum ErrorCode {
+            $( $(#[$doc])* #[serde(rename = $name)] $variant, )*
+        }
+
+        impl ErrorCode {
+            /// Every code, in the order of SPEC §6 (and the extra ones after it).
+            pub const ALL: &[ErrorCode] = &[$(ErrorCode::$variant),*];
+
+            /// The `error.type` string.
+            pub fn as_str(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $name,)* }
+            }
+
+            /// The HTTP status of answers with this code.
+            pub fn status(self) -> StatusCode {
+                match self { $(ErrorCode::$variant => StatusCode::$status,)* }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// Malformed input, unknown tier, missing field, a refused path.
+    BadRequest = (BAD_REQUEST, "bad_request"),
+    /// The `x-ai-tier` header and the body's `tier` disagree.
+    TierMismatch = (BAD_REQUEST, "tier_mismatch"),
+    /// A pricing field given twice, or in spellings that differ only in case.
+    AmbiguousBody = (BAD_REQUEST, "ambiguous_body"),
+    /// Missing or unknown credentials, or the key's account is gone.
+    Unauthorized = (UNAUTHORIZED, "unauthorized"),
+    /// Zero credits left.
+    NoCredits = (PAYMENT_REQUIRED, "no_credits"),
+    /// Some credits, fewer than the cost.
+    InsufficientCredits = (PAYMENT_REQUIRED, "insufficient_credits"),
+    /// Authenticated but not allowed.
+    Forbidden = (FORBIDDEN, "forbidden"),
+    /// No such thing.
+    NotFound = (NOT_FOUND, "not_found"),
+    /// The body stopped arriving.
+    RequestTimeout = (REQUEST_TIMEOUT, "request_timeout"),
+    /// The Idempotency-Key was used for a different request.
+    IdempotencyConflict = (CONFLICT, "idempotency_conflict"),
+    /// The first request with this Idempotency-Key is still running (`Retry-After`).
+    IdempotencyInProgress = (CONFLICT, "idempotency_in_progress"),
+    /// The key's request was charged but its answer was not kept.
+    IdempotencyKeyReused = (CONFLICT, "idempotency_key_reused"),
+    /// The body is larger than the limit.
+    PayloadTooLarge = (PAYLOAD_TOO_LARGE, "payload_too_large"),
+    /// A body-priced request with a body the gateway cannot read (e.g. compressed).
+    UnsupportedMediaType = (UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+    /// Too many requests, or too many queued (`Retry-After`).
+    RateLimited = (TOO_MANY_REQUESTS, "rate_limited"),
+    /// The backend could not be reached or broke the connection.
+    UpstreamUnavailable = (BAD_GATEWAY, "upstream_unavailable"),
+    /// The credit store is unavailable (`Retry-After`).
+    StoreUnavailable = (SERVICE_UNAVAILABLE, "store_unavailable"),
+    /// The backend did not answer in time.
+    UpstreamTimeout = (GATEWAY_TIMEOUT, "upstream_timeout"),
+    /// The path exists, the method does not.
+    MethodNotAllowed = (METHOD_NOT_ALLOWED, "method_not_allowed"),
+    /// A resource with that id exists already.
+    Conflict = (CONFLICT, "conflict"),
+    /// The payment provider could not take the payment.
+    PaymentProviderUnavailable = (BAD_GATEWAY, "payment_provider_unavailable"),
+    /// Auto top-up needs a card that can be charged.
+    PaymentMethodRequired = (PAYMENT_REQUIRED, "payment_method_required"),
+}
+
+/// The body of every error answer: `{"error": {...}}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorObject,
+}
+
+/// The `error` object: `type` and `message` always, the other fields where the error has them.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorObject {
+    /// The kind of error; decides the status.
+    #[serde(rename = "type")]
+    pub kind: ErrorCode,
+    /// A sentence a person can read as it is.
+    pub message: String,
+    /// Credits the request needs (`insufficient_credits`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub required: Option<u64>,
+    /// Credits the account has (`no_credits`, `insufficient_credits`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<u64>,
+    /// Next renewal, RFC 3339 (`no_credits`, `insufficient_credits`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub renews_at: Option<String>,
+    /// Seconds to wait before retrying (`rate_limited`, `idempotency_in_progress`); also `Retry-After`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+    /// The body limit in bytes (`payload_too_large`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_bytes: Option<u64>,
+    /// Most requests an account may have queued (`rate_limited`, queue full).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_limit: Option<u64>,
+    /// Most bytes an account's queued requests may hold (`rate_limited`, queue full).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_limit_bytes: Option<u64>,
+}
+
 impl GatewayError {
-    /// HTTP status and the `error.type` string.
-    pub fn status_and_type(&self) -> (StatusCode, &'static str) {
+    /// The `error.type` of this error.
+    pub fn code(&self) -> ErrorCode {
         use GatewayError::*;
         match self {
-            BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            TierMismatch(_) => (StatusCode::BAD_REQUEST, "tier_mismatch"),
-            AmbiguousBody(_) => (StatusCode::BAD_REQUEST, "ambiguous_body"),
-            UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
-            Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            NoCredits { .. } => (StatusCode::PAYMENT_REQUIRED, "no_credits"),
-            InsufficientCredits { .. } => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits"),
-            Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
-            NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            IdempotencyConflict => (StatusCode::CONFLICT, "idempotency_conflict"),
-            IdempotencyInProgress { .. } => (StatusCode::CONFLICT, "idempotency_in_progress"),
-            IdempotencyKeyReused => (StatusCode::CONFLICT, "idempotency_key_reused"),
-            AccountGone => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
-            RateLimited { .. } | QueueFull { .. } | QueueBytesFull { .. } => {
-                (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
-            }
-            UpstreamUnavailable(_) | UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
-            UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
-            StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
-            PaymentProviderUnavailable(_) => (StatusCode::BAD_GATEWAY, "payment_provider_unavailable"),
-            PaymentMethodRequired(_) => (StatusCode::PAYMENT_REQUIRED, "payment_method_required"),
+            BadRequest(_) => ErrorCode::BadRequest,
+            TierMismatch(_) => ErrorCode::TierMismatch,
+            AmbiguousBody(_) => ErrorCode::AmbiguousBody,
+            UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
+            Unauthorized(_) | AccountGone => ErrorCode::Unauthorized,
+            NoCredits { .. } => ErrorCode::NoCredits,
+            InsufficientCredits { .. } => ErrorCode::InsufficientCredits,
+            Forbidden(_) => ErrorCode::Forbidden,
+            NotFound(_) => ErrorCode::NotFound,
+            MethodNotAllowed => ErrorCode::MethodNotAllowed,
+            Conflict(_) => ErrorCode::Conflict,
+            IdempotencyConflict => ErrorCode::IdempotencyConflict,
+            IdempotencyInProgress { .. } => ErrorCode::IdempotencyInProgress,
+            IdempotencyKeyReused => ErrorCode::IdempotencyKeyReused,
+            PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            RequestTimeout => ErrorCode::RequestTimeout,
+            RateLimited { .. } | QueueFull { .. } | QueueBytesFull { .. } => ErrorCode::RateLimited,
+            UpstreamUnavailable(_) | UpstreamUnreachable(_) => ErrorCode::UpstreamUnavailable,
+            UpstreamTimeout => ErrorCode::UpstreamTimeout,
+            StoreUnavailable(_) => ErrorCode::StoreUnavailable,
+            PaymentProviderUnavailable(_) => ErrorCode::PaymentProviderUnavailable,
+            PaymentMethodRequired(_) => ErrorCode::PaymentMethodRequired,
         }
     }
 
-    /// The person-readable sentence and the extra fields of the error object.
-    fn message_and_fields(&self) -> (String, Map<String, Value>) {
+    /// HTTP status and the `error.type` string.
+    pub fn status_and_type(&self) -> (StatusCode, &'static str) {
+        let code = self.code();
+        (code.status(), code.as_str())
+    }
+
+    /// The error object: the person-readable sentence and the error's own values.
+    pub fn to_object(&self) -> ErrorObject {
         use GatewayError::*;
-        let mut fields = Map::new();
-        let message = match self {
+        let mut o = ErrorObject {
+            kind: self.code(),
+            message: String::new(),
+            required: None,
+            remaining: None,
+            renews_at: None,
+            retry_after: None,
+            limit_bytes: None,
+            queue_limit: None,
+            queue_limit_bytes: None,
+        };
+        o.message = match self {
             BadRequest(m)
             | TierMismatch(m)
             | AmbiguousBody(m)
@@ -200,14 +325,14 @@ impl GatewayError {
             | PaymentMethodRequired(m)
             | Conflict(m) => m.clone(),
             NoCredits { renews_at } => {
-                fields.insert("remaining".into(), json!(0));
-                fields.insert("renews_at".into(), json!(rfc3339(*renews_at)));
+                o.remaining = Some(0);
+                o.renews_at = Some(rfc3339(*renews_at));
                 format!("You're out of AI credits. They renew on {} — or buy a top-up.", human_date(*renews_at))
             }
             InsufficientCredits { required, remaining, renews_at } => {
-                fields.insert("required".into(), json!(required));
-                fields.insert("remaining".into(), json!(remaining));
-                fields.insert("renews_at".into(), json!(rfc3339(*renews_at)));
+                o.required = Some(*required);
+                o.remaining = Some(*remaining);
+                o.renews_at = Some(rfc3339(*renews_at));
                 format!(
                     "This request needs {required} credits but only {remaining} remain. Credits renew on {} — or buy a top-up.",
                     human_date(*renews_at)
@@ -218,26 +343,26 @@ impl GatewayError {
                 "This Idempotency-Key was already used for a different request (method, path, tier or body).".into()
             }
             IdempotencyInProgress { retry_after_secs } => {
-                fields.insert("retry_after".into(), json!(retry_after_secs));
+                o.retry_after = Some(*retry_after_secs);
                 format!("A request with this Idempotency-Key is still running; retry in {retry_after_secs} s to get its answer.")
             }
             IdempotencyKeyReused => "This Idempotency-Key was used for a request that was charged, but its answer could not be kept (too large, or the client left before it ended); use a new key.".into(),
             AccountGone => "The account of this API key no longer exists.".into(),
             RequestTimeout => "The request body stopped arriving; send it again without pauses.".into(),
             PayloadTooLarge { limit } => {
-                fields.insert("limit_bytes".into(), json!(limit));
+                o.limit_bytes = Some(*limit as u64);
                 format!("The request body is larger than the limit of {limit} bytes.")
             }
             RateLimited { retry_after_secs } => {
-                fields.insert("retry_after".into(), json!(retry_after_secs));
+                o.retry_after = Some(*retry_after_secs);
                 format!("Too many requests; retry in {retry_after_secs} s.")
             }
             QueueBytesFull { limit_bytes } => {
-                fields.insert("queue_limit_bytes".into(), json!(limit_bytes));
+                o.queue_limit_bytes = Some(*limit_bytes);
                 format!("Your requests waiting for credits already hold {limit_bytes} bytes; wait for them to run or buy a top-up.")
             }
             QueueFull { limit } => {
-                fields.insert("queue_limit".into(), json!(limit));
+                o.queue_limit = Some(*limit);
                 format!("You already have {limit} requests waiting for credits; wait for them to run or buy a top-up.")
             }
             // Whether the credits came back follows the operation's `refund_on`; the answer's
@@ -250,7 +375,7 @@ impl GatewayError {
                 "The payment provider could not take the payment right now; nothing was charged. Please retry shortly.".into()
             }
         };
-        (message, fields)
+        o
     }
 }
 
@@ -260,11 +385,8 @@ impl IntoResponse for GatewayError {
             // The client gets a plain sentence; the operator gets the cause.
             tracing::error!(detail = %detail, "store unavailable");
         }
-        let (status, kind) = self.status_and_type();
-        let (message, mut fields) = self.message_and_fields();
-        fields.insert("type".into(), json!(kind));
-        fields.insert("message".into(), json!(message));
-        let body = serde_json::to_vec(&json!({ "error": fields })).unwrap_or_default();
+        let status = self.code().status();
+        let body = serde_json::to_vec(&ErrorBody { error: self.to_object() }).unwrap_or_default();
         let mut res = Response::new(Body::from(body));
         *res.status_mut() = status;
         res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -291,6 +413,7 @@ impl IntoResponse for GatewayError {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use serde_json::Value;
 
     async fn json_of(e: GatewayError) -> (StatusCode, Value) {
         let res = e.into_response();
