@@ -2,8 +2,10 @@
 //! auto top-up setting of the caller's own account, and the dashboard page. Every JSON handler
 //! authenticates through the [`Principal`] extractor, which also applies the account's plan rate
 //! limit (shared with the proxy); no handler takes an account id from the request, so a key can
-//! only ever see its own account.
+//! only ever see its own account. The API document (`openapi.rs`) is served here too, without
+//! credentials, and is made from these handlers' typed bodies.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use axum::Json;
@@ -11,12 +13,13 @@ use axum::Router;
 use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::routing::{get, put};
 use http::request::Parts;
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::auth::Principal;
 use crate::calendar::{civil_from_days, rfc3339};
-use crate::error::GatewayError;
+use crate::error::{ErrorBody, GatewayError};
 use crate::extract::JsonBody;
 use crate::ledger::jobs::JobStore;
 use crate::ledger::{AccountView, AutoTopup, Ledger, MAX_CREDITS, Usage, is_low};
@@ -35,6 +38,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/credits/auto-topup", put(set_auto_topup))
         .route("/v1/jobs/{id}", get(job))
         .route("/dashboard", get(crate::dashboard::page))
+        .route("/openapi.json", get(crate::openapi::serve))
         .merge(crate::billing::router())
 }
 
@@ -49,63 +53,148 @@ impl FromRequestParts<AppState> for Principal {
     }
 }
 
-async fn credits(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, GatewayError> {
+/// The balance of the caller's account.
+#[utoipa::path(get, path = "/v1/credits", tag = "credits", security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The balance", body = Credits),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ))]
+pub(crate) async fn credits(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<Json<Credits>, GatewayError> {
     let view = account_of(&state, &principal).await?;
-    Ok(Json(Value::Object(credits_json(&view, &state.runtime.load()))))
+    Ok(Json(Credits::of(&view, &state.runtime.load())))
 }
 
-/// The fields of `GET /v1/credits` for an account (also the base of the admin account view).
-pub fn credits_json(view: &AccountView, rt: &Runtime) -> Map<String, Value> {
-    let remaining = view.remaining();
-    let mut messages_left = Map::new();
-    if let Some(chat) = rt.rules.operations.iter().find(|o| !o.tier_costs().is_empty()) {
-        for (tier, cost) in chat.tier_costs() {
-            messages_left.insert(tier.clone(), json!(remaining / cost));
+/// `GET /v1/credits` (also the base of the admin account view).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Credits {
+    /// Current plan.
+    pub plan: String,
+    /// Credits granted at each renewal.
+    pub allocation: u64,
+    /// Monthly bucket.
+    pub monthly_remaining: u64,
+    /// Top-up bucket (never expires; spent after the monthly bucket).
+    pub topup_remaining: u64,
+    /// Monthly plus top-up.
+    pub remaining: u64,
+    /// Credits charged this period, net of refunds.
+    pub used_this_period: u64,
+    /// Start of the current period.
+    #[schema(format = DateTime)]
+    pub period_start: String,
+    /// Next renewal.
+    #[schema(format = DateTime)]
+    pub renews_at: String,
+    /// Whether `remaining` is below 10 % of the allocation.
+    pub low: bool,
+    /// The auto top-up setting.
+    pub auto_topup: AutoTopupView,
+    /// How many chat messages the remaining credits buy at each tier.
+    pub messages_left: BTreeMap<String, u64>,
+}
+
+impl Credits {
+    /// The balance of `view` under the running price table.
+    pub fn of(view: &AccountView, rt: &Runtime) -> Self {
+        let remaining = view.remaining();
+        let mut messages_left = BTreeMap::new();
+        if let Some(chat) = rt.rules.operations.iter().find(|o| !o.tier_costs().is_empty()) {
+            for (tier, cost) in chat.tier_costs() {
+                messages_left.insert(tier.clone(), remaining / cost);
+            }
+        }
+        Credits {
+            plan: view.plan.clone(),
+            allocation: view.allocation,
+            monthly_remaining: view.monthly_remaining,
+            topup_remaining: view.topup_remaining,
+            remaining,
+            used_this_period: view.used_this_period,
+            period_start: rfc3339(view.period_start),
+            renews_at: rfc3339(view.renews_at),
+            low: is_low(remaining, view.allocation),
+            auto_topup: AutoTopupView::of(view.auto_topup.as_ref()),
+            messages_left,
         }
     }
-    let fields = json!({
-        "plan": view.plan,
-        "allocation": view.allocation,
-        "monthly_remaining": view.monthly_remaining,
-        "topup_remaining": view.topup_remaining,
-        "remaining": remaining,
-        "used_this_period": view.used_this_period,
-        "period_start": rfc3339(view.period_start),
-        "renews_at": rfc3339(view.renews_at),
-        "low": is_low(remaining, view.allocation),
-        "auto_topup": auto_topup_json(view.auto_topup.as_ref()),
-        "messages_left": messages_left,
-    });
-    match fields {
-        Value::Object(m) => m,
-        _ => unreachable!("json! object"),
-    }
 }
 
-async fn packages(State(state): State<AppState>, _principal: Principal) -> Json<Value> {
+/// The top-up packages, for a billing page.
+#[utoipa::path(get, path = "/v1/credits/packages", tag = "credits", security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The packages, cheapest first", body = Packages),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ))]
+pub(crate) async fn packages(State(state): State<AppState>, _principal: Principal) -> Json<Packages> {
     let rt = state.runtime.load();
-    let mut list: Vec<Value> = rt
+    let mut packages: Vec<Package> = rt
         .config
         .topup_packages
         .iter()
-        .map(|(name, p)| {
-            json!({
-                "package": name,
-                "credits": p.credits,
-                "price_eur": p.price_eur,
-                "price_per_credit_eur": (p.price_eur / p.credits as f64 * 10_000.0).round() / 10_000.0,
-            })
+        .map(|(name, p)| Package {
+            package: name.clone(),
+            credits: p.credits,
+            price_eur: p.price_eur,
+            price_per_credit_eur: (p.price_eur / p.credits as f64 * 10_000.0).round() / 10_000.0,
         })
         .collect();
-    list.sort_by_key(|p| p["credits"].as_u64());
-    // `checkout`: whether `POST /v1/credits/topups/checkout` takes payments (`[billing.stripe]`).
-    Json(json!({ "packages": list, "checkout": rt.stripe.is_some() }))
+    packages.sort_by_key(|p| p.credits);
+    Json(Packages { packages, checkout: rt.stripe.is_some() })
 }
 
-fn auto_topup_json(a: Option<&AutoTopup>) -> Value {
-    match a {
-        Some(a) => json!({"enabled": a.enabled, "threshold": a.threshold, "package": a.package, "credits": a.credits}),
-        None => json!({"enabled": false, "threshold": null, "package": null, "credits": null}),
+/// `GET /v1/credits/packages`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Packages {
+    /// The packages, fewest credits first.
+    pub packages: Vec<Package>,
+    /// Whether `POST /v1/credits/topups/checkout` takes payments (`[billing.stripe]`).
+    pub checkout: bool,
+}
+
+/// A top-up package.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Package {
+    /// Its name (what `package` fields take).
+    pub package: String,
+    /// Credits it adds.
+    pub credits: u64,
+    /// Price in euros.
+    pub price_eur: f64,
+    /// Price per credit in euros, rounded to 4 decimals.
+    pub price_per_credit_eur: f64,
+}
+
+/// An account's auto top-up setting as the APIs show it (all `null` when never set).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AutoTopupView {
+    /// Whether it buys at all.
+    pub enabled: bool,
+    /// Buy when the total remaining drops below this.
+    pub threshold: Option<u64>,
+    /// Package bought.
+    pub package: Option<String>,
+    /// Credits of that package.
+    pub credits: Option<u64>,
+}
+
+impl AutoTopupView {
+    fn of(a: Option<&AutoTopup>) -> Self {
+        match a {
+            Some(a) => AutoTopupView {
+                enabled: a.enabled,
+                threshold: Some(a.threshold),
+                package: Some(a.package.clone()),
+                credits: Some(a.credits),
+            },
+            None => AutoTopupView { enabled: false, threshold: None, package: None, credits: None },
+        }
     }
 }
 
@@ -113,63 +202,154 @@ async fn account_of(state: &AppState, principal: &Principal) -> Result<AccountVi
     state.ledger.account(&principal.account).await?.ok_or(GatewayError::AccountGone)
 }
 
-async fn usage(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, GatewayError> {
+/// This period's credits by category and operation, a daily series, earlier periods' totals.
+#[utoipa::path(get, path = "/v1/credits/usage", tag = "credits", security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The usage report", body = UsageReport),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ))]
+pub(crate) async fn usage(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<Json<UsageReport>, GatewayError> {
     let usage = state.ledger.usage(&principal.account, EARLIER_PERIODS).await?.ok_or(GatewayError::AccountGone)?;
-    Ok(Json(usage_json(&usage, &state.runtime.load())))
+    Ok(Json(UsageReport::of(&usage, &state.runtime.load())))
 }
 
-/// `GET /v1/credits/usage`: this period by category (every configured category, 0 when unused) and
-/// operation, a daily series over the whole period (days without use are 0), earlier periods' totals.
-pub fn usage_json(usage: &Usage, rt: &Runtime) -> Value {
-    let cur = &usage.current;
-    let mut by_category = Map::new();
-    for op in rt.config.operations.values() {
-        by_category.insert(op.category.clone(), json!(0));
-    }
-    for (c, n) in &cur.by_category {
-        by_category.insert(c.clone(), json!(n));
-    }
-    let mut by_operation = Map::new();
-    for name in rt.config.operations.keys() {
-        by_operation.insert(name.clone(), json!(0));
-    }
-    for (o, n) in &cur.by_operation {
-        by_operation.insert(o.clone(), json!(n));
-    }
-    // Free automatic refreshes (requests, not credits) of every operation that has them.
-    let mut free_automatic = Map::new();
-    for op in rt.rules.operations.iter().filter(|op| op.has_automatic_free()) {
-        free_automatic
-            .insert(op.name.to_string(), json!(cur.free_automatic.get(op.name.as_ref()).copied().unwrap_or(0)));
-    }
-    let first = cur.period_start.div_euclid(86_400);
-    let last = (cur.period_end - 1).div_euclid(86_400);
-    let daily: Vec<Value> = (first..=last)
-        .map(|day| {
-            let (y, m, d) = civil_from_days(day);
-            json!({"date": format!("{y:04}-{m:02}-{d:02}"), "credits": cur.by_day.get(&day).copied().unwrap_or(0)})
-        })
-        .collect();
-    let earlier: Vec<Value> = usage
-        .earlier
-        .iter()
-        .map(|p| json!({"period_start": rfc3339(p.period_start), "period_end": rfc3339(p.period_end), "credits": p.total}))
-        .collect();
-    json!({
-        "period_start": rfc3339(cur.period_start),
-        "renews_at": rfc3339(cur.period_end),
-        "total": cur.total,
-        "by_category": by_category,
-        "by_operation": by_operation,
-        "free_automatic": free_automatic,
-        "daily": daily,
-        "earlier_periods": earlier,
-    })
+/// `GET /v1/credits/usage` (and the admin equivalent).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageReport {
+    /// Start of the current period.
+    #[schema(format = DateTime)]
+    pub period_start: String,
+    /// Next renewal (end of the current period).
+    #[schema(format = DateTime)]
+    pub renews_at: String,
+    /// Credits used this period.
+    pub total: u64,
+    /// This period's credits by category; every configured category, 0 when unused.
+    pub by_category: BTreeMap<String, u64>,
+    /// This period's credits by operation; every configured operation, 0 when unused.
+    pub by_operation: BTreeMap<String, u64>,
+    /// Free automatic refreshes (requests, not credits) of every operation that has them.
+    pub free_automatic: BTreeMap<String, u64>,
+    /// One entry per day of the period, 0 on days without use.
+    pub daily: Vec<DailyCredits>,
+    /// Totals of earlier periods, newest first.
+    pub earlier_periods: Vec<EarlierPeriod>,
 }
 
-async fn topups(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, GatewayError> {
-    let list = topup_history(&state, &principal.account).await?;
-    Ok(Json(json!({ "topups": list })))
+/// Credits used on one day.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DailyCredits {
+    /// `YYYY-MM-DD` (UTC).
+    #[schema(format = Date)]
+    pub date: String,
+    /// Credits used that day.
+    pub credits: u64,
+}
+
+/// An earlier period's total.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EarlierPeriod {
+    /// Its start.
+    #[schema(format = DateTime)]
+    pub period_start: String,
+    /// Its end.
+    #[schema(format = DateTime)]
+    pub period_end: String,
+    /// Credits used in it.
+    pub credits: u64,
+}
+
+impl UsageReport {
+    /// This period by category (every configured category, 0 when unused) and operation, a daily
+    /// series over the whole period (days without use are 0), earlier periods' totals.
+    pub fn of(usage: &Usage, rt: &Runtime) -> Self {
+        let cur = &usage.current;
+        let mut by_category: BTreeMap<String, u64> =
+            rt.config.operations.values().map(|op| (op.category.clone(), 0)).collect();
+        by_category.extend(cur.by_category.iter().map(|(c, n)| (c.clone(), *n)));
+        let mut by_operation: BTreeMap<String, u64> = rt.config.operations.keys().map(|n| (n.clone(), 0)).collect();
+        by_operation.extend(cur.by_operation.iter().map(|(o, n)| (o.clone(), *n)));
+        let free_automatic = rt
+            .rules
+            .operations
+            .iter()
+            .filter(|op| op.has_automatic_free())
+            .map(|op| (op.name.to_string(), cur.free_automatic.get(op.name.as_ref()).copied().unwrap_or(0)))
+            .collect();
+        let first = cur.period_start.div_euclid(86_400);
+        let last = (cur.period_end - 1).div_euclid(86_400);
+        let daily = (first..=last)
+            .map(|day| {
+                let (y, m, d) = civil_from_days(day);
+                DailyCredits {
+                    date: format!("{y:04}-{m:02}-{d:02}"),
+                    credits: cur.by_day.get(&day).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        let earlier_periods = usage
+            .earlier
+            .iter()
+            .map(|p| EarlierPeriod {
+                period_start: rfc3339(p.period_start),
+                period_end: rfc3339(p.period_end),
+                credits: p.total,
+            })
+            .collect();
+        UsageReport {
+            period_start: rfc3339(cur.period_start),
+            renews_at: rfc3339(cur.period_end),
+            total: cur.total,
+            by_category,
+            by_operation,
+            free_automatic,
+            daily,
+            earlier_periods,
+        }
+    }
+}
+
+/// Top-ups and auto top-ups of the caller's account, newest first.
+#[utoipa::path(get, path = "/v1/credits/topups", tag = "credits", security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The top-ups", body = Topups),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ))]
+pub(crate) async fn topups(State(state): State<AppState>, principal: Principal) -> Result<Json<Topups>, GatewayError> {
+    let topups = topup_history(&state, &principal.account).await?;
+    Ok(Json(Topups { topups }))
+}
+
+/// A list of top-ups.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Topups {
+    /// Newest first.
+    pub topups: Vec<TopupItem>,
+}
+
+/// One top-up in an account's history.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TopupItem {
+    /// `topup` or `auto_topup`.
+    pub kind: String,
+    /// Credits added.
+    pub credits: i64,
+    /// Package bought, if any.
+    pub package: Option<String>,
+    /// Payment reference.
+    pub payment_ref: Option<String>,
+    /// When it was credited.
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    /// Top-up bucket right after it.
+    pub topup_remaining: u64,
 }
 
 /// How many of the newest history entries the top-up list looks through.
@@ -177,7 +357,7 @@ pub const TOPUP_SCAN: usize = 10_000;
 
 /// Top-ups and auto top-ups of an account, newest first, among its last [`TOPUP_SCAN`] balance
 /// changes (the full record is the admin ledger).
-pub async fn topup_history(state: &AppState, account: &str) -> Result<Vec<Value>, GatewayError> {
+pub async fn topup_history(state: &AppState, account: &str) -> Result<Vec<TopupItem>, GatewayError> {
     let history = state
         .ledger
         .history(account, None, TOPUP_SCAN)
@@ -186,19 +366,26 @@ pub async fn topup_history(state: &AppState, account: &str) -> Result<Vec<Value>
     Ok(history
         .iter()
         .filter(|e| e.kind == "topup" || e.kind == "auto_topup")
-        .map(|e| {
-            json!({"kind": e.kind, "credits": e.topup_delta, "package": e.package, "payment_ref": e.payment_ref,
-                "created_at": rfc3339(e.at), "topup_remaining": e.topup_after})
+        .map(|e| TopupItem {
+            kind: e.kind.clone(),
+            credits: e.topup_delta,
+            package: e.package.clone(),
+            payment_ref: e.payment_ref.clone(),
+            created_at: rfc3339(e.at),
+            topup_remaining: e.topup_after,
         })
         .collect())
 }
 
 /// Body of `PUT /v1/credits/auto-topup` (and the admin equivalent).
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AutoTopupBody {
+    /// Whether to buy automatically.
     enabled: bool,
+    /// Buy when the total remaining drops below this (> 0 to enable).
     threshold: Option<u64>,
+    /// The package to buy (required to enable).
     package: Option<String>,
 }
 
@@ -234,11 +421,24 @@ impl AutoTopupBody {
     }
 }
 
-async fn set_auto_topup(
+/// Sets the auto top-up of the caller's account.
+#[utoipa::path(put, path = "/v1/credits/auto-topup", tag = "credits", security(("api_key" = [])),
+    request_body = AutoTopupBody,
+    responses(
+        (status = 200, description = "The setting now in force", body = AutoTopupView),
+        (status = 400, description = "`bad_request`: bad JSON, no threshold or package to enable, unknown package", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 402, description = "`payment_method_required`: with payments on, auto top-up needs a card that works", body = ErrorBody),
+        (status = 408, description = "`request_timeout`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ))]
+pub(crate) async fn set_auto_topup(
     State(state): State<AppState>,
     principal: Principal,
     JsonBody(body): JsonBody<AutoTopupBody>,
-) -> Result<Json<Value>, GatewayError> {
+) -> Result<Json<AutoTopupView>, GatewayError> {
     let rt = state.runtime.load_full();
     let setting = body.into_setting(&rt)?;
     if setting.enabled && rt.stripe.is_some() {
@@ -261,36 +461,85 @@ async fn set_auto_topup(
         return Err(GatewayError::AccountGone);
     }
     let view = account_of(&state, &principal).await?;
-    Ok(Json(auto_topup_json(view.auto_topup.as_ref())))
+    Ok(Json(AutoTopupView::of(view.auto_topup.as_ref())))
 }
 
-/// `GET /v1/jobs/{id}`: a queued job of the caller's account; another account's job is a 404.
-async fn job(
+/// A queued job of the caller's account; another account's job is a 404.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The `job_id` of the 202 that queued it")),
+    responses(
+        (status = 200, description = "The job", body = JobStatus),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such job on this account", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ))]
+pub(crate) async fn job(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
-) -> Result<Json<Value>, GatewayError> {
+) -> Result<Json<JobStatus>, GatewayError> {
     let job = state
         .ledger
         .job(&principal.account, &id)
         .await?
         .ok_or_else(|| GatewayError::NotFound(format!("No job with id \"{id}\" on this account.")))?;
-    let mut v = json!({
-        "job_id": job.id,
-        "status": job.status,
-        "operation": job.operation,
-        "cost": job.cost,
-        "attempts": job.attempts,
-        "created_at": rfc3339(job.created_at),
-        "updated_at": rfc3339(job.updated_at),
-        "error": job.error,
-    });
-    if let (Some(status), Some(body)) = (job.result_status, &job.result_body) {
-        let headers: Map<String, Value> = job.result_headers.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-        // JSON bodies are embedded as JSON, text as a string, anything else base64-free as lossy text.
-        let body_value = serde_json::from_slice::<Value>(body)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
-        v["result"] = json!({"status": status, "headers": headers, "body": body_value});
-    }
-    Ok(Json(v))
+    let result = match (job.result_status, &job.result_body) {
+        (Some(status), Some(body)) => Some(JobResult {
+            status,
+            headers: job.result_headers.iter().cloned().collect(),
+            // JSON bodies are embedded as JSON, anything else as (lossy) text.
+            body: serde_json::from_slice::<Value>(body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned())),
+        }),
+        _ => None,
+    };
+    Ok(Json(JobStatus {
+        job_id: job.id,
+        status: job.status,
+        operation: job.operation,
+        cost: job.cost,
+        attempts: job.attempts,
+        created_at: rfc3339(job.created_at),
+        updated_at: rfc3339(job.updated_at),
+        error: job.error,
+        result,
+    }))
+}
+
+/// `GET /v1/jobs/{id}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobStatus {
+    /// The job's id.
+    pub job_id: String,
+    /// `queued`, `running`, `done` or `failed`.
+    pub status: String,
+    /// Operation it pays for.
+    pub operation: String,
+    /// Its cost in credits.
+    pub cost: u64,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// When it was queued.
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    /// Its last change.
+    #[schema(format = DateTime)]
+    pub updated_at: String,
+    /// Why the last attempt failed.
+    pub error: Option<String>,
+    /// The backend's answer, once done.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<JobResult>,
+}
+
+/// The backend's answer to a job.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobResult {
+    /// Its status.
+    pub status: u16,
+    /// Its end-to-end headers.
+    pub headers: BTreeMap<String, String>,
+    /// Its body: JSON as JSON, anything else as text.
+    pub body: Value,
 }

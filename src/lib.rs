@@ -33,6 +33,8 @@
 //!   loop (connection cap, header/idle/body timeouts); [`demo`] — the fake backend and tour.
 //! * [`running`] — the running config as `GET /admin/v1/config` shows it (secrets redacted, hash,
 //!   load time) and the differences a reload of a file would make.
+//! * [`openapi`] — the OpenAPI 3.1 document of both listeners, generated from the handlers'
+//!   types, served at `/openapi.json`.
 //! * [`cli`] — the client side of the `creditgate` command: `admin …` and `check --against`,
 //!   over the admin API.
 #![warn(missing_docs)]
@@ -55,6 +57,7 @@ pub mod listener;
 pub mod meter;
 pub mod metrics;
 pub mod notify;
+pub mod openapi;
 pub mod proxy;
 pub mod ratelimit;
 pub mod running;

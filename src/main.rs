@@ -53,6 +53,8 @@ enum Command {
     /// read from $CREDITGATE_ADMIN_TOKEN. Exit codes: 0 ok, 1 error answer, 2 usage, 3
     /// unreachable, 4 unauthorized.
     Admin(cli::admin::AdminArgs),
+    /// Print the OpenAPI 3.1 document that both listeners serve at /openapi.json.
+    Openapi,
 }
 
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
@@ -65,6 +67,10 @@ fn main() -> ExitCode {
             return check_against(&config, &Endpoint { url, token_env, timeout_ms });
         }
         Command::Admin(args) => return cli::finish(cli::admin::run(args)),
+        Command::Openapi => {
+            println!("{}", creditgate::openapi::DOCUMENT.as_str());
+            return ExitCode::SUCCESS;
+        }
         Command::Serve { config } => {
             Config::load(&config).map_err(|e| format!("invalid config: {e}")).and_then(|c| run(c, Some(config), false))
         }

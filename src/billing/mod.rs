@@ -23,11 +23,12 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use http::{HeaderMap, StatusCode};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::auth::Principal;
-use crate::error::GatewayError;
+use crate::error::{ErrorBody, GatewayError};
 use crate::extract::JsonBody;
 use crate::ledger::{AutoTopupPayment, Event, Ledger, MAX_CREDITS, Settlement, TopupOutcome, TopupRequest};
 use crate::state::AppState;
@@ -50,20 +51,69 @@ fn provider_error(e: StripeError) -> GatewayError {
 }
 
 /// Body of `POST /v1/credits/topups/checkout`.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CheckoutBody {
+pub(crate) struct CheckoutBody {
+    /// The package to buy.
     package: String,
 }
 
+/// A purchase started: what Stripe.js needs to confirm the payment.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Checkout {
+    /// The PaymentIntent id (`pi_…`), the top-up's `payment_ref` once paid.
+    pub payment_intent: String,
+    /// For Stripe.js to confirm the payment.
+    pub client_secret: Option<String>,
+    /// The PaymentIntent's status.
+    pub status: String,
+    /// The package.
+    pub package: String,
+    /// Credits it adds once paid.
+    pub credits: u64,
+    /// Price in euros.
+    pub price_eur: f64,
+    /// Price in the currency's minor units.
+    pub amount: u64,
+    /// ISO currency code.
+    pub currency: String,
+    /// Stripe publishable key, for Stripe.js.
+    pub publishable_key: Option<String>,
+    /// Where to load Stripe.js from.
+    pub stripe_js: String,
+}
+
+/// The webhook's acknowledgement.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Received {
+    /// Always `true`.
+    pub received: bool,
+}
+
+const RECEIVED: Received = Received { received: true };
+
 /// Starts buying a package: 201 with the PaymentIntent for Stripe.js. A client's
 /// `Idempotency-Key` makes its retries one payment.
-async fn checkout(
+#[utoipa::path(post, path = "/v1/credits/topups/checkout", tag = "billing", security(("api_key" = [])),
+    params(("idempotency-key" = Option<String>, Header, description = "1–255 characters: retries with the same key are one payment")),
+    request_body = CheckoutBody,
+    responses(
+        (status = 201, description = "The PaymentIntent to confirm with Stripe.js; nothing is credited yet", body = Checkout),
+        (status = 400, description = "`bad_request`: bad JSON, unknown package, bad Idempotency-Key", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: payments are not enabled (`[billing.stripe]`)", body = ErrorBody),
+        (status = 408, description = "`request_timeout`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
+        (status = 502, description = "`payment_provider_unavailable`: nothing was charged", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ))]
+pub(crate) async fn checkout(
     State(state): State<AppState>,
     principal: Principal,
     headers: HeaderMap,
     JsonBody(body): JsonBody<CheckoutBody>,
-) -> Result<(StatusCode, Json<Value>), GatewayError> {
+) -> Result<(StatusCode, Json<Checkout>), GatewayError> {
     let rt = state.runtime.load_full();
     let stripe = rt.stripe.as_deref().ok_or_else(not_enabled)?;
     let account: &str = &principal.account;
@@ -87,18 +137,18 @@ async fn checkout(
         .await
         .map_err(provider_error)?;
     tracing::info!(account, package = %body.package, payment_intent = %intent.id, "billing: purchase started");
-    let answer = json!({
-        "payment_intent": intent.id,
-        "client_secret": intent.client_secret,
-        "status": intent.status,
-        "package": body.package,
-        "credits": p.credits,
-        "price_eur": p.price_eur,
-        "amount": amount,
-        "currency": stripe.currency,
-        "publishable_key": stripe.publishable_key,
-        "stripe_js": stripe.js_url,
-    });
+    let answer = Checkout {
+        payment_intent: intent.id,
+        client_secret: intent.client_secret,
+        status: intent.status,
+        package: body.package,
+        credits: p.credits,
+        price_eur: p.price_eur,
+        amount,
+        currency: stripe.currency.clone(),
+        publishable_key: stripe.publishable_key.clone(),
+        stripe_js: stripe.js_url.clone(),
+    };
     Ok((StatusCode::CREATED, Json(answer)))
 }
 
@@ -116,7 +166,21 @@ async fn customer_of(state: &AppState, stripe: &Stripe, account: &str) -> Result
 
 /// Stripe's events. Only a verified delivery is read; 200 once handled (or not ours), 503 when
 /// the store cannot take it (Stripe delivers again).
-async fn webhook(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, GatewayError> {
+#[utoipa::path(post, path = "/v1/billing/stripe/webhook", tag = "billing",
+    params(("stripe-signature" = String, Header, description = "Stripe's signature of the body")),
+    request_body(content = serde_json::Value, description = "A Stripe event"),
+    responses(
+        (status = 200, description = "Handled, or not one of ours", body = Received),
+        (status = 400, description = "`bad_request`: bad signature or not a JSON event", body = ErrorBody),
+        (status = 404, description = "`not_found`: payments are not enabled (`[billing.stripe]`)", body = ErrorBody),
+        (status = 502, description = "`payment_provider_unavailable`: Stripe delivers again", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`: Stripe delivers again", body = ErrorBody),
+    ))]
+pub(crate) async fn webhook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Received>, GatewayError> {
     let rt = state.runtime.load_full();
     let stripe = rt.stripe.as_deref().ok_or_else(not_enabled)?;
     let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
@@ -132,7 +196,7 @@ async fn webhook(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
     let (Some(account), Some(purpose), Some(id)) =
         (meta["creditgate_account"].as_str(), meta["creditgate_purpose"].as_str(), intent["id"].as_str())
     else {
-        return Ok(Json(json!({"received": true})));
+        return Ok(Json(RECEIVED));
     };
     let credits =
         meta["credits"].as_str().and_then(|c| c.parse::<u64>().ok()).filter(|c| (1..=MAX_CREDITS).contains(c));
@@ -142,7 +206,7 @@ async fn webhook(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         ("payment_intent.succeeded", "topup") => {
             let Some(credits) = credits else {
                 tracing::error!(account, payment_id = id, "billing: a paid top-up without valid credits metadata");
-                return Ok(Json(json!({"received": true})));
+                return Ok(Json(RECEIVED));
             };
             credit_purchase(&state, stripe, account, id, credits, meta["package"].as_str(), intent).await?;
         }
@@ -153,7 +217,7 @@ async fn webhook(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
                     payment_id = id,
                     "billing: an auto top-up payment without payment_ref or credits"
                 );
-                return Ok(Json(json!({"received": true})));
+                return Ok(Json(RECEIVED));
             };
             let failure = intent.pointer("/last_payment_error/message").and_then(Value::as_str);
             let payment = match kind {
@@ -164,7 +228,7 @@ async fn webhook(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         }
         _ => {}
     }
-    Ok(Json(json!({"received": true})))
+    Ok(Json(RECEIVED))
 }
 
 /// A purchase Stripe confirmed: the package credited once per PaymentIntent; its card kept and

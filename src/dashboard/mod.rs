@@ -22,7 +22,9 @@ use crate::state::AppState;
 /// The page.
 const PAGE: &str = include_str!("index.html");
 
-/// `GET /dashboard`.
+/// `GET /dashboard`: the usage page (it asks for the API key and calls the customer API).
+#[utoipa::path(get, path = "/dashboard", tag = "dashboard",
+    responses((status = 200, description = "The page", body = String, content_type = "text/html")))]
 pub async fn page(State(state): State<AppState>) -> Response {
     let mut res = Html(PAGE).into_response();
     let headers = res.headers_mut();
