@@ -1,14 +1,18 @@
 //! The OpenAPI 3.1 contract (`/openapi.json`): served on both listeners, describing every route
-//! the routers serve and every error code there is.
+//! the routers serve and every error code there is; and schemathesis (PyPI, installed by
+//! `scripts/test` into `target/test-venv`) fuzzing a live gateway on Redis against it: no 5xx,
+//! every answer as the document says.
 
 mod support;
 
 use std::collections::BTreeSet;
+use std::process::Command;
 
 use creditgate::error::ErrorCode;
 use serde_json::Value;
-use support::gateway::TestGateway;
+use support::gateway::{ADMIN_TOKEN, ConfigBuilder, TestGateway};
 use support::http;
+use support::redis::RedisServer;
 
 /// Every route of the public listener (customer API, dashboard, the shipped metered routes) and of
 /// the admin listener, as `METHOD path`. A route added to a router but not to the document, or
@@ -161,4 +165,85 @@ async fn the_document_describes_every_route_and_error_on_both_listeners() {
         assert!(chat["200"]["headers"][header].is_object(), "{header}: {}", chat["200"]);
     }
     assert!(chat["402"]["description"].as_str().unwrap().contains("`insufficient_credits`"));
+}
+
+// === schemathesis ===
+
+/// The schemathesis CLI of the test venv, or `None` (skipped) when scripts/test could not install it.
+fn schemathesis() -> Option<String> {
+    let venv = format!("{}/target/test-venv/bin", env!("CARGO_MANIFEST_DIR"));
+    let ok =
+        Command::new(format!("{venv}/python3")).args(["-c", "import schemathesis"]).status().is_ok_and(|s| s.success());
+    if !ok && std::env::var("CREDITGATE_SKIP_PYPI").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED: schemathesis is not installed (scripts/test said why above)");
+        return None;
+    }
+    assert!(ok, "schemathesis is not importable by {venv}/python3: run scripts/test, which installs it");
+    Some(format!("{venv}/schemathesis"))
+}
+
+/// Test cases per operation and phase: enough to find what the contract gets wrong, few enough
+/// that both runs end in well under a minute on two cores.
+const MAX_EXAMPLES: &str = "25";
+
+/// Runs schemathesis against `base` (its document and its operations of `tags`) with `auth` and
+/// `config` (a `schemathesis.toml`); panics with its report unless every check passed.
+async fn fuzz(cli: &str, base: &str, tags: &[&str], auth: &str, config: &str) {
+    // Hypothesis keeps its example database in the working directory: one of the run's own.
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("creditgate-schemathesis-{}-{run}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("schemathesis.toml"), config).unwrap();
+    let mut cmd = Command::new(cli);
+    cmd.arg("--config-file")
+        .arg(dir.join("schemathesis.toml"))
+        .arg("run")
+        .arg(format!("{base}/openapi.json"))
+        .args(["--url", base])
+        .args(["--header", &format!("Authorization: Bearer {auth}")])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,\
+             response_headers_conformance,response_schema_conformance",
+        ])
+        .args(["--phases", "examples,coverage,fuzzing"])
+        .args(["--max-examples", MAX_EXAMPLES])
+        .args(["--seed", "1"])
+        .args(["--workers", "2"])
+        .args(["--request-timeout", "10"])
+        .args(["--suppress-health-check", "all"]);
+    for tag in tags {
+        cmd.args(["--include-tag", tag]);
+    }
+    cmd.current_dir(&dir).env("NO_COLOR", "1");
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run schemathesis")).await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis against {base} ({tags:?}) failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn schemathesis_finds_no_5xx_and_every_answer_conforms() {
+    let Some(cli) = schemathesis() else { return };
+    let redis = RedisServer::start();
+    // The demo backend answers every metered route with 200 JSON, as a real one would.
+    let backend = creditgate::demo::start_backend("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let config =
+        ConfigBuilder::new(&format!("http://{backend}")).store(&format!("kind = \"redis\"\nurl = \"{}\"", redis.url()));
+    let gw = TestGateway::start(&config.build()).await;
+    let key = gw.account_with_key("fuzz", "big").await;
+    gw.account_with_key("managed", "pro").await;
+
+    let public = ["metered", "credits", "jobs", "billing", "dashboard", "document"];
+    fuzz(&cli, &gw.public, &public, &key, "").await;
+    // Most admin operations act on one account: fuzzed with random ids they would only ever
+    // answer 404, so the path's account id is an existing one (its other inputs stay random).
+    fuzz(&cli, &gw.admin, &["admin", "probes", "document"], ADMIN_TOKEN, "[parameters]\n\"path.id\" = \"managed\"\n")
+        .await;
 }
