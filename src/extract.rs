@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::GatewayError;
 
-/// A JSON request body; malformed or mistyped JSON is a 400 `bad_request` naming the problem.
+/// A JSON object request body; malformed or mistyped JSON is a 400 `bad_request` naming the problem.
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
@@ -18,10 +18,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, GatewayError> {
         let bytes = read_body(req.into_body(), 64 * 1024).await?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| GatewayError::BadRequest(format!("The request body is not valid JSON for this call ({e}).")))
+        json_object(&bytes).map(JsonBody)
     }
+}
+
+/// Reads `T` from a JSON object. Only from an object: serde would also read a struct from an
+/// array of its field values in order (`["acme", "pro"]` as `{"id": "acme", "plan": "pro"}`, and
+/// `[]` as a PATCH that changes nothing), a form no client means and the API document does not allow.
+fn json_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(GatewayError::BadRequest("The request body must be a JSON object.".into()));
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| GatewayError::BadRequest(format!("The request body is not valid JSON for this call ({e}).")))
 }
 
 /// Reads a whole body, refusing more than `limit` bytes.
@@ -35,4 +44,26 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> 
         }
         GatewayError::BadRequest("The request body could not be read.".into())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Update {
+        plan: Option<String>,
+        email: Option<String>,
+    }
+
+    #[test]
+    fn only_a_json_object_is_a_body() {
+        assert!(json_object::<Update>(b" {\"plan\": \"pro\"}").is_ok());
+        for body in [&b"[null, null]"[..], b"[\"pro\"]", b"[]", b"null", b"\"pro\"", b"", b"  "] {
+            let e = json_object::<Update>(body).unwrap_err();
+            assert_eq!(e.code(), crate::error::ErrorCode::BadRequest, "{}", String::from_utf8_lossy(body));
+        }
+    }
 }

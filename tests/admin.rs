@@ -127,6 +127,33 @@ async fn account_creation_errors() {
     }
 }
 
+/// Bodies are JSON objects: an array of field values (which serde would read as the fields in
+/// order) is refused, not taken as `{"id", "plan"}` or as a PATCH that changes nothing.
+/// (Found by schemathesis, tests/openapi.rs.)
+#[tokio::test]
+async fn bodies_that_are_not_json_objects_are_refused() {
+    let (gw, _up) = gateway().await;
+    gw.create_account("acme", "starter").await;
+    for (method, path, body) in [
+        ("POST", "/admin/v1/accounts", json!(["b5", "pro", null, null])),
+        ("PATCH", "/admin/v1/accounts/acme", json!([null, null])),
+        ("PATCH", "/admin/v1/accounts/acme", json!(["pro", null])),
+        ("POST", "/admin/v1/accounts/acme/keys", json!(["user"])),
+        ("POST", "/admin/v1/accounts/acme/topups", json!([null, 10, "ref-1"])),
+        ("PUT", "/admin/v1/accounts/acme/auto-topup", json!([false, null, null])),
+    ] {
+        let res = gw.admin_call(method, path, Some(body.clone())).await;
+        assert_eq!(res.status, 400, "{method} {path} {body}: {}", res.text());
+        assert_eq!(res.error_type(), "bad_request");
+    }
+    assert_eq!(gw.admin_call("GET", "/admin/v1/accounts/b5", None).await.status, 404);
+    let acme = gw.admin_call("GET", "/admin/v1/accounts/acme", None).await.json();
+    assert_eq!(acme["plan"], "starter");
+    assert_eq!(acme["topup_remaining"], 0);
+    let keys = gw.admin_call("GET", "/admin/v1/accounts/acme/keys", None).await.json();
+    assert_eq!(keys["keys"], json!([]));
+}
+
 #[tokio::test]
 async fn billing_anchor_and_email_are_kept() {
     let (gw, _up) = gateway().await;
