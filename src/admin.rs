@@ -323,8 +323,10 @@ pub(crate) struct CreateTopup {
     /// A configured package.
     package: Option<String>,
     /// Credits, 1 to 1,000,000,000.
+    #[schema(minimum = 1, maximum = 1_000_000_000)] // MAX_CREDITS (a test compares them)
     credits: Option<u64>,
     /// 1–255 characters; the same reference credits once.
+    #[schema(min_length = 1, max_length = 255)]
     payment_ref: String,
 }
 

@@ -384,6 +384,7 @@ pub struct AutoTopupBody {
     /// Whether to buy automatically.
     enabled: bool,
     /// Buy when the total remaining drops below this (> 0 to enable).
+    #[schema(maximum = 1_000_000_000)] // MAX_CREDITS (a test compares them)
     threshold: Option<u64>,
     /// The package to buy (required to enable).
     package: Option<String>,

@@ -215,6 +215,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn credit_bounds_in_the_document_are_the_ledgers() {
+        let doc: serde_json::Value = serde_json::from_str(&DOCUMENT).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        for (schema, field) in [("AutoTopupBody", "threshold"), ("CreateTopup", "credits")] {
+            let max = &schemas[schema]["properties"][field]["maximum"];
+            assert_eq!(max.as_u64(), Some(crate::ledger::MAX_CREDITS), "{schema}.{field}: {max}");
+        }
+    }
+
+    #[test]
     fn the_document_is_openapi_3_1_with_every_error_code() {
         let doc: serde_json::Value = serde_json::from_str(&DOCUMENT).unwrap();
         assert!(doc["openapi"].as_str().unwrap().starts_with("3.1."), "{}", doc["openapi"]);
