@@ -26,6 +26,7 @@ use crate::ledger::{
     HistoryEntry, KeyRecord, Ledger, MAX_CREDITS, NewAccount, PlanChange, PlanOutcome, Role, TopupOutcome,
     TopupReceipt, TopupRequest,
 };
+use crate::openapi::{AdminRefusals, BodyRefusals};
 use crate::proxy::headers::client_ip;
 use crate::state::AppState;
 
@@ -77,9 +78,8 @@ async fn require_admin(State(state): State<AppState>, req: Request, next: Next) 
 /// The config in force, secrets redacted, with its hash, load time and backends (`running.rs`).
 #[utoipa::path(get, path = "/admin/v1/config", tag = "admin", security(("admin_token" = [])),
     responses(
+        AdminRefusals,
         (status = 200, description = "The running configuration", body = RunningConfig),
-        (status = 401, description = "`unauthorized`: no or wrong admin token", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many failed tokens from this address", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
     ))]
 pub(crate) async fn running_config(State(state): State<AppState>) -> axum::Json<Value> {
     axum::Json(crate::running::view(&state.runtime.load(), state.config_path.as_deref()))
@@ -165,14 +165,10 @@ pub(crate) struct CreateAccount {
 #[utoipa::path(post, path = "/admin/v1/accounts", tag = "admin", security(("admin_token" = [])),
     request_body = CreateAccount,
     responses(
+        AdminRefusals, BodyRefusals,
         (status = 201, description = "Created", body = AccountDetails),
         (status = 400, description = "`bad_request`: bad JSON, id, plan, anchor or e-mail", body = ErrorBody),
         (status = 409, description = "`conflict`: an account with that id exists", body = ErrorBody),
-        (status = 408, description = "`request_timeout`: the body stopped arriving", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`: bodies up to 64 KiB", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or wrong admin token", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many failed tokens from this address", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
     ))]
 pub(crate) async fn create_account(
     State(state): State<AppState>,
@@ -207,11 +203,9 @@ pub(crate) async fn create_account(
 #[utoipa::path(get, path = "/admin/v1/accounts/{id}", tag = "admin", security(("admin_token" = [])),
     params(("id" = String, Path, description = "Account id: 1–64 of `[A-Za-z0-9._-]`")),
     responses(
+        AdminRefusals,
         (status = 200, description = "The account", body = AccountDetails),
         (status = 404, description = "`not_found`: no such account", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or wrong admin token", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many failed tokens from this address", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
     ))]
 pub(crate) async fn read_account(
     State(state): State<AppState>,
@@ -286,14 +280,10 @@ pub struct NewKey {
     params(("id" = String, Path, description = "Account id: 1–64 of `[A-Za-z0-9._-]`")),
     request_body = CreateKey,
     responses(
+        AdminRefusals, BodyRefusals,
         (status = 201, description = "Created; the plaintext key is shown only now", body = NewKey),
         (status = 400, description = "`bad_request`: bad JSON or role", body = ErrorBody),
         (status = 404, description = "`not_found`: no such account", body = ErrorBody),
-        (status = 408, description = "`request_timeout`: the body stopped arriving", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`: bodies up to 64 KiB", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or wrong admin token", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many failed tokens from this address", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
     ))]
 pub(crate) async fn create_key(
     State(state): State<AppState>,
@@ -335,15 +325,11 @@ pub(crate) struct CreateTopup {
     params(("id" = String, Path, description = "Account id: 1–64 of `[A-Za-z0-9._-]`")),
     request_body = CreateTopup,
     responses(
+        AdminRefusals, BodyRefusals,
         (status = 200, description = "That payment_ref was credited before: the first result, nothing added", body = TopupReceiptView),
         (status = 201, description = "Credited", body = TopupReceiptView),
         (status = 400, description = "`bad_request`: bad JSON, package, credits or payment_ref", body = ErrorBody),
         (status = 404, description = "`not_found`: no such account", body = ErrorBody),
-        (status = 408, description = "`request_timeout`: the body stopped arriving", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`: bodies up to 64 KiB", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or wrong admin token", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many failed tokens from this address", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
     ))]
 pub(crate) async fn create_topup(
     State(state): State<AppState>,
@@ -445,14 +431,10 @@ pub enum PlanChangeOutcome {
     params(("id" = String, Path, description = "Account id: 1–64 of `[A-Za-z0-9._-]`")),
     request_body = UpdateAccount,
     responses(
+        AdminRefusals, BodyRefusals,
         (status = 200, description = "The account now", body = UpdatedAccount),
         (status = 400, description = "`bad_request`: bad JSON, plan or e-mail", body = ErrorBody),
         (status = 404, description = "`not_found`: no such account", body = ErrorBody),
-        (status = 408, description = "`request_timeout`: the body stopped arriving", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`: bodies up to 64 KiB", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or wrong admin token", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many failed tokens from this address", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
     ))]
 pub(crate) async fn update_account(
     State(state): State<AppState>,
@@ -484,11 +466,9 @@ pub(crate) async fn update_account(
 #[utoipa::path(get, path = "/admin/v1/accounts/{id}/keys", tag = "admin", security(("admin_token" = [])),
     params(("id" = String, Path, description = "Account id: 1–64 of `[A-Za-z0-9._-]`")),
     responses(
+        AdminRefusals,
         (status = 200, description = "The keys", body = KeyList),
         (status = 404, description = "`not_found`: no such account", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or wrong admin token", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many failed tokens from this address", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
     ))]
 pub(crate) async fn list_keys(
     State(state): State<AppState>,
@@ -531,11 +511,9 @@ pub struct KeyInfo {
 #[utoipa::path(delete, path = "/admin/v1/keys/{key_id}", tag = "admin", security(("admin_token" = [])),
     params(("key_id" = String, Path, description = "The key's `key_id`")),
     responses(
+        AdminRefusals,
         (status = 200, description = "Revoked", body = RevokedKey),
         (status = 404, description = "`not_found`: no such key", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or wrong admin token", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many failed tokens from this address", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
     ))]
 pub(crate) async fn revoke_key(
     State(state): State<AppState>,
@@ -566,11 +544,9 @@ pub struct RevokedKey {
 #[utoipa::path(get, path = "/admin/v1/accounts/{id}/topups", tag = "admin", security(("admin_token" = [])),
     params(("id" = String, Path, description = "Account id: 1–64 of `[A-Za-z0-9._-]`")),
     responses(
+        AdminRefusals,
         (status = 200, description = "The top-ups", body = Topups),
         (status = 404, description = "`not_found`: no such account", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or wrong admin token", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many failed tokens from this address", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
     ))]
 pub(crate) async fn list_topups(
     State(state): State<AppState>,
@@ -584,14 +560,10 @@ pub(crate) async fn list_topups(
     params(("id" = String, Path, description = "Account id: 1–64 of `[A-Za-z0-9._-]`")),
     request_body = AutoTopupBody,
     responses(
+        AdminRefusals, BodyRefusals,
         (status = 200, description = "The account now", body = AccountDetails),
         (status = 400, description = "`bad_request`: bad JSON, no threshold or package to enable, unknown package", body = ErrorBody),
         (status = 404, description = "`not_found`: no such account", body = ErrorBody),
-        (status = 408, description = "`request_timeout`: the body stopped arriving", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`: bodies up to 64 KiB", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or wrong admin token", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many failed tokens from this address", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
     ))]
 pub(crate) async fn set_auto_topup(
     State(state): State<AppState>,
@@ -621,12 +593,10 @@ const MAX_PAGE: usize = 500;
         ("limit" = Option<u64>, Query, description = "Entries per page, 1 to 500 (default 100; larger values are capped)"),
         ("before" = Option<u64>, Query, description = "Only entries with `seq` below this: the `next_before` of the previous page")),
     responses(
+        AdminRefusals,
         (status = 200, description = "A page of the history", body = LedgerPage),
         (status = 400, description = "`bad_request`: bad `limit` or `before`", body = ErrorBody),
         (status = 404, description = "`not_found`: no such account", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or wrong admin token", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many failed tokens from this address", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
     ))]
 pub(crate) async fn ledger(
     State(state): State<AppState>,
@@ -719,11 +689,9 @@ impl LedgerEntry {
 #[utoipa::path(get, path = "/admin/v1/accounts/{id}/usage", tag = "admin", security(("admin_token" = [])),
     params(("id" = String, Path, description = "Account id: 1–64 of `[A-Za-z0-9._-]`")),
     responses(
+        AdminRefusals,
         (status = 200, description = "The usage report", body = UsageReport),
         (status = 404, description = "`not_found`: no such account", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or wrong admin token", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many failed tokens from this address", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
     ))]
 pub(crate) async fn usage(
     State(state): State<AppState>,

@@ -23,6 +23,7 @@ use crate::error::{ErrorBody, GatewayError};
 use crate::extract::JsonBody;
 use crate::ledger::jobs::JobStore;
 use crate::ledger::{AccountView, AutoTopup, Ledger, MAX_CREDITS, Usage, is_low};
+use crate::openapi::{BodyRefusals, CustomerRefusals};
 use crate::state::{AppState, Runtime};
 
 /// How many earlier periods `GET /v1/credits/usage` reports.
@@ -56,10 +57,8 @@ impl FromRequestParts<AppState> for Principal {
 /// The balance of the caller's account.
 #[utoipa::path(get, path = "/v1/credits", tag = "credits", security(("api_key" = [])),
     responses(
+        CustomerRefusals,
         (status = 200, description = "The balance", body = Credits),
-        (status = 401, description = "`unauthorized`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody),
     ))]
 pub(crate) async fn credits(
     State(state): State<AppState>,
@@ -127,10 +126,8 @@ impl Credits {
 /// The top-up packages, for a billing page.
 #[utoipa::path(get, path = "/v1/credits/packages", tag = "credits", security(("api_key" = [])),
     responses(
+        CustomerRefusals,
         (status = 200, description = "The packages, cheapest first", body = Packages),
-        (status = 401, description = "`unauthorized`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody),
     ))]
 pub(crate) async fn packages(State(state): State<AppState>, _principal: Principal) -> Json<Packages> {
     let rt = state.runtime.load();
@@ -205,10 +202,8 @@ async fn account_of(state: &AppState, principal: &Principal) -> Result<AccountVi
 /// This period's credits by category and operation, a daily series, earlier periods' totals.
 #[utoipa::path(get, path = "/v1/credits/usage", tag = "credits", security(("api_key" = [])),
     responses(
+        CustomerRefusals,
         (status = 200, description = "The usage report", body = UsageReport),
-        (status = 401, description = "`unauthorized`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody),
     ))]
 pub(crate) async fn usage(
     State(state): State<AppState>,
@@ -317,10 +312,8 @@ impl UsageReport {
 /// Top-ups and auto top-ups of the caller's account, newest first.
 #[utoipa::path(get, path = "/v1/credits/topups", tag = "credits", security(("api_key" = [])),
     responses(
+        CustomerRefusals,
         (status = 200, description = "The top-ups", body = Topups),
-        (status = 401, description = "`unauthorized`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody),
     ))]
 pub(crate) async fn topups(State(state): State<AppState>, principal: Principal) -> Result<Json<Topups>, GatewayError> {
     let topups = topup_history(&state, &principal.account).await?;
@@ -426,14 +419,10 @@ impl AutoTopupBody {
 #[utoipa::path(put, path = "/v1/credits/auto-topup", tag = "credits", security(("api_key" = [])),
     request_body = AutoTopupBody,
     responses(
+        CustomerRefusals, BodyRefusals,
         (status = 200, description = "The setting now in force", body = AutoTopupView),
         (status = 400, description = "`bad_request`: bad JSON, no threshold or package to enable, unknown package", body = ErrorBody),
-        (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 402, description = "`payment_method_required`: with payments on, auto top-up needs a card that works", body = ErrorBody),
-        (status = 408, description = "`request_timeout`", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody),
     ))]
 pub(crate) async fn set_auto_topup(
     State(state): State<AppState>,
@@ -469,11 +458,9 @@ pub(crate) async fn set_auto_topup(
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", security(("api_key" = [])),
     params(("id" = String, Path, description = "The `job_id` of the 202 that queued it")),
     responses(
+        CustomerRefusals,
         (status = 200, description = "The job", body = JobStatus),
-        (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 404, description = "`not_found`: no such job on this account", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody),
     ))]
 pub(crate) async fn job(
     State(state): State<AppState>,

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, header};
 use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
 
 use crate::error::{ErrorBody, ErrorCode, ErrorObject};
 
@@ -116,6 +116,51 @@ pub async fn openapi_json() -> Response {
 /// `GET /openapi.json` on either listener.
 pub async fn serve() -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], DOCUMENT.as_str()).into_response()
+}
+
+// === answers many operations share ===
+
+/// The refusals of every customer API operation besides its own: its API key (the `Principal`
+/// extractor, which also spends the plan's rate limit) and the store.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // only its responses are used
+pub(crate) enum CustomerRefusals {
+    /// `unauthorized`: no, unknown or revoked API key, or its account is gone
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// `rate_limited`: the plan's requests per second (shared with the metered routes), or too many failed keys from this address
+    #[response(status = 429, headers(("retry-after" = u64, description = "Seconds to wait")))]
+    RateLimited(ErrorBody),
+    /// `store_unavailable`
+    #[response(status = 503, headers(("retry-after" = u64, description = "Seconds to wait")))]
+    StoreUnavailable(ErrorBody),
+}
+
+/// The refusals of every `/admin/…` operation besides its own: the admin token and the store.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // only its responses are used
+pub(crate) enum AdminRefusals {
+    /// `unauthorized`: no or wrong admin token
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// `rate_limited`: too many failed tokens from this address
+    #[response(status = 429, headers(("retry-after" = u64, description = "Seconds to wait")))]
+    RateLimited(ErrorBody),
+    /// `store_unavailable`
+    #[response(status = 503, headers(("retry-after" = u64, description = "Seconds to wait")))]
+    StoreUnavailable(ErrorBody),
+}
+
+/// The refusals of every operation that reads a JSON body (`extract::JsonBody`).
+#[derive(IntoResponses)]
+#[allow(dead_code)] // only its responses are used
+pub(crate) enum BodyRefusals {
+    /// `request_timeout`: the body stopped arriving
+    #[response(status = 408)]
+    RequestTimeout(ErrorBody),
+    /// `payload_too_large`: bodies up to 64 KiB
+    #[response(status = 413)]
+    PayloadTooLarge(ErrorBody),
 }
 
 /// `202` of a metered route whose operation queues when credits run out (`on_empty = "queue"`).

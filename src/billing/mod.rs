@@ -31,6 +31,7 @@ use crate::auth::Principal;
 use crate::error::{ErrorBody, GatewayError};
 use crate::extract::JsonBody;
 use crate::ledger::{AutoTopupPayment, Event, Ledger, MAX_CREDITS, Settlement, TopupOutcome, TopupRequest};
+use crate::openapi::{BodyRefusals, CustomerRefusals};
 use crate::state::AppState;
 use stripe::{OffSession, Stripe, StripeError, minor_units};
 
@@ -98,15 +99,11 @@ const RECEIVED: Received = Received { received: true };
     params(("idempotency-key" = Option<String>, Header, description = "1–255 characters: retries with the same key are one payment")),
     request_body = CheckoutBody,
     responses(
+        CustomerRefusals, BodyRefusals,
         (status = 201, description = "The PaymentIntent to confirm with Stripe.js; nothing is credited yet", body = Checkout),
         (status = 400, description = "`bad_request`: bad JSON, unknown package, bad Idempotency-Key", body = ErrorBody),
-        (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 404, description = "`not_found`: payments are not enabled (`[billing.stripe]`)", body = ErrorBody),
-        (status = 408, description = "`request_timeout`", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody, headers(("retry-after" = u64, description = "Seconds to wait"))),
         (status = 502, description = "`payment_provider_unavailable`: nothing was charged", body = ErrorBody),
-        (status = 503, description = "`store_unavailable`", body = ErrorBody),
     ))]
 pub(crate) async fn checkout(
     State(state): State<AppState>,
