@@ -117,10 +117,9 @@ async fn forward(
     upstream: &proxy::Upstream,
     req: Request,
     fwd: Forwarded<'_>,
-    timeout: std::time::Duration,
-) -> Result<http::Response<hyper::body::Incoming>, GatewayError> {
+) -> Result<http::Response<proxy::UpstreamBody>, GatewayError> {
     let started = Instant::now();
-    let res = proxy::forward(state.clients.get(), upstream, req, fwd, timeout).await;
+    let res = proxy::forward(state.clients.get(), upstream, req, fwd).await;
     state.metrics.upstream_time(started.elapsed());
     res
 }
@@ -195,7 +194,7 @@ async fn handle(
 
     let Some(op) = rt.rules.operation(route) else {
         *label = Label::Free;
-        let res = forward(state, upstream_of(&route.upstream)?, req, fwd, rt.upstream_timeout).await;
+        let res = forward(state, upstream_of(&route.upstream)?, req, fwd).await;
         return with_limit(res.map(|r| r.map(Body::new)), max_body);
     };
 
@@ -282,7 +281,7 @@ impl Metered<'_> {
             None => req,
         };
         if price.cost == 0 {
-            let res = forward(self.state, upstream, req, self.fwd, self.rt.upstream_timeout).await?;
+            let res = forward(self.state, upstream, req, self.fwd).await?;
             return Ok(res.map(Body::new));
         }
         let charge_id = self.state.ids.next();
@@ -293,7 +292,7 @@ impl Metered<'_> {
                 Ok(Taken::Charged(charge)) => return self.forward_charged(charge, upstream, req).await,
                 Ok(Taken::Repeat(repeat)) => repeat,
                 Ok(Taken::Uncharged) => {
-                    let mut res = forward(self.state, upstream, req, self.fwd, self.rt.upstream_timeout).await?;
+                    let mut res = forward(self.state, upstream, req, self.fwd).await?;
                     res.headers_mut().insert(meter::CHARGED, HeaderValue::from_static("0"));
                     return Ok(res.map(Body::new));
                 }
@@ -393,7 +392,7 @@ impl Metered<'_> {
         let req = req.map(|b| Body::new(meter::DeliveryBody::new(b, delivery.clone())));
         // Dropped with this future if the client hangs up before the answer head is out.
         let guard = meter::Guard::new(self.state, charge, delivery.clone());
-        let result = forward(self.state, upstream, req, self.fwd, self.rt.upstream_timeout).await;
+        let result = forward(self.state, upstream, req, self.fwd).await;
         if result.is_ok() {
             delivery.mark();
         }
@@ -437,7 +436,7 @@ impl Metered<'_> {
     }
 
     /// The upstream's answer, streamed on with its charge settled at the end.
-    fn stream(&self, charge: Charge, res: http::Response<hyper::body::Incoming>) -> Response {
+    fn stream(&self, charge: Charge, res: http::Response<proxy::UpstreamBody>) -> Response {
         let (mut parts, body) = res.into_parts();
         let max = self.rt.config.idempotency.max_stored_bytes;
         let capture = charge.idempotency_key.is_some().then(|| Capture::new(parts.status, &parts.headers, max));

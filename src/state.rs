@@ -25,7 +25,8 @@ pub struct Runtime {
     pub rules: Rules,
     /// Upstream pools with resolved credentials.
     pub upstreams: Upstreams,
-    /// `server.upstream_timeout_ms`.
+    /// The longest wait for an answer head: `server.upstream_timeout_ms`, or an upstream's
+    /// longer `first_byte_timeout_ms` (idempotency and job leases outlast it).
     pub upstream_timeout: Duration,
     /// The webhook HMAC key, read from the variable `notifications.webhook_secret_env` names.
     pub webhook_secret: Option<Vec<u8>>,
@@ -102,7 +103,8 @@ impl Runtime {
             webhook_secret,
             rate_limits: crate::ratelimit::RateLimits::new(&config),
             rules: Rules::new(&config),
-            upstream_timeout: Duration::from_millis(config.server.upstream_timeout_ms),
+            upstream_timeout: Duration::from_millis(config.server.upstream_timeout_ms)
+                .max(upstreams.longest_first_byte_timeout()),
             upstreams,
             config,
         })
@@ -226,7 +228,9 @@ impl AppState {
         if config.tls.ca_file != old.tls.ca_file {
             tracing::warn!("tls.ca_file changed in the config; it applies only after a restart");
         }
-        let runtime = Runtime::new(config)?;
+        let mut runtime = Runtime::new(config)?;
+        runtime.upstreams.adopt(&current.upstreams);
+        self.metrics.backends.set(runtime.upstreams.backends());
         crate::ledger::Ledger::set_limits(&*self.ledger, runtime.store_limits);
         self.runtime.store(Arc::new(runtime));
         Ok(())

@@ -255,7 +255,7 @@ async fn send(
     let body = Body::new(DeliveryBody::new(Body::from(job.body.clone()), delivery.clone()));
     let req = req.body(body).map_err(|e| unreachable(e.to_string()))?;
     let fwd = Forwarded { request_id: &job.request_id, account: Some(&job.account), client_addr: None };
-    let res = proxy::forward(state.clients.get(), upstream, req, fwd, rt.upstream_timeout)
+    let res = proxy::forward(state.clients.get(), upstream, req, fwd)
         .await
         .map_err(|e| (Failure::of_error(&e, delivery.happened()), e.to_string()))?;
     delivery.mark();

@@ -182,6 +182,9 @@ pub enum Failure {
     Status5xx,
     /// No answer head in time after delivery.
     Timeout,
+    /// Never sent: every backend was at `max_in_flight` (refunded whatever `refund_on` says:
+    /// the gateway itself turned it away).
+    Busy,
 }
 
 impl Failure {
@@ -190,6 +193,7 @@ impl Failure {
     pub fn of_error(e: &GatewayError, delivered: bool) -> Failure {
         match e {
             GatewayError::UpstreamUnreachable(_) => Failure::Unreachable,
+            GatewayError::UpstreamBusy(_) => Failure::Busy,
             _ if !delivered => Failure::Unreachable,
             GatewayError::UpstreamTimeout => Failure::Timeout,
             _ => Failure::Status5xx,
@@ -203,6 +207,7 @@ pub fn refund_due(refund_on: &[RefundOn], failure: Failure) -> bool {
         Failure::Unreachable => RefundOn::Unreachable,
         Failure::Status5xx => RefundOn::Status5xx,
         Failure::Timeout => RefundOn::Timeout,
+        Failure::Busy => return true,
     };
     refund_on.contains(&rule)
 }
