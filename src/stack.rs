@@ -20,10 +20,12 @@
 //!       5. classify        Operation::price(headers, role, body?) → cost (classify/)
 //!                          body buffered only if the rule or Idempotency-Key needs it;
 //!                          pricing headers bound to the price (classify::bind_headers)
-//!       6. meter           one ledger step: charge (or 402/409/503)      (meter/)
-//!       7. proxy           hyper client, streaming both ways             (proxy/)
-//!       8. settle/refund   status ≥ 500, transport error, timeout → refund; MeteredBody
-//!                          refunds if the body breaks off mid-stream
+//!       6. meter           one ledger step: charge (or 402/409/503, or queue); a hang-up
+//!                          during the step refunds (or withdraws the job)  (meter/)
+//!       7. proxy           a backend of the upstream's pool, streaming both ways; a request
+//!                          no connection was made for goes to the next one (proxy/)
+//!       8. settle/refund   the operation's refund_on decides (unreachable, status_5xx,
+//!                          timeout); MeteredBody refunds a body that breaks off mid-stream
 //! ```
 //! Free routes skip 5, 6 and 8 and never touch the store beyond the cached key lookup.
 //! Everything a step hands to the next is typed (`Principal`, `Price`, `Charge`), never a header.
@@ -496,7 +498,14 @@ impl Metered<'_> {
             max_queued_bytes: self.rt.config.jobs.max_queued_bytes_per_account,
             idempotency: self.idem,
         };
-        let outcome = match self.state.ledger.enqueue_job(new).await {
+        // A client that hangs up while the step runs never learns of the job: withdraw it.
+        let hangup = meter::OnDrop::new(|| {
+            tracing::info!(job_id, "client left while its request was being queued; withdrawing the job");
+            withdraw_later(self.state, &self.principal.account, &job_id);
+        });
+        let enqueued = self.state.ledger.enqueue_job(new).await;
+        hangup.disarm();
+        let outcome = match enqueued {
             Ok(outcome) => outcome,
             Err(e) => {
                 // The step may have run with its reply lost: the job would wait, then run paid,

@@ -121,6 +121,15 @@ pub async fn charge(
 ) -> Result<Taken, GatewayError> {
     let metrics = &state.metrics;
     let started = Instant::now();
+    // A client that hangs up while the step runs drops this future: a charge may land that no
+    // request will use. Refund its id then (a tombstone bars it if it has not landed yet).
+    // A job attempt is never cancelled that way, and re-sends its id instead.
+    let hangup = OnDrop::new(|| {
+        if matches!(unknown, Unknown::Refund(_)) {
+            tracing::info!(charge_id = req.charge_id, "client left while its charge was being taken; refunding");
+            refund_later(state.clone(), req.account.into(), req.charge_id.to_owned(), category.clone());
+        }
+    });
     let mut outcome = state.ledger.charge(req).await;
     // Whether a copy of the step may have reached the store (one that was not sent cannot land).
     let mut sent = !matches!(&outcome, Err(e) if e.was_not_sent());
@@ -129,6 +138,8 @@ pub async fn charge(
         outcome = state.ledger.charge(req).await;
     }
     metrics.store_time(started.elapsed());
+    // From here on nothing awaits: the caller's own guard takes over a charge.
+    hangup.disarm();
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
@@ -423,6 +434,30 @@ impl Drop for Guard {
     fn drop(&mut self) {
         if let Some((state, charge)) = self.armed.take() {
             client_gone(&state, &charge, self.delivery.happened());
+        }
+    }
+}
+
+/// Runs a closure when dropped unless disarmed: what to undo when a client's hang-up cancels a
+/// request between two steps. It holds only borrows, so it costs nothing unless it fires.
+pub struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> OnDrop<F> {
+    /// Armed with `f`.
+    pub fn new(f: F) -> Self {
+        OnDrop(Some(f))
+    }
+
+    /// The step ended: nothing to undo.
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
         }
     }
 }
