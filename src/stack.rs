@@ -113,19 +113,6 @@ impl Label {
     }
 }
 
-/// Forwards and records the time to the upstream's response head.
-async fn forward(
-    state: &AppState,
-    upstream: &proxy::Upstream,
-    req: Request,
-    fwd: Forwarded<'_>,
-) -> Result<http::Response<proxy::UpstreamBody>, GatewayError> {
-    let started = Instant::now();
-    let res = proxy::forward(state.clients.get(), upstream, req, fwd).await;
-    state.metrics.upstream_time(started.elapsed());
-    res
-}
-
 /// Refuses a method or path that backends read differently, and rewrites the path to its normal
 /// form (see [`crate::classify::path`]).
 fn normalize_uri(req: &mut Request) -> Result<(), GatewayError> {
@@ -196,7 +183,7 @@ async fn handle(
 
     let Some(op) = rt.rules.operation(route) else {
         *label = Label::Free;
-        let res = forward(state, upstream_of(&route.upstream)?, req, fwd).await;
+        let res = proxy::forward(state, upstream_of(&route.upstream)?, req, fwd).await;
         return with_limit(res.map(|r| r.map(Body::new)), max_body);
     };
 
@@ -283,7 +270,7 @@ impl Metered<'_> {
             None => req,
         };
         if price.cost == 0 {
-            let res = forward(self.state, upstream, req, self.fwd).await?;
+            let res = proxy::forward(self.state, upstream, req, self.fwd).await?;
             return Ok(res.map(Body::new));
         }
         let charge_id = self.state.ids.next();
@@ -294,7 +281,7 @@ impl Metered<'_> {
                 Ok(Taken::Charged(charge)) => return self.forward_charged(charge, upstream, req).await,
                 Ok(Taken::Repeat(repeat)) => repeat,
                 Ok(Taken::Uncharged) => {
-                    let mut res = forward(self.state, upstream, req, self.fwd).await?;
+                    let mut res = proxy::forward(self.state, upstream, req, self.fwd).await?;
                     res.headers_mut().insert(meter::CHARGED, HeaderValue::from_static("0"));
                     return Ok(res.map(Body::new));
                 }
@@ -315,7 +302,12 @@ impl Metered<'_> {
                         Queued::Repeat(repeat) => return self.answer_repeat(repeat),
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if matches!(e, GatewayError::NoCredits { .. } | GatewayError::InsufficientCredits { .. }) {
+                        meter::count_payment_required(self.state, &self.op.name);
+                    }
+                    return Err(e);
+                }
             };
             match repeat {
                 IdemHit::InProgress { retry_after_secs } if Instant::now() + pause >= deadline => {
@@ -367,12 +359,10 @@ impl Metered<'_> {
             category: &self.op.category,
             request_id: self.fwd.request_id,
             idempotency: self.idem,
-            thresholds: &rt.config.notifications.thresholds_percent,
-            auto_topup_max_per_period: rt.config.auto_topup.max_per_period,
-            packages: &rt.packages,
+            ..rt.charge_terms()
         };
         let unknown = meter::Unknown::Refund(rt.config.store.on_error);
-        let taken = meter::charge(self.state, unknown, &self.op.name, &self.op.category, req).await?;
+        let taken = meter::charge(self.state, unknown, &self.op.category, req).await?;
         if let Taken::Charged(c) = &taken {
             tracing::debug!(operation = %self.op.name, cost, "charged");
             if c.receipt.auto_topup.is_some() {
@@ -394,7 +384,7 @@ impl Metered<'_> {
         let req = req.map(|b| Body::new(meter::DeliveryBody::new(b, delivery.clone())));
         // Dropped with this future if the client hangs up before the answer head is out.
         let guard = meter::Guard::new(self.state, charge, delivery.clone());
-        let result = forward(self.state, upstream, req, self.fwd).await;
+        let result = proxy::forward(self.state, upstream, req, self.fwd).await;
         if result.is_ok() {
             delivery.mark();
         }

@@ -111,6 +111,26 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// A charge request with this generation's terms filled in (thresholds, the auto top-up cap,
+    /// the packages an auto top-up buys): the request path and the job runner set the rest, as
+    /// `ChargeRequest { account, charge_id, .., ..rt.charge_terms() }`.
+    pub fn charge_terms(&self) -> crate::ledger::ChargeRequest<'_> {
+        crate::ledger::ChargeRequest {
+            account: "",
+            charge_id: "",
+            cost: 0,
+            operation: "",
+            category: "",
+            request_id: "",
+            idempotency: None,
+            thresholds: &self.config.notifications.thresholds_percent,
+            auto_topup_max_per_period: self.config.auto_topup.max_per_period,
+            packages: &self.packages,
+        }
+    }
+}
+
 /// Now as RFC 3339 in UTC with milliseconds: two reloads within a second still differ.
 fn now_rfc3339_millis() -> String {
     let t = time::OffsetDateTime::now_utc();

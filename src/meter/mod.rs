@@ -35,6 +35,11 @@ use crate::ledger::{
     ChargeOutcome, ChargeRequest, IdemHit, Ledger, PendingRefund, Receipt, RefundOutcome, StoredResponse, is_low,
 };
 use crate::metrics::{CategoryLabels, OperationLabels};
+
+/// Counts a 402 answered for lack of credits (`creditgate_payment_required_total`).
+pub fn count_payment_required(state: &AppState, operation: &Arc<str>) {
+    state.metrics.payment_required.get_or_create(&OperationLabels { operation: operation.clone() }).inc();
+}
 use crate::state::AppState;
 
 pub use body::{Capture, Delivery, DeliveryBody, MeteredBody};
@@ -115,7 +120,6 @@ pub enum Unknown {
 pub async fn charge(
     state: &AppState,
     unknown: Unknown,
-    operation: &Arc<str>,
     category: &Arc<str>,
     req: ChargeRequest<'_>,
 ) -> Result<Taken, GatewayError> {
@@ -170,14 +174,13 @@ pub async fn charge(
         }
         ChargeOutcome::Refunded => Ok(Taken::Refunded),
         ChargeOutcome::Idempotent(hit) => Ok(Taken::Repeat(hit)),
-        ChargeOutcome::Refused { remaining, renews_at } => {
-            metrics.payment_required.get_or_create(&OperationLabels { operation: operation.clone() }).inc();
-            Err(if remaining == 0 {
-                GatewayError::NoCredits { renews_at }
-            } else {
-                GatewayError::InsufficientCredits { required: req.cost, remaining, renews_at }
-            })
-        }
+        // Counted in `payment_required` where a 402 is answered: a queued job or a request
+        // that queues instead is no 402.
+        ChargeOutcome::Refused { remaining, renews_at } => Err(if remaining == 0 {
+            GatewayError::NoCredits { renews_at }
+        } else {
+            GatewayError::InsufficientCredits { required: req.cost, remaining, renews_at }
+        }),
         ChargeOutcome::NoAccount => Err(GatewayError::AccountGone),
     }
 }
@@ -303,8 +306,12 @@ async fn refund_once(state: &AppState, account: &str, charge_id: &str, category:
     }
 }
 
-/// How long a refund is retried: charge records live 24 h in the store.
-const REFUND_RETRY_FOR: Duration = Duration::from_secs(23 * 3600);
+/// How long a refund is retried: while the charge's record is still in the store
+/// (`charges.record_ttl_secs`, default 24 h), less a margin of an hour (half the lifetime when
+/// that is shorter) — a refund written after the record expired would find nothing to return.
+pub fn refund_retry_for(record_ttl_secs: u64) -> Duration {
+    Duration::from_secs(record_ttl_secs - (record_ttl_secs / 2).min(3600))
+}
 
 /// Longest pause between two tries of a refund the store did not take. Short, because until the
 /// store takes it the refund lives only in this process: a longer backoff grown during an outage
@@ -325,7 +332,8 @@ pub fn refund_later(state: AppState, account: Arc<str>, charge_id: String, categ
         let started = Instant::now();
         let mut wait = Duration::from_millis(200);
         let mut tries: u64 = 0;
-        while started.elapsed() < REFUND_RETRY_FOR {
+        let retry_for = refund_retry_for(state.runtime.load().config.charges.record_ttl_secs);
+        while started.elapsed() < retry_for {
             tries += 1;
             if refund_once(&state, &account, &charge_id, &category).await.is_ok() {
                 return;
@@ -350,7 +358,7 @@ pub fn refund_later(state: AppState, account: Arc<str>, charge_id: String, categ
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(REFUND_RETRY_MAX);
         }
-        tracing::error!(%charge_id, %account, "REFUND FAILED for a day: reconcile this charge");
+        tracing::error!(%charge_id, %account, ?retry_for, "REFUND FAILED while the charge record lived: reconcile this charge");
     });
 }
 
@@ -471,5 +479,18 @@ pub fn client_gone(state: &AppState, charge: &Charge, delivered: bool) {
     } else {
         tracing::info!(charge_id = %charge.receipt.charge_id, "client left before the backend got the request; refunding");
         refund_later(state.clone(), charge.account.clone(), charge.receipt.charge_id.clone(), charge.category.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refunds_are_retried_while_the_charge_record_lives() {
+        assert_eq!(refund_retry_for(86_400), Duration::from_secs(23 * 3600));
+        assert_eq!(refund_retry_for(7_200), Duration::from_secs(3_600));
+        // The shortest record life the config accepts: an upstream timeout plus 6 minutes.
+        assert_eq!(refund_retry_for(600), Duration::from_secs(300));
     }
 }

@@ -263,13 +263,26 @@ pub struct Forwarded<'a> {
 }
 
 /// Sends a request to one of `upstream`'s backends and returns its response head with the body
-/// still streaming.
+/// still streaming, on the calling thread's client; records the time to the answer head
+/// (`creditgate_upstream_seconds`).
 ///
 /// A request that could not be sent (no connection to the backend could be made) goes to the
 /// next backend, each backend at most once: its body was never read, so nothing reached a
 /// backend and it is sent whole. Anything else (a broken connection, a timeout, a 5xx) is not
 /// retried: the backend may have the request.
 pub async fn forward(
+    state: &crate::state::AppState,
+    upstream: &Upstream,
+    req: Request<Body>,
+    fwd: Forwarded<'_>,
+) -> Result<Response<UpstreamBody>, GatewayError> {
+    let started = std::time::Instant::now();
+    let res = send(state.clients.get(), upstream, req, fwd).await;
+    state.metrics.upstream_time(started.elapsed());
+    res
+}
+
+async fn send(
     client: &Client,
     upstream: &Upstream,
     req: Request<Body>,
