@@ -97,7 +97,7 @@ pub(crate) struct RunningConfig {
     loaded_at: String,
     /// The file it came from, if any.
     file: Option<String>,
-    /// Each upstream's backends (URLs with credentials redacted) and their health.
+    /// Each upstream's backends (URLs with credentials redacted): health and requests in flight.
     #[schema(value_type = Object)]
     upstreams: Value,
     /// The configuration, secrets redacted.

@@ -109,6 +109,10 @@ pub enum GatewayError {
     /// The upstream did not answer in time (upstream).
     #[error("upstream timeout")]
     UpstreamTimeout,
+    /// Every backend of the upstream has `max_in_flight` requests running; this one was never
+    /// sent (always refunded).
+    #[error("upstream busy: {0}")]
+    UpstreamBusy(String),
     /// The store could not be reached (store).
     #[error("store unavailable: {0}")]
     StoreUnavailable(String),
@@ -215,6 +219,8 @@ error_codes! {
     StoreUnavailable = (SERVICE_UNAVAILABLE, "store_unavailable"),
     /// The backend did not answer in time.
     UpstreamTimeout = (GATEWAY_TIMEOUT, "upstream_timeout"),
+    /// Every backend of the upstream is at its `max_in_flight`; nothing was sent or charged (`Retry-After`).
+    UpstreamBusy = (SERVICE_UNAVAILABLE, "upstream_busy"),
     /// The path exists, the method does not.
     MethodNotAllowed = (METHOD_NOT_ALLOWED, "method_not_allowed"),
     /// A resource with that id exists already.
@@ -288,6 +294,7 @@ impl GatewayError {
             RateLimited { .. } | QueueFull { .. } | QueueBytesFull { .. } => ErrorCode::RateLimited,
             UpstreamUnavailable(_) | UpstreamUnreachable(_) => ErrorCode::UpstreamUnavailable,
             UpstreamTimeout => ErrorCode::UpstreamTimeout,
+            UpstreamBusy(_) => ErrorCode::UpstreamBusy,
             StoreUnavailable(_) => ErrorCode::StoreUnavailable,
             PaymentProviderUnavailable(_) => ErrorCode::PaymentProviderUnavailable,
             PaymentMethodRequired(_) => ErrorCode::PaymentMethodRequired,
@@ -370,6 +377,7 @@ impl GatewayError {
             UpstreamUnavailable(_) => "The AI backend failed to answer.".into(),
             UpstreamUnreachable(_) => "The AI backend could not be reached.".into(),
             UpstreamTimeout => "The AI backend did not answer in time.".into(),
+            UpstreamBusy(_) => "The AI backend is busy with other requests; nothing was charged. Please retry shortly.".into(),
             StoreUnavailable(_) => "The credit store is unavailable right now; please retry shortly.".into(),
             PaymentProviderUnavailable(_) => {
                 "The payment provider could not take the payment right now; nothing was charged. Please retry shortly.".into()
@@ -400,7 +408,7 @@ impl IntoResponse for GatewayError {
             GatewayError::QueueFull { .. } | GatewayError::QueueBytesFull { .. } => {
                 res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
             }
-            GatewayError::StoreUnavailable(_) => {
+            GatewayError::StoreUnavailable(_) | GatewayError::UpstreamBusy(_) => {
                 res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

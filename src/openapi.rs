@@ -210,7 +210,7 @@ macro_rules! metered_route {
                 (status = 429, description = "`rate_limited`: the plan's rate, or too many queued", body = ErrorBody,
                     headers(("retry-after" = String, description = "Seconds to wait"))),
                 (status = 502, description = "`upstream_unavailable`: refunded when it never reached the backend", body = ErrorBody),
-                (status = 503, description = "`store_unavailable`", body = ErrorBody, headers(("retry-after" = String, description = "Seconds to wait"))),
+                (status = 503, description = "`store_unavailable`, or `upstream_busy`: every backend at its `max_in_flight`, nothing sent or charged", body = ErrorBody, headers(("retry-after" = String, description = "Seconds to wait"))),
                 (status = 504, description = "`upstream_timeout`", body = ErrorBody),
                 (status = "default", description = "Any other status is the backend's own answer, passed through (a 5xx is refunded as the operation's `refund_on` says)"),
             ))]
