@@ -144,6 +144,10 @@ pub struct ServerConfig {
     /// Longest gap between two chunks of a request body (408 `request_timeout`).
     #[serde(default = "default_body_read_timeout_ms")]
     pub body_read_timeout_ms: u64,
+    /// Longest a whole request body may take, from its request head (408 `request_timeout`): a
+    /// body dripping just inside `body_read_timeout_ms` cannot hold a connection forever.
+    #[serde(default = "default_body_total_timeout_ms")]
+    pub body_total_timeout_ms: u64,
     /// Longest an answer may wait for the client to take more bytes (a client that stops
     /// reading); past it the connection is closed.
     #[serde(default = "default_write_timeout_ms")]
@@ -190,6 +194,9 @@ fn default_idle_timeout_ms() -> u64 {
 }
 fn default_body_read_timeout_ms() -> u64 {
     30_000
+}
+fn default_body_total_timeout_ms() -> u64 {
+    120_000
 }
 fn default_write_timeout_ms() -> u64 {
     30_000
@@ -1047,6 +1054,7 @@ impl Config {
             ("server.header_read_timeout_ms", s.header_read_timeout_ms),
             ("server.idle_timeout_ms", s.idle_timeout_ms),
             ("server.body_read_timeout_ms", s.body_read_timeout_ms),
+            ("server.body_total_timeout_ms", s.body_total_timeout_ms),
             ("server.write_timeout_ms", s.write_timeout_ms),
             ("server.max_connections", s.max_connections as u64),
             ("server.shutdown_grace_ms", s.shutdown_grace_ms),
