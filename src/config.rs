@@ -527,6 +527,14 @@ pub struct RateLimitsConfig {
     /// How often idle limiter entries (and expired cached keys) are forgotten.
     #[serde(default = "default_cleanup_interval_ms")]
     pub cleanup_interval_ms: u64,
+    /// How long a key the store did not know is answered 401 without asking the store again.
+    /// Keys are random, so no key is presented before it exists; a revoked key never comes back.
+    #[serde(default = "default_unknown_key_cache_ttl_ms")]
+    pub unknown_key_cache_ttl_ms: u64,
+    /// Most unknown keys remembered at once; beyond it further unknown keys are looked up each
+    /// time (the per-address limit still bounds those lookups).
+    #[serde(default = "default_unknown_key_cache_entries")]
+    pub unknown_key_cache_entries: usize,
 }
 
 impl Default for RateLimitsConfig {
@@ -535,6 +543,8 @@ impl Default for RateLimitsConfig {
             failed_auth_per_minute: default_failed_auth_per_minute(),
             failed_auth_burst: default_failed_auth_burst(),
             cleanup_interval_ms: default_cleanup_interval_ms(),
+            unknown_key_cache_ttl_ms: default_unknown_key_cache_ttl_ms(),
+            unknown_key_cache_entries: default_unknown_key_cache_entries(),
         }
     }
 }
@@ -547,6 +557,12 @@ fn default_failed_auth_burst() -> u32 {
 }
 fn default_cleanup_interval_ms() -> u64 {
     60_000
+}
+fn default_unknown_key_cache_ttl_ms() -> u64 {
+    30_000
+}
+fn default_unknown_key_cache_entries() -> usize {
+    65_536
 }
 
 /// `[topup_packages.NAME]`
@@ -1072,6 +1088,8 @@ impl Config {
             ("rate_limits.failed_auth_per_minute", u64::from(r.failed_auth_per_minute)),
             ("rate_limits.failed_auth_burst", u64::from(r.failed_auth_burst)),
             ("rate_limits.cleanup_interval_ms", r.cleanup_interval_ms),
+            ("rate_limits.unknown_key_cache_ttl_ms", r.unknown_key_cache_ttl_ms),
+            ("rate_limits.unknown_key_cache_entries", r.unknown_key_cache_entries as u64),
         ] {
             positive(key, v)?;
         }
