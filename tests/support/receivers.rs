@@ -87,12 +87,18 @@ pub struct WebhookReceiver {
 impl WebhookReceiver {
     /// Starts a receiver that answers 200.
     pub async fn start() -> Self {
+        Self::start_on(0).await
+    }
+
+    /// Starts a receiver that answers 200 on `127.0.0.1:port` (0: any free port) — e.g. one that
+    /// comes up where the sender has so far found no one listening.
+    pub async fn start_on(port: u16) -> Self {
         let inner = Arc::new(WebhookInner {
             status: AtomicU16::new(200),
             failures_left: AtomicU32::new(0),
             deliveries: Mutex::new(Vec::new()),
         });
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind webhook receiver");
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind webhook receiver");
         let addr = listener.local_addr().expect("webhook receiver addr");
         let app = Router::new().fallback(receive).with_state(inner.clone());
         tokio::spawn(async move {
