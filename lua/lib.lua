@@ -158,13 +158,20 @@ local JOB_RETENTION = {{JOB_RETENTION}}
 -- Charge records live this many seconds (refunds and re-sent steps need them).
 local CHARGE_TTL = {{CHARGE_TTL}}
 
--- The fields every step reads (HOT, by position below) and the rest (REST), which a lean load
+-- The fields every step reads (HOT) and the rest (REST), which a lean load
 -- (`load_account(key, true)`, the charge's hot path) reads only when the step turns out to need
 -- them: a renewal, auto top-up switched on, or export-guarded history trimming.
 local HOT = { 'monthly', 'topup', 'used', 'now', 'hist', 'htrim', 'period_end', 'allocation', 'period',
   'evt', 'auto_count', 'auto_enabled' }
 local REST = { 'plan', 'pending_plan', 'pending_allocation', 'anchor', 'email', 'exp', 'auto_threshold',
   'auto_package', 'auto_credits', 'auto_price', 'auto_price_json', 'auto_armed' }
+-- Each field's place in an HMGET of HOT or REST, by name (built once, when the library loads).
+local function places(names)
+  local at = {}
+  for i = 1, #names do at[names[i]] = i end
+  return at
+end
+local H, R = places(HOT), places(REST)
 
 -- Raises an error, before anything is read or written, while the account's slot is being moved
 -- between Redis Cluster nodes (resharding): a key that never exists, asked for together with the
@@ -217,15 +224,16 @@ end
 local function load_rest(a)
   local v = redis.call('HMGET', a.key, unpack(REST))
   a.lean = false
-  a.plan = v[1]
-  a.pending_plan = v[2]
-  a.pending_allocation = tonumber(v[3])
-  a.anchor_unix = tonumber(v[4])
-  a.email = v[5]
-  a.exported = tonumber(v[6]) or 0
-  if v[8] then
-    a.auto = { enabled = a.auto_enabled, threshold = tonumber(v[7]), package = v[8], credits = tonumber(v[9]),
-      price = v[10], price_json = v[11], armed = v[12] == '1' }
+  a.plan = v[R.plan]
+  a.pending_plan = v[R.pending_plan]
+  a.pending_allocation = tonumber(v[R.pending_allocation])
+  a.anchor_unix = tonumber(v[R.anchor])
+  a.email = v[R.email]
+  a.exported = tonumber(v[R.exp]) or 0
+  if v[R.auto_package] then
+    a.auto = { enabled = a.auto_enabled, threshold = tonumber(v[R.auto_threshold]), package = v[R.auto_package],
+      credits = tonumber(v[R.auto_credits]), price = v[R.auto_price], price_json = v[R.auto_price_json],
+      armed = v[R.auto_armed] == '1' }
   end
 end
 
@@ -240,25 +248,25 @@ end
 -- `lean` set, no `plan`, `email` or `auto`, and `save` writes only what a charge changes.
 local function load_account(key, lean)
   local v = redis.call('HMGET', key, unpack(HOT))
-  if not v[1] then return nil end
+  if not v[H.monthly] then return nil end
   -- Accounts created before history, events and auto top-up start their counts at 0.
   local a = {
     key = key,
-    monthly = tonumber(v[1]),
-    topup = tonumber(v[2]),
-    used = tonumber(v[3]),
-    stored_now = tonumber(v[4]),
-    hist = tonumber(v[5]) or 0,
+    monthly = tonumber(v[H.monthly]),
+    topup = tonumber(v[H.topup]),
+    used = tonumber(v[H.used]),
+    stored_now = tonumber(v[H.now]),
+    hist = tonumber(v[H.hist]) or 0,
     -- History entries trimmed so far (seq htrim + 1 is the oldest kept).
-    htrim = tonumber(v[6]) or 0,
+    htrim = tonumber(v[H.htrim]) or 0,
     -- The end of the current period is kept in the hash, so the calendar runs only when it has
     -- passed (or for accounts written before it was kept): the hot path does no date arithmetic.
-    period_end = tonumber(v[7]),
-    allocation = tonumber(v[8]),
-    period = tonumber(v[9]),
-    evt = tonumber(v[10]) or 0,
-    auto_count = tonumber(v[11]) or 0,
-    auto_enabled = v[12] == '1',
+    period_end = tonumber(v[H.period_end]),
+    allocation = tonumber(v[H.allocation]),
+    period = tonumber(v[H.period]),
+    evt = tonumber(v[H.evt]) or 0,
+    auto_count = tonumber(v[H.auto_count]) or 0,
+    auto_enabled = v[H.auto_enabled] == '1',
     auto = false,
     lean = true,
     renewed = false,

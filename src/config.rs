@@ -307,6 +307,54 @@ pub struct UpstreamConfig {
     /// Speak HTTP/2 to a backend whose TLS handshake (ALPN) offers it.
     #[serde(default = "yes")]
     pub http2: bool,
+    /// How a backend is chosen for each request.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Longest wait for a TCP (and TLS) connection to one backend; the request then goes to
+    /// another backend, or is answered 502. Default: `server.connect_timeout_ms`.
+    pub connect_timeout_ms: Option<u64>,
+    /// Longest wait for a backend's response head (504). Default: `server.upstream_timeout_ms`.
+    pub first_byte_timeout_ms: Option<u64>,
+    /// Longest gap between two chunks of a backend's answer; past it the answer is cut off as
+    /// a broken stream. Absent: no limit.
+    pub stream_idle_timeout_ms: Option<u64>,
+    /// Most requests one backend may have in flight (answer streams included); when every
+    /// backend is full: 503 `upstream_busy`, refunded. Absent: no limit.
+    pub max_in_flight: Option<usize>,
+    /// Failures in a row (a connect that fails, a 5xx answer, a failed health check) after
+    /// which a backend is ejected.
+    #[serde(default = "default_eject_after")]
+    pub eject_after: u32,
+    /// How long an ejected backend gets no traffic; then one request (or health check) probes
+    /// it, and a success brings it back.
+    #[serde(default = "default_eject_ms")]
+    pub eject_ms: u64,
+    /// Path an active health check asks with `GET` (2xx = healthy); absent: passive health only.
+    pub health_path: Option<String>,
+    /// How often the active health check runs.
+    #[serde(default = "default_health_interval_ms")]
+    pub health_interval_ms: u64,
+}
+
+/// `upstreams.NAME.balance`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each backend in turn.
+    #[default]
+    RoundRobin,
+    /// The backend with the fewest requests in flight (ties in turn).
+    LeastRequests,
+}
+
+fn default_eject_after() -> u32 {
+    5
+}
+fn default_eject_ms() -> u64 {
+    10_000
+}
+fn default_health_interval_ms() -> u64 {
+    5_000
 }
 
 fn yes() -> bool {
@@ -1102,6 +1150,24 @@ impl Config {
             for (i, url) in up.urls.iter().enumerate() {
                 parse_upstream_url(url).map_err(|r| bad(format!("{key}.urls[{i}]"), r))?;
             }
+            for (field, v) in [
+                ("connect_timeout_ms", up.connect_timeout_ms),
+                ("first_byte_timeout_ms", up.first_byte_timeout_ms),
+                ("stream_idle_timeout_ms", up.stream_idle_timeout_ms),
+                ("max_in_flight", up.max_in_flight.map(|n| n as u64)),
+                ("eject_after", Some(u64::from(up.eject_after))),
+                ("eject_ms", Some(up.eject_ms)),
+                ("health_interval_ms", Some(up.health_interval_ms)),
+            ] {
+                if let Some(v) = v {
+                    positive(&format!("{key}.{field}"), v)?;
+                }
+            }
+            if let Some(p) = &up.health_path
+                && (!p.starts_with('/') || http::uri::PathAndQuery::try_from(p.as_str()).is_err())
+            {
+                return Err(bad(format!("{key}.health_path"), format!("{p:?} must be a path starting with /")));
+            }
             for (h, v) in &up.headers {
                 let hkey = format!("{key}.headers.{h}");
                 http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| bad(&hkey, "not a valid header name"))?;
@@ -1623,6 +1689,22 @@ mod tests {
     fn two_pricing_rules_are_refused() {
         let e = with("cost = 5", "cost = 5\nper_item = 1\nitems = \"leads\"").unwrap_err();
         assert!(e.reason.contains("only one pricing rule"), "{e}");
+    }
+
+    #[test]
+    fn pool_settings_are_checked_naming_the_key() {
+        let pool = |line: &str| {
+            with("urls = [\"http://127.0.0.1:8000\"]", &format!("urls = [\"http://127.0.0.1:8000\"]\n{line}"))
+        };
+        assert_eq!(pool("max_in_flight = 0").unwrap_err().key, "upstreams.ai.max_in_flight");
+        assert_eq!(pool("eject_after = 0").unwrap_err().key, "upstreams.ai.eject_after");
+        assert_eq!(pool("stream_idle_timeout_ms = 0").unwrap_err().key, "upstreams.ai.stream_idle_timeout_ms");
+        assert_eq!(pool("health_path = \"health\"").unwrap_err().key, "upstreams.ai.health_path");
+        let e = pool("balance = \"random\"").unwrap_err();
+        assert!(e.to_string().contains("balance") && e.to_string().contains("least_requests"), "{e}");
+        let c = pool("balance = \"least_requests\"\nmax_in_flight = 8\nhealth_path = \"/health\"").unwrap();
+        assert_eq!(c.upstreams["ai"].balance, Balance::LeastRequests);
+        assert_eq!(c.upstreams["ai"].eject_after, 5, "default");
     }
 
     #[test]

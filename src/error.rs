@@ -110,6 +110,10 @@ pub enum GatewayError {
     /// The upstream did not answer in time (upstream).
     #[error("upstream timeout")]
     UpstreamTimeout,
+    /// Every backend of the upstream has `max_in_flight` requests running; this one was never
+    /// sent (always refunded).
+    #[error("upstream busy: {0}")]
+    UpstreamBusy(String),
     /// The store could not be reached (store).
     #[error("store unavailable: {0}")]
     StoreUnavailable(String),
@@ -179,6 +183,7 @@ impl GatewayError {
             }
             UpstreamUnavailable(_) | UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            UpstreamBusy(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_busy"),
             StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             PaymentProviderUnavailable(_) => (StatusCode::BAD_GATEWAY, "payment_provider_unavailable"),
             PaymentMethodRequired(_) => (StatusCode::PAYMENT_REQUIRED, "payment_method_required"),
@@ -245,6 +250,7 @@ impl GatewayError {
             UpstreamUnavailable(_) => "The AI backend failed to answer.".into(),
             UpstreamUnreachable(_) => "The AI backend could not be reached.".into(),
             UpstreamTimeout => "The AI backend did not answer in time.".into(),
+            UpstreamBusy(_) => "The AI backend is busy with other requests; nothing was charged. Please retry shortly.".into(),
             StoreUnavailable(_) => "The credit store is unavailable right now; please retry shortly.".into(),
             PaymentProviderUnavailable(_) => {
                 "The payment provider could not take the payment right now; nothing was charged. Please retry shortly.".into()
@@ -278,7 +284,7 @@ impl IntoResponse for GatewayError {
             GatewayError::QueueFull { .. } | GatewayError::QueueBytesFull { .. } => {
                 res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
             }
-            GatewayError::StoreUnavailable(_) => {
+            GatewayError::StoreUnavailable(_) | GatewayError::UpstreamBusy(_) => {
                 res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

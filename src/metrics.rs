@@ -101,6 +101,9 @@ pub struct Metrics {
     pub export_pending: Gauge,
     /// Entries of the rate limiters and the key cache after their last cleanup.
     pub rate_limit_entries: Family<TableLabels, Gauge>,
+    /// The upstream backends of the config in force (requests, errors, ejections, in flight,
+    /// health, latency per backend).
+    pub backends: Arc<crate::proxy::pool::BackendSet>,
 }
 
 impl Default for Metrics {
@@ -131,6 +134,7 @@ impl Default for Metrics {
             export_failures: Counter::default(),
             export_pending: Gauge::default(),
             rate_limit_entries: Family::default(),
+            backends: Arc::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests through the proxy path", m.requests.clone());
@@ -197,6 +201,7 @@ impl Default for Metrics {
             "Entries of the rate limiters and the API-key cache after their last cleanup",
             m.rate_limit_entries.clone(),
         );
+        registry.register_collector(Box::new(m.backends.clone()));
         Metrics { registry, ..m }
     }
 }

@@ -42,12 +42,13 @@ pub fn redacted(config: &Config) -> Value {
 /// What `GET /admin/v1/config` answers for the config generation in force.
 pub fn view(rt: &Runtime, file: Option<&std::path::Path>) -> Value {
     let mut upstreams = Map::new();
-    for (name, up) in &rt.config.upstreams {
-        // No health tracking exists yet: every backend reports "unknown"; the field is kept for it.
+    for name in rt.config.upstreams.keys() {
+        let Some(up) = rt.upstreams.get(name) else { continue };
         let backends: Vec<Value> = up
-            .urls
+            .pool
+            .backends()
             .iter()
-            .map(|u| json!({"url": redact_url(u).unwrap_or_else(|| u.clone()), "health": "unknown"}))
+            .map(|b| json!({"url": &*b.label, "health": b.health().as_str(), "in_flight": b.in_flight()}))
             .collect();
         upstreams.insert(name.clone(), json!({ "backends": backends }));
     }

@@ -108,6 +108,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
         jobs_wake: tokio::sync::Notify::new(),
     }));
 
+    state.metrics.backends.set(state.runtime.load().upstreams.backends());
     let (shutdown, _) = watch::channel(false);
     let mut tasks = Vec::new();
     let public_addr = config.listen_addr();
@@ -129,6 +130,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Gateway, StartE
     tasks.push(crate::jobs::spawn(state.clone(), shutdown.subscribe()));
     tasks.push(crate::meter::spawn_refund_sweeper(state.clone(), shutdown.subscribe()));
     tasks.push(crate::ratelimit::spawn_sweeper(state.clone(), shutdown.subscribe()));
+    tasks.push(crate::proxy::spawn_health_checks(state.clone(), shutdown.subscribe()));
     tracing::info!(%public_addr, ?admin_addr, store = state.ledger.kind(), "creditgate listening");
     Ok(Gateway { public_addr, admin_addr, state, shutdown, tasks })
 }

@@ -20,10 +20,12 @@
 //!       5. classify        Operation::price(headers, role, body?) → cost (classify/)
 //!                          body buffered only if the rule or Idempotency-Key needs it;
 //!                          pricing headers bound to the price (classify::bind_headers)
-//!       6. meter           one ledger step: charge (or 402/409/503)      (meter/)
-//!       7. proxy           hyper client, streaming both ways             (proxy/)
-//!       8. settle/refund   status ≥ 500, transport error, timeout → refund; MeteredBody
-//!                          refunds if the body breaks off mid-stream
+//!       6. meter           one ledger step: charge (or 402/409/503, or queue); a hang-up
+//!                          during the step refunds (or withdraws the job)  (meter/)
+//!       7. proxy           a backend of the upstream's pool, streaming both ways; a request
+//!                          no connection was made for goes to the next one (proxy/)
+//!       8. settle/refund   the operation's refund_on decides (unreachable, status_5xx,
+//!                          timeout); MeteredBody refunds a body that breaks off mid-stream
 //! ```
 //! Free routes skip 5, 6 and 8 and never touch the store beyond the cached key lookup.
 //! Everything a step hands to the next is typed (`Principal`, `Price`, `Charge`), never a header.
@@ -111,20 +113,6 @@ impl Label {
     }
 }
 
-/// Forwards and records the time to the upstream's response head.
-async fn forward(
-    state: &AppState,
-    upstream: &proxy::Upstream,
-    req: Request,
-    fwd: Forwarded<'_>,
-    timeout: std::time::Duration,
-) -> Result<http::Response<hyper::body::Incoming>, GatewayError> {
-    let started = Instant::now();
-    let res = proxy::forward(state.clients.get(), upstream, req, fwd, timeout).await;
-    state.metrics.upstream_time(started.elapsed());
-    res
-}
-
 /// Refuses a method or path that backends read differently, and rewrites the path to its normal
 /// form (see [`crate::classify::path`]).
 fn normalize_uri(req: &mut Request) -> Result<(), GatewayError> {
@@ -195,7 +183,7 @@ async fn handle(
 
     let Some(op) = rt.rules.operation(route) else {
         *label = Label::Free;
-        let res = forward(state, upstream_of(&route.upstream)?, req, fwd, rt.upstream_timeout).await;
+        let res = proxy::forward(state, upstream_of(&route.upstream)?, req, fwd).await;
         return with_limit(res.map(|r| r.map(Body::new)), max_body);
     };
 
@@ -282,7 +270,7 @@ impl Metered<'_> {
             None => req,
         };
         if price.cost == 0 {
-            let res = forward(self.state, upstream, req, self.fwd, self.rt.upstream_timeout).await?;
+            let res = proxy::forward(self.state, upstream, req, self.fwd).await?;
             return Ok(res.map(Body::new));
         }
         let charge_id = self.state.ids.next();
@@ -293,7 +281,7 @@ impl Metered<'_> {
                 Ok(Taken::Charged(charge)) => return self.forward_charged(charge, upstream, req).await,
                 Ok(Taken::Repeat(repeat)) => repeat,
                 Ok(Taken::Uncharged) => {
-                    let mut res = forward(self.state, upstream, req, self.fwd, self.rt.upstream_timeout).await?;
+                    let mut res = proxy::forward(self.state, upstream, req, self.fwd).await?;
                     res.headers_mut().insert(meter::CHARGED, HeaderValue::from_static("0"));
                     return Ok(res.map(Body::new));
                 }
@@ -314,7 +302,12 @@ impl Metered<'_> {
                         Queued::Repeat(repeat) => return self.answer_repeat(repeat),
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if matches!(e, GatewayError::NoCredits { .. } | GatewayError::InsufficientCredits { .. }) {
+                        meter::count_payment_required(self.state, &self.op.name);
+                    }
+                    return Err(e);
+                }
             };
             match repeat {
                 IdemHit::InProgress { retry_after_secs } if Instant::now() + pause >= deadline => {
@@ -366,12 +359,10 @@ impl Metered<'_> {
             category: &self.op.category,
             request_id: self.fwd.request_id,
             idempotency: self.idem,
-            thresholds: &rt.config.notifications.thresholds_percent,
-            auto_topup_max_per_period: rt.config.auto_topup.max_per_period,
-            packages: &rt.packages,
+            ..rt.charge_terms()
         };
         let unknown = meter::Unknown::Refund(rt.config.store.on_error);
-        let taken = meter::charge(self.state, unknown, &self.op.name, &self.op.category, req).await?;
+        let taken = meter::charge(self.state, unknown, &self.op.category, req).await?;
         if let Taken::Charged(c) = &taken {
             tracing::debug!(operation = %self.op.name, cost, "charged");
             if c.receipt.auto_topup.is_some() {
@@ -393,7 +384,7 @@ impl Metered<'_> {
         let req = req.map(|b| Body::new(meter::DeliveryBody::new(b, delivery.clone())));
         // Dropped with this future if the client hangs up before the answer head is out.
         let guard = meter::Guard::new(self.state, charge, delivery.clone());
-        let result = forward(self.state, upstream, req, self.fwd, self.rt.upstream_timeout).await;
+        let result = proxy::forward(self.state, upstream, req, self.fwd).await;
         if result.is_ok() {
             delivery.mark();
         }
@@ -437,7 +428,7 @@ impl Metered<'_> {
     }
 
     /// The upstream's answer, streamed on with its charge settled at the end.
-    fn stream(&self, charge: Charge, res: http::Response<hyper::body::Incoming>) -> Response {
+    fn stream(&self, charge: Charge, res: http::Response<proxy::UpstreamBody>) -> Response {
         let (mut parts, body) = res.into_parts();
         let max = self.rt.config.idempotency.max_stored_bytes;
         let capture = charge.idempotency_key.is_some().then(|| Capture::new(parts.status, &parts.headers, max));
@@ -497,7 +488,14 @@ impl Metered<'_> {
             max_queued_bytes: self.rt.config.jobs.max_queued_bytes_per_account,
             idempotency: self.idem,
         };
-        let outcome = match self.state.ledger.enqueue_job(new).await {
+        // A client that hangs up while the step runs never learns of the job: withdraw it.
+        let hangup = meter::OnDrop::new(|| {
+            tracing::info!(job_id, "client left while its request was being queued; withdrawing the job");
+            withdraw_later(self.state, &self.principal.account, &job_id);
+        });
+        let enqueued = self.state.ledger.enqueue_job(new).await;
+        hangup.disarm();
+        let outcome = match enqueued {
             Ok(outcome) => outcome,
             Err(e) => {
                 // The step may have run with its reply lost: the job would wait, then run paid,

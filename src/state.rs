@@ -25,7 +25,8 @@ pub struct Runtime {
     pub rules: Rules,
     /// Upstream pools with resolved credentials.
     pub upstreams: Upstreams,
-    /// `server.upstream_timeout_ms`.
+    /// The longest wait for an answer head: `server.upstream_timeout_ms`, or an upstream's
+    /// longer `first_byte_timeout_ms` (idempotency and job leases outlast it).
     pub upstream_timeout: Duration,
     /// The webhook HMAC key, read from the variable `notifications.webhook_secret_env` names.
     pub webhook_secret: Option<Vec<u8>>,
@@ -102,10 +103,31 @@ impl Runtime {
             webhook_secret,
             rate_limits: crate::ratelimit::RateLimits::new(&config),
             rules: Rules::new(&config),
-            upstream_timeout: Duration::from_millis(config.server.upstream_timeout_ms),
+            upstream_timeout: Duration::from_millis(config.server.upstream_timeout_ms)
+                .max(upstreams.longest_first_byte_timeout()),
             upstreams,
             config,
         })
+    }
+}
+
+impl Runtime {
+    /// A charge request with this generation's terms filled in (thresholds, the auto top-up cap,
+    /// the packages an auto top-up buys): the request path and the job runner set the rest, as
+    /// `ChargeRequest { account, charge_id, .., ..rt.charge_terms() }`.
+    pub fn charge_terms(&self) -> crate::ledger::ChargeRequest<'_> {
+        crate::ledger::ChargeRequest {
+            account: "",
+            charge_id: "",
+            cost: 0,
+            operation: "",
+            category: "",
+            request_id: "",
+            idempotency: None,
+            thresholds: &self.config.notifications.thresholds_percent,
+            auto_topup_max_per_period: self.config.auto_topup.max_per_period,
+            packages: &self.packages,
+        }
     }
 }
 
@@ -226,7 +248,9 @@ impl AppState {
         if config.tls.ca_file != old.tls.ca_file {
             tracing::warn!("tls.ca_file changed in the config; it applies only after a restart");
         }
-        let runtime = Runtime::new(config)?;
+        let mut runtime = Runtime::new(config)?;
+        runtime.upstreams.adopt(&current.upstreams);
+        self.metrics.backends.set(runtime.upstreams.backends());
         crate::ledger::Ledger::set_limits(&*self.ledger, runtime.store_limits);
         self.runtime.store(Arc::new(runtime));
         Ok(())

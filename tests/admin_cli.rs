@@ -294,7 +294,7 @@ async fn running_config_shows_no_secret_and_follows_reloads() {
     assert_eq!(c["server"]["admin_token_env"], "CREDITGATE_ADMIN_TOKEN");
     assert_eq!(c["operations"]["ai_chat"]["tiers"]["fast"], 1);
     assert_eq!(v["upstreams"]["ai"]["backends"][0]["url"], up.url());
-    assert_eq!(v["upstreams"]["ai"]["backends"][0]["health"], "unknown");
+    assert_eq!(v["upstreams"]["ai"]["backends"][0]["health"], "healthy");
     let hash = v["hash"].as_str().expect("hash").to_owned();
     assert!(hash.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())));
     let loaded_at = v["loaded_at"].as_str().expect("loaded_at").to_owned();

@@ -651,6 +651,39 @@ async fn a_hang_up_during_the_refund_of_a_failed_call_keeps_the_refund() {
     assert_eq!(gw.wait_for_remaining(&key, 50, 100).await, 50, "the refund was written after the hang-up");
 }
 
+/// A client that hangs up while its charge is being taken (Redis stalled) is refunded: nothing
+/// was forwarded, and its Idempotency-Key runs and pays on the retry.
+#[tokio::test]
+async fn a_hang_up_while_the_charge_is_taken_is_refunded() {
+    let redis = RedisServer::start();
+    let (up, gw, key) = charged_once(&redis_store(&redis)).await;
+    let port = redis.port().to_string();
+    let stall = std::thread::spawn(move || stall_redis(&port, "1.5"));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (url, auth) = (gw.url(CHAT), format!("Bearer {key}"));
+    let headers =
+        move || [("authorization", auth.clone()), ("x-ai-tier", "fast".into()), ("idempotency-key", "k-1".into())];
+    let h = headers();
+    let client = tokio::spawn(async move {
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        http::send("POST", &url, &h, "{}").await
+    });
+    // The charge step waits on the stalled Redis; the client gives up meanwhile.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    client.abort();
+    let _ = client.await;
+    stall.join().unwrap();
+    assert_eq!(gw.wait_for_remaining(&key, 49, 100).await, 49, "the charge of a request never forwarded stood");
+    assert_eq!(up.count(), 1, "nothing was forwarded for the request that left");
+    // Its key was released with the refund: the retry pays and runs.
+    let h = headers();
+    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let res = http::send("POST", &gw.url(CHAT), &h, "{}").await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    assert_eq!(res.charged(), 1);
+    assert_eq!((up.count(), gw.remaining(&key).await), (2, 48));
+}
+
 /// Blocks the Redis on `port` for `secs` seconds (`DEBUG SLEEP`); panics unless it really did.
 fn stall_redis(port: &str, secs: &str) {
     let out =
@@ -844,4 +877,40 @@ async fn a_lost_reply_of_the_queueing_step_is_not_answered_503_while_the_job_run
         }
         other => panic!("unexpected {other}: {}", res.text()),
     }
+}
+
+/// A client that hangs up while its request is being queued never learns of the job: the job is
+/// withdrawn, and the next top-up runs nothing and charges nothing.
+#[tokio::test]
+async fn a_hang_up_while_the_request_is_queued_withdraws_the_job() {
+    let redis = RedisServer::start();
+    let proxy = support::faultproxy::FaultProxy::start(format!("127.0.0.1:{}", redis.port()).parse().unwrap()).await;
+    let up = Upstream::echo().await;
+    let store = format!("kind = \"redis\"\nurl = \"redis://{}\"", proxy.addr());
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&store).build()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    support::gateway::spend(&gw, &key, 50).await;
+    // The queueing step runs; its answer ("queued") comes late, and the client leaves meanwhile.
+    proxy.delay_reply_with(b"queued", Duration::from_millis(800));
+    let (url, auth) = (gw.url(TRANSCRIBE), format!("Bearer {key}"));
+    let client =
+        tokio::spawn(async move { http::send("POST", &url, &[("authorization", &auth)], r#"{"call_id":"c1"}"#).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!client.is_finished(), "the queueing step was not held back");
+    client.abort();
+    let _ = client.await;
+    let withdrawn = || {
+        let keys = redis.command(&["KEYS", "cg:{acct:acme}:job:*"]);
+        keys.lines().any(|k| redis.command(&["HGET", k, "status"]) == "withdrawn")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !withdrawn() {
+        assert!(std::time::Instant::now() < deadline, "the job nobody was told of was not withdrawn");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gw.topup("acme", 10, "p1").await.status, 201);
+    // The top-up wakes the job runner at once; give it time to run anything queued.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(up.requests().iter().filter(|r| r.path == TRANSCRIBE).count(), 0, "the withdrawn job ran");
+    assert_eq!(gw.remaining(&key).await, 10, "and charged nothing");
 }

@@ -1130,8 +1130,9 @@ async fn metrics_parse_and_carry_no_account_data(store: Store) {
     assert!(m.value("creditgate_upstream_seconds_count", &[]) >= 6.0, "upstream calls timed:\n{text}");
     assert!(m.has("creditgate_store_seconds_bucket") && m.has("creditgate_upstream_seconds_sum"));
 
-    // Low cardinality and no account data: only known label names; no id, key or path in any.
-    let allowed = BTreeSet::from(["operation", "status", "category", "le"]);
+    // Low cardinality and no account data: only known label names (upstream and backend are the
+    // operator's own config names and URLs); no id, key or path in any.
+    let allowed = BTreeSet::from(["operation", "status", "category", "le", "upstream", "backend"]);
     for s in &m.samples {
         for (k, v) in &s.labels {
             assert!(allowed.contains(k.as_str()), "unexpected label {k} on {}", s.name);

@@ -109,7 +109,7 @@ async fn drain(state: &AppState, account: &str, runner: &str, slots: &Semaphore)
             }
         };
         let charge_id = job.charge_id();
-        let (operation, category): (Arc<str>, Arc<str>) = (job.operation.as_str().into(), job.category.as_str().into());
+        let category: Arc<str> = job.category.as_str().into();
         let req = ChargeRequest {
             account,
             charge_id: &charge_id,
@@ -117,13 +117,10 @@ async fn drain(state: &AppState, account: &str, runner: &str, slots: &Semaphore)
             operation: &job.operation,
             category: &job.category,
             request_id: &job.request_id,
-            idempotency: None,
-            thresholds: &rt.config.notifications.thresholds_percent,
-            auto_topup_max_per_period: rt.config.auto_topup.max_per_period,
-            packages: &rt.packages,
+            ..rt.charge_terms()
         };
         // An unknown outcome is settled by the next claim re-sending this very charge id.
-        match meter::charge(state, meter::Unknown::Resend, &operation, &category, req).await {
+        match meter::charge(state, meter::Unknown::Resend, &category, req).await {
             Ok(Taken::Charged(charge)) => {
                 tracing::info!(job_id = %job.id, account, cost = charge.receipt.cost, "job charged; running");
                 state.metrics.jobs_running.inc();
@@ -255,7 +252,7 @@ async fn send(
     let body = Body::new(DeliveryBody::new(Body::from(job.body.clone()), delivery.clone()));
     let req = req.body(body).map_err(|e| unreachable(e.to_string()))?;
     let fwd = Forwarded { request_id: &job.request_id, account: Some(&job.account), client_addr: None };
-    let res = proxy::forward(state.clients.get(), upstream, req, fwd, rt.upstream_timeout)
+    let res = proxy::forward(state, upstream, req, fwd)
         .await
         .map_err(|e| (Failure::of_error(&e, delivery.happened()), e.to_string()))?;
     delivery.mark();

@@ -35,6 +35,11 @@ use crate::ledger::{
     ChargeOutcome, ChargeRequest, IdemHit, Ledger, PendingRefund, Receipt, RefundOutcome, StoredResponse, is_low,
 };
 use crate::metrics::{CategoryLabels, OperationLabels};
+
+/// Counts a 402 answered for lack of credits (`creditgate_payment_required_total`).
+pub fn count_payment_required(state: &AppState, operation: &Arc<str>) {
+    state.metrics.payment_required.get_or_create(&OperationLabels { operation: operation.clone() }).inc();
+}
 use crate::state::AppState;
 
 pub use body::{Capture, Delivery, DeliveryBody, MeteredBody};
@@ -115,12 +120,20 @@ pub enum Unknown {
 pub async fn charge(
     state: &AppState,
     unknown: Unknown,
-    operation: &Arc<str>,
     category: &Arc<str>,
     req: ChargeRequest<'_>,
 ) -> Result<Taken, GatewayError> {
     let metrics = &state.metrics;
     let started = Instant::now();
+    // A client that hangs up while the step runs drops this future: a charge may land that no
+    // request will use. Refund its id then (a tombstone bars it if it has not landed yet).
+    // A job attempt is never cancelled that way, and re-sends its id instead.
+    let hangup = OnDrop::new(|| {
+        if matches!(unknown, Unknown::Refund(_)) {
+            tracing::info!(charge_id = req.charge_id, "client left while its charge was being taken; refunding");
+            refund_later(state.clone(), req.account.into(), req.charge_id.to_owned(), category.clone());
+        }
+    });
     let mut outcome = state.ledger.charge(req).await;
     // Whether a copy of the step may have reached the store (one that was not sent cannot land).
     let mut sent = !matches!(&outcome, Err(e) if e.was_not_sent());
@@ -129,6 +142,8 @@ pub async fn charge(
         outcome = state.ledger.charge(req).await;
     }
     metrics.store_time(started.elapsed());
+    // From here on nothing awaits: the caller's own guard takes over a charge.
+    hangup.disarm();
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
@@ -159,14 +174,13 @@ pub async fn charge(
         }
         ChargeOutcome::Refunded => Ok(Taken::Refunded),
         ChargeOutcome::Idempotent(hit) => Ok(Taken::Repeat(hit)),
-        ChargeOutcome::Refused { remaining, renews_at } => {
-            metrics.payment_required.get_or_create(&OperationLabels { operation: operation.clone() }).inc();
-            Err(if remaining == 0 {
-                GatewayError::NoCredits { renews_at }
-            } else {
-                GatewayError::InsufficientCredits { required: req.cost, remaining, renews_at }
-            })
-        }
+        // Counted in `payment_required` where a 402 is answered: a queued job or a request
+        // that queues instead is no 402.
+        ChargeOutcome::Refused { remaining, renews_at } => Err(if remaining == 0 {
+            GatewayError::NoCredits { renews_at }
+        } else {
+            GatewayError::InsufficientCredits { required: req.cost, remaining, renews_at }
+        }),
         ChargeOutcome::NoAccount => Err(GatewayError::AccountGone),
     }
 }
@@ -182,6 +196,9 @@ pub enum Failure {
     Status5xx,
     /// No answer head in time after delivery.
     Timeout,
+    /// Never sent: every backend was at `max_in_flight` (refunded whatever `refund_on` says:
+    /// the gateway itself turned it away).
+    Busy,
 }
 
 impl Failure {
@@ -190,6 +207,7 @@ impl Failure {
     pub fn of_error(e: &GatewayError, delivered: bool) -> Failure {
         match e {
             GatewayError::UpstreamUnreachable(_) => Failure::Unreachable,
+            GatewayError::UpstreamBusy(_) => Failure::Busy,
             _ if !delivered => Failure::Unreachable,
             GatewayError::UpstreamTimeout => Failure::Timeout,
             _ => Failure::Status5xx,
@@ -203,6 +221,7 @@ pub fn refund_due(refund_on: &[RefundOn], failure: Failure) -> bool {
         Failure::Unreachable => RefundOn::Unreachable,
         Failure::Status5xx => RefundOn::Status5xx,
         Failure::Timeout => RefundOn::Timeout,
+        Failure::Busy => return true,
     };
     refund_on.contains(&rule)
 }
@@ -287,8 +306,12 @@ async fn refund_once(state: &AppState, account: &str, charge_id: &str, category:
     }
 }
 
-/// How long a refund is retried: charge records live 24 h in the store.
-const REFUND_RETRY_FOR: Duration = Duration::from_secs(23 * 3600);
+/// How long a refund is retried: while the charge's record is still in the store
+/// (`charges.record_ttl_secs`, default 24 h), less a margin of an hour (half the lifetime when
+/// that is shorter) — a refund written after the record expired would find nothing to return.
+pub fn refund_retry_for(record_ttl_secs: u64) -> Duration {
+    Duration::from_secs(record_ttl_secs - (record_ttl_secs / 2).min(3600))
+}
 
 /// Longest pause between two tries of a refund the store did not take. Short, because until the
 /// store takes it the refund lives only in this process: a longer backoff grown during an outage
@@ -309,7 +332,8 @@ pub fn refund_later(state: AppState, account: Arc<str>, charge_id: String, categ
         let started = Instant::now();
         let mut wait = Duration::from_millis(200);
         let mut tries: u64 = 0;
-        while started.elapsed() < REFUND_RETRY_FOR {
+        let retry_for = refund_retry_for(state.runtime.load().config.charges.record_ttl_secs);
+        while started.elapsed() < retry_for {
             tries += 1;
             if refund_once(&state, &account, &charge_id, &category).await.is_ok() {
                 return;
@@ -334,7 +358,7 @@ pub fn refund_later(state: AppState, account: Arc<str>, charge_id: String, categ
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(REFUND_RETRY_MAX);
         }
-        tracing::error!(%charge_id, %account, "REFUND FAILED for a day: reconcile this charge");
+        tracing::error!(%charge_id, %account, ?retry_for, "REFUND FAILED while the charge record lived: reconcile this charge");
     });
 }
 
@@ -422,6 +446,30 @@ impl Drop for Guard {
     }
 }
 
+/// Runs a closure when dropped unless disarmed: what to undo when a client's hang-up cancels a
+/// request between two steps. It holds only borrows, so it costs nothing unless it fires.
+pub struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> OnDrop<F> {
+    /// Armed with `f`.
+    pub fn new(f: F) -> Self {
+        OnDrop(Some(f))
+    }
+
+    /// The step ended: nothing to undo.
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
 /// A client hung up before its answer ended: refund what the backend never got, keep the rest.
 pub fn client_gone(state: &AppState, charge: &Charge, delivered: bool) {
     if delivered {
@@ -431,5 +479,18 @@ pub fn client_gone(state: &AppState, charge: &Charge, delivered: bool) {
     } else {
         tracing::info!(charge_id = %charge.receipt.charge_id, "client left before the backend got the request; refunding");
         refund_later(state.clone(), charge.account.clone(), charge.receipt.charge_id.clone(), charge.category.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refunds_are_retried_while_the_charge_record_lives() {
+        assert_eq!(refund_retry_for(86_400), Duration::from_secs(23 * 3600));
+        assert_eq!(refund_retry_for(7_200), Duration::from_secs(3_600));
+        // The shortest record life the config accepts: an upstream timeout plus 6 minutes.
+        assert_eq!(refund_retry_for(600), Duration::from_secs(300));
     }
 }

@@ -1,9 +1,15 @@
-//! The forwarding half of the gateway: a pooled keep-alive hyper client, round-robin upstream
-//! pools, URI rewrite and the header rules of RFC 9110 §7.6.1 (hop-by-hop fields are not
-//! forwarded, in either direction). Bodies stream both ways; nothing here buffers them.
+//! The forwarding half of the gateway: a pooled keep-alive hyper client, upstream pools that
+//! heal ([`pool`]), URI rewrite and the header rules of RFC 9110 §7.6.1 (hop-by-hop fields are
+//! not forwarded, in either direction). Bodies stream both ways; nothing here buffers them.
 
+pub mod body;
 pub mod headers;
+pub mod pool;
+mod resend;
 pub mod tls;
+
+pub use body::UpstreamBody;
+use pool::Pool;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,7 +20,6 @@ use std::time::Duration;
 use axum::body::Body;
 use http::uri::PathAndQuery;
 use http::{HeaderName, HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -113,16 +118,25 @@ impl OwnClients {
     }
 }
 
-/// One named upstream pool.
+/// One named upstream: its backends ([`pool::Pool`]), credentials and limits.
 #[derive(Debug)]
 pub struct Upstream {
     /// Name from the config.
     pub name: Arc<str>,
-    urls: Vec<UpstreamUrl>,
-    next: AtomicUsize,
+    /// The backends and how they are chosen.
+    pub pool: Pool,
     headers: Vec<(HeaderName, HeaderValue)>,
-    /// With `ca_file`, a client certificate or `http2 = false`: clients of its own.
+    /// With `ca_file`, a client certificate, `http2 = false` or a `connect_timeout_ms` of its
+    /// own: clients of its own.
     own: Option<OwnClients>,
+    /// `first_byte_timeout_ms` (default `server.upstream_timeout_ms`).
+    pub first_byte_timeout: Duration,
+    /// `stream_idle_timeout_ms`.
+    stream_idle_timeout: Option<Duration>,
+    /// `health_path` and `health_interval_ms`.
+    health: Option<(PathAndQuery, Duration)>,
+    /// When the active health check last ran (ms on the pool clock; 0: never).
+    last_check: std::sync::atomic::AtomicU64,
 }
 
 /// Every upstream of one config generation.
@@ -150,16 +164,20 @@ impl Upstreams {
                     .map_err(|_| ConfigError { key: key.clone(), reason: "not a valid header value".into() })?;
                 headers.push((HeaderName::from_bytes(h.as_bytes()).expect("validated"), value));
             }
-            let urls = up.urls.iter().map(|u| parse_upstream_url(u).expect("validated")).collect();
             let settings = tls::TlsSettings {
                 ca_files: up.ca_file.iter().chain(&config.tls.ca_file).cloned().collect(),
                 client_cert: up.client_cert_file.clone().zip(up.client_key_file.clone()),
                 http2: up.http2,
             };
-            let own = if up.ca_file.is_some() || settings.client_cert.is_some() || !up.http2 {
+            let connect_timeout =
+                Duration::from_millis(up.connect_timeout_ms.unwrap_or(config.server.connect_timeout_ms));
+            let own = if up.ca_file.is_some()
+                || settings.client_cert.is_some()
+                || !up.http2
+                || up.connect_timeout_ms.is_some_and(|ms| ms != config.server.connect_timeout_ms)
+            {
                 // Read the files now: a bad one refuses the config, not a request later.
                 settings.client_config(&format!("upstreams.{name}"))?;
-                let connect_timeout = Duration::from_millis(config.server.connect_timeout_ms);
                 Some(OwnClients {
                     settings,
                     connect_timeout,
@@ -169,7 +187,38 @@ impl Upstreams {
                 None
             };
             let name: Arc<str> = name.as_str().into();
-            map.insert(name.clone(), Arc::new(Upstream { name, urls, next: AtomicUsize::new(0), headers, own }));
+            let urls = up
+                .urls
+                .iter()
+                .map(|u| {
+                    let label = crate::running::redact_url(u).unwrap_or_else(|| u.clone());
+                    (parse_upstream_url(u).expect("validated"), Arc::from(label))
+                })
+                .collect();
+            let pool = Pool::new(
+                &name,
+                urls,
+                up.balance,
+                up.max_in_flight,
+                up.eject_after,
+                Duration::from_millis(up.eject_ms),
+            );
+            let health = up.health_path.as_ref().map(|p| {
+                (PathAndQuery::try_from(p.as_str()).expect("validated"), Duration::from_millis(up.health_interval_ms))
+            });
+            let upstream = Upstream {
+                name: name.clone(),
+                pool,
+                headers,
+                own,
+                first_byte_timeout: Duration::from_millis(
+                    up.first_byte_timeout_ms.unwrap_or(config.server.upstream_timeout_ms),
+                ),
+                stream_idle_timeout: up.stream_idle_timeout_ms.map(Duration::from_millis),
+                health,
+                last_check: Default::default(),
+            };
+            map.insert(name, Arc::new(upstream));
         }
         Ok(Upstreams { map })
     }
@@ -178,13 +227,27 @@ impl Upstreams {
     pub fn get(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.map.get(name)
     }
-}
 
-impl Upstream {
-    /// The next base URL, round robin.
-    fn pick(&self) -> &UpstreamUrl {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.urls[i % self.urls.len()]
+    /// Keeps the health and figures of `old`'s backends that are still configured (a reload);
+    /// only before this generation is shared.
+    pub fn adopt(&mut self, old: &Upstreams) {
+        for (name, up) in &mut self.map {
+            if let (Some(up), Some(prev)) = (Arc::get_mut(up), old.map.get(name)) {
+                up.pool.adopt(&prev.pool);
+            }
+        }
+    }
+
+    /// Every backend, by upstream name then config order.
+    pub fn backends(&self) -> Vec<Arc<pool::Backend>> {
+        let mut names: Vec<&Arc<str>> = self.map.keys().collect();
+        names.sort();
+        names.iter().flat_map(|n| self.map[*n].pool.backends().iter().cloned()).collect()
+    }
+
+    /// The longest time any upstream may take to its answer head (leases outlast it).
+    pub fn longest_first_byte_timeout(&self) -> Duration {
+        self.map.values().map(|u| u.first_byte_timeout).max().unwrap_or_default()
     }
 }
 
@@ -199,20 +262,120 @@ pub struct Forwarded<'a> {
     pub client_addr: Option<SocketAddr>,
 }
 
-/// Sends a request to `upstream` and returns its response head with the body still streaming.
+/// Sends a request to one of `upstream`'s backends and returns its response head with the body
+/// still streaming, on the calling thread's client; records the time to the answer head
+/// (`creditgate_upstream_seconds`).
+///
+/// A request that could not be sent (no connection to the backend could be made) goes to the
+/// next backend, each backend at most once: its body was never read, so nothing reached a
+/// backend and it is sent whole. Anything else (a broken connection, a timeout, a 5xx) is not
+/// retried: the backend may have the request.
 pub async fn forward(
+    state: &crate::state::AppState,
+    upstream: &Upstream,
+    req: Request<Body>,
+    fwd: Forwarded<'_>,
+) -> Result<Response<UpstreamBody>, GatewayError> {
+    let started = std::time::Instant::now();
+    let res = send(state.clients.get(), upstream, req, fwd).await;
+    state.metrics.upstream_time(started.elapsed());
+    res
+}
+
+async fn send(
     client: &Client,
     upstream: &Upstream,
     req: Request<Body>,
     fwd: Forwarded<'_>,
-    timeout: Duration,
-) -> Result<Response<Incoming>, GatewayError> {
+) -> Result<Response<UpstreamBody>, GatewayError> {
     let client = upstream.own.as_ref().map_or(client, OwnClients::get);
     let (mut parts, body) = req.into_parts();
-    let base = upstream.pick();
+    headers::prepare_request(&mut parts.headers, &upstream.headers, fwd);
+    parts.version = http::Version::HTTP_11;
     let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    // With more than one backend the body is lent, so that a request refused at connect can be
+    // sent again, and the head is kept for that.
+    let several = upstream.pool.backends().len() > 1;
+    let (lent, mut body) = if several {
+        let lent = resend::Lent::new(body);
+        (Some(lent.clone()), Some(Body::new(lent)))
+    } else {
+        (None, Some(body))
+    };
+    let spare_head = several.then(|| (parts.method.clone(), parts.headers.clone()));
+    let mut tried = 0u64;
+    let mut parts = Some(parts);
+    loop {
+        let mut slot = match upstream.pool.pick(tried) {
+            Ok(slot) => slot,
+            Err(pool::NoBackend::Busy) => {
+                return Err(GatewayError::UpstreamBusy(format!("{}: every backend at max_in_flight", upstream.name)));
+            }
+            Err(pool::NoBackend::Exhausted) => {
+                return Err(GatewayError::UpstreamUnreachable(format!(
+                    "{}: no backend could be reached",
+                    upstream.name
+                )));
+            }
+        };
+        tried |= 1u64.checked_shl(slot.index() as u32).unwrap_or(0);
+        let base = &slot.backend().url;
+        let mut head = match parts.take() {
+            Some(p) => p,
+            None => {
+                let (method, headers) = spare_head.clone().expect("kept when there are several backends");
+                let mut p = Request::new(()).into_parts().0;
+                p.method = method;
+                p.headers = headers;
+                p.version = http::Version::HTTP_11;
+                p
+            }
+        };
+        head.uri = backend_uri(base, &pq)?;
+        let req_body = match body.take() {
+            Some(b) => b,
+            None => Body::new(lent.clone().expect("lent when there are several backends")),
+        };
+        let sent =
+            tokio::time::timeout(upstream.first_byte_timeout, client.request(Request::from_parts(head, req_body)));
+        match sent.await {
+            Err(_) => {
+                slot.failed(&upstream.pool, "no answer head in time");
+                return Err(GatewayError::UpstreamTimeout);
+            }
+            Ok(Err(e)) => {
+                let e = classify_error(&upstream.name, slot.backend(), e);
+                if matches!(e, GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamUnavailable(_)) {
+                    slot.failed(&upstream.pool, "connection failed");
+                }
+                // Never reached a backend, and the body is still whole: the next one.
+                let resendable = lent.as_ref().is_some_and(resend::Lent::untouched);
+                if matches!(e, GatewayError::UpstreamUnreachable(_)) && resendable && tried.count_ones() < 64 {
+                    drop(slot);
+                    continue;
+                }
+                return Err(e);
+            }
+            Ok(Ok(res)) => {
+                if res.status().is_server_error() {
+                    slot.failed(&upstream.pool, "answered 5xx");
+                } else {
+                    slot.answered();
+                }
+                let (mut parts, body) = res.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers);
+                headers::strip_gateway_owned(&mut parts.headers);
+                let body = UpstreamBody::new(body, slot, upstream.stream_idle_timeout, &upstream.pool);
+                return Ok(Response::from_parts(parts, body));
+            }
+        }
+    }
+}
+
+/// The URI of `pq` on backend `base`.
+fn backend_uri(base: &UpstreamUrl, pq: &PathAndQuery) -> Result<Uri, GatewayError> {
     let pq = if base.base_path.is_empty() {
-        pq
+        pq.clone()
     } else {
         PathAndQuery::try_from(format!("{}{}", base.base_path, pq.as_str()))
             .map_err(|_| GatewayError::BadRequest("The request path is not valid.".into()))?
@@ -221,22 +384,76 @@ pub async fn forward(
     uri.scheme = Some(base.scheme.clone());
     uri.authority = Some(base.authority.clone());
     uri.path_and_query = Some(pq);
-    parts.uri = Uri::from_parts(uri).expect("scheme, authority and path are set");
-    headers::prepare_request(&mut parts.headers, &upstream.headers, fwd);
-    parts.version = http::Version::HTTP_11;
+    Ok(Uri::from_parts(uri).expect("scheme, authority and path are set"))
+}
 
-    match tokio::time::timeout(timeout, client.request(Request::from_parts(parts, body))).await {
-        Err(_) => Err(GatewayError::UpstreamTimeout),
-        Ok(Err(e)) => Err(classify_error(&upstream.name, e)),
-        Ok(Ok(mut res)) => {
-            headers::strip_hop_by_hop(res.headers_mut());
-            headers::strip_gateway_owned(res.headers_mut());
-            Ok(res)
+/// Runs the active health checks of every upstream with a `health_path`, as their intervals
+/// come due, until shutdown.
+pub fn spawn_health_checks(
+    state: crate::state::AppState,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => health_checks_due(&state),
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    })
+}
+
+/// Starts the health checks whose interval has come.
+fn health_checks_due(state: &crate::state::AppState) {
+    {
+        let rt = state.runtime.load_full();
+        for up in rt.upstreams.map.values() {
+            let Some((path, interval)) = &up.health else { continue };
+            let now = pool::clock_ms();
+            let last = up.last_check.load(Ordering::Relaxed);
+            if last != 0 && now < last + interval.as_millis() as u64 {
+                continue;
+            }
+            up.last_check.store(now, Ordering::Relaxed);
+            for backend in up.pool.backends() {
+                let (state, up, backend, path) = (state.clone(), up.clone(), backend.clone(), path.clone());
+                let timeout = (*interval).min(up.first_byte_timeout);
+                tokio::spawn(async move {
+                    let client = up.own.as_ref().map_or_else(|| state.clients.get(), OwnClients::get);
+                    match check_health(client, &up, &backend.url, &path, timeout).await {
+                        Ok(()) => backend.succeeded(),
+                        Err(why) => backend.failed(up.pool.eject_after, up.pool.eject, &why),
+                    }
+                });
+            }
         }
     }
 }
 
-fn classify_error(upstream: &str, e: hyper_util::client::legacy::Error) -> GatewayError {
+/// One `GET health_path` to one backend: `Ok` on a 2xx within `timeout`.
+async fn check_health(
+    client: &Client,
+    up: &Upstream,
+    base: &UpstreamUrl,
+    path: &PathAndQuery,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut req = Request::new(Body::empty());
+    *req.uri_mut() = backend_uri(base, path).map_err(|e| e.to_string())?;
+    for (name, value) in &up.headers {
+        req.headers_mut().insert(name.clone(), value.clone());
+    }
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => Err("health check timed out".into()),
+        Ok(Err(e)) => Err(format!("health check failed: {e}")),
+        Ok(Ok(res)) if res.status().is_success() => Ok(()),
+        Ok(Ok(res)) => Err(format!("health check answered {}", res.status().as_u16())),
+    }
+}
+
+fn classify_error(upstream: &str, backend: &pool::Backend, e: hyper_util::client::legacy::Error) -> GatewayError {
     if crate::error::cause_ref::<http_body_util::LengthLimitError>(&e).is_some() {
         return GatewayError::PayloadTooLarge { limit: 0 };
     }
@@ -244,7 +461,7 @@ fn classify_error(upstream: &str, e: hyper_util::client::legacy::Error) -> Gatew
         return GatewayError::RequestTimeout;
     }
     let detail = if e.is_connect() { "connect failed" } else { "connection error" };
-    tracing::warn!(upstream, error = ?e, "upstream request failed: {detail}");
+    tracing::warn!(upstream, backend = %backend.label, error = ?e, "upstream request failed: {detail}");
     if e.is_connect() {
         GatewayError::UpstreamUnreachable(format!("{upstream}: {detail}"))
     } else {

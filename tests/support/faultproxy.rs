@@ -32,11 +32,15 @@ pub enum Fault {
 /// Replies to lose whatever the mode: a pattern they contain and how many more times.
 type DropNext = Arc<Mutex<Option<(Vec<u8>, usize)>>>;
 
+/// A reply to hold back once: a pattern it contains and for how long.
+type DelayNext = Arc<Mutex<Option<(Vec<u8>, Duration)>>>;
+
 /// A running proxy from `127.0.0.1:<port>` to a target; stops (closing everything) on drop.
 pub struct FaultProxy {
     port: u16,
     mode: watch::Sender<Fault>,
     drop_next: DropNext,
+    delay_next: DelayNext,
 }
 
 impl FaultProxy {
@@ -47,8 +51,9 @@ impl FaultProxy {
         let port = listener.local_addr().expect("proxy addr").port();
         let (mode, rx) = watch::channel(Fault::Pass);
         let drop_next = Arc::new(Mutex::new(None));
-        tokio::spawn(serve(Some(listener), port, target, rx, drop_next.clone()));
-        FaultProxy { port, mode, drop_next }
+        let delay_next = Arc::new(Mutex::new(None));
+        tokio::spawn(serve(Some(listener), port, target, rx, (drop_next.clone(), delay_next.clone())));
+        FaultProxy { port, mode, drop_next, delay_next }
     }
 
     /// The port it listens on (while not refusing).
@@ -72,6 +77,12 @@ impl FaultProxy {
         *self.drop_next.lock().unwrap() = Some((pattern.to_vec(), times));
     }
 
+    /// Holds back the next reply that contains `pattern` for `delay` (the step ran; its answer
+    /// is late), whatever the mode.
+    pub fn delay_reply_with(&self, pattern: &[u8], delay: Duration) {
+        *self.delay_next.lock().unwrap() = Some((pattern.to_vec(), delay));
+    }
+
     /// The current mode.
     pub fn mode(&self) -> Fault {
         *self.mode.borrow()
@@ -90,7 +101,7 @@ async fn serve(
     port: u16,
     target: SocketAddr,
     mut mode: watch::Receiver<Fault>,
-    drop_next: DropNext,
+    armed: (DropNext, DelayNext),
 ) {
     loop {
         let Some(l) = listener.take() else {
@@ -108,7 +119,7 @@ async fn serve(
             accepted = l.accept() => {
                 listener = Some(l);
                 if let Ok((client, _)) = accepted {
-                    tokio::spawn(connection(client, target, mode.clone(), drop_next.clone()));
+                    tokio::spawn(connection(client, target, mode.clone(), armed.clone()));
                 }
             }
             changed = mode.changed() => {
@@ -135,7 +146,7 @@ async fn rebind(port: u16) -> Option<TcpListener> {
     None
 }
 
-async fn connection(client: TcpStream, target: SocketAddr, mode: watch::Receiver<Fault>, drop_next: DropNext) {
+async fn connection(client: TcpStream, target: SocketAddr, mode: watch::Receiver<Fault>, armed: (DropNext, DelayNext)) {
     if *mode.borrow() == Fault::Refuse {
         return;
     }
@@ -146,7 +157,7 @@ async fn connection(client: TcpStream, target: SocketAddr, mode: watch::Receiver
     // Whichever direction ends first closes both: dropping the halves closes the sockets.
     tokio::select! {
         _ = pump(client_read, server_write, mode.clone(), None) => {}
-        _ = pump(server_read, client_write, mode, Some(drop_next)) => {}
+        _ = pump(server_read, client_write, mode, Some(armed)) => {}
     }
 }
 
@@ -156,9 +167,9 @@ async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     mut mode: watch::Receiver<Fault>,
-    drop_next: Option<DropNext>,
+    armed: Option<(DropNext, DelayNext)>,
 ) {
-    let replies = drop_next.is_some();
+    let replies = armed.is_some();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         // Nothing moves while stalled.
@@ -185,8 +196,24 @@ async fn pump(
             Fault::DropReplies if replies => return,
             _ => {}
         }
-        if let Some(armed) = &drop_next {
-            let mut armed = armed.lock().unwrap();
+        if let Some((_, delay_next)) = &armed {
+            let delay = {
+                let mut next = delay_next.lock().unwrap();
+                match next.as_ref() {
+                    Some((pattern, d)) if buf[..n].windows(pattern.len()).any(|w| w == pattern.as_slice()) => {
+                        let d = *d;
+                        *next = None;
+                        Some(d)
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+        }
+        if let Some((drop_next, _)) = &armed {
+            let mut armed = drop_next.lock().unwrap();
             if let Some((pattern, times)) = armed.as_mut()
                 && buf[..n].windows(pattern.len()).any(|w| w == pattern.as_slice())
             {

@@ -41,6 +41,8 @@ pub const SHIPPED: &str = include_str!("../../config/gateway.toml");
 #[derive(Debug, Clone)]
 pub struct ConfigBuilder {
     ai: String,
+    ai_urls: Vec<String>,
+    ai_settings: Vec<String>,
     app: String,
     upstream_timeout_ms: Option<u64>,
     max_body_bytes: Option<usize>,
@@ -57,6 +59,8 @@ impl ConfigBuilder {
     pub fn new(url: &str) -> Self {
         ConfigBuilder {
             ai: url.to_owned(),
+            ai_urls: Vec::new(),
+            ai_settings: Vec::new(),
             app: url.to_owned(),
             upstream_timeout_ms: None,
             max_body_bytes: None,
@@ -72,6 +76,14 @@ impl ConfigBuilder {
     /// The `ai` upstream (metered routes).
     pub fn ai(mut self, url: &str) -> Self {
         self.ai = url.to_owned();
+        self
+    }
+
+    /// The `ai` upstream as a pool of these backends, with these lines added to
+    /// `[upstreams.ai]` (e.g. `max_in_flight = 2`).
+    pub fn ai_pool(mut self, urls: &[String], settings: &[&str]) -> Self {
+        self.ai_urls = urls.to_vec();
+        self.ai_settings = settings.iter().map(|s| (*s).to_owned()).collect();
         self
     }
 
@@ -155,7 +167,12 @@ impl ConfigBuilder {
                 continue;
             } else if t.starts_with("urls = [\"http://127.0.0.1:8000\"]") {
                 seen[4] = true;
-                format!("urls = [\"{}\"]", self.ai)
+                if self.ai_urls.is_empty() {
+                    format!("urls = [\"{}\"]", self.ai)
+                } else {
+                    let urls: Vec<String> = self.ai_urls.iter().map(|u| format!("{u:?}")).collect();
+                    format!("urls = [{}]\n{}", urls.join(", "), self.ai_settings.join("\n"))
+                }
             } else if t.starts_with("urls = [\"http://127.0.0.1:8001\"]") {
                 seen[5] = true;
                 format!("urls = [\"{}\"]", self.app)

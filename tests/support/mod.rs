@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+pub mod backend;
 pub mod browser;
 pub mod faultproxy;
 pub mod gateway;

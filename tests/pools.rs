@@ -1,0 +1,283 @@
+//! Upstream pools that heal (issue 13, item 2): traffic leaves a killed or failing backend and
+//! comes back when it recovers; a request is retried on another backend only when it never
+//! reached one, and is charged once whatever the retries; a hung backend holds no more than
+//! `max_in_flight`; every backend full is 503 `upstream_busy`, refunded; a stalled answer is cut
+//! off after `stream_idle_timeout_ms`; `least_requests` sends new work to the idle backend.
+//!
+//! The backends are real HTTP servers on loopback ports that can be killed (listener and
+//! connections closed) and started again on the same port.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::backend::{Backend, Mode};
+use support::gateway::{ConfigBuilder, TestGateway};
+use support::http;
+use support::upstream::refused_url;
+
+const CHAT: &str = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+
+async fn gateway(urls: &[String], settings: &[&str]) -> (TestGateway, String) {
+    let config = ConfigBuilder::new(&refused_url()).ai_pool(urls, settings).build();
+    let gw = TestGateway::start(&config).await;
+    let key = gw.account_with_key("acme", "big").await;
+    (gw, key)
+}
+
+async fn chat(gw: &TestGateway, key: &str) -> http::Response {
+    gw.post(key, "/v1/chat/completions", &[("x-ai-tier", "fast")], CHAT).await
+}
+
+/// The backend of `upstream` whose URL is `url`, as `GET /admin/v1/config` shows it.
+async fn health(gw: &TestGateway, url: &str) -> String {
+    let view = gw.admin_call("GET", "/admin/v1/config", None).await.json();
+    let backends = view["upstreams"]["ai"]["backends"].as_array().expect("backends").clone();
+    let b = backends.iter().find(|b| b["url"] == url).unwrap_or_else(|| panic!("{url} not in {backends:?}"));
+    b["health"].as_str().expect("health").to_owned()
+}
+
+/// A metric's value for the `ai` backend at `url`.
+async fn metric(gw: &TestGateway, name: &str, url: &str) -> f64 {
+    let text = http::send("GET", &format!("{}/metrics", gw.admin), &[], "").await.text();
+    let want = format!("{name}{{upstream=\"ai\",backend=\"{url}\"}} ");
+    let line = text.lines().find(|l| l.starts_with(&want)).unwrap_or_else(|| panic!("no {want} in:\n{text}"));
+    line[want.len()..].trim().parse().expect("a number")
+}
+
+/// Waits (bounded) until `f` holds.
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test]
+async fn traffic_leaves_a_killed_backend_and_returns_when_it_is_back() {
+    let mut a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let (gw, key) = gateway(&[a.url(), b.url()], &["eject_after = 2", "eject_ms = 300"]).await;
+    for _ in 0..10 {
+        assert_eq!(chat(&gw, &key).await.status, 200);
+    }
+    assert_eq!((a.hits(), b.hits()), (5, 5), "round robin over two backends");
+    let before = gw.remaining(&key).await;
+
+    a.kill().await;
+    for i in 0..40 {
+        let res = chat(&gw, &key).await;
+        assert_eq!(res.status, 200, "request {i} after the kill: {}", res.text());
+        assert_eq!(res.json()["backend"], "b");
+    }
+    assert_eq!(b.hits(), 45, "every request went to the live backend");
+    assert_eq!(gw.remaining(&key).await, before - 40, "charged once per request, retries or not");
+    assert_eq!(health(&gw, &a.url()).await, "ejected");
+    assert_eq!(metric(&gw, "creditgate_upstream_ejections_total", &a.url()).await, 1.0);
+    assert_eq!(metric(&gw, "creditgate_upstream_healthy", &a.url()).await, 0.0);
+    assert!(metric(&gw, "creditgate_upstream_errors_total", &a.url()).await >= 2.0);
+
+    a.restart().await;
+    // The cool-down runs out; one request probes the backend, and it is back in the rotation.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    for _ in 0..20 {
+        assert_eq!(chat(&gw, &key).await.status, 200);
+    }
+    assert!(a.hits() >= 5 + 9, "traffic came back to the restarted backend: it got {}", a.hits() - 5);
+    assert_eq!(health(&gw, &a.url()).await, "healthy");
+    assert_eq!(metric(&gw, "creditgate_upstream_in_flight", &b.url()).await, 0.0);
+}
+
+#[tokio::test]
+async fn a_failing_backend_is_ejected_and_an_active_health_check_brings_it_back() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    // The cool-down is long: only the health check can bring the backend back within the test.
+    let settings = ["eject_after = 2", "eject_ms = 600000", "health_path = \"/health\"", "health_interval_ms = 50"];
+    let (gw, key) = gateway(&[a.url(), b.url()], &settings).await;
+    a.set(Mode::Sick);
+    eventually("the sick backend is ejected by its health checks", async || health(&gw, &a.url()).await == "ejected")
+        .await;
+    let before = gw.remaining(&key).await;
+    for _ in 0..10 {
+        let res = chat(&gw, &key).await;
+        assert_eq!(res.status, 200);
+        assert_eq!(res.json()["backend"], "b");
+    }
+    assert_eq!(a.hits(), 0, "an ejected backend gets no traffic");
+    assert_eq!(gw.remaining(&key).await, before - 10);
+
+    a.set(Mode::Ok);
+    eventually("a passing health check brings the backend back", async || health(&gw, &a.url()).await == "healthy")
+        .await;
+    for _ in 0..10 {
+        assert_eq!(chat(&gw, &key).await.status, 200);
+    }
+    assert!(a.hits() >= 4, "traffic returned to the healed backend: it got {}", a.hits());
+}
+
+#[tokio::test]
+async fn answers_5xx_in_a_row_eject_a_backend_without_health_checks() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let (gw, key) = gateway(&[a.url(), b.url()], &["eject_after = 3", "eject_ms = 600000"]).await;
+    a.set(Mode::Sick);
+    let before = gw.remaining(&key).await;
+    let mut failed = 0;
+    for _ in 0..30 {
+        let res = chat(&gw, &key).await;
+        if res.status == 500 {
+            failed += 1;
+        } else {
+            assert_eq!(res.status, 200);
+        }
+    }
+    // A 5xx already reached the backend: it is answered (and refunded), never retried.
+    assert_eq!(failed, 3, "the third 5xx in a row ejects the backend");
+    assert_eq!(a.hits(), 3);
+    assert_eq!(gw.remaining(&key).await, before - 27, "the 5xx answers were refunded");
+    assert_eq!(health(&gw, &a.url()).await, "ejected");
+}
+
+#[tokio::test]
+async fn a_request_that_reached_a_backend_is_not_sent_to_another() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let (gw, key) = gateway(&[a.url(), b.url()], &[]).await;
+    a.set(Mode::Close);
+    let before = gw.remaining(&key).await;
+    // Round robin starts at the first backend: it reads the request and hangs up.
+    let res = chat(&gw, &key).await;
+    assert_eq!(res.status, 502, "{}", res.text());
+    assert_eq!((a.hits(), b.hits()), (1, 0), "the backend may have done the work: not sent twice");
+    assert_eq!(gw.remaining(&key).await, before, "refunded (status_5xx)");
+}
+
+#[tokio::test]
+async fn a_hung_backend_holds_no_more_than_max_in_flight() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let settings = ["max_in_flight = 2", "first_byte_timeout_ms = 30000"];
+    let (gw, key) = gateway(&[a.url(), b.url()], &settings).await;
+    a.set(Mode::Hang);
+    let gw = std::sync::Arc::new(gw);
+    // One request after another (the other backend has max_in_flight too): round robin sends
+    // every other one to the hung backend until it holds two, then they all go to the other.
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (gw2, key2) = (gw.clone(), key.clone());
+        let held = a.hits();
+        let t = tokio::spawn(async move { chat(&gw2, &key2).await });
+        eventually("answered, or held by the hung backend", async || t.is_finished() || a.hits() > held).await;
+        tasks.push(t);
+    }
+    assert_eq!(a.hits(), 2, "the hung backend got only max_in_flight requests");
+    assert_eq!(a.most_held(), 2);
+    assert_eq!(b.hits(), 18);
+    assert_eq!(metric(&gw, "creditgate_upstream_in_flight", &a.url()).await, 2.0);
+    for t in tasks {
+        if t.is_finished() {
+            let res = t.await.expect("task");
+            assert_eq!(res.status, 200, "{}", res.text());
+            assert_eq!(res.json()["backend"], "b");
+        } else {
+            t.abort();
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_backend_full_is_503_upstream_busy_and_refunded() {
+    let a = Backend::start("a").await;
+    let settings = ["max_in_flight = 2", "first_byte_timeout_ms = 30000"];
+    let (gw, key) = gateway(&[a.url()], &settings).await;
+    a.set(Mode::Hang);
+    let before = gw.remaining(&key).await;
+    let gw = std::sync::Arc::new(gw);
+    let hung: Vec<_> = (0..2)
+        .map(|_| {
+            let (gw, key) = (gw.clone(), key.clone());
+            tokio::spawn(async move { chat(&gw, &key).await })
+        })
+        .collect();
+    eventually("the backend holds two requests", async || a.hits() == 2).await;
+    for _ in 0..3 {
+        let res = chat(&gw, &key).await;
+        assert_eq!(res.status, 503, "{}", res.text());
+        assert_eq!(res.json()["error"]["type"], "upstream_busy");
+        assert_eq!(res.headers["retry-after"], "1");
+        assert_eq!(res.headers["x-credits-charged"], "0", "refunded");
+    }
+    assert_eq!(a.hits(), 2, "the refused requests were never sent");
+    assert_eq!(gw.remaining(&key).await, before - 2, "only the two in flight are charged");
+    for h in hung {
+        h.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_answer_is_cut_off_after_stream_idle_timeout_and_refunded() {
+    let a = Backend::start("a").await;
+    let (gw, key) = gateway(&[a.url()], &["stream_idle_timeout_ms = 300"]).await;
+    a.set(Mode::Stall);
+    let before = gw.remaining(&key).await;
+    let auth = format!("Bearer {key}");
+    let headers = [("authorization", auth.as_str()), ("x-ai-tier", "fast"), ("content-type", "application/json")];
+    let res = http::send_streaming("POST", &gw.url("/v1/chat/completions"), &headers, http::full(CHAT)).await;
+    assert_eq!(res.status(), 200);
+    // The first chunk comes through; then the backend goes quiet and the answer is cut off
+    // (the client's read ends in an error, not in a hang).
+    let body = tokio::time::timeout(Duration::from_secs(20), http_body_util::BodyExt::collect(res.into_body())).await;
+    assert!(matches!(body, Ok(Err(_))), "the stalled answer was not cut off: {body:?}");
+    gw.wait_for_remaining(&key, before, 100).await;
+    assert_eq!(metric(&gw, "creditgate_upstream_in_flight", &a.url()).await, 0.0);
+    assert_eq!(metric(&gw, "creditgate_upstream_errors_total", &a.url()).await, 1.0);
+}
+
+#[tokio::test]
+async fn least_requests_sends_new_work_to_the_idle_backend() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let (gw, key) = gateway(&[a.url(), b.url()], &["balance = \"least_requests\""]).await;
+    a.set(Mode::Hang);
+    let gw = std::sync::Arc::new(gw);
+    // Whichever backend the first request lands on, make it the busy one.
+    let first = {
+        let (gw, key) = (gw.clone(), key.clone());
+        tokio::spawn(async move { chat(&gw, &key).await })
+    };
+    eventually("the first request reached a backend", async || a.hits() + b.hits() == 1).await;
+    if b.hits() == 1 {
+        // It went to b, which answered at once; occupy a with the next one instead.
+        let _ = first.await;
+        let (gw2, key2) = (gw.clone(), key.clone());
+        tokio::spawn(async move { chat(&gw2, &key2).await });
+        eventually("a holds a request", async || a.hits() == 1).await;
+    }
+    let b_before = b.hits();
+    for _ in 0..10 {
+        let res = chat(&gw, &key).await;
+        assert_eq!(res.status, 200);
+    }
+    assert_eq!(a.hits(), 1, "round robin would have sent half of them to the busy backend");
+    assert_eq!(b.hits(), b_before + 10);
+}
+
+#[tokio::test]
+async fn first_byte_timeout_is_per_upstream() {
+    let a = Backend::start("a").await;
+    let (gw, key) = gateway(&[a.url()], &["first_byte_timeout_ms = 200"]).await;
+    a.set(Mode::Hang);
+    let before = gw.remaining(&key).await;
+    let res = chat(&gw, &key).await;
+    assert_eq!(res.status, 504, "{}", res.text());
+    assert_eq!(res.json()["error"]["type"], "upstream_timeout");
+    // ai_chat's refund_on includes "timeout" in the shipped config.
+    assert_eq!(gw.remaining(&key).await, before);
+    let view: Value = gw.admin_call("GET", "/admin/v1/config", None).await.json();
+    assert_eq!(view["config"]["upstreams"]["ai"]["first_byte_timeout_ms"], 200);
+}
