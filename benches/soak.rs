@@ -243,7 +243,9 @@ async fn run(duration: Duration) {
 }
 
 /// Whether each series levelled off: the last third's peak against the middle third's, allowing
-/// 20 % plus the series' own noise (connections and tasks come and go with the half-open bursts).
+/// 20 % plus the series' own noise (connections and tasks come and go with the half-open bursts),
+/// and the last third itself not still climbing (its last sample against its first, by more than
+/// the noise and 5 %): a series that rises steadily to the end is not called level.
 fn verdict(rows: &[[f64; 5]]) {
     if rows.len() < 3 {
         println!("too short a run for a verdict ({} samples)", rows.len());
@@ -254,7 +256,9 @@ fn verdict(rows: &[[f64; 5]]) {
     for (i, (name, noise)) in series.iter().enumerate() {
         let peak = |r: &[[f64; 5]]| r.iter().map(|row| row[i]).fold(0.0, f64::max);
         let (middle, last) = (peak(&rows[third..2 * third]), peak(&rows[2 * third..]));
-        let word = if last <= middle * 1.2 + noise { "levelled off" } else { "STILL GROWING" };
+        let (first_of_last, final_sample) = (rows[2 * third][i], rows[rows.len() - 1][i]);
+        let climbing = final_sample > first_of_last * 1.05 + noise;
+        let word = if last <= middle * 1.2 + noise && !climbing { "levelled off" } else { "STILL GROWING" };
         println!("{name}: middle-third peak {middle:.1}, last-third peak {last:.1}: {word}");
     }
 }

@@ -144,6 +144,10 @@ pub struct ServerConfig {
     /// Longest gap between two chunks of a request body (408 `request_timeout`).
     #[serde(default = "default_body_read_timeout_ms")]
     pub body_read_timeout_ms: u64,
+    /// Longest a whole request body may take, from its request head (408 `request_timeout`): a
+    /// body dripping just inside `body_read_timeout_ms` cannot hold a connection forever.
+    #[serde(default = "default_body_total_timeout_ms")]
+    pub body_total_timeout_ms: u64,
     /// Longest an answer may wait for the client to take more bytes (a client that stops
     /// reading); past it the connection is closed.
     #[serde(default = "default_write_timeout_ms")]
@@ -190,6 +194,9 @@ fn default_idle_timeout_ms() -> u64 {
 }
 fn default_body_read_timeout_ms() -> u64 {
     30_000
+}
+fn default_body_total_timeout_ms() -> u64 {
+    120_000
 }
 fn default_write_timeout_ms() -> u64 {
     30_000
@@ -568,6 +575,14 @@ pub struct RateLimitsConfig {
     /// How often idle limiter entries (and expired cached keys) are forgotten.
     #[serde(default = "default_cleanup_interval_ms")]
     pub cleanup_interval_ms: u64,
+    /// How long a key the store did not know is answered 401 without asking the store again.
+    /// Keys are random, so no key is presented before it exists; a revoked key never comes back.
+    #[serde(default = "default_unknown_key_cache_ttl_ms")]
+    pub unknown_key_cache_ttl_ms: u64,
+    /// Most unknown keys remembered at once; beyond it further unknown keys are looked up each
+    /// time (the per-address limit still bounds those lookups).
+    #[serde(default = "default_unknown_key_cache_entries")]
+    pub unknown_key_cache_entries: usize,
 }
 
 impl Default for RateLimitsConfig {
@@ -576,6 +591,8 @@ impl Default for RateLimitsConfig {
             failed_auth_per_minute: default_failed_auth_per_minute(),
             failed_auth_burst: default_failed_auth_burst(),
             cleanup_interval_ms: default_cleanup_interval_ms(),
+            unknown_key_cache_ttl_ms: default_unknown_key_cache_ttl_ms(),
+            unknown_key_cache_entries: default_unknown_key_cache_entries(),
         }
     }
 }
@@ -588,6 +605,12 @@ fn default_failed_auth_burst() -> u32 {
 }
 fn default_cleanup_interval_ms() -> u64 {
     60_000
+}
+fn default_unknown_key_cache_ttl_ms() -> u64 {
+    30_000
+}
+fn default_unknown_key_cache_entries() -> usize {
+    65_536
 }
 
 /// `[topup_packages.NAME]`
@@ -1095,6 +1118,7 @@ impl Config {
             ("server.header_read_timeout_ms", s.header_read_timeout_ms),
             ("server.idle_timeout_ms", s.idle_timeout_ms),
             ("server.body_read_timeout_ms", s.body_read_timeout_ms),
+            ("server.body_total_timeout_ms", s.body_total_timeout_ms),
             ("server.write_timeout_ms", s.write_timeout_ms),
             ("server.max_connections", s.max_connections as u64),
             ("server.shutdown_grace_ms", s.shutdown_grace_ms),
@@ -1112,6 +1136,8 @@ impl Config {
             ("rate_limits.failed_auth_per_minute", u64::from(r.failed_auth_per_minute)),
             ("rate_limits.failed_auth_burst", u64::from(r.failed_auth_burst)),
             ("rate_limits.cleanup_interval_ms", r.cleanup_interval_ms),
+            ("rate_limits.unknown_key_cache_ttl_ms", r.unknown_key_cache_ttl_ms),
+            ("rate_limits.unknown_key_cache_entries", r.unknown_key_cache_entries as u64),
         ] {
             positive(key, v)?;
         }

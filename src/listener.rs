@@ -11,6 +11,10 @@
 //!   flight is closed when no new request starts within it.
 //! * **Body read timeout** (`server.body_read_timeout_ms`): a request body that stalls between two
 //!   chunks fails with [`BodyTimeout`], which the request path answers 408 `request_timeout`.
+//! * **Body total timeout** (`server.body_total_timeout_ms`): a request body must also arrive
+//!   whole within this, counted from its request head — else a client dripping one byte just
+//!   inside the read timeout would hold its connection (and a `max_connections` permit) forever.
+//!   It fails the same way, with [`BodyTimeout`].
 //! * **Write timeout** (`server.write_timeout_ms`): an answer that the client stops taking (its
 //!   receive window stays shut) closes the connection — also mid-stream, when no other timeout
 //!   runs. While any answer bytes are still queued the connection is never idle, so the idle
@@ -58,6 +62,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// `server.body_read_timeout_ms`
     pub body_read_timeout: Duration,
+    /// `server.body_total_timeout_ms`
+    pub body_total_timeout: Duration,
     /// `server.write_timeout_ms`
     pub write_timeout: Duration,
     /// `server.max_connections`
@@ -73,6 +79,7 @@ impl Limits {
             header_read_timeout: Duration::from_millis(server.header_read_timeout_ms),
             idle_timeout: Duration::from_millis(server.idle_timeout_ms),
             body_read_timeout: Duration::from_millis(server.body_read_timeout_ms),
+            body_total_timeout: Duration::from_millis(server.body_total_timeout_ms),
             write_timeout: Duration::from_millis(server.write_timeout_ms),
             max_connections: server.max_connections,
             max_header_bytes: server.max_header_bytes,
@@ -192,7 +199,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 if http_body::Body::is_end_stream(&body) {
                     Body::new(body)
                 } else {
-                    Body::new(TimedBody::new(body, limits.body_read_timeout))
+                    Body::new(TimedBody::new(body, limits.body_read_timeout, limits.body_total_timeout))
                 }
             });
             req.extensions_mut().insert(ConnectInfo(addr));
@@ -452,19 +459,29 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for Done<B> {
     }
 }
 
-/// A request body stalled longer than `server.body_read_timeout_ms` between two chunks.
+/// A request body that did not arrive in time: it stalled longer than `server.body_read_timeout_ms`
+/// between two chunks, or was still not whole after `server.body_total_timeout_ms`.
 #[derive(Debug, thiserror::Error)]
-#[error("the request body stalled for longer than {0:?}")]
-pub struct BodyTimeout(pub Duration);
+pub enum BodyTimeout {
+    /// No chunk within `server.body_read_timeout_ms`.
+    #[error("the request body stalled for longer than {0:?}")]
+    Stalled(Duration),
+    /// Not whole within `server.body_total_timeout_ms` of its request head.
+    #[error("the request body took longer than {0:?} in all")]
+    Total(Duration),
+}
 
 pin_project! {
-    /// A request body that fails with [`BodyTimeout`] when no chunk arrives within the timeout.
-    /// The timer exists only once the body is actually waited for (most bodies arrive with their
-    /// head and never allocate one).
+    /// A request body that fails with [`BodyTimeout`] when no chunk arrives within the read
+    /// timeout, or the body is not whole by its deadline. The timer exists only once the body is
+    /// actually waited for (most bodies arrive with their head and never allocate one).
     struct TimedBody {
         #[pin]
         inner: Incoming,
         timeout: Duration,
+        total: Duration,
+        // When the whole body must have arrived.
+        deadline: Instant,
         timer: Option<Pin<Box<Sleep>>>,
         // Whether the timer runs for the current wait (it is re-armed after each chunk).
         waiting: bool,
@@ -472,8 +489,8 @@ pin_project! {
 }
 
 impl TimedBody {
-    fn new(inner: Incoming, timeout: Duration) -> Self {
-        TimedBody { inner, timeout, timer: None, waiting: false }
+    fn new(inner: Incoming, timeout: Duration, total: Duration) -> Self {
+        TimedBody { inner, timeout, total, deadline: Instant::now() + total, timer: None, waiting: false }
     }
 }
 
@@ -489,14 +506,19 @@ impl http_body::Body for TimedBody {
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
-                let timeout = *this.timeout;
+                // Each wait runs to the next chunk's timeout or the whole body's deadline,
+                // whichever comes first; a steady drip reaches the deadline.
+                let (timeout, deadline) = (*this.timeout, *this.deadline);
                 let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 if !*this.waiting {
                     *this.waiting = true;
-                    timer.as_mut().reset(Instant::now() + timeout);
+                    timer.as_mut().reset((Instant::now() + timeout).min(deadline));
                 }
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout(timeout))))),
+                    Poll::Ready(()) if Instant::now() >= deadline => {
+                        Poll::Ready(Some(Err(Box::new(BodyTimeout::Total(*this.total)))))
+                    }
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout::Stalled(timeout))))),
                     Poll::Pending => Poll::Pending,
                 }
             }

@@ -97,6 +97,8 @@ pub struct Metrics {
     pub exported_entries: Counter,
     /// Export batches a receiver did not take (retried).
     pub export_failures: Counter,
+    /// Ledger entries not yet exported, as the exporter last saw each account (kept untrimmed).
+    pub export_pending: Gauge,
     /// Entries of the rate limiters and the key cache after their last cleanup.
     pub rate_limit_entries: Family<TableLabels, Gauge>,
     /// The upstream backends of the config in force (requests, errors, ejections, in flight,
@@ -130,6 +132,7 @@ impl Default for Metrics {
             events_expired: Counter::default(),
             exported_entries: Counter::default(),
             export_failures: Counter::default(),
+            export_pending: Gauge::default(),
             rate_limit_entries: Family::default(),
             backends: Arc::default(),
             registry: Registry::default(),
@@ -178,6 +181,11 @@ impl Default for Metrics {
         registry.register("outbox_depth", "Undelivered events at the notifier's last pass", m.outbox_depth.clone());
         registry.register("exported_entries", "Ledger entries delivered by usage export", m.exported_entries.clone());
         registry.register("export_failures", "Usage export batches not taken (retried)", m.export_failures.clone());
+        registry.register(
+            "export_pending_entries",
+            "Ledger entries not yet exported (history is never trimmed past them)",
+            m.export_pending.clone(),
+        );
         registry.register(
             "outbox_dropped",
             "Undelivered events dropped because an account's outbox was full",

@@ -38,6 +38,10 @@ pub struct RateLimits {
     /// would spend a cell; this answers "is the address refused now?" without one.
     refused: RwLock<HashMap<IpAddr, Instant>>,
     clock: DefaultClock,
+    /// `rate_limits.unknown_key_cache_ttl_ms` (the key cache's remembered unknown keys).
+    unknown_key_ttl: Duration,
+    /// `rate_limits.unknown_key_cache_entries`.
+    unknown_key_entries: usize,
 }
 
 /// How many keys each table holds (the `creditgate_rate_limit_entries` gauge).
@@ -67,7 +71,19 @@ impl RateLimits {
             failed_auth: DefaultKeyedRateLimiter::dashmap(failed_auth_quota(&config.rate_limits)),
             refused: RwLock::default(),
             clock: DefaultClock::default(),
+            unknown_key_ttl: Duration::from_millis(config.rate_limits.unknown_key_cache_ttl_ms),
+            unknown_key_entries: config.rate_limits.unknown_key_cache_entries,
         }
+    }
+
+    /// How long the key cache answers an unknown key 401 without asking the store again.
+    pub fn unknown_key_ttl(&self) -> Duration {
+        self.unknown_key_ttl
+    }
+
+    /// Most unknown keys the key cache remembers.
+    pub fn unknown_key_entries(&self) -> usize {
+        self.unknown_key_entries
     }
 
     /// Admits one request of `account` on `plan`, or says how long to wait.
@@ -156,7 +172,7 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
 pub fn sweep(state: &AppState) {
     let rt = state.runtime.load();
     rt.rate_limits.retain_recent();
-    let cached = state.keys.retain_recent();
+    let cached = state.keys.retain_recent(&rt.rate_limits);
     let e = rt.rate_limits.entries();
     let m = &state.metrics;
     for (table, n) in [
@@ -243,13 +259,17 @@ mod tests {
 
     #[test]
     fn idle_entries_are_forgotten() {
-        let limits = RateLimits::new(&config(600_000, 20));
+        let mut config = config(600_000, 20);
+        // 1 ms emission interval, so the accounts are idle again within the sleep below.
+        config.plans.get_mut("free").unwrap().rate_limit_per_second = Some(1000);
+        let limits = RateLimits::new(&config);
         for i in 0..1000u32 {
             let _ = limits.auth_failed(IpAddr::from(i.to_be_bytes()), GatewayError::Unauthorized("no".into()));
+            limits.check("free", &Arc::from(format!("acct-{i}"))).unwrap();
         }
-        assert_eq!(limits.entries().clients, 1000);
+        assert_eq!((limits.entries().clients, limits.entries().accounts), (1000, 1000));
         std::thread::sleep(Duration::from_millis(20));
         limits.retain_recent();
-        assert_eq!(limits.entries().clients, 0);
+        assert_eq!((limits.entries().clients, limits.entries().accounts), (0, 0), "idle addresses and accounts");
     }
 }

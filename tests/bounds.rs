@@ -4,10 +4,14 @@
 mod support;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
+use creditgate::ledger::memory::Clock;
 use creditgate::ledger::redis::RedisLedger;
-use creditgate::ledger::{ChargeOutcome, ChargeRequest, Ledger, NewAccount, Packages, StoreLimits};
-use support::gateway::spend;
+use creditgate::ledger::{ChargeOutcome, ChargeRequest, Ledger, MemoryLedger, NewAccount, Packages, StoreLimits};
+use creditgate::server::{self, StartOptions};
+use support::gateway::{ADMIN_TOKEN, ConfigBuilder, TestGateway, spend};
 use support::redis::RedisServer;
 use support::stores::{Env, Store};
 
@@ -107,3 +111,50 @@ async fn queued_requests_are_bounded_in_size_and_in_bytes(store: Store) {
 }
 
 on_both_stores!(queued_requests_are_bounded_in_size_and_in_bytes);
+
+/// `jobs.max_queue_age_hours`: a job left waiting longer than that is not run when the account
+/// can pay at last; it expires, and its client polling `GET /v1/jobs/{id}` is told so. The
+/// gateway runs for real on loopback; only its store's clock is the test's (the memory ledger
+/// takes one), moved 61 minutes on — an hour is the smallest age the config allows. The same
+/// expiry on Redis (`job_claim.lua`) is held to this by `tests/conformance.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_queued_longer_than_max_queue_age_hours_expires_and_its_client_is_told() {
+    let offset = Arc::new(AtomicI64::new(0));
+    let clock: Clock = {
+        let offset = offset.clone();
+        Arc::new(move || creditgate::calendar::now() + offset.load(Ordering::SeqCst))
+    };
+    let up = support::upstream::Upstream::echo().await;
+    let text = ConfigBuilder::new(&up.url()).extra("[jobs]\nmax_queue_age_hours = 1\n").build();
+    let config = creditgate::config::Config::parse(&text).expect("test config");
+    let store = creditgate::store::Store::Memory(MemoryLedger::with_clock(clock));
+    let opts = StartOptions { admin_token: Some(ADMIN_TOKEN.into()), store: Some(store), ..Default::default() };
+    let gw = TestGateway::from_running(server::start(config, opts).await.expect("gateway starts"));
+    let key = gw.account_with_key("acme", "fifty").await;
+    spend(&gw, &key, 50).await;
+    let res = gw
+        .post(&key, "/v1/calls/transcribe", &[], r#"{"call_id":"c1","audio_url":"https://example.test/1.wav"}"#)
+        .await;
+    assert_eq!(res.status, 202, "queued at zero credits: {}", res.text());
+    let location = res.header("location").expect("a job location").to_owned();
+    let calls = up.count();
+
+    // 61 minutes later by the store's clock the account is topped up, which wakes the runner.
+    offset.store(61 * 60, Ordering::SeqCst);
+    assert_eq!(gw.topup("acme", 10, "pay-1").await.status, 201);
+    let mut job = serde_json::Value::Null;
+    for _ in 0..200 {
+        let res = gw.call(&key, "GET", &location, &[], "").await;
+        assert_eq!(res.status, 200, "{location}: {}", res.text());
+        job = res.json();
+        if job["status"] != "queued" && job["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(job["status"], "expired", "{job}");
+    let error = job["error"].as_str().unwrap_or_else(|| panic!("the client is told why: {job}"));
+    assert!(error.contains("not run within 1 h"), "{error}");
+    assert_eq!(up.count(), calls, "the expired job never reached the backend");
+    assert_eq!(gw.remaining(&key).await, 10, "nor was it charged");
+}

@@ -126,6 +126,51 @@ async fn a_stalled_body_is_408_and_nothing_is_charged() {
     assert_eq!(gw.wait_for_remaining(&key, 10_000, 100).await, 10_000, "nothing charged");
 }
 
+/// A body dripping one byte every 200 ms never stalls past `body_read_timeout_ms`, so only a
+/// whole-body deadline ends it: without one a client held its connection, and with
+/// `max_connections = 1` everyone else's, for as long as it liked.
+#[tokio::test]
+async fn a_body_dripping_inside_the_read_timeout_is_408_at_the_total_deadline() {
+    let up = Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url())
+        .server("body_read_timeout_ms = 1000")
+        .server("body_total_timeout_ms = 1500")
+        .server("max_connections = 1")
+        .build();
+    let gw = TestGateway::start(&config).await;
+    let key = gw.account_with_key("acme", "big").await;
+    // A fixed-price route streams its body on; a per-lead route buffers it for pricing.
+    for path in ["/v1/sentiment", "/v1/leads/enrich"] {
+        let mut s = TcpStream::connect(addr(&gw.public)).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // At most 50 drops (10 s, far past the 1.5 s deadline); JSON allows leading blanks.
+        let mut answer = Vec::new();
+        let mut drops = 0;
+        while drops < 50 && answer.is_empty() {
+            if s.write_all(b" ").await.is_err() {
+                break;
+            }
+            drops += 1;
+            let (closed, got) = read_all(&mut s, Duration::from_millis(200)).await;
+            answer.extend(got);
+            if closed {
+                break;
+            }
+        }
+        // Answered while the client still drips (a pause now would end it as a stall).
+        assert!(!answer.is_empty(), "{path}: still reading the body after {drops} drops");
+        answer.extend(read_all(&mut s, Duration::from_secs(5)).await.1);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{path}: after {drops} drops: {answer:?}");
+        assert!(answer.contains("request_timeout"), "{path}: {answer}");
+    }
+    // The one connection slot is free again, and nothing was charged.
+    assert_eq!(gw.wait_for_remaining(&key, 10_000, 100).await, 10_000, "nothing charged");
+}
+
 #[tokio::test]
 async fn a_head_larger_than_max_header_bytes_is_431() {
     let up = Upstream::echo().await;

@@ -326,6 +326,66 @@ async fn a_hundred_thousand_addresses_are_forgotten_once_idle() {
     assert!(line.ends_with(" 0"), "{line}");
 }
 
+/// The gauge `creditgate_rate_limit_entries{table="…"}` as the admin listener shows it now.
+async fn limiter_gauge(gw: &TestGateway, table: &str) -> u64 {
+    let metrics = http::send("GET", &format!("{}/metrics", gw.admin), &[], "").await.text();
+    let name = format!("creditgate_rate_limit_entries{{table=\"{table}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(name.as_str())).map_or(0, |v| v.trim().parse().expect("a count"))
+}
+
+/// A key scanner's 100,000 distinct keys: the negative cache that spares the store their repeats
+/// holds at most `unknown_key_cache_entries` of them at any time, and forgets them after
+/// `unknown_key_cache_ttl_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_thousand_unknown_keys_stay_within_the_cache_cap_and_are_forgotten() {
+    const KEYS: usize = 100_000;
+    const CONNECTIONS: usize = 16;
+    const CAP: u64 = 1_600;
+    let up = Upstream::echo().await;
+    // Per-address limits lifted (the builder's default), so every key is looked up and remembered.
+    let config = ConfigBuilder::new(&up.url())
+        .rate_limit("cleanup_interval_ms = 100")
+        .rate_limit("unknown_key_cache_ttl_ms = 2000")
+        .rate_limit(&format!("unknown_key_cache_entries = {CAP}"))
+        .build();
+    let gw = TestGateway::start(&config).await;
+    let started = Instant::now();
+    let senders: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let server = gw.gateway.public_addr;
+            tokio::spawn(async move {
+                let mut conn = Conn::open("127.0.0.1".parse().unwrap(), server).await;
+                for i in (c..KEYS).step_by(CONNECTIONS) {
+                    let auth = bearer(&format!("cg_scan{i:07}"));
+                    let res = conn.send("GET", "/v1/deals", &[("authorization", auth.as_str())], "").await;
+                    assert_eq!(res.status, 401, "key {i}: {}", res.text());
+                }
+            })
+        })
+        .collect();
+    // The gauge is written by every cleanup (each 100 ms); at no cleanup may it exceed the cap.
+    let mut peak = 0;
+    while !senders.iter().all(|s| s.is_finished()) {
+        peak = peak.max(limiter_gauge(&gw, "unknown_keys").await);
+        assert!(peak <= CAP, "the unknown-key cache holds {peak} keys, more than its {CAP}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    let sent_in = started.elapsed();
+    peak = peak.max(limiter_gauge(&gw, "unknown_keys").await);
+    assert!(peak <= CAP, "the unknown-key cache holds {peak} keys, more than its {CAP}");
+    assert!(peak >= CAP / 2, "the cache filled up to its cap (peak {peak} after {KEYS} keys in {sent_in:?})");
+
+    // Idle past the 2 s TTL (plus cleanups and a slow machine's margin): forgotten.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while limiter_gauge(&gw, "unknown_keys").await > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(limiter_gauge(&gw, "unknown_keys").await, 0, "unknown keys are forgotten after their TTL");
+}
+
 // === 4. the client address, and who may vouch for it ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -97,6 +97,7 @@ on_both_stores!(
     metrics_parse_and_carry_no_account_data,
     jobs_gauge_counts_queued_jobs,
     outbox_gauge_counts_undelivered_events,
+    a_full_outbox_drops_its_oldest_events_and_says_so,
     probes_need_no_token,
 );
 
@@ -1184,6 +1185,67 @@ async fn outbox_gauge_counts_undelivered_events(store: Store) {
 }
 
 // === probes ===
+
+/// `notifications.max_outbox_per_account = 3` with the webhook receiver down (nothing listens on
+/// its port) and five events: the two oldest are dropped in the appending step, counted in
+/// `creditgate_outbox_dropped_total` and logged (one line per outbox read that found drops, not
+/// one per event); once a receiver listens there, exactly the three newest arrive. The gateway is
+/// the real binary, so the log is its own.
+async fn a_full_outbox_drops_its_oldest_events_and_says_so(store: Store) {
+    let hook = Hook::start("cap").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let up = Upstream::echo().await;
+    let redis = (store == Store::Redis).then(support::redis::RedisServer::start);
+    let mut builder = ConfigBuilder::new(&up.url())
+        .notification(&format!("webhook_url = \"http://127.0.0.1:{port}/hooks\""))
+        .notification(&format!("webhook_secret_env = \"{}\"", hook.var))
+        .notification("max_backoff_ms = 300")
+        .notification("max_outbox_per_account = 3");
+    if let Some(r) = &redis {
+        builder = builder.store(&format!("kind = \"redis\"\nurl = \"{}\"", r.url()));
+    }
+    // The child inherits the webhook secret's variable, which Hook set in this process.
+    let gw = GatewayProcess::start_with_env(&builder.build(), Some("warn"), &[]).await;
+    let admin = |path: &'static str, body: Value| support::process::admin(&gw.admin, "POST", path, Some(body));
+    assert_eq!(admin("/admin/v1/accounts", json!({"id": "acme", "plan": "big"})).await.status, 201);
+    for i in 1..=5 {
+        let res =
+            admin("/admin/v1/accounts/acme/topups", json!({"credits": 10, "payment_ref": format!("pay-{i}")})).await;
+        assert_eq!(res.status, 201, "{}", res.text()); // topup.completed
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while unlabelled_value(&gw.admin, "creditgate_outbox_dropped_total").await < 2.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_200)).await; // a few more notifier passes
+    assert_eq!(unlabelled_value(&gw.admin, "creditgate_outbox_dropped_total").await, 2.0, "the two oldest, once");
+    let log = gw.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("outbox full")).collect();
+    let logged: u64 = lines
+        .iter()
+        .map(|l| {
+            let at = l.find("dropped=").unwrap_or_else(|| panic!("the line says how many: {l}")) + "dropped=".len();
+            l[at..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(logged, 2, "the drop is logged, counting each event once:\n{log}");
+    assert!((1..=2).contains(&lines.len()), "not one line per event:\n{log}");
+
+    // A receiver comes up on the port: the three newest events arrive, nothing else.
+    let receiver = WebhookReceiver::start_on(port).await;
+    let refs = |got: &[Delivery]| -> BTreeSet<String> {
+        got.iter().map(|d| d.json()["data"]["payment_ref"].as_str().expect("a top-up event").to_owned()).collect()
+    };
+    receiver.wait_until(Duration::from_secs(10), "three events", |got| refs(got).len() >= 3).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let got = receiver.accepted();
+    for d in &got {
+        hook.verify(d);
+    }
+    assert_eq!(refs(&got), BTreeSet::from(["pay-3", "pay-4", "pay-5"].map(String::from)), "exactly the 3 newest");
+    assert_eq!(unlabelled_value(&gw.admin, "creditgate_outbox_depth").await, 0.0);
+}
 
 async fn probes_need_no_token(store: Store) {
     let mut env = Env::start(store).await;

@@ -5,7 +5,8 @@
 //! within 5 s), then looked up again. When the store cannot answer, a key verified within
 //! [`STALE_GRACE`] keeps working, so free routes stay up while the store is down.
 //!
-//! A key the store does not know (or that was revoked) is remembered for [`UNKNOWN_FOR`], so
+//! A key the store does not know (or that was revoked) is remembered for
+//! `rate_limits.unknown_key_cache_ttl_ms` (at most `unknown_key_cache_entries` of them), so
 //! repeating it costs no lookup either; every failure counts against the client's address
 //! (`ratelimit.rs`), and an address over its allowance gets 429 before any lookup. [`admit`] is
 //! the whole step — address, key, plan allowance — for the proxy and the customer API alike.
@@ -31,13 +32,9 @@ pub use keys::{NewKey, generate_key, hash_key};
 pub const FRESH: Duration = Duration::from_secs(4);
 /// How long a known key keeps working while the store is unreachable.
 pub const STALE_GRACE: Duration = Duration::from_secs(600);
-/// How long a key the store did not know is answered 401 without asking it again. Keys are
-/// random, so no key is ever presented before it exists; a revoked key never comes back.
-pub const UNKNOWN_FOR: Duration = Duration::from_secs(30);
-/// Most unknown keys remembered per shard (16 shards: 65,536 keys, a few MiB); when a shard is
-/// full of unexpired ones, further unknown keys are not remembered (the per-address limit still
-/// bounds their lookups).
-const UNKNOWN_PER_SHARD: usize = 4096;
+/// Shards of each table (the unknown keys' `rate_limits.unknown_key_cache_entries` is split
+/// evenly among them; when a shard is full of unexpired keys, further unknown keys are not
+/// remembered — the per-address limit still bounds their lookups).
 const SHARDS: usize = 16;
 
 /// Who is calling: the request extension every later step reads.
@@ -174,7 +171,7 @@ impl KeyCache {
                     None => None,
                 }
             };
-            if stale.is_none() && self.is_unknown(&digest) {
+            if stale.is_none() && self.is_unknown(&digest, limits) {
                 return Err(limits.auth_failed(client, invalid_key()));
             }
             if waited {
@@ -206,7 +203,7 @@ impl KeyCache {
             }
             Ok(_) => {
                 self.shard(&digest).write().expect("lock").remove(&digest);
-                self.remember_unknown(digest);
+                self.remember_unknown(digest, limits);
                 Err(limits.auth_failed(client, invalid_key()))
             }
             Err(e) => match stale {
@@ -221,24 +218,26 @@ impl KeyCache {
         }
     }
 
-    fn is_unknown(&self, digest: &[u8; 32]) -> bool {
+    fn is_unknown(&self, digest: &[u8; 32], limits: &RateLimits) -> bool {
         let shard = self.unknown[digest[0] as usize % SHARDS].read().expect("lock");
-        shard.get(digest).is_some_and(|at| at.elapsed() < UNKNOWN_FOR)
+        shard.get(digest).is_some_and(|at| at.elapsed() < limits.unknown_key_ttl())
     }
 
-    fn remember_unknown(&self, digest: [u8; 32]) {
+    fn remember_unknown(&self, digest: [u8; 32], limits: &RateLimits) {
+        let (ttl, most) = (limits.unknown_key_ttl(), limits.unknown_key_entries().div_ceil(SHARDS));
         let mut shard = self.unknown[digest[0] as usize % SHARDS].write().expect("lock");
-        if shard.len() >= UNKNOWN_PER_SHARD {
-            shard.retain(|_, at| at.elapsed() < UNKNOWN_FOR);
+        if shard.len() >= most {
+            shard.retain(|_, at| at.elapsed() < ttl);
         }
-        if shard.len() < UNKNOWN_PER_SHARD {
+        if shard.len() < most {
             shard.insert(digest, Instant::now());
         }
     }
 
-    /// Forgets what can no longer be used: unknown keys past [`UNKNOWN_FOR`], and verified keys
-    /// not looked up for [`STALE_GRACE`] (past it they are asked about anew anyway).
-    pub fn retain_recent(&self) -> Cached {
+    /// Forgets what can no longer be used: unknown keys older than
+    /// `rate_limits.unknown_key_cache_ttl_ms`, and verified keys not looked up for
+    /// [`STALE_GRACE`] (past it they are asked about anew anyway).
+    pub fn retain_recent(&self, limits: &RateLimits) -> Cached {
         let mut cached = Cached { known: 0, unknown: 0 };
         for shard in &self.shards {
             let mut shard = shard.write().expect("lock");
@@ -248,7 +247,7 @@ impl KeyCache {
         }
         for shard in &self.unknown {
             let mut shard = shard.write().expect("lock");
-            shard.retain(|_, at| at.elapsed() < UNKNOWN_FOR);
+            shard.retain(|_, at| at.elapsed() < limits.unknown_key_ttl());
             shard.shrink_to_fit();
             cached.unknown += shard.len();
         }
@@ -328,7 +327,7 @@ mod tests {
         assert_eq!((&*p.account, p.role), ("a1", Role::System));
         let e = cache.authenticate(&headers("Bearer cg_nope"), &ledger, ip, &limits).await.unwrap_err();
         assert!(matches!(e, GatewayError::Unauthorized(_)));
-        assert_eq!(cache.retain_recent(), Cached { known: 1, unknown: 1 }, "the unknown key is remembered");
+        assert_eq!(cache.retain_recent(&limits), Cached { known: 1, unknown: 1 }, "the unknown key is remembered");
         let e = cache.authenticate(&HeaderMap::new(), &ledger, ip, &limits).await.unwrap_err();
         assert!(matches!(e, GatewayError::Unauthorized(_)));
     }

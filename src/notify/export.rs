@@ -8,7 +8,8 @@
 //! signed like webhooks, and on a 2xx answer moves the account's export mark past them. While
 //! export is on the store trims only exported entries, so a receiver that is down delays the
 //! trimming, never the ledger. A failing receiver is retried with exponential backoff per
-//! account. Delivery is at least once (a crash between the POST and the mark, or two instances
+//! account; `creditgate_export_pending_entries` shows how many entries wait, which is how far
+//! the history has grown past `history.max_entries` meanwhile. Delivery is at least once (a crash between the POST and the mark, or two instances
 //! exporting one account, can resend a batch): each event's `id` (`<account>:<seq>`) is unique
 //! and stable, so receivers dedupe by it.
 
@@ -50,6 +51,8 @@ pub fn cloud_event(source: &str, account: &str, e: &HistoryEntry) -> Value {
 pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut backoff: HashMap<String, (u32, Instant)> = HashMap::new();
+        // Entries each account had left to export when last tried (the gauge is their sum).
+        let mut pending: HashMap<String, u64> = HashMap::new();
         let mut last_sweep: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -78,15 +81,25 @@ pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
                 }
             };
             let cfg = &rt.config.export;
+            {
+                let listed: std::collections::HashSet<&str> = accounts.iter().map(String::as_str).collect();
+                pending.retain(|account, _| listed.contains(account.as_str()));
+            }
             for account in accounts {
                 if backoff.get(&account).is_some_and(|(_, next)| *next > Instant::now()) {
                     continue;
                 }
                 match export(&state, url, secret, &cfg.source, cfg.batch_size, &account).await {
-                    Ok(()) => {
+                    Ok(left) => {
                         backoff.remove(&account);
+                        pending.insert(account, left);
                     }
                     Err(e) => {
+                        // How much waits (acknowledging seq 0 moves nothing); on a store error the
+                        // last count stands.
+                        if let Ok(left) = state.ledger.ack_export(&account, 0).await {
+                            pending.insert(account.clone(), left);
+                        }
                         let (attempts, next) = backoff.entry(account.clone()).or_insert((0, Instant::now()));
                         *attempts += 1;
                         let wait = Duration::from_millis(250u64.saturating_mul(1 << (*attempts).min(16)))
@@ -97,11 +110,13 @@ pub fn spawn(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
                     }
                 }
             }
+            state.metrics.export_pending.set(pending.values().sum::<u64>() as i64);
         }
     })
 }
 
-/// Exports an account's waiting entries, batch after batch, until none are left.
+/// Exports an account's waiting entries, batch after batch, until none are left; returns how
+/// many are still waiting (more than ten batches' worth, or appended meanwhile).
 async fn export(
     state: &AppState,
     url: &str,
@@ -109,13 +124,13 @@ async fn export(
     source: &str,
     batch: usize,
     account: &str,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     // Bounded per pass, so one busy account cannot hold the others back.
+    let mut left = 0;
     for _ in 0..10 {
         let entries = state.ledger.unexported(account, batch).await.map_err(|e| e.to_string())?;
         let Some(last) = entries.last().map(|e| e.seq) else {
-            state.ledger.ack_export(account, 0).await.map_err(|e| e.to_string())?;
-            return Ok(());
+            return state.ledger.ack_export(account, 0).await.map_err(|e| e.to_string());
         };
         let events: Vec<Value> = entries.iter().map(|e| cloud_event(source, account, e)).collect();
         let body = serde_json::to_vec(&events).map_err(|e| e.to_string())?;
@@ -133,10 +148,10 @@ async fn export(
             Ok(Ok(_)) => {}
         }
         state.metrics.exported_entries.inc_by(entries.len() as u64);
-        let left = state.ledger.ack_export(account, last).await.map_err(|e| e.to_string())?;
+        left = state.ledger.ack_export(account, last).await.map_err(|e| e.to_string())?;
         if left == 0 {
-            return Ok(());
+            return Ok(0);
         }
     }
-    Ok(())
+    Ok(left)
 }

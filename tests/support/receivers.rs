@@ -11,7 +11,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,8 @@ struct WebhookInner {
     status: AtomicU16,
     /// Deliveries still to be answered 503 before `status` applies again.
     failures_left: AtomicU32,
+    /// How long each delivery waits for its answer, in ms (a slow receiver).
+    delay_ms: AtomicU64,
     deliveries: Mutex<Vec<Delivery>>,
 }
 
@@ -87,12 +89,19 @@ pub struct WebhookReceiver {
 impl WebhookReceiver {
     /// Starts a receiver that answers 200.
     pub async fn start() -> Self {
+        Self::start_on(0).await
+    }
+
+    /// Starts a receiver that answers 200 on `127.0.0.1:port` (0: any free port) — e.g. one that
+    /// comes up where the sender has so far found no one listening.
+    pub async fn start_on(port: u16) -> Self {
         let inner = Arc::new(WebhookInner {
             status: AtomicU16::new(200),
             failures_left: AtomicU32::new(0),
+            delay_ms: AtomicU64::new(0),
             deliveries: Mutex::new(Vec::new()),
         });
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind webhook receiver");
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind webhook receiver");
         let addr = listener.local_addr().expect("webhook receiver addr");
         let app = Router::new().fallback(receive).with_state(inner.clone());
         tokio::spawn(async move {
@@ -109,6 +118,11 @@ impl WebhookReceiver {
     /// The status later deliveries get (e.g. 503 while "down").
     pub fn set_status(&self, status: u16) {
         self.inner.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Holds each later delivery this long before answering it (recorded once answered).
+    pub fn set_delay(&self, delay: Duration) {
+        self.inner.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Answers the next `n` deliveries 503, then the status set with [`WebhookReceiver::set_status`].
@@ -148,6 +162,10 @@ impl WebhookReceiver {
 async fn receive(State(inner): State<Arc<WebhookInner>>, req: Request) -> axum::response::Response {
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let delay = inner.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let failing = inner.failures_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
     let answered = if failing { 503 } else { inner.status.load(Ordering::SeqCst) };
     inner.deliveries.lock().unwrap().push(Delivery {
