@@ -484,3 +484,43 @@ async fn an_empty_answer_is_kept_and_replayed() {
     let metrics = http::send("GET", &format!("{}/metrics", gw.admin), &[], "").await.text();
     assert!(metrics.contains("creditgate_client_gone_after_delivery_total 0"), "{metrics}");
 }
+
+/// A client that hangs up cancels the backend call: the gateway closes its connection to the
+/// backend instead of waiting out an answer nobody will read. The backend here holds the request
+/// unanswered and watches its socket; it sees the gateway close it long before its own 10 s.
+#[tokio::test]
+async fn a_hang_up_cancels_the_call_to_the_backend() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = format!("http://{}", listener.local_addr().unwrap());
+    let watcher = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the gateway closed before sending the request");
+            head.extend_from_slice(&buf[..n]);
+        }
+        // Never answer; report whether the gateway closed the connection within 10 s.
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        (String::from_utf8_lossy(&head).into_owned(), closed.is_ok())
+    });
+    let gw = TestGateway::start(&ConfigBuilder::new(&backend).build()).await;
+    let key = gw.account_with_key("acme", "big").await;
+    let (url, auth) = (gw.url(CHAT), format!("Bearer {key}"));
+    let headers = [("authorization", auth.as_str()), ("x-ai-tier", "fast")];
+    let abandoned = tokio::time::timeout(Duration::from_millis(500), http::send("POST", &url, &headers, "{}")).await;
+    assert!(abandoned.is_err(), "the backend never answers");
+    let (head, closed) = watcher.await.unwrap();
+    assert!(head.starts_with("POST /v1/chat/completions"), "{head}");
+    assert!(closed, "the gateway kept the backend call open after its client left");
+}

@@ -200,3 +200,55 @@ async fn a_repeated_idempotency_key_queues_one_job_and_pays_once() {
     assert_eq!(gw.remaining(&key).await, 8, "charged once: 2 credits");
     assert_eq!(up.requests().iter().filter(|r| r.path == TRANSCRIBE).count(), 1);
 }
+
+/// Sums the samples of `name` in `/metrics` text whose labels include `label` (e.g.
+/// `category="Transcription"`); 0 when there are none.
+fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn job_charges_are_counted_and_job_ids_are_random_and_per_account() {
+    let up = Upstream::echo().await;
+    let gw = TestGateway::with_upstream(&up.url()).await;
+    let metrics = || async { support::http::send("GET", &format!("{}/metrics", gw.admin), &[], "").await.text() };
+    let keys = [gw.account_with_key("acme", "fifty").await, gw.account_with_key("beta", "fifty").await];
+    let mut ids = Vec::new();
+    for key in &keys {
+        exhaust(&gw, key).await;
+        // The same Idempotency-Key on two accounts: two jobs, neither id derived from the key.
+        let res = gw.post(key, TRANSCRIBE, &[("idempotency-key", "same-key")], r#"{"call_id":"1"}"#).await;
+        assert_eq!(res.status, 202, "{}", res.text());
+        let id = res.json()["job_id"].as_str().unwrap().to_owned();
+        let suffix = id.strip_prefix("job_").unwrap_or_else(|| panic!("job id {id} starts with job_"));
+        assert!(suffix.len() == 20 && suffix.chars().all(|c| c.is_ascii_alphanumeric()), "job id {id}");
+        assert!(!id.contains("same-key"));
+        ids.push((key.clone(), res.header("location").unwrap().to_owned(), id));
+    }
+    assert_ne!(ids[0].2, ids[1].2, "one job per account, each with its own id");
+    let text = metrics().await;
+    assert_eq!(metric_sum(&text, "creditgate_credits_charged_total", "category=\"Transcription\""), 0.0, "{text}");
+    assert_eq!(
+        metric_sum(&text, "creditgate_payment_required_total", "operation=\"call_transcription\""),
+        0.0,
+        "a queued request is answered 202, not 402: {text}"
+    );
+
+    for (account, (key, location, _)) in ["acme", "beta"].iter().zip(&ids) {
+        assert_eq!(gw.topup(account, 10, &format!("pay-{account}")).await.status, 201);
+        assert_eq!(wait_job(&gw, key, location).await["status"], "done");
+        assert_eq!(gw.remaining(key).await, 8, "{account}: the job charged 2");
+        // The other account's job is not found under this key.
+        let other = if location == &ids[0].1 { &ids[1].1 } else { &ids[0].1 };
+        assert_eq!(gw.call(key, "GET", other, &[], "").await.status, 404);
+    }
+    let text = metrics().await;
+    assert_eq!(
+        metric_sum(&text, "creditgate_credits_charged_total", "category=\"Transcription\""),
+        4.0,
+        "the runner's charges are counted like a request's: {text}"
+    );
+}

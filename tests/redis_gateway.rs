@@ -914,3 +914,68 @@ async fn a_hang_up_while_the_request_is_queued_withdraws_the_job() {
     assert_eq!(up.requests().iter().filter(|r| r.path == TRANSCRIBE).count(), 0, "the withdrawn job ran");
     assert_eq!(gw.remaining(&key).await, 10, "and charged nothing");
 }
+
+/// A job attempt whose charge id was refunded before the runner took it (its refund landed, the
+/// attempt's end was never recorded) runs under a new attempt: charged once, sent once — never
+/// answered "charged" under the refunded id and run for free.
+#[tokio::test]
+async fn a_job_attempt_refunded_before_it_was_charged_runs_paid_under_a_new_attempt() {
+    use creditgate::ledger::{Ledger, RefundOutcome, redis::RedisLedger};
+    let redis = RedisServer::start();
+    let up = Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build();
+    let gw = GatewayProcess::start(&config).await;
+    let key = new_account(&gw.admin, "refunded-attempt").await;
+    exhaust_via(&gw.public, &key, 50).await;
+    let res = post(&gw.public, &key, TRANSCRIBE, r#"{"call_id":"r1"}"#).await;
+    assert_eq!(res.status, 202, "{}", res.text());
+    let (job_id, location) =
+        (res.json()["job_id"].as_str().unwrap().to_owned(), res.header("location").unwrap().to_owned());
+    // The first attempt's charge id, refunded before anything was charged under it.
+    let ledger = RedisLedger::connect_standalone(&redis.url()).await.unwrap();
+    let refund = ledger.refund("refunded-attempt", &format!("job-{job_id}-0")).await.unwrap();
+    assert_eq!(refund, RefundOutcome::UnknownCharge, "a tombstone now stands for attempt 0");
+
+    let res = admin(
+        &gw.admin,
+        "POST",
+        "/admin/v1/accounts/refunded-attempt/topups",
+        Some(json!({"credits": 10, "payment_ref": "p1"})),
+    )
+    .await;
+    assert_eq!(res.status, 201);
+    let job = wait_done(&gw.public, &key, &location, 200).await;
+    assert_eq!(job["status"], "done", "{job}");
+    assert_eq!(job["attempts"], 1, "attempt 0 counts as failed (refunded); attempt 1 ran: {job}");
+    assert_eq!(remaining_via(&gw.public, &key).await, 8, "charged once, under the new attempt");
+    assert_eq!(up.requests().iter().filter(|r| r.path == TRANSCRIBE).count(), 1, "sent once");
+}
+
+/// A key whose account was removed from the store behind the gateway's key cache is 401
+/// `unauthorized` on every route that reads the account — never a 500, never forwarded.
+#[tokio::test]
+async fn a_key_whose_account_is_gone_is_401_on_every_route() {
+    let redis = RedisServer::start();
+    let up = Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url()).store(&redis_store(&redis)).build();
+    let gw = GatewayProcess::start(&config).await;
+    let key = new_account(&gw.admin, "gone").await;
+    assert_eq!(chat(&gw.public, &key).await.status, 200, "the key is cached now");
+    assert_eq!(redis.command(&["DEL", &creditgate::ledger::keys::account("gone")]).trim(), "1");
+    let sent_before = up.count();
+    let auth = format!("Bearer {key}");
+    let calls = [
+        ("POST", CHAT, "{}"),
+        ("POST", TRANSCRIBE, r#"{"call_id":"g1"}"#),
+        ("GET", "/v1/credits", ""),
+        ("GET", "/v1/credits/usage", ""),
+        ("PUT", "/v1/credits/auto-topup", r#"{"enabled":false}"#),
+    ];
+    for (method, path, body) in calls {
+        let headers = [("authorization", auth.as_str()), ("content-type", "application/json"), ("x-ai-tier", "fast")];
+        let res = http::send(method, &format!("{}{path}", gw.public), &headers, body).await;
+        assert_eq!(res.status, 401, "{method} {path}: {}", res.text());
+        assert_eq!(res.error_type(), "unauthorized", "{method} {path}");
+    }
+    assert_eq!(up.count(), sent_before, "nothing reached the backend");
+}
