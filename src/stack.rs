@@ -236,20 +236,38 @@ impl Metered<'_> {
     /// Prices, charges (or replays, or queues), forwards and settles. `body` is `Some` when it
     /// was buffered for pricing or idempotency; otherwise `req` still carries its stream.
     async fn run(&self, req: Request, body: Option<Bytes>) -> Result<Response, GatewayError> {
-        let mut price = self.op.price(req.headers(), self.principal.role, body.as_deref())?;
-        if price.automatic {
-            price = self.automatic(price, req.headers(), body.as_deref()).await?;
-        }
-        let mut req = req;
-        // The upstream (and a queued job) sees exactly the priced headers.
-        crate::classify::bind_headers(req.headers_mut(), Some(&price));
+        let price = self.price(req.headers(), body.as_deref()).await?;
         let upstream_name = price.upstream.as_ref().unwrap_or(self.route_upstream);
         let upstream = self
             .rt
             .upstreams
             .get(upstream_name)
             .ok_or_else(|| GatewayError::UpstreamUnavailable(format!("no upstream {upstream_name}")))?;
-        // A tier that names a model: the backend is asked for exactly that one.
+        let (req, job_body) = self.bind(req, body, &price)?;
+        if price.cost == 0 {
+            let res = proxy::forward(self.state, upstream, req, self.fwd).await?;
+            return Ok(res.map(Body::new));
+        }
+        self.take_and_forward(upstream, upstream_name, req, job_body, price.cost).await
+    }
+
+    /// Step 1: the price, a free automatic refresh counted (or paid past its allowance).
+    async fn price(&self, headers: &http::HeaderMap, body: Option<&[u8]>) -> Result<Price, GatewayError> {
+        let price = self.op.price(headers, self.principal.role, body)?;
+        if price.automatic { self.automatic(price, headers, body).await } else { Ok(price) }
+    }
+
+    /// Step 2: the request bound to its price — the upstream (and a queued job) sees exactly the
+    /// priced headers, and a tier that names a model asks the backend for exactly that one.
+    /// Returns the request to send and, for a queueing operation, its body for the job (a handle,
+    /// no copy).
+    fn bind(
+        &self,
+        mut req: Request,
+        body: Option<Bytes>,
+        price: &Price,
+    ) -> Result<(Request, Option<Bytes>), GatewayError> {
+        crate::classify::bind_headers(req.headers_mut(), Some(price));
         let body = match (price.model.as_deref(), body) {
             (Some(model), Some(b)) if !b.is_empty() => {
                 let b = Bytes::from(
@@ -263,21 +281,29 @@ impl Metered<'_> {
             }
             (_, b) => b,
         };
-        // A queueing operation always has its body buffered; keep a handle (no copy) for the job.
         let job_body = body.clone().filter(|_| self.op.on_empty == OnEmpty::Queue);
         let req = match body {
             Some(b) => req.map(|_| Body::from(b)),
             None => req,
         };
-        if price.cost == 0 {
-            let res = proxy::forward(self.state, upstream, req, self.fwd).await?;
-            return Ok(res.map(Body::new));
-        }
+        Ok((req, job_body))
+    }
+
+    /// Step 3: the charge, then what it decides — forward and settle, replay a repeat (waiting,
+    /// bounded, for a first request with the same key still running), queue, or refuse.
+    async fn take_and_forward(
+        &self,
+        upstream: &proxy::Upstream,
+        upstream_name: &Arc<str>,
+        req: Request,
+        job_body: Option<Bytes>,
+        cost: u64,
+    ) -> Result<Response, GatewayError> {
         let charge_id = self.state.ids.next();
         let deadline = Instant::now() + Duration::from_millis(self.rt.config.idempotency.wait_ms);
         let mut pause = Duration::from_millis(20);
         loop {
-            let repeat = match self.charge(&charge_id, price.cost).await {
+            let repeat = match self.charge(&charge_id, cost).await {
                 Ok(Taken::Charged(charge)) => return self.forward_charged(charge, upstream, req).await,
                 Ok(Taken::Repeat(repeat)) => repeat,
                 Ok(Taken::Uncharged) => {
@@ -296,11 +322,10 @@ impl Metered<'_> {
                     if self.op.on_empty == OnEmpty::Queue =>
                 {
                     let parts = req.into_parts().0;
-                    let body = job_body.unwrap_or_default();
-                    match self.enqueue(upstream_name, parts, body, price.cost).await? {
-                        Queued::Answer(res) => return Ok(res),
-                        Queued::Repeat(repeat) => return self.answer_repeat(repeat),
-                    }
+                    return match self.enqueue(upstream_name, parts, job_body.unwrap_or_default(), cost).await? {
+                        Queued::Answer(res) => Ok(res),
+                        Queued::Repeat(repeat) => self.answer_repeat(repeat),
+                    };
                 }
                 Err(e) => {
                     if matches!(e, GatewayError::NoCredits { .. } | GatewayError::InsufficientCredits { .. }) {
