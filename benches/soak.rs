@@ -6,7 +6,7 @@
 //! AOF in a temporary directory, a fake AI backend (JSON answers and, for `"stream": true`, a
 //! slow SSE stream), and the release binary of the gateway on a config derived from the shipped
 //! one (tight connection timeouts, small per-account queue budgets). It seeds 20 accounts, then
-//! runs for `SOAK_SECS` (default 600):
+//! runs for `SOAK_SECS` (default 900):
 //!
 //! * metered chats from 16 workers (about 200/s each) over keep-alive connections, a fifth of
 //!   them streaming and a tenth with an `Idempotency-Key` from a bounded set, each repeated;
@@ -60,7 +60,7 @@ struct Counts {
 }
 
 fn main() {
-    let secs: u64 = std::env::var("SOAK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
+    let secs: u64 = std::env::var("SOAK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(900);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(run(Duration::from_secs(secs)));
 }
