@@ -281,3 +281,81 @@ async fn first_byte_timeout_is_per_upstream() {
     let view: Value = gw.admin_call("GET", "/admin/v1/config", None).await.json();
     assert_eq!(view["config"]["upstreams"]["ai"]["first_byte_timeout_ms"], 200);
 }
+
+// === review: requests that never reached a backend ===
+
+const POSITION: &str = "/v1/insights/position";
+
+/// A loopback port whose accept queue is full: a connect to it is neither accepted nor refused
+/// (Linux drops the SYN), so it hangs until the connector gives up. Keep the returned values
+/// alive for as long as the port should stay that way.
+async fn unanswered_port() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>, String) {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+    let listener = sock.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut held = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => held.push(s),
+            Ok(Err(e)) => panic!("connect to the full listener failed instead of hanging: {e}"),
+            Err(_) => break,
+        }
+        assert!(held.len() < 64, "the accept queue never filled");
+    }
+    (listener, held, format!("http://{addr}"))
+}
+
+/// Control: a request with a body whose backend connect never completes is answered 504 at
+/// `first_byte_timeout_ms` and refunded (nothing was delivered: it counts as unreachable).
+#[tokio::test]
+async fn review_a_request_with_a_body_whose_connect_never_completed_is_refunded() {
+    let (_l, _held, url) = unanswered_port().await;
+    let (gw, key) = gateway(&[url], &["first_byte_timeout_ms = 300"]).await;
+    let before = gw.remaining(&key).await;
+    let res = gw.post(&key, POSITION, &[], "{}").await;
+    assert_eq!(res.status, 504, "{}", res.text());
+    assert_eq!(gw.wait_for_remaining(&key, before, 40).await, before, "refunded: the backend never got it");
+}
+
+/// BUG: the same request with an empty body is charged. `DeliveryBody::new` marks an empty body
+/// delivered before any connection exists, so the first-byte timeout that fired while the TCP
+/// connect was still pending counts as `timeout` (not refunded by the default `refund_on`),
+/// although no byte ever reached a backend.
+#[tokio::test]
+async fn review_an_empty_request_whose_connect_never_completed_is_refunded() {
+    let (_l, _held, url) = unanswered_port().await;
+    let (gw, key) = gateway(&[url], &["first_byte_timeout_ms = 300"]).await;
+    let before = gw.remaining(&key).await;
+    let res = gw.post(&key, POSITION, &[], "").await;
+    assert_eq!(res.status, 504, "{}", res.text());
+    assert_eq!(
+        gw.wait_for_remaining(&key, before, 40).await,
+        before,
+        "charged 5 credits for a request no backend ever saw (x-credits-charged: {:?})",
+        res.header("x-credits-charged")
+    );
+}
+
+/// BUG: a client that hangs up while the gateway is still connecting to the backend is refunded
+/// only if its request had a body: an empty one counts as delivered from the start, so the
+/// hang-up guard keeps its charge although nothing was sent.
+#[tokio::test]
+async fn review_a_hang_up_while_connecting_refunds_an_empty_request() {
+    let (_l, _held, url) = unanswered_port().await;
+    let (gw, key) = gateway(&[url], &["first_byte_timeout_ms = 30000"]).await;
+    let before = gw.remaining(&key).await;
+    for body in ["{}", ""] {
+        let (u, auth) = (gw.url(POSITION), format!("Bearer {key}"));
+        let client = tokio::spawn(async move { http::send("POST", &u, &[("authorization", &auth)], body).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!client.is_finished(), "the connect was not held back");
+        client.abort();
+        let _ = client.await;
+        assert_eq!(
+            gw.wait_for_remaining(&key, before, 60).await,
+            before,
+            "body {body:?}: a client that left before anything reached a backend kept its charge"
+        );
+    }
+}
