@@ -359,3 +359,81 @@ async fn review_a_hang_up_while_connecting_refunds_an_empty_request() {
         );
     }
 }
+
+// === review: places on a backend come back ===
+
+/// A client that takes the first chunk of a stalled stream and then leaves gives its place on
+/// the backend back (no `stream_idle_timeout_ms`: only the hang-up can end it).
+#[tokio::test]
+async fn review_a_client_that_leaves_a_stalled_stream_frees_its_place() {
+    let a = Backend::start("a").await;
+    let (gw, key) = gateway(&[a.url()], &["max_in_flight = 1"]).await;
+    a.set(Mode::Stall);
+    let auth = format!("Bearer {key}");
+    let headers = [("authorization", auth.as_str()), ("x-ai-tier", "fast"), ("content-type", "application/json")];
+    let res = http::send_streaming("POST", &gw.url("/v1/chat/completions"), &headers, http::full(CHAT)).await;
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    assert!(http::next_data(&mut body, Duration::from_secs(5)).await.is_some());
+    assert_eq!(metric(&gw, "creditgate_upstream_in_flight", &a.url()).await, 1.0);
+    drop(body);
+    eventually("the place on the backend is given back", async || {
+        metric(&gw, "creditgate_upstream_in_flight", &a.url()).await == 0.0
+    })
+    .await;
+}
+
+/// A client that leaves while a hung backend holds its request gives its place back.
+#[tokio::test]
+async fn review_a_client_that_leaves_a_hung_request_frees_its_place() {
+    let a = Backend::start("a").await;
+    let (gw, key) = gateway(&[a.url()], &["max_in_flight = 1", "first_byte_timeout_ms = 30000"]).await;
+    a.set(Mode::Hang);
+    let gw = std::sync::Arc::new(gw);
+    let (gw2, key2) = (gw.clone(), key.clone());
+    let t = tokio::spawn(async move { chat(&gw2, &key2).await });
+    eventually("the backend holds the request", async || a.hits() == 1).await;
+    t.abort();
+    let _ = t.await;
+    eventually("the place on the backend is given back", async || {
+        metric(&gw, "creditgate_upstream_in_flight", &a.url()).await == 0.0
+    })
+    .await;
+    a.set(Mode::Ok);
+    assert_eq!(chat(&gw, &key).await.status, 200);
+}
+
+// === review: a slow client is not a failing backend ===
+
+/// A request body of one chunk now and the rest never (the sender is returned to keep it open).
+fn slow_body() -> (tokio::sync::mpsc::Sender<bytes::Bytes>, http::ReqBody) {
+    use http_body_util::BodyExt;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    tx.try_send(bytes::Bytes::from_static(b"{\"a\":")).unwrap();
+    let stream = futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|c| c.map(|c| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(c))))
+    });
+    (tx, http_body_util::StreamBody::new(stream).boxed())
+}
+
+/// BUG: clients that upload their body slowly eject a healthy backend. The first-byte timer
+/// runs while the gateway is still streaming the client's body to the backend; when it fires,
+/// `send` counts it against the backend (`slot.failed`, proxy/mod.rs), so `eject_after` slow
+/// clients in a row take a backend out of the rotation although it never failed anything.
+#[tokio::test]
+async fn review_slow_uploading_clients_do_not_eject_a_healthy_backend() {
+    let a = Backend::start("a").await;
+    let settings = ["first_byte_timeout_ms = 300", "eject_after = 2", "eject_ms = 600000"];
+    let (gw, key) = gateway(&[a.url()], &settings).await;
+    let auth = format!("Bearer {key}");
+    let mut keep = Vec::new();
+    for _ in 0..2 {
+        let (tx, body) = slow_body();
+        keep.push(tx);
+        let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+        let res = http::send_body("POST", &gw.url(POSITION), &headers, body).await;
+        assert_eq!(res.status, 504, "{}", res.text());
+    }
+    // (The test backend counts a hit even for a body cut short, so `a.hits()` says nothing here.)
+    assert_eq!(health(&gw, &a.url()).await, "healthy", "a backend was ejected for its clients' slowness");
+}
