@@ -437,3 +437,34 @@ async fn review_slow_uploading_clients_do_not_eject_a_healthy_backend() {
     // (The test backend counts a hit even for a body cut short, so `a.hits()` says nothing here.)
     assert_eq!(health(&gw, &a.url()).await, "healthy", "a backend was ejected for its clients' slowness");
 }
+
+// === review: passive ejection and active health checks ===
+
+/// BUG (low): a backend that fails every real request with a 5xx but answers its health check
+/// is taken back at the next health check, long before `eject_ms` ends (`health_checks_due` →
+/// `Backend::succeeded` clears any ejection), so it keeps getting `eject_after` failing
+/// requests per health interval instead of no traffic for `eject_ms`.
+#[tokio::test]
+async fn review_a_backend_ejected_for_5xx_answers_stays_out_for_eject_ms() {
+    use support::upstream::{Behaviour, Upstream};
+    let sick = Upstream::start(Behaviour::Chaos(Duration::from_secs(1))).await;
+    let b = Backend::start("b").await;
+    let settings = ["eject_after = 2", "eject_ms = 600000", "health_path = \"/health\"", "health_interval_ms = 100"];
+    let (gw, key) = gateway(&[sick.url(), b.url()], &settings).await;
+    let failing = r#"{"messages":[{"role":"user","content":"hi"}],"upstream":"status500"}"#;
+    let mut sent_to_sick = Vec::new();
+    for round in 0..3 {
+        for _ in 0..10 {
+            gw.post(&key, "/v1/chat/completions", &[("x-ai-tier", "fast")], failing).await;
+        }
+        sent_to_sick.push(sick.requests().iter().filter(|r| r.path == "/v1/chat/completions").count());
+        if round == 0 {
+            assert_eq!(health(&gw, &sick.url()).await, "ejected");
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(
+        sent_to_sick[2], sent_to_sick[0],
+        "the ejected backend got more real requests within eject_ms (after each round: {sent_to_sick:?})"
+    );
+}
