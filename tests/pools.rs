@@ -468,3 +468,16 @@ async fn review_a_backend_ejected_for_5xx_answers_stays_out_for_eject_ms() {
         "the ejected backend got more real requests within eject_ms (after each round: {sent_to_sick:?})"
     );
 }
+
+/// BUG (low): when `first_byte_timeout_ms` ≤ the connect timeout, a backend whose connect hangs
+/// makes the request 504 (no failover): the first-byte timer also covers the connect, and its
+/// expiry is never retried on the next backend, although nothing was sent.
+#[tokio::test]
+async fn review_a_connect_that_hangs_goes_to_the_next_backend() {
+    let (_l, _held, url) = unanswered_port().await;
+    let b = Backend::start("b").await;
+    let (gw, key) = gateway(&[url, b.url()], &["first_byte_timeout_ms = 300", "connect_timeout_ms = 1000"]).await;
+    // Round robin starts at the first backend, the one whose connect hangs.
+    let res = chat(&gw, &key).await;
+    assert_eq!(res.status, 200, "{}", res.text());
+}
