@@ -481,3 +481,39 @@ async fn review_a_connect_that_hangs_goes_to_the_next_backend() {
     let res = chat(&gw, &key).await;
     assert_eq!(res.status, 200, "{}", res.text());
 }
+
+/// BUG (medium): when the healthy backends are at `max_in_flight`, `Pool::pick` falls through to
+/// its "last resort" loop and sends the request to an *ejected* backend (one ejected for timing
+/// out) instead of answering 503 `upstream_busy` (always refunded). The request then times out
+/// after delivery, and an operation without `"timeout"` in `refund_on` keeps the charge.
+#[tokio::test]
+async fn review_full_healthy_backends_are_busy_not_a_spill_to_an_ejected_one() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let settings = ["max_in_flight = 1", "first_byte_timeout_ms = 300", "eject_after = 1", "eject_ms = 600000"];
+    let (gw, key) = gateway(&[a.url(), b.url()], &settings).await;
+    a.set(Mode::Hang);
+    b.set(Mode::Stall);
+    let auth = format!("Bearer {key}");
+    let headers = [("authorization", auth.as_str()), ("x-ai-tier", "fast"), ("content-type", "application/json")];
+    // 1st request: backend a (round robin starts there), which hangs: 504, a is ejected.
+    let first = http::send_streaming("POST", &gw.url("/v1/chat/completions"), &headers, http::full(CHAT)).await;
+    assert_eq!(first.status(), 504);
+    assert_eq!(health(&gw, &a.url()).await, "ejected");
+    // 2nd: backend b, whose answer stays open: b is full.
+    let second = http::send_streaming("POST", &gw.url("/v1/chat/completions"), &headers, http::full(CHAT)).await;
+    assert_eq!(second.status(), 200);
+    assert_eq!(metric(&gw, "creditgate_upstream_in_flight", &b.url()).await, 1.0);
+    // Every backend that gets traffic is full: this one is upstream_busy, refunded.
+    let before = gw.remaining(&key).await;
+    let res = gw.post(&key, POSITION, &[], "{}").await;
+    let charged = before - gw.wait_for_remaining(&key, before, 20).await;
+    assert_eq!(
+        (res.status.as_u16(), charged),
+        (503, 0),
+        "sent to the ejected backend instead: {} {}",
+        res.status,
+        res.text()
+    );
+    drop(second);
+}
