@@ -4,9 +4,10 @@
 //!   [`Delivery`] once the connection has read all of it: before that, the backend has nothing
 //!   to work on and a failure or a hang-up is refunded; after it, the work was handed over. An
 //!   empty body is never read (hyper sends `Content-Length: 0` and moves on), so such a request
-//!   counts as delivered from the start: its head goes out as soon as a connection is there, and
-//!   a connection that cannot be made is its own error ([`crate::error::GatewayError::UpstreamUnreachable`]).
-//!   A response head from the backend marks delivery too.
+//!   counts as delivered once a connection took it: hyper asks the body's `is_end_stream` then,
+//!   right before the head goes out, and never before a connection exists (a connect that hangs
+//!   or a client that leaves while it does is not delivery). A response head from the backend
+//!   marks delivery too.
 //! * [`MeteredBody`] wraps the backend's answer on its way to the client, like linkerd's
 //!   body-eos: at end of stream it keeps the answer of an idempotent request ([`Capture`]); on an
 //!   error from the backend it refunds when `refund_on` says so; dropped before its end (the
@@ -49,6 +50,7 @@ pin_project! {
         inner: B,
         delivery: Delivery,
         polled: bool,
+        empty: bool,
     }
 }
 
@@ -58,10 +60,8 @@ impl<B> DeliveryBody<B> {
     where
         B: Body,
     {
-        if inner.size_hint().exact() == Some(0) {
-            delivery.mark();
-        }
-        Self { inner, delivery, polled: false }
+        let empty = inner.size_hint().exact() == Some(0);
+        Self { inner, delivery, polled: false, empty }
     }
 }
 
@@ -82,7 +82,11 @@ impl<B: Body<Data = Bytes>> Body for DeliveryBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        // An empty body must still be polled once, so that its delivery is seen.
+        // A connection took the request (see the module docs): an empty body is all there is.
+        if self.empty {
+            self.delivery.mark();
+        }
+        // An empty body must still be polled once where a connection does poll it.
         self.polled && self.inner.is_end_stream()
     }
 

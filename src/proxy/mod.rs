@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod headers;
+mod outgoing;
 pub mod pool;
 mod resend;
 pub mod tls;
@@ -129,7 +130,11 @@ pub struct Upstream {
     /// With `ca_file`, a client certificate, `http2 = false` or a `connect_timeout_ms` of its
     /// own: clients of its own.
     own: Option<OwnClients>,
-    /// `first_byte_timeout_ms` (default `server.upstream_timeout_ms`).
+    /// `connect_timeout_ms` (default `server.connect_timeout_ms`): how long an attempt may take
+    /// to get a connection (TLS handshake included) that takes the request.
+    connect_timeout: Duration,
+    /// `first_byte_timeout_ms` (default `server.upstream_timeout_ms`), from the moment a
+    /// connection took the request.
     pub first_byte_timeout: Duration,
     /// `stream_idle_timeout_ms`.
     stream_idle_timeout: Option<Duration>,
@@ -211,6 +216,7 @@ impl Upstreams {
                 pool,
                 headers,
                 own,
+                connect_timeout,
                 first_byte_timeout: Duration::from_millis(
                     up.first_byte_timeout_ms.unwrap_or(config.server.upstream_timeout_ms),
                 ),
@@ -336,14 +342,31 @@ async fn send(
             Some(b) => b,
             None => Body::new(lent.clone().expect("lent when there are several backends")),
         };
-        let sent =
-            tokio::time::timeout(upstream.first_byte_timeout, client.request(Request::from_parts(head, req_body)));
-        match sent.await {
-            Err(_) => {
-                slot.failed(&upstream.pool, "no answer head in time");
+        let progress = Arc::new(outgoing::Progress::default());
+        let req_body = Body::new(outgoing::Outgoing::new(req_body, progress.clone()));
+        match attempt(client, upstream, Request::from_parts(head, req_body), &progress).await {
+            Attempt::NoConnection => {
+                // Nothing was sent: the backend's failure, and the next one may be tried.
+                slot.failed(&upstream.pool, "no connection within connect_timeout_ms");
+                if lent.as_ref().is_some_and(resend::Lent::untouched) && tried.count_ones() < 64 {
+                    drop(slot);
+                    continue;
+                }
+                return Err(GatewayError::UpstreamUnreachable(format!(
+                    "{}: no connection to {} within {} ms",
+                    upstream.name,
+                    slot.backend().label,
+                    upstream.connect_timeout.as_millis()
+                )));
+            }
+            Attempt::NoHead => {
+                // A client still sending its body is not the backend being slow.
+                if progress.ended() {
+                    slot.failed(&upstream.pool, "no answer head in time");
+                }
                 return Err(GatewayError::UpstreamTimeout);
             }
-            Ok(Err(e)) => {
+            Attempt::Done(Err(e)) => {
                 let e = classify_error(&upstream.name, slot.backend(), e);
                 if matches!(e, GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamUnavailable(_)) {
                     slot.failed(&upstream.pool, "connection failed");
@@ -356,7 +379,7 @@ async fn send(
                 }
                 return Err(e);
             }
-            Ok(Ok(res)) => {
+            Attempt::Done(Ok(res)) => {
                 if res.status().is_server_error() {
                     slot.failed(&upstream.pool, "answered 5xx");
                 } else {
@@ -369,6 +392,39 @@ async fn send(
                 return Ok(Response::from_parts(parts, body));
             }
         }
+    }
+}
+
+/// How one attempt at one backend ended.
+enum Attempt {
+    /// No connection took the request within `connect_timeout_ms`: nothing was sent.
+    NoConnection,
+    /// A connection took it, and no answer head came within `first_byte_timeout_ms`.
+    NoHead,
+    /// The client's own outcome: an answer head, or an error.
+    Done(Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>),
+}
+
+/// Sends `req` on `client`: the connect phase (pool checkout, TCP, TLS) bounded by the
+/// upstream's `connect_timeout_ms`, then the wait for the answer head by `first_byte_timeout_ms`.
+async fn attempt(client: &Client, upstream: &Upstream, req: Request<Body>, progress: &outgoing::Progress) -> Attempt {
+    let call = client.request(req);
+    tokio::pin!(call);
+    let connected = tokio::time::timeout(upstream.connect_timeout, async {
+        tokio::select! {
+            biased;
+            done = &mut call => Some(done),
+            () = progress.taken() => None,
+        }
+    })
+    .await;
+    match connected {
+        Err(_) => Attempt::NoConnection,
+        Ok(Some(done)) => Attempt::Done(done),
+        Ok(None) => match tokio::time::timeout(upstream.first_byte_timeout, call).await {
+            Err(_) => Attempt::NoHead,
+            Ok(done) => Attempt::Done(done),
+        },
     }
 }
 
@@ -423,8 +479,8 @@ fn health_checks_due(state: &crate::state::AppState) {
                 tokio::spawn(async move {
                     let client = up.own.as_ref().map_or_else(|| state.clients.get(), OwnClients::get);
                     match check_health(client, &up, &backend.url, &path, timeout).await {
-                        Ok(()) => backend.succeeded(),
-                        Err(why) => backend.failed(up.pool.eject_after, up.pool.eject, &why),
+                        Ok(()) => backend.check_passed(),
+                        Err(why) => backend.check_failed(up.pool.eject_after, up.pool.eject, &why),
                     }
                 });
             }

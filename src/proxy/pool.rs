@@ -42,6 +42,8 @@ pub struct Backend {
     ejected_until: AtomicU64,
     /// A probe request is out (the ejection ran out, nothing has succeeded since).
     probing: AtomicBool,
+    /// The ejection came from the active health check (which may then lift it), not traffic.
+    ejected_by_check: AtomicBool,
     requests: AtomicU64,
     errors: AtomicU64,
     ejections: AtomicU64,
@@ -80,6 +82,7 @@ impl Backend {
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             probing: AtomicBool::new(false),
+            ejected_by_check: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
@@ -136,6 +139,28 @@ impl Backend {
         }
     }
 
+    /// The active health check passed: healthy again — unless traffic ejected it and its
+    /// `eject_ms` has not run out (a backend may answer its health path and fail real requests;
+    /// then it stays out for the whole cool-down and the probe request decides).
+    pub(crate) fn check_passed(&self) {
+        let until = self.ejected_until.load(Ordering::Acquire);
+        if until != 0 && !self.ejected_by_check.load(Ordering::Acquire) && clock_ms() < until {
+            return;
+        }
+        self.succeeded();
+    }
+
+    /// The active health check failed: counts like a failed request; an ejection it causes is
+    /// one the next passing check lifts.
+    pub(crate) fn check_failed(&self, eject_after: u32, eject: Duration, why: &str) {
+        let was_ejected = self.ejected_until.load(Ordering::Acquire) != 0;
+        let by_check = !was_ejected || self.ejected_by_check.load(Ordering::Acquire);
+        self.failed(eject_after, eject, why);
+        if by_check && self.ejected_until.load(Ordering::Acquire) != 0 {
+            self.ejected_by_check.store(true, Ordering::Release);
+        }
+    }
+
     /// A request or health check failed; the `eject_after`-th in a row (or a failed probe)
     /// ejects it for `eject`.
     pub(crate) fn failed(&self, eject_after: u32, eject: Duration, why: &str) {
@@ -146,6 +171,7 @@ impl Backend {
             let until = clock_ms() + eject.as_millis() as u64;
             self.ejected_until.store(until, Ordering::Release);
             self.probing.store(false, Ordering::Release);
+            self.ejected_by_check.store(false, Ordering::Release);
             if !probing {
                 self.ejections.fetch_add(1, Ordering::Relaxed);
             }
@@ -210,7 +236,8 @@ impl Pool {
     /// Chooses a backend not in `tried` (a bit per index) and takes a place on it.
     ///
     /// Ejected backends are skipped while any other can be tried; when every untried one is
-    /// ejected they are used anyway (better a likely failure than a certain one).
+    /// ejected they are used anyway (better a likely failure than a certain one) — but not when
+    /// a healthy one is merely full: that is [`NoBackend::Busy`].
     pub fn pick(&self, tried: u64) -> Result<Slot, NoBackend> {
         let n = self.backends.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -249,6 +276,11 @@ impl Pool {
                     }
                 }
             }
+        }
+        // A healthy backend that is only full: busy (refunded, retried by the client) rather
+        // than a spill onto one known to fail.
+        if busy {
+            return Err(NoBackend::Busy);
         }
         // Nothing healthy left to try: the ejected ones, as a last resort.
         for i in order {
