@@ -1,0 +1,199 @@
+//! Attacker's review (round 10): bounds a hostile client can step around. Each test states the
+//! bound it holds the gateway to; every one failed on `main` when written.
+
+mod support;
+
+use support::gateway::{ConfigBuilder, TestGateway, spend};
+use support::http;
+use support::stores::{Env, Store};
+
+/// `server.max_body_bytes` ("larger bodies get 413") holds on every public route, also for a
+/// client without any credentials: the Stripe webhook route (here not even enabled) must not
+/// buffer an unauthenticated body larger than the configured bound before answering.
+#[tokio::test]
+async fn the_stripe_webhook_refuses_a_body_over_max_body_bytes() {
+    let up = support::upstream::Upstream::echo().await;
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).max_body_bytes(4096).build()).await;
+    let body = vec![b'x'; 256 * 1024];
+    let res = http::send(
+        "POST",
+        &gw.url("/v1/billing/stripe/webhook"),
+        &[("content-type", "application/json"), ("stripe-signature", "t=1,v1=00")],
+        body,
+    )
+    .await;
+    assert_eq!(
+        (res.status.as_u16(), res.error_type().as_str()),
+        (413, "payload_too_large"),
+        "a 256 KiB unauthenticated body with max_body_bytes = 4096: {}",
+        res.text()
+    );
+}
+
+/// Above axum's own 2 MB default the webhook answers axum's plain-text 413, not the gateway's
+/// JSON error (SPEC §6): every refusal is `{"error": {"type": …}}`.
+#[tokio::test]
+async fn an_oversized_webhook_body_gets_the_json_error_shape() {
+    let up = support::upstream::Upstream::echo().await;
+    let gw = TestGateway::with_upstream(&up.url()).await;
+    let body = vec![b'x'; 3 * 1024 * 1024];
+    let res = http::send("POST", &gw.url("/v1/billing/stripe/webhook"), &[], body).await;
+    assert_eq!(res.status, 413, "{}", res.text());
+    assert_eq!(res.error_type(), "payload_too_large", "a JSON error body, got: {:?}", res.text());
+}
+
+/// `jobs.max_queued_bytes_per_account` bounds what one account's waiting jobs cost the store.
+/// A queued job keeps its request headers and path too (they are replayed to the backend), but
+/// only the body is counted: with an empty body and ~45 KB of headers per request, an account
+/// at zero credits queues `max_queued_per_account` such jobs — 1,000 × 45 KB ≈ 45 MB by
+/// default against a stated 16 MiB — and the byte budget never triggers.
+async fn queued_headers_count_against_the_queue_byte_budget(store: Store) {
+    const BUDGET: usize = 20_000;
+    let env = Env::with(store, |b| {
+        b.extra(&format!("[jobs]\nmax_body_bytes = 1000\nmax_queued_bytes_per_account = {BUDGET}\n"))
+    })
+    .await;
+    let gw = &env.gw;
+    let key = gw.account_with_key("acme", "fifty").await;
+    spend(gw, &key, 50).await;
+    let pad = "p".repeat(15_000);
+    let headers = [("x-pad-a", pad.as_str()), ("x-pad-b", pad.as_str()), ("x-pad-c", pad.as_str())];
+    let mut queued = 0usize;
+    for _ in 0..6 {
+        let res = gw.post(&key, "/v1/calls/transcribe", &headers, "{}").await;
+        match res.status.as_u16() {
+            202 => queued += 1,
+            429 => break,
+            other => panic!("unexpected {other}: {}", res.text()),
+        }
+    }
+    // What the queue holds is really the headers: a top-up runs the jobs with them.
+    assert_eq!(gw.topup("acme", 1000, "pay-1").await.status, 201);
+    env.up.wait_for_count(1 + 1).await;
+    let ran = env.up.requests().into_iter().filter(|r| r.path == "/v1/calls/transcribe").collect::<Vec<_>>();
+    assert!(ran.iter().any(|r| r.header("x-pad-a").is_some_and(|v| v.len() == 15_000)), "headers were stored");
+    let stored = queued * 3 * 15_000;
+    assert!(
+        stored <= BUDGET,
+        "{queued} jobs queued holding {stored} bytes of request headers, against \
+         jobs.max_queued_bytes_per_account = {BUDGET}"
+    );
+}
+
+on_both_stores!(queued_headers_count_against_the_queue_byte_budget);
+
+/// Reads until the peer closes or `limit` passes; true when it closed.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: std::time::Duration) -> (bool, String) {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return (false, String::from_utf8_lossy(&seen).into_owned()),
+            Ok(Ok(0)) | Ok(Err(_)) => return (true, String::from_utf8_lossy(&seen).into_owned()),
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// `server.header_read_timeout_ms` holds "every later request on [a connection] from its first
+/// byte". A slowloris that pipelines the start of its second head in the same packet as a whole
+/// first request escapes it: the second head's bytes arrive while the first request is in
+/// flight, so no head timer starts, and the connection is only closed at the (much longer) idle
+/// timeout — every connection of a flood held `idle_timeout_ms` instead of `header_read_timeout_ms`.
+#[tokio::test]
+async fn a_partial_head_pipelined_behind_a_request_is_closed_at_the_header_timeout() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    let up = support::upstream::Upstream::echo().await;
+    let config = ConfigBuilder::new(&up.url())
+        .server("header_read_timeout_ms = 500")
+        .server("idle_timeout_ms = 60000")
+        .build();
+    let gw = TestGateway::start(&config).await;
+    let addr = gw.public.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET /dashboard HTTP/1.1\r\nHost: x\r\n\r\nGET /dashboard HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let (closed, answer) = closed_within(&mut s, Duration::from_secs(8)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "the first request is answered: {answer:.100}");
+    assert!(closed, "a half-sent second head is still held open 8 s later (header_read_timeout_ms = 500)");
+}
+
+/// Calls of one Redis command so far (`INFO commandstats`).
+fn redis_calls(redis: &support::redis::RedisServer, command: &str) -> u64 {
+    let info = redis.command(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(&prefix).and_then(|r| r.split(',').next()?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// `rate_limits.failed_auth_burst`: "an address over its allowance is refused before its key is
+/// looked up, so a key scanner costs no store lookups". The allowance is only spent *after* a
+/// lookup failed, so a scanner that sends its guesses at once (one per connection, up to
+/// `server.max_connections`) has every one of them looked up in the store before the first
+/// failure is counted — and again each time a cell refills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_concurrent_key_scan_costs_no_more_lookups_than_the_failed_auth_burst() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    const BURST: u64 = 3;
+    const GUESSES: usize = 150;
+    let env = Env::with(Store::Redis, |b| {
+        b.rate_limit(&format!("failed_auth_burst = {BURST}")).rate_limit("failed_auth_per_minute = 1")
+    })
+    .await;
+    let redis = env.redis.as_ref().unwrap();
+    let addr = env.gw.public.trim_start_matches("http://").to_owned();
+    let mut conns = Vec::new();
+    for _ in 0..GUESSES {
+        conns.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = redis_calls(redis, "hgetall");
+    for (i, s) in conns.iter_mut().enumerate() {
+        let head = format!(
+            "GET /v1/credits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer cg_guess_{i:06}_aaaaaaaaaaaaaaaa\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+    }
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    for s in &mut conns {
+        let answer = one_answer(s, Duration::from_secs(10)).await;
+        *statuses.entry(answer.get(9..12).unwrap_or("???").to_owned()).or_default() += 1;
+    }
+    let lookups = redis_calls(redis, "hgetall") - before;
+    assert!(
+        lookups <= BURST + 2,
+        "{GUESSES} concurrent guesses from one address cost {lookups} key lookups with \
+         failed_auth_burst = {BURST} (answers: {statuses:?})"
+    );
+}
+
+/// Reads one answer head (and its `Content-Length` body) from `s`, or what came before a close
+/// or `limit`.
+async fn one_answer(s: &mut tokio::net::TcpStream, limit: std::time::Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+                .unwrap_or(0);
+            if seen.len() >= end + 4 + len {
+                return text;
+            }
+        }
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => return text,
+        }
+    }
+}
