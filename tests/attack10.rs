@@ -197,3 +197,36 @@ async fn one_answer(s: &mut tokio::net::TcpStream, limit: std::time::Duration) -
         }
     }
 }
+
+/// Every refusal is the gateway's JSON error (SPEC §6). A job id that is not UTF-8 once
+/// percent-decoded is refused by axum's `Path` extractor with its own plain-text 400.
+#[tokio::test]
+async fn a_job_id_that_is_not_utf8_gets_the_json_error_shape() {
+    let up = support::upstream::Upstream::echo().await;
+    let gw = TestGateway::with_upstream(&up.url()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    let res = gw.call(&key, "GET", "/v1/jobs/%FF%FE", &[], "").await;
+    let json = serde_json::from_slice::<serde_json::Value>(&res.body).ok();
+    assert!(
+        json.as_ref().is_some_and(|v| v["error"]["type"].is_string()),
+        "{}: {:?}",
+        res.status,
+        res.text()
+    );
+    // The admin API, likewise.
+    let res = gw.admin_call("GET", "/admin/v1/accounts/%FF%FE", None).await;
+    let json = serde_json::from_slice::<serde_json::Value>(&res.body).ok();
+    assert!(json.as_ref().is_some_and(|v| v["error"]["type"].is_string()), "{}: {:?}", res.status, res.text());
+}
+
+/// `server.max_body_bytes` holds on the customer API too: its JSON bodies are read up to a
+/// fixed 64 KiB whatever the configured bound.
+#[tokio::test]
+async fn the_customer_api_refuses_a_body_over_max_body_bytes() {
+    let up = support::upstream::Upstream::echo().await;
+    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).max_body_bytes(4096).build()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    let body = format!(r#"{{"enabled": false, "pad": "{}"}}"#, "x".repeat(60_000));
+    let res = gw.call(&key, "PUT", "/v1/credits/auto-topup", &[], &body).await;
+    assert_eq!(res.status, 413, "a 60 KB body with max_body_bytes = 4096: {}", res.text());
+}
