@@ -230,3 +230,24 @@ async fn the_customer_api_refuses_a_body_over_max_body_bytes() {
     let res = gw.call(&key, "PUT", "/v1/credits/auto-topup", &[], &body).await;
     assert_eq!(res.status, 413, "a 60 KB body with max_body_bytes = 4096: {}", res.text());
 }
+
+/// Path normalisation must not change bytes it has no rule for. A raw UTF-8 path that also has
+/// something to normalise (here a trailing slash) reaches the backend with every non-ASCII
+/// byte re-encoded as a Latin-1 character (`/v1/déals/` → `/v1/dÃ©als`): `decode_unreserved`
+/// pushes each byte as a `char`.
+#[tokio::test]
+async fn normalising_a_utf8_path_keeps_its_bytes() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    let up = support::upstream::Upstream::echo().await;
+    let gw = TestGateway::with_upstream(&up.url()).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    let addr = gw.public.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!("GET /v1/d\u{e9}als/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let answer = one_answer(&mut s, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let got = up.only().path;
+    assert_eq!(got, "/v1/d\u{e9}als", "the backend got {got:?}");
+}
