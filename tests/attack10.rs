@@ -107,10 +107,8 @@ async fn a_partial_head_pipelined_behind_a_request_is_closed_at_the_header_timeo
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
     let up = support::upstream::Upstream::echo().await;
-    let config = ConfigBuilder::new(&up.url())
-        .server("header_read_timeout_ms = 500")
-        .server("idle_timeout_ms = 60000")
-        .build();
+    let config =
+        ConfigBuilder::new(&up.url()).server("header_read_timeout_ms = 500").server("idle_timeout_ms = 60000").build();
     let gw = TestGateway::start(&config).await;
     let addr = gw.public.trim_start_matches("http://").to_owned();
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -185,7 +183,9 @@ async fn one_answer(s: &mut tokio::net::TcpStream, limit: std::time::Duration) -
         if let Some(end) = text.find("\r\n\r\n") {
             let len: usize = text[..end]
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())
+                })
                 .unwrap_or(0);
             if seen.len() >= end + 4 + len {
                 return text;
@@ -207,12 +207,7 @@ async fn a_job_id_that_is_not_utf8_gets_the_json_error_shape() {
     let key = gw.account_with_key("acme", "fifty").await;
     let res = gw.call(&key, "GET", "/v1/jobs/%FF%FE", &[], "").await;
     let json = serde_json::from_slice::<serde_json::Value>(&res.body).ok();
-    assert!(
-        json.as_ref().is_some_and(|v| v["error"]["type"].is_string()),
-        "{}: {:?}",
-        res.status,
-        res.text()
-    );
+    assert!(json.as_ref().is_some_and(|v| v["error"]["type"].is_string()), "{}: {:?}", res.status, res.text());
     // The admin API, likewise.
     let res = gw.admin_call("GET", "/admin/v1/accounts/%FF%FE", None).await;
     let json = serde_json::from_slice::<serde_json::Value>(&res.body).ok();
