@@ -9,15 +9,20 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use crate::error::GatewayError;
+use crate::state::AppState;
 
 /// A JSON object request body; malformed or mistyped JSON is a 400 `bad_request` naming the problem.
 pub struct JsonBody<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+/// Most an API body may hold: 64 KiB, or `server.max_body_bytes` when that is less.
+const API_BODY_MAX: usize = 64 * 1024;
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = GatewayError;
 
-    async fn from_request(req: Request, _state: &S) -> Result<Self, GatewayError> {
-        let bytes = read_body(req.into_body(), 64 * 1024).await?;
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, GatewayError> {
+        let limit = API_BODY_MAX.min(state.runtime.load().config.server.max_body_bytes);
+        let bytes = read_body(req.into_body(), limit).await?;
         json_object(&bytes).map(JsonBody)
     }
 }
@@ -35,6 +40,10 @@ fn json_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
 
 /// Reads a whole body, refusing more than `limit` bytes.
 pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+    // A declared length (`Content-Length`) over the limit is refused before a byte is read.
+    if http_body::Body::size_hint(&body).lower() > limit as u64 {
+        return Err(GatewayError::PayloadTooLarge { limit });
+    }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         if crate::error::cause_ref::<http_body_util::LengthLimitError>(&e).is_some() {
             return GatewayError::PayloadTooLarge { limit };

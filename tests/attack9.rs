@@ -6,10 +6,10 @@ mod support;
 use std::time::Duration;
 
 use support::gateway::{ConfigBuilder, TestGateway};
-use support::redis::RedisServer;
-use support::upstream::Upstream;
 use support::http;
+use support::redis::RedisServer;
 use support::stores::{Env, Store};
+use support::upstream::Upstream;
 
 const SCORE: &str = "/v1/leads/score";
 const TRANSCRIBE: &str = "/v1/calls/transcribe";

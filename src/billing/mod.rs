@@ -19,7 +19,6 @@ pub mod stripe;
 
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use http::{HeaderMap, StatusCode};
@@ -176,10 +175,12 @@ async fn customer_of(state: &AppState, stripe: &Stripe, account: &str) -> Result
 pub(crate) async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Json<Received>, GatewayError> {
     let rt = state.runtime.load_full();
+    // Nothing is read before payments are known to be on, and no more than any request body.
     let stripe = rt.stripe.as_deref().ok_or_else(not_enabled)?;
+    let body = crate::extract::read_body(body, rt.config.server.max_body_bytes).await?;
     let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
     if let Err(why) = stripe.verify(signature, &body, crate::calendar::now()) {
         tracing::warn!(why = %why, "billing: webhook delivery refused");

@@ -96,7 +96,8 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
 /// (such as `%2F`) stay as they are, upper-cased.
 fn decode_unreserved(path: &str) -> String {
     let b = path.as_bytes();
-    let mut out = String::with_capacity(path.len());
+    // Bytes, not chars: a non-ASCII character's UTF-8 bytes are copied as they are.
+    let mut out = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
@@ -104,25 +105,29 @@ fn decode_unreserved(path: &str) -> String {
             if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
                 let c = (h * 16 + l) as u8;
                 if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
-                    out.push(c as char);
+                    out.push(c);
                 } else {
-                    out.push('%');
-                    out.push(b[i + 1].to_ascii_uppercase() as char);
-                    out.push(b[i + 2].to_ascii_uppercase() as char);
+                    out.extend_from_slice(&[b'%', b[i + 1].to_ascii_uppercase(), b[i + 2].to_ascii_uppercase()]);
                 }
                 i += 3;
                 continue;
             }
         }
-        out.push(b[i] as char);
+        out.push(b[i]);
         i += 1;
     }
-    out
+    // Only ASCII sequences were replaced, by ASCII: still UTF-8.
+    String::from_utf8(out).expect("UTF-8 in, ASCII replacements")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_ascii_bytes_are_kept_as_they_are() {
+        assert_eq!(decode_unreserved("/v1/d\u{e9}als/%41"), "/v1/d\u{e9}als/A");
+    }
 
     #[test]
     fn targets_backends_read_differently_are_refused() {
