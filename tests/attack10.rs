@@ -4,7 +4,6 @@
 mod support;
 
 use support::gateway::{ConfigBuilder, TestGateway, spend};
-use support::http;
 use support::stores::{Env, Store};
 
 const WEBHOOK: &str = "/v1/billing/stripe/webhook";
