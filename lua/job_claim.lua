@@ -51,7 +51,7 @@ local events = save_if_renewed(a)
 for _, id in ipairs(dangling) do redis.call('LREM', queue, 0, id) end
 for _, id in ipairs(expired) do
   local key = sub_key(a, 'job:' .. id)
-  redis.call('HINCRBY', KEYS[1], 'qbytes', n(-redis.call('HSTRLEN', key, 'body')))
+  redis.call('HINCRBY', KEYS[1], 'qbytes', n(-queued_size(key)))
   redis.call('HDEL', key, 'body', 'lease_owner', 'lease_until')
   redis.call('HSET', key, 'status', 'expired', 'updated_at', n(a.now),
     'error', 'not run within ' .. n(div(JOB_MAX_AGE, 3600)) .. ' h of queueing')

@@ -13,17 +13,19 @@
 -- ARGV[9]  request body (raw bytes)
 -- ARGV[10] request id
 -- ARGV[11] most jobs the account may have queued or running
--- ARGV[12] most request-body bytes the account's queued and running jobs may hold together
+-- ARGV[12] most bytes the account's queued and running jobs may hold together
+-- ARGV[13] the bytes this job holds (method, path, headers and body: src/ledger/jobs.rs
+--          `stored_bytes`), counted against ARGV[12]
 -- KEYS[3]  idempotency record      cg:{acct:<id>}:idem:<key>   (present iff the request has an
 --          idempotency key)
--- ARGV[13] request fingerprint (with KEYS[3])
--- ARGV[14] headers of the 202 answer, JSON array of [name, value] pairs (with KEYS[3])
--- ARGV[15] retention of the idempotency record, seconds (with KEYS[3])
+-- ARGV[14] request fingerprint (with KEYS[3])
+-- ARGV[15] headers of the 202 answer, JSON array of [name, value] pairs (with KEYS[3])
+-- ARGV[16] retention of the idempotency record, seconds (with KEYS[3])
 --
 -- Reply, first the number of outbox events appended (a renewal's), then the outcome:
 --   { events, "queued", queue length after }
 --   { events, "full" }          ARGV[11] jobs wait already
---   { events, "full_bytes" }    this body would take the account past ARGV[12] bytes
+--   { events, "full_bytes" }    this job would take the account past ARGV[12] bytes
 --   { events, "replay" | "in_progress" | "reused" | "conflict", ... }   as charge.lua: the key
 --            was used before (see lib.lua `idem_hit`); nothing queued
 --   { 0, "noaccount" }
@@ -42,29 +44,30 @@ if not a then return { 0, 'noaccount' } end
 
 -- Reads and checks.
 if #KEYS == 3 then
-  local hit = idem_hit(a, KEYS[3], ARGV[13])
+  local hit = idem_hit(a, KEYS[3], ARGV[14])
   if hit then return hit end
 end
 local queue = sub_key(a, 'queue')
 local depth = redis.call('LLEN', queue)
 if redis.call('EXISTS', KEYS[2]) == 1 then return { save_if_renewed(a), 'queued', depth } end
 if depth >= tonumber(ARGV[11]) then return { save_if_renewed(a), 'full' } end
--- The bytes the queue holds (request bodies), kept in the account hash: job_finish.lua and
--- job_claim.lua (expiry) give them back when a body is dropped.
+-- The bytes the queue holds (its jobs' requests), kept in the account hash: job_finish.lua,
+-- job_claim.lua (expiry) and job_withdraw.lua give a job's back when its body is dropped.
+local size = tonumber(ARGV[13])
 local qbytes = tonumber(redis.call('HGET', KEYS[1], 'qbytes')) or 0
-if qbytes + #ARGV[9] > tonumber(ARGV[12]) then return { save_if_renewed(a), 'full_bytes' } end
+if qbytes + size > tonumber(ARGV[12]) then return { save_if_renewed(a), 'full_bytes' } end
 
 -- Writes.
 local events = save_if_renewed(a)
 redis.call('HSET', KEYS[2], 'operation', ARGV[2], 'category', ARGV[3], 'cost', ARGV[4],
   'upstream', ARGV[5], 'method', ARGV[6], 'path', ARGV[7], 'headers', ARGV[8], 'body', ARGV[9],
   'request_id', ARGV[10], 'status', 'queued', 'not_before', n(a.now), 'attempts', '0',
-  'created_at', n(a.now), 'updated_at', n(a.now))
+  'created_at', n(a.now), 'updated_at', n(a.now), 'qsize', n(size))
 local depth = redis.call('RPUSH', queue, ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'qbytes', n(#ARGV[9]))
+redis.call('HINCRBY', KEYS[1], 'qbytes', n(size))
 if #KEYS == 3 then
-  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[13], 'state', 'done', 'status', '202', 'headers', ARGV[14],
+  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[14], 'state', 'done', 'status', '202', 'headers', ARGV[15],
     'body', json_object('job_id', ARGV[1], 'status', 'queued', 'queue_depth', depth))
-  redis.call('EXPIRE', KEYS[3], ARGV[15])
+  redis.call('EXPIRE', KEYS[3], ARGV[16])
 end
 return { events, 'queued', depth }

@@ -53,7 +53,7 @@ else
   redis.call('HSET', KEYS[2], 'status', 'queued')
 end
 if kind == 'done' or kind == 'failed' then
-  redis.call('HINCRBY', KEYS[1], 'qbytes', n(-redis.call('HSTRLEN', KEYS[2], 'body')))
+  redis.call('HINCRBY', KEYS[1], 'qbytes', n(-queued_size(KEYS[2])))
   redis.call('HDEL', KEYS[2], 'body')
   redis.call('LREM', queue, 0, ARGV[1])
   redis.call('EXPIRE', KEYS[2], ARGV[4])

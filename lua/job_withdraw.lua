@@ -27,7 +27,7 @@ if j[1] and (j[1] ~= 'queued' or leased) then return { save_if_renewed(a), 'star
 -- Writes.
 local events = save_if_renewed(a)
 if j[1] then
-  redis.call('HINCRBY', KEYS[1], 'qbytes', n(-redis.call('HSTRLEN', KEYS[2], 'body')))
+  redis.call('HINCRBY', KEYS[1], 'qbytes', n(-queued_size(KEYS[2])))
   redis.call('HDEL', KEYS[2], 'body', 'lease_owner', 'lease_until')
   redis.call('LREM', sub_key(a, 'queue'), 0, ARGV[1])
 else

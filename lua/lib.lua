@@ -455,6 +455,17 @@ local function write_record(a, id, r, bucket)
   redis.call('EXPIRE', bucket, 2 * CHARGE_TTL, 'NX')
 end
 
+-- === queued jobs (cg:{acct:<id>}:job:<id>) ===
+
+-- The bytes a queued job counts against the account's `qbytes` (method, path, headers and body,
+-- as src/ledger/jobs.rs `stored_bytes` counts them, kept as `qsize` when queued; a job queued
+-- before `qsize` was kept counts its body).
+local function queued_size(key)
+  local size = tonumber(redis.call('HGET', key, 'qsize'))
+  if size then return size end
+  return redis.call('HSTRLEN', key, 'body')
+end
+
 -- ===== end of lib.lua =====
 
 -- === idempotency records (cg:{acct:<id>}:idem:<key>) ===

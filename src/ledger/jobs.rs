@@ -46,11 +46,25 @@ pub struct NewJob<'a> {
     pub request_id: &'a str,
     /// Most jobs an account may have waiting.
     pub max_queued: u64,
-    /// Most request-body bytes an account's waiting and running jobs may hold together.
+    /// Most bytes (see [`NewJob::stored_bytes`]) an account's waiting and running jobs may
+    /// hold together.
     pub max_queued_bytes: u64,
     /// The request's idempotency key: the 202 answer is kept under it ([`queued_response`]), so
     /// a repeat replays it instead of queueing (or running) the request again.
     pub idempotency: Option<super::Idempotency<'a>>,
+}
+
+/// What a queued request holds in the store and counts against `max_queued_bytes`: its method,
+/// path, headers (names and values) and body — all of it is kept to be replayed.
+fn stored_bytes(method: &str, path: &str, headers: &[(String, String)], body: &[u8]) -> u64 {
+    (method.len() + path.len() + headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() + body.len()) as u64
+}
+
+impl NewJob<'_> {
+    /// The bytes this job will hold ([`stored_bytes`]).
+    pub fn stored_bytes(&self) -> u64 {
+        stored_bytes(self.method, self.path, self.headers, self.body)
+    }
 }
 
 /// The 202 answer to a queued request, built the same way by every store (`lua/job_enqueue.lua`
@@ -100,6 +114,11 @@ pub struct Job {
 }
 
 impl Job {
+    /// The bytes it holds in the store while queued ([`NewJob::stored_bytes`]).
+    pub fn stored_bytes(&self) -> u64 {
+        stored_bytes(&self.method, &self.path, &self.headers, &self.body)
+    }
+
     /// The charge id of the current attempt: stable across re-claims after a crash, new after a
     /// recorded failure, and never seen before this job (job ids are random per enqueue).
     pub fn charge_id(&self) -> String {

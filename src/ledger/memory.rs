@@ -913,10 +913,10 @@ impl JobStore for MemoryLedger {
             if a.queue.len() as u64 >= new.max_queued {
                 return EnqueueOutcome::Full;
             }
-            if a.queued_bytes + new.body.len() as u64 > new.max_queued_bytes {
+            if a.queued_bytes + new.stored_bytes() > new.max_queued_bytes {
                 return EnqueueOutcome::FullBytes;
             }
-            a.queued_bytes += new.body.len() as u64;
+            a.queued_bytes += new.stored_bytes();
             let job = Job {
                 id: new.id.to_owned(),
                 account: new.account.to_owned(),
@@ -966,7 +966,7 @@ impl JobStore for MemoryLedger {
                     let j = jobs.get_mut(id).expect("queued ids have records");
                     let leased = j.lease.as_ref().is_some_and(|(_, until)| *until > now);
                     if !leased && now - j.job.created_at >= limits.job_max_age_secs {
-                        *queued_bytes = queued_bytes.saturating_sub(j.job.body.len() as u64);
+                        *queued_bytes = queued_bytes.saturating_sub(j.job.stored_bytes());
                         j.job.body = Vec::new();
                         j.lease = None;
                         j.status = "expired";
@@ -1031,7 +1031,7 @@ impl JobStore for MemoryLedger {
                     }
                 };
                 if finished {
-                    a.queued_bytes = a.queued_bytes.saturating_sub(j.job.body.len() as u64);
+                    a.queued_bytes = a.queued_bytes.saturating_sub(j.job.stored_bytes());
                     j.job.body = Vec::new();
                     a.queue.retain(|id| id != job_id);
                 }
@@ -1050,7 +1050,7 @@ impl JobStore for MemoryLedger {
                     Some(j) if j.status == "withdrawn" => true,
                     Some(j) if j.status != "queued" || j.lease.as_ref().is_some_and(|l| l.1 > now) => false,
                     Some(j) => {
-                        a.queued_bytes = a.queued_bytes.saturating_sub(j.job.body.len() as u64);
+                        a.queued_bytes = a.queued_bytes.saturating_sub(j.job.stored_bytes());
                         j.job.body = Vec::new();
                         (j.status, j.lease, j.updated_at, j.error) = ("withdrawn", None, now, error);
                         j.expires_at = Some(now + retention);

@@ -1734,7 +1734,8 @@ impl JobStore for RedisLedger {
             .arg(new.body)
             .arg(new.request_id)
             .arg(new.max_queued.min(MAX_AMOUNT))
-            .arg(new.max_queued_bytes.min(MAX_AMOUNT));
+            .arg(new.max_queued_bytes.min(MAX_AMOUNT))
+            .arg(new.stored_bytes());
         if let Some(idem) = new.idempotency {
             inv.arg(idem.fingerprint).arg(headers_json(&super::jobs::queued_headers(new.id))?).arg(RETENTION_SECS);
         }
