@@ -66,6 +66,8 @@ redis.call('HSET', KEYS[2], 'operation', ARGV[2], 'category', ARGV[3], 'cost', A
 local depth = redis.call('RPUSH', queue, ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'qbytes', n(size))
 if #KEYS == 3 then
+  -- The job remembers its key, so a withdrawal can forget the 202 (job_withdraw.lua).
+  redis.call('HSET', KEYS[2], 'idem', KEYS[3])
   redis.call('HSET', KEYS[3], 'fingerprint', ARGV[14], 'state', 'done', 'status', '202', 'headers', ARGV[15],
     'body', json_object('job_id', ARGV[1], 'status', 'queued', 'queue_depth', depth))
   redis.call('EXPIRE', KEYS[3], ARGV[16])

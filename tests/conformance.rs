@@ -1909,6 +1909,25 @@ async fn a_job_of_unknown_fate_is_withdrawn_or_barred(l: &(impl Ledger + JobStor
     assert!(matches!(late, EnqueueOutcome::Queued { .. }), "{late:?}");
     assert_eq!(l.queue_depth(&acct).await.unwrap(), 1, "only job-w2, running");
     assert_eq!(l.job(&acct, "job-w3").await.unwrap().unwrap().status, "withdrawn");
+
+    // A withdrawn job's Idempotency-Key forgets its 202 (nobody was told of the job): the
+    // client's retry queues afresh instead of replaying a job that never runs.
+    let key = unique("idem-w");
+    let idem = Idempotency { key: &key, fingerprint: "f", lease_secs: 600 };
+    let (first_id, retry_id) = (unique("job"), unique("job"));
+    let first = NewJob { idempotency: Some(idem), ..new_job(&acct, &first_id, &headers, b"{}", 100) };
+    assert!(matches!(l.enqueue_job(first).await.unwrap(), EnqueueOutcome::Queued { .. }));
+    assert!(l.withdraw_job(&acct, &first_id).await.unwrap());
+    let retry = NewJob { idempotency: Some(idem), ..new_job(&acct, &retry_id, &headers, b"{}", 100) };
+    let outcome = l.enqueue_job(retry.clone()).await.unwrap();
+    assert!(matches!(outcome, EnqueueOutcome::Queued { .. }), "the retry queues afresh: {outcome:?}");
+    assert_eq!(l.job(&acct, &retry_id).await.unwrap().unwrap().status, "queued");
+    let again = l.enqueue_job(NewJob { id: &unique("job"), ..retry }).await.unwrap();
+    let expected = creditgate::ledger::jobs::queued_response(&retry_id, 2);
+    assert!(
+        matches!(&again, EnqueueOutcome::Idempotent(IdemHit::Replay { response, .. }) if *response == expected),
+        "and the key now replays the new job's 202: {again:?}"
+    );
 }
 
 /// Queues a job (cap 100) and checks it was queued.

@@ -91,6 +91,8 @@ struct JobRecord {
     error: Option<String>,
     /// Finished records are forgotten after this time.
     expires_at: Option<i64>,
+    /// The Idempotency-Key whose 202 names this job (forgotten when the job is withdrawn).
+    idem_key: Option<String>,
 }
 
 /// A finished job's upstream answer: status, kept headers, body.
@@ -103,6 +105,15 @@ struct IdemRecord {
     charge_id: Option<String>,
     state: IdemState,
     expires_at: i64,
+}
+
+impl IdemRecord {
+    /// Whether it replays the 202 of queued job `job_id`.
+    fn replays_job(&self, job_id: &str) -> bool {
+        let IdemState::Done(answer) = &self.state else { return false };
+        let needle = format!("\"job_id\":\"{job_id}\"");
+        self.charge_id.is_none() && answer.body.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
 }
 
 enum IdemState {
@@ -941,6 +952,7 @@ impl JobStore for MemoryLedger {
                 result: None,
                 error: None,
                 expires_at: None,
+                idem_key: new.idempotency.map(|i| i.key.to_owned()),
             };
             a.jobs.insert(new.id.to_owned(), record);
             a.queue.push_back(new.id.to_owned());
@@ -1054,7 +1066,15 @@ impl JobStore for MemoryLedger {
                         j.job.body = Vec::new();
                         (j.status, j.lease, j.updated_at, j.error) = ("withdrawn", None, now, error);
                         j.expires_at = Some(now + retention);
+                        let idem_key = j.idem_key.take();
                         a.queue.retain(|id| id != job_id);
+                        // Nobody was told of the job: its key forgets the 202, so a retry queues
+                        // afresh (unless the key has moved on to another request since).
+                        if let Some(key) = idem_key
+                            && a.idempotency.get(&key).is_some_and(|r| r.replays_job(job_id))
+                        {
+                            a.idempotency.remove(&key);
+                        }
                         true
                     }
                     None => {
@@ -1082,6 +1102,7 @@ impl JobStore for MemoryLedger {
                             result: None,
                             error,
                             expires_at: Some(now + retention),
+                            idem_key: None,
                         };
                         a.jobs.insert(job_id.to_owned(), record);
                         true
