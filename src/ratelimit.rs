@@ -9,7 +9,10 @@
 //!   addresses count by their /64. An address over its allowance is refused by
 //!   [`RateLimits::check_client`] *before* its key is looked up or its token compared, so a key
 //!   scanner costs no store lookups and a guessed admin token is refused even when it is right.
-//!   A key found in the cache is not asked about its address.
+//!   A key found in the cache is not asked about its address. At most `failed_auth_burst`
+//!   store lookups run at once per address ([`RateLimits::lookup_gate`]); the rest wait their
+//!   turn and are checked again, so a burst of concurrent guesses costs at most twice
+//!   `failed_auth_burst` lookups (not one per connection) before the address is refused.
 //!
 //! A refusal is 429 `rate_limited` with `Retry-After`. Limits are per gateway instance (N
 //! instances admit up to N times the rate) and start afresh on a config reload. Memory is
@@ -42,6 +45,28 @@ pub struct RateLimits {
     unknown_key_ttl: Duration,
     /// `rate_limits.unknown_key_cache_entries`.
     unknown_key_entries: usize,
+    /// Key lookups under way per client address, each address at most `failed_auth_burst` at
+    /// once (an entry lives while someone holds or waits for a permit).
+    lookups: std::sync::Mutex<HashMap<IpAddr, Arc<tokio::sync::Semaphore>>>,
+    lookup_permits: usize,
+}
+
+/// A turn at a key lookup for one client address ([`RateLimits::lookup_gate`]).
+pub struct LookupGate<'a> {
+    limits: &'a RateLimits,
+    ip: IpAddr,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for LookupGate<'_> {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut lookups = self.limits.lookups.lock().unwrap_or_else(PoisonError::into_inner);
+        // Nobody else holds or waits for this address's semaphore: forget it.
+        if lookups.get(&self.ip).is_some_and(|s| Arc::strong_count(s) == 1) {
+            lookups.remove(&self.ip);
+        }
+    }
 }
 
 /// How many keys each table holds (the `creditgate_rate_limit_entries` gauge).
@@ -73,7 +98,23 @@ impl RateLimits {
             clock: DefaultClock::default(),
             unknown_key_ttl: Duration::from_millis(config.rate_limits.unknown_key_cache_ttl_ms),
             unknown_key_entries: config.rate_limits.unknown_key_cache_entries,
+            lookups: Default::default(),
+            lookup_permits: (config.rate_limits.failed_auth_burst.max(1) as usize)
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
         }
+    }
+
+    /// Waits for a turn to look a key up for `ip`: at most `failed_auth_burst` lookups of one
+    /// address run at once, so the failures of a burst of guesses are counted before more of
+    /// them reach the store. Check [`RateLimits::check_client`] again once the turn comes.
+    pub async fn lookup_gate(&self, ip: IpAddr) -> LookupGate<'_> {
+        let ip = client_key(ip);
+        let semaphore = {
+            let mut lookups = self.lookups.lock().unwrap_or_else(PoisonError::into_inner);
+            lookups.entry(ip).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.lookup_permits))).clone()
+        };
+        let permit = semaphore.acquire_owned().await.ok();
+        LookupGate { limits: self, ip, permit }
     }
 
     /// How long the key cache answers an unknown key 401 without asking the store again.

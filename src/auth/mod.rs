@@ -186,6 +186,10 @@ impl KeyCache {
             }
         };
         limits.check_client(client)?;
+        // One of at most `failed_auth_burst` lookups of this address at once; the ones before
+        // it may have used the address's allowance up meanwhile.
+        let _turn = limits.lookup_gate(client).await;
+        limits.check_client(client)?;
         // Stamped before the lookup, so an entry is never trusted longer than FRESH after the
         // store said so.
         let asked = Instant::now();
