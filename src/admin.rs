@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Query};
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -20,7 +20,7 @@ use crate::api::{AutoTopupBody, Credits, EARLIER_PERIODS, Topups, UsageReport, t
 use crate::auth::{bearer, generate_key};
 use crate::calendar::{now, parse_rfc3339, rfc3339};
 use crate::error::{ErrorBody, GatewayError};
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, PathParam};
 use crate::ledger::jobs::JobStore;
 use crate::ledger::{
     HistoryEntry, KeyRecord, Ledger, MAX_CREDITS, NewAccount, PlanChange, PlanOutcome, Role, TopupOutcome,
@@ -209,7 +209,7 @@ pub(crate) async fn create_account(
     ))]
 pub(crate) async fn read_account(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Json<AccountDetails>, GatewayError> {
     account_json(&state, &id).await
 }
@@ -287,7 +287,7 @@ pub struct NewKey {
     ))]
 pub(crate) async fn create_key(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     JsonBody(body): JsonBody<CreateKey>,
 ) -> Result<(StatusCode, Json<NewKey>), GatewayError> {
     let k = generate_key();
@@ -333,7 +333,7 @@ pub(crate) struct CreateTopup {
     ))]
 pub(crate) async fn create_topup(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     JsonBody(body): JsonBody<CreateTopup>,
 ) -> Result<(StatusCode, Json<TopupReceiptView>), GatewayError> {
     if body.payment_ref.is_empty() || body.payment_ref.len() > 255 {
@@ -438,7 +438,7 @@ pub enum PlanChangeOutcome {
     ))]
 pub(crate) async fn update_account(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     JsonBody(body): JsonBody<UpdateAccount>,
 ) -> Result<Json<UpdatedAccount>, GatewayError> {
     if let Some(email) = &body.email {
@@ -472,7 +472,7 @@ pub(crate) async fn update_account(
     ))]
 pub(crate) async fn list_keys(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Json<KeyList>, GatewayError> {
     state.ledger.account(&id).await?.ok_or_else(|| no_account(&id))?;
     let keys = state
@@ -517,7 +517,7 @@ pub struct KeyInfo {
     ))]
 pub(crate) async fn revoke_key(
     State(state): State<AppState>,
-    Path(key_id): Path<String>,
+    PathParam(key_id): PathParam<String>,
 ) -> Result<Json<RevokedKey>, GatewayError> {
     let record = state
         .ledger
@@ -550,7 +550,7 @@ pub struct RevokedKey {
     ))]
 pub(crate) async fn list_topups(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Json<Topups>, GatewayError> {
     Ok(Json(Topups { topups: topup_history(&state, &id).await? }))
 }
@@ -567,7 +567,7 @@ pub(crate) async fn list_topups(
     ))]
 pub(crate) async fn set_auto_topup(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     JsonBody(body): JsonBody<AutoTopupBody>,
 ) -> Result<Json<AccountDetails>, GatewayError> {
     let setting = body.into_setting(&state.runtime.load())?;
@@ -600,7 +600,7 @@ const MAX_PAGE: usize = 500;
     ))]
 pub(crate) async fn ledger(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     uri: http::Uri,
 ) -> Result<Json<LedgerPage>, GatewayError> {
     let Query(page) = Query::<Page>::try_from_uri(&uri)
@@ -695,7 +695,7 @@ impl LedgerEntry {
     ))]
 pub(crate) async fn usage(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Json<UsageReport>, GatewayError> {
     let usage = state.ledger.usage(&id, EARLIER_PERIODS).await?.ok_or_else(|| no_account(&id))?;
     Ok(Json(UsageReport::of(&usage, &state.runtime.load())))

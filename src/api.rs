@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::routing::{get, put};
 use http::request::Parts;
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,7 @@ use utoipa::ToSchema;
 use crate::auth::Principal;
 use crate::calendar::{civil_from_days, rfc3339};
 use crate::error::{ErrorBody, GatewayError};
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, PathParam};
 use crate::ledger::jobs::JobStore;
 use crate::ledger::{AccountView, AutoTopup, Ledger, MAX_CREDITS, Usage, is_low};
 use crate::openapi::{BodyRefusals, CustomerRefusals};
@@ -465,7 +465,7 @@ pub(crate) async fn set_auto_topup(
 pub(crate) async fn job(
     State(state): State<AppState>,
     principal: Principal,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Json<JobStatus>, GatewayError> {
     let job = state
         .ledger

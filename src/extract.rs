@@ -27,6 +27,21 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
+/// A path parameter. One that cannot be read (not UTF-8 once decoded, say) is a 400
+/// `bad_request` with the JSON error body (SPEC §6), not axum's plain-text answer.
+pub struct PathParam<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> axum::extract::FromRequestParts<S> for PathParam<T> {
+    type Rejection = GatewayError;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, state: &S) -> Result<Self, GatewayError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(PathParam(v)),
+            Err(e) => Err(GatewayError::BadRequest(format!("The request path is not valid ({}).", e.body_text()))),
+        }
+    }
+}
+
 /// Reads `T` from a JSON object. Only from an object: serde would also read a struct from an
 /// array of its field values in order (`["acme", "pro"]` as `{"id": "acme", "plan": "pro"}`, and
 /// `[]` as a PATCH that changes nothing), a form no client means and the API document does not allow.
