@@ -220,6 +220,12 @@ const IDEMPOTENCY_LEASE_MARGIN_SECS: i64 = 300;
 const IDEMPOTENCY_POLL_MAX: Duration = Duration::from_millis(250);
 
 /// Steps 5–8 for one priced request: everything they share, with the steps as methods.
+/// What pricing decided: a price, or — a retried free refresh — what its key answers.
+enum Priced {
+    At(Price),
+    Repeat(IdemHit),
+}
+
 struct Metered<'a> {
     state: &'a AppState,
     rt: &'a Runtime,
@@ -236,7 +242,10 @@ impl Metered<'_> {
     /// Prices, charges (or replays, or queues), forwards and settles. `body` is `Some` when it
     /// was buffered for pricing or idempotency; otherwise `req` still carries its stream.
     async fn run(&self, req: Request, body: Option<Bytes>) -> Result<Response, GatewayError> {
-        let price = self.price(req.headers(), body.as_deref()).await?;
+        let price = match self.price(req.headers(), body.as_deref()).await? {
+            Priced::At(price) => price,
+            Priced::Repeat(hit) => return self.answer_repeat(hit),
+        };
         let upstream_name = price.upstream.as_ref().unwrap_or(self.route_upstream);
         let upstream = self
             .rt
@@ -244,17 +253,20 @@ impl Metered<'_> {
             .get(upstream_name)
             .ok_or_else(|| GatewayError::UpstreamUnavailable(format!("no upstream {upstream_name}")))?;
         let (req, job_body) = self.bind(req, body, &price)?;
-        if price.cost == 0 {
+        // Free and without an Idempotency-Key: nothing to record. A keyed free request takes the
+        // charge step at 0 credits, which keeps its key, so that a retry is replayed.
+        if price.cost == 0 && self.idem.is_none() {
             let res = proxy::forward(self.state, upstream, req, self.fwd).await?;
             return Ok(res.map(Body::new));
         }
         self.take_and_forward(upstream, upstream_name, req, job_body, price.cost).await
     }
 
-    /// Step 1: the price, a free automatic refresh counted (or paid past its allowance).
-    async fn price(&self, headers: &http::HeaderMap, body: Option<&[u8]>) -> Result<Price, GatewayError> {
+    /// Step 1: the price, a free automatic refresh counted (or paid past its allowance) — or,
+    /// for a retried refresh, what its Idempotency-Key answers.
+    async fn price(&self, headers: &http::HeaderMap, body: Option<&[u8]>) -> Result<Priced, GatewayError> {
         let price = self.op.price(headers, self.principal.role, body)?;
-        if price.automatic { self.automatic(price, headers, body).await } else { Ok(price) }
+        if price.automatic { self.automatic(price, headers, body).await } else { Ok(Priced::At(price)) }
     }
 
     /// Step 2: the request bound to its price — the upstream (and a queued job) sees exactly the
@@ -352,22 +364,25 @@ impl Metered<'_> {
     }
 
     /// A free automatic refresh is counted in the period's usage; past the operation's allowance
-    /// it pays like any request.
+    /// it pays like any request. A retry (its Idempotency-Key used before) counts nothing and
+    /// gets what the key answers; one whose first is still running waits for it in the charge
+    /// step.
     async fn automatic(
         &self,
         free: Price,
         headers: &http::HeaderMap,
         body: Option<&[u8]>,
-    ) -> Result<Price, GatewayError> {
+    ) -> Result<Priced, GatewayError> {
         let (op, account) = (self.op, &self.principal.account);
-        match self.state.ledger.count_free_automatic(account, &op.name, op.automatic_free_max).await {
-            Ok(FreeOutcome::Free { .. }) => Ok(free),
-            Ok(FreeOutcome::OverCap) => Ok(op.price_paid(headers, body)?),
+        match self.state.ledger.count_free_automatic(account, &op.name, op.automatic_free_max, self.idem).await {
+            Ok(FreeOutcome::Free { .. } | FreeOutcome::Idempotent(IdemHit::InProgress { .. })) => Ok(Priced::At(free)),
+            Ok(FreeOutcome::Idempotent(hit)) => Ok(Priced::Repeat(hit)),
+            Ok(FreeOutcome::OverCap) => Ok(Priced::At(op.price_paid(headers, body)?)),
             Ok(FreeOutcome::NoAccount) => Err(GatewayError::AccountGone),
             // Without an allowance the count is only for the usage page: serve, log the gap.
             Err(e) if op.automatic_free_max.is_none() || self.rt.config.store.on_error == OnStoreError::FailOpen => {
                 tracing::warn!(error = %e, operation = %op.name, "free automatic refresh not counted (store unavailable)");
-                Ok(free)
+                Ok(Priced::At(free))
             }
             Err(e) => Err(e.into()),
         }

@@ -108,8 +108,9 @@ impl Ledger for Store {
         account: &str,
         operation: &str,
         max_per_period: Option<u64>,
+        idempotency: Option<crate::ledger::Idempotency<'_>>,
     ) -> LedgerResult<FreeOutcome> {
-        dispatch!(self, l => l.count_free_automatic(account, operation, max_per_period))
+        dispatch!(self, l => l.count_free_automatic(account, operation, max_per_period, idempotency))
     }
     async fn defer_refund(&self, refund: &PendingRefund) -> LedgerResult<()> {
         dispatch!(self, l => l.defer_refund(refund))

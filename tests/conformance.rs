@@ -346,16 +346,16 @@ async fn auto_topup_package_changed_or_removed_switches_off(l: &impl Ledger) {
 async fn free_automatic_refreshes_counted_within_their_allowance(l: &impl Ledger) {
     let acct = account(l, 10).await;
     let op = "lead_scoring_refresh";
-    assert_eq!(l.count_free_automatic(&acct, op, None).await.unwrap(), FreeOutcome::Free { count: 1 });
-    assert_eq!(l.count_free_automatic(&acct, op, None).await.unwrap(), FreeOutcome::Free { count: 2 });
-    assert_eq!(l.count_free_automatic(&acct, op, Some(3)).await.unwrap(), FreeOutcome::Free { count: 3 });
-    assert_eq!(l.count_free_automatic(&acct, op, Some(3)).await.unwrap(), FreeOutcome::OverCap);
-    assert_eq!(l.count_free_automatic(&acct, "other_op", Some(1)).await.unwrap(), FreeOutcome::Free { count: 1 });
+    assert_eq!(l.count_free_automatic(&acct, op, None, None).await.unwrap(), FreeOutcome::Free { count: 1 });
+    assert_eq!(l.count_free_automatic(&acct, op, None, None).await.unwrap(), FreeOutcome::Free { count: 2 });
+    assert_eq!(l.count_free_automatic(&acct, op, Some(3), None).await.unwrap(), FreeOutcome::Free { count: 3 });
+    assert_eq!(l.count_free_automatic(&acct, op, Some(3), None).await.unwrap(), FreeOutcome::OverCap);
+    assert_eq!(l.count_free_automatic(&acct, "other_op", Some(1), None).await.unwrap(), FreeOutcome::Free { count: 1 });
     let u = l.usage(&acct, 0).await.unwrap().unwrap().current;
     let expected: BTreeMap<String, u64> = [(op.to_owned(), 3), ("other_op".to_owned(), 1)].into();
     assert_eq!((u.free_automatic, u.total), (expected, 0));
     assert_eq!(view(l, &acct).await.remaining(), 10, "no credits moved");
-    assert_eq!(l.count_free_automatic(&unique("nobody"), op, None).await.unwrap(), FreeOutcome::NoAccount);
+    assert_eq!(l.count_free_automatic(&unique("nobody"), op, None, None).await.unwrap(), FreeOutcome::NoAccount);
 }
 
 /// A refund deferred to the store is listed for every instance until one forgets it.

@@ -225,7 +225,9 @@ const AUTO_MAX_PER_PERIOD: u64 = 2;
 const IDEM_LEASE_SECS: i64 = 600;
 const JOB_LEASE_SECS: i64 = 600;
 const JOB_MAX_QUEUED: u64 = 4;
-const JOB_MAX_BYTES: u64 = 10;
+/// What a model job holds besides its body (method, path, headers: `NewJob::stored_bytes`).
+const JOB_OVERHEAD: u64 = 45;
+const JOB_MAX_BYTES: u64 = 10 + 2 * JOB_OVERHEAD;
 const JOB_BODIES: [usize; 3] = [0, 3, 5];
 const JOB_RETENTION_SECS: i64 = 2 * 86_400;
 /// `StoreLimits::default()`'s job bounds, which the stores run with here.
@@ -445,6 +447,7 @@ async fn apply<L: Ledger + JobStore>(
                     lease_secs: IDEM_LEASE_SECS,
                 }),
             };
+            assert_eq!(new.stored_bytes(), body.len() as u64 + JOB_OVERHEAD, "JOB_OVERHEAD is out of date");
             let got = l.enqueue_job(new).await.expect("enqueue");
             let want = m.enqueue(&id, body, key.as_ref().map(|(k, f)| (k.as_str(), f.as_str())));
             same!(step, "enqueue outcomes", got, want);
@@ -1105,8 +1108,8 @@ impl Model {
         if depth >= JOB_MAX_QUEUED {
             return EnqueueOutcome::Full;
         }
-        let held: usize = self.queue.iter().map(|q| self.job(q).expect("queued").body.len()).sum();
-        if (held + body.len()) as u64 > JOB_MAX_BYTES {
+        let held: u64 = self.queue.iter().map(|q| self.job(q).expect("queued").body.len() as u64 + JOB_OVERHEAD).sum();
+        if held + body.len() as u64 + JOB_OVERHEAD > JOB_MAX_BYTES {
             return EnqueueOutcome::FullBytes;
         }
         self.jobs.push(ModelJob {

@@ -710,9 +710,13 @@ impl Ledger for MemoryLedger {
         account: &str,
         operation: &str,
         max_per_period: Option<u64>,
+        idempotency: Option<Idempotency<'_>>,
     ) -> LedgerResult<FreeOutcome> {
         Ok(self
-            .with_account(account, |a, _| {
+            .with_account(account, |a, now| {
+                if let Some(hit) = idempotency.and_then(|idem| a.idem_hit(&idem, now)) {
+                    return FreeOutcome::Idempotent(hit);
+                }
                 let period = a.period;
                 let counts = &mut a.usage.entry(period).or_default().free_automatic;
                 let count = counts.get(operation).copied().unwrap_or(0);

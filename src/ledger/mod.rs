@@ -321,7 +321,7 @@ pub struct PendingRefund {
 }
 
 /// How counting a free automatic refresh ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FreeOutcome {
     /// Free: the period's count for the operation is now `count`.
     Free {
@@ -330,6 +330,8 @@ pub enum FreeOutcome {
     },
     /// The period's free allowance is used up: this one is charged like any request.
     OverCap,
+    /// The idempotency key was used before: nothing counted; what the key answers.
+    Idempotent(IdemHit),
     /// No such account.
     NoAccount,
 }
@@ -626,12 +628,15 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> impl Future<Output = LedgerResult<bool>> + Send;
 
     /// Counts a free automatic refresh of `operation` in the current period's usage, unless
-    /// `max_per_period` of them were free already (then nothing is counted).
+    /// `max_per_period` of them were free already (then nothing is counted), or unless the
+    /// request's `idempotency` key was used before: then what the key answers, nothing counted
+    /// (a retried refresh is no new refresh).
     fn count_free_automatic(
         &self,
         account: &str,
         operation: &str,
         max_per_period: Option<u64>,
+        idempotency: Option<Idempotency<'_>>,
     ) -> impl Future<Output = LedgerResult<FreeOutcome>> + Send;
 
     /// Keeps a refund that could not be written now, so that any instance writes it later, also

@@ -1259,18 +1259,25 @@ impl Ledger for RedisLedger {
         account: &str,
         operation: &str,
         max_per_period: Option<u64>,
+        idempotency: Option<super::Idempotency<'_>>,
     ) -> LedgerResult<FreeOutcome> {
         let scripts = self.scripts.load();
         let mut inv = scripts.free_automatic.key(keys::account(account));
+        if let Some(idem) = idempotency {
+            inv.key(keys::idempotency(account, idem.key));
+        }
         // -1: no allowance.
         inv.arg(operation).arg(max_per_period.map_or(-1, |m| m.min(MAX_AMOUNT) as i64));
+        if let Some(idem) = idempotency {
+            inv.arg(idem.fingerprint);
+        }
         let mut r = self.step(account, inv).await?;
         let outcome: String = r.next()?;
         Ok(match outcome.as_str() {
             "free" => FreeOutcome::Free { count: r.next()? },
             "over" => FreeOutcome::OverCap,
             "noaccount" => FreeOutcome::NoAccount,
-            other => return Err(unexpected("free_automatic", other)),
+            other => FreeOutcome::Idempotent(r.idem_hit(other).ok_or_else(|| unexpected("free_automatic", other))??),
         })
     }
 
