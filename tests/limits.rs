@@ -30,25 +30,9 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> (bool, String
 /// One complete request on `stream`, reading the answer head and its `Content-Length` body.
 async fn request(stream: &mut TcpStream, raw: &str) -> String {
     stream.write_all(raw.as_bytes()).await.unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await.expect("answer").unwrap();
-        assert!(n > 0, "closed before the answer: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&seen).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            if seen.len() >= end + 4 + len {
-                return text;
-            }
-        }
-    }
+    let answer = http::read_answer(stream, Duration::from_secs(10)).await;
+    assert!(answer.contains("\r\n\r\n"), "closed before the answer: {answer}");
+    answer
 }
 
 fn metric(text: &str, name: &str) -> u64 {

@@ -883,36 +883,13 @@ async fn a_lost_reply_of_the_queueing_step_is_not_answered_503_while_the_job_run
 /// withdrawn, and the next top-up runs nothing and charges nothing.
 #[tokio::test]
 async fn a_hang_up_while_the_request_is_queued_withdraws_the_job() {
-    let redis = RedisServer::start();
-    let proxy = support::faultproxy::FaultProxy::start(format!("127.0.0.1:{}", redis.port()).parse().unwrap()).await;
-    let up = Upstream::echo().await;
-    let store = format!("kind = \"redis\"\nurl = \"redis://{}\"", proxy.addr());
-    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&store).build()).await;
-    let key = gw.account_with_key("acme", "fifty").await;
-    support::gateway::spend(&gw, &key, 50).await;
-    // The queueing step runs; its answer ("queued") comes late, and the client leaves meanwhile.
-    proxy.delay_reply_with(b"queued", Duration::from_millis(800));
-    let (url, auth) = (gw.url(TRANSCRIBE), format!("Bearer {key}"));
-    let client =
-        tokio::spawn(async move { http::send("POST", &url, &[("authorization", &auth)], r#"{"call_id":"c1"}"#).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!client.is_finished(), "the queueing step was not held back");
-    client.abort();
-    let _ = client.await;
-    let withdrawn = || {
-        let keys = redis.command(&["KEYS", "cg:{acct:acme}:job:*"]);
-        keys.lines().any(|k| redis.command(&["HGET", k, "status"]) == "withdrawn")
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !withdrawn() {
-        assert!(std::time::Instant::now() < deadline, "the job nobody was told of was not withdrawn");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let run = support::faultproxy::LeftWhileQueueing::run(&[], r#"{"call_id":"c1"}"#).await;
+    let (gw, up, key) = (&run.gw, &run.up, &run.key);
     assert_eq!(gw.topup("acme", 10, "p1").await.status, 201);
     // The top-up wakes the job runner at once; give it time to run anything queued.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(up.requests().iter().filter(|r| r.path == TRANSCRIBE).count(), 0, "the withdrawn job ran");
-    assert_eq!(gw.remaining(&key).await, 10, "and charged nothing");
+    assert_eq!(gw.remaining(key).await, 10, "and charged nothing");
 }
 
 /// A job attempt whose charge id was refunded before the runner took it (its refund landed, the

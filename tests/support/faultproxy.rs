@@ -229,3 +229,60 @@ async fn pump(
         }
     }
 }
+
+/// A gateway on a Redis behind a [`FaultProxy`], an account "acme" at 0 credits (plan `fifty`,
+/// spent), and a client that sends a transcription with `headers` and leaves while its queueing
+/// step's reply is held back (800 ms): returns once the gateway has withdrawn the job.
+pub struct LeftWhileQueueing {
+    /// The Redis (keep it alive).
+    pub redis: super::redis::RedisServer,
+    /// The proxy in front of it.
+    pub proxy: FaultProxy,
+    /// The backend.
+    pub up: super::upstream::Upstream,
+    /// The gateway.
+    pub gw: super::gateway::TestGateway,
+    /// The account's API key.
+    pub key: String,
+}
+
+impl LeftWhileQueueing {
+    /// Runs the scenario (see the type).
+    pub async fn run(headers: &[(&str, &str)], body: &str) -> Self {
+        use std::time::Duration;
+        let redis = super::redis::RedisServer::start();
+        let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port()).parse().unwrap()).await;
+        let up = super::upstream::Upstream::echo().await;
+        let store = format!("kind = \"redis\"\nurl = \"redis://{}\"", proxy.addr());
+        let gw =
+            super::gateway::TestGateway::start(&super::gateway::ConfigBuilder::new(&up.url()).store(&store).build())
+                .await;
+        let key = gw.account_with_key("acme", "fifty").await;
+        super::gateway::spend(&gw, &key, 50).await;
+        // The queueing step runs; its answer ("queued") comes late, and the client leaves meanwhile.
+        proxy.delay_reply_with(b"queued", Duration::from_millis(800));
+        let url = gw.url("/v1/calls/transcribe");
+        let auth = format!("Bearer {key}");
+        let mut all: Vec<(String, String)> = vec![("authorization".into(), auth)];
+        all.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let body = body.to_owned();
+        let client = tokio::spawn(async move {
+            let h: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            super::http::send("POST", &url, &h, body).await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!client.is_finished(), "the queueing step was not held back");
+        client.abort();
+        let _ = client.await;
+        let withdrawn = || {
+            let keys = redis.command(&["KEYS", "cg:{acct:acme}:job:*"]);
+            keys.lines().any(|k| redis.command(&["HGET", k, "status"]) == "withdrawn")
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !withdrawn() {
+            assert!(std::time::Instant::now() < deadline, "the job nobody was told of was not withdrawn");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        LeftWhileQueueing { redis, proxy, up, gw, key }
+    }
+}

@@ -142,3 +142,30 @@ pub async fn try_next_data(body: &mut Incoming, wait: Duration) -> Result<Option
         }
     }
 }
+
+/// Reads one HTTP/1.1 answer (its head and `Content-Length` body) from a raw connection, or
+/// whatever came before the peer closed or `limit` passed.
+pub async fn read_answer(stream: &mut tokio::net::TcpStream, limit: std::time::Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length: ").and_then(|v| v.trim().parse().ok())
+                })
+                .unwrap_or(0);
+            if seen.len() >= end + 4 + len {
+                return text;
+            }
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => return text,
+        }
+    }
+}

@@ -45,6 +45,15 @@ impl Env {
         Env { gw, up, config, redis }
     }
 
+    /// Starts the gateway again on its config with `from` replaced by `to` (a setting the
+    /// builder has no knob for); `from` must be in the config.
+    pub async fn restart_with(&mut self, from: &str, to: &str) {
+        let config = self.config.replace(from, to);
+        assert_ne!(config, self.config, "the shipped config changed shape: {from:?} is gone");
+        self.gw = TestGateway::start(&config).await;
+        self.config = config;
+    }
+
     /// Another gateway instance on the same store and config.
     pub async fn second_instance(&self) -> TestGateway {
         TestGateway::start(&self.config).await

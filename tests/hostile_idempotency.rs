@@ -1,15 +1,14 @@
-//! attack9: hostile clients on the idempotency and job-queue paths. Each test here failed on
-//! main when written.
+//! Idempotency-Key repeats a hostile (or merely retrying) client tried on the free-refresh and
+//! job-queue paths (an attacker's review); each test failed before its fix: a retried free
+//! automatic refresh is replayed (never re-run, re-counted or charged), and the retry of a keyed
+//! request whose queueing was withdrawn queues afresh instead of replaying a dead job's 202.
 
 mod support;
 
 use std::time::Duration;
 
-use support::gateway::{ConfigBuilder, TestGateway};
 use support::http;
-use support::redis::RedisServer;
 use support::stores::{Env, Store};
-use support::upstream::Upstream;
 
 const SCORE: &str = "/v1/leads/score";
 const TRANSCRIBE: &str = "/v1/calls/transcribe";
@@ -19,12 +18,9 @@ const TRANSCRIBE: &str = "/v1/calls/transcribe";
 /// key: every retry reaches the backend again and eats the period's free allowance, and once
 /// the allowance is gone the same retry is charged in full.
 async fn a_retried_free_automatic_refresh_is_replayed_not_rerun_or_charged(store: Store) {
-    let env = Env::with(store, |b| b).await;
-    let config =
-        env.config.replace("automatic_free = true", "automatic_free = true\nautomatic_free_max_per_period = 2");
-    assert_ne!(config, env.config, "the shipped config changed shape");
-    drop(env.gw);
-    let gw = TestGateway::start(&config).await;
+    let mut env = Env::start(store).await;
+    env.restart_with("automatic_free = true", "automatic_free = true\nautomatic_free_max_per_period = 2").await;
+    let gw = &env.gw;
     gw.create_account("acme", "big").await;
     let system = gw.create_key("acme", "system").await;
     let headers = [("x-trigger", "automatic"), ("idempotency-key", "refresh-1")];
@@ -59,35 +55,10 @@ on_both_stores!(a_retried_free_automatic_refresh_is_replayed_not_rerun_or_charge
 /// never run, for 24 h, whatever it pays in.
 #[tokio::test]
 async fn a_retry_of_a_withdrawn_keyed_queueing_is_not_the_dead_jobs_202() {
-    let redis = RedisServer::start();
-    let proxy = support::faultproxy::FaultProxy::start(format!("127.0.0.1:{}", redis.port()).parse().unwrap()).await;
-    let up = Upstream::echo().await;
-    let store = format!("kind = \"redis\"\nurl = \"redis://{}\"", proxy.addr());
-    let gw = TestGateway::start(&ConfigBuilder::new(&up.url()).store(&store).build()).await;
-    let key = gw.account_with_key("acme", "fifty").await;
-    support::gateway::spend(&gw, &key, 50).await;
-    proxy.delay_reply_with(b"queued", Duration::from_millis(800));
+    let run =
+        support::faultproxy::LeftWhileQueueing::run(&[("idempotency-key", "call-7")], r#"{"call_id":"c7"}"#).await;
+    let (gw, up, key) = (&run.gw, &run.up, &run.key);
     let (url, auth) = (gw.url(TRANSCRIBE), format!("Bearer {key}"));
-    let client = {
-        let (url, auth) = (url.clone(), auth.clone());
-        tokio::spawn(async move {
-            let h = [("authorization", auth.as_str()), ("idempotency-key", "call-7")];
-            http::send("POST", &url, &h, r#"{"call_id":"c7"}"#).await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!client.is_finished(), "the queueing step was not held back");
-    client.abort();
-    let _ = client.await;
-    let withdrawn = || {
-        let keys = redis.command(&["KEYS", "cg:{acct:acme}:job:*"]);
-        keys.lines().any(|k| redis.command(&["HGET", k, "status"]) == "withdrawn")
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !withdrawn() {
-        assert!(std::time::Instant::now() < deadline, "the job nobody was told of was not withdrawn");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     tokio::time::sleep(Duration::from_millis(900)).await;
     // The client retries with the same key (it never got an answer).
     let h = [("authorization", auth.as_str()), ("idempotency-key", "call-7")];
@@ -107,7 +78,7 @@ async fn a_retry_of_a_withdrawn_keyed_queueing_is_not_the_dead_jobs_202() {
     }
     let runs = up.requests().iter().filter(|r| r.path == TRANSCRIBE).count();
     assert_eq!(
-        (runs, gw.remaining(&key).await),
+        (runs, gw.remaining(key).await),
         (1, 8),
         "the retry got {} {} (replay: {:?}); its job is {job_status:?}: the work never runs",
         retry.status,
