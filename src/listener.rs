@@ -6,7 +6,8 @@
 //!   and the others wait in the kernel's backlog — never an unbounded number of tasks.
 //! * **Header read timeout** (`server.header_read_timeout_ms`): a new connection must deliver a
 //!   whole request head within it, and so must every later request on it, counted from its first
-//!   byte; a half-sent head (slowloris) is closed.
+//!   byte (or, for a head whose start came pipelined behind the previous request, from that
+//!   request's answer); a half-sent head (slowloris) is closed.
 //! * **Idle timeout** (`server.idle_timeout_ms`): a keep-alive connection with no request in
 //!   flight is closed when no new request starts within it.
 //! * **Body read timeout** (`server.body_read_timeout_ms`): a request body that stalls between two
@@ -167,6 +168,25 @@ pub async fn serve(
     let _ = mine.acquire_many(limits.max_connections as u32).await;
 }
 
+/// The bytes `req` took on the wire, at least: its request line and headers as parsed (values
+/// without the whitespace around them) and its declared body; `None` when that cannot be told
+/// (a chunked body, an absolute-form target). Extra whitespace only makes the true size larger,
+/// which at worst starts a header timer for a connection that is merely idle.
+fn wire_size(req: &hyper::Request<Incoming>) -> Option<u64> {
+    if req.uri().scheme().is_some() || req.headers().contains_key(http::header::TRANSFER_ENCODING) {
+        return None;
+    }
+    let target = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
+    // "METHOD SP target SP HTTP/1.1 CRLF", each "name: value CRLF", the final CRLF.
+    let line = req.method().as_str().len() + 1 + target + 1 + 8 + 2;
+    let headers: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + 2 + v.len() + 2).sum();
+    let body = match req.headers().get(http::header::CONTENT_LENGTH) {
+        Some(v) => v.to_str().ok()?.trim().parse::<u64>().ok()?,
+        None => 0,
+    };
+    Some((line + headers + 2) as u64 + body)
+}
+
 /// Resolves once `shutdown` turns true (or its sender is gone).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -192,7 +212,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let io = TokioIo::new(Tracked { inner: tcp, state: state.clone() });
     let service_state = state.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-        service_state.request_started();
+        service_state.request_started(wire_size(&req));
         let (state, router) = (service_state.clone(), router.clone());
         async move {
             let mut req = req.map(|body| {
@@ -262,6 +282,13 @@ struct ConnState {
     /// Since when a write to the client has been waiting (its window shut); `NONE` when the
     /// last write went through — so also: whether answer bytes are still queued.
     write_blocked_ms: AtomicU64,
+    /// Bytes read from the client so far.
+    read_total: AtomicU64,
+    /// Bytes the requests so far took on the wire (heads as hyper parsed them, plus declared
+    /// bodies); `NONE` once a request's size cannot be told (a chunked body). When an answer
+    /// ends with more read than that, the start of the next head is already in hyper's buffer
+    /// (pipelined behind the request) and its header timer starts then.
+    consumed: AtomicU64,
 }
 
 const NONE: u64 = u64::MAX;
@@ -275,6 +302,8 @@ impl ConnState {
             head_started_ms: AtomicU64::new(NONE),
             served: AtomicU32::new(0),
             write_blocked_ms: AtomicU64::new(NONE),
+            read_total: AtomicU64::new(0),
+            consumed: AtomicU64::new(0),
         }
     }
 
@@ -292,18 +321,36 @@ impl ConnState {
         self.accepted.elapsed().as_millis() as u64
     }
 
-    fn request_started(&self) {
+    fn request_started(&self, wire_size: Option<u64>) {
+        match wire_size {
+            Some(n) => {
+                let _ =
+                    self.consumed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| (c != NONE).then(|| c + n));
+            }
+            None => self.consumed.store(NONE, Ordering::Relaxed),
+        }
         self.active.fetch_add(1, Ordering::AcqRel);
         self.served.store(1, Ordering::Relaxed);
         self.head_started_ms.store(NONE, Ordering::Relaxed);
     }
 
     fn answer_done(&self) {
-        self.idle_since_ms.store(self.now_ms(), Ordering::Relaxed);
-        self.active.fetch_sub(1, Ordering::AcqRel);
+        let now = self.now_ms();
+        self.idle_since_ms.store(now, Ordering::Relaxed);
+        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let consumed = self.consumed.load(Ordering::Relaxed);
+            // Bytes beyond what the requests took: a next head has begun (see `consumed`).
+            if consumed != NONE
+                && self.read_total.load(Ordering::Relaxed) > consumed
+                && self.head_started_ms.load(Ordering::Relaxed) == NONE
+            {
+                self.head_started_ms.store(now, Ordering::Relaxed);
+            }
+        }
     }
 
-    fn bytes_read(&self) {
+    fn bytes_read(&self, n: usize) {
+        self.read_total.fetch_add(n as u64, Ordering::Relaxed);
         if self.active.load(Ordering::Acquire) == 0 && self.head_started_ms.load(Ordering::Relaxed) == NONE {
             self.head_started_ms.store(self.now_ms(), Ordering::Relaxed);
         }
@@ -371,7 +418,7 @@ impl<S: AsyncRead> AsyncRead for Tracked<S> {
         let before = buf.filled().len();
         let polled = this.inner.poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.state.bytes_read();
+            this.state.bytes_read(buf.filled().len() - before);
         }
         polled
     }

@@ -1,8 +1,8 @@
 //! Bounds a hostile client tried to step around (an attacker's review): each test states the
 //! bound it holds the gateway to, and each failed before its fix — the Stripe webhook's body
 //! bound, queued jobs' header bytes, concurrent key guesses from one address, non-UTF-8 path
-//! parameters, the customer API's body bound, non-ASCII paths. One known gap is kept as an
-//! ignored test (a pipelined half head).
+//! parameters, the customer API's body bound, non-ASCII paths, a half head pipelined behind a
+//! whole request.
 
 mod support;
 
@@ -122,13 +122,12 @@ async fn closed_within(s: &mut tokio::net::TcpStream, limit: std::time::Duration
 }
 
 /// `server.header_read_timeout_ms` holds "every later request on [a connection] from its first
-/// byte". Known gap, not fixed: a slowloris that pipelines the start of its second head in the
-/// same packet as a whole first request escapes it — the second head's bytes arrive before the
-/// first request is parsed, so its start clears the head timer, and the connection is closed only
-/// at `idle_timeout_ms` (still bounded, and by `max_connections`). The listener sees bytes, not
-/// where hyper's parser stands; README "Not guaranteed yet" says so.
+/// byte". A slowloris that pipelines the start of its second head in the same packet as a whole
+/// first request used to escape it (the second head's bytes arrive before the first request is
+/// parsed, so its start cleared the head timer) and held the connection until `idle_timeout_ms`.
+/// The listener now compares the bytes read with what the requests took on the wire.
 #[tokio::test]
-#[ignore = "known gap: a pipelined half head is bounded by idle_timeout_ms, not header_read_timeout_ms"]
+
 async fn a_partial_head_pipelined_behind_a_request_is_closed_at_the_header_timeout() {
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
@@ -144,6 +143,34 @@ async fn a_partial_head_pipelined_behind_a_request_is_closed_at_the_header_timeo
     let (closed, answer) = closed_within(&mut s, Duration::from_secs(8)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "the first request is answered: {answer:.100}");
     assert!(closed, "a half-sent second head is still held open 8 s later (header_read_timeout_ms = 500)");
+}
+
+/// The other side of the case above: a connection whose requests were all taken whole stays
+/// open, idle, past the header timeout, until `idle_timeout_ms` (a request with a body included).
+#[tokio::test]
+async fn a_keep_alive_connection_with_nothing_pending_waits_for_the_idle_timeout() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    let up = support::upstream::Upstream::echo().await;
+    let config =
+        ConfigBuilder::new(&up.url()).server("header_read_timeout_ms = 500").server("idle_timeout_ms = 60000").build();
+    let gw = TestGateway::start(&config).await;
+    let key = gw.account_with_key("acme", "fifty").await;
+    let addr = gw.public.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = r#"{"leads":[1]}"#;
+    let head = format!(
+        "POST /v1/leads/enrich HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}GET /dashboard HTTP/1.1\r\nHost: x\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let first = support::http::read_answer(&mut s, Duration::from_secs(10)).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first:.200}");
+    let second = support::http::read_answer(&mut s, Duration::from_secs(10)).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "the pipelined second request: {second:.200}");
+    let (closed, _) = closed_within(&mut s, Duration::from_millis(1500)).await;
+    assert!(!closed, "an idle keep-alive connection was closed at the header timeout");
 }
 
 /// Calls of one Redis command so far (`INFO commandstats`).
