@@ -313,7 +313,8 @@ pub struct UpstreamConfig {
     /// Longest wait for a TCP (and TLS) connection to one backend; the request then goes to
     /// another backend, or is answered 502. Default: `server.connect_timeout_ms`.
     pub connect_timeout_ms: Option<u64>,
-    /// Longest wait for a backend's response head (504). Default: `server.upstream_timeout_ms`.
+    /// Longest wait for a backend's response head (504), counted from the moment a connection
+    /// took the request. Default: `server.upstream_timeout_ms`.
     pub first_byte_timeout_ms: Option<u64>,
     /// Longest gap between two chunks of a backend's answer; past it the answer is cut off as
     /// a broken stream. Absent: no limit.
