@@ -106,21 +106,6 @@ async fn queued_headers_count_against_the_queue_byte_budget(store: Store) {
 
 on_both_stores!(queued_headers_count_against_the_queue_byte_budget);
 
-/// Reads until the peer closes or `limit` passes; true when it closed.
-async fn closed_within(s: &mut tokio::net::TcpStream, limit: std::time::Duration) -> (bool, String) {
-    use tokio::io::AsyncReadExt;
-    let mut seen = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Err(_) => return (false, String::from_utf8_lossy(&seen).into_owned()),
-            Ok(Ok(0)) | Ok(Err(_)) => return (true, String::from_utf8_lossy(&seen).into_owned()),
-            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
 /// `server.header_read_timeout_ms` holds "every later request on [a connection] from its first
 /// byte". A slowloris that pipelines the start of its second head in the same packet as a whole
 /// first request used to escape it (the second head's bytes arrive before the first request is
@@ -140,7 +125,7 @@ async fn a_partial_head_pipelined_behind_a_request_is_closed_at_the_header_timeo
     s.write_all(b"GET /dashboard HTTP/1.1\r\nHost: x\r\n\r\nGET /dashboard HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         .await
         .unwrap();
-    let (closed, answer) = closed_within(&mut s, Duration::from_secs(8)).await;
+    let (closed, answer) = support::http::closed_within(&mut s, Duration::from_secs(8)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "the first request is answered: {answer:.100}");
     assert!(closed, "a half-sent second head is still held open 8 s later (header_read_timeout_ms = 500)");
 }
@@ -176,7 +161,7 @@ async fn a_keep_alive_connection_with_nothing_pending_waits_for_the_idle_timeout
     }
     let both = String::from_utf8_lossy(&both);
     assert!(both.starts_with("HTTP/1.1 200") && both.matches("HTTP/1.1 200").count() == 2, "{both:.300}");
-    let (closed, _) = closed_within(&mut s, Duration::from_millis(1500)).await;
+    let (closed, _) = support::http::closed_within(&mut s, Duration::from_millis(1500)).await;
     assert!(!closed, "an idle keep-alive connection was closed at the header timeout");
 }
 

@@ -20,13 +20,6 @@ fn addr(url: &str) -> String {
     url.trim_start_matches("http://").to_owned()
 }
 
-/// Reads until the peer closes the connection or `limit` passes; true when it closed. Whatever
-/// arrives before the close is returned too.
-async fn closed_within(stream: &mut TcpStream, limit: Duration) -> (bool, String) {
-    let (closed, bytes) = read_all(stream, limit).await;
-    (closed, String::from_utf8_lossy(&bytes).into_owned())
-}
-
 /// One complete request on `stream`, reading the answer head and its `Content-Length` body.
 async fn request(stream: &mut TcpStream, raw: &str) -> String {
     stream.write_all(raw.as_bytes()).await.unwrap();
@@ -60,13 +53,13 @@ async fn half_sent_heads_and_silent_connections_are_closed_after_the_header_time
         conns.push(s);
     }
     for s in &mut conns {
-        let (closed, _) = closed_within(s, Duration::from_secs(10)).await;
+        let (closed, _) = http::closed_within(s, Duration::from_secs(10)).await;
         assert!(closed, "a connection without a whole head is closed");
     }
     // The admin listener has the same bound.
     let mut s = TcpStream::connect(addr(&gw.admin)).await.unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
-    assert!(closed_within(&mut s, Duration::from_secs(10)).await.0);
+    assert!(http::closed_within(&mut s, Duration::from_secs(10)).await.0);
     assert!(metric(&metrics(&gw).await, "creditgate_connections_header_timeout_total") >= 61);
     // Honest clients are unaffected.
     assert_eq!(http::send("GET", &gw.url("/dashboard"), &[], "").await.status, 200);
@@ -85,7 +78,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout_not_befo
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(request(&mut s, get).await.starts_with("HTTP/1.1 200"), "kept alive");
     // Silence past it closes the connection (the header timeout, 60 s, is not what does it).
-    let (closed, _) = closed_within(&mut s, Duration::from_secs(20)).await;
+    let (closed, _) = http::closed_within(&mut s, Duration::from_secs(20)).await;
     assert!(closed, "the idle connection was closed");
     assert_eq!(metric(&metrics(&gw).await, "creditgate_connections_idle_timeout_total"), 1);
 }
@@ -103,7 +96,7 @@ async fn a_stalled_body_is_408_and_nothing_is_charged() {
             "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"leads\":[1,"
         );
         s.write_all(head.as_bytes()).await.unwrap();
-        let (_, answer) = closed_within(&mut s, Duration::from_secs(10)).await;
+        let (_, answer) = http::closed_within(&mut s, Duration::from_secs(10)).await;
         assert!(answer.starts_with("HTTP/1.1 408"), "{path}: {answer}");
         assert!(answer.contains("request_timeout"), "{path}: {answer}");
     }
@@ -138,7 +131,7 @@ async fn a_body_dripping_inside_the_read_timeout_is_408_at_the_total_deadline() 
                 break;
             }
             drops += 1;
-            let (closed, got) = read_all(&mut s, Duration::from_millis(200)).await;
+            let (closed, got) = http::read_all(&mut s, Duration::from_millis(200)).await;
             answer.extend(got);
             if closed {
                 break;
@@ -146,7 +139,7 @@ async fn a_body_dripping_inside_the_read_timeout_is_408_at_the_total_deadline() 
         }
         // Answered while the client still drips (a pause now would end it as a stall).
         assert!(!answer.is_empty(), "{path}: still reading the body after {drops} drops");
-        answer.extend(read_all(&mut s, Duration::from_secs(5)).await.1);
+        answer.extend(http::read_all(&mut s, Duration::from_secs(5)).await.1);
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 408"), "{path}: after {drops} drops: {answer:?}");
         assert!(answer.contains("request_timeout"), "{path}: {answer}");
@@ -164,7 +157,7 @@ async fn a_head_larger_than_max_header_bytes_is_431() {
     let mut s = TcpStream::connect(addr(&gw.public)).await.unwrap();
     let raw = format!("GET /dashboard HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
     let _ = s.write_all(raw.as_bytes()).await;
-    let (_, answer) = closed_within(&mut s, Duration::from_secs(10)).await;
+    let (_, answer) = http::closed_within(&mut s, Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     assert_eq!(up.count(), 0);
 }
@@ -255,7 +248,7 @@ async fn sigterm_stops_waiting_after_the_grace_period() {
     gw.signal("TERM");
     let status = gw.wait_exit(Duration::from_secs(10)).await.expect("exited once the grace period was over");
     assert!(status.success(), "exit status {status:?}");
-    let (closed, answer) = closed_within(&mut slow, Duration::from_secs(5)).await;
+    let (closed, answer) = http::closed_within(&mut slow, Duration::from_secs(5)).await;
     assert!(closed && answer.is_empty(), "the cut request's connection closed without an answer: {answer:?}");
 }
 
@@ -273,20 +266,6 @@ async fn big_upstream(size: usize) -> String {
         let _ = axum::serve(listener, app).await;
     });
     format!("http://{a}")
-}
-
-/// Reads until EOF or `limit`; returns (closed, bytes).
-async fn read_all(s: &mut TcpStream, limit: Duration) -> (bool, Vec<u8>) {
-    let mut seen = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Err(_) => return (false, seen),
-            Ok(Ok(0)) | Ok(Err(_)) => return (true, seen),
-            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
 }
 
 /// A client that asks for a large answer and never reads it used to hold its connection (and one
@@ -315,7 +294,7 @@ async fn a_client_that_stops_reading_its_answer_is_closed_after_the_write_timeou
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut honest = TcpStream::connect(addr(&gw.public)).await.unwrap();
     honest.write_all(b"GET /dashboard HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let (_, got) = read_all(&mut honest, Duration::from_secs(5)).await;
+    let (_, got) = http::read_all(&mut honest, Duration::from_secs(5)).await;
     assert!(
         String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"),
         "an honest client is served after two non-reading clients sat on the connection cap \

@@ -166,6 +166,7 @@ async fn customer_of(state: &AppState, stripe: &Stripe, account: &str) -> Result
     params(("stripe-signature" = String, Header, description = "Stripe's signature of the body")),
     request_body(content = serde_json::Value, description = "A Stripe event"),
     responses(
+        BodyRefusals,
         (status = 200, description = "Handled, or not one of ours", body = Received),
         (status = 400, description = "`bad_request`: bad signature or not a JSON event", body = ErrorBody),
         (status = 404, description = "`not_found`: payments are not enabled (`[billing.stripe]`)", body = ErrorBody),

@@ -344,32 +344,17 @@ async fn send(
         };
         let progress = Arc::new(outgoing::Progress::default());
         let req_body = Body::new(outgoing::Outgoing::new(req_body, progress.clone()));
-        match attempt(client, upstream, Request::from_parts(head, req_body), &progress).await {
-            Attempt::NoConnection => {
-                // Nothing was sent: the backend's failure, and the next one may be tried.
-                slot.failed(&upstream.pool, "no connection within connect_timeout_ms");
-                if lent.as_ref().is_some_and(resend::Lent::untouched) && tried.count_ones() < 64 {
-                    drop(slot);
-                    continue;
-                }
-                return Err(GatewayError::UpstreamUnreachable(format!(
-                    "{}: no connection to {} within {} ms",
-                    upstream.name,
-                    slot.backend().label,
-                    upstream.connect_timeout.as_millis()
-                )));
-            }
-            Attempt::NoHead => {
-                // A client still sending its body is not the backend being slow.
-                if progress.ended() {
-                    slot.failed(&upstream.pool, "no answer head in time");
-                }
-                return Err(GatewayError::UpstreamTimeout);
-            }
-            Attempt::Done(Err(e)) => {
-                let e = classify_error(&upstream.name, slot.backend(), e);
-                if matches!(e, GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamUnavailable(_)) {
-                    slot.failed(&upstream.pool, "connection failed");
+        match attempt(client, upstream, slot.backend(), Request::from_parts(head, req_body), &progress).await {
+            Err(e) => {
+                // A failed connection, or no head in time once the backend had the whole request
+                // (a client still sending its body is not the backend being slow).
+                let blame = match e {
+                    GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamUnavailable(_) => true,
+                    GatewayError::UpstreamTimeout => progress.ended(),
+                    _ => false,
+                };
+                if blame {
+                    slot.failed(&upstream.pool, &e.to_string());
                 }
                 // Never reached a backend, and the body is still whole: the next one.
                 let resendable = lent.as_ref().is_some_and(resend::Lent::untouched);
@@ -379,7 +364,7 @@ async fn send(
                 }
                 return Err(e);
             }
-            Attempt::Done(Ok(res)) => {
+            Ok(res) => {
                 if res.status().is_server_error() {
                     slot.failed(&upstream.pool, "answered 5xx");
                 } else {
@@ -395,19 +380,16 @@ async fn send(
     }
 }
 
-/// How one attempt at one backend ended.
-enum Attempt {
-    /// No connection took the request within `connect_timeout_ms`: nothing was sent.
-    NoConnection,
-    /// A connection took it, and no answer head came within `first_byte_timeout_ms`.
-    NoHead,
-    /// The client's own outcome: an answer head, or an error.
-    Done(Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>),
-}
-
-/// Sends `req` on `client`: the connect phase (pool checkout, TCP, TLS) bounded by the
-/// upstream's `connect_timeout_ms`, then the wait for the answer head by `first_byte_timeout_ms`.
-async fn attempt(client: &Client, upstream: &Upstream, req: Request<Body>, progress: &outgoing::Progress) -> Attempt {
+/// Sends `req` to `backend` on `client`: the connect phase (pool checkout, TCP, TLS) bounded by
+/// the upstream's `connect_timeout_ms` (past it 502 `upstream_unavailable`, as unreachable:
+/// nothing was sent), then the wait for the answer head by `first_byte_timeout_ms` (504).
+async fn attempt(
+    client: &Client,
+    upstream: &Upstream,
+    backend: &pool::Backend,
+    req: Request<Body>,
+    progress: &outgoing::Progress,
+) -> Result<Response<hyper::body::Incoming>, GatewayError> {
     let call = client.request(req);
     tokio::pin!(call);
     let connected = tokio::time::timeout(upstream.connect_timeout, async {
@@ -418,14 +400,21 @@ async fn attempt(client: &Client, upstream: &Upstream, req: Request<Body>, progr
         }
     })
     .await;
-    match connected {
-        Err(_) => Attempt::NoConnection,
-        Ok(Some(done)) => Attempt::Done(done),
-        Ok(None) => match tokio::time::timeout(upstream.first_byte_timeout, call).await {
-            Err(_) => Attempt::NoHead,
-            Ok(done) => Attempt::Done(done),
-        },
-    }
+    let done = match connected {
+        Err(_) => {
+            return Err(GatewayError::UpstreamUnreachable(format!(
+                "{}: no connection to {} within connect_timeout_ms ({} ms)",
+                upstream.name,
+                backend.label,
+                upstream.connect_timeout.as_millis()
+            )));
+        }
+        Ok(Some(done)) => done,
+        Ok(None) => {
+            tokio::time::timeout(upstream.first_byte_timeout, call).await.map_err(|_| GatewayError::UpstreamTimeout)?
+        }
+    };
+    done.map_err(|e| classify_error(&upstream.name, backend, e))
 }
 
 /// The URI of `pq` on backend `base`.

@@ -169,3 +169,25 @@ pub async fn read_answer(stream: &mut tokio::net::TcpStream, limit: std::time::D
         }
     }
 }
+
+/// Reads a raw connection until the peer closes it or `limit` passes; true when it closed, with
+/// whatever arrived before.
+pub async fn read_all(stream: &mut tokio::net::TcpStream, limit: std::time::Duration) -> (bool, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return (false, seen),
+            Ok(Ok(0)) | Ok(Err(_)) => return (true, seen),
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// [`read_all`] with the bytes as text.
+pub async fn closed_within(stream: &mut tokio::net::TcpStream, limit: std::time::Duration) -> (bool, String) {
+    let (closed, bytes) = read_all(stream, limit).await;
+    (closed, String::from_utf8_lossy(&bytes).into_owned())
+}
