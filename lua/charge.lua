@@ -6,8 +6,10 @@
 --          idempotency key)
 -- ARGV[1]  charge id
 -- ARGV[2]  cost
--- ARGV[3]  operation
--- ARGV[4]  category
+-- ARGV[3]  category and operation as the charge record holds them (lib.lua `format_record`):
+--          "<length>:<category><length>:<operation>", lengths in bytes (built in Rust)
+-- ARGV[4]  the usage counter's name after the day (lib.lua `usage_field`):
+--          ":<length of the category>:<category><operation>" (built in Rust)
 -- ARGV[5]  the end of the charge's history entry, from the operation on, as JSON text:
 --          `"operation":…,"category":…,"request_id":…,"charge_id":…}` (built once, in Rust)
 -- ARGV[6]  idempotency key (ignored without KEYS[2])
@@ -44,12 +46,11 @@ local a = load_account(KEYS[1], true)
 if not a then return { 0, 'noaccount' } end
 
 local charge_id, cost = ARGV[1], tonumber(ARGV[2])
-local operation, category = ARGV[3], ARGV[4]
 local idem_key = false
 if #KEYS == 2 then idem_key = ARGV[6] end
 
 -- Reads and checks.
-local prior = find_record(a, charge_id)
+local prior, _, bucket, bucket_number = find_record(a, charge_id)
 if prior then
   local r = parse_record(prior)
   if r.refunded then return { save_if_renewed(a), 'refunded' } end
@@ -141,16 +142,20 @@ for i, t in ipairs(reached) do
   end
 end
 
--- Writes.
+-- Writes. The record bucket's expiry is set by the account's first charge in it (the state
+-- remembers which bucket it set, `xb`); a bucket outlives its time as current by a whole TTL.
+local expire = a.xb ~= bucket_number
+a.xb = bucket_number
+if auto_off then a.auto_enabled = false end
 local events = save(a)
 if #newly_fired > 0 then redis.call('HSET', KEYS[1], unpack(newly_fired)) end
 if disarm then redis.call('HSET', KEYS[1], 'auto_armed', '0') end
-if auto_off then redis.call('HSET', KEYS[1], 'auto_enabled', '0') end
-redis.call('HINCRBY', sub_key(a, 'usage:' .. n(a.period)), usage_field(day, category, operation), n(cost))
+redis.call('HINCRBY', sub_key(a, 'usage:' .. n(a.period)), 'u:' .. n(day) .. ARGV[4], ARGV[2])
 
 -- The charge record: what refund.lua and a re-sent step need.
-write_record(a, charge_id, { cost = cost, from_monthly = from_monthly, from_topup = from_topup, period = a.period,
-  day = day, auto = auto_credits, category = category, operation = operation, idem = idem_key })
+redis.call('HSET', bucket, charge_id, format_record({ cost = cost, from_monthly = from_monthly, from_topup = from_topup,
+  period = a.period, day = day, auto = auto_credits, idem = idem_key }, ARGV[3]))
+if expire then redis.call('EXPIRE', bucket, 2 * CHARGE_TTL, 'NX') end
 if idem_key then
   redis.call('HSET', KEYS[2], 'fingerprint', ARGV[7], 'charge_id', charge_id, 'state', 'running',
     'until', n(a.now + tonumber(ARGV[10])))

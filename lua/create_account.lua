@@ -19,10 +19,13 @@ local now = clock(nil)
 local parts = anchor_from_unix(anchor)
 local period = period_at(parts, now)
 
-redis.call('HSET', KEYS[1], 'plan', ARGV[1], 'allocation', n(allocation), 'anchor', n(anchor),
-  'period', n(period), 'monthly', n(allocation), 'topup', '0', 'used', '0', 'now', n(now),
-  'created_at', n(now), 'hist', '1', 'evt', '0', 'auto_count', '0',
-  'period_end', n(period_start(parts, period + 1)))
+-- The state as lib.lua `save` writes it; the first history entry is seq 1, nothing trimmed, no
+-- events, auto top-up off, no charge record bucket yet.
+local a = { monthly = allocation, topup = 0, used = 0, hist = 1, htrim = 0, now = now,
+  period_end = period_start(parts, period + 1), allocation = allocation, period = period, evt = 0, auto_count = 0,
+  auto_enabled = false, xb = -1, hphys = 0 }
+redis.call('HSET', KEYS[1], 'plan', ARGV[1], 'anchor', n(anchor), 'created_at', n(now),
+  'state', state_text(a))
 if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'email', ARGV[5]) end
 redis.call('RPUSH', KEYS[1] .. ':history', json_object('seq', 1, 'kind', 'created', 'at', now,
   'monthly_delta', allocation, 'topup_delta', 0, 'monthly_after', allocation, 'topup_after', 0,

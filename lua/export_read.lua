@@ -7,7 +7,7 @@
 --
 -- The account's `exp` field is the last exported seq; entries after it are never trimmed while
 -- export is on (lib.lua `save`), so they are all still in cg:{acct:<id>}:history, at index
--- seq - 1 - htrim. An export switched on after entries were trimmed starts at the oldest kept.
+-- seq - 1 - hphys (lib.lua `load_account`). An export switched on after entries were trimmed starts at the oldest kept.
 -- Same steps as memory.rs `unexported`.
 
 local a = load_account(KEYS[1])
@@ -18,7 +18,7 @@ local first = math.max(a.exported, a.htrim) + 1
 local last = math.min(a.hist, first + tonumber(ARGV[1]) - 1)
 local reply = { events, 'found' }
 if last >= first then
-  for _, e in ipairs(redis.call('LRANGE', sub_key(a, 'history'), first - 1 - a.htrim, last - 1 - a.htrim)) do
+  for _, e in ipairs(redis.call('LRANGE', sub_key(a, 'history'), first - 1 - a.hphys, last - 1 - a.hphys)) do
     reply[#reply + 1] = e
   end
 end

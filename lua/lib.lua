@@ -158,20 +158,52 @@ local JOB_RETENTION = {{JOB_RETENTION}}
 -- Charge records live this many seconds (refunds and re-sent steps need them).
 local CHARGE_TTL = {{CHARGE_TTL}}
 
--- The fields every step reads (HOT) and the rest (REST), which a lean load
--- (`load_account(key, true)`, the charge's hot path) reads only when the step turns out to need
--- them: a renewal, auto top-up switched on, or export-guarded history trimming.
-local HOT = { 'monthly', 'topup', 'used', 'now', 'hist', 'htrim', 'period_end', 'allocation', 'period',
+-- History entries trimmed together: the list may hold up to this many entries past HISTORY_MAX
+-- (reads never show them, see `htrim` below), so the LTRIM runs once per batch, not per charge.
+-- Filled in the same way (`ledger::StoreLimits::history_trim_batch`).
+local HISTORY_TRIM_BATCH = {{HISTORY_TRIM_BATCH}}
+
+-- The account's hot state, what every step reads and a charge writes, is one hash field `state`
+-- (one HGET and one HSET per charge; Redis scans a small hash's fields one by one, so twelve
+-- fields read and seven written cost it several times more than one of each). It holds 14
+-- integers as MessagePack (cmsgpack, built into Redis), in two parts:
+--
+--   monthly topup used hist htrim now | period_end allocation period evt auto_count auto_enabled xb hphys
+--
+-- MessagePack because Lua turns decimal text into numbers with strtod and numbers into text with
+-- sprintf, each of which costs Redis about as much as a command; cmsgpack reads and writes
+-- integers directly (exact: every value stays below 2^53). The first part changes with every
+-- charge; the second rarely, and is written back byte for byte unless one of its values changed.
+-- `htrim`: history entries trimmed so far as readers see it (seq htrim + 1 is the oldest shown);
+-- `hphys`: entries actually removed from the list (it holds seq hphys + 1 .. hist; see
+-- HISTORY_TRIM_BATCH). `auto_enabled`: 1 or 0. `xb`: the charge record bucket whose expiry this
+-- account has set (see charge.lua), -1 for none. To read it by hand:
+--   EVAL "return {cmsgpack.unpack(redis.call('HGET', KEYS[1], 'state'))}" 1 'cg:{acct:<id>}'
+--
+-- Accounts written before `state` keep these values in fields of their own (STATE_FIELDS, the
+-- first `save` moves them into `state`). The fields every other step may need (REST) are read by
+-- a lean load (`load_account(key, true)`, the charge's hot path) only when the step turns out to
+-- need them: a renewal, auto top-up switched on, or export-guarded history trimming.
+local STATE_FIELDS = { 'monthly', 'topup', 'used', 'now', 'hist', 'htrim', 'period_end', 'allocation', 'period',
   'evt', 'auto_count', 'auto_enabled' }
 local REST = { 'plan', 'pending_plan', 'pending_allocation', 'anchor', 'email', 'exp', 'auto_threshold',
   'auto_package', 'auto_credits', 'auto_price', 'auto_price_json', 'auto_armed' }
--- Each field's place in an HMGET of HOT or REST, by name (built once, when the library loads).
+-- Each field's place in an HMGET of STATE_FIELDS or REST, by name (built once, when the library loads).
 local function places(names)
   local at = {}
   for i = 1, #names do at[names[i]] = i end
   return at
 end
-local H, R = places(HOT), places(REST)
+local H, R = places(STATE_FIELDS), places(REST)
+
+-- The `state` of account `a`; `rest`, when given, is the second part as read (unchanged).
+local function state_text(a, rest)
+  if rest then return cmsgpack.pack(a.monthly, a.topup, a.used, a.hist, a.htrim, a.now) .. rest end
+  local enabled = 0
+  if a.auto_enabled then enabled = 1 end
+  return cmsgpack.pack(a.monthly, a.topup, a.used, a.hist, a.htrim, a.now, a.period_end, a.allocation, a.period, a.evt,
+    a.auto_count, enabled, a.xb, a.hphys)
+end
 
 -- Raises an error, before anything is read or written, while the account's slot is being moved
 -- between Redis Cluster nodes (resharding): a key that never exists, asked for together with the
@@ -244,37 +276,38 @@ end
 -- nil when there is no such account. Nothing is written here: callers finish their reads and
 -- checks first, then call `save`, which writes the account and everything queued.
 --
--- `lean`: read only the HOT fields unless the step needs more (see HOT); such an account has
--- `lean` set, no `plan`, `email` or `auto`, and `save` writes only what a charge changes.
+-- `lean`: read only the state unless the step needs more (see REST); such an account has `lean`
+-- set, no `plan`, `email` or `auto`, and `save` writes only the state.
 local function load_account(key, lean)
-  local v = redis.call('HMGET', key, unpack(HOT))
-  if not v[H.monthly] then return nil end
-  -- Accounts created before history, events and auto top-up start their counts at 0.
-  local a = {
-    key = key,
-    monthly = tonumber(v[H.monthly]),
-    topup = tonumber(v[H.topup]),
-    used = tonumber(v[H.used]),
-    stored_now = tonumber(v[H.now]),
-    hist = tonumber(v[H.hist]) or 0,
-    -- History entries trimmed so far (seq htrim + 1 is the oldest kept).
-    htrim = tonumber(v[H.htrim]) or 0,
-    -- The end of the current period is kept in the hash, so the calendar runs only when it has
-    -- passed (or for accounts written before it was kept): the hot path does no date arithmetic.
-    period_end = tonumber(v[H.period_end]),
-    allocation = tonumber(v[H.allocation]),
-    period = tonumber(v[H.period]),
-    evt = tonumber(v[H.evt]) or 0,
-    auto_count = tonumber(v[H.auto_count]) or 0,
-    auto_enabled = v[H.auto_enabled] == '1',
-    auto = false,
-    lean = true,
-    renewed = false,
-    pending_changed = false,
-    entries = {},
-    events = {},
-  }
-  a.now = clock(a.stored_now)
+  local a
+  local state = redis.call('HGET', key, 'state')
+  if state then
+    -- The first part, then the second (unpack_limit answers the offset of what follows first).
+    local rest_at, monthly, topup, used, hist, htrim, now = cmsgpack.unpack_limit(state, 6)
+    local _, period_end, allocation, period, evt, auto_count, enabled, xb, hphys = cmsgpack.unpack_limit(state, 8, rest_at)
+    a = { key = key, monthly = monthly, topup = topup, used = used, hist = hist, htrim = htrim, stored_now = now,
+      period_end = period_end, allocation = allocation, period = period, evt = evt, auto_count = auto_count,
+      auto_enabled = enabled == 1, xb = xb, hphys = hphys,
+      -- `save` writes the second part back as it was unless one of its values changed.
+      rest_at = rest_at, state = state,
+      was_period_end = period_end, was_allocation = allocation, was_period = period, was_evt = evt,
+      was_auto_count = auto_count, was_enabled = enabled == 1, was_xb = xb, was_hphys = hphys,
+      auto = false, lean = true, renewed = false, pending_changed = false, entries = {}, events = {},
+      now = clock(now) }
+  else
+    local v = redis.call('HMGET', key, unpack(STATE_FIELDS))
+    if not v[H.monthly] then return nil end
+    -- Accounts created before history, events and auto top-up start their counts at 0; before
+    -- `period_end` was kept, the calendar finds it.
+    local htrim = tonumber(v[H.htrim]) or 0
+    a = { key = key, monthly = tonumber(v[H.monthly]), topup = tonumber(v[H.topup]), used = tonumber(v[H.used]),
+      hist = tonumber(v[H.hist]) or 0, htrim = htrim, stored_now = tonumber(v[H.now]),
+      period_end = tonumber(v[H.period_end]), allocation = tonumber(v[H.allocation]), period = tonumber(v[H.period]),
+      evt = tonumber(v[H.evt]) or 0, auto_count = tonumber(v[H.auto_count]) or 0,
+      auto_enabled = v[H.auto_enabled] == '1', xb = -1, hphys = htrim, migrate = true,
+      auto = false, lean = true, renewed = false, pending_changed = false, entries = {}, events = {},
+      now = clock(tonumber(v[H.now])) }
+  end
   local due = not (a.period_end and a.now < a.period_end)
   if not lean or due or a.auto_enabled or HISTORY_EXPORTED_ONLY then load_rest(a) end
   if not due then return a end
@@ -308,7 +341,6 @@ local function load_account(key, lean)
   end
   -- The cached end is (re)written by `save`.
   a.period_end = period_start(a.anchor, a.period + 1)
-  a.period_end_changed = true
   return a
 end
 
@@ -319,7 +351,8 @@ end
 -- script passes on as the first element of its reply (src/ledger/redis.rs indexes the outbox).
 local function save(a)
   -- History beyond HISTORY_MAX goes, oldest first, in this same step — with export on, only
-  -- entries already exported (seq <= exported). The list holds seq htrim + 1 .. hist.
+  -- entries already exported (seq <= exported). Readers show seq htrim + 1 .. hist; the list
+  -- holds seq hphys + 1 .. hist and drops the trimmed ones once they make a batch.
   local trim = 0
   if #a.entries > 0 then
     trim = (a.hist - a.htrim) - HISTORY_MAX
@@ -327,17 +360,24 @@ local function save(a)
     if trim < 0 then trim = 0 end
   end
   a.htrim = a.htrim + trim
-  if not a.lean then
-    redis.call('HSET', a.key, 'plan', a.plan, 'allocation', n(a.allocation), 'period', n(a.period),
-      'monthly', n(a.monthly), 'topup', n(a.topup), 'used', n(a.used), 'now', n(a.now),
-      'hist', n(a.hist), 'evt', n(a.evt), 'auto_count', n(a.auto_count), 'htrim', n(a.htrim))
-  elseif trim > 0 or a.now ~= a.stored_now or #a.events > 0 then
-    -- A lean account (no renewal, no auto top-up): only what a charge changes.
-    redis.call('HSET', a.key, 'monthly', n(a.monthly), 'topup', n(a.topup), 'used', n(a.used),
-      'hist', n(a.hist), 'now', n(a.now), 'htrim', n(a.htrim), 'evt', n(a.evt))
-  else
-    redis.call('HSET', a.key, 'monthly', n(a.monthly), 'topup', n(a.topup), 'used', n(a.used), 'hist', n(a.hist))
+  local drop = 0
+  if a.htrim - a.hphys >= HISTORY_TRIM_BATCH then
+    drop = a.htrim - a.hphys
+    a.hphys = a.htrim
   end
+  local rest = false
+  if a.rest_at and a.was_period_end == a.period_end and a.was_allocation == a.allocation and a.was_period == a.period
+      and a.was_evt == a.evt and a.was_auto_count == a.auto_count and a.was_enabled == a.auto_enabled
+      and a.was_xb == a.xb and a.was_hphys == a.hphys then
+    rest = string.sub(a.state, a.rest_at + 1)
+  end
+  local state = state_text(a, rest)
+  if a.lean then
+    redis.call('HSET', a.key, 'state', state)
+  else
+    redis.call('HSET', a.key, 'state', state, 'plan', a.plan)
+  end
+  if a.migrate then redis.call('HDEL', a.key, unpack(STATE_FIELDS)) end
   if a.pending_changed then
     if a.pending_plan then
       redis.call('HSET', a.key, 'pending_plan', a.pending_plan, 'pending_allocation', n(a.pending_allocation))
@@ -346,9 +386,8 @@ local function save(a)
     end
   end
   if a.arm_set then redis.call('HSET', a.key, 'auto_armed', '1') end
-  if a.period_end_changed then redis.call('HSET', a.key, 'period_end', n(a.period_end)) end
   if #a.entries > 0 then redis.call('RPUSH', sub_key(a, 'history'), unpack(a.entries)) end
-  if trim > 0 then redis.call('LTRIM', sub_key(a, 'history'), trim, -1) end
+  if drop > 0 then redis.call('LTRIM', sub_key(a, 'history'), drop, -1) end
   if #a.events > 0 then
     local length = redis.call('RPUSH', sub_key(a, 'outbox'), unpack(a.events))
     -- Past OUTBOX_MAX undelivered events the oldest go; pending_events.lua reports how many.
@@ -396,7 +435,8 @@ end
 --
 -- One counter per day, category and operation: `u:<UTC day number>:<length of the category>:
 -- <category><operation>` (names may hold any character, so the category is length-prefixed), so a
--- charge is one HINCRBY. src/ledger/redis.rs `period_usage` sums the counters by day, category
+-- charge is one HINCRBY (charge.lua gets the name after the day prebuilt from Rust; refunds build
+-- it here). src/ledger/redis.rs `period_usage` sums the counters by day, category
 -- and operation; hashes written before kept `c:`, `o:`, `d:` (and `t`) counters, which it adds in.
 local function usage_field(day, category, operation)
   return 'u:' .. n(day) .. ':' .. n(#category) .. ':' .. category .. operation
@@ -410,42 +450,58 @@ end
 -- current bucket and the one before. Adding a field to an existing hash is several times cheaper
 -- for Redis than creating a key with its own expiry per charge, and smaller.
 --
--- A record is one string: "cost from_monthly from_topup period day auto refunded " followed by
--- the category, the operation (each as <length>:<text>) and the idempotency key (the rest).
+-- A record is one string: "m", then cost, from_monthly, from_topup, period, day, auto (credits
+-- of the auto top-up it bought, 0 for none), refunded (1/0) as MessagePack integers (see the
+-- account state), then the category and the operation (each as <length>:<text>) and the
+-- idempotency key (the rest). Records written before the MessagePack form hold the seven numbers
+-- as decimal text, each followed by a space (they start with a digit, never with "m").
 
--- The current bucket's hash and the previous one's.
+-- The current bucket's hash, the previous one's, and the current bucket's number.
 local function record_buckets(a)
   local b = div(a.now, CHARGE_TTL)
-  return sub_key(a, 'charges:' .. n(b)), sub_key(a, 'charges:' .. n(b - 1))
+  return sub_key(a, 'charges:' .. n(b)), sub_key(a, 'charges:' .. n(b - 1)), b
 end
 
--- The record of charge `id` and the hash holding it, or nil.
+-- The record of charge `id` and the hash holding it, or nil; then the current bucket's hash and
+-- number.
 local function find_record(a, id)
-  local current, previous = record_buckets(a)
+  local current, previous, b = record_buckets(a)
   local v = redis.call('HGET', current, id)
-  if v then return v, current end
+  if v then return v, current, current, b end
   v = redis.call('HGET', previous, id)
-  if v then return v, previous end
-  return nil
+  if v then return v, previous, current, b end
+  return nil, nil, current, b
 end
 
-local function format_record(r)
-  return string.format('%d %d %d %d %d %d %d %d:%s%d:%s%s', r.cost, r.from_monthly, r.from_topup, r.period,
-    r.day, r.auto or 0, r.refunded and 1 or 0, #r.category, r.category, #r.operation, r.operation, r.idem or '')
+-- The record text of `r`. `names`, when given, is its "<length>:<category><length>:<operation>"
+-- part, built by the caller.
+local function format_record(r, names)
+  names = names or (n(#r.category) .. ':' .. r.category .. n(#r.operation) .. ':' .. r.operation)
+  return 'm' .. cmsgpack.pack(r.cost, r.from_monthly, r.from_topup, r.period, r.day, r.auto or 0, r.refunded and 1 or 0)
+    .. names .. (r.idem or '')
 end
 
 local function parse_record(v)
-  local cost, fm, ft, period, day, auto, refunded, rest =
-    string.match(v, '^(%d+) (%d+) (%d+) (%-?%d+) (%d+) (%d+) (%d) (.*)$')
+  local cost, fm, ft, period, day, auto, refunded, rest
+  if string.byte(v, 1) == 109 then
+    local at
+    at, cost, fm, ft, period, day, auto, refunded = cmsgpack.unpack_limit(v, 7, 1)
+    rest = string.sub(v, at + 1)
+    refunded = refunded == 1
+  else
+    cost, fm, ft, period, day, auto, refunded, rest = string.match(v, '^(%d+) (%d+) (%d+) (%-?%d+) (%d+) (%d+) (%d) (.*)$')
+    cost, fm, ft, period, day, auto = tonumber(cost), tonumber(fm), tonumber(ft), tonumber(period), tonumber(day),
+      tonumber(auto)
+    refunded = refunded == '1'
+  end
   local cat_len, rest2 = string.match(rest, '^(%d+):(.*)$')
   local category = string.sub(rest2, 1, tonumber(cat_len))
   local op_len, rest3 = string.match(string.sub(rest2, tonumber(cat_len) + 1), '^(%d+):(.*)$')
   local operation = string.sub(rest3, 1, tonumber(op_len))
   local idem = string.sub(rest3, tonumber(op_len) + 1)
   if idem == '' then idem = false end
-  return { cost = tonumber(cost), from_monthly = tonumber(fm), from_topup = tonumber(ft), period = tonumber(period),
-    day = tonumber(day), auto = tonumber(auto), refunded = refunded == '1', category = category,
-    operation = operation, idem = idem }
+  return { cost = cost, from_monthly = fm, from_topup = ft, period = period, day = day, auto = auto,
+    refunded = refunded, category = category, operation = operation, idem = idem }
 end
 
 -- Writes record `r` of charge `id` into `bucket` (the current one unless given).

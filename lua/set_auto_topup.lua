@@ -21,7 +21,8 @@ if ARGV[1] == '1' and not (a.auto and a.auto.enabled) then armed = '1' end
 if ARGV[1] ~= '1' then armed = '0' end
 
 -- Writes.
-local events = save_if_renewed(a)
-redis.call('HSET', KEYS[1], 'auto_enabled', ARGV[1], 'auto_threshold', ARGV[2], 'auto_package', ARGV[3],
+a.auto_enabled = ARGV[1] == '1'
+local events = save(a)
+redis.call('HSET', KEYS[1], 'auto_threshold', ARGV[2], 'auto_package', ARGV[3],
   'auto_credits', ARGV[4], 'auto_price', ARGV[5], 'auto_price_json', ARGV[6], 'auto_armed', armed)
 return { events, 'set' }

@@ -41,7 +41,8 @@ add_event(a, 'auto_topup.payment_failed', json_object('payment_ref', ARGV[1], 'c
   'taken_back', taken, 'topup_remaining', a.topup, 'reason', ARGV[4]))
 
 -- Writes.
+a.auto_enabled = false
 local events = save(a)
-redis.call('HSET', KEYS[1], 'auto_enabled', '0', 'auto_armed', '0', 'bill_failed', '1')
+redis.call('HSET', KEYS[1], 'auto_armed', '0', 'bill_failed', '1')
 redis.call('HSET', KEYS[2], 'settled', 'reversed', 'taken_back', n(taken), 'topup_remaining', n(a.topup))
 return { events, 'reversed', taken, a.topup }

@@ -25,7 +25,7 @@ use creditgate::ledger::{
     Receipt, RefundOutcome, Role, Settlement, StoreLimits, StoredResponse, TopupOutcome, TopupRequest, keys,
 };
 use serde_json::json;
-use support::redis::{RedisCluster, RedisServer};
+use support::redis::{RedisCluster, RedisServer, state};
 
 // === the stores ===
 
@@ -45,6 +45,7 @@ async fn redis_standalone() {
     let redis = |args: &[&str]| server.command(args);
     clock_never_goes_back(&ledger, redis).await;
     a_record_of_the_previous_layout_is_refunded(&ledger, redis).await;
+    the_layout_before_state_is_read_and_moved(&ledger, redis).await;
     records_are_found_across_a_bucket_boundary(&RedisLedger::connect_standalone(&server.url()).await.unwrap()).await;
     outbox_index_recovers(&ledger, redis).await;
     job_index_recovers_and_finished_jobs_expire(&ledger, redis).await;
@@ -59,9 +60,11 @@ async fn redis_cluster() {
     let cluster = RedisCluster::start();
     let ledger = Arc::new(RedisLedger::connect_cluster(&cluster.urls()).await.expect("connect"));
     history_and_outbox_stay_bounded(&RedisLedger::connect_cluster(&cluster.urls()).await.unwrap()).await;
-    // Raw commands go to the node serving the key's slot (the others answer MOVED).
+    // Raw commands go to the node serving the key's slot (the others answer MOVED); an EVAL's
+    // key follows the script and the key count.
     let on_owner = |args: &[&str]| {
-        let slot: u32 = cluster.nodes()[0].command(&["CLUSTER", "KEYSLOT", args[1]]).parse().unwrap();
+        let key = if args[0] == "EVAL" { args[3] } else { args[1] };
+        let slot: u32 = cluster.nodes()[0].command(&["CLUSTER", "KEYSLOT", key]).parse().unwrap();
         let owner = cluster.nodes().iter().find(|n| serves_slot(n, slot)).expect("some node serves the slot");
         owner.command(args)
     };
@@ -420,6 +423,26 @@ async fn history_and_outbox_stay_bounded(l: &(impl Ledger + JobStore)) {
         charged(l.charge(charge(&acct, &unique("c"), 1)).await.unwrap());
     }
     assert_eq!(l.history(&acct, None, 100).await.unwrap().unwrap().len(), 5 + 3, "kept until exported");
+    // A cap of 64: the Redis list drops trimmed entries 4 at a time (StoreLimits::history_trim_batch);
+    // readers see exactly the newest 64 after every charge, pages included.
+    let limits = StoreLimits { history_max_entries: 64, ..Default::default() };
+    assert_eq!(limits.history_trim_batch(), 4);
+    l.set_limits(limits);
+    let acct = account(l, 1000).await;
+    for i in 1..=70u64 {
+        charged(l.charge(charge(&acct, &unique("c"), 1)).await.unwrap());
+        let kept = l.history(&acct, None, 1000).await.unwrap().unwrap();
+        let newest = i + 1;
+        assert_eq!(kept.len() as u64, newest.min(64), "after charge {i}");
+        assert_eq!((kept[0].seq, kept.last().unwrap().seq), (newest, newest.saturating_sub(63).max(1)), "after {i}");
+    }
+    let page = l.history(&acct, Some(10), 100).await.unwrap().unwrap();
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [9, 8], "the page stops at the oldest shown");
+    let kept = l.history(&acct, None, 1000).await.unwrap().unwrap();
+    let oldest = kept.last().unwrap();
+    let opening = oldest.monthly_after as i64 - oldest.monthly_delta;
+    let sum: i64 = kept.iter().map(|e| e.monthly_delta).sum();
+    assert_eq!(opening + sum, view(l, &acct).await.monthly_remaining as i64);
 }
 
 /// `jobs.max_queued_bytes_per_account` counts the bodies of waiting and running jobs (given back
@@ -1421,7 +1444,7 @@ async fn renewal_through_a_job_step(l: &(impl Ledger + JobStore)) {
 async fn clock_never_goes_back(l: &RedisLedger, redis: impl Fn(&[&str]) -> String) {
     let acct = account(l, 10).await;
     let later = now() + 1000;
-    redis(&["HSET", &keys::account(&acct), "now", &later.to_string()]);
+    redis(&["EVAL", state::SET, "1", &keys::account(&acct), state::NOW, &later.to_string()]);
     let req = TopupRequest { account: &acct, credits: 1, payment_ref: &unique("pay"), package: None };
     let TopupOutcome::Created(r) = l.topup(req).await.unwrap() else { panic!("top-up not created") };
     assert_eq!(r.created_at, later);
@@ -1452,10 +1475,10 @@ async fn records_are_found_across_a_bucket_boundary(l: &RedisLedger) {
 async fn a_record_of_the_previous_layout_is_refunded(l: &RedisLedger, redis: impl Fn(&[&str]) -> String) {
     let acct = account(l, 10).await;
     let account_key = keys::account(&acct);
-    let period = redis(&["HGET", &account_key, "period"]).trim().to_owned();
+    let period = redis(&["EVAL", state::GET, "1", &account_key, state::PERIOD]).trim().to_owned();
     let day = (now() / 86_400).to_string();
     // What the old charge.lua left after a charge of 3 from the monthly bucket.
-    redis(&["HSET", &account_key, "monthly", "7", "used", "3"]);
+    redis(&["EVAL", state::SET, "1", &account_key, state::MONTHLY, "7", state::USED, "3"]);
     redis(&[
         "HSET",
         &keys::charge(&acct, "old"),
@@ -1485,6 +1508,59 @@ async fn a_record_of_the_previous_layout_is_refunded(l: &RedisLedger, redis: imp
     assert_eq!(l.refund(&acct, "old").await.unwrap(), RefundOutcome::AlreadyRefunded);
     assert_eq!(view(l, &acct).await.monthly_remaining, 10);
     assert_eq!(redis(&["HGET", &usage, "c:ai"]).trim(), "0", "the old counters give the credits back");
+}
+
+/// An account written before the `state` field (its values in fields of their own) and a charge
+/// record in the decimal-text form: both are read, charged and refunded as before, and the
+/// account's next write moves it into `state`, dropping the old fields.
+async fn the_layout_before_state_is_read_and_moved(l: &RedisLedger, redis: impl Fn(&[&str]) -> String) {
+    let acct = account(l, 10).await;
+    let key = keys::account(&acct);
+    let value = |place: &str| redis(&["EVAL", state::GET, "1", &key, place]).trim().to_owned();
+    let (now_seen, period) = (value(state::NOW), value(state::PERIOD));
+    let period_end = value("7");
+    redis(&["HDEL", &key, "state"]);
+    redis(&[
+        "HSET",
+        &key,
+        "allocation",
+        "10",
+        "period",
+        &period,
+        "monthly",
+        "7",
+        "topup",
+        "0",
+        "used",
+        "3",
+        "now",
+        &now_seen,
+        "hist",
+        "1",
+        "evt",
+        "0",
+        "auto_count",
+        "0",
+        "period_end",
+        &period_end,
+    ]);
+    assert_eq!(view(l, &acct).await.monthly_remaining, 7, "read from the old fields");
+    // The record of that charge of 3 as the text form wrote it, in the current bucket.
+    let bucket = now() / StoreLimits::default().charge_record_secs;
+    let day = now() / 86_400;
+    redis(&["HSET", &format!("{key}:charges:{bucket}"), "old", &format!("3 3 0 {period} {day} 0 0 2:ai7:ai_chat")]);
+    let r = charged(l.charge(charge(&acct, &unique("c"), 2)).await.unwrap());
+    assert_eq!((r.from_monthly, r.monthly_remaining), (2, 5));
+    assert_eq!(redis(&["HEXISTS", &key, "monthly"]).trim(), "0", "the old fields went with the first write");
+    // The bucket, made by hand without an expiry, got one from the account's first charge in it.
+    let ttl: i64 = redis(&["TTL", &format!("{key}:charges:{bucket}")]).trim().parse().unwrap();
+    assert!(ttl > 0, "the record bucket expires: TTL {ttl}");
+    assert_eq!((value(state::MONTHLY), value(state::USED)), ("5".to_owned(), "5".to_owned()));
+    assert!(matches!(l.refund(&acct, "old").await.unwrap(), RefundOutcome::Refunded { to_monthly: 3, .. }));
+    assert_eq!(l.refund(&acct, "old").await.unwrap(), RefundOutcome::AlreadyRefunded);
+    assert_eq!(view(l, &acct).await.monthly_remaining, 8, "the text record's 3 came back");
+    let kinds: Vec<String> = l.history(&acct, None, 10).await.unwrap().unwrap().into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, ["refund", "charge", "created"]);
 }
 
 /// The outbox index lost an account (the process died between a step and its SADD): a sweep

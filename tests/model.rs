@@ -44,7 +44,7 @@ use creditgate::ledger::{
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use support::redis::{RedisCluster, RedisServer};
+use support::redis::{RedisCluster, RedisServer, state};
 use time::{Date, Month, OffsetDateTime, Time};
 
 // === the stores ===
@@ -128,12 +128,12 @@ enum Clock {
 
 impl Clock {
     async fn set(&self, account: &str, now: i64) {
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(keys::account(account)).arg("now").arg(now);
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(state::SET).arg(1).arg(keys::account(account)).arg(state::NOW).arg(now);
         match self {
             Clock::Memory(clock) => clock.store(now, Ordering::SeqCst),
-            Clock::Redis(conn) => cmd.query_async::<()>(&mut conn.clone()).await.expect("HSET now"),
-            Clock::Cluster(conn) => cmd.query_async::<()>(&mut conn.clone()).await.expect("HSET now"),
+            Clock::Redis(conn) => cmd.query_async::<()>(&mut conn.clone()).await.expect("state now"),
+            Clock::Cluster(conn) => cmd.query_async::<()>(&mut conn.clone()).await.expect("state now"),
         }
     }
 }

@@ -14,7 +14,7 @@ use support::gateway::{ConfigBuilder, TestGateway};
 use support::http::{self, Response};
 use support::lostreply::LostReplyProxy;
 use support::process::{GatewayProcess, admin};
-use support::redis::{RedisCluster, RedisServer};
+use support::redis::{RedisCluster, RedisServer, state};
 use support::upstream::Upstream;
 
 const CHAT: &str = "/v1/chat/completions";
@@ -499,7 +499,11 @@ async fn a_charge_whose_reply_is_lost_is_charged_once_not_refused() {
     assert_eq!(res.status, 200, "{}", res.text());
     assert_eq!((res.charged(), res.header("x-credits-refund")), (5, None));
     assert_eq!(up.count(), 1, "forwarded once");
-    assert_eq!(redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim(), "45", "charged once");
+    assert_eq!(
+        redis.command(&["EVAL", state::GET, "1", "cg:{acct:acme}", state::MONTHLY]).trim(),
+        "45",
+        "charged once"
+    );
     // Nothing is refunded later either.
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     assert_eq!(gw.remaining(&key).await, 45, "the charge stands");
@@ -555,11 +559,15 @@ async fn a_refund_the_store_could_not_write_survives_its_gateway_and_another_wri
     // The gateway that decided the refund dies; the store comes back; another instance writes it.
     a.kill();
     assert_eq!(redis.command(&["ACL", "SETUSER", "default", "+@all"]).trim(), "OK");
-    assert_eq!(redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim(), "45", "still charged");
+    assert_eq!(
+        redis.command(&["EVAL", state::GET, "1", "cg:{acct:acme}", state::MONTHLY]).trim(),
+        "45",
+        "still charged"
+    );
     let b = GatewayProcess::start(&config).await;
     let mut monthly = String::new();
     for _ in 0..200 {
-        monthly = redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim().to_owned();
+        monthly = redis.command(&["EVAL", state::GET, "1", "cg:{acct:acme}", state::MONTHLY]).trim().to_owned();
         if monthly == "50" {
             break;
         }
@@ -594,7 +602,11 @@ async fn a_refund_while_the_store_is_down_is_pending_then_written_once() {
     tokio::time::sleep(Duration::from_millis(1_000)).await;
 
     redis.restart();
-    assert_eq!(redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim(), "45", "the charge survived");
+    assert_eq!(
+        redis.command(&["EVAL", state::GET, "1", "cg:{acct:acme}", state::MONTHLY]).trim(),
+        "45",
+        "the charge survived"
+    );
     assert!(credits_readable_via(&gw.public, &key).await, "the gateway reaches Redis again");
     assert_eq!(gw.wait_for_remaining(&key, 50, 300).await, 50, "refunded once Redis is back");
     // And only once: nothing more comes back later.
@@ -813,7 +825,11 @@ async fn a_refund_decided_during_an_outage_reaches_the_store_soon_after_it_retur
     redis.relaunch();
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     a.kill();
-    assert_eq!(redis.command(&["HGET", "cg:{acct:acme}", "monthly"]).trim(), "50", "refunded before the kill");
+    assert_eq!(
+        redis.command(&["EVAL", state::GET, "1", "cg:{acct:acme}", state::MONTHLY]).trim(),
+        "50",
+        "refunded before the kill"
+    );
     assert_eq!(pending_refunds(&redis), 0);
 }
 

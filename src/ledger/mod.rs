@@ -305,6 +305,16 @@ impl Default for StoreLimits {
     }
 }
 
+impl StoreLimits {
+    /// History entries the Redis store removes from an account's list together (lua/lib.lua
+    /// `save`): readers never see more than `history_max_entries`, the list holds up to this many
+    /// more, so the trim is one command per batch instead of one per charge. A sixteenth of the
+    /// cap, at most 64 (16 KiB of a busy account's history), at least 1.
+    pub fn history_trim_batch(&self) -> u64 {
+        (self.history_max_entries / 16).clamp(1, 64)
+    }
+}
+
 /// A refund that was decided but could not be written, kept in the store until some instance
 /// writes it ([`Ledger::defer_refund`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]

@@ -59,7 +59,7 @@
 //!
 //! Every key of an account carries its hash tag, so a step never spans slots. A function also
 //! touches keys it does not declare (history, usage, charge records, outbox), which is only safe
-//! while its slot sits whole on one node: each function therefore starts with `settled_slot`
+//! while its slot sits whole on one node: on a cluster each function therefore starts with `settled_slot`
 //! (lib.lua), which makes Redis refuse it in a slot being migrated, before any read or write, and
 //! [`RedisLedger::run`] sends it again until the move is done or `store.max_wait_ms` is up.
 //! Replication is asynchronous: a failover loses what the old primary had not sent on. With
@@ -164,6 +164,7 @@ pub fn lua_prelude(limits: &StoreLimits) -> String {
         ("{{USAGE_PERIODS}}", super::USAGE_PERIODS.to_string()),
         ("{{HISTORY_MAX}}", limits.history_max_entries.min(MAX_AMOUNT).to_string()),
         ("{{HISTORY_EXPORTED_ONLY}}", limits.history_exported_only.to_string()),
+        ("{{HISTORY_TRIM_BATCH}}", limits.history_trim_batch().to_string()),
         ("{{OUTBOX_MAX}}", limits.outbox_max_events.min(MAX_AMOUNT).to_string()),
         ("{{JOB_MAX_AGE}}", secs(limits.job_max_age_secs).to_string()),
         ("{{JOB_RETENTION}}", secs(limits.job_retention_secs).to_string()),
@@ -205,8 +206,9 @@ impl Scripts {
     /// Every script, with `limits` written into the prelude, as one function library named
     /// after a hash of its text: new limits (or a new version) make a new library, which the
     /// first call of any of its functions loads, and instances on different configs each call
-    /// their own.
-    fn build(limits: &StoreLimits) -> Self {
+    /// their own. On a Redis Cluster each function starts with `settled_slot` (lib.lua); a
+    /// standalone Redis never moves slots, so its functions skip that extra command.
+    fn build(limits: &StoreLimits, cluster: bool) -> Self {
         let bodies: [(&'static str, &str); 22] = [
             ("create_account", include_str!("../../lua/create_account.lua")),
             ("account", include_str!("../../lua/account.lua")),
@@ -237,8 +239,9 @@ impl Scripts {
             // `#KEYS`, `KEYS[1]`, `ARGV[n]` read the function's own arguments, as in a script.
             // KEYS[1] is the account hash (or the readiness probe key); `settled_slot` (lib.lua) refuses to run while
             // its slot is being resharded, before the body reads or writes anything.
+            let guard = if cluster { "settled_slot(KEYS[1])\n" } else { "" };
             code.push_str(&format!(
-                "\nredis.register_function('cg_{{{{LIB}}}}_{name}', function(KEYS, ARGV)\nsettled_slot(KEYS[1])\n{body}\nend)\n"
+                "\nredis.register_function('cg_{{{{LIB}}}}_{name}', function(KEYS, ARGV)\n{guard}{body}\nend)\n"
             ));
         }
         let digest = <sha2::Sha256 as sha2::Digest>::digest(code.as_bytes());
@@ -702,13 +705,14 @@ impl RedisLedger {
 
     fn new(conn: Connection, opener: Opener) -> Self {
         let limits = StoreLimits::default();
+        let cluster = matches!(conn, Connection::Cluster(_));
         Self {
+            scripts: Arc::new(ArcSwap::from_pointee(Scripts::build(&limits, cluster))),
             conn,
             opener: Arc::new(opener),
             id: LEDGER_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             health: Arc::new(Health::new()),
             replication: Arc::default(),
-            scripts: Arc::new(ArcSwap::from_pointee(Scripts::build(&limits))),
             limits: Arc::new(ArcSwap::from_pointee(limits)),
             dropped_events: Arc::default(),
             export_dirty: Arc::default(),
@@ -997,8 +1001,14 @@ impl RedisLedger {
 
     /// Entries of `account` not exported yet (its `hist` beyond its `exp`).
     async fn export_left(&self, account: &str) -> LedgerResult<u64> {
-        let (hist, exp): (Option<u64>, Option<u64>) =
-            self.query(redis::cmd("HMGET").arg(keys::account(account)).arg("hist").arg("exp")).await?;
+        let (state, hist, exp): (Option<String>, Option<u64>, Option<u64>) =
+            self.query(redis::cmd("HMGET").arg(keys::account(account)).arg("state").arg("hist").arg("exp")).await?;
+        // `hist` is the state's fourth number (lua/lib.lua); accounts not yet saved in that
+        // layout keep it in a field of its own.
+        let hist = match state {
+            Some(state) => state.split(' ').nth(3).and_then(|h| h.parse().ok()),
+            None => hist,
+        };
         Ok(hist.unwrap_or(0).saturating_sub(exp.unwrap_or(0)))
     }
 
@@ -1117,7 +1127,8 @@ impl Index {
 impl Ledger for RedisLedger {
     fn set_limits(&self, limits: StoreLimits) {
         if **self.limits.load() != limits {
-            self.scripts.store(Arc::new(Scripts::build(&limits)));
+            let cluster = matches!(self.conn, Connection::Cluster(_));
+            self.scripts.store(Arc::new(Scripts::build(&limits, cluster)));
             self.limits.store(Arc::new(limits));
         }
     }
@@ -1186,10 +1197,12 @@ impl Ledger for RedisLedger {
             }
             None => ("", "", 0),
         };
+        let (category, operation) = (req.category, req.operation);
         inv.arg(req.charge_id)
             .arg(req.cost)
-            .arg(req.operation)
-            .arg(req.category)
+            // The record's and the usage counter's spellings of the names (lua/charge.lua).
+            .arg(format!("{}:{category}{}:{operation}", category.len(), operation.len()))
+            .arg(format!(":{}:{category}{operation}", category.len()))
             .arg(history_tail(&req))
             .arg(idem_key)
             .arg(fingerprint)

@@ -20,6 +20,20 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Tries with fresh ports when a server cannot start (another process took its port meanwhile).
 const START_ATTEMPTS: usize = 5;
 
+/// The values of an account's `state` field (MessagePack, lua/lib.lua), by place, for tests that
+/// read or move them by hand: `EVAL STATE_GET 1 <account key> <place>` answers one, `EVAL
+/// STATE_SET 1 <account key> <place> <value> ...` sets some.
+pub mod state {
+    pub const GET: &str = "return ({cmsgpack.unpack(redis.call('HGET', KEYS[1], 'state'))})[tonumber(ARGV[1])]";
+    pub const SET: &str = "local v = {cmsgpack.unpack(redis.call('HGET', KEYS[1], 'state'))} \
+        for i = 1, #ARGV, 2 do v[tonumber(ARGV[i])] = tonumber(ARGV[i + 1]) end \
+        redis.call('HSET', KEYS[1], 'state', cmsgpack.pack(unpack(v))) return 1";
+    pub const MONTHLY: &str = "1";
+    pub const USED: &str = "3";
+    pub const NOW: &str = "6";
+    pub const PERIOD: &str = "9";
+}
+
 /// One `redis-server` process on 127.0.0.1.
 pub struct RedisServer {
     child: Child,
