@@ -12,13 +12,14 @@
 --          ":<length of the category>:<category><operation>" (built in Rust)
 -- ARGV[5]  the end of the charge's history entry, from the operation on, as JSON text:
 --          `"operation":…,"category":…,"request_id":…,"charge_id":…}` (built once, in Rust)
--- ARGV[6]  idempotency key (ignored without KEYS[2])
--- ARGV[7]  request fingerprint (ignored without KEYS[2])
--- ARGV[8]  retention of the idempotency record, seconds (charge records: CHARGE_TTL, lib.lua)
--- ARGV[9]  most auto top-ups per billing period
--- ARGV[10] idempotency lease, seconds: how long the first request with the key may run
--- ARGV[11] the running config's top-up packages, "\n<name>=<credits>:<price JSON>" each
--- ARGV[12...]  low-credit thresholds, percent of the allocation (0: exhausted)
+-- ARGV[6]  idempotency key            (these three only with KEYS[2])
+-- ARGV[7]  request fingerprint
+-- ARGV[8]  idempotency lease, seconds: how long the first request with the key may run
+--
+-- The running config's low-credit thresholds, most auto top-ups per period and top-up packages
+-- are constants of the library (lib.lua THRESHOLDS, AUTO_TOPUP_MAX, PACKAGES), as is the
+-- idempotency record's retention (IDEM_RETENTION): every argument costs Redis about as much to
+-- take in as a small command, and these are the same for every charge.
 --
 -- Reply, first the number of outbox events appended, then the outcome:
 --   { events, "charged", charge_id, cost, from_monthly, from_topup,
@@ -82,16 +83,16 @@ a.entries[#a.entries + 1] = string.format('{"seq":%d,"kind":"charge","at":%d,"mo
 
 -- Auto top-up: only the charge that takes the total from at-or-above the threshold to below it
 -- buys — or, once, the first charge that ends below it after the setting was switched on while
--- already below ("armed") — at most ARGV[9] times per period.
+-- already below ("armed") — at most AUTO_TOPUP_MAX times per period.
 local auto_credits = false
 local auto = a.auto
 local after = a.monthly + a.topup
 local auto_off = false
 if auto and auto.enabled and after < auto.threshold and (before >= auto.threshold or auto.armed)
-    and a.auto_count < tonumber(ARGV[9]) then
+    and a.auto_count < AUTO_TOPUP_MAX then
   -- The package as the running config defines it now; the customer agreed to the one saved
   -- with the setting, so one that changed or disappeared switches the setting off instead.
-  local credits, price_json = string.match(ARGV[11], '\n' .. auto.package:gsub('%p', '%%%0') .. '=(%d+):([^\n]*)')
+  local credits, price_json = string.match(PACKAGES, '\n' .. auto.package:gsub('%p', '%%%0') .. '=(%d+):([^\n]*)')
   if not credits or tonumber(credits) ~= auto.credits or price_json ~= auto.price_json then
     auto_off = true
     local reason = 'package_changed'
@@ -100,7 +101,7 @@ if auto and auto.enabled and after < auto.threshold and (before >= auto.threshol
   end
 end
 if auto and auto.enabled and after < auto.threshold and (before >= auto.threshold or auto.armed)
-    and a.auto_count < tonumber(ARGV[9]) and not auto_off then
+    and a.auto_count < AUTO_TOPUP_MAX and not auto_off then
   local payment_ref = 'auto:' .. charge_id
   a.topup = a.topup + auto.credits
   a.auto_count = a.auto_count + 1
@@ -121,12 +122,12 @@ local newly_fired = {}
 local remaining = a.monthly + a.topup
 local reached, reached_fields = {}, {}
 if remaining <= a.allocation then
-  for i = 12, #ARGV do
-    local t = tonumber(ARGV[i])
-    if (t == 0 and remaining == 0) or (t > 0 and at_or_below(remaining, a.allocation, t)) then
-      reached[#reached + 1] = t
-      reached_fields[#reached_fields + 1] = 'fired:' .. ARGV[i]
-    end
+  -- Largest first: once one is not reached, no smaller one is (0 is reached only at 0 left).
+  for i = 1, #THRESHOLDS do
+    local t = THRESHOLDS[i]
+    if not ((t == 0 and remaining == 0) or (t > 0 and at_or_below(remaining, a.allocation, t))) then break end
+    reached[#reached + 1] = t
+    reached_fields[#reached_fields + 1] = THRESHOLD_FIELDS[i]
   end
 end
 local fired = {}
@@ -158,7 +159,7 @@ redis.call('HSET', bucket, charge_id, format_record({ cost = cost, from_monthly 
 if expire then redis.call('EXPIRE', bucket, 2 * CHARGE_TTL, 'NX') end
 if idem_key then
   redis.call('HSET', KEYS[2], 'fingerprint', ARGV[7], 'charge_id', charge_id, 'state', 'running',
-    'until', n(a.now + tonumber(ARGV[10])))
-  redis.call('EXPIRE', KEYS[2], ARGV[8])
+    'until', n(a.now + tonumber(ARGV[8])))
+  redis.call('EXPIRE', KEYS[2], IDEM_RETENTION)
 end
 return charge_receipt(a, events, charge_id, cost, from_monthly, from_topup, auto_credits)

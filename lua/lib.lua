@@ -158,6 +158,17 @@ local JOB_RETENTION = {{JOB_RETENTION}}
 -- Charge records live this many seconds (refunds and re-sent steps need them).
 local CHARGE_TTL = {{CHARGE_TTL}}
 
+-- The running config's charge policy (src/ledger/redis.rs `ChargePolicy`), filled in the same way
+-- and the same for every charge, so not sent with each: the low-credit thresholds (percent of the
+-- allocation, largest first, 0: exhausted) and the fields recording the period each last fired
+-- in, the most auto top-ups per billing period, the top-up packages ("\n<name>=<credits>:<price
+-- JSON>" each), and how long an idempotency record is kept (seconds).
+local THRESHOLDS = {{THRESHOLDS}}
+local THRESHOLD_FIELDS = {{THRESHOLD_FIELDS}}
+local AUTO_TOPUP_MAX = {{AUTO_TOPUP_MAX}}
+local PACKAGES = {{PACKAGES}}
+local IDEM_RETENTION = {{IDEM_RETENTION}}
+
 -- History entries trimmed together: the list may hold up to this many entries past HISTORY_MAX
 -- (reads never show them, see `htrim` below), so the LTRIM runs once per batch, not per charge.
 -- Filled in the same way (`ledger::StoreLimits::history_trim_batch`).
@@ -418,9 +429,11 @@ end
 
 -- === charges ===
 
--- Whether remaining * 100 <= allocation * t, exactly: with allocation = 100 q + r this is
--- remaining - floor(r t / 100) <= q t, whose sides stay exact doubles for amounts below 2^53.
+-- Whether remaining * 100 <= allocation * t, exactly: directly while both products stay below
+-- 2^53 (exact doubles); beyond, with allocation = 100 q + r this is remaining - floor(r t / 100)
+-- <= q t, whose sides stay exact doubles for amounts below 2^53.
 local function at_or_below(remaining, allocation, t)
+  if remaining < 90071992547409 and allocation < 90071992547409 then return remaining * 100 <= allocation * t end
   local q, r = div(allocation, 100)
   return remaining - div(r * t, 100) <= q * t
 end

@@ -134,6 +134,7 @@ async fn suite<L: Ledger + JobStore>(l: Arc<L>) {
             concurrent_idempotent_copies_charge_once(l.clone()).await;
             concurrent_crossing_buys_one_auto_topup(l.clone()).await;
             concurrent_thresholds_fire_once_each(l.clone()).await;
+            thresholds_follow_each_charge(&*l).await;
             queue_order_cap_and_claims(&*l).await;
             a_job_of_unknown_fate_is_withdrawn_or_barred(&*l).await;
             finish_by_the_lease_holder_release_and_failure(&*l).await;
@@ -1231,6 +1232,33 @@ async fn concurrent_thresholds_fire_once_each<L: Ledger>(l: Arc<L>) {
     }
     let events = l.pending_events(&acct, 100).await.unwrap();
     assert_eq!(events.len(), 4, "only the top-up's event: once per threshold per period");
+}
+
+/// Each charge checks the thresholds its request carries (the running config's; a reload changes
+/// them between two charges), each crossed one once, several crossed at once largest first.
+async fn thresholds_follow_each_charge(l: &impl Ledger) {
+    let acct = account(l, 100).await;
+    for (cost, thresholds) in [(50, &[50u8][..]), (25, &[10, 30]), (20, &[10, 30, 10]), (5, &[])] {
+        charged(l.charge(ChargeRequest { thresholds, ..charge(&acct, &unique("c"), cost) }).await.unwrap());
+    }
+    topup(l, &acct, 10).await;
+    charged(l.charge(ChargeRequest { thresholds: &[0, 20], ..charge(&acct, &unique("c"), 10) }).await.unwrap());
+    let events = l.pending_events(&acct, 100).await.unwrap();
+    let fired: Vec<(&str, u64, u64)> = events
+        .iter()
+        .filter(|e| e.kind.starts_with("credits."))
+        .map(|e| (e.kind.as_str(), e.data["threshold"].as_u64().unwrap(), e.data["remaining"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        fired,
+        [
+            ("credits.low", 50, 50),
+            ("credits.low", 30, 25),
+            ("credits.low", 10, 5),
+            ("credits.low", 20, 0),
+            ("credits.exhausted", 0, 0)
+        ]
+    );
 }
 
 // === the job queue ===

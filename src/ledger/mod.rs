@@ -181,7 +181,8 @@ pub struct ChargeRequest<'a> {
     pub request_id: &'a str,
     /// Optional client idempotency key.
     pub idempotency: Option<Idempotency<'a>>,
-    /// Remaining-credit thresholds, percent of the allocation, that raise an event when crossed.
+    /// Remaining-credit thresholds, percent of the allocation, that raise an event when crossed
+    /// (largest first when several are crossed at once, whatever their order here).
     pub thresholds: &'a [u8],
     /// Most auto top-ups per billing period.
     pub auto_topup_max_per_period: u64,

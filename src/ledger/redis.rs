@@ -159,8 +159,23 @@ const MAX_SECS: i64 = 100 * 366 * 86_400;
 /// account load / renew / save, with the constants it shares with the Rust ledger and the
 /// store's limits filled in. Public so tests can run its calendar functions on a real Redis.
 pub fn lua_prelude(limits: &StoreLimits) -> String {
+    prelude(limits, &ChargePolicy::default())
+}
+
+/// [`lua_prelude`] with the charge policy of the running config written in as well.
+fn prelude(limits: &StoreLimits, policy: &ChargePolicy) -> String {
     let mut text = include_str!("../../lua/lib.lua").to_owned();
+    // Thresholds largest first, each once (lua/charge.lua stops at the first one not reached).
+    let mut thresholds = policy.thresholds.clone();
+    thresholds.sort_unstable_by(|a, b| b.cmp(a));
+    thresholds.dedup();
+    let list = |f: &dyn Fn(u8) -> String| thresholds.iter().map(|&t| f(t)).collect::<Vec<_>>().join(", ");
     for (slot, value) in [
+        ("{{THRESHOLDS}}", format!("{{ {} }}", list(&|t| t.to_string()))),
+        ("{{THRESHOLD_FIELDS}}", format!("{{ {} }}", list(&|t| format!("'fired:{t}'")))),
+        ("{{AUTO_TOPUP_MAX}}", policy.auto_topup_max.min(MAX_AMOUNT).to_string()),
+        ("{{PACKAGES}}", lua_string(&policy.packages)),
+        ("{{IDEM_RETENTION}}", secs(RETENTION_SECS).to_string()),
         ("{{USAGE_PERIODS}}", super::USAGE_PERIODS.to_string()),
         ("{{HISTORY_MAX}}", limits.history_max_entries.min(MAX_AMOUNT).to_string()),
         ("{{HISTORY_EXPORTED_ONLY}}", limits.history_exported_only.to_string()),
@@ -176,8 +191,52 @@ pub fn lua_prelude(limits: &StoreLimits) -> String {
     text
 }
 
+/// Scripts built for other charge policies kept by [`RedisLedger::scripts_for`].
+const BUILT_KEPT: usize = 8;
+
+/// A Lua string literal holding `text` exactly: every byte as a decimal escape.
+fn lua_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 4 + 2);
+    out.push('"');
+    for b in text.bytes() {
+        out.push_str(&format!("\\{b}"));
+    }
+    out.push('"');
+    out
+}
+
+/// What the charge function takes from the running config as constants of the library (lua/lib.lua
+/// THRESHOLDS, AUTO_TOPUP_MAX, PACKAGES) rather than as arguments, which Redis would take in on
+/// every charge: a charge whose request carries another policy (a reloaded config) builds the
+/// library again first ([`RedisLedger::scripts_for`]).
+#[derive(Clone, Default, PartialEq, Debug)]
+pub struct ChargePolicy {
+    thresholds: Vec<u8>,
+    auto_topup_max: u64,
+    packages: String,
+}
+
+impl ChargePolicy {
+    fn of(req: &ChargeRequest<'_>) -> Self {
+        ChargePolicy {
+            thresholds: req.thresholds.to_vec(),
+            auto_topup_max: req.auto_topup_max_per_period,
+            packages: req.packages.spec().to_owned(),
+        }
+    }
+
+    fn matches(&self, req: &ChargeRequest<'_>) -> bool {
+        self.thresholds == req.thresholds
+            && self.auto_topup_max == req.auto_topup_max_per_period
+            && self.packages == req.packages.spec()
+    }
+}
+
 /// The ledger scripts, each the prelude followed by one `lua/` file.
 struct Scripts {
+    /// The limits and the charge policy written into the library.
+    limits: StoreLimits,
+    policy: ChargePolicy,
     create_account: Function,
     account: Function,
     charge: Function,
@@ -208,7 +267,7 @@ impl Scripts {
     /// first call of any of its functions loads, and instances on different configs each call
     /// their own. On a Redis Cluster each function starts with `settled_slot` (lib.lua); a
     /// standalone Redis never moves slots, so its functions skip that extra command.
-    fn build(limits: &StoreLimits, cluster: bool) -> Self {
+    fn build(limits: &StoreLimits, cluster: bool, policy: ChargePolicy) -> Self {
         let bodies: [(&'static str, &str); 22] = [
             ("create_account", include_str!("../../lua/create_account.lua")),
             ("account", include_str!("../../lua/account.lua")),
@@ -233,8 +292,7 @@ impl Scripts {
             ("settle_auto_topup", include_str!("../../lua/settle_auto_topup.lua")),
             ("job_withdraw", include_str!("../../lua/job_withdraw.lua")),
         ];
-        let prelude = lua_prelude(limits);
-        let mut code = prelude.clone();
+        let mut code = prelude(limits, &policy);
         for (name, body) in &bodies {
             // `#KEYS`, `KEYS[1]`, `ARGV[n]` read the function's own arguments, as in a script.
             // KEYS[1] is the account hash (or the readiness probe key); `settled_slot` (lib.lua) refuses to run while
@@ -255,6 +313,8 @@ impl Scripts {
             replicated: REPLICATED_STEPS.contains(&name),
         };
         Scripts {
+            limits: *limits,
+            policy,
             create_account: function("create_account"),
             account: function("account"),
             charge: function("charge"),
@@ -363,8 +423,11 @@ pub struct RedisLedger {
     health: Arc<Health>,
     /// `store.wait_replicas` and `store.wait_timeout_ms`.
     replication: Arc<ReplicationWait>,
-    /// The scripts for the current [`StoreLimits`] (swapped by [`Ledger::set_limits`]).
+    /// The scripts for the current [`StoreLimits`] and [`ChargePolicy`] (swapped by
+    /// [`Ledger::set_limits`] and [`RedisLedger::scripts_for`], one at a time under `built`).
     scripts: Arc<ArcSwap<Scripts>>,
+    /// The last scripts built for another charge policy ([`RedisLedger::scripts_for`]).
+    built: Arc<std::sync::Mutex<Vec<Arc<Scripts>>>>,
     limits: Arc<ArcSwap<StoreLimits>>,
     /// Events dropped from full outboxes, as the notifier found them.
     dropped_events: Arc<std::sync::atomic::AtomicU64>,
@@ -707,7 +770,8 @@ impl RedisLedger {
         let limits = StoreLimits::default();
         let cluster = matches!(conn, Connection::Cluster(_));
         Self {
-            scripts: Arc::new(ArcSwap::from_pointee(Scripts::build(&limits, cluster))),
+            scripts: Arc::new(ArcSwap::from_pointee(Scripts::build(&limits, cluster, ChargePolicy::default()))),
+            built: Arc::default(),
             conn,
             opener: Arc::new(opener),
             id: LEDGER_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -844,6 +908,31 @@ impl RedisLedger {
             },
             other => other,
         }
+    }
+
+    /// The scripts for a charge: the current ones, or, when the request's charge policy is not
+    /// the one written into them (the config was reloaded), ones built with it — kept for the
+    /// next time, so requests of two configs in flight across a reload do not build again and
+    /// again.
+    fn scripts_for(&self, req: &ChargeRequest<'_>) -> Arc<Scripts> {
+        let current = self.scripts.load_full();
+        if current.policy.matches(req) {
+            return current;
+        }
+        let mut built = self.built.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let limits = self.limits.load_full();
+        let found = built.iter().find(|s| s.policy.matches(req) && s.limits == *limits).cloned();
+        let scripts = found.unwrap_or_else(|| {
+            let cluster = matches!(self.conn, Connection::Cluster(_));
+            let scripts = Arc::new(Scripts::build(&limits, cluster, ChargePolicy::of(req)));
+            if built.len() == BUILT_KEPT {
+                built.remove(0);
+            }
+            built.push(scripts.clone());
+            scripts
+        });
+        self.scripts.store(scripts.clone());
+        scripts
     }
 
     /// Sets `store.wait_replicas` and `store.wait_timeout_ms` (0 replicas: no `WAIT`).
@@ -1126,10 +1215,12 @@ impl Index {
 
 impl Ledger for RedisLedger {
     fn set_limits(&self, limits: StoreLimits) {
+        let _one_at_a_time = self.built.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if **self.limits.load() != limits {
             let cluster = matches!(self.conn, Connection::Cluster(_));
-            self.scripts.store(Arc::new(Scripts::build(&limits, cluster)));
+            let policy = self.scripts.load().policy.clone();
             self.limits.store(Arc::new(limits));
+            self.scripts.store(Arc::new(Scripts::build(&limits, cluster, policy)));
         }
     }
 
@@ -1187,32 +1278,21 @@ impl Ledger for RedisLedger {
 
     async fn charge(&self, req: ChargeRequest<'_>) -> LedgerResult<ChargeOutcome> {
         check_amount(req.cost)?;
-        let scripts = self.scripts.load();
+        let scripts = self.scripts_for(&req);
         let mut inv = scripts.charge.key(keys::account(req.account));
         // The script knows an idempotency key is given by the second KEYS entry.
-        let (idem_key, fingerprint, lease) = match req.idempotency {
-            Some(idem) => {
-                inv.key(keys::idempotency(req.account, idem.key));
-                (idem.key, idem.fingerprint, secs(idem.lease_secs))
-            }
-            None => ("", "", 0),
-        };
+        if let Some(idem) = req.idempotency {
+            inv.key(keys::idempotency(req.account, idem.key));
+        }
         let (category, operation) = (req.category, req.operation);
         inv.arg(req.charge_id)
             .arg(req.cost)
             // The record's and the usage counter's spellings of the names (lua/charge.lua).
             .arg(format!("{}:{category}{}:{operation}", category.len(), operation.len()))
             .arg(format!(":{}:{category}{operation}", category.len()))
-            .arg(history_tail(&req))
-            .arg(idem_key)
-            .arg(fingerprint)
-            .arg(RETENTION_SECS)
-            .arg(req.auto_topup_max_per_period)
-            .arg(lease)
-            .arg(req.packages.spec());
-        for &threshold in req.thresholds {
-            // As a number: a `u8` argument would be sent as a raw byte.
-            inv.arg(u32::from(threshold));
+            .arg(history_tail(&req));
+        if let Some(idem) = req.idempotency {
+            inv.arg(idem.key).arg(idem.fingerprint).arg(secs(idem.lease_secs));
         }
         let mut r = self.step(req.account, inv).await?;
         let outcome: String = r.next()?;
