@@ -1006,8 +1006,11 @@ mod redis {
 
     /// Counters read at one moment.
     pub struct Snapshot {
-        /// `used_cpu_sys + used_cpu_user` of `INFO cpu`, seconds.
+        /// `used_cpu_sys + used_cpu_user` of `INFO cpu`, seconds, and the kernel's part.
         cpu_seconds: f64,
+        sys_seconds: f64,
+        /// Reads from client sockets (`total_reads_processed`, `INFO stats`).
+        reads: u64,
         /// Script calls and the µs Redis spent in them (`INFO commandstats`).
         script_calls: u64,
         script_usec: u64,
@@ -1018,6 +1021,8 @@ mod redis {
     /// What Redis did between two snapshots.
     pub struct Delta {
         pub cpu: Duration,
+        pub sys: Duration,
+        pub reads: u64,
         pub script_calls: u64,
         pub script_usec: u64,
         pub commands: u64,
@@ -1027,6 +1032,8 @@ mod redis {
         pub fn since(&self, before: &Snapshot) -> Delta {
             Delta {
                 cpu: Duration::from_secs_f64((self.cpu_seconds - before.cpu_seconds).max(0.0)),
+                sys: Duration::from_secs_f64((self.sys_seconds - before.sys_seconds).max(0.0)),
+                reads: self.reads - before.reads,
                 script_calls: self.script_calls - before.script_calls,
                 script_usec: self.script_usec - before.script_usec,
                 commands: self.commands - before.commands,
@@ -1081,7 +1088,10 @@ mod redis {
             let field = |name: &str| -> f64 {
                 cpu.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok()).unwrap_or(0.0)
             };
-            let cpu_seconds = field("used_cpu_sys") + field("used_cpu_user");
+            let (cpu_seconds, sys_seconds) = (field("used_cpu_sys") + field("used_cpu_user"), field("used_cpu_sys"));
+            let stats = self.info("stats").expect("INFO stats");
+            let reads =
+                stats.lines().find_map(|l| l.strip_prefix("total_reads_processed:")?.trim().parse().ok()).unwrap_or(0);
             let stats = self.info("commandstats").expect("INFO commandstats");
             let (mut script_calls, mut script_usec, mut commands) = (0, 0, 0);
             for line in stats.lines() {
@@ -1099,7 +1109,7 @@ mod redis {
                     script_usec += value("usec");
                 }
             }
-            Snapshot { cpu_seconds, script_calls, script_usec, commands }
+            Snapshot { cpu_seconds, sys_seconds, reads, script_calls, script_usec, commands }
         }
     }
 
@@ -1547,6 +1557,18 @@ fn print_table(settings: &Settings, workers: usize, rows: &[Scenario], clock: &C
         println!(
             "Redis commands per request (INFO commandstats, every kind but INFO; the scripts' own redis.call included): {}.",
             commands.join(" · ")
+        );
+    }
+    // The kernel's part of Redis's CPU is mostly socket reads and writes: script calls per read
+    // shows how many charges the gateway's multiplexed connections pipeline into one round trip.
+    for r in rows.iter().filter(|r| r.redis.as_ref().is_some_and(|d| d.script_calls > 0)) {
+        let d = r.redis.as_ref().expect("filtered");
+        println!(
+            "Redis CPU {}: {:.1} µs per request, of which the kernel's (socket I/O) {:.1} µs; {:.2} script calls per socket read.",
+            &r.name[..3],
+            r.per_request_us(d.cpu),
+            r.per_request_us(d.sys),
+            d.script_calls as f64 / d.reads.max(1) as f64
         );
     }
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
