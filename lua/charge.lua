@@ -43,6 +43,10 @@
 --
 -- Same steps as memory.rs `Account::charge`, `auto_topup` and `thresholds`.
 
+-- The common case first (lib.lua `fast_charge`); the general way below for everything else.
+local fast = fast_charge(KEYS, ARGV)
+if fast then return fast end
+
 local a = load_account(KEYS[1], true)
 if not a then return { 0, 'noaccount' } end
 
@@ -74,12 +78,9 @@ a.monthly = a.monthly - from_monthly
 a.topup = a.topup - from_topup
 a.used = a.used + cost
 local day = div(a.now, 86400)
--- add_entry's JSON, with the request's part prebuilt by the caller. Appended: a renewal this
--- charge triggered has queued its own entry first.
+-- Appended: a renewal this charge triggered has queued its own entry first.
 a.hist = a.hist + 1
-a.entries[#a.entries + 1] = string.format('{"seq":%d,"kind":"charge","at":%d,"monthly_delta":%d,"topup_delta":%d,'
-  .. '"monthly_after":%d,"topup_after":%d,%s', a.hist, a.now, -from_monthly, -from_topup, a.monthly, a.topup,
-  ARGV[5])
+a.entries[#a.entries + 1] = charge_entry(a.hist, a.now, from_monthly, from_topup, a.monthly, a.topup, ARGV[5])
 
 -- Auto top-up: only the charge that takes the total from at-or-above the threshold to below it
 -- buys — or, once, the first charge that ends below it after the setting was switched on while
@@ -151,12 +152,9 @@ if auto_off then a.auto_enabled = false end
 local events = save(a)
 if #newly_fired > 0 then redis.call('HSET', KEYS[1], unpack(newly_fired)) end
 if disarm then redis.call('HSET', KEYS[1], 'auto_armed', '0') end
-redis.call('HINCRBY', sub_key(a, 'usage:' .. n(a.period)), 'u:' .. n(day) .. ARGV[4], ARGV[2])
-
--- The charge record: what refund.lua and a re-sent step need.
-redis.call('HSET', bucket, charge_id, format_record({ cost = cost, from_monthly = from_monthly, from_topup = from_topup,
-  period = a.period, day = day, auto = auto_credits, idem = idem_key }, ARGV[3]))
-if expire then redis.call('EXPIRE', bucket, 2 * CHARGE_TTL, 'NX') end
+-- The usage counter and the charge record (what refund.lua and a re-sent step need).
+write_charge(a.key, bucket, expire, charge_id, { cost = cost, from_monthly = from_monthly, from_topup = from_topup,
+  period = a.period, day = day, auto = auto_credits, idem = idem_key }, ARGV[3], ARGV[4], ARGV[2])
 if idem_key then
   redis.call('HSET', KEYS[2], 'fingerprint', ARGV[7], 'charge_id', charge_id, 'state', 'running',
     'until', n(a.now + tonumber(ARGV[8])))
