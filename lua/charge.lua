@@ -121,19 +121,8 @@ local disarm = auto and auto.armed and (auto_credits or auto_off or after >= aut
 -- by the config), so above the allocation none is reached and nothing is looked at.
 local newly_fired = {}
 local remaining = a.monthly + a.topup
-local reached, reached_fields = {}, {}
-if remaining <= a.allocation then
-  -- Largest first: once one is not reached, no smaller one is (0 is reached only at 0 left).
-  for i = 1, #THRESHOLDS do
-    local t = THRESHOLDS[i]
-    if not ((t == 0 and remaining == 0) or (t > 0 and at_or_below(remaining, a.allocation, t))) then break end
-    reached[#reached + 1] = t
-    reached_fields[#reached_fields + 1] = THRESHOLD_FIELDS[i]
-  end
-end
-local fired = {}
-if #reached > 0 then fired = redis.call('HMGET', KEYS[1], unpack(reached_fields)) end
-for i, t in ipairs(reached) do
+local reached, fired = thresholds_reached(KEYS[1], remaining, a.allocation)
+for i, t in ipairs(reached or {}) do
   if tonumber(fired[i]) ~= a.period then
     newly_fired[#newly_fired + 1] = 'fired:' .. n(t)
     newly_fired[#newly_fired + 1] = n(a.period)

@@ -436,6 +436,24 @@ local function at_or_below(remaining, allocation, t)
   return remaining - div(r * t, 100) <= q * t
 end
 
+-- The low-credit thresholds an account with `remaining` of `allocation` credits left has reached
+-- (a list, largest first) and, for each, the period it last fired in (from the account hash
+-- `key`, as HMGET answers), or nil when it has reached none. Thresholds are largest first: once
+-- one is not reached, no smaller one is (0 is reached only at 0 left).
+local function thresholds_reached(key, remaining, allocation)
+  if remaining > allocation then return nil end
+  local reached, fields
+  for i = 1, #THRESHOLDS do
+    local t = THRESHOLDS[i]
+    if not ((t == 0 and remaining == 0) or (t > 0 and at_or_below(remaining, allocation, t))) then break end
+    if not reached then reached, fields = {}, {} end
+    reached[#reached + 1] = t
+    fields[#fields + 1] = THRESHOLD_FIELDS[i]
+  end
+  if not reached then return nil end
+  return reached, redis.call('HMGET', key, unpack(fields))
+end
+
 -- charge.lua's "charged" reply for account `a` (see there).
 local function charge_receipt(a, events, id, cost, from_monthly, from_topup, auto_credits)
   return { events, 'charged', id, cost, from_monthly, from_topup, a.monthly, a.topup, a.allocation,
@@ -547,7 +565,7 @@ end
 -- than the fields of the account table `load_account` builds, which alone cost a charge about as
 -- much as two commands): an account in the current layout, no renewal due, auto top-up off, no
 -- export guard on trimming, no idempotency key, a fresh charge id, and no low-credit threshold
--- reached. Then it charges (or refuses) and returns the reply. For anything else it returns nil
+-- reached that has not fired yet this period. Then it charges (or refuses) and returns the reply. For anything else it returns nil
 -- having written nothing, and charge.lua takes the general way, which reads everything again.
 -- The same steps as the general way; conformance tests run both.
 local function fast_charge(KEYS, ARGV)
@@ -564,10 +582,12 @@ local function fast_charge(KEYS, ARGV)
   if redis.call('HGET', current, id) or redis.call('HGET', previous, id) then return nil end
   local remaining = monthly + topup - cost
   if remaining < 0 then return { 0, 'refused', monthly + topup, period_end } end
-  -- Thresholds are largest first: the first not reached means none is.
-  local t = THRESHOLDS[1]
-  if t and remaining <= allocation and ((t == 0 and remaining == 0) or (t > 0 and at_or_below(remaining, allocation, t))) then
-    return nil
+  -- A threshold reached for the first time this period raises an event: the general way.
+  local reached, fired = thresholds_reached(key, remaining, allocation)
+  if reached then
+    for i = 1, #reached do
+      if tonumber(fired[i]) ~= period then return nil end
+    end
   end
   local from_monthly = math.min(cost, monthly)
   local from_topup = cost - from_monthly
