@@ -144,9 +144,5 @@ if disarm then redis.call('HSET', KEYS[1], 'auto_armed', '0') end
 -- The usage counter and the charge record (what refund.lua and a re-sent step need).
 write_charge(a.key, bucket, expire, charge_id, { cost = cost, from_monthly = from_monthly, from_topup = from_topup,
   period = a.period, day = day, auto = auto_credits, idem = idem_key }, ARGV[3], ARGV[4], ARGV[2])
-if idem_key then
-  redis.call('HSET', KEYS[2], 'fingerprint', ARGV[7], 'charge_id', charge_id, 'state', 'running',
-    'until', n(a.now + tonumber(ARGV[8])))
-  redis.call('EXPIRE', KEYS[2], IDEM_RETENTION)
-end
+if idem_key then start_idem(KEYS[2], ARGV[7], charge_id, a.now + tonumber(ARGV[8])) end
 return charge_receipt(a, events, charge_id, cost, from_monthly, from_topup, auto_credits)

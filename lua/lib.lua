@@ -561,15 +561,22 @@ local function write_charge(key, bucket, expire, id, r, names, usage_tail, cost_
   if expire then redis.call('EXPIRE', bucket, 2 * CHARGE_TTL, 'NX') end
 end
 
+-- The idempotency record of a charge just made: the key's first request runs until `lease_end`
+-- (idem_complete.lua then keeps its answer).
+local function start_idem(key, fingerprint, charge_id, lease_end)
+  redis.call('HSET', key, 'fingerprint', fingerprint, 'charge_id', charge_id, 'state', 'running', 'until', n(lease_end))
+  redis.call('EXPIRE', key, IDEM_RETENTION)
+end
+
 -- charge.lua's common case, in local variables (Lua reads and writes them several times faster
 -- than the fields of the account table `load_account` builds, which alone cost a charge about as
 -- much as two commands): an account in the current layout, no renewal due, auto top-up off, no
--- export guard on trimming, no idempotency key, a fresh charge id, and no low-credit threshold
+-- export guard on trimming, a fresh charge id (and idempotency key, if any), and no low-credit threshold
 -- reached that has not fired yet this period. Then it charges (or refuses) and returns the reply. For anything else it returns nil
 -- having written nothing, and charge.lua takes the general way, which reads everything again.
 -- The same steps as the general way; conformance tests run both.
 local function fast_charge(KEYS, ARGV)
-  if #KEYS == 2 or HISTORY_EXPORTED_ONLY then return nil end
+  if HISTORY_EXPORTED_ONLY then return nil end
   local key = KEYS[1]
   local state = redis.call('HGET', key, 'state')
   if not state then return nil end
@@ -580,6 +587,9 @@ local function fast_charge(KEYS, ARGV)
   local id, cost = ARGV[1], tonumber(ARGV[2])
   local current, previous, b = buckets_at(key, now)
   if redis.call('HGET', current, id) or redis.call('HGET', previous, id) then return nil end
+  -- A key used before is answered the general way (replay, conflict, in progress).
+  local idem_key = #KEYS == 2 and ARGV[6]
+  if idem_key and redis.call('EXISTS', KEYS[2]) == 1 then return nil end
   local remaining = monthly + topup - cost
   if remaining < 0 then return { 0, 'refused', monthly + topup, period_end } end
   -- A threshold reached for the first time this period raises an event: the general way.
@@ -604,7 +614,8 @@ local function fast_charge(KEYS, ARGV)
   redis.call('RPUSH', key .. ':history', charge_entry(hist, now, from_monthly, from_topup, monthly, topup, ARGV[5]))
   if drop > 0 then redis.call('LTRIM', key .. ':history', drop, -1) end
   write_charge(key, current, xb ~= b, id, { cost = cost, from_monthly = from_monthly, from_topup = from_topup,
-    period = period, day = div(now, 86400) }, ARGV[3], ARGV[4], ARGV[2])
+    period = period, day = div(now, 86400), idem = idem_key }, ARGV[3], ARGV[4], ARGV[2])
+  if idem_key then start_idem(KEYS[2], ARGV[7], id, now + tonumber(ARGV[8])) end
   return { 0, 'charged', id, cost, from_monthly, from_topup, monthly, topup, allocation, period_end, false }
 end
 
