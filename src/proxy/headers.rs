@@ -75,7 +75,10 @@ fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
 
 /// Removes hop-by-hop fields, including any that a `Connection` line names (any case).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !has_any(headers, &HOP_BY_HOP) {
+    // Which of the fixed ones are there, in one pass (most answers carry only `Connection`).
+    let present =
+        headers.keys().fold(0u16, |set, k| set | HOP_BY_HOP.iter().position(|h| h == k).map_or(0, |i| 1 << i));
+    if present == 0 {
         return;
     }
     // Fields named by Connection are hop-by-hop too; collect first (rare, so the Vec is fine).
@@ -90,8 +93,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(n);
         }
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(h);
+        }
     }
 }
 
