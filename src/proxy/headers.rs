@@ -81,14 +81,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    // Fields named by Connection are hop-by-hop too; collect first (rare, so the Vec is fine).
+    // Fields named by Connection are hop-by-hop too. Only those present matter, found by
+    // comparing with the names there: nothing is parsed, and nothing allocated for the usual
+    // `keep-alive` or `close` (a fixed name is removed below anyway).
     if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or_default().split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
+        let mut named: Vec<HeaderName> = Vec::new();
+        for token in headers.get_all(header::CONNECTION).iter().flat_map(|v| v.to_str().unwrap_or_default().split(','))
+        {
+            let token = token.trim();
+            let listed = |k: &&HeaderName| k.as_str().eq_ignore_ascii_case(token) && !HOP_BY_HOP.contains(k);
+            named.extend(headers.keys().filter(listed).cloned());
+        }
         for n in named {
             headers.remove(n);
         }
