@@ -29,7 +29,8 @@ use crate::state::{AppState, Runtime};
 /// How many earlier periods `GET /v1/credits/usage` reports.
 pub const EARLIER_PERIODS: usize = 6;
 
-/// Routes of the customer API.
+/// Routes of the customer API. Every path starts with one of `stack::ROUTER_PATHS` (the public
+/// listener sends the others to the proxy without asking the router).
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/credits", get(credits))

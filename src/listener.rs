@@ -104,7 +104,8 @@ pub enum Side {
 
 /// Serves `router` on `listener` until `shutdown` turns true, then drains (waits until every
 /// connection it accepted is gone). `permits` caps the listener's connections; several workers
-/// accepting on one address share it.
+/// accepting on one address share it. The public side serves through
+/// [`crate::stack::serve_public`], which hands the proxied paths to the proxy without the router.
 pub async fn serve(
     side: Side,
     listener: TcpListener,
@@ -140,6 +141,8 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let (router, state, stop) = (router.clone(), state.clone(), shutdown.clone());
         tokio::spawn(async move {
+            let public = (side == Side::Public).then(|| state.clone());
+            let served = Served { router, public };
             let metrics = &state.metrics;
             metrics.connections_open.inc();
             // `server.tls`, as the running config has it (a reload brings renewed certificates).
@@ -148,10 +151,10 @@ pub async fn serve(
                 if side == Side::Public { rt.tls_acceptor.clone() } else { rt.admin_tls_acceptor.clone() }
             };
             match tls {
-                None => connection(tcp, addr, router, limits, metrics, stop).await,
+                None => connection(tcp, addr, served, limits, metrics, stop).await,
                 // The handshake must finish within the header timeout, like a request head.
                 Some(acceptor) => match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => connection(tls, addr, router, limits, metrics, stop).await,
+                    Ok(Ok(tls)) => connection(tls, addr, served, limits, metrics, stop).await,
                     Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
                     Err(_) => {
                         metrics.connections_header_timeout.inc();
@@ -200,10 +203,18 @@ enum Expired {
     Write,
 }
 
+/// What a connection's requests go to.
+#[derive(Clone)]
+struct Served {
+    router: Router,
+    /// The public listener's state: see [`crate::stack::serve_public`].
+    public: Option<AppState>,
+}
+
 async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     tcp: S,
     addr: SocketAddr,
-    router: Router,
+    served: Served,
     limits: Limits,
     metrics: &Metrics,
     mut stop: watch::Receiver<bool>,
@@ -213,7 +224,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let service_state = state.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         service_state.request_started(wire_size(&req));
-        let (state, router) = (service_state.clone(), router.clone());
+        let (state, served) = (service_state.clone(), served.clone());
         async move {
             let mut req = req.map(|body| {
                 if http_body::Body::is_end_stream(&body) {
@@ -223,7 +234,10 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 }
             });
             req.extensions_mut().insert(ConnectInfo(addr));
-            let res = router.oneshot(req).await.unwrap_or_else(|never| match never {});
+            let res = match &served.public {
+                Some(public) => crate::stack::serve_public(public, served.router, req).await,
+                None => served.router.oneshot(req).await.unwrap_or_else(|never| match never {}),
+            };
             Ok::<_, std::convert::Infallible>(res.map(|body| Done { inner: body, state: Some(state) }))
         }
     });

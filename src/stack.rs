@@ -1,7 +1,8 @@
 //! The ONE place the public request path is assembled.
 //!
 //! ```text
-//! public listener (axum Router)
+//! public listener (serve_public: a path none of the router's own routes can match skips the
+//!                  axum Router and goes straight to the fallback, proxy_handler)
 //! ├── /v1/credits…, /v1/jobs/…     customer API (api.rs); the `Principal` extractor runs steps
 //! │                                1–2 below (client address, auth, the same plan rate limit)
 //! ├── /dashboard                   static page, CSP by hash (dashboard/)
@@ -41,6 +42,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderValue, header};
 use sha2::{Digest, Sha256};
+use tower::ServiceExt;
 use tracing::Instrument;
 
 use crate::auth::Principal;
@@ -64,6 +66,45 @@ pub fn public_router(state: AppState) -> Router {
         .fallback(proxy_handler)
         .method_not_allowed_fallback(|| async { GatewayError::MethodNotAllowed })
         .with_state(state)
+}
+
+/// Where every path of [`public_router`]'s own routes starts (`api.rs`, `billing/`); a route
+/// added there must start with one of these.
+const ROUTER_PATHS: [&str; 5] = ["/v1/credits", "/v1/jobs/", "/v1/billing/", "/dashboard", "/openapi.json"];
+
+/// Serves one request of the public listener. A path that none of the router's own routes can
+/// match goes to [`proxy_handler`] straight away, and its answer gets what the router would do
+/// to it (the fallback's route future: `Content-Length` from an exact body size, no body for
+/// `HEAD`, none with a 2xx to `CONNECT`) — matching the path twice (routes, then the fallback's
+/// catch-all), a boxed route and a boxed handler future per request cost about as much as the
+/// rest of the handler's own work. Any other path goes through `router`.
+pub async fn serve_public(state: &AppState, router: Router, req: Request) -> Response {
+    let path = req.uri().path();
+    if ROUTER_PATHS.iter().any(|p| path.starts_with(p)) {
+        return router.oneshot(req).await.unwrap_or_else(|never| match never {});
+    }
+    let method = req.method().clone();
+    // Boxed like a handler behind the router: hyper moves the service future it holds, and this
+    // one is several kilobytes.
+    let mut res = Box::pin(proxy_handler(State(state.clone()), req)).await;
+    if method == http::Method::CONNECT && res.status().is_success() {
+        let empty = !res.headers().contains_key(header::CONTENT_LENGTH)
+            && !res.headers().contains_key(header::TRANSFER_ENCODING)
+            && http_body::Body::size_hint(res.body()).lower() == 0;
+        if !empty {
+            res = res.map(|_| Body::empty());
+        }
+        return res;
+    }
+    if !res.headers().contains_key(header::CONTENT_LENGTH)
+        && let Some(size) = http_body::Body::size_hint(res.body()).exact()
+    {
+        res.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
+    if method == http::Method::HEAD {
+        *res.body_mut() = Body::empty();
+    }
+    res
 }
 
 /// Steps 1–8 above, for every request no other public route claimed.

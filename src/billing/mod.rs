@@ -36,6 +36,7 @@ use stripe::{OffSession, Stripe, StripeError, minor_units};
 
 /// Routes of the payments API.
 pub fn router() -> Router<AppState> {
+    // Paths start with one of `stack::ROUTER_PATHS` (see `api::router`).
     Router::new()
         .route("/v1/credits/topups/checkout", post(checkout))
         .route("/v1/billing/stripe/webhook", post(webhook))

@@ -16,7 +16,7 @@ pub mod spelling;
 
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderValue, Method, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 
 use crate::config::{Config, OnEmpty, OperationConfig};
 use crate::ledger::Role;
@@ -141,14 +141,20 @@ pub struct Price {
 /// nothing tiered was priced), and `x-trigger: automatic` only when it made the request free.
 /// Whatever the client sent under those names is dropped. `None` is a free route.
 pub fn bind_headers(headers: &mut HeaderMap, price: Option<&Price>) {
-    headers.remove(TIER_HEADER);
-    headers.remove(TRIGGER_HEADER);
+    // Names, not `&str`s: a `&str` name is parsed again at every use.
+    const TIER: HeaderName = HeaderName::from_static(TIER_HEADER);
+    const TRIGGER: HeaderName = HeaderName::from_static(TRIGGER_HEADER);
+    // Absent from most requests: one look over the fields costs less than two hashed lookups.
+    if headers.keys().any(|k| k == TIER || k == TRIGGER) {
+        headers.remove(TIER);
+        headers.remove(TRIGGER);
+    }
     let Some(price) = price else { return };
     if let Some(tier) = price.tier.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
-        headers.insert(TIER_HEADER, tier);
+        headers.insert(TIER, tier);
     }
     if price.automatic {
-        headers.insert(TRIGGER_HEADER, HeaderValue::from_static("automatic"));
+        headers.insert(TRIGGER, HeaderValue::from_static("automatic"));
     }
 }
 
@@ -401,21 +407,29 @@ impl Operation {
                         .position(|(t, _)| t == m)
                         .or_else(|| aliases.iter().find(|(a, _)| a == m).map(|(_, i)| *i))
                 });
-                let named: Vec<(String, usize)> = [
-                    from_header.map(|(h, i)| (format!("x-ai-tier header says \"{h}\""), i)),
-                    from_body.map(|(i, b)| (format!("body's \"tier\" says \"{b}\""), i)),
-                    from_model.map(|i| (format!("body's \"model\" says \"{}\"", model.unwrap_or_default()), i)),
-                ]
-                .into_iter()
-                .flatten()
-                .collect();
-                if let Some((a, b)) = named.iter().zip(named.iter().skip(1)).find(|(a, b)| a.1 != b.1) {
-                    return Err(ClassifyError::TierMismatch(format!(
-                        "The {} but the {}; send one, or make them agree.",
-                        a.0, b.0
-                    )));
+                // The tier each place names, in this order; a place is described only in a refusal.
+                let named = [from_header.map(|(_, i)| i), from_body.as_ref().map(|(i, _)| *i), from_model];
+                let describe = |place: usize| match place {
+                    0 => format!("x-ai-tier header says \"{}\"", from_header.map_or("", |(h, _)| h)),
+                    1 => format!("body's \"tier\" says \"{}\"", from_body.as_ref().map_or("", |(_, b)| &**b)),
+                    _ => format!("body's \"model\" says \"{}\"", model.unwrap_or_default()),
+                };
+                let mut said = named.iter().enumerate().filter_map(|(place, i)| Some((place, (*i)?)));
+                let first = said.next();
+                let mut last = first;
+                for (place, i) in said {
+                    if let Some((before, j)) = last
+                        && j != i
+                    {
+                        return Err(ClassifyError::TierMismatch(format!(
+                            "The {} but the {}; send one, or make them agree.",
+                            describe(before),
+                            describe(place)
+                        )));
+                    }
+                    last = Some((place, i));
                 }
-                let index = named.first().map_or(*default, |(_, i)| *i);
+                let index = first.map_or(*default, |(_, i)| i);
                 let (tier, cost) = &costs[index];
                 // A `model` that is not a tier's name must be this tier's model, unless the
                 // operation lets any model through.

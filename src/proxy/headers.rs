@@ -30,14 +30,6 @@ const REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Headers some frameworks take as the real method: a `POST` priced as a chat could be served as
-/// anything else, or a `GET` on a free route served as a priced `POST`.
-const METHOD_OVERRIDE: [HeaderName; 3] = [
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
-
 /// The fixed hop-by-hop fields.
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
@@ -51,22 +43,63 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// What a client says about where it is: the gateway forwards none of it from a peer it does not
+/// trust.
+const CLIENT_SAID: [HeaderName; 3] = [header::FORWARDED, REAL_IP, FORWARDED_FOR];
+
+/// Fields that no upstream gets from a client: the account (only the gateway sets it), and the
+/// method overrides — headers some frameworks take as the real method: a `POST` priced as a chat
+/// could be served as anything else, or a `GET` on a free route served as a priced `POST`.
+static GATEWAY_SET: [HeaderName; 4] = [
+    ACCOUNT,
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+/// Whether `headers` has a field named in `names`. One pass over the few fields a request has,
+/// comparing names, is cheaper than one hashed lookup per name — and on nearly every request
+/// none of them is there, so the removals below are skipped.
+fn has_any(headers: &HeaderMap, names: &[HeaderName]) -> bool {
+    headers.keys().any(|k| names.contains(k))
+}
+
+/// Removes every field named in `names`.
+fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
+    if has_any(headers, names) {
+        for n in names {
+            headers.remove(n);
+        }
+    }
+}
+
 /// Removes hop-by-hop fields, including any that a `Connection` line names (any case).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Fields named by Connection are hop-by-hop too; collect first (rare, so the Vec is fine).
+    // Which of the fixed ones are there, in one pass (most answers carry only `Connection`).
+    let present =
+        headers.keys().fold(0u16, |set, k| set | HOP_BY_HOP.iter().position(|h| h == k).map_or(0, |i| 1 << i));
+    if present == 0 {
+        return;
+    }
+    // Fields named by Connection are hop-by-hop too. Only those present matter, found by
+    // comparing with the names there: nothing is parsed, and nothing allocated for the usual
+    // `keep-alive` or `close` (a fixed name is removed below anyway).
     if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or_default().split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
+        let mut named: Vec<HeaderName> = Vec::new();
+        for token in headers.get_all(header::CONNECTION).iter().flat_map(|v| v.to_str().unwrap_or_default().split(','))
+        {
+            let token = token.trim();
+            let listed = |k: &&HeaderName| k.as_str().eq_ignore_ascii_case(token) && !HOP_BY_HOP.contains(k);
+            named.extend(headers.keys().filter(listed).cloned());
+        }
         for n in named {
             headers.remove(n);
         }
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(h);
+        }
     }
 }
 
@@ -180,6 +213,9 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 /// the request: `Forwarded` and `X-Real-IP` always, and `X-Forwarded-For` unless `peer` is a
 /// trusted proxy (whose trail [`prepare_request`] then extends with the peer).
 pub fn sanitize_forwarding(headers: &mut HeaderMap, peer: Option<SocketAddr>, trusted: &[Cidr]) {
+    if !has_any(headers, &CLIENT_SAID) {
+        return;
+    }
     headers.remove(header::FORWARDED);
     headers.remove(REAL_IP);
     if !peer.is_some_and(|p| is_trusted(p.ip(), trusted)) {
@@ -204,10 +240,7 @@ pub fn strip_gateway_owned(headers: &mut HeaderMap) {
 pub fn prepare_request(headers: &mut HeaderMap, upstream_headers: &[(HeaderName, HeaderValue)], fwd: Forwarded<'_>) {
     strip_hop_by_hop(headers);
     headers.remove(header::AUTHORIZATION);
-    headers.remove(ACCOUNT);
-    for h in &METHOD_OVERRIDE {
-        headers.remove(h);
-    }
+    remove_all(headers, &GATEWAY_SET);
     if let Some(host) = headers.remove(header::HOST) {
         headers.insert(FORWARDED_HOST, host);
     }
@@ -221,16 +254,38 @@ pub fn prepare_request(headers: &mut HeaderMap, upstream_headers: &[(HeaderName,
         headers.insert(ACCOUNT, account);
     }
     if let Some(addr) = fwd.client_addr {
-        // Whatever trail is left came from a trusted proxy (`sanitize_forwarding`): extend it,
-        // joining every line of it into one.
-        let mut trail: Vec<&str> = headers.get_all(&FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
-        let ip = addr.ip().to_canonical().to_string();
-        trail.push(&ip);
-        let value = trail.join(", ");
-        if let Ok(v) = HeaderValue::from_str(&value) {
+        let ip = addr.ip().to_canonical();
+        let value = if headers.contains_key(&FORWARDED_FOR) {
+            // Whatever trail is left came from a trusted proxy (`sanitize_forwarding`): extend
+            // it, joining every line of it into one.
+            let mut trail: Vec<&str> = headers.get_all(&FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+            let ip = ip.to_string();
+            trail.push(&ip);
+            HeaderValue::from_str(&trail.join(", ")).ok()
+        } else {
+            Some(address_value(ip))
+        };
+        if let Some(v) = value {
             headers.insert(FORWARDED_FOR, v);
         }
     }
+}
+
+/// `ip` as a header value. The last one is kept per thread: the requests of a keep-alive
+/// connection (and of a busy client) come from one address, and a clone of the kept value costs
+/// a reference count instead of formatting and an allocation.
+fn address_value(ip: IpAddr) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((kept, value)) if *kept == ip => value.clone(),
+        _ => {
+            let value = HeaderValue::from_str(&ip.to_string()).expect("an address is a valid header value");
+            *last = Some((ip, value.clone()));
+            value
+        }
+    })
 }
 
 #[cfg(test)]
@@ -275,7 +330,7 @@ mod tests {
             (&h[REQUEST_ID], &h[ACCOUNT]),
             (&HeaderValue::from_static("rid"), &HeaderValue::from_static("acme"))
         );
-        for m in &METHOD_OVERRIDE {
+        for m in &GATEWAY_SET[1..] {
             assert!(!h.contains_key(m), "{m} forwarded");
         }
     }
@@ -313,6 +368,16 @@ mod tests {
         h.insert(header::AUTHORIZATION, "Bearer cg_client".parse().unwrap());
         prepare_request(&mut h, &[], Forwarded { request_id: "r", account: None, client_addr: None });
         assert!(!h.contains_key(header::AUTHORIZATION), "never passed on, even with no replacement");
+    }
+
+    #[test]
+    fn the_forwarded_address_follows_the_peer() {
+        for peer in ["127.0.0.1:9", "127.0.0.1:10", "[::ffff:10.0.0.7]:1", "[2001:db8::5]:1", "127.0.0.1:9"] {
+            let mut h = HeaderMap::new();
+            prepare_request(&mut h, &[], Forwarded { request_id: "r", account: None, client_addr: peer.parse().ok() });
+            let ip = peer.parse::<SocketAddr>().unwrap().ip().to_canonical().to_string();
+            assert_eq!(h[FORWARDED_FOR], ip.as_str());
+        }
     }
 
     #[test]

@@ -342,7 +342,7 @@ async fn send(
             Some(b) => b,
             None => Body::new(lent.clone().expect("lent when there are several backends")),
         };
-        let progress = Arc::new(outgoing::Progress::default());
+        let progress = Arc::new(outgoing::Progress::new());
         let req_body = Body::new(outgoing::Outgoing::new(req_body, progress.clone()));
         match attempt(client, upstream, slot.backend(), Request::from_parts(head, req_body), &progress).await {
             Err(e) => {
@@ -382,7 +382,15 @@ async fn send(
 
 /// Sends `req` to `backend` on `client`: the connect phase (pool checkout, TCP, TLS) bounded by
 /// the upstream's `connect_timeout_ms` (past it 502 `upstream_unavailable`, as unreachable:
-/// nothing was sent), then the wait for the answer head by `first_byte_timeout_ms` (504).
+/// nothing was sent), then the wait for the answer head by `first_byte_timeout_ms` (504),
+/// counted from the moment a connection took the request.
+///
+/// One timer serves both limits, and the sender is not woken when a connection takes the
+/// request (that wake-up polled the whole request path once more). The timer never rings later
+/// than the limit that applies: first at the earlier of the two counted from the start (neither
+/// can run out sooner); when it rings, the limit in force is worked out from `progress` —
+/// expired, or the timer set again for it (while no connection has taken the request, no later
+/// than one first-byte timeout ahead, since one could take it any moment).
 async fn attempt(
     client: &Client,
     upstream: &Upstream,
@@ -390,31 +398,39 @@ async fn attempt(
     req: Request<Body>,
     progress: &outgoing::Progress,
 ) -> Result<Response<hyper::body::Incoming>, GatewayError> {
+    let (connect, first_byte) = (upstream.connect_timeout, upstream.first_byte_timeout);
+    let connect_deadline = later(progress.started(), connect);
     let call = client.request(req);
     tokio::pin!(call);
-    let connected = tokio::time::timeout(upstream.connect_timeout, async {
+    let timer = tokio::time::sleep_until(later(progress.started(), connect.min(first_byte)));
+    tokio::pin!(timer);
+    loop {
         tokio::select! {
             biased;
-            done = &mut call => Some(done),
-            () = progress.taken() => None,
+            done = &mut call => return done.map_err(|e| classify_error(&upstream.name, backend, e)),
+            () = &mut timer => {}
         }
-    })
-    .await;
-    let done = match connected {
-        Err(_) => {
-            return Err(GatewayError::UpstreamUnreachable(format!(
-                "{}: no connection to {} within connect_timeout_ms ({} ms)",
-                upstream.name,
-                backend.label,
-                upstream.connect_timeout.as_millis()
-            )));
-        }
-        Ok(Some(done)) => done,
-        Ok(None) => {
-            tokio::time::timeout(upstream.first_byte_timeout, call).await.map_err(|_| GatewayError::UpstreamTimeout)?
-        }
-    };
-    done.map_err(|e| classify_error(&upstream.name, backend, e))
+        let now = tokio::time::Instant::now();
+        let next = match progress.taken_at() {
+            None if now >= connect_deadline => {
+                return Err(GatewayError::UpstreamUnreachable(format!(
+                    "{}: no connection to {} within connect_timeout_ms ({} ms)",
+                    upstream.name,
+                    backend.label,
+                    connect.as_millis()
+                )));
+            }
+            None => connect_deadline.min(later(now, first_byte)),
+            Some(taken) if now >= later(taken, first_byte) => return Err(GatewayError::UpstreamTimeout),
+            Some(taken) => later(taken, first_byte),
+        };
+        timer.as_mut().reset(next);
+    }
+}
+
+/// `d` after `t`; a timeout too long to represent never runs out (as with `tokio::time::timeout`).
+fn later(t: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    t.checked_add(d).unwrap_or_else(|| t + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// The URI of `pq` on backend `base`.

@@ -5,31 +5,46 @@
 //!
 //! The first moment is seen through `is_end_stream`: hyper asks it first thing when a
 //! connection takes a request (h1 and h2 alike, before writing its head) and nowhere before a
-//! connection exists.
+//! connection exists. It is recorded with its time, not signalled: the sender reads it when its
+//! timer rings (waking the sender for it would poll the whole request path once more per request).
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// What happened to one attempt's request so far (shared with the sender).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Progress {
-    taken: AtomicBool,
-    taken_signal: Notify,
+    /// When the attempt started.
+    started: Instant,
+    /// Nanoseconds from `started` to when a connection took the request, plus one; 0 until then.
+    taken: AtomicU64,
     ended: AtomicBool,
 }
 
 impl Progress {
-    /// Waits until a connection took the request.
-    pub async fn taken(&self) {
-        if !self.taken.load(Ordering::Acquire) {
-            self.taken_signal.notified().await;
+    /// An attempt starting now.
+    pub fn new() -> Self {
+        Progress { started: Instant::now(), taken: AtomicU64::new(0), ended: AtomicBool::new(false) }
+    }
+
+    /// When the attempt started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// When a connection took the request, if one did.
+    pub fn taken_at(&self) -> Option<Instant> {
+        match self.taken.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(self.started + Duration::from_nanos(n - 1)),
         }
     }
 
@@ -39,9 +54,9 @@ impl Progress {
     }
 
     fn mark_taken(&self) {
-        if !self.taken.swap(true, Ordering::AcqRel) {
-            // A permit is kept when nobody waits yet, so a later `taken()` returns at once.
-            self.taken_signal.notify_one();
+        if self.taken.load(Ordering::Relaxed) == 0 {
+            let nanos = self.started.elapsed().as_nanos().min(u128::from(u64::MAX - 1)) as u64;
+            let _ = self.taken.compare_exchange(0, nanos + 1, Ordering::AcqRel, Ordering::Relaxed);
         }
     }
 }
