@@ -19,7 +19,7 @@ local last = math.min(a.hist, first + tonumber(ARGV[1]) - 1)
 local reply = { events, 'found' }
 if last >= first then
   for _, e in ipairs(redis.call('LRANGE', sub_key(a, 'history'), first - 1 - a.hphys, last - 1 - a.hphys)) do
-    reply[#reply + 1] = e
+    reply[#reply + 1] = entry_json(e)
   end
 end
 return reply

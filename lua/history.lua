@@ -23,6 +23,6 @@ local first = math.max(last - tonumber(ARGV[2]) + 1, a.htrim + 1)
 local reply = { events, 'found' }
 if last >= first then
   local page = redis.call('LRANGE', sub_key(a, 'history'), first - 1 - a.hphys, last - 1 - a.hphys)
-  for i = #page, 1, -1 do reply[#reply + 1] = page[i] end
+  for i = #page, 1, -1 do reply[#reply + 1] = entry_json(page[i]) end
 end
 return reply

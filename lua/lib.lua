@@ -460,11 +460,22 @@ local function charge_receipt(a, events, id, cost, from_monthly, from_topup, aut
     renews_at(a), auto_credits }
 end
 
--- charge.lua's history entry: add_entry's JSON, with the request's part (`tail`, from the
--- operation on) prebuilt by the caller.
+-- charge.lua's history entry, kept compact: "c", then seq, at, monthly_delta, topup_delta,
+-- monthly_after and topup_after as MessagePack (no sprintf per number on the hot path, and about
+-- 80 bytes less per entry), then the request's part of add_entry's JSON (`tail`, from the
+-- operation on, prebuilt by the caller). `entry_json` makes the JSON when the entry is read.
 local function charge_entry(seq, now, from_monthly, from_topup, monthly, topup, tail)
+  return 'c' .. cmsgpack.pack(seq, now, -from_monthly, -from_topup, monthly, topup) .. tail
+end
+
+-- A history entry as the list holds it, as JSON (add_entry's members and order): a compact charge
+-- entry is expanded, one written as JSON (they start with "{") is returned as it is.
+local function entry_json(e)
+  if string.byte(e, 1) ~= 99 then return e end
+  local at, seq, now, monthly_delta, topup_delta, monthly_after, topup_after = cmsgpack.unpack_limit(e, 6, 1)
   return string.format('{"seq":%d,"kind":"charge","at":%d,"monthly_delta":%d,"topup_delta":%d,'
-    .. '"monthly_after":%d,"topup_after":%d,%s', seq, now, -from_monthly, -from_topup, monthly, topup, tail)
+    .. '"monthly_after":%d,"topup_after":%d,', seq, now, monthly_delta, topup_delta, monthly_after, topup_after)
+    .. string.sub(e, at + 1)
 end
 
 -- === usage (cg:{acct:<id>}:usage:<period index>) ===
