@@ -46,6 +46,7 @@ async fn redis_standalone() {
     clock_never_goes_back(&ledger, redis).await;
     a_record_of_the_previous_layout_is_refunded(&ledger, redis).await;
     the_layout_before_state_is_read_and_moved(&ledger, redis).await;
+    export_sweep_counts_what_is_left(&RedisLedger::connect_standalone(&server.url()).await.unwrap(), redis).await;
     records_are_found_across_a_bucket_boundary(&RedisLedger::connect_standalone(&server.url()).await.unwrap()).await;
     outbox_index_recovers(&ledger, redis).await;
     job_index_recovers_and_finished_jobs_expire(&ledger, redis).await;
@@ -1589,6 +1590,29 @@ async fn the_layout_before_state_is_read_and_moved(l: &RedisLedger, redis: impl 
     assert_eq!(view(l, &acct).await.monthly_remaining, 8, "the text record's 3 came back");
     let kinds: Vec<String> = l.history(&acct, None, 10).await.unwrap().unwrap().into_iter().map(|e| e.kind).collect();
     assert_eq!(kinds, ["refund", "charge", "created"]);
+}
+
+/// The export index counts what is left to export from the account's state (`hist` beyond
+/// `exp`): a sweep indexes an account with entries left and leaves out one exported to the end.
+async fn export_sweep_counts_what_is_left(l: &RedisLedger, redis: impl Fn(&[&str]) -> String) {
+    l.set_limits(StoreLimits { history_exported_only: true, ..Default::default() });
+    let acct = account(l, 10).await;
+    // Cost 5: the state's used credits (5) are not its history entries (2).
+    charged(l.charge(charge(&acct, &unique("c"), 5)).await.unwrap());
+    let index = keys::export_index(&acct);
+    let indexed = || redis(&["SISMEMBER", &index, &acct]).trim() == "1";
+    // This instance's own marks (every step makes one) go into the index first.
+    l.export_accounts().await.unwrap();
+    redis(&["SREM", &index, &acct]);
+    l.sweep_exports().await.unwrap();
+    assert!(indexed(), "entries left: indexed by the sweep");
+    let entries = l.unexported(&acct, 100).await.unwrap();
+    assert_eq!(entries.len(), 2, "created and the charge");
+    assert_eq!(l.ack_export(&acct, entries[1].seq).await.unwrap(), 0);
+    l.export_accounts().await.unwrap();
+    redis(&["SREM", &index, &acct]);
+    l.sweep_exports().await.unwrap();
+    assert!(!indexed(), "all exported: not indexed again");
 }
 
 /// The outbox index lost an account (the process died between a step and its SADD): a sweep

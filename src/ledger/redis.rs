@@ -194,6 +194,33 @@ fn prelude(limits: &StoreLimits, policy: &ChargePolicy) -> String {
 /// Scripts built for other charge policies kept by [`RedisLedger::scripts_for`].
 const BUILT_KEPT: usize = 8;
 
+/// Value `place` (from 0) of an account's `state` field: integers as cmsgpack writes them
+/// (lua/lib.lua), one after the other. `None` for anything else.
+fn state_value(state: &[u8], place: usize) -> Option<u64> {
+    let mut rest = state;
+    for i in 0..=place {
+        let (&tag, after) = rest.split_first()?;
+        let (value, width): (i128, usize) = match tag {
+            0x00..=0x7f => (i128::from(tag), 0),
+            0xe0..=0xff => (i128::from(tag as i8), 0),
+            0xcc => (i128::from(*after.first()?), 1),
+            0xcd => (i128::from(u16::from_be_bytes(after.get(..2)?.try_into().ok()?)), 2),
+            0xce => (i128::from(u32::from_be_bytes(after.get(..4)?.try_into().ok()?)), 4),
+            0xcf => (i128::from(u64::from_be_bytes(after.get(..8)?.try_into().ok()?)), 8),
+            0xd0 => (i128::from(*after.first()? as i8), 1),
+            0xd1 => (i128::from(i16::from_be_bytes(after.get(..2)?.try_into().ok()?)), 2),
+            0xd2 => (i128::from(i32::from_be_bytes(after.get(..4)?.try_into().ok()?)), 4),
+            0xd3 => (i128::from(i64::from_be_bytes(after.get(..8)?.try_into().ok()?)), 8),
+            _ => return None,
+        };
+        if i == place {
+            return u64::try_from(value).ok();
+        }
+        rest = &after[width..];
+    }
+    None
+}
+
 /// A Lua string literal holding `text` exactly: every byte as a decimal escape.
 fn lua_string(text: &str) -> String {
     let mut out = String::with_capacity(text.len() * 4 + 2);
@@ -1090,12 +1117,15 @@ impl RedisLedger {
 
     /// Entries of `account` not exported yet (its `hist` beyond its `exp`).
     async fn export_left(&self, account: &str) -> LedgerResult<u64> {
-        let (state, hist, exp): (Option<String>, Option<u64>, Option<u64>) =
+        let (state, hist, exp): (Option<Vec<u8>>, Option<u64>, Option<u64>) =
             self.query(redis::cmd("HMGET").arg(keys::account(account)).arg("state").arg("hist").arg("exp")).await?;
-        // `hist` is the state's fourth number (lua/lib.lua); accounts not yet saved in that
+        // `hist` is the state's fourth value (lua/lib.lua); accounts not yet saved in that
         // layout keep it in a field of its own.
         let hist = match state {
-            Some(state) => state.split(' ').nth(3).and_then(|h| h.parse().ok()),
+            Some(state) => Some(
+                state_value(&state, 3)
+                    .ok_or_else(|| LedgerError(format!("account {account}: unreadable state {state:?}")))?,
+            ),
             None => hist,
         };
         Ok(hist.unwrap_or(0).saturating_sub(exp.unwrap_or(0)))
@@ -2199,4 +2229,39 @@ fn check_amount(amount: u64) -> LedgerResult<()> {
         return Err(LedgerError(format!("amount {amount} exceeds the store's limit of {MAX_AMOUNT} credits")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::state_value;
+
+    /// cmsgpack.pack(1000000000000, 5, -1, 300, 70000, 1764563000, 127, 200, -200, -40000,
+    /// -3000000000, 0), as Redis 7 writes it: every integer form cmsgpack uses.
+    const PACKED: &str = "cf000000e8d4a5100005ffcd012cce00011170ce692d18387fccc8d1ff38d2ffff63c0d3ffffffff4d2fa20000";
+
+    #[test]
+    fn state_values_read_as_cmsgpack_writes_them() {
+        let bytes = hex::decode(PACKED).unwrap();
+        let values: Vec<Option<u64>> = (0..12).map(|i| state_value(&bytes, i)).collect();
+        assert_eq!(
+            values,
+            [
+                Some(1_000_000_000_000),
+                Some(5),
+                None,
+                Some(300),
+                Some(70_000),
+                Some(1_764_563_000),
+                Some(127),
+                Some(200),
+                None,
+                None,
+                None,
+                Some(0)
+            ]
+        );
+        assert_eq!(state_value(&bytes, 12), None, "past the end");
+        assert_eq!(state_value(&bytes[..5], 0), None, "cut short");
+        assert_eq!(state_value(b"\xcb\0\0\0\0\0\0\0\0", 0), None, "a float is not a state value");
+    }
 }
