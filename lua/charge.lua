@@ -44,10 +44,10 @@
 -- Same steps as memory.rs `Account::charge`, `auto_topup` and `thresholds`.
 
 -- The common case first (lib.lua `fast_charge`); the general way below for everything else.
-local fast = fast_charge(KEYS, ARGV)
+local fast, state, now = fast_charge(KEYS, ARGV)
 if fast then return fast end
 
-local a = load_account(KEYS[1], true)
+local a = load_account(KEYS[1], true, state, now)
 if not a then return { 0, 'noaccount' } end
 
 local charge_id, cost = ARGV[1], tonumber(ARGV[2])
@@ -121,10 +121,10 @@ local disarm = auto and auto.armed and (auto_credits or auto_off or after >= aut
 -- by the config), so above the allocation none is reached and nothing is looked at.
 local newly_fired = {}
 local remaining = a.monthly + a.topup
-local reached, fired = thresholds_reached(KEYS[1], remaining, a.allocation)
+local reached, fired, fired_fields = thresholds_reached(KEYS[1], remaining, a.allocation)
 for i, t in ipairs(reached or {}) do
   if tonumber(fired[i]) ~= a.period then
-    newly_fired[#newly_fired + 1] = 'fired:' .. n(t)
+    newly_fired[#newly_fired + 1] = fired_fields[i]
     newly_fired[#newly_fired + 1] = n(a.period)
     local kind = 'credits.low'
     if t == 0 then kind = 'credits.exhausted' end

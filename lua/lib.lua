@@ -100,9 +100,9 @@ end
 -- === clock ===
 
 -- Redis TIME in whole seconds, never before `floor` (the highest "now" this account has seen,
--- which survives a failover to a replica whose clock is behind).
-local function clock(floor)
-  local now = tonumber(redis.call('TIME')[1])
+-- which survives a failover to a replica whose clock is behind). `time`: TIME as read already.
+local function clock(floor, time)
+  local now = time or tonumber(redis.call('TIME')[1])
   if floor and floor > now then return floor end
   return now
 end
@@ -207,13 +207,29 @@ local function places(names)
 end
 local H, R = places(STATE_FIELDS), places(REST)
 
+-- The `state` text's two parts from their values, and its 14 values (after the offset of its
+-- second part) from the text: the one place that knows the layout.
+local function state_head(monthly, topup, used, hist, htrim, now)
+  return cmsgpack.pack(monthly, topup, used, hist, htrim, now)
+end
+
+local function state_tail(period_end, allocation, period, evt, auto_count, enabled, xb, hphys)
+  return cmsgpack.pack(period_end, allocation, period, evt, auto_count, enabled, xb, hphys)
+end
+
+local function unpack_state(state)
+  local rest_at, monthly, topup, used, hist, htrim, now = cmsgpack.unpack_limit(state, 6)
+  local _, period_end, allocation, period, evt, auto_count, enabled, xb, hphys = cmsgpack.unpack_limit(state, 8, rest_at)
+  return rest_at, monthly, topup, used, hist, htrim, now, period_end, allocation, period, evt, auto_count, enabled, xb,
+    hphys
+end
+
 -- The `state` of account `a`; `rest`, when given, is the second part as read (unchanged).
 local function state_text(a, rest)
-  if rest then return cmsgpack.pack(a.monthly, a.topup, a.used, a.hist, a.htrim, a.now) .. rest end
   local enabled = 0
   if a.auto_enabled then enabled = 1 end
-  return cmsgpack.pack(a.monthly, a.topup, a.used, a.hist, a.htrim, a.now, a.period_end, a.allocation, a.period, a.evt,
-    a.auto_count, enabled, a.xb, a.hphys)
+  return state_head(a.monthly, a.topup, a.used, a.hist, a.htrim, a.now)
+    .. (rest or state_tail(a.period_end, a.allocation, a.period, a.evt, a.auto_count, enabled, a.xb, a.hphys))
 end
 
 -- Raises an error, before anything is read or written, while the account's slot is being moved
@@ -288,14 +304,14 @@ end
 -- checks first, then call `save`, which writes the account and everything queued.
 --
 -- `lean`: read only the state unless the step needs more (see REST); such an account has `lean`
--- set, no `plan`, `email` or `auto`, and `save` writes only the state.
-local function load_account(key, lean)
+-- set, no `plan`, `email` or `auto`, and `save` writes only the state. `state` and `time`, when
+-- given, are the `state` field (false: none) and Redis TIME as the step read them already.
+local function load_account(key, lean, state, time)
   local a
-  local state = redis.call('HGET', key, 'state')
+  if state == nil then state = redis.call('HGET', key, 'state') end
   if state then
-    -- The first part, then the second (unpack_limit answers the offset of what follows first).
-    local rest_at, monthly, topup, used, hist, htrim, now = cmsgpack.unpack_limit(state, 6)
-    local _, period_end, allocation, period, evt, auto_count, enabled, xb, hphys = cmsgpack.unpack_limit(state, 8, rest_at)
+    local rest_at, monthly, topup, used, hist, htrim, now, period_end, allocation, period, evt, auto_count, enabled, xb,
+      hphys = unpack_state(state)
     a = { key = key, monthly = monthly, topup = topup, used = used, hist = hist, htrim = htrim, stored_now = now,
       period_end = period_end, allocation = allocation, period = period, evt = evt, auto_count = auto_count,
       auto_enabled = enabled == 1, xb = xb, hphys = hphys,
@@ -304,7 +320,7 @@ local function load_account(key, lean)
       rest_at = rest_at, state = state,
       was = { period_end, allocation, period, evt, auto_count, enabled == 1, xb, hphys },
       -- `auto`, `renewed`, `pending_changed` start as nil (false).
-      lean = true, entries = {}, events = {}, now = clock(now) }
+      lean = true, entries = {}, events = {}, now = clock(now, time) }
   else
     local v = redis.call('HMGET', key, unpack(STATE_FIELDS))
     if not v[H.monthly] then return nil end
@@ -316,7 +332,7 @@ local function load_account(key, lean)
       period_end = tonumber(v[H.period_end]), allocation = tonumber(v[H.allocation]), period = tonumber(v[H.period]),
       evt = tonumber(v[H.evt]) or 0, auto_count = tonumber(v[H.auto_count]) or 0,
       auto_enabled = v[H.auto_enabled] == '1', xb = -1, hphys = htrim, migrate = true,
-      lean = true, entries = {}, events = {}, now = clock(tonumber(v[H.now])) }
+      lean = true, entries = {}, events = {}, now = clock(tonumber(v[H.now]), time) }
   end
   local due = not (a.period_end and a.now < a.period_end)
   if not lean or due or a.auto_enabled or HISTORY_EXPORTED_ONLY then load_rest(a) end
@@ -437,8 +453,8 @@ local function at_or_below(remaining, allocation, t)
 end
 
 -- The low-credit thresholds an account with `remaining` of `allocation` credits left has reached
--- (a list, largest first) and, for each, the period it last fired in (from the account hash
--- `key`, as HMGET answers), or nil when it has reached none. Thresholds are largest first: once
+-- (a list, largest first), for each the period it last fired in (from the account hash `key`, as
+-- HMGET answers) and the field that holds it, or nil when it has reached none. Thresholds are largest first: once
 -- one is not reached, no smaller one is (0 is reached only at 0 left).
 local function thresholds_reached(key, remaining, allocation)
   if remaining > allocation then return nil end
@@ -451,7 +467,7 @@ local function thresholds_reached(key, remaining, allocation)
     fields[#fields + 1] = THRESHOLD_FIELDS[i]
   end
   if not reached then return nil end
-  return reached, redis.call('HMGET', key, unpack(fields))
+  return reached, redis.call('HMGET', key, unpack(fields)), fields
 end
 
 -- charge.lua's "charged" reply for account `a` (see there).
@@ -556,11 +572,11 @@ local function parse_record(v)
     refunded = refunded, category = category, operation = operation, idem = idem }
 end
 
--- Writes record `r` of charge `id` into `bucket` (the current one unless given).
-local function write_record(a, id, r, bucket)
-  bucket = bucket or record_buckets(a)
-  redis.call('HSET', bucket, id, format_record(r))
-  redis.call('EXPIRE', bucket, 2 * CHARGE_TTL, 'NX')
+-- Writes record `r` of charge `id` into `bucket` (`names`: see format_record), and the bucket's
+-- expiry when `expire`.
+local function write_record(bucket, id, r, names, expire)
+  redis.call('HSET', bucket, id, format_record(r, names))
+  if expire then redis.call('EXPIRE', bucket, 2 * CHARGE_TTL, 'NX') end
 end
 
 -- A charge's writes besides the account's and its history entry: its usage counter (`usage_tail`:
@@ -568,8 +584,7 @@ end
 -- record's category and operation part, built in Rust), the bucket's expiry set when `expire`.
 local function write_charge(key, bucket, expire, id, r, names, usage_tail, cost_text)
   redis.call('HINCRBY', key .. ':usage:' .. n(r.period), 'u:' .. n(r.day) .. usage_tail, cost_text)
-  redis.call('HSET', bucket, id, format_record(r, names))
-  if expire then redis.call('EXPIRE', bucket, 2 * CHARGE_TTL, 'NX') end
+  write_record(bucket, id, r, names, expire)
 end
 
 -- The idempotency record of a charge just made: the key's first request runs until `lease_end`
@@ -584,30 +599,31 @@ end
 -- much as two commands): an account in the current layout, no renewal due, auto top-up off, no
 -- export guard on trimming, a fresh charge id (and idempotency key, if any), and no low-credit threshold
 -- reached that has not fired yet this period. Then it charges (or refuses) and returns the reply. For anything else it returns nil
--- having written nothing, and charge.lua takes the general way, which reads everything again.
+-- having written nothing, then the `state` field (false: none) and the time it read, if it got
+-- that far, and charge.lua takes the general way with them.
 -- The same steps as the general way; conformance tests run both.
 local function fast_charge(KEYS, ARGV)
   if HISTORY_EXPORTED_ONLY then return nil end
   local key = KEYS[1]
   local state = redis.call('HGET', key, 'state')
-  if not state then return nil end
-  local rest_at, monthly, topup, used, hist, htrim, now = cmsgpack.unpack_limit(state, 6)
-  local _, period_end, allocation, period, evt, auto_count, enabled, xb, hphys = cmsgpack.unpack_limit(state, 8, rest_at)
+  if not state then return nil, false end
+  local rest_at, monthly, topup, used, hist, htrim, now, period_end, allocation, period, evt, auto_count, enabled, xb,
+    hphys = unpack_state(state)
   now = clock(now)
-  if enabled == 1 or now >= period_end then return nil end
+  if enabled == 1 or now >= period_end then return nil, state, now end
   local id, cost = ARGV[1], tonumber(ARGV[2])
   local current, previous, b = buckets_at(key, now)
-  if redis.call('HGET', current, id) or redis.call('HGET', previous, id) then return nil end
+  if redis.call('HGET', current, id) or redis.call('HGET', previous, id) then return nil, state, now end
   -- A key used before is answered the general way (replay, conflict, in progress).
   local idem_key = #KEYS == 2 and ARGV[6]
-  if idem_key and redis.call('EXISTS', KEYS[2]) == 1 then return nil end
+  if idem_key and redis.call('EXISTS', KEYS[2]) == 1 then return nil, state, now end
   local remaining = monthly + topup - cost
   if remaining < 0 then return { 0, 'refused', monthly + topup, period_end } end
   -- A threshold reached for the first time this period raises an event: the general way.
   local reached, fired = thresholds_reached(key, remaining, allocation)
   if reached then
     for i = 1, #reached do
-      if tonumber(fired[i]) ~= period then return nil end
+      if tonumber(fired[i]) ~= period then return nil, state, now end
     end
   end
   local from_monthly = math.min(cost, monthly)
@@ -619,9 +635,9 @@ local function fast_charge(KEYS, ARGV)
   if xb == b and new_hphys == hphys then
     rest = string.sub(state, rest_at + 1)
   else
-    rest = cmsgpack.pack(period_end, allocation, period, evt, auto_count, enabled, b, new_hphys)
+    rest = state_tail(period_end, allocation, period, evt, auto_count, enabled, b, new_hphys)
   end
-  redis.call('HSET', key, 'state', cmsgpack.pack(monthly, topup, used, hist, htrim, now) .. rest)
+  redis.call('HSET', key, 'state', state_head(monthly, topup, used, hist, htrim, now) .. rest)
   redis.call('RPUSH', key .. ':history', charge_entry(hist, now, from_monthly, from_topup, monthly, topup, ARGV[5]))
   if drop > 0 then redis.call('LTRIM', key .. ':history', drop, -1) end
   write_charge(key, current, xb ~= b, id, { cost = cost, from_monthly = from_monthly, from_topup = from_topup,

@@ -42,8 +42,8 @@ else
 end
 if not r then
   local events = save_if_renewed(a)
-  write_record(a, ARGV[1], { cost = 0, from_monthly = 0, from_topup = 0, period = a.period,
-    day = div(a.now, 86400), refunded = true, category = '', operation = '' })
+  write_record(record_buckets(a), ARGV[1], { cost = 0, from_monthly = 0, from_topup = 0, period = a.period,
+    day = div(a.now, 86400), refunded = true, category = '', operation = '' }, nil, true)
   return { events, 'unknown' }
 end
 if r.refunded then return { save_if_renewed(a), 'already' } end
@@ -86,7 +86,7 @@ end
 redis.call('HSET', usage, unpack(usage_after))
 if record then
   r.refunded, r.idem = true, false
-  write_record(a, ARGV[1], r, bucket)
+  write_record(bucket, ARGV[1], r, nil, true)
 else
   redis.call('HSET', KEYS[2], 'refunded', '1')
   redis.call('HDEL', KEYS[2], 'idem')

@@ -941,11 +941,13 @@ impl RedisLedger {
     /// the one written into them (the config was reloaded), ones built with it — kept for the
     /// next time, so requests of two configs in flight across a reload do not build again and
     /// again.
-    fn scripts_for(&self, req: &ChargeRequest<'_>) -> Arc<Scripts> {
-        let current = self.scripts.load_full();
+    fn scripts_for(&self, req: &ChargeRequest<'_>) -> arc_swap::Guard<Arc<Scripts>> {
+        // A guard, not an Arc: no reference count shared by every core bumped per charge.
+        let current = self.scripts.load();
         if current.policy.matches(req) {
             return current;
         }
+        drop(current);
         let mut built = self.built.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let limits = self.limits.load_full();
         let found = built.iter().find(|s| s.policy.matches(req) && s.limits == *limits).cloned();
@@ -959,7 +961,7 @@ impl RedisLedger {
             scripts
         });
         self.scripts.store(scripts.clone());
-        scripts
+        arc_swap::Guard::from_inner(scripts)
     }
 
     /// Sets `store.wait_replicas` and `store.wait_timeout_ms` (0 replicas: no `WAIT`).
