@@ -452,11 +452,19 @@ impl Account {
     /// Raises `credits.low` / `credits.exhausted` for thresholds reached, once per period each.
     fn thresholds(&mut self, thresholds: &[u8], now: i64) {
         let remaining = self.monthly + self.topup;
-        // Largest first, each once, as the Redis store writes them into its library.
-        let mut thresholds = thresholds.to_vec();
-        thresholds.sort_unstable_by(|a, b| b.cmp(a));
-        thresholds.dedup();
-        for t in thresholds {
+        // Largest first, each once, as the Redis store writes them into its library (a config's
+        // list usually is already: then it is not copied).
+        let sorted;
+        let thresholds = if thresholds.windows(2).all(|w| w[0] > w[1]) {
+            thresholds
+        } else {
+            let mut copy = thresholds.to_vec();
+            copy.sort_unstable_by(|a, b| b.cmp(a));
+            copy.dedup();
+            sorted = copy;
+            &sorted[..]
+        };
+        for &t in thresholds {
             let reached = if t == 0 { remaining == 0 } else { remaining * 100 <= self.allocation * t as u64 };
             if !reached || self.fired.get(&t) == Some(&self.period) {
                 continue;
