@@ -21,9 +21,11 @@
 -- idempotency record's retention (IDEM_RETENTION): every argument costs Redis about as much to
 -- take in as a small command, and these are the same for every charge.
 --
--- Reply, first the number of outbox events appended, then the outcome:
---   { events, "charged", charge_id, cost, from_monthly, from_topup,
---     monthly_remaining, topup_remaining, allocation, renews_at, auto_topup_credits | nil }
+-- Reply, "charged": one string of nine little-endian doubles (lib.lua `receipt`; every other
+-- outcome is an array):
+--   events, cost, from_monthly, from_topup, monthly_remaining, topup_remaining, allocation,
+--   renews_at, auto_topup_credits (0: none)
+-- Otherwise, first the number of outbox events appended, then the outcome:
 --   { events, "refunded" }                 this charge id was refunded (or tombstoned) before
 --   { events, "refused", remaining, renews_at }
 --   { events, "replay", status, headers JSON, body, remaining, allocation }
@@ -61,7 +63,7 @@ if prior then
   if r.refunded then return { save_if_renewed(a), 'refunded' } end
   local auto = r.auto
   if auto == 0 then auto = false end
-  return charge_receipt(a, save_if_renewed(a), charge_id, r.cost, r.from_monthly, r.from_topup, auto)
+  return charge_receipt(a, save_if_renewed(a), r.cost, r.from_monthly, r.from_topup, auto)
 end
 if idem_key then
   local hit = idem_hit(a, KEYS[2], ARGV[7])
@@ -145,4 +147,4 @@ if disarm then redis.call('HSET', KEYS[1], 'auto_armed', '0') end
 write_charge(a.key, bucket, expire, charge_id, { cost = cost, from_monthly = from_monthly, from_topup = from_topup,
   period = a.period, day = day, auto = auto_credits, idem = idem_key }, ARGV[3], ARGV[4], ARGV[2])
 if idem_key then start_idem(KEYS[2], ARGV[7], charge_id, a.now + tonumber(ARGV[8])) end
-return charge_receipt(a, events, charge_id, cost, from_monthly, from_topup, auto_credits)
+return charge_receipt(a, events, cost, from_monthly, from_topup, auto_credits)

@@ -28,6 +28,23 @@ local function n(x)
   return string.format('%d', x)
 end
 
+-- `n` of the numbers a charge names keys and fields with (UTC day, record bucket, period index),
+-- remembered between calls (the library's locals live as long as it is loaded): string.format
+-- costs Redis a good part of a small command, and these numbers change once a day or a month.
+-- A pure function of the number, so no call depends on what another left behind; at most
+-- TEXTS_KEPT are kept, then it starts over.
+local TEXTS_KEPT = 4096
+local texts, texts_kept = {}, 0
+local function text_of(x)
+  local t = texts[x]
+  if t then return t end
+  if texts_kept >= TEXTS_KEPT then texts, texts_kept = {}, 0 end
+  t = n(x)
+  texts[x] = t
+  texts_kept = texts_kept + 1
+  return t
+end
+
 -- === calendar: a port of src/calendar.rs, same names, same integer steps ===
 
 local function days_in_month(y, m)
@@ -470,10 +487,18 @@ local function thresholds_reached(key, remaining, allocation)
   return reached, redis.call('HMGET', key, unpack(fields)), fields
 end
 
--- charge.lua's "charged" reply for account `a` (see there).
-local function charge_receipt(a, events, id, cost, from_monthly, from_topup, auto_credits)
-  return { events, 'charged', id, cost, from_monthly, from_topup, a.monthly, a.topup, a.allocation,
-    renews_at(a), auto_credits }
+-- charge.lua's "charged" reply (see there): nine numbers in one string, each a little-endian
+-- IEEE double (exact: every value stays below 2^53). One string instead of an array of eleven,
+-- because Redis turns a Lua table into a reply field by field, after looking up seven special
+-- keys in it ("err", "ok", "map" ...), which cost it more than the rest of a command.
+local function receipt(events, cost, from_monthly, from_topup, monthly, topup, allocation, period_end, auto_credits)
+  return struct.pack('<ddddddddd', events, cost, from_monthly, from_topup, monthly, topup, allocation, period_end,
+    auto_credits or 0)
+end
+
+-- The "charged" reply for account `a`.
+local function charge_receipt(a, events, cost, from_monthly, from_topup, auto_credits)
+  return receipt(events, cost, from_monthly, from_topup, a.monthly, a.topup, a.allocation, renews_at(a), auto_credits)
 end
 
 -- charge.lua's history entry, kept compact: "c", then seq, at, monthly_delta, topup_delta,
@@ -502,7 +527,7 @@ end
 -- it here). src/ledger/redis.rs `period_usage` sums the counters by day, category
 -- and operation; hashes written before kept `c:`, `o:`, `d:` (and `t`) counters, which it adds in.
 local function usage_field(day, category, operation)
-  return 'u:' .. n(day) .. ':' .. n(#category) .. ':' .. category .. operation
+  return 'u:' .. text_of(day) .. ':' .. n(#category) .. ':' .. category .. operation
 end
 
 -- === charge records (cg:{acct:<id>}:charges:<bucket>) ===
@@ -523,7 +548,7 @@ end
 -- account hash `key` at `now`.
 local function buckets_at(key, now)
   local b = div(now, CHARGE_TTL)
-  return key .. ':charges:' .. n(b), key .. ':charges:' .. n(b - 1), b
+  return key .. ':charges:' .. text_of(b), key .. ':charges:' .. text_of(b - 1), b
 end
 
 local function record_buckets(a)
@@ -583,7 +608,7 @@ end
 -- the counter's name after the day, built in Rust) and its record `r` in `bucket` (`names`: the
 -- record's category and operation part, built in Rust), the bucket's expiry set when `expire`.
 local function write_charge(key, bucket, expire, id, r, names, usage_tail, cost_text)
-  redis.call('HINCRBY', key .. ':usage:' .. n(r.period), 'u:' .. n(r.day) .. usage_tail, cost_text)
+  redis.call('HINCRBY', key .. ':usage:' .. text_of(r.period), 'u:' .. text_of(r.day) .. usage_tail, cost_text)
   write_record(bucket, id, r, names, expire)
 end
 
@@ -643,7 +668,7 @@ local function fast_charge(KEYS, ARGV)
   write_charge(key, current, xb ~= b, id, { cost = cost, from_monthly = from_monthly, from_topup = from_topup,
     period = period, day = div(now, 86400), idem = idem_key }, ARGV[3], ARGV[4], ARGV[2])
   if idem_key then start_idem(KEYS[2], ARGV[7], id, now + tonumber(ARGV[8])) end
-  return { 0, 'charged', id, cost, from_monthly, from_topup, monthly, topup, allocation, period_end, false }
+  return receipt(0, cost, from_monthly, from_topup, monthly, topup, allocation, period_end, false)
 end
 
 -- === queued jobs (cg:{acct:<id>}:job:<id>) ===

@@ -989,15 +989,26 @@ impl RedisLedger {
     /// it appended, followed by the outcome. Indexes the outbox when that number is above 0 (see
     /// the module docs) and returns the rest of the reply.
     async fn step(&self, account: &str, invocation: Invocation<'_>) -> LedgerResult<Reply> {
-        let mut reply = Reply::new(self.run(invocation).await?)?;
+        let reply = self.run(invocation).await?;
+        self.step_reply(account, reply).await
+    }
+
+    /// A step's array reply, past its first element (the events it appended; see [`Self::stepped`]).
+    async fn step_reply(&self, account: &str, reply: Value) -> LedgerResult<Reply> {
+        let mut reply = Reply::new(reply)?;
         let appended: u64 = reply.next()?;
+        self.stepped(account, appended).await;
+        Ok(reply)
+    }
+
+    /// What follows every step of `account` that appended `appended` outbox events.
+    async fn stepped(&self, account: &str, appended: u64) {
         if appended > 0 {
             self.index_outbox(account).await;
         }
         // Any step may have appended history (a renewal at least): with export on, the
         // exporter looks at the account (an in-process mark, indexed once per exporter pass).
         self.mark_export(account);
-        Ok(reply)
     }
 
     /// Adds an account to its shard of `index`. A failure is logged, not returned: the step that
@@ -1326,10 +1337,16 @@ impl Ledger for RedisLedger {
         if let Some(idem) = req.idempotency {
             inv.arg(idem.key).arg(idem.fingerprint).arg(secs(idem.lease_secs));
         }
-        let mut r = self.step(req.account, inv).await?;
+        let reply = self.run(inv).await?;
+        // "charged" comes as one string (lua/charge.lua); every other outcome as an array.
+        if let Value::BulkString(bytes) = &reply {
+            let (appended, receipt) = compact_receipt(bytes, req.charge_id)?;
+            self.stepped(req.account, appended).await;
+            return Ok(ChargeOutcome::Charged(receipt));
+        }
+        let mut r = self.step_reply(req.account, reply).await?;
         let outcome: String = r.next()?;
         Ok(match outcome.as_str() {
-            "charged" => ChargeOutcome::Charged(r.receipt()?),
             "refunded" => ChargeOutcome::Refunded,
             "refused" => ChargeOutcome::Refused { remaining: r.next()?, renews_at: r.next()? },
             "noaccount" => ChargeOutcome::NoAccount,
@@ -2201,21 +2218,38 @@ impl Reply {
         };
         matches!(outcome, "replay" | "in_progress" | "reused" | "conflict").then(read)
     }
+}
 
-    /// The rest of a `charged` reply.
-    fn receipt(&mut self) -> LedgerResult<Receipt> {
-        Ok(Receipt {
-            charge_id: self.next()?,
-            cost: self.next()?,
-            from_monthly: self.next()?,
-            from_topup: self.next()?,
-            monthly_remaining: self.next()?,
-            topup_remaining: self.next()?,
-            allocation: self.next()?,
-            renews_at: self.next()?,
-            auto_topup: self.next()?,
-        })
+/// The events appended and the receipt of charge `charge_id`, from charge.lua's "charged" reply:
+/// nine little-endian doubles (lib.lua `receipt`), each a whole number in 0..=2^53.
+fn compact_receipt(bytes: &[u8], charge_id: &str) -> LedgerResult<(u64, Receipt)> {
+    let bad = || LedgerError(format!("unexpected charge receipt of {} bytes", bytes.len()));
+    let (numbers, []) = bytes.as_chunks::<8>() else { return Err(bad()) };
+    let mut values = [0u64; 9];
+    if numbers.len() != values.len() {
+        return Err(bad());
     }
+    for (value, number) in values.iter_mut().zip(numbers) {
+        let x = f64::from_le_bytes(*number);
+        if !(0.0..=MAX_AMOUNT as f64).contains(&x) || x.fract() != 0.0 {
+            return Err(bad());
+        }
+        *value = x as u64;
+    }
+    let [appended, cost, from_monthly, from_topup, monthly_remaining, topup_remaining, allocation, renews_at, auto] =
+        values;
+    let receipt = Receipt {
+        charge_id: charge_id.to_owned(),
+        cost,
+        from_monthly,
+        from_topup,
+        monthly_remaining,
+        topup_remaining,
+        allocation,
+        renews_at: renews_at as i64,
+        auto_topup: (auto > 0).then_some(auto),
+    };
+    Ok((appended, receipt))
 }
 
 fn store_error(e: redis::RedisError) -> LedgerError {
@@ -2235,7 +2269,41 @@ fn check_amount(amount: u64) -> LedgerResult<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::state_value;
+    use super::{compact_receipt, state_value};
+
+    /// struct.pack('<ddddddddd', 2, 5, 3, 2, 0, 2^53, 100, 1767225600, 200), as Redis 7 writes it.
+    const RECEIPT: &str = "0000000000000040000000000000144000000000000008400000000000000040000000000000000000000000\
+                           000040430000000000005940000000406e55da410000000000006940";
+
+    #[test]
+    fn receipts_read_as_struct_pack_writes_them() {
+        let bytes = hex::decode(RECEIPT).unwrap();
+        let (appended, r) = compact_receipt(&bytes, "chg_1").unwrap();
+        assert_eq!(appended, 2);
+        assert_eq!(r.charge_id, "chg_1");
+        assert_eq!((r.cost, r.from_monthly, r.from_topup), (5, 3, 2));
+        assert_eq!((r.monthly_remaining, r.topup_remaining, r.allocation), (0, 1 << 53, 100));
+        assert_eq!((r.renews_at, r.auto_topup), (1_767_225_600, Some(200)));
+        // No auto top-up: 0.
+        let mut none = bytes.clone();
+        none[64..].copy_from_slice(&0f64.to_le_bytes());
+        assert_eq!(compact_receipt(&none, "chg_1").unwrap().1.auto_topup, None);
+    }
+
+    #[test]
+    fn receipts_that_are_not_nine_whole_amounts_are_errors() {
+        let bytes = hex::decode(RECEIPT).unwrap();
+        assert!(compact_receipt(&bytes[..64], "c").is_err());
+        assert!(compact_receipt(&bytes[..71], "c").is_err());
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(&1f64.to_le_bytes());
+        assert!(compact_receipt(&longer, "c").is_err());
+        for bad in [-1.0, 2.5, 2f64.powi(53) + 2.0, f64::NAN, f64::INFINITY] {
+            let mut b = bytes.clone();
+            b[8..16].copy_from_slice(&f64::to_le_bytes(bad));
+            assert!(compact_receipt(&b, "c").is_err(), "{bad}");
+        }
+    }
 
     /// cmsgpack.pack(1000000000000, 5, -1, 300, 70000, 1764563000, 127, 200, -200, -40000,
     /// -3000000000, 0), as Redis 7 writes it: every integer form cmsgpack uses.
