@@ -604,11 +604,16 @@ local function write_record(bucket, id, r, names, expire)
   if expire then redis.call('EXPIRE', bucket, 2 * CHARGE_TTL, 'NX') end
 end
 
--- A charge's writes besides the account's and its history entry: its usage counter (`usage_tail`:
--- the counter's name after the day, built in Rust) and its record `r` in `bucket` (`names`: the
--- record's category and operation part, built in Rust), the bucket's expiry set when `expire`.
+-- A charge's usage counter (`usage_tail`: the counter's name after the day, built in Rust).
+local function count_usage(key, period, day, usage_tail, cost_text)
+  redis.call('HINCRBY', key .. ':usage:' .. text_of(period), 'u:' .. text_of(day) .. usage_tail, cost_text)
+end
+
+-- A charge's writes besides the account's and its history entry: its usage counter and its
+-- record `r` in `bucket` (`names`: the record's category and operation part, built in Rust), the
+-- bucket's expiry set when `expire`.
 local function write_charge(key, bucket, expire, id, r, names, usage_tail, cost_text)
-  redis.call('HINCRBY', key .. ':usage:' .. text_of(r.period), 'u:' .. text_of(r.day) .. usage_tail, cost_text)
+  count_usage(key, r.period, r.day, usage_tail, cost_text)
   write_record(bucket, id, r, names, expire)
 end
 
@@ -637,13 +642,19 @@ local function fast_charge(KEYS, ARGV)
   now = clock(now)
   if enabled == 1 or now >= period_end then return nil, state, now end
   local id, cost = ARGV[1], tonumber(ARGV[2])
+  -- A charge id known already (a re-sent step, a refunded id) is answered the general way: one
+  -- in the previous record bucket is looked up here, one in the current bucket found by the
+  -- record's HSETNX below, before anything is written.
   local current, previous, b = buckets_at(key, now)
-  if redis.call('HGET', current, id) or redis.call('HGET', previous, id) then return nil, state, now end
+  if redis.call('HGET', previous, id) then return nil, state, now end
   -- A key used before is answered the general way (replay, conflict, in progress).
   local idem_key = #KEYS == 2 and ARGV[6]
   if idem_key and redis.call('EXISTS', KEYS[2]) == 1 then return nil, state, now end
   local remaining = monthly + topup - cost
-  if remaining < 0 then return { 0, 'refused', monthly + topup, period_end } end
+  if remaining < 0 then
+    if redis.call('HEXISTS', current, id) == 1 then return nil, state, now end
+    return { 0, 'refused', monthly + topup, period_end }
+  end
   -- A threshold reached for the first time this period raises an event: the general way.
   local reached, fired = thresholds_reached(key, remaining, allocation)
   if reached then
@@ -653,6 +664,12 @@ local function fast_charge(KEYS, ARGV)
   end
   local from_monthly = math.min(cost, monthly)
   local from_topup = cost - from_monthly
+  local day = div(now, 86400)
+  -- The charge record first: HSETNX writes nothing for an id the current bucket holds already.
+  local record = format_record({ cost = cost, from_monthly = from_monthly, from_topup = from_topup, period = period,
+    day = day, idem = idem_key }, ARGV[3])
+  if redis.call('HSETNX', current, id, record) == 0 then return nil, state, now end
+  if xb ~= b then redis.call('EXPIRE', current, 2 * CHARGE_TTL, 'NX') end
   monthly, topup, used, hist = monthly - from_monthly, topup - from_topup, used + cost, hist + 1
   local new_hphys, drop
   htrim, new_hphys, drop = history_trims(hist, htrim, hphys, 0)
@@ -665,8 +682,7 @@ local function fast_charge(KEYS, ARGV)
   redis.call('HSET', key, 'state', state_head(monthly, topup, used, hist, htrim, now) .. rest)
   redis.call('RPUSH', key .. ':history', charge_entry(hist, now, from_monthly, from_topup, monthly, topup, ARGV[5]))
   if drop > 0 then redis.call('LTRIM', key .. ':history', drop, -1) end
-  write_charge(key, current, xb ~= b, id, { cost = cost, from_monthly = from_monthly, from_topup = from_topup,
-    period = period, day = div(now, 86400), idem = idem_key }, ARGV[3], ARGV[4], ARGV[2])
+  count_usage(key, period, day, ARGV[4], ARGV[2])
   if idem_key then start_idem(KEYS[2], ARGV[7], id, now + tonumber(ARGV[8])) end
   return receipt(0, cost, from_monthly, from_topup, monthly, topup, allocation, period_end, false)
 end

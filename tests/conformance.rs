@@ -206,6 +206,16 @@ async fn resent_charge_id_applies_once(l: &impl Ledger) {
     assert_eq!(l.charge(charge(&acct, &id, 3)).await.unwrap(), ChargeOutcome::Refunded);
     let v = view(l, &acct).await;
     assert_eq!((v.monthly_remaining, v.used_this_period), (10, 0));
+    // With no credits left a known id still answers what it is, not a refusal: a copy of the
+    // step that took the last credits its receipt, an id refunded before (here a tombstone) that.
+    let last = unique("c");
+    let all = charged(l.charge(charge(&acct, &last, 10)).await.unwrap());
+    assert_eq!(charged(l.charge(charge(&acct, &last, 10)).await.unwrap()), all, "re-sent at zero credits");
+    let barred = unique("c");
+    assert_eq!(l.refund(&acct, &barred).await.unwrap(), RefundOutcome::UnknownCharge);
+    assert_eq!(l.charge(charge(&acct, &barred, 3)).await.unwrap(), ChargeOutcome::Refunded);
+    let v = view(l, &acct).await;
+    assert_eq!((v.monthly_remaining, v.used_this_period), (0, 10));
 }
 
 /// An answer as the gateway keeps it for an idempotency key.
