@@ -271,7 +271,7 @@ pub fn prepare_request(headers: &mut HeaderMap, upstream_headers: &[(HeaderName,
     if let Ok(v) = HeaderValue::from_str(fwd.request_id) {
         headers.insert(REQUEST_ID, v);
     }
-    if let Some(account) = fwd.account.and_then(|a| HeaderValue::from_str(a).ok()) {
+    if let Some(account) = fwd.account.and_then(account_value) {
         headers.insert(ACCOUNT, account);
     }
     if let Some(addr) = fwd.client_addr {
@@ -305,6 +305,22 @@ fn address_value(ip: IpAddr) -> HeaderValue {
             let value = HeaderValue::from_str(&ip.to_string()).expect("an address is a valid header value");
             *last = Some((ip, value.clone()));
             value
+        }
+    })
+}
+
+/// `account` as a header value (`None` if it cannot be one), kept per thread for the last
+/// account like [`address_value`]: a keep-alive connection's requests come from one key.
+fn account_value(account: &str) -> Option<HeaderValue> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Box<str>, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((kept, value)) if **kept == *account => Some(value.clone()),
+        _ => {
+            let value = HeaderValue::from_str(account).ok()?;
+            *last = Some((account.into(), value.clone()));
+            Some(value)
         }
     })
 }
@@ -399,6 +415,18 @@ mod tests {
         h.insert(header::AUTHORIZATION, "Bearer cg_client".parse().unwrap());
         prepare_request(&mut h, &[], Forwarded { request_id: "r", account: None, client_addr: None });
         assert!(!h.contains_key(header::AUTHORIZATION), "never passed on, even with no replacement");
+    }
+
+    #[test]
+    fn the_account_header_follows_the_account() {
+        for account in ["acme", "acme", "globex", "bad\naccount", "acme", "globex"] {
+            let mut h = HeaderMap::new();
+            prepare_request(&mut h, &[], Forwarded { request_id: "r", account: Some(account), client_addr: None });
+            match HeaderValue::from_str(account) {
+                Ok(v) => assert_eq!(h[ACCOUNT], v),
+                Err(_) => assert!(!h.contains_key(ACCOUNT), "{account:?}"),
+            }
+        }
     }
 
     #[test]
