@@ -1070,6 +1070,20 @@ pub struct UpstreamUrl {
     pub authority: http::uri::Authority,
     /// Path prefix prepended to the request path (no trailing slash); usually empty.
     pub base_path: String,
+    /// For `http://`: the `Host` field of every request to it, made once here — the client
+    /// would otherwise format it per request (see [`host_field`]). `None` for `https://`,
+    /// whose connection may turn out to be HTTP/2, which has no `Host` field.
+    pub host: Option<http::HeaderValue>,
+}
+
+/// The `Host` field hyper-util's client gives a plain HTTP/1 request to `authority` (its
+/// `set_host`): the host, with the port unless it is 80.
+fn host_field(authority: &http::uri::Authority) -> Option<http::HeaderValue> {
+    let host = authority.host();
+    match authority.port() {
+        Some(port) if port.as_u16() != 80 => http::HeaderValue::from_str(&format!("{host}:{port}")).ok(),
+        _ => http::HeaderValue::from_str(host).ok(),
+    }
 }
 
 /// Parses an upstream base URL: `http://` or `https://`.
@@ -1084,7 +1098,8 @@ pub fn parse_upstream_url(raw: &str) -> Result<UpstreamUrl, String> {
         return Err("a query string is not allowed in an upstream URL".into());
     }
     let base_path = uri.path().trim_end_matches('/').to_owned();
-    Ok(UpstreamUrl { scheme, authority, base_path })
+    let host = if scheme == http::uri::Scheme::HTTP { host_field(&authority) } else { None };
+    Ok(UpstreamUrl { scheme, authority, base_path, host })
 }
 
 impl Config {
@@ -1602,6 +1617,17 @@ mod tests {
         assert_eq!(c.plans["pro"].monthly_credits, 2000);
         assert_eq!(c.topup_packages["1500"].credits, 1500);
         assert_eq!(c.operations["ai_chat"].tiers.as_ref().unwrap()["powerful"].cost(), 5);
+    }
+
+    #[test]
+    fn an_http_upstream_has_the_host_field_its_client_would_write() {
+        let host = |url: &str| parse_upstream_url(url).unwrap().host.map(|h| h.to_str().unwrap().to_owned());
+        assert_eq!(host("http://127.0.0.1:8000").as_deref(), Some("127.0.0.1:8000"));
+        assert_eq!(host("http://backend.internal:80/v2").as_deref(), Some("backend.internal"));
+        assert_eq!(host("http://backend.internal").as_deref(), Some("backend.internal"));
+        assert_eq!(host("http://[::1]:8080").as_deref(), Some("[::1]:8080"));
+        assert_eq!(host("http://user:pw@10.0.0.1:443").as_deref(), Some("10.0.0.1:443"));
+        assert_eq!(host("https://backend.internal:8443"), None, "left to the client (HTTP/2 has no Host)");
     }
 
     fn with(replace: &str, by: &str) -> Result<Config, ConfigError> {

@@ -59,15 +59,35 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> 
     if http_body::Body::size_hint(&body).lower() > limit as u64 {
         return Err(GatewayError::PayloadTooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if crate::error::cause_ref::<http_body_util::LengthLimitError>(&e).is_some() {
+    let failed = |e: &(dyn std::error::Error + 'static)| {
+        if crate::error::cause_ref::<http_body_util::LengthLimitError>(e).is_some() {
             return GatewayError::PayloadTooLarge { limit };
         }
-        if crate::error::cause_ref::<crate::listener::BodyTimeout>(&e).is_some() {
+        if crate::error::cause_ref::<crate::listener::BodyTimeout>(e).is_some() {
             return GatewayError::RequestTimeout;
         }
         GatewayError::BadRequest("The request body could not be read.".into())
-    })
+    };
+    // What `axum::body::to_bytes` does, without its collection for the usual body of one frame:
+    // that frame's bytes are the body, as they are; only a second frame starts a copy.
+    let mut body = http_body_util::Limited::new(body, limit);
+    let (mut first, mut joined) = (Bytes::new(), None::<bytes::BytesMut>);
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        let frame = frame.map_err(|e| failed(&*e))?;
+        // Trailers are not part of the bytes.
+        let Ok(data) = frame.into_data() else { continue };
+        match &mut joined {
+            Some(buf) => buf.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut buf = bytes::BytesMut::with_capacity(first.len() + data.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
+            }
+        }
+    }
+    Ok(joined.map_or(first, bytes::BytesMut::freeze))
 }
 
 #[cfg(test)]
@@ -80,6 +100,21 @@ mod tests {
     struct Update {
         plan: Option<String>,
         email: Option<String>,
+    }
+
+    #[tokio::test]
+    async fn a_body_read_whole_is_its_frames_joined_and_capped() {
+        let frames = |parts: &[&'static str]| {
+            let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> =
+                parts.iter().map(|p| Ok(http_body::Frame::data(Bytes::from_static(p.as_bytes())))).collect();
+            Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(frames)))
+        };
+        for parts in [&[][..], &[""], &["{\"a\":1}"], &["", "{\"a\"", ":1}"], &["{", "", "\"a\"", ":1}"]] {
+            assert_eq!(read_body(frames(parts), 64).await.unwrap(), parts.concat(), "{parts:?}");
+        }
+        let e = read_body(frames(&["12345", "67890"]), 8).await.unwrap_err();
+        assert!(matches!(e, GatewayError::PayloadTooLarge { limit: 8 }), "{e:?}");
+        assert_eq!(read_body(frames(&["1234", "5678"]), 8).await.unwrap(), "12345678");
     }
 
     #[test]

@@ -48,8 +48,13 @@ pub struct TableLabels {
     pub table: &'static str,
 }
 
+/// Metrics instances in this process, numbered (tests run several gateways): the counters kept
+/// per thread ([`Metrics::request`]) belong to one of them.
+static METRICS_IDS: AtomicU64 = AtomicU64::new(0);
+
 /// Every metric the gateway exports.
 pub struct Metrics {
+    id: u64,
     registry: Registry,
     /// Requests through the proxy path.
     pub requests: Family<RequestLabels, Counter>,
@@ -110,6 +115,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("creditgate");
         let m = Metrics {
+            id: METRICS_IDS.fetch_add(1, Ordering::Relaxed),
             requests: Family::default(),
             credits_charged: Family::default(),
             credits_refunded: Family::default(),
@@ -216,7 +222,27 @@ impl Metrics {
 
     /// Counts one proxied request.
     pub fn request(&self, operation: &Arc<str>, status: u16) {
-        self.requests.get_or_create(&RequestLabels { operation: operation.clone(), status }).inc();
+        // The last counter is kept per thread: most requests in a row have the same labels, and
+        // a hit costs a pointer compare instead of hashing the labels and a read lock on the
+        // family. (Labels are compared by the operation's `Arc`: another `Arc` with the same
+        // name just misses and finds the same counter in the family.)
+        type Kept = Option<(u64, Arc<str>, u16, Counter)>;
+        thread_local! {
+            static LAST: std::cell::RefCell<Kept> = const { std::cell::RefCell::new(None) };
+        }
+        LAST.with_borrow_mut(|last| {
+            if let Some((id, op, st, counter)) = last
+                && *id == self.id
+                && Arc::ptr_eq(op, operation)
+                && *st == status
+            {
+                counter.inc();
+                return;
+            }
+            let counter = self.requests.get_or_create(&RequestLabels { operation: operation.clone(), status }).clone();
+            counter.inc();
+            *last = Some((self.id, operation.clone(), status, counter));
+        });
     }
 
     /// Records a store step's duration.
@@ -306,5 +332,26 @@ mod tests {
         assert!(text.lines().any(|l| l.starts_with("creditgate_store_seconds_bucket{le=\"0.0001\"} 1")), "{text}");
         assert!(text.lines().any(|l| l.starts_with("creditgate_store_seconds_bucket{le=\"0.0002\"} 2")), "{text}");
         assert!(text.contains("creditgate_requests_total{operation=\"ai_chat\",status=\"200\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn request_counts_land_in_their_own_metrics_and_labels() {
+        let (a, b) = (Metrics::default(), Metrics::default());
+        let (chat, free) = (Arc::<str>::from("ai_chat"), Arc::<str>::from("free"));
+        for (m, op, status) in
+            [(&a, &chat, 200), (&a, &chat, 200), (&b, &chat, 200), (&a, &chat, 402), (&a, &free, 200)]
+        {
+            m.request(op, status);
+        }
+        a.request(&Arc::from("ai_chat"), 200);
+        let count = |m: &Metrics, labels: &str| {
+            let text = m.render();
+            let line = format!("creditgate_requests_total{{{labels}}} ");
+            text.lines().find_map(|l| l.strip_prefix(&line).map(str::to_owned)).unwrap_or_default()
+        };
+        assert_eq!(count(&a, "operation=\"ai_chat\",status=\"200\""), "3");
+        assert_eq!(count(&a, "operation=\"ai_chat\",status=\"402\""), "1");
+        assert_eq!(count(&a, "operation=\"free\",status=\"200\""), "1");
+        assert_eq!(count(&b, "operation=\"ai_chat\",status=\"200\""), "1");
     }
 }

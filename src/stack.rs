@@ -670,7 +670,9 @@ fn with_limit(res: Result<Response, GatewayError>, max_body: usize) -> Result<Re
 }
 
 fn idempotency_key(headers: &http::HeaderMap) -> Result<Option<&str>, GatewayError> {
-    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    // A name, not a `&str`: a `&str` name is parsed and hashed again at every lookup.
+    const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+    let Some(v) = headers.get(IDEMPOTENCY_KEY) else { return Ok(None) };
     let key = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY);
     key.map(Some).ok_or_else(|| {
         GatewayError::BadRequest(format!(

@@ -26,6 +26,9 @@ use json::{Field, ProbeError};
 pub const TIER_HEADER: &str = "x-ai-tier";
 /// Header marking an automatic (system-triggered) refresh.
 pub const TRIGGER_HEADER: &str = "x-trigger";
+// The same as names, for the request path: a `&str` name is parsed and hashed again at every use.
+const TIER: HeaderName = HeaderName::from_static(TIER_HEADER);
+const TRIGGER: HeaderName = HeaderName::from_static(TRIGGER_HEADER);
 
 /// A request the classifier refuses; the message is a sentence for the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -141,11 +144,22 @@ pub struct Price {
 /// nothing tiered was priced), and `x-trigger: automatic` only when it made the request free.
 /// Whatever the client sent under those names is dropped. `None` is a free route.
 pub fn bind_headers(headers: &mut HeaderMap, price: Option<&Price>) {
-    // Names, not `&str`s: a `&str` name is parsed again at every use.
-    const TIER: HeaderName = HeaderName::from_static(TIER_HEADER);
-    const TRIGGER: HeaderName = HeaderName::from_static(TRIGGER_HEADER);
     // Absent from most requests: one look over the fields costs less than two hashed lookups.
-    if headers.keys().any(|k| k == TIER || k == TRIGGER) {
+    // A tiered request usually names its tier once, as priced: then there is nothing to change.
+    let priced_tier = price.filter(|p| !p.automatic).and_then(|p| p.tier.as_deref());
+    let (mut tiers, mut as_priced, mut trigger) = (0, true, false);
+    for (k, v) in headers.iter() {
+        if k == TIER {
+            tiers += 1;
+            as_priced &= priced_tier.is_some_and(|t| v.as_bytes() == t.as_bytes());
+        } else if k == TRIGGER {
+            trigger = true;
+        }
+    }
+    if tiers == 1 && as_priced && !trigger {
+        return;
+    }
+    if tiers > 0 || trigger {
         headers.remove(TIER);
         headers.remove(TRIGGER);
     }
@@ -338,7 +352,7 @@ impl Operation {
     fn is_free_automatic(&self, headers: &HeaderMap, role: Role) -> bool {
         self.automatic_free
             && role == Role::System
-            && headers.get(TRIGGER_HEADER).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"automatic"))
+            && headers.get(TRIGGER).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"automatic"))
     }
 
     /// Whether pricing this request reads its body. A tiered request reads it even with an
@@ -354,7 +368,7 @@ impl Operation {
             Pricing::Fixed(_) => false,
             Pricing::Tiers { .. } => {
                 let empty = headers.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() == b"0");
-                !(empty && headers.contains_key(TIER_HEADER))
+                !(empty && headers.contains_key(TIER))
             }
             Pricing::PerItem { .. } | Pricing::Campaign { .. } => true,
         }
@@ -546,7 +560,7 @@ impl Operation {
 /// lines must all name the same tier.
 fn header_tier(headers: &HeaderMap) -> Result<Option<&str>, ClassifyError> {
     let mut tier = None;
-    for v in headers.get_all(TIER_HEADER) {
+    for v in headers.get_all(TIER) {
         let name = v.to_str().map_err(|_| ClassifyError::Invalid("The x-ai-tier header is not text.".into()))?.trim();
         match tier {
             Some(first) if first != name => {
@@ -701,6 +715,25 @@ mod tests {
 
         bind_headers(&mut h, None);
         assert!(h.is_empty(), "a free route forwards no pricing header");
+
+        // The usual request: one header naming the priced tier, kept as it is; any other
+        // spelling, a second line or an x-trigger is rewritten.
+        let fast = Price { cost: 1, tier: Some("fast".into()), upstream: None, automatic: false, model: None };
+        for sent in [&["fast"][..], &["fast "], &["FAST"], &["fast", "fast"], &["balanced"]] {
+            for trigger in [false, true] {
+                let mut h = HeaderMap::new();
+                for v in sent {
+                    h.append(TIER_HEADER, v.parse().unwrap());
+                }
+                if trigger {
+                    h.insert(TRIGGER_HEADER, "automatic".parse().unwrap());
+                }
+                h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+                bind_headers(&mut h, Some(&fast));
+                assert_eq!(h.get_all(TIER_HEADER).iter().collect::<Vec<_>>(), ["fast"], "{sent:?} {trigger}");
+                assert!(!h.contains_key(TRIGGER_HEADER) && h.len() == 2, "{sent:?} {trigger}");
+            }
+        }
     }
 
     #[test]

@@ -73,23 +73,44 @@ fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
     }
 }
 
+/// Which of [`HOP_BY_HOP`] `name` is. A `match` on the name's text: the strips run on every
+/// request and answer, and comparing with the `const` array builds (and drops) the array at each
+/// use and compares whole names one by one.
+fn hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
+}
+
 /// Removes hop-by-hop fields, including any that a `Connection` line names (any case).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Which of the fixed ones are there, in one pass (most answers carry only `Connection`).
-    let present =
-        headers.keys().fold(0u16, |set, k| set | HOP_BY_HOP.iter().position(|h| h == k).map_or(0, |i| 1 << i));
+    let present = headers.keys().fold(0u16, |set, k| set | hop_index(k).map_or(0, |i| 1 << i));
     if present == 0 {
         return;
     }
     // Fields named by Connection are hop-by-hop too. Only those present matter, found by
     // comparing with the names there: nothing is parsed, and nothing allocated for the usual
     // `keep-alive` or `close` (a fixed name is removed below anyway).
-    if headers.contains_key(header::CONNECTION) {
+    if present & 1 != 0 {
         let mut named: Vec<HeaderName> = Vec::new();
         for token in headers.get_all(header::CONNECTION).iter().flat_map(|v| v.to_str().unwrap_or_default().split(','))
         {
             let token = token.trim();
-            let listed = |k: &&HeaderName| k.as_str().eq_ignore_ascii_case(token) && !HOP_BY_HOP.contains(k);
+            // The usual token names a fixed field, which is removed below anyway.
+            if token.eq_ignore_ascii_case("keep-alive") {
+                continue;
+            }
+            let listed = |k: &&HeaderName| k.as_str().eq_ignore_ascii_case(token) && hop_index(k).is_none();
             named.extend(headers.keys().filter(listed).cloned());
         }
         for n in named {
@@ -250,7 +271,7 @@ pub fn prepare_request(headers: &mut HeaderMap, upstream_headers: &[(HeaderName,
     if let Ok(v) = HeaderValue::from_str(fwd.request_id) {
         headers.insert(REQUEST_ID, v);
     }
-    if let Some(account) = fwd.account.and_then(|a| HeaderValue::from_str(a).ok()) {
+    if let Some(account) = fwd.account.and_then(account_value) {
         headers.insert(ACCOUNT, account);
     }
     if let Some(addr) = fwd.client_addr {
@@ -288,9 +309,35 @@ fn address_value(ip: IpAddr) -> HeaderValue {
     })
 }
 
+/// `account` as a header value (`None` if it cannot be one), kept per thread for the last
+/// account like [`address_value`]: a keep-alive connection's requests come from one key.
+fn account_value(account: &str) -> Option<HeaderValue> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Box<str>, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((kept, value)) if **kept == *account => Some(value.clone()),
+        _ => {
+            let value = HeaderValue::from_str(account).ok()?;
+            *last = Some((account.into(), value.clone()));
+            Some(value)
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_index_names_the_fixed_fields_in_order() {
+        for (i, h) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_index(h), Some(i), "{h}");
+        }
+        for other in [header::CONTENT_TYPE, header::HOST, FORWARDED_FOR, HeaderName::from_static("x-te")] {
+            assert_eq!(hop_index(&other), None, "{other}");
+        }
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_fields_are_removed() {
@@ -368,6 +415,18 @@ mod tests {
         h.insert(header::AUTHORIZATION, "Bearer cg_client".parse().unwrap());
         prepare_request(&mut h, &[], Forwarded { request_id: "r", account: None, client_addr: None });
         assert!(!h.contains_key(header::AUTHORIZATION), "never passed on, even with no replacement");
+    }
+
+    #[test]
+    fn the_account_header_follows_the_account() {
+        for account in ["acme", "acme", "globex", "bad\naccount", "acme", "globex"] {
+            let mut h = HeaderMap::new();
+            prepare_request(&mut h, &[], Forwarded { request_id: "r", account: Some(account), client_addr: None });
+            match HeaderValue::from_str(account) {
+                Ok(v) => assert_eq!(h[ACCOUNT], v),
+                Err(_) => assert!(!h.contains_key(ACCOUNT), "{account:?}"),
+            }
+        }
     }
 
     #[test]

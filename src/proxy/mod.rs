@@ -338,6 +338,11 @@ async fn send(
             }
         };
         head.uri = backend_uri(base, &pq)?;
+        // The client would set the same `Host` (formatting it per request); the client's own
+        // `Host` was moved to `x-forwarded-host` by `prepare_request`.
+        if let Some(host) = &base.host {
+            head.headers.insert(http::header::HOST, host.clone());
+        }
         let req_body = match body.take() {
             Some(b) => b,
             None => Body::new(lent.clone().expect("lent when there are several backends")),
