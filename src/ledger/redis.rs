@@ -940,7 +940,7 @@ impl RedisLedger {
     /// without that, the first step on each idle connection after an outage would fail although
     /// Redis is back. Sending a step twice is safe (see "Re-sent steps" above).
     async fn send_on_connection<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
-        self.once_more(|mut conn| async move { cmd.query_async(&mut conn).await }).await
+        self.once_more(|mut conn| async move { query(&mut conn, cmd).await }).await
     }
 
     /// Sends on the calling thread's connection, and once more when it was found broken (see
@@ -2175,6 +2175,32 @@ fn period_usage(period_start: i64, period_end: i64, fields: HashMap<String, u64>
     Ok(u)
 }
 
+/// `cmd.query_async(conn)`, with the reply searched for a server error in place: redis-rs's
+/// `Value::extract_error` takes every array apart and collects it again to find one.
+async fn query<T: FromRedisValue>(conn: &mut Connection, cmd: &Cmd) -> redis::RedisResult<T> {
+    let reply = conn.req_packed_command(cmd).await?;
+    if let Some(e) = first_error(&reply) {
+        return Err(e.clone().into());
+    }
+    Ok(redis::from_redis_value(reply)?)
+}
+
+/// The error `Value::extract_error` would return: the first server error met depth-first, keys
+/// of a map before their values, an attribute's data before the attributes.
+fn first_error(value: &Value) -> Option<&redis::ServerError> {
+    match value {
+        Value::ServerError(e) => Some(e),
+        Value::Array(items) | Value::Set(items) | Value::Push { data: items, .. } => items.iter().find_map(first_error),
+        Value::Map(pairs) => first_error_in_pairs(pairs),
+        Value::Attribute { data, attributes } => first_error(data).or_else(|| first_error_in_pairs(attributes)),
+        _ => None,
+    }
+}
+
+fn first_error_in_pairs(pairs: &[(Value, Value)]) -> Option<&redis::ServerError> {
+    pairs.iter().find_map(|(k, v)| first_error(k).or_else(|| first_error(v)))
+}
+
 // === impl Connection ===
 
 impl ConnectionLike for Connection {
@@ -2310,8 +2336,33 @@ fn check_amount(amount: u64) -> LedgerResult<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{ChargeRequest, Function, charge_invocation, compact_receipt, keys, state_value};
+    use super::{ChargeRequest, Function, charge_invocation, compact_receipt, first_error, keys, state_value};
     use crate::ledger::{Idempotency, Packages};
+    use redis::Value;
+
+    /// [`first_error`] finds the error redis-rs's `extract_error` returns, or none when it finds none.
+    #[test]
+    fn first_error_is_the_one_extract_error_returns() {
+        let error = |text: &str| redis::parse_redis_value(format!("-{text}\r\n").as_bytes()).unwrap();
+        let (e1, e2, e3) = (error("ERR one"), error("NOSCRIPT two"), error("ERR three"));
+        let nested = Value::Array(vec![Value::Int(1), Value::Array(vec![Value::Nil, e2.clone()]), e1.clone()]);
+        let cases = [
+            Value::Array(vec![Value::Int(0), Value::BulkString(b"charged".to_vec()), Value::Nil]),
+            Value::Int(7),
+            e1.clone(),
+            nested,
+            Value::Map(vec![(Value::Int(1), e1.clone()), (e2.clone(), Value::Int(2))]),
+            Value::Map(vec![(e3.clone(), e1.clone())]),
+            Value::Set(vec![Value::Okay, e3.clone()]),
+            Value::Attribute { data: Box::new(Value::Int(1)), attributes: vec![(Value::Nil, e2.clone())] },
+            Value::Attribute { data: Box::new(e1.clone()), attributes: vec![(Value::Nil, e2)] },
+        ];
+        for value in cases {
+            let expected = value.clone().extract_error().err().map(|e| e.to_string());
+            let found = first_error(&value).map(|e| redis::RedisError::from(e.clone()).to_string());
+            assert_eq!(found, expected, "{value:?}");
+        }
+    }
 
     /// struct.pack('<ddddddddd', 2, 5, 3, 2, 0, 2^53, 100, 1767225600, 200), as Redis 7 writes it.
     const RECEIPT: &str = "0000000000000040000000000000144000000000000008400000000000000040000000000000000000000000\
