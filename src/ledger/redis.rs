@@ -392,9 +392,10 @@ impl Function {
 
     /// Starts a call with its first key.
     fn key<T: ToRedisArgs>(&self, key: T) -> Invocation<'_> {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(&self.name);
-        let mut inv = Invocation { function: self, keys: Vec::with_capacity(3), cmd, keys_written: false };
+        // Room for a charge without growing: its arguments and their bytes, history entry included.
+        let mut cmd = Cmd::with_capacity(16, 384);
+        cmd.arg("FCALL").arg(&self.name);
+        let mut inv = Invocation { function: self, keys: Cmd::with_capacity(3, 128), cmd, keys_written: false };
         inv.key(key);
         inv
     }
@@ -404,7 +405,9 @@ impl Function {
 /// `FCALL <function> <number of keys> <keys> <args>` command (so a body is copied once).
 struct Invocation<'a> {
     function: &'a Function,
-    keys: Vec<Vec<u8>>,
+    /// The keys until the first argument: their number goes before them. A [`Cmd`] holds them
+    /// back to back in one buffer (no allocation per key).
+    keys: Cmd,
     cmd: Cmd,
     /// Whether the key count and the keys are in `cmd` (the first argument puts them there).
     keys_written: bool,
@@ -414,7 +417,7 @@ impl Invocation<'_> {
     /// Adds a key; every key comes before the first argument.
     fn key<T: ToRedisArgs>(&mut self, key: T) -> &mut Self {
         assert!(!self.keys_written, "{}: a key after an argument", self.function.name);
-        key.write_redis_args(&mut self.keys);
+        self.keys.arg(key);
         self
     }
 
@@ -426,7 +429,12 @@ impl Invocation<'_> {
 
     fn write_keys(&mut self) {
         if !self.keys_written {
-            self.cmd.arg(self.keys.len()).arg(&self.keys);
+            self.cmd.arg(self.keys.args_iter().len());
+            for key in self.keys.args_iter() {
+                if let redis::Arg::Simple(key) = key {
+                    self.cmd.arg(key);
+                }
+            }
             self.keys_written = true;
         }
     }
@@ -435,6 +443,21 @@ impl Invocation<'_> {
     fn into_cmd(mut self) -> Cmd {
         self.write_keys();
         self.cmd
+    }
+}
+
+/// A command argument written by its closure straight into the command's buffer: no `String` or
+/// `Vec` of its own on the way (the charge's names and history entry).
+struct Written<F>(F);
+
+/// A [`Written`] argument (the function names the closure's argument type for inference).
+fn written<F: Fn(&mut dyn std::io::Write) -> std::io::Result<()>>(write: F) -> Written<F> {
+    Written(write)
+}
+
+impl<F: Fn(&mut dyn std::io::Write) -> std::io::Result<()>> ToRedisArgs for Written<F> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        (self.0)(&mut out.writer_for_next_arg()).expect("a command's buffer takes every write");
     }
 }
 
@@ -917,7 +940,7 @@ impl RedisLedger {
     /// without that, the first step on each idle connection after an outage would fail although
     /// Redis is back. Sending a step twice is safe (see "Re-sent steps" above).
     async fn send_on_connection<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
-        self.once_more(|mut conn| async move { cmd.query_async(&mut conn).await }).await
+        self.once_more(|mut conn| async move { query(&mut conn, cmd).await }).await
     }
 
     /// Sends on the calling thread's connection, and once more when it was found broken (see
@@ -1322,21 +1345,7 @@ impl Ledger for RedisLedger {
     async fn charge(&self, req: ChargeRequest<'_>) -> LedgerResult<ChargeOutcome> {
         check_amount(req.cost)?;
         let scripts = self.scripts_for(&req);
-        let mut inv = scripts.charge.key(keys::account(req.account));
-        // The script knows an idempotency key is given by the second KEYS entry.
-        if let Some(idem) = req.idempotency {
-            inv.key(keys::idempotency(req.account, idem.key));
-        }
-        let (category, operation) = (req.category, req.operation);
-        inv.arg(req.charge_id)
-            .arg(req.cost)
-            // The record's and the usage counter's spellings of the names (lua/charge.lua).
-            .arg(format!("{}:{category}{}:{operation}", category.len(), operation.len()))
-            .arg(format!(":{}:{category}{operation}", category.len()))
-            .arg(history_tail(&req));
-        if let Some(idem) = req.idempotency {
-            inv.arg(idem.key).arg(idem.fingerprint).arg(secs(idem.lease_secs));
-        }
+        let inv = charge_invocation(&scripts.charge, &req);
         let reply = self.run(inv).await?;
         // "charged" comes as one string (lua/charge.lua); every other outcome as an array.
         if let Value::BulkString(bytes) = &reply {
@@ -2039,32 +2048,64 @@ fn parse_headers(text: &str) -> LedgerResult<Vec<(String, String)>> {
     serde_json::from_str(text).map_err(|e| LedgerError(format!("unreadable job headers in the store ({e}): {text}")))
 }
 
-/// A lease, delay or retention as handed to a script (see [`MAX_SECS`]).
+/// The charge's `FCALL` (lua/charge.lua has the layout), every argument written straight into the
+/// command.
+fn charge_invocation<'a>(charge: &'a Function, req: &ChargeRequest<'_>) -> Invocation<'a> {
+    let mut inv = charge.key(keys::AccountKey(req.account));
+    // The script knows an idempotency key is given by the second KEYS entry.
+    if let Some(idem) = req.idempotency {
+        inv.key(keys::idempotency(req.account, idem.key));
+    }
+    let (category, operation) = (req.category, req.operation);
+    let mut digits = itoa::Buffer::new();
+    let category_len = digits.format(category.len()).as_bytes();
+    inv.arg(req.charge_id)
+        .arg(req.cost)
+        // The record's and the usage counter's spellings of the names (lua/charge.lua):
+        // `<length>:<category><length>:<operation>` and `:<length>:<category><operation>`.
+        .arg(written(|w| {
+            w.write_all(category_len)?;
+            w.write_all(b":")?;
+            w.write_all(category.as_bytes())?;
+            w.write_all(itoa::Buffer::new().format(operation.len()).as_bytes())?;
+            w.write_all(b":")?;
+            w.write_all(operation.as_bytes())
+        }))
+        .arg(written(|w| {
+            w.write_all(b":")?;
+            w.write_all(category_len)?;
+            w.write_all(b":")?;
+            w.write_all(category.as_bytes())?;
+            w.write_all(operation.as_bytes())
+        }))
+        .arg(written(|w| write_history_tail(w, req)));
+    if let Some(idem) = req.idempotency {
+        inv.arg(idem.key).arg(idem.fingerprint).arg(secs(idem.lease_secs));
+    }
+    inv
+}
+
 /// The end of a charge's history entry, from the operation on (charge.lua writes the rest):
 /// `"operation":…,"category":…,"request_id":…,"charge_id":…}`, members in the order of
 /// [`HistoryEntry`], strings escaped by serde.
-fn history_tail(req: &ChargeRequest<'_>) -> Vec<u8> {
+fn write_history_tail(out: &mut dyn std::io::Write, req: &ChargeRequest<'_>) -> std::io::Result<()> {
     let members = [
         ("operation", req.operation),
         ("category", req.category),
         ("request_id", req.request_id),
         ("charge_id", req.charge_id),
     ];
-    let mut out = Vec::with_capacity(64 + members.iter().map(|(_, v)| v.len() + 4).sum::<usize>());
-    for (name, value) in members {
-        out.push(b'"');
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b"\":");
-        serde_json::to_writer(&mut out, value).expect("a string serializes into a Vec");
-        out.push(b',');
+    for (i, (name, value)) in members.into_iter().enumerate() {
+        // Each member after a comma; the last one closes the object.
+        out.write_all(if i == 0 { b"\"" } else { b",\"" })?;
+        out.write_all(name.as_bytes())?;
+        out.write_all(b"\":")?;
+        serde_json::to_writer(&mut *out, value).map_err(std::io::Error::other)?;
     }
-    // The last comma closes the object.
-    if let Some(last) = out.last_mut() {
-        *last = b'}';
-    }
-    out
+    out.write_all(b"}")
 }
 
+/// A lease, delay or retention as handed to a script (see [`MAX_SECS`]).
 fn secs(secs: i64) -> i64 {
     secs.clamp(-MAX_SECS, MAX_SECS)
 }
@@ -2132,6 +2173,32 @@ fn period_usage(period_start: i64, period_end: i64, fields: HashMap<String, u64>
     u.total = by_category.values().sum();
     (u.by_category, u.by_operation, u.by_day, u.free_automatic) = (by_category, by_operation, by_day, free_automatic);
     Ok(u)
+}
+
+/// `cmd.query_async(conn)`, with the reply searched for a server error in place: redis-rs's
+/// `Value::extract_error` takes every array apart and collects it again to find one.
+async fn query<T: FromRedisValue>(conn: &mut Connection, cmd: &Cmd) -> redis::RedisResult<T> {
+    let reply = conn.req_packed_command(cmd).await?;
+    if let Some(e) = first_error(&reply) {
+        return Err(e.clone().into());
+    }
+    Ok(redis::from_redis_value(reply)?)
+}
+
+/// The error `Value::extract_error` would return: the first server error met depth-first, keys
+/// of a map before their values, an attribute's data before the attributes.
+fn first_error(value: &Value) -> Option<&redis::ServerError> {
+    match value {
+        Value::ServerError(e) => Some(e),
+        Value::Array(items) | Value::Set(items) | Value::Push { data: items, .. } => items.iter().find_map(first_error),
+        Value::Map(pairs) => first_error_in_pairs(pairs),
+        Value::Attribute { data, attributes } => first_error(data).or_else(|| first_error_in_pairs(attributes)),
+        _ => None,
+    }
+}
+
+fn first_error_in_pairs(pairs: &[(Value, Value)]) -> Option<&redis::ServerError> {
+    pairs.iter().find_map(|(k, v)| first_error(k).or_else(|| first_error(v)))
 }
 
 // === impl Connection ===
@@ -2269,7 +2336,33 @@ fn check_amount(amount: u64) -> LedgerResult<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{compact_receipt, state_value};
+    use super::{ChargeRequest, Function, charge_invocation, compact_receipt, first_error, keys, state_value};
+    use crate::ledger::{Idempotency, Packages};
+    use redis::Value;
+
+    /// [`first_error`] finds the error redis-rs's `extract_error` returns, or none when it finds none.
+    #[test]
+    fn first_error_is_the_one_extract_error_returns() {
+        let error = |text: &str| redis::parse_redis_value(format!("-{text}\r\n").as_bytes()).unwrap();
+        let (e1, e2, e3) = (error("ERR one"), error("NOSCRIPT two"), error("ERR three"));
+        let nested = Value::Array(vec![Value::Int(1), Value::Array(vec![Value::Nil, e2.clone()]), e1.clone()]);
+        let cases = [
+            Value::Array(vec![Value::Int(0), Value::BulkString(b"charged".to_vec()), Value::Nil]),
+            Value::Int(7),
+            e1.clone(),
+            nested,
+            Value::Map(vec![(Value::Int(1), e1.clone()), (e2.clone(), Value::Int(2))]),
+            Value::Map(vec![(e3.clone(), e1.clone())]),
+            Value::Set(vec![Value::Okay, e3.clone()]),
+            Value::Attribute { data: Box::new(Value::Int(1)), attributes: vec![(Value::Nil, e2.clone())] },
+            Value::Attribute { data: Box::new(e1.clone()), attributes: vec![(Value::Nil, e2)] },
+        ];
+        for value in cases {
+            let expected = value.clone().extract_error().err().map(|e| e.to_string());
+            let found = first_error(&value).map(|e| redis::RedisError::from(e.clone()).to_string());
+            assert_eq!(found, expected, "{value:?}");
+        }
+    }
 
     /// struct.pack('<ddddddddd', 2, 5, 3, 2, 0, 2^53, 100, 1767225600, 200), as Redis 7 writes it.
     const RECEIPT: &str = "0000000000000040000000000000144000000000000008400000000000000040000000000000000000000000\
@@ -2302,6 +2395,60 @@ mod tests {
             let mut b = bytes.clone();
             b[8..16].copy_from_slice(&f64::to_le_bytes(bad));
             assert!(compact_receipt(&b, "c").is_err(), "{bad}");
+        }
+    }
+
+    /// The charge's `FCALL`, byte for byte as it was built with a `String` per key, name and
+    /// history entry: writing them straight into the command changed nothing Redis receives.
+    #[test]
+    fn charge_command_is_unchanged_by_writing_in_place() {
+        let function = Function { name: "cg_0123456789ab_charge".to_owned(), library: "".into(), replicated: true };
+        let packages = Packages::default();
+        let idem = Idempotency { key: "k-\u{e9}\"1", fingerprint: "ab12", lease_secs: 90 };
+        for (category, operation, idempotency) in
+            [("chat", "completion", None), ("\u{e9}t\u{e9} \"q\"", "op\\n", Some(idem)), ("", "", None)]
+        {
+            let req = ChargeRequest {
+                account: "acme{1}",
+                charge_id: "ch_42",
+                cost: 1234,
+                operation,
+                category,
+                request_id: "req-\u{1}\u{7f}",
+                idempotency,
+                thresholds: &[],
+                auto_topup_max_per_period: 0,
+                packages: &packages,
+            };
+            let json = |v: &str| serde_json::to_string(v).unwrap();
+            let mut keys = vec![keys::account(req.account)];
+            if let Some(idem) = idempotency {
+                keys.push(keys::idempotency(req.account, idem.key));
+            }
+            let mut expected = redis::cmd("FCALL");
+            expected
+                .arg(&function.name)
+                .arg(keys.len())
+                .arg(&keys)
+                .arg(req.charge_id)
+                .arg(req.cost)
+                .arg(format!("{}:{category}{}:{operation}", category.len(), operation.len()))
+                .arg(format!(":{}:{category}{operation}", category.len()))
+                .arg(format!(
+                    "\"operation\":{},\"category\":{},\"request_id\":{},\"charge_id\":{}}}",
+                    json(operation),
+                    json(category),
+                    json(req.request_id),
+                    json(req.charge_id)
+                ));
+            if let Some(idem) = idempotency {
+                expected.arg(idem.key).arg(idem.fingerprint).arg(idem.lease_secs);
+            }
+            let built = charge_invocation(&function, &req).into_cmd();
+            assert_eq!(
+                String::from_utf8_lossy(&built.get_packed_command()),
+                String::from_utf8_lossy(&expected.get_packed_command())
+            );
         }
     }
 
