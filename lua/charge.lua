@@ -25,6 +25,9 @@
 -- outcome is an array):
 --   events, cost, from_monthly, from_topup, monthly_remaining, topup_remaining, allocation,
 --   renews_at, auto_topup_credits (0: none)
+-- or, from the common case (`fast_receipt`: no events, cost = from_monthly + from_topup, no
+-- auto top-up), six: from_monthly, from_topup, monthly_remaining, topup_remaining, allocation,
+-- renews_at.
 -- Otherwise, first the number of outbox events appended, then the outcome:
 --   { events, "refunded" }                 this charge id was refunded (or tombstoned) before
 --   { events, "refused", remaining, renews_at }

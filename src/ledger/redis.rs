@@ -2288,12 +2288,13 @@ impl Reply {
 }
 
 /// The events appended and the receipt of charge `charge_id`, from charge.lua's "charged" reply:
-/// nine little-endian doubles (lib.lua `receipt`), each a whole number in 0..=2^53.
+/// nine little-endian doubles (lib.lua `receipt`), or six (`fast_receipt`: no events, the cost
+/// is what was taken, no auto top-up), each a whole number in 0..=2^53.
 fn compact_receipt(bytes: &[u8], charge_id: &str) -> LedgerResult<(u64, Receipt)> {
     let bad = || LedgerError(format!("unexpected charge receipt of {} bytes", bytes.len()));
     let (numbers, []) = bytes.as_chunks::<8>() else { return Err(bad()) };
     let mut values = [0u64; 9];
-    if numbers.len() != values.len() {
+    if numbers.len() != 9 && numbers.len() != 6 {
         return Err(bad());
     }
     for (value, number) in values.iter_mut().zip(numbers) {
@@ -2302,6 +2303,10 @@ fn compact_receipt(bytes: &[u8], charge_id: &str) -> LedgerResult<(u64, Receipt)
             return Err(bad());
         }
         *value = x as u64;
+    }
+    if numbers.len() == 6 {
+        let [from_monthly, from_topup, monthly, topup, allocation, renews_at, ..] = values;
+        values = [0, from_monthly + from_topup, from_monthly, from_topup, monthly, topup, allocation, renews_at, 0];
     }
     let [appended, cost, from_monthly, from_topup, monthly_remaining, topup_remaining, allocation, renews_at, auto] =
         values;
@@ -2383,9 +2388,23 @@ mod tests {
         assert_eq!(compact_receipt(&none, "chg_1").unwrap().1.auto_topup, None);
     }
 
+    /// struct.pack('<dddddd', 3, 2, 0, 2^53, 100, 1767225600): the fast way's receipt.
+    const FAST_RECEIPT: &str = "00000000000008400000000000000040000000000000000000000000000040430000000000005940\
+                                000000406e55da41";
+
+    #[test]
+    fn fast_receipts_read_as_struct_pack_writes_them() {
+        let (appended, r) = compact_receipt(&hex::decode(FAST_RECEIPT).unwrap(), "chg_2").unwrap();
+        assert_eq!(appended, 0);
+        assert_eq!((r.charge_id.as_str(), r.cost, r.from_monthly, r.from_topup), ("chg_2", 5, 3, 2));
+        assert_eq!((r.monthly_remaining, r.topup_remaining, r.allocation), (0, 1 << 53, 100));
+        assert_eq!((r.renews_at, r.auto_topup), (1_767_225_600, None));
+    }
+
     #[test]
     fn receipts_that_are_not_nine_whole_amounts_are_errors() {
         let bytes = hex::decode(RECEIPT).unwrap();
+        assert!(compact_receipt(&bytes[..56], "c").is_err());
         assert!(compact_receipt(&bytes[..64], "c").is_err());
         assert!(compact_receipt(&bytes[..71], "c").is_err());
         let mut longer = bytes.clone();
