@@ -50,6 +50,35 @@ async fn free_routes_are_proxied_uncharged() {
     assert_eq!(gw.credits(&key).await, before, "no credit touched");
 }
 
+/// The upstream's `Host` is its URL's authority, or the one its config sets in `headers`
+/// (a virtual host behind plain HTTP); the client's own goes to `x-forwarded-host`.
+#[tokio::test]
+async fn the_upstream_host_is_its_own_or_the_configured_one() {
+    let ai = Upstream::echo().await;
+    let app = Upstream::echo().await;
+    let configured = format!("headers = {{ authorization = \"{BACKEND_AUTH}\" }}");
+    let config = ConfigBuilder::new(&ai.url()).app(&app.url()).build();
+    assert!(config.contains(&configured));
+    let config = config.replace(
+        &configured,
+        &format!("headers = {{ authorization = \"{BACKEND_AUTH}\", host = \"models.internal\" }}"),
+    );
+    let gw = TestGateway::start(&config).await;
+    let key = gw.account_with_key("acme", "big").await;
+    let client_host = [("host", "gateway.example")];
+    let res = gw.call(&key, "POST", CHAT, &client_host, r#"{"messages":[]}"#).await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    let res = gw.call(&key, "GET", "/v1/deals", &client_host, "").await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    let (to_ai, to_app) = (&ai.requests()[0], &app.requests()[0]);
+    assert_eq!(to_ai.header("host"), Some("models.internal"), "the configured Host");
+    let app_authority = app.url().trim_start_matches("http://").trim_end_matches('/').to_owned();
+    assert_eq!(to_app.header("host"), Some(app_authority.as_str()), "the upstream's own");
+    for got in [to_ai, to_app] {
+        assert_eq!(got.header("x-forwarded-host"), Some("gateway.example"));
+    }
+}
+
 #[tokio::test]
 async fn upstream_status_and_body_pass_through_on_free_routes() {
     let ai = Upstream::echo().await;

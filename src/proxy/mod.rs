@@ -338,10 +338,10 @@ async fn send(
             }
         };
         head.uri = backend_uri(base, &pq)?;
-        // The client would set the same `Host` (formatting it per request); the client's own
-        // `Host` was moved to `x-forwarded-host` by `prepare_request`.
+        // The client would set the same `Host` (formatting it per request) unless the upstream's
+        // config sets one; the client's own was moved to `x-forwarded-host` by `prepare_request`.
         if let Some(host) = &base.host {
-            head.headers.insert(http::header::HOST, host.clone());
+            head.headers.entry(http::header::HOST).or_insert_with(|| host.clone());
         }
         let req_body = match body.take() {
             Some(b) => b,
