@@ -85,7 +85,8 @@ a.used = a.used + cost
 local day = div(a.now, 86400)
 -- Appended: a renewal this charge triggered has queued its own entry first.
 a.hist = a.hist + 1
-a.entries[#a.entries + 1] = charge_entry(a.hist, a.now, from_monthly, from_topup, a.monthly, a.topup, ARGV[5])
+a.entries[#a.entries + 1] = charge_blob(from_monthly, from_topup, a.period, day, a.hist, a.now, a.monthly, a.topup)
+  .. ARGV[5]
 
 -- Auto top-up: only the charge that takes the total from at-or-above the threshold to below it
 -- buys — or, once, the first charge that ends below it after the setting was switched on while

@@ -507,21 +507,16 @@ local function charge_receipt(a, events, cost, from_monthly, from_topup, auto_cr
   return receipt(events, cost, from_monthly, from_topup, a.monthly, a.topup, a.allocation, renews_at(a), auto_credits)
 end
 
--- charge.lua's history entry, kept compact: "c", then seq, at, monthly_delta, topup_delta,
--- monthly_after and topup_after as MessagePack (no sprintf per number on the hot path, and about
--- 80 bytes less per entry), then the request's part of add_entry's JSON (`tail`, from the
--- operation on, prebuilt by the caller). `entry_json` makes the JSON when the entry is read.
-local function charge_entry(seq, now, from_monthly, from_topup, monthly, topup, tail)
-  return 'c' .. cmsgpack.pack(seq, now, -from_monthly, -from_topup, monthly, topup) .. tail
-end
-
--- The fast way's charge (fast_charge) writes its record and its history entry from one
--- MessagePack text of eight numbers, packed once: from_monthly, from_topup, period, day (the
--- record's), seq, at, monthly_after, topup_after (the entry's). Each is "n", that text, then its
--- own rest: the record's names and idempotency key, the entry's `tail`. (cmsgpack.pack costs
--- Redis about 700 instructions per value: it makes a string of each and joins them.) The cost is
--- from_monthly + from_topup; such a record has bought no auto top-up and is not refunded (a
--- refund rewrites it in the "m" form).
+-- A charge's history entry and (on the fast way) its record start from one MessagePack text of
+-- eight numbers, packed once: from_monthly, from_topup, period, day (the record's), seq, at,
+-- monthly_after, topup_after (the entry's): "n", that text, then the entry's `tail` (the
+-- request's part of add_entry's JSON, from the operation on, prebuilt in Rust) or the record's
+-- names and idempotency key. No sprintf per number on the hot path, and cmsgpack.pack costs
+-- Redis about 700 instructions per value (it makes a string of each and joins them). Such a
+-- record's cost is from_monthly + from_topup; it has bought no auto top-up and is not refunded
+-- (a refund rewrites it in the "m" form). `entry_json` makes the JSON when an entry is read;
+-- entries written before hold seq, at, monthly_delta, topup_delta, monthly_after, topup_after
+-- after a "c".
 local function charge_blob(from_monthly, from_topup, period, day, seq, now, monthly, topup)
   return 'n' .. cmsgpack.pack(from_monthly, from_topup, period, day, seq, now, monthly, topup)
 end
@@ -593,19 +588,12 @@ local function find_record(a, id)
   return nil, nil, current, b
 end
 
--- A record's text from its values; `names` is its "<length>:<category><length>:<operation>"
--- part. (The fast way's charge passes values, not a table: a table costs Redis the time of a
--- small command, to build and to collect.)
-local function record_text(cost, from_monthly, from_topup, period, day, auto, refunded, names, idem)
-  return 'm' .. cmsgpack.pack(cost, from_monthly, from_topup, period, day, auto or 0, refunded and 1 or 0) .. names
-    .. (idem or '')
-end
-
 -- The record text of `r`. `names`, when given, is its "<length>:<category><length>:<operation>"
 -- part, built by the caller.
 local function format_record(r, names)
   names = names or (n(#r.category) .. ':' .. r.category .. n(#r.operation) .. ':' .. r.operation)
-  return record_text(r.cost, r.from_monthly, r.from_topup, r.period, r.day, r.auto, r.refunded, names, r.idem)
+  return 'm' .. cmsgpack.pack(r.cost, r.from_monthly, r.from_topup, r.period, r.day, r.auto or 0, r.refunded and 1 or 0)
+    .. names .. (r.idem or '')
 end
 
 local function parse_record(v)
@@ -666,12 +654,13 @@ end
 
 -- charge.lua's common case, in local variables (Lua reads and writes them several times faster
 -- than the fields of the account table `load_account` builds, which alone cost a charge about as
--- much as two commands): an account in the current layout, no renewal due, auto top-up off, no
--- export guard on trimming, a fresh charge id (and idempotency key, if any), and no low-credit threshold
--- reached that has not fired yet this period. Then it charges (or refuses) and returns the reply. For anything else it returns nil
--- having written nothing, then the `state` field (false: none) and the time it read, if it got
--- that far, and charge.lua takes the general way with them.
--- The same steps as the general way; conformance tests run both.
+-- much as two commands; a Lua table costs about a small command to build and collect): an
+-- account in the current layout, no renewal due, auto top-up off, no export guard on trimming, a
+-- fresh charge id (and idempotency key, if any), and no low-credit threshold reached that has
+-- not fired yet this period. Then it charges (or refuses) and returns the reply. For anything
+-- else it returns nil having written nothing, then the `state` field (false: none) and the time
+-- it read, if it got that far, and charge.lua takes the general way with them. The same steps
+-- as the general way; conformance tests run both.
 local function fast_charge(KEYS, ARGV)
   if HISTORY_EXPORTED_ONLY then return nil end
   local key = KEYS[1]

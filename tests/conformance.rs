@@ -46,6 +46,7 @@ async fn redis_standalone() {
     clock_never_goes_back(&ledger, redis).await;
     a_record_of_the_previous_layout_is_refunded(&ledger, redis).await;
     the_layout_before_state_is_read_and_moved(&ledger, redis).await;
+    a_charge_entry_written_before_reads_the_same(&ledger, redis).await;
     export_sweep_counts_what_is_left(&RedisLedger::connect_standalone(&server.url()).await.unwrap(), redis).await;
     records_are_found_across_a_bucket_boundary(&RedisLedger::connect_standalone(&server.url()).await.unwrap()).await;
     outbox_index_recovers(&ledger, redis).await;
@@ -1600,6 +1601,22 @@ async fn the_layout_before_state_is_read_and_moved(l: &RedisLedger, redis: impl 
     assert_eq!(view(l, &acct).await.monthly_remaining, 8, "the text record's 3 came back");
     let kinds: Vec<String> = l.history(&acct, None, 10).await.unwrap().unwrap().into_iter().map(|e| e.kind).collect();
     assert_eq!(kinds, ["refund", "charge", "created"]);
+}
+
+/// A charge's history entry in the form written before the "n" form ("c", then seq, at and the
+/// four amounts as MessagePack, then the request's part) reads as the same entry.
+async fn a_charge_entry_written_before_reads_the_same(l: &RedisLedger, redis: impl Fn(&[&str]) -> String) {
+    let acct = account(l, 10).await;
+    charged(l.charge(charge(&acct, &unique("c"), 3)).await.unwrap());
+    let before = format!("{:?}", l.history(&acct, None, 10).await.unwrap().unwrap());
+    let rewrite = "local e = redis.call('LINDEX', KEYS[1], -1)
+        local at, fm, ft, _, _, seq, now, m, t = cmsgpack.unpack_limit(e, 8, 1)
+        redis.call('LSET', KEYS[1], -1, 'c' .. cmsgpack.pack(seq, now, -fm, -ft, m, t) .. string.sub(e, at + 1))
+        return string.sub(e, 1, 1)";
+    let history = format!("{}:history", keys::account(&acct));
+    assert_eq!(redis(&["EVAL", rewrite, "1", &history]).trim(), "n", "the charge's entry was in the \"n\" form");
+    assert_eq!(redis(&["LINDEX", &history, "-1"]).as_bytes().first(), Some(&b'c'));
+    assert_eq!(format!("{:?}", l.history(&acct, None, 10).await.unwrap().unwrap()), before);
 }
 
 /// The export index counts what is left to export from the account's state (`hist` beyond
