@@ -38,18 +38,25 @@ const PREFIX: &str = "cg";
 
 /// The account hash; its name is the prefix of every other key of the account.
 pub fn account(id: &str) -> String {
-    format!("{PREFIX}:{{acct:{id}}}")
+    AccountKey(id).parts().concat()
 }
 
 /// [`account`] as a command argument, written straight into the command (the charge's hot path
 /// makes no `String` of it).
 pub struct AccountKey<'a>(pub &'a str);
 
+impl AccountKey<'_> {
+    /// The key's text in pieces: the one place that spells an account key.
+    fn parts(&self) -> [&str; 4] {
+        [PREFIX, ":{acct:", self.0, "}"]
+    }
+}
+
 impl redis::ToRedisArgs for AccountKey<'_> {
     fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
         use std::io::Write;
         let mut w = out.writer_for_next_arg();
-        for part in [PREFIX, ":{acct:", self.0, "}"] {
+        for part in self.parts() {
             w.write_all(part.as_bytes()).expect("a command's buffer takes every write");
         }
     }
