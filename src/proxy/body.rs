@@ -1,6 +1,7 @@
 //! A backend's answer body on its way out: it holds the request's place on the backend
 //! ([`Slot`]) until it ends, so a streaming answer counts against `max_in_flight`, and cuts off
-//! an answer that stalls longer than `stream_idle_timeout_ms` between two chunks.
+//! an answer that stalls longer than `stream_idle_timeout_ms` between two chunks. A connection
+//! from the worker's own pool ([`super::h1`]) goes back to it once the answer was read to the end.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -12,6 +13,7 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use super::h1::Lent;
 use super::pool::{Pool, Slot};
 
 /// The error of an answer that stalled.
@@ -37,17 +39,30 @@ pin_project! {
         inner: Incoming,
         // Released at end of stream (or when the body is dropped).
         slot: Option<Slot>,
+        // The connection, when it is the worker pool's: given back at end of stream.
+        conn: Option<Lent>,
         idle: Option<Idle>,
         eject_after: u32,
         eject: Duration,
+    }
+
+    impl PinnedDrop for UpstreamBody {
+        fn drop(this: Pin<&mut Self>) {
+            // An answer with nothing more to read (one whose last frame was never asked for, or
+            // an empty one) leaves its connection reusable too.
+            let this = this.project();
+            if let Some(conn) = this.conn.as_mut() && this.inner.is_end_stream() {
+                conn.give_back();
+            }
+        }
     }
 }
 
 impl UpstreamBody {
     /// Wraps a backend's answer.
-    pub fn new(inner: Incoming, slot: Slot, idle: Option<Duration>, pool: &Pool) -> Self {
+    pub fn new(inner: Incoming, slot: Slot, conn: Option<Lent>, idle: Option<Duration>, pool: &Pool) -> Self {
         let idle = idle.map(|limit| Idle { limit, sleep: Box::pin(tokio::time::sleep(limit)), armed: false });
-        UpstreamBody { inner, slot: Some(slot), idle, eject_after: pool.eject_after, eject: pool.eject }
+        UpstreamBody { inner, slot: Some(slot), conn, idle, eject_after: pool.eject_after, eject: pool.eject }
     }
 }
 
@@ -56,11 +71,14 @@ impl Body for UpstreamBody {
     type Error = BodyError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(idle) = this.idle {
                     idle.armed = false;
+                }
+                if this.inner.is_end_stream() {
+                    give_back(this.conn);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -73,6 +91,7 @@ impl Body for UpstreamBody {
             }
             Poll::Ready(None) => {
                 *this.slot = None;
+                give_back(this.conn);
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -99,5 +118,12 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Puts a pooled connection back, once.
+fn give_back(conn: &mut Option<Lent>) {
+    if let Some(mut conn) = conn.take() {
+        conn.give_back();
     }
 }

@@ -3,6 +3,7 @@
 //! not forwarded, in either direction). Bodies stream both ways; nothing here buffers them.
 
 pub mod body;
+mod h1;
 pub mod headers;
 mod outgoing;
 pub mod pool;
@@ -337,19 +338,43 @@ async fn send(
                 p
             }
         };
-        head.uri = backend_uri(base, &pq)?;
         // The client would set the same `Host` (formatting it per request) unless the upstream's
         // config sets one; the client's own was moved to `x-forwarded-host` by `prepare_request`.
         if let Some(host) = &base.host {
             head.headers.entry(http::header::HOST).or_insert_with(|| host.clone());
         }
+        // Plain `http://` on a worker thread: the worker's own HTTP/1 pool ([`h1`]), which takes
+        // the request line's origin form; hyper-util's client otherwise, which takes the URI whole.
+        let direct = upstream.own.is_none() && base.scheme == http::uri::Scheme::HTTP && worker_index().is_some();
+        head.uri = if direct { Uri::from(backend_path(base, &pq)?) } else { backend_uri(base, &pq)? };
         let req_body = match body.take() {
             Some(b) => b,
             None => Body::new(lent.clone().expect("lent when there are several backends")),
         };
         let progress = Arc::new(outgoing::Progress::new());
-        let req_body = Body::new(outgoing::Outgoing::new(req_body, progress.clone()));
-        match attempt(client, upstream, slot.backend(), Request::from_parts(head, req_body), &progress).await {
+        let req = Request::from_parts(head, Body::new(outgoing::Outgoing::new(req_body, progress.clone())));
+        let backend = slot.backend();
+        let answer = if direct {
+            let call = async {
+                // Boxed, as hyper-util's client boxes its own: this future's state is kilobytes
+                // that would otherwise sit in (and be moved with) every request's future.
+                match Box::pin(h1::send(&base.authority, req)).await {
+                    Ok((res, conn)) => Ok((res, Some(conn))),
+                    Err(h1::SendError::Connect(e)) => Err(classify_error(&upstream.name, backend, &e, true)),
+                    Err(h1::SendError::Http(e)) => Err(classify_error(&upstream.name, backend, &e, false)),
+                }
+            };
+            attempt(upstream, backend, call, &progress).await
+        } else {
+            let call = async {
+                match client.request(req).await {
+                    Ok(res) => Ok((res, None)),
+                    Err(e) => Err(classify_error(&upstream.name, backend, &e, e.is_connect())),
+                }
+            };
+            attempt(upstream, backend, call, &progress).await
+        };
+        match answer {
             Err(e) => {
                 // A failed connection, or no head in time once the backend had the whole request
                 // (a client still sending its body is not the backend being slow).
@@ -369,7 +394,7 @@ async fn send(
                 }
                 return Err(e);
             }
-            Ok(res) => {
+            Ok((res, conn)) => {
                 if res.status().is_server_error() {
                     slot.failed(&upstream.pool, "answered 5xx");
                 } else {
@@ -378,14 +403,14 @@ async fn send(
                 let (mut parts, body) = res.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
                 headers::strip_gateway_owned(&mut parts.headers);
-                let body = UpstreamBody::new(body, slot, upstream.stream_idle_timeout, &upstream.pool);
+                let body = UpstreamBody::new(body, slot, conn, upstream.stream_idle_timeout, &upstream.pool);
                 return Ok(Response::from_parts(parts, body));
             }
         }
     }
 }
 
-/// Sends `req` to `backend` on `client`: the connect phase (pool checkout, TCP, TLS) bounded by
+/// Runs `call`, which sends a request to `backend`: the connect phase (pool checkout, TCP, TLS) bounded by
 /// the upstream's `connect_timeout_ms` (past it 502 `upstream_unavailable`, as unreachable:
 /// nothing was sent), then the wait for the answer head by `first_byte_timeout_ms` (504),
 /// counted from the moment a connection took the request.
@@ -396,23 +421,21 @@ async fn send(
 /// can run out sooner); when it rings, the limit in force is worked out from `progress` —
 /// expired, or the timer set again for it (while no connection has taken the request, no later
 /// than one first-byte timeout ahead, since one could take it any moment).
-async fn attempt(
-    client: &Client,
+async fn attempt<T>(
     upstream: &Upstream,
     backend: &pool::Backend,
-    req: Request<Body>,
+    call: impl Future<Output = Result<T, GatewayError>>,
     progress: &outgoing::Progress,
-) -> Result<Response<hyper::body::Incoming>, GatewayError> {
+) -> Result<T, GatewayError> {
     let (connect, first_byte) = (upstream.connect_timeout, upstream.first_byte_timeout);
     let connect_deadline = later(progress.started(), connect);
-    let call = client.request(req);
     tokio::pin!(call);
     let timer = tokio::time::sleep_until(later(progress.started(), connect.min(first_byte)));
     tokio::pin!(timer);
     loop {
         tokio::select! {
             biased;
-            done = &mut call => return done.map_err(|e| classify_error(&upstream.name, backend, e)),
+            done = &mut call => return done,
             () = &mut timer => {}
         }
         let now = tokio::time::Instant::now();
@@ -438,18 +461,21 @@ fn later(t: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
     t.checked_add(d).unwrap_or_else(|| t + Duration::from_secs(86_400 * 365 * 30))
 }
 
+/// The path (and query) of `pq` on backend `base`: its `base_path` first.
+fn backend_path(base: &UpstreamUrl, pq: &PathAndQuery) -> Result<PathAndQuery, GatewayError> {
+    if base.base_path.is_empty() {
+        return Ok(pq.clone());
+    }
+    PathAndQuery::try_from(format!("{}{}", base.base_path, pq.as_str()))
+        .map_err(|_| GatewayError::BadRequest("The request path is not valid.".into()))
+}
+
 /// The URI of `pq` on backend `base`.
 fn backend_uri(base: &UpstreamUrl, pq: &PathAndQuery) -> Result<Uri, GatewayError> {
-    let pq = if base.base_path.is_empty() {
-        pq.clone()
-    } else {
-        PathAndQuery::try_from(format!("{}{}", base.base_path, pq.as_str()))
-            .map_err(|_| GatewayError::BadRequest("The request path is not valid.".into()))?
-    };
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(base.scheme.clone());
     uri.authority = Some(base.authority.clone());
-    uri.path_and_query = Some(pq);
+    uri.path_and_query = Some(backend_path(base, pq)?);
     Ok(Uri::from_parts(uri).expect("scheme, authority and path are set"))
 }
 
@@ -519,16 +545,23 @@ async fn check_health(
     }
 }
 
-fn classify_error(upstream: &str, backend: &pool::Backend, e: hyper_util::client::legacy::Error) -> GatewayError {
-    if crate::error::cause_ref::<http_body_util::LengthLimitError>(&e).is_some() {
+/// The gateway's error for a request to `backend` that failed with `e` (`connect`: no
+/// connection could be made, so nothing was sent).
+fn classify_error(
+    upstream: &str,
+    backend: &pool::Backend,
+    e: &(dyn std::error::Error + 'static),
+    connect: bool,
+) -> GatewayError {
+    if crate::error::cause_ref::<http_body_util::LengthLimitError>(e).is_some() {
         return GatewayError::PayloadTooLarge { limit: 0 };
     }
-    if crate::error::cause_ref::<crate::listener::BodyTimeout>(&e).is_some() {
+    if crate::error::cause_ref::<crate::listener::BodyTimeout>(e).is_some() {
         return GatewayError::RequestTimeout;
     }
-    let detail = if e.is_connect() { "connect failed" } else { "connection error" };
+    let detail = if connect { "connect failed" } else { "connection error" };
     tracing::warn!(upstream, backend = %backend.label, error = ?e, "upstream request failed: {detail}");
-    if e.is_connect() {
+    if connect {
         GatewayError::UpstreamUnreachable(format!("{upstream}: {detail}"))
     } else {
         GatewayError::UpstreamUnavailable(format!("{upstream}: {detail}"))
