@@ -103,6 +103,10 @@ fn count_alloc() {
 static GLOBAL: CountingAlloc = CountingAlloc;
 
 const DEFAULT_REQUESTS: usize = 50_000;
+/// The throughput rows take turns, each measuring its requests in this many slices, so that
+/// a drift of the machine's speed during the run (other load, clock changes) reaches every row
+/// alike and the ratios between rows hold better than with rows measured one after the other.
+const DEFAULT_ROUNDS: usize = 5;
 const DEFAULT_WARMUP: usize = 1_000;
 const QUICK_REQUESTS: usize = 5_000;
 const QUICK_WARMUP: usize = 200;
@@ -158,6 +162,8 @@ struct Settings {
     sse_chunks: usize,
     /// `LOAD_COUNT_ALLOCS=1`: also report heap allocations per request (slows every allocation a little).
     count_allocs: bool,
+    /// Rounds the throughput rows are measured in, interleaved (`LOAD_ROUNDS`).
+    rounds: usize,
 }
 
 impl Settings {
@@ -176,8 +182,10 @@ impl Settings {
             streams: env_usize("LOAD_STREAMS", DEFAULT_STREAMS),
             sse_chunks: pick(DEFAULT_SSE_CHUNKS, QUICK_SSE_CHUNKS),
             count_allocs: env_usize("LOAD_COUNT_ALLOCS", 0) != 0,
+            rounds: env_usize("LOAD_ROUNDS", DEFAULT_ROUNDS),
         };
         assert!(settings.requests > 0, "LOAD_REQUESTS must be at least 1");
+        assert!(settings.rounds > 0, "LOAD_ROUNDS must be at least 1");
         assert!(settings.concurrency > 0, "LOAD_CONCURRENCY must be at least 1");
         settings
     }
@@ -216,87 +224,98 @@ async fn run(settings: &Settings, workers: usize) -> bool {
 
     let direct_get = Target::get(upstream, None);
     let direct_chat = Target::chat(upstream, None, false);
-    bench.scenario("(a) upstream direct", Kind::Free, Proxy::None, direct_get, None).await;
 
-    // (b), (c): the gateway on the memory store.
-    {
-        let gateway = GatewayProcess::start(&gateway_config(upstream, None)).await;
-        let key = gateway.seed(settings).await;
-        let bearer = Some(bearer(&key));
-        let (free, chat) = (Target::get(gateway.public, bearer.clone()), Target::chat(gateway.public, bearer, true));
-        let proxy = Proxy::Gateway(gateway.pid);
-        let start = gateway.balance().await;
-        bench.scenario("(b) free route via gateway", Kind::Free, proxy, free.clone(), None).await;
-        let after_free = gateway.balance().await;
-        if after_free != start {
-            bench.problems.push(format!("the free route changed the balance: {start} → {after_free}"));
-        }
-        let c = bench.scenario("(c) metered chat via gateway", Kind::Metered, proxy, chat.clone(), None).await;
-        let charged = c.successes();
-        bench.check_balance("(c)", after_free, gateway.balance().await, charged, &mut notes);
-        latency.push(bench.latency("metered chat via gateway (memory)", &direct_chat, &chat).await);
-
-        // Streams, on both kinds of route: the free route forwards as-is; the metered one also
-        // charges and watches the answer to its end (refunds).
-        let before = gateway.balance().await;
-        let mut charged = 0;
-        for (route, target) in [("free route", &free), ("metered chat", &chat)] {
-            let sse = target.with_stream("sse");
-            let (line, ok) = bench.concurrent_streams(&gateway, route, sse).await;
-            stream_lines.push(line);
-            let (line, ok_bulk) = bench.bulk_stream(&gateway, route, target.with_stream("bulk")).await;
-            stream_lines.push(line);
-            if target.metered {
-                charged += ok + ok_bulk;
-            }
-        }
-        bench.check_balance("streams", before, gateway.balance().await, charged as u64, &mut notes);
-    }
-
-    // (d), (e): the gateway on a throwaway redis-server.
-    match redis::Server::start() {
+    // Every proxy first, so that the rows can take turns: the gateway on the memory store
+    // ((b), (c)), the gateway on a throwaway redis-server ((d), (e)), nginx ((f), (g)).
+    let memory = GatewayProcess::start(&gateway_config(upstream, None)).await;
+    let key = memory.seed(settings).await;
+    let bearer_m = Some(bearer(&key));
+    let (free_m, chat_m) = (Target::get(memory.public, bearer_m.clone()), Target::chat(memory.public, bearer_m, true));
+    let redis = redis::Server::start();
+    let on_redis = match &redis {
         Some(redis) => {
             let gateway = GatewayProcess::start(&gateway_config(upstream, Some(&redis.url()))).await;
             let key = gateway.seed(settings).await;
             let bearer = Some(bearer(&key));
             let (free, chat) =
                 (Target::get(gateway.public, bearer.clone()), Target::chat(gateway.public, bearer, true));
-            let proxy = Proxy::Gateway(gateway.pid);
-            let before = gateway.balance().await;
-            let d = bench
-                .scenario("(d) metered chat via gateway, Redis", Kind::Metered, proxy, chat.clone(), Some(&redis))
-                .await;
-            let charged = d.successes();
-            let after = gateway.balance().await;
-            bench.check_balance("(d)", before, after, charged, &mut notes);
-            if let Some(per_request) = bench.rows.last().and_then(Scenario::scripts_per_request) {
-                // The key cache refreshes about every 4 s (two reads): a handful of extra calls at most.
-                if !(1.0..1.01).contains(&per_request) {
-                    bench.problems.push(format!("(d): {per_request:.3} script calls per metered request, expected 1"));
-                }
-            }
-            bench.scenario("(e) free route via gateway, Redis", Kind::Free, proxy, free, Some(&redis)).await;
-            let after_free = gateway.balance().await;
-            if after_free != after {
-                bench.problems.push(format!("(e): the free route changed the balance: {after} → {after_free}"));
-            }
-            latency.push(bench.latency("metered chat via gateway (Redis)", &direct_chat, &chat).await);
+            Some((gateway, free, chat))
         }
-        None => notes.push("(d), (e) skipped: no redis-server on the PATH (apt-get install redis-server)".into()),
+        None => {
+            notes.push("(d), (e) skipped: no redis-server on the PATH (apt-get install redis-server)".into());
+            None
+        }
+    };
+    let nginx = Nginx::start(upstream).map_err(|why| notes.push(format!("(f), (g) skipped: {why}"))).ok();
+
+    let start_m = memory.balance().await;
+    let mut start_r = None;
+    let mut running = Vec::new();
+    running.push(bench.start_row("(a) upstream direct", Kind::Free, Proxy::None, direct_get, None).await);
+    let proxy = Proxy::Gateway(memory.pid);
+    running.push(bench.start_row("(b) free route via gateway", Kind::Free, proxy, free_m.clone(), None).await);
+    running.push(bench.start_row("(c) metered chat via gateway", Kind::Metered, proxy, chat_m.clone(), None).await);
+    if let (Some(redis), Some((gateway, free, chat))) = (&redis, &on_redis) {
+        start_r = Some(gateway.balance().await);
+        let proxy = Proxy::Gateway(gateway.pid);
+        let (name_d, name_e) = ("(d) metered chat via gateway, Redis", "(e) free route via gateway, Redis");
+        running.push(bench.start_row(name_d, Kind::Metered, proxy, chat.clone(), Some(redis)).await);
+        running.push(bench.start_row(name_e, Kind::Free, proxy, free.clone(), Some(redis)).await);
+    }
+    if let Some(nginx) = &nginx {
+        let proxy = Proxy::Nginx(nginx);
+        let (free, chat) = (Target::get(nginx.addr, None), Target::chat(nginx.addr, None, false));
+        running.push(bench.start_row("(f) nginx reverse proxy", Kind::Free, proxy, free, None).await);
+        running.push(bench.start_row("(g) nginx reverse proxy", Kind::Metered, proxy, chat, None).await);
+    }
+    let rounds = settings.rounds.min(settings.requests);
+    for round in 0..rounds {
+        let n = settings.requests / rounds + if round + 1 == rounds { settings.requests % rounds } else { 0 };
+        for row in &mut running {
+            bench.slice(row, n).await;
+        }
+    }
+    for row in running {
+        bench.finish_row(row);
     }
 
-    // (f), (g): nginx in front of the same upstream, the reference.
-    match Nginx::start(upstream) {
-        Ok(nginx) => {
-            let proxy = Proxy::Nginx(&nginx);
-            let free = Target::get(nginx.addr, None);
-            let chat = Target::chat(nginx.addr, None, false);
-            bench.scenario("(f) nginx reverse proxy", Kind::Free, proxy, free, None).await;
-            bench.scenario("(g) nginx reverse proxy", Kind::Metered, proxy, chat.clone(), None).await;
-            latency.push(bench.latency("chat-shaped POST via nginx", &direct_chat, &chat).await);
+    // Every credit accounted for: the free rows charged nothing, the metered ones each success
+    // (warm-up included).
+    let charged_c = row(&bench.rows, "(c)").map_or(0, Scenario::successes);
+    bench.check_balance("(b), (c)", start_m, memory.balance().await, charged_c, &mut notes);
+    if let (Some(start), Some((gateway, _, chat))) = (start_r, &on_redis) {
+        let charged_d = row(&bench.rows, "(d)").map_or(0, Scenario::successes);
+        bench.check_balance("(d), (e)", start, gateway.balance().await, charged_d, &mut notes);
+        if let Some(per_request) = row(&bench.rows, "(d)").and_then(Scenario::scripts_per_request) {
+            // The key cache refreshes about every 4 s (two reads): a handful of extra calls at most.
+            if !(1.0..1.01).contains(&per_request) {
+                bench.problems.push(format!("(d): {per_request:.3} script calls per metered request, expected 1"));
+            }
         }
-        Err(why) => notes.push(format!("(f), (g) skipped: {why}")),
+        latency.push(bench.latency("metered chat via gateway (Redis)", &direct_chat, chat).await);
     }
+    latency.insert(0, bench.latency("metered chat via gateway (memory)", &direct_chat, &chat_m).await);
+    if let Some(nginx) = &nginx {
+        latency.push(
+            bench.latency("chat-shaped POST via nginx", &direct_chat, &Target::chat(nginx.addr, None, false)).await,
+        );
+    }
+
+    // Streams, on both kinds of route: the free route forwards as-is; the metered one also
+    // charges and watches the answer to its end (refunds).
+    let before = memory.balance().await;
+    let mut charged = 0;
+    for (route, target) in [("free route", &free_m), ("metered chat", &chat_m)] {
+        let sse = target.with_stream("sse");
+        let (line, ok) = bench.concurrent_streams(&memory, route, sse).await;
+        stream_lines.push(line);
+        let (line, ok_bulk) = bench.bulk_stream(&memory, route, target.with_stream("bulk")).await;
+        stream_lines.push(line);
+        if target.metered {
+            charged += ok + ok_bulk;
+        }
+    }
+    bench.check_balance("streams", before, memory.balance().await, charged as u64, &mut notes);
 
     print_table(settings, workers, &bench.rows, &bench.clock);
     print_latency(&latency);
@@ -377,42 +396,74 @@ struct Bench<'s> {
 }
 
 impl Bench<'_> {
-    /// Connects, warms up, measures (wall time, CPU of `proxy`, of this process and of `redis`);
-    /// records anything wrong; appends the row and returns it.
-    async fn scenario(
+    /// Connects and warms a row up; [`Bench::slice`] then measures it, a part at a time.
+    async fn start_row<'p>(
         &mut self,
         name: &'static str,
         kind: Kind,
-        proxy: Proxy<'_>,
+        proxy: Proxy<'p>,
         mut target: Target,
-        redis: Option<&redis::Server>,
-    ) -> &Scenario {
-        let settings = self.settings;
+        redis: Option<&'p redis::Server>,
+    ) -> Running<'p> {
         let what = format!("{} {}", target.method, target.path);
         target.add_host();
         let target = Arc::new(target);
-        let conns = (0..settings.concurrency).map(|_| Conn { addr: target.addr, sender: None }).collect();
+        let conns = (0..self.settings.concurrency).map(|_| Conn { addr: target.addr, sender: None }).collect();
         let hits_before = self.hits.load(Ordering::Relaxed);
-        let (conns, warmup) = phase(conns, &target, settings.warmup).await;
+        let (conns, warmup) = phase(conns, &target, self.settings.warmup).await;
+        let reached = self.hits.load(Ordering::Relaxed) - hits_before;
+        let proxy_cpu = (!matches!(proxy, Proxy::None)).then_some(Duration::ZERO);
+        Running {
+            name,
+            what,
+            kind,
+            proxy,
+            target,
+            redis,
+            conns,
+            warmup,
+            measured: Phase::default(),
+            reached,
+            allocs: 0,
+            proxy_cpu,
+            self_cpu: Some(Duration::ZERO),
+            redis_delta: redis.map(|_| redis::Delta::default()),
+        }
+    }
 
-        let pids = proxy.pids();
-        let redis_before = redis.map(redis::Server::snapshot);
+    /// Measures `n` more requests of `row` (wall time, CPU of its proxy, of this process and of
+    /// its redis-server), adding them to what it has.
+    async fn slice(&mut self, row: &mut Running<'_>, n: usize) {
+        let settings = self.settings;
+        let pids = row.proxy.pids();
+        let hits_before = self.hits.load(Ordering::Relaxed);
+        let redis_before = row.redis.map(redis::Server::snapshot);
         let proxy_before = self.clock.cpu(&pids);
         let self_before = self.clock.cpu(&[std::process::id()]);
         COUNT_ALLOCS.store(settings.count_allocs, Ordering::Relaxed);
         let allocs_before = ALLOCS.load(Ordering::Relaxed);
-        let (conns, measured) = phase(conns, &target, settings.requests).await;
+        let (conns, measured) = phase(std::mem::take(&mut row.conns), &row.target, n).await;
         COUNT_ALLOCS.store(false, Ordering::Relaxed);
-        let allocs = ALLOCS.load(Ordering::Relaxed) - allocs_before;
+        row.allocs += ALLOCS.load(Ordering::Relaxed) - allocs_before;
         let self_cpu = self.clock.cpu(&[std::process::id()]).zip(self_before).map(|(a, b)| a - b);
-        let proxy_cpu = match proxy {
-            Proxy::None => None,
-            _ => self.clock.cpu(&pids).zip(proxy_before).map(|(a, b)| a - b),
-        };
-        let redis_delta = redis.zip(redis_before).map(|(r, before)| r.snapshot().since(&before));
-        drop(conns);
+        row.self_cpu = row.self_cpu.zip(self_cpu).map(|(sum, d)| sum + d);
+        if !matches!(row.proxy, Proxy::None) {
+            let cpu = self.clock.cpu(&pids).zip(proxy_before).map(|(a, b)| a - b);
+            row.proxy_cpu = row.proxy_cpu.zip(cpu).map(|(sum, d)| sum + d);
+        }
+        if let (Some(sum), Some(redis), Some(before)) = (row.redis_delta.as_mut(), row.redis, redis_before) {
+            sum.add(&redis.snapshot().since(&before));
+        }
+        row.reached += self.hits.load(Ordering::Relaxed) - hits_before;
+        row.conns = conns;
+        row.measured.elapsed += measured.elapsed;
+        row.measured.merge(measured);
+    }
 
-        let reached = self.hits.load(Ordering::Relaxed) - hits_before;
+    /// Records anything wrong with a row measured to the end, and appends it.
+    fn finish_row(&mut self, row: Running<'_>) {
+        let Running { name, what, kind, proxy, warmup, mut measured, reached, allocs, proxy_cpu, self_cpu, .. } = row;
+        measured.latencies.sort_unstable();
         for (label, p) in [("warm-up", &warmup), ("measured", &measured)] {
             for (e, n) in &p.errors {
                 self.problems.push(format!("{name}, {label}: {n} × {e}"));
@@ -442,9 +493,8 @@ impl Bench<'_> {
             allocs,
             proxy_cpu,
             self_cpu,
-            redis: redis_delta,
+            redis: row.redis_delta,
         });
-        self.rows.last().expect("just pushed")
     }
 
     /// One request at a time over one connection to `via` and one to the upstream directly,
@@ -1019,6 +1069,7 @@ mod redis {
     }
 
     /// What Redis did between two snapshots.
+    #[derive(Default)]
     pub struct Delta {
         pub cpu: Duration,
         pub sys: Duration,
@@ -1026,6 +1077,18 @@ mod redis {
         pub script_calls: u64,
         pub script_usec: u64,
         pub commands: u64,
+    }
+
+    impl Delta {
+        /// Adds what Redis did in another stretch of time.
+        pub fn add(&mut self, other: &Delta) {
+            self.cpu += other.cpu;
+            self.sys += other.sys;
+            self.reads += other.reads;
+            self.script_calls += other.script_calls;
+            self.script_usec += other.script_usec;
+            self.commands += other.commands;
+        }
     }
 
     impl Snapshot {
@@ -1444,6 +1507,26 @@ async fn phase(conns: Vec<Conn>, target: &Arc<Target>, total: usize) -> (Vec<Con
     (conns, result)
 }
 
+/// A row being measured: its connections, kept between slices, and its figures so far.
+struct Running<'p> {
+    name: &'static str,
+    what: String,
+    kind: Kind,
+    proxy: Proxy<'p>,
+    target: Arc<Target>,
+    redis: Option<&'p redis::Server>,
+    conns: Vec<Conn>,
+    warmup: Phase,
+    /// The slices so far, their times added up.
+    measured: Phase,
+    /// Requests that reached the upstream, warm-up included.
+    reached: u64,
+    allocs: u64,
+    proxy_cpu: Option<Duration>,
+    self_cpu: Option<Duration>,
+    redis_delta: Option<redis::Delta>,
+}
+
 /// One row as measured.
 struct Scenario {
     name: &'static str,
@@ -1503,6 +1586,13 @@ impl Scenario {
 
 fn print_table(settings: &Settings, workers: usize, rows: &[Scenario], clock: &CpuClock) {
     let opt = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), thousands);
+    println!();
+    let rounds = settings.rounds.min(settings.requests);
+    println!(
+        "Each row: {} requests after a warm-up of {}, measured in {rounds} rounds in which the rows take turns.",
+        thousands(settings.requests as f64),
+        thousands(settings.warmup as f64),
+    );
     println!();
     println!(
         "| scenario | req/s | p50 (µs) | p99 (µs) | proxy CPU µs/req | ×nginx | Redis CPU µs/req | µs per script call \
