@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use axum::body::Body;
 use http::uri::Authority;
-use http::{Request, Response};
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower::ServiceExt;
 
 /// How long an idle connection is kept (hyper-util's pool: 90 s).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -47,8 +48,9 @@ const SWEEP_EVERY_MS: u64 = 10_000;
 /// Why a request could not be sent.
 #[derive(Debug)]
 pub enum SendError {
-    /// No connection to the backend could be made: nothing was sent.
-    Connect(std::io::Error),
+    /// No connection to the backend could be made, or a new one closed before the request was
+    /// written to it: nothing was sent.
+    Connect(Box<dyn std::error::Error + Send + Sync>),
     /// The connection failed while the request was being sent or answered.
     Http(hyper::Error),
 }
@@ -102,16 +104,23 @@ fn sweep(idle: &mut Vec<Idle>, now: u64) {
     idle.retain(|backend| !backend.conns.is_empty());
 }
 
-/// An idle connection to `authority` ready for a request, if the pool has one. Closed ones are
-/// dropped; one not ready yet (its last answer read, but the connection has not caught up) stays.
+/// An idle connection to `authority` ready for a request, if the pool has one. Closed ones and
+/// ones idle for [`IDLE_TIMEOUT`] are dropped; one not ready yet (its last answer read, but the
+/// connection has not caught up, or its request body is still being sent) stays.
 fn checkout(authority: &Authority) -> Option<SendRequest<Body>> {
+    checkout_at(authority, super::pool::clock_ms())
+}
+
+/// [`checkout`] at `now` (ms on the pool clock).
+fn checkout_at(authority: &Authority, now: u64) -> Option<SendRequest<Body>> {
+    let timeout = IDLE_TIMEOUT.as_millis() as u64;
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let conns = &mut idle.iter_mut().find(|i| i.authority.as_str() == authority.as_str())?.conns;
         let mut waiting = 0;
         while conns.len() > waiting {
             let i = conns.len() - 1 - waiting;
-            if conns[i].0.is_closed() {
+            if conns[i].0.is_closed() || now.saturating_sub(conns[i].1) >= timeout {
                 conns.remove(i);
             } else if conns[i].0.is_ready() {
                 return Some(conns.remove(i).0);
@@ -123,8 +132,13 @@ fn checkout(authority: &Authority) -> Option<SendRequest<Body>> {
     })
 }
 
-/// Sends `req` (origin-form URI, `Host` set) to `authority` on a pooled connection, or a new one.
-pub async fn send(authority: &Authority, mut req: Request<Body>) -> Result<(Response<Incoming>, Lent), SendError> {
+/// Sends `req` (origin-form URI, `Host` set) to `authority` on a pooled connection, or a new one
+/// opened with `connector`.
+pub async fn send(
+    connector: &HttpConnector,
+    authority: &Authority,
+    mut req: Request<Body>,
+) -> Result<(Response<Incoming>, Lent), SendError> {
     while let Some(mut sender) = checkout(authority) {
         match sender.try_send_request(req).await {
             Ok(res) => return Ok((res, Lent { authority: authority.clone(), sender: Some(sender) })),
@@ -136,22 +150,27 @@ pub async fn send(authority: &Authority, mut req: Request<Body>) -> Result<(Resp
         }
     }
     // Boxed: the rare path's state stays out of every request's future.
-    let mut sender = Box::pin(connect(authority)).await.map_err(SendError::Connect)?;
-    match sender.send_request(req).await {
+    let mut sender = Box::pin(connect(connector, authority)).await.map_err(SendError::Connect)?;
+    match sender.try_send_request(req).await {
         Ok(res) => Ok((res, Lent { authority: authority.clone(), sender: Some(sender) })),
-        Err(e) => Err(SendError::Http(e)),
+        // Closed before the request was written to it (accepted, then reset): nothing reached
+        // the backend, as with a refused connect.
+        Err(mut e) => match e.take_message() {
+            Some(_) => Err(SendError::Connect(Box::new(e.into_error()))),
+            None => Err(SendError::Http(e.into_error())),
+        },
     }
 }
 
-/// A new connection to `authority`, driven by a task on the calling thread's runtime (as
-/// hyper-util's connector does it: `TCP_NODELAY`, TCP keep-alive after 60 s).
-async fn connect(authority: &Authority) -> std::io::Result<SendRequest<Body>> {
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    let stream = tokio::net::TcpStream::connect((host, authority.port_u16().unwrap_or(80))).await?;
-    stream.set_nodelay(true)?;
-    socket2::SockRef::from(&stream)
-        .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)))?;
-    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
+/// A new connection to `authority` made by `connector` (as hyper-util's client makes them), driven
+/// by a task on the calling thread's runtime.
+async fn connect(
+    connector: &HttpConnector,
+    authority: &Authority,
+) -> Result<SendRequest<Body>, Box<dyn std::error::Error + Send + Sync>> {
+    let uri = Uri::builder().scheme("http").authority(authority.clone()).path_and_query("/").build()?;
+    let io = connector.clone().oneshot(uri).await?;
+    let (sender, conn) = http1::handshake(io).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream connection closed");
@@ -164,28 +183,40 @@ async fn connect(authority: &Authority) -> std::io::Result<SendRequest<Body>> {
 mod tests {
     use super::*;
 
-    /// A connection to a loopback listener that accepts and holds it, and the accepted side.
-    async fn conn(listener: &tokio::net::TcpListener) -> (SendRequest<Body>, tokio::net::TcpStream) {
+    /// `n` connections to a loopback listener that accepts and holds them, each with its accepted
+    /// side, once each takes requests; and the listener's authority.
+    async fn conns(n: usize) -> (Authority, Vec<(SendRequest<Body>, tokio::net::TcpStream)>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
-        let (sender, accepted) = tokio::join!(connect(&authority), listener.accept());
-        (sender.expect("connects"), accepted.expect("accepts").0)
+        let connector = HttpConnector::new();
+        let mut made = Vec::new();
+        for _ in 0..n {
+            let (sender, accepted) = tokio::join!(connect(&connector, &authority), listener.accept());
+            made.push((sender.expect("connects"), accepted.expect("accepts").0));
+        }
+        eventually("every connection takes requests", || made.iter().all(|(c, _)| c.is_ready())).await;
+        (authority, made)
+    }
+
+    /// Waits (at most 2 s) until `f` holds.
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(f(), "{what}");
     }
 
     #[tokio::test]
     async fn a_sweep_drops_connections_idle_too_long_and_closed_ones_and_keeps_the_rest() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
-        let (old, _old_peer) = conn(&listener).await;
-        let (fresh, _fresh_peer) = conn(&listener).await;
-        let (closed, closed_peer) = conn(&listener).await;
+        let (authority, mut made) = conns(3).await;
+        let (closed, closed_peer) = made.pop().unwrap();
+        let (fresh, _fresh_peer) = made.pop().unwrap();
+        let (old, _old_peer) = made.pop().unwrap();
         drop(closed_peer);
-        for _ in 0..200 {
-            if closed.is_closed() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(closed.is_closed(), "the connection task saw the peer close");
+        eventually("the connection task saw the peer close", || closed.is_closed()).await;
         let now = 1_000_000;
         let timeout = IDLE_TIMEOUT.as_millis() as u64;
         let mut idle = vec![
@@ -200,5 +231,23 @@ mod tests {
         assert_eq!(idle[0].conns.len(), 1);
         assert_eq!(idle[0].conns[0].1, now - 1);
         assert!(!idle[0].conns[0].0.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_checkout_passes_over_a_connection_idle_too_long() {
+        let (authority, mut made) = conns(2).await;
+        let (fresh, _fresh_peer) = made.pop().unwrap();
+        let (old, _old_peer) = made.pop().unwrap();
+        let now = 1_000_000;
+        let timeout = IDLE_TIMEOUT.as_millis() as u64;
+        // The idle-too-long one on top, where a checkout looks first.
+        IDLE.with(|idle| {
+            idle.borrow_mut()
+                .push(Idle { authority: authority.clone(), conns: vec![(fresh, now - 1), (old, now - timeout)] })
+        });
+        let taken = checkout_at(&authority, now).expect("the fresh connection");
+        assert!(!taken.is_closed());
+        let left = IDLE.with(|idle| idle.borrow().iter().map(|i| i.conns.len()).sum::<usize>());
+        assert_eq!(left, 0, "the one idle too long was dropped, not kept or taken");
     }
 }

@@ -40,6 +40,9 @@ pub struct Clients {
     id: usize,
     shared: Client,
     workers: Vec<Client>,
+    /// What the workers' own HTTP/1 pools ([`h1`]) open plain `http://` connections with: the
+    /// clients' connector (address fallback, per-address time limit, socket options).
+    connector: HttpConnector,
 }
 
 /// Gateways in this process, numbered (tests run several).
@@ -58,6 +61,7 @@ impl Clients {
             id: CLIENTS_IDS.fetch_add(1, Ordering::Relaxed),
             shared: client(connect_timeout, tls, "tls.ca_file")?,
             workers: (0..workers).map(|_| client(connect_timeout, tls, "tls.ca_file")).collect::<Result<_, _>>()?,
+            connector: connector(connect_timeout),
         })
     }
 
@@ -82,16 +86,23 @@ fn worker_index() -> Option<usize> {
 
 /// Builds an upstream client; `key` names the config key a bad TLS file is reported under.
 pub fn client(connect_timeout: Duration, tls: &tls::TlsSettings, key: &str) -> Result<Client, ConfigError> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
+    let mut connector = connector(connect_timeout);
     // The TLS layer needs to see `https://` URIs.
     connector.enforce_http(false);
     Ok(HyperClient::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(512)
         .build(tls.connector(connector, key)?))
+}
+
+/// A TCP connector: `TCP_NODELAY`, keep-alive probes after 60 s, `connect_timeout` shared out
+/// over the addresses a name resolves to (and the other address family tried after 300 ms).
+fn connector(connect_timeout: Duration) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    connector
 }
 
 /// Most worker threads (`server.workers`), plus the slot for every other thread.
@@ -284,18 +295,18 @@ pub async fn forward(
     fwd: Forwarded<'_>,
 ) -> Result<Response<UpstreamBody>, GatewayError> {
     let started = std::time::Instant::now();
-    let res = send(state.clients.get(), upstream, req, fwd).await;
+    let res = send(&state.clients, upstream, req, fwd).await;
     state.metrics.upstream_time(started.elapsed());
     res
 }
 
 async fn send(
-    client: &Client,
+    clients: &Clients,
     upstream: &Upstream,
     req: Request<Body>,
     fwd: Forwarded<'_>,
 ) -> Result<Response<UpstreamBody>, GatewayError> {
-    let client = upstream.own.as_ref().map_or(client, OwnClients::get);
+    let client = upstream.own.as_ref().map_or_else(|| clients.get(), OwnClients::get);
     let (mut parts, body) = req.into_parts();
     headers::prepare_request(&mut parts.headers, &upstream.headers, fwd);
     parts.version = http::Version::HTTP_11;
@@ -358,9 +369,9 @@ async fn send(
             let call = async {
                 // Boxed, as hyper-util's client boxes its own: this future's state is kilobytes
                 // that would otherwise sit in (and be moved with) every request's future.
-                match Box::pin(h1::send(&base.authority, req)).await {
+                match Box::pin(h1::send(&clients.connector, &base.authority, req)).await {
                     Ok((res, conn)) => Ok((res, Some(conn))),
-                    Err(h1::SendError::Connect(e)) => Err(classify_error(&upstream.name, backend, &e, true)),
+                    Err(h1::SendError::Connect(e)) => Err(classify_error(&upstream.name, backend, &*e, true)),
                     Err(h1::SendError::Http(e)) => Err(classify_error(&upstream.name, backend, &e, false)),
                 }
             };
