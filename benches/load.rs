@@ -44,7 +44,7 @@
 //! upstream; the gateway is another process) to the report.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -214,7 +214,7 @@ async fn run(settings: &Settings, workers: usize) -> bool {
     let hits = Arc::new(AtomicU64::new(0));
     let hold_sse = Arc::new(AtomicBool::new(false));
     let upstream = start_upstream(hits.clone(), hold_sse.clone(), settings.sse_chunks).await;
-    let mut bench = Bench { settings, hits, hold_sse, clock: CpuClock::new(), problems: Vec::new(), rows: Vec::new() };
+    let mut bench = Bench { settings, hits, hold_sse, clock: CpuClock, problems: Vec::new(), rows: Vec::new() };
     let mut latency = Vec::new();
     let mut stream_lines = Vec::new();
     let mut notes = Vec::new();
@@ -317,7 +317,7 @@ async fn run(settings: &Settings, workers: usize) -> bool {
     }
     bench.check_balance("streams", before, memory.balance().await, charged as u64, &mut notes);
 
-    print_table(settings, workers, &bench.rows, &bench.clock);
+    print_table(settings, workers, &bench.rows);
     print_latency(&latency);
     println!();
     println!("Streams (gateway on the memory store, free route `GET /v1/deals` and metered chat):");
@@ -438,17 +438,17 @@ impl Bench<'_> {
         let pids = row.proxy.pids();
         let hits_before = self.hits.load(Ordering::Relaxed);
         let redis_before = row.redis.map(redis::Server::snapshot);
-        let proxy_before = self.clock.cpu(&pids);
-        let self_before = self.clock.cpu(&[std::process::id()]);
+        let proxy_before = self.clock.read(&pids);
+        let self_before = self.clock.read(&[std::process::id()]);
         COUNT_ALLOCS.store(settings.count_allocs, Ordering::Relaxed);
         let allocs_before = ALLOCS.load(Ordering::Relaxed);
         let (conns, measured) = phase(std::mem::take(&mut row.conns), &row.target, n).await;
         COUNT_ALLOCS.store(false, Ordering::Relaxed);
         row.allocs += ALLOCS.load(Ordering::Relaxed) - allocs_before;
-        let self_cpu = self.clock.cpu(&[std::process::id()]).zip(self_before).map(|(a, b)| a - b);
+        let self_cpu = self.clock.read(&[std::process::id()]).zip(self_before).map(|(a, b)| a.since(&b));
         row.self_cpu = row.self_cpu.zip(self_cpu).map(|(sum, d)| sum + d);
         if !matches!(row.proxy, Proxy::None) {
-            let cpu = self.clock.cpu(&pids).zip(proxy_before).map(|(a, b)| a - b);
+            let cpu = self.clock.read(&pids).zip(proxy_before).map(|(a, b)| a.since(&b));
             row.proxy_cpu = row.proxy_cpu.zip(cpu).map(|(sum, d)| sum + d);
         }
         if let (Some(sum), Some(redis), Some(before)) = (row.redis_delta.as_mut(), row.redis, redis_before) {
@@ -680,38 +680,41 @@ fn check_open_files_limit(streams: usize) -> Option<String> {
 // === CPU and memory of other processes ===
 
 /// Reads processes' CPU time (utime + stime) from `/proc/PID/stat`.
-struct CpuClock {
-    ticks_per_second: u64,
-}
+struct CpuClock;
+
+/// CPU time used so far by every thread of some processes, nanoseconds by (pid, tid).
+struct CpuReading(HashMap<(u32, u32), u64>);
 
 impl CpuClock {
-    /// `/proc` counts in clock ticks; `getconf CLK_TCK` says how many make a second (libc's
-    /// `sysconf` would need a new dependency). 100 on every common Linux when getconf is missing.
-    fn new() -> Self {
-        let asked = Command::new("getconf").arg("CLK_TCK").stderr(Stdio::null()).output().ok();
-        let ticks = asked.and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok()).filter(|&t| t > 0);
-        CpuClock { ticks_per_second: ticks.unwrap_or(100) }
-    }
-
-    /// The resolution of every CPU figure.
-    fn tick(&self) -> Duration {
-        Duration::from_secs(1) / self.ticks_per_second as u32
-    }
-
-    /// CPU time used so far by `pids` together; `None` when any is unreadable (or none given).
-    fn cpu(&self, pids: &[u32]) -> Option<Duration> {
+    /// Each thread's CPU time so far: the first field of `/proc/PID/task/TID/schedstat`
+    /// (nanoseconds on a CPU, where `/proc/PID/stat` counts 10 ms ticks: the rows are measured in
+    /// rounds, and a tick's rounding per round adds up). `None` when a process cannot be read
+    /// (or none is given); a thread that ended while being listed is left out.
+    fn read(&self, pids: &[u32]) -> Option<CpuReading> {
         if pids.is_empty() {
             return None;
         }
-        let mut ticks = 0;
+        let mut threads = HashMap::new();
         for &pid in pids {
-            let fields = stat_fields(pid)?;
-            // Fields 14 and 15 of proc(5), counted from 1; `fields` starts at field 3.
-            let user: u64 = fields.get(11)?.parse().ok()?;
-            let system: u64 = fields.get(12)?.parse().ok()?;
-            ticks += user + system;
+            for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+                let Ok(task) = task else { continue };
+                let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else { continue };
+                let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
+                let Some(ns) = stat.split_whitespace().next().and_then(|v| v.parse().ok()) else { continue };
+                threads.insert((pid, tid), ns);
+            }
         }
-        Some(Duration::from_secs_f64(ticks as f64 / self.ticks_per_second as f64))
+        Some(CpuReading(threads))
+    }
+}
+
+impl CpuReading {
+    /// CPU time used between `before` and this reading, thread by thread: a thread started in
+    /// between counts whole, one that ended in between loses only its time since `before`.
+    fn since(&self, before: &CpuReading) -> Duration {
+        let ns =
+            self.0.iter().map(|(thread, now)| now.saturating_sub(before.0.get(thread).copied().unwrap_or(0))).sum();
+        Duration::from_nanos(ns)
     }
 }
 
@@ -1584,7 +1587,7 @@ impl Scenario {
 
 // === the report ===
 
-fn print_table(settings: &Settings, workers: usize, rows: &[Scenario], clock: &CpuClock) {
+fn print_table(settings: &Settings, workers: usize, rows: &[Scenario]) {
     let opt = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), thousands);
     println!();
     let rounds = settings.rounds.min(settings.requests);
@@ -1662,15 +1665,14 @@ fn print_table(settings: &Settings, workers: usize, rows: &[Scenario], clock: &C
         );
     }
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let tick_us = clock.tick().as_secs_f64() * 1e6 / settings.requests as f64;
     println!();
     println!(
         "{} requests per row after {} warm-up, {} closed-loop clients each on its own keep-alive HTTP/1.1 \
          connection over 127.0.0.1. The client and the fast upstream share one tokio runtime ({workers} workers) in \
          the bench process; the gateway (`creditgate serve`, its own process), redis-server and nginx ({NGINX_WORKERS} \
          workers, upstream keepalive) run beside it on the same {cores} cores, so req/s and latency show a crowded \
-         machine while the CPU columns are each process's own. Proxy CPU = utime + stime from /proc/PID/stat over the \
-         measured phase ÷ requests (nginx: master + workers); one clock tick ({} ms) is {} µs per request here. \
+         machine while the CPU columns are each process's own. Proxy CPU = the time its threads spent on a CPU \
+         (/proc/PID/task/TID/schedstat, nanoseconds) over the measured rounds ÷ requests (nginx: master + workers). \
          Redis CPU = used_cpu_sys + used_cpu_user of INFO cpu; µs per script call = Δusec ÷ Δcalls of INFO \
          commandstats (EVAL/EVALSHA/FCALL), which Redis times by the wall clock, so on a crowded machine it also \
          counts moments the core was taken away from redis-server. Bench CPU = the client and upstream (this process). (f)/(g) send the \
@@ -1679,8 +1681,6 @@ fn print_table(settings: &Settings, workers: usize, rows: &[Scenario], clock: &C
         thousands(settings.requests as f64),
         thousands(settings.warmup as f64),
         settings.concurrency,
-        clock.tick().as_millis(),
-        if tick_us < 0.1 { format!("{tick_us:.3}") } else { format!("{tick_us:.2}") },
     );
 }
 
