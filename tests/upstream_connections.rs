@@ -1,8 +1,8 @@
 //! Keep-alive connections to a plain `http://` backend (the public workers' own HTTP/1 pool,
-//! src/proxy/h1.rs): a connection is reused once its answer was read to the end — an empty answer
-//! included — and never while part of an answer is unread; one the backend closed is not used
-//! again, and the request goes out on a new one; one whose answer the client broke off is closed
-//! (hyper's own rule; the pool must not keep it alive).
+//! src/proxy/h1.rs): a connection is reused once its answer was read to the end — an empty and a
+//! chunked answer included — and never while part of an answer is unread; one the backend closed
+//! is not used again, and the request goes out on a new one; one whose answer the client broke off
+//! is closed (hyper's own rule; the pool must not keep it alive).
 //!
 //! The backend is a bare TCP server written here, so the test sees connections themselves: how
 //! many were opened, and when the gateway closed one.
@@ -26,7 +26,7 @@ struct Seen {
 }
 
 /// A backend answering each request by its path's `mode=`: `keep` a 200 with a 2-byte body,
-/// `empty` a 204, `close` a 200 then, 50 ms later, closes the connection (no `connection: close`
+/// `empty` a 204, `chunked` a 200 with a chunked 2-byte body, `close` a 200 then, 50 ms later, closes the connection (no `connection: close`
 /// said),
 /// `stream` a chunked 200 with one chunk, then waits for the gateway to close the connection.
 async fn backend() -> (String, Arc<Seen>) {
@@ -62,6 +62,7 @@ async fn serve(mut stream: TcpStream, seen: Arc<Seen>) {
         let mode = head.split_whitespace().nth(1).and_then(|p| p.split("mode=").nth(1)).unwrap_or("keep").to_owned();
         let answer: &[u8] = match mode.as_str() {
             "empty" => b"HTTP/1.1 204 No Content\r\n\r\n",
+            "chunked" => b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
             "stream" => b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
             _ => b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
         };
@@ -108,9 +109,12 @@ async fn one_upstream_connection_serves_request_after_request() {
         let res = get(&gw, &key, "keep").await;
         assert_eq!((res.status.as_u16(), res.text().as_str()), (200, "{}"), "request {i}");
     }
-    // An answer with no body leaves the connection reusable too.
+    // An answer with no body, and one whose length only its last chunk tells, leave the
+    // connection reusable too.
     let res = get(&gw, &key, "empty").await;
     assert_eq!(res.status, 204);
+    let res = get(&gw, &key, "chunked").await;
+    assert_eq!((res.status.as_u16(), res.text().as_str()), (200, "{}"));
     let res = get(&gw, &key, "keep").await;
     assert_eq!(res.status, 200);
     assert_eq!(seen.opened.load(Ordering::SeqCst), 1, "every request on the first connection");

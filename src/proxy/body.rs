@@ -39,7 +39,8 @@ pin_project! {
         inner: Incoming,
         // Released at end of stream (or when the body is dropped).
         slot: Option<Slot>,
-        // The connection, when it is the worker pool's: given back at end of stream.
+        // The connection, when it is the worker pool's: given back at the end of the stream (or
+        // when the body is dropped with nothing left to read).
         conn: Option<Lent>,
         idle: Option<Idle>,
         eject_after: u32,
@@ -48,11 +49,11 @@ pin_project! {
 
     impl PinnedDrop for UpstreamBody {
         fn drop(this: Pin<&mut Self>) {
-            // An answer with nothing more to read (one whose last frame was never asked for, or
-            // an empty one) leaves its connection reusable too.
+            // An answer with nothing more to read (its last frame taken, a length-delimited or
+            // empty one that was never asked for its end) leaves its connection reusable too.
             let this = this.project();
-            if let Some(conn) = this.conn.as_mut() && this.inner.is_end_stream() {
-                conn.give_back();
+            if this.inner.is_end_stream() {
+                give_back(this.conn);
             }
         }
     }
@@ -71,14 +72,11 @@ impl Body for UpstreamBody {
     type Error = BodyError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let mut this = self.project();
-        match this.inner.as_mut().poll_frame(cx) {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(idle) = this.idle {
                     idle.armed = false;
-                }
-                if this.inner.is_end_stream() {
-                    give_back(this.conn);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -62,7 +62,17 @@ pub struct Lent {
     sender: Option<SendRequest<Body>>,
 }
 
+/// Whether an idle connection (idle since `since`, ms on the pool clock) is of no more use at
+/// `now`: closed, or idle for [`IDLE_TIMEOUT`].
+fn stale(conn: &SendRequest<Body>, since: u64, now: u64) -> bool {
+    conn.is_closed() || now.saturating_sub(since) >= IDLE_TIMEOUT.as_millis() as u64
+}
+
 impl Lent {
+    fn new(authority: &Authority, sender: SendRequest<Body>) -> Self {
+        Lent { authority: authority.clone(), sender: Some(sender) }
+    }
+
     /// Returns the connection to the calling thread's pool.
     pub fn give_back(&mut self) {
         let Some(sender) = self.sender.take() else { return };
@@ -80,10 +90,8 @@ impl Lent {
                 }
             };
             let conns = &mut idle[at].conns;
-            // The oldest first: one idle too long (or one too many) is closed.
-            if conns.first().is_some_and(|(_, since)| now.saturating_sub(*since) >= IDLE_TIMEOUT.as_millis() as u64)
-                || conns.len() >= MAX_IDLE
-            {
+            // One too many: the oldest is closed. (Idle ones go at checkout and in the sweep.)
+            if conns.len() >= MAX_IDLE {
                 conns.remove(0);
             }
             conns.push((sender, now));
@@ -97,9 +105,8 @@ impl Lent {
 
 /// Closes the idle connections older than [`IDLE_TIMEOUT`] at `now` and forgets closed ones.
 fn sweep(idle: &mut Vec<Idle>, now: u64) {
-    let timeout = IDLE_TIMEOUT.as_millis() as u64;
     for backend in idle.iter_mut() {
-        backend.conns.retain(|(c, since)| !c.is_closed() && now.saturating_sub(*since) < timeout);
+        backend.conns.retain(|(c, since)| !stale(c, *since, now));
     }
     idle.retain(|backend| !backend.conns.is_empty());
 }
@@ -113,14 +120,13 @@ fn checkout(authority: &Authority) -> Option<SendRequest<Body>> {
 
 /// [`checkout`] at `now` (ms on the pool clock).
 fn checkout_at(authority: &Authority, now: u64) -> Option<SendRequest<Body>> {
-    let timeout = IDLE_TIMEOUT.as_millis() as u64;
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let conns = &mut idle.iter_mut().find(|i| i.authority.as_str() == authority.as_str())?.conns;
         let mut waiting = 0;
         while conns.len() > waiting {
             let i = conns.len() - 1 - waiting;
-            if conns[i].0.is_closed() || now.saturating_sub(conns[i].1) >= timeout {
+            if stale(&conns[i].0, conns[i].1, now) {
                 conns.remove(i);
             } else if conns[i].0.is_ready() {
                 return Some(conns.remove(i).0);
@@ -141,7 +147,7 @@ pub async fn send(
 ) -> Result<(Response<Incoming>, Lent), SendError> {
     while let Some(mut sender) = checkout(authority) {
         match sender.try_send_request(req).await {
-            Ok(res) => return Ok((res, Lent { authority: authority.clone(), sender: Some(sender) })),
+            Ok(res) => return Ok((res, Lent::new(authority, sender))),
             Err(mut e) => match e.take_message() {
                 // Closed before the request was written: the next connection.
                 Some(back) => req = back,
@@ -152,7 +158,7 @@ pub async fn send(
     // Boxed: the rare path's state stays out of every request's future.
     let mut sender = Box::pin(connect(connector, authority)).await.map_err(SendError::Connect)?;
     match sender.try_send_request(req).await {
-        Ok(res) => Ok((res, Lent { authority: authority.clone(), sender: Some(sender) })),
+        Ok(res) => Ok((res, Lent::new(authority, sender))),
         // Closed before the request was written to it (accepted, then reset): nothing reached
         // the backend, as with a refused connect.
         Err(mut e) => match e.take_message() {
