@@ -283,7 +283,7 @@ async fn run(settings: &Settings, workers: usize) -> bool {
     // (warm-up included).
     let charged_c = row(&bench.rows, "(c)").map_or(0, Scenario::successes);
     bench.check_balance("(b), (c)", start_m, memory.balance().await, charged_c, &mut notes);
-    if let (Some(start), Some((gateway, _, chat))) = (start_r, &on_redis) {
+    if let (Some(start), Some((gateway, _, _))) = (start_r, &on_redis) {
         let charged_d = row(&bench.rows, "(d)").map_or(0, Scenario::successes);
         bench.check_balance("(d), (e)", start, gateway.balance().await, charged_d, &mut notes);
         if let Some(per_request) = row(&bench.rows, "(d)").and_then(Scenario::scripts_per_request) {
@@ -292,9 +292,13 @@ async fn run(settings: &Settings, workers: usize) -> bool {
                 bench.problems.push(format!("(d): {per_request:.3} script calls per metered request, expected 1"));
             }
         }
+    }
+
+    // One request at a time, each path alternating with the upstream directly.
+    latency.push(bench.latency("metered chat via gateway (memory)", &direct_chat, &chat_m).await);
+    if let Some((_, _, chat)) = &on_redis {
         latency.push(bench.latency("metered chat via gateway (Redis)", &direct_chat, chat).await);
     }
-    latency.insert(0, bench.latency("metered chat via gateway (memory)", &direct_chat, &chat_m).await);
     if let Some(nginx) = &nginx {
         latency.push(
             bench.latency("chat-shaped POST via nginx", &direct_chat, &Target::chat(nginx.addr, None, false)).await,
