@@ -431,9 +431,9 @@ impl Invocation<'_> {
         if !self.keys_written {
             self.cmd.arg(self.keys.args_iter().len());
             for key in self.keys.args_iter() {
-                if let redis::Arg::Simple(key) = key {
-                    self.cmd.arg(key);
-                }
+                // Only `Cmd::cursor_arg` makes anything else, and keys never go through it.
+                let redis::Arg::Simple(key) = key else { unreachable!("a key is a plain argument") };
+                self.cmd.arg(key);
             }
             self.keys_written = true;
         }
