@@ -15,6 +15,8 @@
 //!   redis-server (`--save "" --appendonly no`);
 //! * when nginx is installed, nginx as a reverse proxy to the same upstream (2 workers, upstream
 //!   keepalive, access log off) — the reference row;
+//! * this bench's own binary again, as a minimal hyper proxy to the same upstream ([`floor`]): the
+//!   floor row;
 //! * in this process, a closed-loop client: `LOAD_CONCURRENCY` tasks (default 64), each with its
 //!   own keep-alive HTTP/1 connection, sending requests back to back until `LOAD_REQUESTS`
 //!   (default 50,000) have been sent, after `LOAD_WARMUP` (default 1,000) unmeasured ones.
@@ -22,7 +24,8 @@
 //! Rows: (a) the upstream directly; (b) a free route through the gateway (`GET /v1/deals`); (c) a
 //! metered chat (`POST /v1/chat/completions`, `x-ai-tier: fast`, so the body is streamed, never
 //! parsed), both on the memory store; (d) the metered chat and (e) the free route on Redis; (f)
-//! and (g) the same two requests through nginx. For each: req/s, p50/p99, and the proxy's CPU per
+//! and (g) the same two requests through nginx; (h) the free request through a minimal hyper proxy
+//! (this bench's binary started again as one: the floor under the gateway's CPU, see `floor`). For each: req/s, p50/p99, and the proxy's CPU per
 //! request (utime + stime of `/proc/PID/stat`, nginx's master and workers summed, before and after
 //! the measured phase, divided by the requests); on Redis, redis-server's CPU per request (`INFO
 //! cpu`) and the µs per script call and script calls per request (`INFO commandstats`).
@@ -199,6 +202,9 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn main() {
+    if let Ok(addrs) = std::env::var(FLOOR_PROXY_ENV) {
+        floor::serve(&addrs);
+    }
     let settings = Settings::from_env();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let workers = runtime.metrics().num_workers();
@@ -247,6 +253,7 @@ async fn run(settings: &Settings, workers: usize) -> bool {
         }
     };
     let nginx = Nginx::start(upstream).map_err(|why| notes.push(format!("(f), (g) skipped: {why}"))).ok();
+    let floor = floor::Floor::start(upstream).map_err(|why| notes.push(format!("(h) skipped: {why}"))).ok();
 
     let start_m = memory.balance().await;
     let mut start_r = None;
@@ -267,6 +274,11 @@ async fn run(settings: &Settings, workers: usize) -> bool {
         let (free, chat) = (Target::get(nginx.addr, None), Target::chat(nginx.addr, None, false));
         running.push(bench.start_row("(f) nginx reverse proxy", Kind::Free, proxy, free, None).await);
         running.push(bench.start_row("(g) nginx reverse proxy", Kind::Metered, proxy, chat, None).await);
+    }
+    if let Some(floor) = &floor {
+        let proxy = Proxy::Floor(floor.pid());
+        let free = Target::get(floor.addr, None);
+        running.push(bench.start_row("(h) minimal hyper proxy", Kind::Free, proxy, free, None).await);
     }
     let rounds = settings.rounds.min(settings.requests);
     for round in 0..rounds {
@@ -375,13 +387,15 @@ enum Proxy<'a> {
     Gateway(u32),
     /// nginx's master and workers.
     Nginx(&'a Nginx),
+    /// The minimal hyper proxy ([`floor`]), a child process.
+    Floor(u32),
 }
 
 impl Proxy<'_> {
     fn pids(&self) -> Vec<u32> {
         match self {
             Proxy::None => Vec::new(),
-            Proxy::Gateway(pid) => vec![*pid],
+            Proxy::Gateway(pid) | Proxy::Floor(pid) => vec![*pid],
             Proxy::Nginx(n) => n.pids.clone(),
         }
     }
@@ -477,7 +491,7 @@ impl Bench<'_> {
         if reached < answered {
             self.problems.push(format!("{name}: {answered} answers but only {reached} requests reached the upstream"));
         }
-        if matches!(proxy, Proxy::Gateway(_) | Proxy::Nginx(_)) && proxy_cpu.is_none() {
+        if !matches!(proxy, Proxy::None) && proxy_cpu.is_none() {
             self.problems.push(format!("{name}: could not read the proxy's CPU time from /proc"));
         }
         eprintln!(
@@ -950,6 +964,121 @@ async fn call(
     let status = res.status();
     let body = res.into_body().collect().await.map_err(|e| format!("{path}: {e}"))?.to_bytes();
     Ok((status, body))
+}
+
+// === the floor: a minimal hyper proxy ===
+
+/// Set (to "LISTEN UPSTREAM") in the environment of this bench's own binary started again as the
+/// floor proxy ([`floor::serve`]).
+const FLOOR_PROXY_ENV: &str = "CREDITGATE_LOAD_FLOOR_PROXY";
+
+/// Row (h): the least a hyper proxy can spend per request on this machine, measured beside the
+/// gateway and nginx — the floor under the gateway's own CPU targets (`../shared/PERF.md`). It is
+/// this bench's binary started again with [`FLOOR_PROXY_ENV`] set: one thread per core, each
+/// running a `current_thread` runtime with its own `SO_REUSEPORT` listener (the gateway's
+/// layout); per client connection one upstream connection (no pool, no checkout), a hyper
+/// HTTP/1 server whose service hands each request to it as it came and the answer back. No
+/// header is looked at or changed, nothing is counted or logged.
+mod floor {
+    use std::net::SocketAddr;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+
+    /// The floor proxy as a child process; killed on drop.
+    pub struct Floor {
+        child: Child,
+        pub addr: SocketAddr,
+    }
+
+    impl Floor {
+        /// `Err` says why there is no floor row.
+        pub fn start(upstream: SocketAddr) -> Result<Floor, String> {
+            let addr = SocketAddr::from(([127, 0, 0, 1], super::free_port()));
+            let exe = std::env::current_exe().map_err(|e| format!("this bench's own binary: {e}"))?;
+            let child = Command::new(exe)
+                .env(super::FLOOR_PROXY_ENV, format!("{addr} {upstream}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .map_err(|e| format!("spawn: {e}"))?;
+            let mut floor = Floor { child, addr };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(addr).is_err() {
+                if let Ok(Some(status)) = floor.child.try_wait() {
+                    return Err(format!("the minimal proxy exited ({status})"));
+                }
+                if Instant::now() > deadline {
+                    return Err("the minimal proxy did not listen within 10 s".into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(floor)
+        }
+
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
+    }
+
+    impl Drop for Floor {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Runs the floor proxy ("LISTEN UPSTREAM") until killed.
+    pub fn serve(addrs: &str) -> ! {
+        let parsed = addrs.split_once(' ').and_then(|(l, u)| Some((l.parse().ok()?, u.parse().ok()?)));
+        let Some((listen, upstream)) = parsed else {
+            eprintln!("{}={addrs:?}: expected \"LISTEN UPSTREAM\"", super::FLOOR_PROXY_ENV);
+            std::process::exit(2);
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers: Vec<_> = (0..threads).map(|_| std::thread::spawn(move || worker(listen, upstream))).collect();
+        for w in workers {
+            let _ = w.join();
+        }
+        std::process::exit(1);
+    }
+
+    fn worker(listen: SocketAddr, upstream: SocketAddr) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        runtime.block_on(async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.set_reuseport(true).expect("SO_REUSEPORT");
+            socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+            socket.bind(listen).expect("bind");
+            let listener = socket.listen(1024).expect("listen");
+            loop {
+                let Ok((client, _)) = listener.accept().await else { continue };
+                tokio::spawn(connection(client, upstream));
+            }
+        });
+    }
+
+    async fn connection(client: tokio::net::TcpStream, upstream: SocketAddr) {
+        let Ok(backend) = tokio::net::TcpStream::connect(upstream).await else { return };
+        let _ = (client.set_nodelay(true), backend.set_nodelay(true));
+        let Ok((sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(backend)).await else { return };
+        tokio::spawn(conn);
+        // HTTP/1 serves one request at a time per connection: the lock is never contended.
+        let sender = Arc::new(tokio::sync::Mutex::new(sender));
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let sender = sender.clone();
+            async move {
+                let mut sender = sender.lock().await;
+                sender.ready().await?;
+                sender.send_request(req).await
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(client), service).await;
+    }
 }
 
 // === nginx, the reference ===
@@ -1680,7 +1809,8 @@ fn print_table(settings: &Settings, workers: usize, rows: &[Scenario]) {
          Redis CPU = used_cpu_sys + used_cpu_user of INFO cpu; µs per script call = Δusec ÷ Δcalls of INFO \
          commandstats (EVAL/EVALSHA/FCALL), which Redis times by the wall clock, so on a crowded machine it also \
          counts moments the core was taken away from redis-server. Bench CPU = the client and upstream (this process). (f)/(g) send the \
-         same requests through nginx, which meters nothing. Latency = send until the whole answer is read, \
+         same requests through nginx, which meters nothing; (h) the free request through a minimal hyper proxy (the \
+         gateway's runtime layout, no pool, no header rules: the floor). Latency = send until the whole answer is read, \
          successful requests only.",
         thousands(settings.requests as f64),
         thousands(settings.warmup as f64),
@@ -1787,6 +1917,17 @@ fn print_targets(rows: &[Scenario]) {
         |v| v < FREE_SCRIPT_CALLS_TOLERANCE,
         &|v| format!("{v:.4}"),
     );
+    if let Some(floor) = get("(h)") {
+        let vs_floor = |label: &str| Some(get(label)?.proxy_us()? / floor.proxy_us()?);
+        let shown = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), times);
+        println!(
+            "- floor, not a target: a minimal hyper proxy (h) spends {} nginx's CPU per free request; the gateway's free \
+             route {} the floor's (memory, (b)), {} (Redis, (e))",
+            shown(floor.vs_nginx(rows)),
+            shown(vs_floor("(b)")),
+            shown(vs_floor("(e)")),
+        );
+    }
 }
 
 fn print_allocs(rows: &[Scenario]) {
