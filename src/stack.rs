@@ -84,9 +84,9 @@ pub async fn serve_public(state: &AppState, router: Router, req: Request) -> Res
         return router.oneshot(req).await.unwrap_or_else(|never| match never {});
     }
     let method = req.method().clone();
-    // Boxed like a handler behind the router: hyper moves the service future it holds, and this
-    // one is several kilobytes.
-    let mut res = Box::pin(proxy_handler(State(state.clone()), req)).await;
+    // Not boxed: the steps whose state is large (a key lookup in the store, the upstream send, a
+    // metered request's steps) box their own, so this future stays small for hyper to hold.
+    let mut res = proxy_handler(State(state.clone()), req).await;
     if method == http::Method::CONNECT && res.status().is_success() {
         let empty = !res.headers().contains_key(header::CONTENT_LENGTH)
             && !res.headers().contains_key(header::TRANSFER_ENCODING)
@@ -229,28 +229,11 @@ async fn handle(
     };
 
     *label = Label::Operation(op.name.clone());
-    let idempotency_key = idempotency_key(req.headers())?.map(str::to_owned);
-    let (parts, body) = req.into_parts();
     let metered =
-        |idem| Metered { state, rt: &rt, principal: &principal, op, route_upstream: &route.upstream, fwd, idem };
-    // A queueing operation keeps the body: it is stored with the job when the account cannot pay.
-    let queues = op.on_empty == OnEmpty::Queue;
-    if !(op.needs_body(&parts.headers, principal.role) || idempotency_key.is_some() || queues) {
-        // Not needed for pricing: stream it on untouched.
-        let res = metered(None).run(Request::from_parts(parts, body), None).await;
-        return with_limit(res, max_body);
-    }
-    let body_bytes = read_body(body, max_body).await?;
-    let fingerprint =
-        idempotency_key.as_ref().map(|_| fingerprint(&parts.method, &parts.uri, &parts.headers, &body_bytes));
-    // The first request with a key holds it this long; a copy waits for its answer meanwhile.
-    let lease_secs = rt.upstream_timeout.as_secs() as i64 + IDEMPOTENCY_LEASE_MARGIN_SECS;
-    let idem = idempotency_key.as_deref().zip(fingerprint.as_deref()).map(|(key, fingerprint)| Idempotency {
-        key,
-        fingerprint,
-        lease_secs,
-    });
-    metered(idem).run(Request::from_parts(parts, Body::empty()), Some(body_bytes)).await
+        Metered { state, rt: &rt, principal: &principal, op, route_upstream: &route.upstream, fwd, idem: None };
+    // Boxed: a metered request's steps (charge, settle, replay, queue) make a future of several
+    // kilobytes, which a free request's would otherwise carry too (and get boxed for).
+    Box::pin(metered.serve(req, max_body)).await
 }
 
 /// How much longer than the upstream timeout an idempotent request may run (streaming answers
@@ -280,6 +263,32 @@ struct Metered<'a> {
 // === impl Metered ===
 
 impl Metered<'_> {
+    /// Reads the body when pricing or idempotency needs it, then [`Metered::run`].
+    async fn serve(self, req: Request, max_body: usize) -> Result<Response, GatewayError> {
+        let Metered { state, rt, principal, op, route_upstream, fwd, .. } = self;
+        let idempotency_key = idempotency_key(req.headers())?.map(str::to_owned);
+        let (parts, body) = req.into_parts();
+        let metered = |idem| Metered { state, rt, principal, op, route_upstream, fwd, idem };
+        // A queueing operation keeps the body: it is stored with the job when the account cannot pay.
+        let queues = op.on_empty == OnEmpty::Queue;
+        if !(op.needs_body(&parts.headers, principal.role) || idempotency_key.is_some() || queues) {
+            // Not needed for pricing: stream it on untouched.
+            let res = metered(None).run(Request::from_parts(parts, body), None).await;
+            return with_limit(res, max_body);
+        }
+        let body_bytes = read_body(body, max_body).await?;
+        let fingerprint =
+            idempotency_key.as_ref().map(|_| fingerprint(&parts.method, &parts.uri, &parts.headers, &body_bytes));
+        // The first request with a key holds it this long; a copy waits for its answer meanwhile.
+        let lease_secs = rt.upstream_timeout.as_secs() as i64 + IDEMPOTENCY_LEASE_MARGIN_SECS;
+        let idem = idempotency_key.as_deref().zip(fingerprint.as_deref()).map(|(key, fingerprint)| Idempotency {
+            key,
+            fingerprint,
+            lease_secs,
+        });
+        metered(idem).run(Request::from_parts(parts, Body::empty()), Some(body_bytes)).await
+    }
+
     /// Prices, charges (or replays, or queues), forwards and settles. `body` is `Some` when it
     /// was buffered for pricing or idempotency; otherwise `req` still carries its stream.
     async fn run(&self, req: Request, body: Option<Bytes>) -> Result<Response, GatewayError> {

@@ -159,6 +159,24 @@ impl KeyCache {
             return Err(limits.auth_failed(client, missing));
         };
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        if let Some(e) = self.shard(&digest).read().expect("lock").get(&digest)
+            && e.checked.elapsed() < FRESH
+        {
+            return Ok(e.principal.clone());
+        }
+        // Boxed: the store lookup's state (kilobytes) stays out of every request's future.
+        Box::pin(self.look_up(digest, ledger, client, limits)).await
+    }
+
+    /// [`KeyCache::authenticate`] for a key the cache has no fresh entry of: asks the store
+    /// (once for all concurrent requests with the key).
+    async fn look_up<L: Ledger>(
+        &self,
+        digest: [u8; 32],
+        ledger: &L,
+        client: IpAddr,
+        limits: &RateLimits,
+    ) -> Result<Principal, GatewayError> {
         // A second pass only after waiting for another request's lookup of this key, whose
         // answer is then in the cache (or, if it failed, this request asks the store itself).
         let mut waited = false;

@@ -295,7 +295,9 @@ pub async fn forward(
     fwd: Forwarded<'_>,
 ) -> Result<Response<UpstreamBody>, GatewayError> {
     let started = std::time::Instant::now();
-    let res = send(&state.clients, upstream, req, fwd).await;
+    // Boxed: the send's state (request head, backend choice, timers: kilobytes) would otherwise
+    // sit in every future that waits on it, each copying it along when it is made.
+    let res = Box::pin(send(&state.clients, upstream, req, fwd)).await;
     state.metrics.upstream_time(started.elapsed());
     res
 }
@@ -367,9 +369,7 @@ async fn send(
         let backend = slot.backend();
         let answer = if direct {
             let call = async {
-                // Boxed, as hyper-util's client boxes its own: this future's state is kilobytes
-                // that would otherwise sit in (and be moved with) every request's future.
-                match Box::pin(h1::send(&clients.connector, &base.authority, req)).await {
+                match h1::send(&clients.connector, &base.authority, req).await {
                     Ok((res, conn)) => Ok((res, Some(conn))),
                     Err(h1::SendError::Connect(e)) => Err(classify_error(&upstream.name, backend, &*e, true)),
                     Err(h1::SendError::Http(e)) => Err(classify_error(&upstream.name, backend, &e, false)),
