@@ -259,12 +259,12 @@ async fn run(settings: &Settings, workers: usize) -> bool {
     let mut start_r = None;
     let mut running = Vec::new();
     running.push(bench.start_row("(a) upstream direct", Kind::Free, Proxy::None, direct_get, None).await);
-    let proxy = Proxy::Gateway(memory.pid);
+    let proxy = Proxy::Child(memory.pid);
     running.push(bench.start_row("(b) free route via gateway", Kind::Free, proxy, free_m.clone(), None).await);
     running.push(bench.start_row("(c) metered chat via gateway", Kind::Metered, proxy, chat_m.clone(), None).await);
     if let (Some(redis), Some((gateway, free, chat))) = (&redis, &on_redis) {
         start_r = Some(gateway.balance().await);
-        let proxy = Proxy::Gateway(gateway.pid);
+        let proxy = Proxy::Child(gateway.pid);
         let (name_d, name_e) = ("(d) metered chat via gateway, Redis", "(e) free route via gateway, Redis");
         running.push(bench.start_row(name_d, Kind::Metered, proxy, chat.clone(), Some(redis)).await);
         running.push(bench.start_row(name_e, Kind::Free, proxy, free.clone(), Some(redis)).await);
@@ -276,7 +276,7 @@ async fn run(settings: &Settings, workers: usize) -> bool {
         running.push(bench.start_row("(g) nginx reverse proxy", Kind::Metered, proxy, chat, None).await);
     }
     if let Some(floor) = &floor {
-        let proxy = Proxy::Floor(floor.pid());
+        let proxy = Proxy::Child(floor.pid());
         let free = Target::get(floor.addr, None);
         running.push(bench.start_row("(h) minimal hyper proxy", Kind::Free, proxy, free, None).await);
     }
@@ -383,19 +383,17 @@ enum Kind {
 enum Proxy<'a> {
     /// No proxy: the upstream directly.
     None,
-    /// The `creditgate serve` child process.
-    Gateway(u32),
+    /// A child process of this bench: the gateway (`creditgate serve`) or the floor proxy ([`floor`]).
+    Child(u32),
     /// nginx's master and workers.
     Nginx(&'a Nginx),
-    /// The minimal hyper proxy ([`floor`]), a child process.
-    Floor(u32),
 }
 
 impl Proxy<'_> {
     fn pids(&self) -> Vec<u32> {
         match self {
             Proxy::None => Vec::new(),
-            Proxy::Gateway(pid) | Proxy::Floor(pid) => vec![*pid],
+            Proxy::Child(pid) => vec![*pid],
             Proxy::Nginx(n) => n.pids.clone(),
         }
     }
@@ -1056,7 +1054,11 @@ mod floor {
             socket.bind(listen).expect("bind");
             let listener = socket.listen(1024).expect("listen");
             loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
+                let Ok((client, _)) = listener.accept().await else {
+                    // Out of descriptors, say: wait instead of spinning on the error.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
                 tokio::spawn(connection(client, upstream));
             }
         });

@@ -124,6 +124,16 @@ fn invalid_key() -> GatewayError {
 }
 
 impl KeyCache {
+    /// The cached principal of `digest` if it is fresh; otherwise the stale entry, if any, with
+    /// when the store last vouched for it.
+    fn cached(&self, digest: &[u8; 32]) -> Result<Principal, Option<(Principal, Instant)>> {
+        match self.shard(digest).read().expect("lock").get(digest) {
+            Some(e) if e.checked.elapsed() < FRESH => Ok(e.principal.clone()),
+            Some(e) => Err(Some((e.principal.clone(), e.checked))),
+            None => Err(None),
+        }
+    }
+
     fn shard(&self, digest: &[u8; 32]) -> &RwLock<HashMap<[u8; 32], Entry>> {
         &self.shards[digest[0] as usize % SHARDS]
     }
@@ -159,10 +169,8 @@ impl KeyCache {
             return Err(limits.auth_failed(client, missing));
         };
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        if let Some(e) = self.shard(&digest).read().expect("lock").get(&digest)
-            && e.checked.elapsed() < FRESH
-        {
-            return Ok(e.principal.clone());
+        if let Ok(principal) = self.cached(&digest) {
+            return Ok(principal);
         }
         // Boxed: the store lookup's state (kilobytes) stays out of every request's future.
         Box::pin(self.look_up(digest, ledger, client, limits)).await
@@ -181,13 +189,9 @@ impl KeyCache {
         // answer is then in the cache (or, if it failed, this request asks the store itself).
         let mut waited = false;
         let (stale, _flight) = loop {
-            let stale = {
-                let shard = self.shard(&digest).read().expect("lock");
-                match shard.get(&digest) {
-                    Some(e) if e.checked.elapsed() < FRESH => return Ok(e.principal.clone()),
-                    Some(e) => Some((e.principal.clone(), e.checked)),
-                    None => None,
-                }
+            let stale = match self.cached(&digest) {
+                Ok(principal) => return Ok(principal),
+                Err(stale) => stale,
             };
             if stale.is_none() && self.is_unknown(&digest, limits) {
                 return Err(limits.auth_failed(client, invalid_key()));
