@@ -66,9 +66,19 @@ async fn chat(body: Bytes) -> Response {
     .into_response()
 }
 
+/// The largest body [`echo`] reads.
+const ECHO_MAX_BODY: usize = 16 << 20;
+
+/// Answers any other route with what it was asked, once the request's body arrived whole (as a
+/// real backend does: one that answers first and leaves the body unread makes hyper close the
+/// connection after its answer, without saying so).
 async fn echo(req: Request) -> Response {
-    axum::Json(json!({"ok": true, "method": req.method().as_str(), "path": req.uri().path(),
-        "account": req.headers().get("x-creditgate-account").and_then(|v| v.to_str().ok())}))
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, ECHO_MAX_BODY).await else {
+        return http::StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    };
+    axum::Json(json!({"ok": true, "method": parts.method.as_str(), "path": parts.uri.path(), "body_len": body.len(),
+        "account": parts.headers.get("x-creditgate-account").and_then(|v| v.to_str().ok())}))
     .into_response()
 }
 

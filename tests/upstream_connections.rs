@@ -2,7 +2,8 @@
 //! src/proxy/h1.rs): a connection is reused once its answer was read to the end — an empty and a
 //! chunked answer included — and never while part of an answer is unread; one the backend closed
 //! is not used again, and the request goes out on a new one; one whose answer the client broke off
-//! is closed (hyper's own rule; the pool must not keep it alive).
+//! is closed (hyper's own rule; the pool must not keep it alive); one whose answer came before the
+//! request had gone out whole is not used again (the backend may close it without saying so).
 //!
 //! The backend is a bare TCP server written here, so the test sees connections themselves: how
 //! many were opened, and when the gateway closed one.
@@ -23,12 +24,20 @@ use tokio::net::{TcpListener, TcpStream};
 struct Seen {
     opened: AtomicUsize,
     closed_mid_answer: AtomicUsize,
+    /// Request bodies that arrived after their early answer.
+    late_bodies: AtomicUsize,
+    /// Requests refused (connection closed, no answer) on a connection that answered early.
+    refused: AtomicUsize,
 }
 
 /// A backend answering each request by its path's `mode=`: `keep` a 200 with a 2-byte body,
 /// `empty` a 204, `chunked` a 200 with a chunked 2-byte body, `close` a 200 then, 50 ms later, closes the connection (no `connection: close`
 /// said),
-/// `stream` a chunked 200 with one chunk, then waits for the gateway to close the connection.
+/// `stream` a chunked 200 with one chunk, then waits for the gateway to close the connection,
+/// `early` a 200 at once, before the request's body (`Content-Length`) arrived; the body is read
+/// after it, and a further request on that connection is met by a close, no answer (what hyper's
+/// server does when a handler leaves the body unread: it answers, then closes without saying so,
+/// here at the worst moment).
 async fn backend() -> (String, Arc<Seen>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
@@ -45,8 +54,9 @@ async fn backend() -> (String, Arc<Seen>) {
 
 async fn serve(mut stream: TcpStream, seen: Arc<Seen>) {
     let mut buf = Vec::new();
+    let mut answered_early = false;
     loop {
-        // One request head (these requests have no body).
+        // One request head (only `early` requests have a body).
         let end = loop {
             if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break at + 4;
@@ -59,6 +69,10 @@ async fn serve(mut stream: TcpStream, seen: Arc<Seen>) {
         };
         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
         buf.drain(..end);
+        if answered_early {
+            seen.refused.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
         let mode = head.split_whitespace().nth(1).and_then(|p| p.split("mode=").nth(1)).unwrap_or("keep").to_owned();
         let answer: &[u8] = match mode.as_str() {
             "empty" => b"HTTP/1.1 204 No Content\r\n\r\n",
@@ -70,6 +84,22 @@ async fn serve(mut stream: TcpStream, seen: Arc<Seen>) {
             return;
         }
         match mode.as_str() {
+            "early" => {
+                answered_early = true;
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").and_then(|v| v.parse().ok()))
+                    .unwrap_or(0);
+                while buf.len() < len {
+                    let mut chunk = [0u8; 4096];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                buf.drain(..len);
+                seen.late_bodies.fetch_add(1, Ordering::SeqCst);
+            }
             "close" => {
                 // A moment later, as a backend's idle timeout would: the connection is in the
                 // gateway's pool by then.
@@ -163,4 +193,36 @@ async fn an_answer_the_client_broke_off_closes_its_connection_and_the_next_reque
     let res = get(&gw, &key, "keep").await;
     assert_eq!((res.status.as_u16(), res.text().as_str()), (200, "{}"));
     assert_eq!(seen.opened.load(Ordering::SeqCst), 2, "the half-read connection was not reused");
+}
+
+#[tokio::test]
+async fn a_connection_answered_before_its_request_went_out_whole_is_not_used_again() {
+    let (url, seen) = backend().await;
+    let (gw, key) = gateway(&url).await;
+    // A client that sends its body only once the answer is there: the gateway forwards the head,
+    // the backend answers at once, and the body follows on the same connection.
+    let mut client = TcpStream::connect(gw.public.trim_start_matches("http://")).await.expect("connect");
+    let head = format!(
+        "POST /v1/deals?mode=early HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {key}\r\n\
+         content-type: text/plain\r\ncontent-length: 5\r\n\r\n"
+    );
+    client.write_all(head.as_bytes()).await.expect("write head");
+    let answer = http::read_answer(&mut client, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(seen.late_bodies.load(Ordering::SeqCst), 0, "answered before the body was sent");
+    client.write_all(b"hello").await.expect("write body");
+    for _ in 0..200 {
+        if seen.late_bodies.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen.late_bodies.load(Ordering::SeqCst), 1, "the body reached the backend");
+    // The next requests go out on a new connection, not the one the backend refuses.
+    for i in 0..2 {
+        let res = get(&gw, &key, "keep").await;
+        assert_eq!((res.status.as_u16(), res.text().as_str()), (200, "{}"), "request {i} after the early answer");
+    }
+    assert_eq!(seen.refused.load(Ordering::SeqCst), 0, "no request was written to the early-answered connection");
+    assert_eq!(seen.opened.load(Ordering::SeqCst), 2, "one new connection, then reused");
 }

@@ -11,7 +11,9 @@
 //! has been read to the end (one dropped part-way is closed); a pooled connection that turns out
 //! closed before the request was written to it is set aside and the next one (or a new one) takes
 //! the request — the request was never sent, so nothing is lost or sent twice; idle connections
-//! are closed after [`IDLE_TIMEOUT`], and at most [`MAX_IDLE`] are kept per backend.
+//! are closed after [`IDLE_TIMEOUT`], and at most [`MAX_IDLE`] are kept per backend. One rule is
+//! nginx's: a connection whose answer came before its request had gone out whole is not lent again
+//! (the caller drops its [`Lent`]; see `proxy::send`).
 
 use std::cell::RefCell;
 use std::time::Duration;

@@ -411,6 +411,11 @@ async fn send(
                 } else {
                     slot.answered();
                 }
+                // A backend that answered before it had the whole request may close the
+                // connection once its answer is out, without saying so (hyper's server does when
+                // its handler left the body unread): such a connection is not pooled, or the next
+                // request written to it would meet the close and fail (nginx's keepalive rule).
+                let conn = conn.filter(|_| progress.ended());
                 let (mut parts, body) = res.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
                 headers::strip_gateway_owned(&mut parts.headers);
