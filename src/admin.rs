@@ -215,9 +215,12 @@ pub(crate) async fn read_account(
 }
 
 async fn account_json(state: &AppState, id: &str) -> Result<Json<AccountDetails>, GatewayError> {
+    // Two reads, the queue first: a job that left the queue was charged before it did, so the
+    // balance read after it shows that charge (read the other way round, a job could run
+    // between the reads and be in neither figure).
+    let queue_depth = state.ledger.queue_depth(id).await?;
     let view = state.ledger.account(id).await?.ok_or_else(|| no_account(id))?;
     let credits = Credits::of(&view, &state.runtime.load());
-    let queue_depth = state.ledger.queue_depth(id).await?;
     Ok(Json(AccountDetails { credits, id: view.id, email: view.email, pending_plan: view.pending_plan, queue_depth }))
 }
 

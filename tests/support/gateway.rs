@@ -276,6 +276,10 @@ fn moved_to_redis(config: &mut Config) -> Option<MovedStore> {
 impl TestGateway {
     /// Parses `config_toml` and starts a gateway on it with the test admin token.
     pub async fn start(config_toml: &str) -> Self {
+        // `CREDITGATE_TEST_LOG=filter` shows an in-process gateway's log (e.g. with `--nocapture`).
+        if let Ok(filter) = std::env::var("CREDITGATE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        }
         let mut config = Config::parse(config_toml).unwrap_or_else(|e| panic!("test config invalid: {e}"));
         let redis = moved_to_redis(&mut config);
         let opts = StartOptions { admin_token: Some(ADMIN_TOKEN.into()), ..Default::default() };
