@@ -74,8 +74,12 @@ const ECHO_MAX_BODY: usize = 16 << 20;
 /// connection after its answer, without saying so).
 async fn echo(req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let Ok(body) = axum::body::to_bytes(body, ECHO_MAX_BODY).await else {
-        return http::StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    let body = match axum::body::to_bytes(body, ECHO_MAX_BODY).await {
+        Ok(body) => body,
+        Err(e) if crate::error::cause_ref::<http_body_util::LengthLimitError>(&e).is_some() => {
+            return http::StatusCode::PAYLOAD_TOO_LARGE.into_response();
+        }
+        Err(_) => return http::StatusCode::BAD_REQUEST.into_response(),
     };
     axum::Json(json!({"ok": true, "method": parts.method.as_str(), "path": parts.uri.path(), "body_len": body.len(),
         "account": parts.headers.get("x-creditgate-account").and_then(|v| v.to_str().ok())}))

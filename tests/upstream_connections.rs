@@ -35,9 +35,9 @@ struct Seen {
 /// said),
 /// `stream` a chunked 200 with one chunk, then waits for the gateway to close the connection,
 /// `early` a chunked 200 with one chunk at once, before the request's body (`Content-Length`)
-/// arrived; the body is read after it, then the answer's last chunk sent, and a further request on that connection is met by a close, no answer (what hyper's
-/// server does when a handler leaves the body unread: it answers, then closes without saying so,
-/// here at the worst moment).
+/// arrived; the body is read after it, then the answer's last chunk sent, and a further request
+/// on that connection is met by a close, no answer (what hyper's server does when a handler
+/// leaves the body unread: it answers, then closes without saying so, here at the worst moment).
 async fn backend() -> (String, Arc<Seen>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
@@ -88,10 +88,7 @@ async fn serve(mut stream: TcpStream, seen: Arc<Seen>) {
         match mode.as_str() {
             "early" => {
                 answered_early = true;
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").and_then(|v| v.parse().ok()))
-                    .unwrap_or(0);
+                let len = http::content_length(&head);
                 while buf.len() < len {
                     let mut chunk = [0u8; 4096];
                     match stream.read(&mut chunk).await {
@@ -213,12 +210,12 @@ async fn a_connection_answered_before_its_request_went_out_whole_is_not_used_aga
          content-type: text/plain\r\ncontent-length: 5\r\n\r\n"
     );
     client.write_all(head.as_bytes()).await.expect("write head");
-    let answer = read_until(&mut client, "hello\r\n").await;
+    let answer = http::read_until(&mut client, "hello\r\n", Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(seen.late_bodies.load(Ordering::SeqCst), 0, "answered before the body was sent");
     client.write_all(b"hello").await.expect("write body");
     // The rest of the answer still comes through (the connection is closed only after it).
-    let answer = read_until(&mut client, "0\r\n\r\n").await;
+    let answer = http::read_until(&mut client, "0\r\n\r\n", Duration::from_secs(10)).await;
     assert!(answer.contains(" world\r\n0\r\n\r\n"), "{answer:?}");
     assert_eq!(seen.late_bodies.load(Ordering::SeqCst), 1, "the body reached the backend");
     // The next requests go out on a new connection, not the one the backend refuses.
@@ -228,18 +225,4 @@ async fn a_connection_answered_before_its_request_went_out_whole_is_not_used_aga
     }
     assert_eq!(seen.refused.load(Ordering::SeqCst), 0, "no request was written to the early-answered connection");
     assert_eq!(seen.opened.load(Ordering::SeqCst), 2, "one new connection, then reused");
-}
-
-/// What `stream` sends until `marker` (or 10 s, or its close).
-async fn read_until(stream: &mut TcpStream, marker: &str) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains(marker) {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&seen).into_owned()
 }

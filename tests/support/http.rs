@@ -152,22 +152,38 @@ pub async fn read_answer(stream: &mut tokio::net::TcpStream, limit: std::time::D
     let mut buf = [0u8; 4096];
     loop {
         let text = String::from_utf8_lossy(&seen).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase().strip_prefix("content-length: ").and_then(|v| v.trim().parse().ok())
-                })
-                .unwrap_or(0);
-            if seen.len() >= end + 4 + len {
-                return text;
-            }
+        if let Some(end) = text.find("\r\n\r\n")
+            && seen.len() >= end + 4 + content_length(&text[..end])
+        {
+            return text;
         }
         match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
             _ => return text,
         }
     }
+}
+
+/// The `Content-Length` a raw request or answer head declares (0 without one).
+pub fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// What a raw connection sends until `marker` has come, the peer closed it, or `limit` passed.
+pub async fn read_until(stream: &mut tokio::net::TcpStream, marker: &str, limit: std::time::Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(marker) {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
 }
 
 /// Reads a raw connection until the peer closes it or `limit` passes; true when it closed, with
